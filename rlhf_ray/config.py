@@ -1,0 +1,330 @@
+"""One typed, validated config tree for a whole experiment.
+
+Loaded from YAML (``configs/*.yaml``) with ``key=value`` overrides (dotted paths, values parsed as
+YAML: ``ppo.kl_coef=0.1``, ``generation.stop=['\\n\\n']``). Every field is documented once, here.
+Unknown keys, wrong types and impossible combinations fail before anything starts, with a one-line
+message naming the key. Nothing is silently rewritten.
+
+    python -m rlhf_ray.config configs/tiny_cpu.yaml ppo.kl_coef=0.1   # prints the resolved tree
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny_cpu.yaml"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be run; the message names the key and says how to fix it."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RewardConfig(_Strict):
+    kind: Literal["model", "function"] = Field(
+        "model", description="'model': a frozen HF sequence-classification RM; 'function': a Python callable.")
+    model: Optional[str] = Field(
+        None, description="RM hub name, local path or 'tiny:reward'. Required when kind='model'.")
+    function: Optional[str] = Field(
+        None, description="'module:function' taking (prompt: str, response: str) -> float. Required when kind='function'.")
+    template: Literal["tulu", "tokenizer"] = Field(
+        "tulu", description="How (prompt, response) text is rendered for the RM: Tulu chat format or the RM tokenizer's own chat template.")
+    max_length: int = Field(1024, gt=0, description="RM input tokens; longer inputs keep their end (the response).")
+    batch_size: int = Field(8, gt=0, description="Sequences per RM forward pass.")
+
+
+class ModelsConfig(_Strict):
+    policy: str = Field(description="Policy (SFT) model: hub name, local path, or 'tiny:policy' (built offline).")
+    reference: Optional[str] = Field(
+        None, description="Frozen reference policy for the KL penalty; defaults to the policy.")
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    value_init: Literal["policy", "reward"] = Field(
+        "reward", description="Initialise the value model from the policy or from the RM (Tulu 2.5: the RM). "
+                              "'reward' needs reward.kind='model' with a tokenizer equal to the policy's.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weights dtype of the frozen roles (reference, reward) and of generation.")
+    cache_dir: Optional[str] = Field(
+        None, description="Where 'tiny:*' models are built; default ~/.cache/rlhf_ray.")
+
+    @property
+    def reference_path(self) -> str:
+        return self.reference or self.policy
+
+
+class DataConfig(_Strict):
+    prompts: str = Field(description="Prompt data: a local .jsonl/.json/.parquet file or a hub dataset name.")
+    split: str = Field("train", description="Split to read (for local files: 'train').")
+    messages_field: str = Field("messages", description="Column with a list of {role, content} messages.")
+    prompt_field: Optional[str] = Field(
+        None, description="Column with a plain user prompt string, used instead of messages_field when set.")
+    template: Literal["tulu", "tokenizer"] = Field(
+        "tulu", description="Render with the Tulu chat format (<|user|>\\n…\\n<|assistant|>\\n) or the tokenizer's chat template.")
+    max_prompt_tokens: int = Field(512, gt=0, description="Longest prompt in tokens.")
+    overlong: Literal["truncate", "drop"] = Field(
+        "drop", description="Over-long prompts: drop them (counted) or keep their last max_prompt_tokens tokens.")
+    shuffle: bool = Field(True, description="Shuffle prompts each epoch, deterministically from the seed.")
+    limit: Optional[int] = Field(None, gt=0, description="Use only the first N valid prompts (debugging).")
+
+
+class GenerationConfig(_Strict):
+    max_new_tokens: int = Field(256, gt=0, description="Response length cap in tokens.")
+    temperature: float = Field(1.0, ge=0.0, description="Sampling temperature (PPO needs > 0 for on-policy samples).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling.")
+    stop: list[str] = Field(default_factory=list, description="Extra stop strings (EOS always stops).")
+    n_samples_per_prompt: int = Field(1, gt=0, description="Responses sampled per prompt.")
+
+
+class PPOConfig(_Strict):
+    total_episodes: int = Field(64, gt=0, description="Prompts consumed in the run (steps = total_episodes / rollout_batch_size).")
+    rollout_batch_size: int = Field(64, gt=0, description="Prompts per PPO step (Tulu 2.5: 64).")
+    mini_batch_size: int = Field(64, gt=0, description="Sequences per optimizer step (global, across learner ranks).")
+    micro_batch_size: int = Field(8, gt=0, description="Sequences per forward/backward on one learner rank.")
+    epochs: int = Field(1, gt=0, description="PPO epochs over each rollout batch.")
+    gamma: float = Field(1.0, ge=0.0, le=1.0, description="Discount γ.")
+    lam: float = Field(0.95, ge=0.0, le=1.0, description="GAE λ.")
+    clip_range: float = Field(0.2, gt=0.0, description="Policy ratio clip ε.")
+    value_clip_range: Optional[float] = Field(0.2, gt=0.0, description="Value clip around old values; null disables.")
+    vf_coef: float = Field(0.1, ge=0.0, description="Value-loss coefficient.")
+    entropy_coef: float = Field(0.0, ge=0.0, description="Entropy bonus coefficient.")
+    kl_coef: float = Field(0.05, ge=0.0, description="KL penalty coefficient β.")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k1", description="Per-token KL estimator.")
+    reward_clip: Optional[float] = Field(None, gt=0.0, description="Clamp RM scores to ±reward_clip; null disables.")
+    non_eos_penalty: Optional[float] = Field(
+        -10.0, description="Score given to responses that do not end with EOS; null disables (open-instruct: -10).")
+    whiten_advantages: bool = Field(True, description="Whiten advantages over the whole batch (token-masked).")
+    whiten_rewards: bool = Field(False, description="Whiten shaped per-token rewards before GAE.")
+
+
+class OptimizerConfig(_Strict):
+    lr: float = Field(1e-6, gt=0.0, description="Peak learning rate.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas.")
+    eps: float = Field(1e-8, gt=0.0, description="Adam epsilon.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="LR decay after warmup.")
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of optimizer steps spent warming up.")
+    max_grad_norm: Optional[float] = Field(1.0, gt=0.0, description="Gradient clipping; null disables.")
+
+
+class DeepSpeedConfig(_Strict):
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage of the learner.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Learner training precision.")
+    offload_optimizer: bool = Field(False, description="Optimizer states in host memory (ZeRO ≥ 1).")
+    offload_params: bool = Field(False, description="Parameters in host memory (ZeRO-3 only).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
+
+
+class RoleResources(_Strict):
+    num_actors: int = Field(1, gt=0, description="Actors of this role (learner: data-parallel world size).")
+    num_cpus: float = Field(1.0, gt=0.0, description="CPUs reserved per actor (fractions allowed).")
+    num_gpus: float = Field(0.0, ge=0.0, description="GPUs reserved per actor (tensor_parallel_size for TP engines).")
+    tensor_parallel_size: int = Field(1, gt=0, description="vLLM tensor parallelism inside one generation actor.")
+
+
+class ResourcesConfig(_Strict):
+    generation: RoleResources = Field(default_factory=RoleResources)
+    reward: RoleResources = Field(default_factory=RoleResources)
+    reference: RoleResources = Field(default_factory=RoleResources)
+    learner: RoleResources = Field(default_factory=RoleResources)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement-group strategy for all role bundles.")
+
+
+class TimeoutsConfig(_Strict):
+    startup_s: float = Field(900.0, gt=0, description="Actors start and load models (first DeepSpeed init JIT-builds ~60 s).")
+    generate_s: float = Field(600.0, gt=0, description="One rollout on the generation actors.")
+    score_s: float = Field(600.0, gt=0, description="Reward scoring and reference logprobs of one rollout.")
+    learn_s: float = Field(1800.0, gt=0, description="Values/old logprobs and the PPO update of one rollout.")
+    weight_sync_s: float = Field(300.0, gt=0, description="Publishing and loading new policy weights.")
+
+
+class LoggingConfig(_Strict):
+    tensorboard: bool = Field(True, description="Write TensorBoard events to <output_dir>/tensorboard.")
+    progress_bar: bool = Field(True, description="Show a tqdm progress bar of PPO steps.")
+    save_final_model: bool = Field(True, description="Save the final policy (HF safetensors) to <output_dir>/final_model.")
+
+
+class RayConfig(_Strict):
+    address: Optional[str] = Field(
+        None, description="Ray cluster to join ('auto', 'ray://…'); null joins a running cluster if there is one, else starts a local one.")
+    num_cpus: Optional[float] = Field(None, gt=0, description="Logical CPUs of a locally started Ray (default: enough for all roles).")
+
+
+class ExperimentConfig(_Strict):
+    """The whole experiment. Top-level keys: see each section's class."""
+    output_dir: str = Field("runs/default", description="Metrics, TensorBoard events and the final model go here.")
+    seed: int = Field(0, description="Seeds data order, sampling and initialisation.")
+    models: ModelsConfig
+    data: DataConfig
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> "ExperimentConfig":
+        ppo, learner = self.ppo, self.resources.learner
+        rollout_seqs = ppo.rollout_batch_size * self.generation.n_samples_per_prompt
+        per_rank_mini, rest = divmod(ppo.mini_batch_size, learner.num_actors)
+        _require(rest == 0, "ppo.mini_batch_size",
+                 f"{ppo.mini_batch_size} is not divisible by resources.learner.num_actors={learner.num_actors}")
+        _require(per_rank_mini % ppo.micro_batch_size == 0, "ppo.micro_batch_size",
+                 f"{ppo.micro_batch_size} does not divide the per-rank mini batch "
+                 f"{per_rank_mini} (= ppo.mini_batch_size / resources.learner.num_actors)")
+        _require(rollout_seqs % ppo.mini_batch_size == 0, "ppo.mini_batch_size",
+                 f"{ppo.mini_batch_size} does not divide the rollout of {rollout_seqs} sequences "
+                 f"(= ppo.rollout_batch_size × generation.n_samples_per_prompt)")
+        _require(ppo.total_episodes >= ppo.rollout_batch_size, "ppo.total_episodes",
+                 f"{ppo.total_episodes} is smaller than ppo.rollout_batch_size={ppo.rollout_batch_size}: no step would run")
+        reward = self.models.reward
+        _require(reward.kind != "model" or reward.model, "models.reward.model", "is required when models.reward.kind='model'")
+        _require(reward.kind != "function" or (reward.function and ":" in reward.function), "models.reward.function",
+                 "must be 'module:function' when models.reward.kind='function'")
+        _require(self.models.value_init != "reward" or reward.kind == "model", "models.value_init",
+                 "'reward' needs a reward model (models.reward.kind='model'); use 'policy' with a function reward")
+        _require(self.deepspeed.offload_params is False or self.deepspeed.zero_stage == 3, "deepspeed.offload_params",
+                 "parameter offload needs deepspeed.zero_stage=3")
+        _require(not self.deepspeed.offload_optimizer or self.deepspeed.zero_stage >= 1, "deepspeed.offload_optimizer",
+                 "optimizer offload needs deepspeed.zero_stage >= 1")
+        gen = self.resources.generation
+        _require(gen.num_gpus == 0 or gen.num_gpus >= gen.tensor_parallel_size, "resources.generation.num_gpus",
+                 f"{gen.num_gpus} GPUs cannot host tensor_parallel_size={gen.tensor_parallel_size}")
+        _require(gen.tensor_parallel_size == 1 or gen.num_gpus > 0, "resources.generation.tensor_parallel_size",
+                 "tensor parallelism needs GPUs (resources.generation.num_gpus)")
+        _require(ppo.rollout_batch_size % gen.num_actors == 0, "resources.generation.num_actors",
+                 f"{gen.num_actors} does not divide ppo.rollout_batch_size={ppo.rollout_batch_size}")
+        return self
+
+    @property
+    def num_steps(self) -> int:
+        return self.ppo.total_episodes // self.ppo.rollout_batch_size
+
+    @property
+    def rollout_sequences(self) -> int:
+        return self.ppo.rollout_batch_size * self.generation.n_samples_per_prompt
+
+    @property
+    def optimizer_steps(self) -> int:
+        return self.num_steps * self.ppo.epochs * (self.rollout_sequences // self.ppo.mini_batch_size)
+
+
+def _require(ok, key: str, why: str) -> None:
+    if not ok:
+        raise ValueError(f"[{key}] {why}")
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """['a.b=1', 'c=x'] -> {'a': {'b': 1}, 'c': 'x'}; values are parsed as YAML."""
+    tree: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. ppo.kl_coef=0.1)")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override '{item}': value is not valid YAML ({err.problem})") from None
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' conflicts with another override of '{part}'")
+        node[parts[-1]] = value
+    return tree
+
+
+def _deep_merge(base: dict, update: dict, prefix: str = "") -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value, f"{prefix}{key}.")
+        else:
+            merged[key] = value
+    return merged
+
+
+def _format_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; `python -m rlhf_ray.config --help` lists the keys)"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        elif e["type"] == "value_error" and msg.startswith("Value error, ["):
+            key, _, msg = msg[len("Value error, ["):].partition("] ")
+        if e["type"] not in ("missing", "extra_forbidden") and "input" in e and not isinstance(e["input"], dict):
+            msg += f" (got {e['input']!r})"
+        lines.append(f"{key}: {msg}" if key else msg)
+    return "; ".join(lines)
+
+
+def build_config(tree: dict) -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(f"invalid config: {_format_error(err)}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read YAML ``path`` (default: the tiny CPU config), apply ``key=value`` overrides, validate."""
+    path = Path(path or DEFAULT_CONFIG)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path} must contain a mapping of config sections, got {type(tree).__name__}")
+    return build_config(_deep_merge(tree, parse_overrides(overrides or [])))
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def _describe(model: type[BaseModel], prefix: str = "") -> list[str]:
+    lines = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            lines += _describe(ann, f"{prefix}{name}.")
+        else:
+            lines.append(f"  {prefix}{name}: {field.description or ''}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print("usage: python -m rlhf_ray.config [CONFIG.yaml] [key=value ...]\n\nkeys:")
+        print("\n".join(_describe(ExperimentConfig)))
+        return 0
+    path = argv[0] if argv and "=" not in argv[0] else None
+    overrides = argv[1:] if path else argv
+    try:
+        cfg = load_config(path, overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(dump_config(cfg), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

