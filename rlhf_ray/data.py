@@ -107,8 +107,10 @@ def load_prompts(cfg: DataConfig, tokenizer) -> PromptDataset:
         value = row[column]
         if cfg.prompt_field:
             value = [{"role": "user", "content": value}] if isinstance(value, str) else value
-        messages = _prompt_messages(value)
-        reason = validate_messages(messages) if isinstance(messages, list) else messages
+        reason = validate_messages(value)
+        messages = value if reason else _prompt_turns(value)
+        if not reason and messages[-1]["role"] != "user":
+            reason = "does_not_end_with_user_turn"
         if reason:
             out.skipped[reason] += 1
             continue
@@ -130,15 +132,9 @@ def load_prompts(cfg: DataConfig, tokenizer) -> PromptDataset:
     return out
 
 
-def _prompt_messages(messages):
-    """Drop a trailing assistant turn (SFT/preference rows) so the prompt ends at the user turn."""
-    if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
-            and messages[-1].get("role") == "assistant":
-        messages = messages[:-1]
-    if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
-            and messages[-1].get("role") != "user":
-        return "does_not_end_with_user_turn"
-    return messages
+def _prompt_turns(messages: list[dict]) -> list[dict]:
+    """Drop a trailing assistant turn (SFT rows) so that the prompt ends at the user turn."""
+    return messages[:-1] if messages[-1]["role"] == "assistant" and len(messages) > 1 else messages
 
 
 # --------------------------------------------------------------------------------------- preferences

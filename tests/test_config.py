@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from rlhf_ray.config import ConfigError, load_config, parse_overrides
+from tests.conftest import ROOT
+
+TINY = ROOT / "configs" / "tiny_cpu.yaml"
+TULU = ROOT / "configs" / "tulu25_ppo_13b.yaml"
+
+
+def test_tiny_default_loads_and_derives_steps():
+    cfg = load_config(TINY)
+    assert cfg.models.policy == "tiny:policy"
+    assert cfg.num_steps == cfg.ppo.total_episodes // cfg.ppo.rollout_batch_size >= 20
+
+
+def test_tulu_recipe_matches_the_paper_settings():
+    cfg = load_config(TULU)
+    assert (cfg.optimizer.lr, cfg.ppo.rollout_batch_size, cfg.ppo.kl_coef) == (1e-6, 64, 0.05)
+    assert (cfg.optimizer.warmup_ratio, cfg.ppo.gamma, cfg.ppo.lam) == (0.1, 1.0, 0.95)
+    assert (cfg.ppo.vf_coef, cfg.ppo.clip_range, cfg.ppo.epochs) == (0.1, 0.2, 1)
+    assert cfg.models.value_init == "reward" and "70b" in cfg.models.reward.model
+    assert cfg.optimizer.betas == (0.9, 0.999) and cfg.optimizer.eps == 1e-8
+    assert cfg.resources.learner.num_gpus > 0 and cfg.deepspeed.precision == "bf16"
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(TINY, ["ppo.kl_coef=0.2", 'generation.stop=["\\n\\n", END]', "seed=7"])
+    assert cfg.ppo.kl_coef == 0.2 and cfg.seed == 7
+    assert cfg.generation.stop == ["\n\n", "END"]
+    assert parse_overrides(["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
+
+
+@pytest.mark.parametrize("override, key, words", [
+    (["ppo.kl_coeff=0.1"], "ppo.kl_coeff", "unknown key"),
+    (["ppo.kl_coef=lots"], "ppo.kl_coef", "valid number"),
+    (["ppo.clip_range=-1"], "ppo.clip_range", "greater than 0"),
+    (["ppo.kl_estimator=k4"], "ppo.kl_estimator", "'k1', 'k2' or 'k3'"),
+    (["ppo.micro_batch_size=3"], "ppo.micro_batch_size", "does not divide"),
+    (["ppo.mini_batch_size=12"], "ppo.mini_batch_size", "does not divide the rollout"),
+    (["resources.learner.num_actors=3"], "ppo.mini_batch_size", "not divisible"),
+    (["models.reward.kind=function"], "models.reward.function", "module:function"),
+    (["models.reward.kind=function", "models.reward.function=m:f"], "models.value_init", "needs a reward model"),
+    (["deepspeed.offload_params=true"], "deepspeed.offload_params", "zero_stage=3"),
+    (["ppo.total_episodes=4"], "ppo.total_episodes", "no step would run"),
+    (["nonsense"], "nonsense", "key=value"),
+])
+def test_bad_values_fail_with_a_message_naming_the_key(override, key, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, override)
+    message = str(err.value)
+    assert key in message and words in message, message
+    assert "\n" not in message
+
+
+def test_missing_section_and_bad_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models: {policy: x}\n")
+    with pytest.raises(ConfigError, match="data: required key is missing"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="must contain a mapping"):
+        load_config(bad)
+
+
+def test_cli_prints_resolved_tree_or_one_line_error():
+    ok = subprocess.run([sys.executable, "-m", "rlhf_ray.config", str(TULU), "ppo.kl_coef=0.1"],
+                        capture_output=True, text=True, cwd=ROOT)
+    assert ok.returncode == 0, ok.stderr
+    assert "kl_coef: 0.1" in ok.stdout and "value_init: reward" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "rlhf_ray.config", str(TINY), "ppo.gama=1"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode != 0
+    assert bad.stderr.strip().count("\n") == 0 and "ppo.gama" in bad.stderr
