@@ -77,6 +77,12 @@ class RolloutBatch:
         size = len(self) // n
         return [self.select(range(i * size, (i + 1) * size)) for i in range(n)]
 
+    def to(self, device) -> "RolloutBatch":
+        if str(device) == "cpu" and self.input_ids.device.type == "cpu":
+            return self
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
+
     def with_(self, **changes) -> "RolloutBatch":
         return replace(self, **changes)
 

@@ -34,6 +34,8 @@ class RewardConfig(_Strict):
         None, description="RM hub name, local path or 'tiny:reward'. Required when kind='model'.")
     function: Optional[str] = Field(
         None, description="'module:function' taking (prompt: str, response: str) -> float. Required when kind='function'.")
+    function_kwargs: dict = Field(
+        default_factory=dict, description="Extra keyword arguments for the reward function (e.g. {char: 'e'}).")
     template: Literal["tulu", "tokenizer"] = Field(
         "tulu", description="How (prompt, response) text is rendered for the RM: Tulu chat format or the RM tokenizer's own chat template.")
     max_length: int = Field(1024, gt=0, description="RM input tokens; longer inputs keep their end (the response).")
@@ -186,6 +188,8 @@ class ExperimentConfig(_Strict):
                  f"(= ppo.rollout_batch_size × generation.n_samples_per_prompt)")
         _require(ppo.total_episodes >= ppo.rollout_batch_size, "ppo.total_episodes",
                  f"{ppo.total_episodes} is smaller than ppo.rollout_batch_size={ppo.rollout_batch_size}: no step would run")
+        _require(self.generation.temperature > 0, "generation.temperature",
+                 "must be > 0: PPO needs sampled (on-policy) responses")
         reward = self.models.reward
         _require(reward.kind != "model" or reward.model, "models.reward.model", "is required when models.reward.kind='model'")
         _require(reward.kind != "function" or (reward.function and ":" in reward.function), "models.reward.function",

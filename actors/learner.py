@@ -1,0 +1,208 @@
+"""Learner role: one data-parallel rank of a DeepSpeed engine holding the policy and the value model.
+
+All ranks are called together with equally sized shards (ZeRO-3 forward passes and parameter
+gathers are collectives: every rank must make the same calls in the same order).
+"""
+from __future__ import annotations
+
+import math
+import os
+import socket
+from collections import defaultdict
+from datetime import timedelta
+
+import torch
+
+from actors.common import device_for, set_threads, timed
+from rlhf_ray.batch import RolloutBatch
+from rlhf_ray.config import ExperimentConfig
+from rlhf_ray.modeling import DTYPES, PolicyAndValue, load_causal_lm, load_value_model, token_logprobs
+from rlhf_ray.ppo_math import entropy_from_logits, policy_loss, token_aggregate, value_loss
+
+
+def deepspeed_config(cfg: ExperimentConfig) -> dict:
+    ppo, ds, world = cfg.ppo, cfg.deepspeed, cfg.resources.learner.num_actors
+    per_rank_mini = ppo.mini_batch_size // world
+    zero = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return {
+        "train_batch_size": ppo.mini_batch_size,
+        "train_micro_batch_size_per_gpu": ppo.micro_batch_size,
+        "gradient_accumulation_steps": per_rank_mini // ppo.micro_batch_size,
+        "gradient_clipping": cfg.optimizer.max_grad_norm or 0.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {"enabled": ds.precision == "fp16"},
+        "zero_allow_untested_optimizer": True,   # we pass torch AdamW: no JIT-built fused optimizer
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31,
+    }
+
+
+class LearnerActor:
+    def __init__(self, cfg: dict, rank: int, policy_path: str, reward_path: str | None):
+        self.cfg = ExperimentConfig.model_validate(cfg)
+        self.rank, self.world_size = rank, self.cfg.resources.learner.num_actors
+        self.policy_path, self.reward_path = policy_path, reward_path
+        self.device = device_for(self.cfg.resources.learner.num_gpus)
+        self.temperature = self.cfg.generation.temperature
+        self.updates = 0
+        set_threads(self.cfg.resources.learner.num_cpus)
+
+    def master_address(self) -> tuple[str, int]:
+        """This actor's node address and a free port, for the rank-0 rendezvous."""
+        import ray
+
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            return ray.util.get_node_ip_address(), sock.getsockname()[1]
+
+    @timed
+    def setup(self, master_addr: str, master_port: int) -> None:
+        """Join the process group and build the DeepSpeed engine (policy + value model, AdamW, schedule)."""
+        import deepspeed
+        from transformers import get_scheduler
+
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
+                          LOCAL_RANK="0", WORLD_SIZE=str(self.world_size))  # Ray gives each actor its own GPU
+        deepspeed.init_distributed(dist_backend="nccl" if self.device == "cuda" else "gloo",
+                                   timeout=timedelta(seconds=self.cfg.timeouts.learn_s))
+        models, opt = self.cfg.models, self.cfg.optimizer
+        model = PolicyAndValue(load_causal_lm(self.policy_path),
+                               load_value_model(models.value_init, self.policy_path, self.reward_path, "float32"))
+        if self.cfg.deepspeed.gradient_checkpointing:
+            model.policy.gradient_checkpointing_enable()
+            model.value.backbone.gradient_checkpointing_enable()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=opt.betas, eps=opt.eps,
+                                      weight_decay=opt.weight_decay)
+        total = self.cfg.optimizer_steps
+        scheduler = get_scheduler(opt.schedule, optimizer, num_warmup_steps=math.ceil(opt.warmup_ratio * total),
+                                  num_training_steps=total)
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=deepspeed_config(self.cfg))
+
+    @timed
+    @torch.no_grad()
+    def values_and_logprobs(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Old logprobs and values of this rank's shard, before the update. ([B, R], [B, R])"""
+        self.engine.eval()
+        batch = batch.to(self.device)
+        logprobs, values = [], []
+        for micro in batch.chunks(max(1, len(batch) // self.cfg.ppo.micro_batch_size)):
+            logits, v = self.engine(micro)
+            logprobs.append(token_logprobs(logits, micro.response_ids, self.temperature))
+            values.append(v)
+        mask = batch.response_mask
+        return (torch.cat(logprobs) * mask).cpu(), (torch.cat(values) * mask).cpu()
+
+    @timed
+    def train(self, batch: RolloutBatch) -> dict[str, float]:
+        """PPO epochs over mini-batches of this rank's shard, micro-batch gradient accumulation.
+
+        Losses are token sums divided by the mini-batch's GLOBAL token count (all micro-batches, all
+        ranks), so the accumulated gradient is that of the global token mean. DeepSpeed averages
+        gradients over ranks, hence the factor world_size; it must not also divide by the number of
+        accumulation steps, hence scale_wrt_gas=False.
+        """
+        import torch.distributed as dist
+
+        ppo = self.cfg.ppo
+        self.engine.train()
+        batch = batch.to(self.device)
+        per_rank_mini = ppo.mini_batch_size // self.world_size
+        generator = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.updates * 31 + self.rank)
+        sums, minibatches = defaultdict(float), 0
+        for _ in range(ppo.epochs):
+            order = torch.randperm(len(batch), generator=generator)
+            for start in range(0, len(batch), per_rank_mini):
+                mini = batch.select(order[start:start + per_rank_mini])
+                num_tokens = mini.response_mask.sum().to(self.device)
+                if self.world_size > 1:
+                    dist.all_reduce(num_tokens)  # a sync point: every rank's mini-batch token count
+                for micro in mini.chunks(per_rank_mini // ppo.micro_batch_size):
+                    self._micro_step(micro, float(num_tokens), sums)
+                minibatches += 1
+        self.updates += 1
+        stats = {k: v / minibatches for k, v in sums.items()}  # shares: the driver sums them over ranks
+        grad_norm = self.engine.get_global_grad_norm()
+        stats.update({"optim/lr": self.engine.get_lr()[0], "optim/grad_norm": float(grad_norm or 0.0)})
+        return stats
+
+    def _micro_step(self, micro: RolloutBatch, num_tokens: float, sums: dict) -> None:
+        ppo, mask = self.cfg.ppo, micro.response_mask
+        logits, values = self.engine(micro)
+        logprobs = token_logprobs(logits, micro.response_ids, self.temperature)
+        pg_loss, pg_stats = policy_loss(logprobs, micro.old_logprobs, micro.advantages, mask, ppo.clip_range,
+                                        num_tokens)
+        vf_loss, vf_stats = value_loss(values, micro.values, micro.returns, mask, ppo.value_clip_range, num_tokens)
+        entropy = token_aggregate(entropy_from_logits(logits), mask, num_tokens)
+        loss = pg_loss + ppo.vf_coef * vf_loss - ppo.entropy_coef * entropy
+        self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+        self.engine.step()
+        share = float(mask.sum()) / num_tokens  # this micro-batch's share of the global token mean
+        sums["loss/policy"] += pg_loss.item()
+        sums["loss/value"] += vf_loss.item()
+        sums["entropy"] += entropy.item()
+        for key, value in {**pg_stats, **vf_stats}.items():
+            sums[f"ppo/{key}"] += float(value) * share
+
+    def _policy_params(self):
+        """(name, full CPU tensor) per policy parameter; under ZeRO-3 gathered one parameter at a time."""
+        import deepspeed
+
+        dtype = DTYPES[self.cfg.models.dtype]
+        for name, param in self.engine.module.policy.named_parameters():
+            with deepspeed.zero.GatheredParameters([param]):  # no-op below ZeRO-3
+                full = param.detach().to("cpu", dtype, copy=True) if self.rank == 0 else None
+            yield name, full
+
+    @timed
+    def publish_weights(self, bucket_mb: float = 256) -> list | None:
+        """Put the policy weights into the object store once, in buckets; rank 0 returns the refs."""
+        import ray
+
+        buckets, bucket, size = [], [], 0
+        for name, tensor in self._policy_params():
+            if self.rank != 0:
+                continue
+            bucket.append((name, tensor))
+            size += tensor.numel() * tensor.element_size()
+            if size >= bucket_mb * 2**20:
+                buckets.append(ray.put(bucket))
+                bucket, size = [], 0
+        if self.rank != 0:
+            return None
+        if bucket:
+            buckets.append(ray.put(bucket))
+        return buckets
+
+    @timed
+    def sequence_logprobs(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
+        """The learner policy's logprobs of one response (weight-sync checks)."""
+        with torch.no_grad():
+            batch = RolloutBatch.from_samples([prompt_ids], [response_ids], [[0.0] * len(response_ids)], [True],
+                                              [[]], [""], [""], pad_token_id=0).to(self.device)
+            self.engine.eval()
+            logits, _ = self.engine(batch)
+            return token_logprobs(logits, batch.response_ids, self.temperature)[0].tolist()
+
+    def save(self, path: str) -> str | None:
+        """Save the policy in HF format (safetensors) with its tokenizer; rank 0 writes."""
+        from transformers import AutoTokenizer
+
+        state = {name: tensor for name, tensor in self._policy_params()}
+        if self.rank != 0:
+            return None
+        policy = self.engine.module.policy
+        policy.save_pretrained(path, state_dict=state, safe_serialization=True)
+        AutoTokenizer.from_pretrained(self.policy_path).save_pretrained(path)
+        return path
+
+    def shutdown(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()

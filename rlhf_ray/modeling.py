@@ -1,0 +1,105 @@
+"""Model loading and the forward passes shared by the reference and learner roles."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rlhf_ray.batch import RolloutBatch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def response_logits(model: nn.Module, batch: RolloutBatch) -> torch.Tensor:
+    """Logits that predict each response token: columns P-1 … P+R-2 of the output. [B, R, V]
+
+    ``logits_to_keep`` skips the LM head on prompt positions (the largest activation on long prompts).
+    """
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids, use_cache=False, logits_to_keep=batch.response_length + 1)
+    return out.logits[:, :-1]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / T)[token], in float32. logits [B, R, V], tokens [B, R] -> [B, R]"""
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+@torch.no_grad()
+def batched_response_logprobs(model: nn.Module, batch: RolloutBatch, micro_batch_size: int,
+                              temperature: float = 1.0) -> torch.Tensor:
+    """Per-token logprobs of the response tokens under ``model``, micro-batch by micro-batch. [B, R]"""
+    parts = []
+    for start in range(0, len(batch), micro_batch_size):
+        mb = batch.select(range(start, min(start + micro_batch_size, len(batch))))
+        parts.append(token_logprobs(response_logits(model, mb), mb.response_ids, temperature))
+    return torch.cat(parts) * batch.response_mask
+
+
+class ValueModel(nn.Module):
+    """Critic: a transformer backbone plus a scalar head applied at every position."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Linear):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, batch: RolloutBatch) -> torch.Tensor:
+        """V(s_t) for each response token t: the hidden state *before* the token. [B, R]"""
+        hidden = self.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                               position_ids=batch.position_ids, use_cache=False).last_hidden_state
+        P, R = batch.prompt_length, batch.response_length
+        return self.head(hidden[:, P - 1:P + R - 1]).squeeze(-1).float()
+
+
+class PolicyAndValue(nn.Module):
+    """The learner's trainable module: one optimizer and one DeepSpeed engine for both networks."""
+
+    def __init__(self, policy: nn.Module, value: ValueModel):
+        super().__init__()
+        self.policy, self.value = policy, value
+
+    def forward(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        return response_logits(self.policy, batch), self.value(batch)
+
+
+def load_causal_lm(path: str, dtype: str = "float32"):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+
+
+def load_reward_model(path: str, dtype: str = "float32"):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[dtype])
+    if model.config.num_labels != 1:
+        raise ValueError(f"reward model {path} has {model.config.num_labels} output labels; a scalar RM needs 1")
+    return model
+
+
+def load_value_model(init: str, policy_path: str, reward_path: str | None, dtype: str) -> ValueModel:
+    """Critic initialised from the RM (backbone + its score head) or from the policy (new zero head)."""
+    if init == "reward":
+        rm = load_reward_model(reward_path, dtype)
+        head = getattr(rm, "score", None) or getattr(rm, "classifier", None)
+        if not isinstance(head, nn.Linear):
+            raise ValueError(f"cannot find the linear score head of reward model {reward_path} "
+                             f"(looked for .score / .classifier); use models.value_init=policy")
+        return ValueModel(rm.base_model, head)
+    lm = load_causal_lm(policy_path, dtype)
+    head = nn.Linear(lm.config.hidden_size, 1, bias=False, dtype=DTYPES[dtype])
+    nn.init.zeros_(head.weight)
+    return ValueModel(lm.base_model, head)
+
+
+def check_same_tokenizer(policy_path: str, other_path: str, role: str) -> None:
+    """The critic reads the policy's token ids, so an RM-initialised critic needs the same vocabulary."""
+    from transformers import AutoTokenizer
+
+    a, b = AutoTokenizer.from_pretrained(policy_path), AutoTokenizer.from_pretrained(other_path)
+    if a.get_vocab() != b.get_vocab():
+        raise ValueError(f"{role} {other_path} uses a different tokenizer than the policy {policy_path}; "
+                         f"set models.value_init=policy (the RM itself may use any tokenizer)")

@@ -1,0 +1,186 @@
+"""The four roles on Ray: placement from the config, batch splitting across actors, timeouts.
+
+Every remote wait has a timeout from ``timeouts.*`` and fails with a message naming the role and what
+it was doing — a dead or stuck actor never hangs the run silently.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import ray
+import torch
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from actors.generation import GenerationActor
+from actors.learner import LearnerActor
+from actors.reference import ReferenceActor
+from actors.reward import RewardActor
+from rlhf_ray.batch import RolloutBatch
+from rlhf_ray.config import ExperimentConfig, RoleResources
+
+log = logging.getLogger(__name__)
+ROLE_ORDER = ("learner", "generation", "reward", "reference")
+SUMMED_LEARNER_STATS = ("loss/", "ppo/", "entropy")  # per-rank shares of a global token mean
+
+
+class RoleError(RuntimeError):
+    """A role failed, died or timed out; the message names the role and what it was doing."""
+
+
+def wait(refs, role: str, doing: str, timeout_s: float, timeout_key: str):
+    try:
+        return ray.get(refs, timeout=timeout_s)
+    except GetTimeoutError:
+        raise RoleError(f"{role} did not finish {doing} within {timeout_s:.0f} s; it may be stuck or too slow "
+                        f"for its resources (raise {timeout_key} if it is just slow)") from None
+    except RayActorError as err:
+        raise RoleError(f"{role} actor died while {doing}: {err}") from None
+    except RayTaskError as err:
+        raise RoleError(f"{role} failed while {doing}: {err.cause!r}") from err.cause
+
+
+@dataclass
+class ModelPaths:
+    policy: str
+    reference: str
+    reward: str | None
+
+
+def connect(cfg: ExperimentConfig) -> None:
+    """Join the configured or running Ray cluster (ray job submit sets RAY_ADDRESS), else start one."""
+    if ray.is_initialized():
+        return
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address)
+        return
+    try:
+        ray.init(address="auto")
+        log.info("joined the running Ray cluster")
+    except ConnectionError:
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False)
+
+
+class Roles:
+    """All actors of one experiment and the coarse calls the driver makes on them."""
+
+    def __init__(self, cfg: ExperimentConfig, paths: ModelPaths):
+        self.cfg, self.timeouts, res = cfg, cfg.timeouts, cfg.resources
+        self.placement = self._reserve()
+        models = cfg.models
+        self.learners = [self._spawn(LearnerActor, "learner", i, cfg.model_dump(), i, paths.policy, paths.reward)
+                         for i in range(res.learner.num_actors)]
+        max_model_len = cfg.data.max_prompt_tokens + cfg.generation.max_new_tokens
+        self.generators = [
+            self._spawn(GenerationActor, "generation", i, paths.policy, cfg.generation.model_dump(), max_model_len,
+                        cfg.seed + i, res.generation.tensor_parallel_size, models.dtype, res.generation.num_gpus)
+            for i in range(res.generation.num_actors)]
+        self.rewards = [self._spawn(RewardActor, "reward", i, models.reward.model_dump(), paths.reward,
+                                    models.dtype, res.reward.num_gpus) for i in range(res.reward.num_actors)]
+        self.references = [self._spawn(ReferenceActor, "reference", i, paths.reference, models.dtype,
+                                       cfg.ppo.micro_batch_size, cfg.generation.temperature, res.reference.num_gpus)
+                           for i in range(res.reference.num_actors)]
+        self._start()
+
+    # ------------------------------------------------------------------------------------ placement
+    def _bundles(self) -> list[tuple[str, RoleResources]]:
+        res = self.cfg.resources
+        return [(role, getattr(res, role)) for role in ROLE_ORDER for _ in range(getattr(res, role).num_actors)]
+
+    def _reserve(self):
+        bundles = [{"CPU": r.num_cpus, **({"GPU": r.num_gpus} if r.num_gpus else {})} for _, r in self._bundles()]
+        pg = placement_group(bundles, strategy=self.cfg.resources.placement_strategy)
+        if not pg.wait(timeout_seconds=min(self.timeouts.startup_s, 120)):
+            remove_placement_group(pg)
+            need_cpu, need_gpu = sum(b["CPU"] for b in bundles), sum(b.get("GPU", 0) for b in bundles)
+            raise RoleError(f"could not reserve the roles' resources ({need_cpu:g} CPUs, {need_gpu:g} GPUs in "
+                            f"{len(bundles)} bundles, strategy {self.cfg.resources.placement_strategy}); the "
+                            f"cluster has {ray.cluster_resources()}. Lower resources.*.num_cpus/num_gpus/num_actors "
+                            f"or start Ray with more (ray.num_cpus)")
+        return pg
+
+    def _spawn(self, cls, role: str, index: int, *args):
+        bundle = [i for i, (r, _) in enumerate(self._bundles()) if r == role][index]
+        res: RoleResources = getattr(self.cfg.resources, role)
+        strategy = PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=bundle)
+        return ray.remote(cls).options(num_cpus=res.num_cpus, num_gpus=res.num_gpus,
+                                       scheduling_strategy=strategy).remote(*args)
+
+    def _start(self) -> None:
+        addr, port = wait(self.learners[0].master_address.remote(), "learner", "starting", self.timeouts.startup_s,
+                          "timeouts.startup_s")
+        setups = [learner.setup.remote(addr, port) for learner in self.learners]
+        for role, actors in (("generation", self.generators), ("reward", self.rewards),
+                             ("reference", self.references)):
+            wait([a.__ray_ready__.remote() for a in actors], role, "loading its model", self.timeouts.startup_s,
+                 "timeouts.startup_s")
+        wait(setups, "learner", "building the DeepSpeed engine", self.timeouts.startup_s, "timeouts.startup_s")
+
+    # ---------------------------------------------------------------------------------- the calls
+    def generate(self, prompts) -> tuple[RolloutBatch, float]:
+        """Prompts split evenly over the generation actors; returns the joined batch and compute seconds."""
+        n = len(self.generators)
+        size = len(prompts) // n
+        refs = [g.generate.remote(prompts[i * size:(i + 1) * size]) for i, g in enumerate(self.generators)]
+        results = wait(refs, "generation", "sampling a rollout", self.timeouts.generate_s, "timeouts.generate_s")
+        return RolloutBatch.concat([b for b, _ in results]), max(s for _, s in results)
+
+    def score(self, batch: RolloutBatch) -> tuple[dict, dict]:
+        """Reward scores, reference logprobs and the learner's old logprobs/values — concurrently."""
+        reward_refs = [a.score.remote(part) for a, part in zip(self.rewards, batch.chunks(len(self.rewards)))]
+        ref_refs = [a.logprobs.remote(part) for a, part in zip(self.references, batch.chunks(len(self.references)))]
+        value_refs = [a.values_and_logprobs.remote(part)
+                      for a, part in zip(self.learners, batch.chunks(len(self.learners)))]
+        rewards = wait(reward_refs, "reward", "scoring a rollout", self.timeouts.score_s, "timeouts.score_s")
+        refs = wait(ref_refs, "reference", "computing logprobs", self.timeouts.score_s, "timeouts.score_s")
+        values = wait(value_refs, "learner", "computing values and old logprobs", self.timeouts.learn_s,
+                      "timeouts.learn_s")
+        out = {"scores": torch.cat([s for s, _ in rewards]), "ref_logprobs": torch.cat([r for r, _ in refs]),
+               "old_logprobs": torch.cat([lv[0] for lv, _ in values]), "values": torch.cat([lv[1] for lv, _ in values])}
+        seconds = {"reward": max(s for _, s in rewards), "reference": max(s for _, s in refs),
+                   "values": max(s for _, s in values)}
+        return out, seconds
+
+    def learn(self, batch: RolloutBatch) -> tuple[dict, float]:
+        parts = wait([a.train.remote(part) for a, part in zip(self.learners, batch.chunks(len(self.learners)))],
+                     "learner", "running the PPO update", self.timeouts.learn_s, "timeouts.learn_s")
+        stats = dict(parts[0][0])
+        for key in stats:
+            if key.startswith(SUMMED_LEARNER_STATS):
+                stats[key] = sum(p[key] for p, _ in parts)
+        return stats, max(s for _, s in parts)
+
+    def sync_weights(self) -> dict:
+        """Learner publishes once (object store); every generation actor loads the same objects."""
+        published = wait([a.publish_weights.remote() for a in self.learners], "learner", "publishing weights",
+                         self.timeouts.weight_sync_s, "timeouts.weight_sync_s")
+        buckets = published[0][0]
+        loads = wait([g.load_weights.remote(buckets, self.timeouts.weight_sync_s) for g in self.generators],
+                     "generation", "loading new weights", self.timeouts.weight_sync_s, "timeouts.weight_sync_s")
+        return {"publish": max(s for _, s in published), "load": max(s for _, s in loads),
+                "tensors": loads[0][0]}
+
+    def learner_logprobs(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
+        results = wait([a.sequence_logprobs.remote(prompt_ids, response_ids) for a in self.learners], "learner",
+                       "computing logprobs of a response", self.timeouts.learn_s, "timeouts.learn_s")
+        return results[0][0]
+
+    def generator_logprobs(self, prompt_ids: list[int], response_ids: list[int]) -> list[list[float]]:
+        return wait([g.sequence_logprobs.remote(prompt_ids, response_ids) for g in self.generators], "generation",
+                    "computing logprobs of a response", self.timeouts.generate_s, "timeouts.generate_s")
+
+    def save(self, path: str) -> str:
+        results = wait([a.save.remote(path) for a in self.learners], "learner", "saving the policy",
+                       self.timeouts.learn_s, "timeouts.learn_s")
+        return results[0]
+
+    def shutdown(self) -> None:
+        try:
+            ray.get([a.shutdown.remote() for a in self.learners], timeout=60)
+        except Exception as err:  # the run is ending anyway; report and release resources
+            log.warning("learner shutdown failed: %s", err)
+        for actor in self.learners + self.generators + self.rewards + self.references:
+            ray.kill(actor)
+        remove_placement_group(self.placement)

@@ -1,0 +1,127 @@
+"""The PPO driver. One step, in order:
+
+    prompts → generate → score (reward ‖ reference ‖ values, concurrently) → advantages → learn
+            → weight sync → metrics
+
+Only this file knows the order of a step; the roles (rlhf_ray.roles) know how to split work over their
+actors, the math lives in rlhf_ray.ppo_math.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+
+import torch
+
+from rlhf_ray.batch import RolloutBatch
+from rlhf_ray.config import ExperimentConfig, PPOConfig
+from rlhf_ray.data import PromptSampler, load_prompts
+from rlhf_ray.modeling import check_same_tokenizer
+from rlhf_ray.ppo_math import gae, kl_penalty, masked_mean, masked_whiten, shape_rewards
+from rlhf_ray.roles import ModelPaths, Roles, connect
+from rlhf_ray.tiny import resolve_model
+
+log = logging.getLogger(__name__)
+
+
+class PPOTrainer:
+    def __init__(self, cfg: ExperimentConfig):
+        from transformers import AutoTokenizer
+
+        self.cfg = cfg
+        models = cfg.models
+        resolve = lambda spec: resolve_model(spec, models.cache_dir, cfg.seed)  # noqa: E731
+        self.paths = ModelPaths(policy=resolve(models.policy), reference=resolve(models.reference_path),
+                                reward=resolve(models.reward.model) if models.reward.kind == "model" else None)
+        if models.value_init == "reward":
+            check_same_tokenizer(self.paths.policy, self.paths.reward, "the reward model (models.value_init=reward)")
+        self.tokenizer = AutoTokenizer.from_pretrained(self.paths.policy)
+        self.dataset = load_prompts(cfg.data, self.tokenizer)
+        self.sampler = PromptSampler(len(self.dataset), cfg.ppo.rollout_batch_size, cfg.seed, cfg.data.shuffle)
+        connect(cfg)
+        start = time.perf_counter()
+        self.roles = Roles(cfg, self.paths)
+        self.startup_seconds = time.perf_counter() - start
+        self.step_count = 0
+
+    def step(self) -> dict[str, float]:
+        """One PPO step; returns its metrics (rewards, KL, losses, and each phase's seconds)."""
+        times: dict[str, float] = {}
+        prompts = [self.dataset.prompts[i] for i in self.sampler.next_batch()]
+        with phase(times, "generate"):
+            batch, generate_s = self.roles.generate(prompts)
+        with phase(times, "score_wall"):  # reward, reference and critic run at the same time
+            scored, role_seconds = self.roles.score(batch)
+        batch, rollout_stats = with_advantages(batch.with_(**scored), self.cfg.ppo)
+        with phase(times, "learn"):
+            learn_stats, learn_s = self.roles.learn(batch)
+        with phase(times, "weight_sync"):
+            sync = self.roles.sync_weights()
+        self.step_count += 1
+        return {"step": self.step_count, **rollout_stats, **learn_stats,
+                **step_timing(times, role_seconds, generate_s, learn_s, sync, batch)}
+
+    def save(self, path: str) -> str:
+        return self.roles.save(path)
+
+    def shutdown(self) -> None:
+        self.roles.shutdown()
+
+
+@contextmanager
+def phase(times: dict, name: str):
+    start = time.perf_counter()
+    yield
+    times[name] = time.perf_counter() - start
+
+
+def with_advantages(batch: RolloutBatch, ppo: PPOConfig) -> tuple[RolloutBatch, dict[str, float]]:
+    """Shape per-token rewards (score at the last token − β·KL), then GAE and whitening."""
+    mask = batch.response_mask
+    kl = kl_penalty(batch.old_logprobs, batch.ref_logprobs, ppo.kl_estimator) * mask
+    rewards, scores = shape_rewards(batch.scores, kl, mask, ppo.kl_coef, batch.ended_with_eos,
+                                    ppo.non_eos_penalty, ppo.reward_clip)
+    if ppo.whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False)
+    advantages, returns = gae(rewards, batch.values, mask, ppo.gamma, ppo.lam)
+    if ppo.whiten_advantages:
+        advantages = masked_whiten(advantages, mask)
+    per_sequence = rewards.sum(-1)
+    lengths = mask.sum(-1)
+    stats = {
+        "reward/mean": float(per_sequence.mean()), "reward/std": float(per_sequence.std()),
+        "score/mean": float(batch.scores.mean()), "score/std": float(batch.scores.std()),
+        "score/effective_mean": float(scores.mean()),
+        "kl/mean": float(kl.sum(-1).mean()),
+        "kl/sampler_vs_learner": float(masked_mean((batch.gen_logprobs - batch.old_logprobs).abs(), mask)),
+        "value/mean": float(masked_mean(batch.values, mask)),
+        "response/length_mean": float(lengths.mean()),
+        "response/eos_fraction": float(batch.ended_with_eos.float().mean()),
+        "response/tokens": float(lengths.sum()),
+    }
+    return batch.with_(rewards=rewards, advantages=advantages, returns=returns), stats
+
+
+def step_timing(times: dict, role_seconds: dict, generate_s: float, learn_s: float, sync: dict,
+                batch: RolloutBatch) -> dict[str, float]:
+    """Wall time of each phase and the orchestration overhead.
+
+    The roles' own compute on the step's critical path is generate + max(reward, reference, values)
+    + learn + publish + load; the overhead is the rest of the step's wall time (serialisation, object
+    store transfers, scheduling, driver work).
+    """
+    step = sum(times.values())
+    compute = generate_s + max(role_seconds.values()) + learn_s + sync["publish"] + sync["load"]
+    tokens = float(batch.response_mask.sum())
+    return {
+        "time/generate": times["generate"], "time/reward": role_seconds["reward"],
+        "time/reference": role_seconds["reference"], "time/values": role_seconds["values"],
+        "time/score_wall": times["score_wall"], "time/learn": times["learn"],
+        "time/weight_sync": times["weight_sync"], "time/step": step,
+        "time/compute_generate": generate_s, "time/compute_learn": learn_s,
+        "time/weight_publish": sync["publish"], "time/weight_load": sync["load"],
+        "time/overhead": step - compute, "time/overhead_fraction": (step - compute) / step,
+        "throughput/tokens_per_s": tokens / step,
+        "throughput/generate_tokens_per_s": tokens / times["generate"],
+    }
