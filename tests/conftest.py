@@ -32,3 +32,22 @@ def shared_file(relative: str) -> Path:
     if not path.is_file():
         pytest.skip(f"{path} is not present (../shared/data is optional)")
     return path
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One real local Ray session shared by every end-to-end test of the run."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def tiny_config(tmp_path, tiny_cache, *overrides):
+    """The embedded tiny CPU config with the test's model cache and output dir, plus overrides."""
+    from rlhf_ray.config import load_config
+
+    return load_config(ROOT / "configs" / "tiny_cpu.yaml",
+                       [f"models.cache_dir={tiny_cache}", f"output_dir={tmp_path}", "logging.progress_bar=false",
+                        *overrides])
