@@ -6,6 +6,7 @@ it was doing — a dead or stuck actor never hangs the run silently.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import ray
@@ -109,6 +110,7 @@ class Roles:
                                        scheduling_strategy=strategy).remote(*args)
 
     def _start(self) -> None:
+        start = time.perf_counter()
         addr, port = wait(self.learners[0].master_address.remote(), "learner", "starting", self.timeouts.startup_s,
                           "timeouts.startup_s")
         setups = [learner.setup.remote(addr, port) for learner in self.learners]
@@ -116,7 +118,11 @@ class Roles:
                              ("reference", self.references)):
             wait([a.__ray_ready__.remote() for a in actors], role, "loading its model", self.timeouts.startup_s,
                  "timeouts.startup_s")
-        wait(setups, "learner", "building the DeepSpeed engine", self.timeouts.startup_s, "timeouts.startup_s")
+            log.info("%s ready after %.1f s", role, time.perf_counter() - start)
+        setup_s = wait(setups, "learner", "building the DeepSpeed engine", self.timeouts.startup_s,
+                       "timeouts.startup_s")
+        log.info("learner ready after %.1f s (DeepSpeed setup %.1f s)", time.perf_counter() - start,
+                 max(s for _, s in setup_s))
 
     # ---------------------------------------------------------------------------------- the calls
     def generate(self, prompts) -> tuple[RolloutBatch, float]:
