@@ -23,6 +23,13 @@ class GenerationActor:
         from vllm import LLM
 
         self.cfg = GenerationConfig(**generation)
+        in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0" and tensor_parallel_size == 1
+        self.weight_loading = self.cfg.weight_loading
+        if self.weight_loading == "auto":
+            self.weight_loading = "iterator" if in_process else "files"
+        if self.weight_loading == "iterator" and not in_process:
+            raise ValueError("generation.weight_loading=iterator needs an in-process engine (tensor_parallel_size 1 "
+                             "and VLLM_ENABLE_V1_MULTIPROCESSING=0); use 'files' or 'auto'")
         self.llm = LLM(model=model_path, tensor_parallel_size=tensor_parallel_size, dtype=dtype, seed=seed,
                        max_model_len=max_model_len, enforce_eager=True, gpu_memory_utilization=0.85)
         tokenizer = self.llm.get_tokenizer()
@@ -44,18 +51,18 @@ class GenerationActor:
 
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p.token_ids) for p in prompts],
                                     self._sampling_params(), use_tqdm=False)
-        rows = {k: [] for k in ("prompts", "responses", "logprobs", "eos", "messages", "ptexts", "rtexts")}
+        rows = {k: [] for k in ("prompts", "responses", "logprobs", "finish", "messages", "ptexts", "rtexts")}
         for prompt, out in zip(prompts, outputs):
             for sample in out.outputs:
                 ids = list(sample.token_ids)
                 rows["prompts"].append(prompt.token_ids)
                 rows["responses"].append(ids)
                 rows["logprobs"].append([lp[t].logprob for lp, t in zip(sample.logprobs, ids)])
-                rows["eos"].append(sample.finish_reason == "stop")  # EOS or a configured stop string
+                rows["finish"].append(sample.finish_reason)
                 rows["messages"].append(prompt.messages)
                 rows["ptexts"].append(prompt.text)
                 rows["rtexts"].append(sample.text)
-        return RolloutBatch.from_samples(rows["prompts"], rows["responses"], rows["logprobs"], rows["eos"],
+        return RolloutBatch.from_samples(rows["prompts"], rows["responses"], rows["logprobs"], rows["finish"],
                                          rows["messages"], rows["ptexts"], rows["rtexts"], self.pad_token_id)
 
     @timed
@@ -64,17 +71,46 @@ class GenerationActor:
         import ray
 
         loaded = 0
+        if self.weight_loading == "iterator":
+            def weights():
+                nonlocal loaded
+                for ref in buckets:
+                    for name, tensor in ray.get(ref, timeout=timeout_s):
+                        loaded += 1
+                        yield name, tensor
 
-        def weights():
-            nonlocal loaded
-            for ref in buckets:
-                for name, tensor in ray.get(ref, timeout=timeout_s):
-                    loaded += 1
-                    yield name, tensor
-
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights()})
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights()})
+        else:
+            loaded = self._write_weight_files(buckets, timeout_s)
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": self._weights_dir})
         self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
         return loaded
+
+    def _write_weight_files(self, buckets: list, timeout_s: float) -> int:
+        """One safetensors file per published bucket in a per-actor dir (RAM-backed /dev/shm when present)."""
+        import tempfile
+
+        import ray
+        from safetensors.torch import save_file
+
+        if not hasattr(self, "_weights_dir"):
+            self._weights_dir = tempfile.mkdtemp(prefix="rlhf_ray_weights_",
+                                                 dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        for old in os.listdir(self._weights_dir):
+            os.remove(os.path.join(self._weights_dir, old))
+        written = 0
+        for i, ref in enumerate(buckets):
+            bucket = dict(ray.get(ref, timeout=timeout_s))
+            save_file(bucket, os.path.join(self._weights_dir, f"bucket-{i:05d}.safetensors"))
+            written += len(bucket)
+        return written
+
+    def close(self) -> None:
+        """Remove the weight files (they live in RAM when in /dev/shm)."""
+        import shutil
+
+        if hasattr(self, "_weights_dir"):
+            shutil.rmtree(self._weights_dir, ignore_errors=True)
 
     def sequence_logprobs(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
         """The engine's logprobs of a given response (prompt_logprobs), for weight-sync checks."""

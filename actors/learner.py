@@ -183,7 +183,7 @@ class LearnerActor:
     def sequence_logprobs(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
         """The learner policy's logprobs of one response (weight-sync checks)."""
         with torch.no_grad():
-            batch = RolloutBatch.from_samples([prompt_ids], [response_ids], [[0.0] * len(response_ids)], [True],
+            batch = RolloutBatch.from_samples([prompt_ids], [response_ids], [[0.0] * len(response_ids)], ["stop"],
                                               [[]], [""], [""], pad_token_id=0).to(self.device)
             self.engine.eval()
             logits, _ = self.engine(batch)

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-PER_ROW_FIELDS = ("prompt_messages", "prompt_texts", "response_texts")
+PER_ROW_FIELDS = ("prompt_messages", "prompt_texts", "response_texts", "finish_reasons")
 
 
 @dataclass
@@ -27,10 +27,10 @@ class RolloutBatch:
     response_mask: torch.Tensor           # [B, R] float
     prompt_length: int                    # P
     pad_token_id: int
-    ended_with_eos: torch.Tensor          # [B] bool
     prompt_messages: list[list[dict]]
     prompt_texts: list[str]
     response_texts: list[str]
+    finish_reasons: list[str]             # vLLM's: 'stop' (EOS or a stop string) or 'length'
     gen_logprobs: Optional[torch.Tensor] = None   # [B, R] from the sampler (vLLM)
     ref_logprobs: Optional[torch.Tensor] = None   # [B, R] reference policy
     old_logprobs: Optional[torch.Tensor] = None   # [B, R] learner policy before the update
@@ -51,6 +51,11 @@ class RolloutBatch:
     def position_ids(self) -> torch.Tensor:
         """Positions that ignore left padding: 0 at each row's first real token."""
         return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+    @property
+    def ended_with_eos(self) -> torch.Tensor:
+        """[B] bool: the response stopped by itself (EOS or a stop string) rather than at the length cap."""
+        return torch.tensor([r == "stop" for r in self.finish_reasons], dtype=torch.bool)
 
     @property
     def response_ids(self) -> torch.Tensor:
@@ -88,7 +93,7 @@ class RolloutBatch:
 
     @staticmethod
     def from_samples(prompts: list[list[int]], responses: list[list[int]], logprobs: list[list[float]],
-                     ended_with_eos: list[bool], prompt_messages: list[list[dict]], prompt_texts: list[str],
+                     finish_reasons: list[str], prompt_messages: list[list[dict]], prompt_texts: list[str],
                      response_texts: list[str], pad_token_id: int) -> "RolloutBatch":
         """Pad raw samples into the layout above."""
         P = max(len(p) for p in prompts)
@@ -106,7 +111,7 @@ class RolloutBatch:
                 response_mask[i, :len(r)] = 1
                 gen_logprobs[i, :len(r)] = torch.tensor(lp, dtype=torch.float32)
         return RolloutBatch(input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask,
-                            prompt_length=P, pad_token_id=pad_token_id, ended_with_eos=torch.tensor(ended_with_eos, dtype=torch.bool),
+                            prompt_length=P, pad_token_id=pad_token_id, finish_reasons=list(finish_reasons),
                             prompt_messages=prompt_messages, prompt_texts=prompt_texts,
                             response_texts=response_texts, gen_logprobs=gen_logprobs)
 

@@ -81,6 +81,11 @@ class GenerationConfig(_Strict):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling.")
     stop: list[str] = Field(default_factory=list, description="Extra stop strings (EOS always stops).")
     n_samples_per_prompt: int = Field(1, gt=0, description="Responses sampled per prompt.")
+    weight_loading: Literal["auto", "iterator", "files"] = Field(
+        "auto", description="How an engine takes new weights: 'iterator' streams object-store buckets into an "
+                            "in-process engine; 'files' writes them as safetensors (in /dev/shm) and reloads by "
+                            "path, needed when the engine runs in other processes (TP > 1, V1 multiprocessing); "
+                            "'auto' picks.")
 
 
 class PPOConfig(_Strict):
@@ -250,11 +255,11 @@ def parse_overrides(overrides: list[str]) -> dict:
     return tree
 
 
-def _deep_merge(base: dict, update: dict, prefix: str = "") -> dict:
+def _deep_merge(base: dict, update: dict) -> dict:
     merged = dict(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value, f"{prefix}{key}.")
+            merged[key] = _deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged

@@ -184,9 +184,10 @@ class Roles:
 
     def shutdown(self) -> None:
         try:
-            ray.get([a.shutdown.remote() for a in self.learners], timeout=60)
+            ray.get([a.shutdown.remote() for a in self.learners] + [g.close.remote() for g in self.generators],
+                    timeout=60)
         except Exception as err:  # the run is ending anyway; report and release resources
-            log.warning("learner shutdown failed: %s", err)
+            log.warning("clean shutdown of the roles failed: %s", err)
         for actor in self.learners + self.generators + self.rewards + self.references:
             ray.kill(actor)
         remove_placement_group(self.placement)

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
                                 step_s=f"{metrics['time/step']:.1f}")
         if cfg.logging.save_final_model:
             print(f"final policy saved to {trainer.save(str((out / 'final_model').resolve()))}", flush=True)
-    except (RoleError, ValueError, FileNotFoundError) as err:
+    except (RoleError, ValueError, OSError) as err:  # OSError: e.g. a model path or hub name not found
         print(f"error: {err}", file=sys.stderr)
         return 1
     finally:

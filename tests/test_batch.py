@@ -14,7 +14,7 @@ PAD = 0
 def make_batch(prompts, responses, eos=None):
     n = len(prompts)
     return RolloutBatch.from_samples(prompts, responses, [[-1.0] * len(r) for r in responses],
-                                     eos or [True] * n, [[{"role": "user", "content": "q"}]] * n, ["p"] * n,
+                                     ["stop" if e else "length" for e in (eos or [True] * n)], [[{"role": "user", "content": "q"}]] * n, ["p"] * n,
                                      ["r"] * n, pad_token_id=PAD)
 
 

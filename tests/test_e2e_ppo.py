@@ -59,14 +59,15 @@ def test_policy_learns_a_verifiable_reward(function_trainer):
 
 
 def test_two_learner_ranks_zero3_and_two_generation_actors(ray_session, tiny_cache, tmp_path):
-    """Reward model + RM-initialised critic, ZeRO-3 over 2 gloo ranks, rollouts split over 2 engines."""
+    """Reward model + RM-initialised critic, ZeRO-3 over 2 gloo ranks, rollouts split over 2 engines that
+    take new weights through files (the path used when the engine runs in other processes)."""
     from transformers import AutoModelForCausalLM
 
     from rlhf_ray.trainer import PPOTrainer
 
     cfg = tiny_config(tmp_path, tiny_cache, "resources.learner.num_actors=2", "resources.generation.num_actors=2",
-                      "deepspeed.zero_stage=3", "ppo.total_episodes=32", "ppo.rollout_batch_size=16",
-                      "resources.learner.num_cpus=0.5", "resources.generation.num_cpus=0.5")
+                      "deepspeed.zero_stage=3", "generation.weight_loading=files", "ppo.total_episodes=32",
+                      "ppo.rollout_batch_size=16")
     trainer = PPOTrainer(cfg)
     try:
         prompt, response = fixed_response(trainer)

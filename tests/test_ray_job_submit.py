@@ -36,9 +36,12 @@ def test_ray_job_submit_runs_a_two_step_job(tiny_cache, tmp_path):
            "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
     # --block ties the head's processes to this Popen: terminating it stops this cluster only (`ray stop`
     # would also stop the test session's own Ray).
-    head = subprocess.Popen([RAY, "start", "--head", "--block", f"--port={free_port()}",
-                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
-                             f"--temp-dir={ray_tmp}"],
+    # Every port of this head is a free one: the test session's own Ray holds the default agent ports.
+    ports = [f"--{name}={free_port()}" for name in ("port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                    "runtime-env-agent-port", "metrics-export-port",
+                                                    "ray-client-server-port")]
+    head = subprocess.Popen([RAY, "start", "--head", "--block", *ports, "--dashboard-host=127.0.0.1",
+                             f"--dashboard-port={dashboard}", "--num-cpus=2", f"--temp-dir={ray_tmp}"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         address = f"http://127.0.0.1:{dashboard}"
@@ -53,11 +56,14 @@ def test_ray_job_submit_runs_a_two_step_job(tiny_cache, tmp_path):
                 assert head.poll() is None, "ray start --head exited"
                 time.sleep(1)
         out = tmp_path / "job_run"
-        job = subprocess.run(
-            [RAY, "job", "submit", "--address", address, "--working-dir", ".", "--",
-             "python", "-m", "rlhf_ray.train", "--config", "configs/tiny_cpu.yaml", "ppo.total_episodes=32",
-             f"models.cache_dir={tiny_cache}", f"output_dir={out}", "logging.progress_bar=false"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        submit = [RAY, "job", "submit", "--address", address, "--working-dir", ".", "--",
+                  "python", "-m", "rlhf_ray.train", "--config", "configs/tiny_cpu.yaml", "ppo.total_episodes=32",
+                  f"models.cache_dir={tiny_cache}", f"output_dir={out}", "logging.progress_bar=false"]
+        for _ in range(15):  # the dashboard answers a few seconds before its job agent accepts jobs
+            job = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+            if "No available agent" not in job.stdout + job.stderr:
+                break
+            time.sleep(2)
         assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-4000:] + job.stderr[-2000:]
         steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert [m["step"] for m in steps] == [1, 2]

@@ -12,7 +12,7 @@ from rlhf_ray.rewards import char_frequency
 def batch_of(responses):
     n = len(responses)
     msgs = [[{"role": "user", "content": "Say something."}]] * n
-    return RolloutBatch.from_samples([[1]] * n, [[2]] * n, [[0.0]] * n, [True] * n, msgs,
+    return RolloutBatch.from_samples([[1]] * n, [[2]] * n, [[0.0]] * n, ["stop"] * n, msgs,
                                      ["<|user|>\nSay something.\n<|assistant|>\n"] * n, responses, pad_token_id=0)
 
 
