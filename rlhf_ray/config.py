@@ -212,6 +212,10 @@ class ExperimentConfig(_Strict):
                  "tensor parallelism needs GPUs (resources.generation.num_gpus)")
         _require(ppo.rollout_batch_size % gen.num_actors == 0, "resources.generation.num_actors",
                  f"{gen.num_actors} does not divide ppo.rollout_batch_size={ppo.rollout_batch_size}")
+        for role in ("reward", "reference"):
+            actors = getattr(self.resources, role).num_actors
+            _require(rollout_seqs % actors == 0, f"resources.{role}.num_actors",
+                     f"{actors} does not divide the rollout of {rollout_seqs} sequences")
         return self
 
     @property

@@ -45,6 +45,8 @@ def test_overrides_are_typed_and_nested():
     (["resources.learner.num_actors=3"], "ppo.mini_batch_size", "not divisible"),
     (["models.reward.kind=function"], "models.reward.function", "module:function"),
     (["models.reward.kind=function", "models.reward.function=m:f"], "models.value_init", "needs a reward model"),
+    (["resources.reward.num_actors=3"], "resources.reward.num_actors", "does not divide the rollout"),
+    (["generation.temperature=0"], "generation.temperature", "must be > 0"),
     (["deepspeed.offload_params=true"], "deepspeed.offload_params", "zero_stage=3"),
     (["ppo.total_episodes=4"], "ppo.total_episodes", "no step would run"),
     (["nonsense"], "nonsense", "key=value"),
