@@ -92,10 +92,14 @@ class Roles:
 
     def _reserve(self):
         bundles = [{"CPU": r.num_cpus, **({"GPU": r.num_gpus} if r.num_gpus else {})} for _, r in self._bundles()]
+        need_cpu, need_gpu = sum(b["CPU"] for b in bundles), sum(b.get("GPU", 0) for b in bundles)
+        have = ray.cluster_resources()
+        if need_cpu > have.get("CPU", 0) or need_gpu > have.get("GPU", 0):
+            log.warning("the roles need %g CPUs and %g GPUs but the cluster has %s now; waiting in case it grows",
+                        need_cpu, need_gpu, have)
         pg = placement_group(bundles, strategy=self.cfg.resources.placement_strategy)
         if not pg.wait(timeout_seconds=min(self.timeouts.startup_s, 120)):
             remove_placement_group(pg)
-            need_cpu, need_gpu = sum(b["CPU"] for b in bundles), sum(b.get("GPU", 0) for b in bundles)
             raise RoleError(f"could not reserve the roles' resources ({need_cpu:g} CPUs, {need_gpu:g} GPUs in "
                             f"{len(bundles)} bundles, strategy {self.cfg.resources.placement_strategy}); the "
                             f"cluster has {ray.cluster_resources()}. Lower resources.*.num_cpus/num_gpus/num_actors "
