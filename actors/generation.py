@@ -8,8 +8,8 @@ from rlhf_ray.batch import RolloutBatch
 from rlhf_ray.config import GenerationConfig
 from rlhf_ray.data import Prompt
 
-# vLLM on CPU (DESIGN.md): 1 GiB KV cache instead of ~9; the in-process engine starts in ~4 s instead
-# of ~20 and accepts tensors (the weight iterator) in collective_rpc directly.
+# vLLM on CPU (verified, shared DESIGN notes): 1 GiB KV cache instead of ~9; the in-process engine
+# starts in ~4 s instead of ~20 and accepts tensors (the weight iterator) in collective_rpc directly.
 CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
 
@@ -27,11 +27,12 @@ class GenerationActor:
         self.weight_loading = self.cfg.weight_loading
         if self.weight_loading == "auto":
             self.weight_loading = "iterator" if in_process else "files"
-        if self.weight_loading == "iterator" and not in_process:
-            raise ValueError("generation.weight_loading=iterator needs an in-process engine (tensor_parallel_size 1 "
-                             "and VLLM_ENABLE_V1_MULTIPROCESSING=0); use 'files' or 'auto'")
+        # TP workers as processes inside this actor (it owns its GPUs), not as Ray tasks on other bundles.
+        backend = {"distributed_executor_backend": "mp"} if tensor_parallel_size > 1 else {}
         self.llm = LLM(model=model_path, tensor_parallel_size=tensor_parallel_size, dtype=dtype, seed=seed,
-                       max_model_len=max_model_len, enforce_eager=True, gpu_memory_utilization=0.85)
+                       max_model_len=max_model_len, enforce_eager=True, gpu_memory_utilization=0.85,
+                       logprobs_mode="processed_logprobs",  # after temperature: the distribution PPO trains
+                       **backend)
         tokenizer = self.llm.get_tokenizer()
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 

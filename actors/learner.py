@@ -43,10 +43,10 @@ def deepspeed_config(cfg: ExperimentConfig) -> dict:
 
 
 class LearnerActor:
-    def __init__(self, cfg: dict, rank: int, policy_path: str, reward_path: str | None):
+    def __init__(self, cfg: dict, rank: int, policy_path: str, value_path: str | None):
         self.cfg = ExperimentConfig.model_validate(cfg)
         self.rank, self.world_size = rank, self.cfg.resources.learner.num_actors
-        self.policy_path, self.reward_path = policy_path, reward_path
+        self.policy_path, self.value_path = policy_path, value_path
         self.device = device_for(self.cfg.resources.learner.num_gpus)
         self.temperature = self.cfg.generation.temperature
         self.updates = 0
@@ -72,14 +72,16 @@ class LearnerActor:
                                    timeout=timedelta(seconds=self.cfg.timeouts.learn_s))
         models, opt = self.cfg.models, self.cfg.optimizer
         model = PolicyAndValue(load_causal_lm(self.policy_path),
-                               load_value_model(models.value_init, self.policy_path, self.reward_path, "float32"))
+                               load_value_model(models.value_init, self.policy_path, self.value_path, "float32"))
         if self.cfg.deepspeed.gradient_checkpointing:
             model.policy.gradient_checkpointing_enable()
             model.value.backbone.gradient_checkpointing_enable()
         optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=opt.betas, eps=opt.eps,
                                       weight_decay=opt.weight_decay)
         total = self.cfg.optimizer_steps
-        scheduler = get_scheduler(opt.schedule, optimizer, num_warmup_steps=math.ceil(opt.warmup_ratio * total),
+        # transformers' 'constant' ignores warmup; 'constant_with_warmup' honours optimizer.warmup_ratio
+        schedule = "constant_with_warmup" if opt.schedule == "constant" and opt.warmup_ratio > 0 else opt.schedule
+        scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=math.ceil(opt.warmup_ratio * total),
                                   num_training_steps=total)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=deepspeed_config(self.cfg))
@@ -138,11 +140,12 @@ class LearnerActor:
         pg_loss, pg_stats = policy_loss(logprobs, micro.old_logprobs, micro.advantages, mask, ppo.clip_range,
                                         num_tokens)
         vf_loss, vf_stats = value_loss(values, micro.values, micro.returns, mask, ppo.value_clip_range, num_tokens)
-        entropy = token_aggregate(entropy_from_logits(logits), mask, num_tokens)
+        with torch.set_grad_enabled(ppo.entropy_coef > 0):  # a metric only: keep [B, R, V] out of the graph
+            entropy = token_aggregate(entropy_from_logits(logits / self.temperature), mask, num_tokens)
         loss = pg_loss + ppo.vf_coef * vf_loss - ppo.entropy_coef * entropy
         self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
         self.engine.step()
-        share = float(mask.sum()) / num_tokens  # this micro-batch's share of the global token mean
+        share = float(mask.sum()) / max(num_tokens, 1.0)  # this micro-batch's share of the global token mean
         sums["loss/policy"] += pg_loss.item()
         sums["loss/value"] += vf_loss.item()
         sums["entropy"] += entropy.item()

@@ -12,7 +12,9 @@ class ReferenceActor:
     def __init__(self, model_path: str, dtype: str, micro_batch_size: int, temperature: float,
                  num_gpus: float = 0.0):
         self.device = device_for(num_gpus)
-        self.model = load_causal_lm(model_path, dtype).to(self.device).eval()
+        self.model = load_causal_lm(model_path, dtype, num_gpus).eval()
+        if num_gpus <= 1:
+            self.model.to(self.device)
         self.micro_batch_size, self.temperature = micro_batch_size, temperature
 
     @timed

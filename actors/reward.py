@@ -39,7 +39,9 @@ class RewardActor:
         self.tokenizer.truncation_side = "left"  # keep the response when the input is too long
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = load_reward_model(model_path, dtype).to(device_for(num_gpus)).eval()
+        self.model = load_reward_model(model_path, dtype, num_gpus).eval()
+        if num_gpus <= 1:
+            self.model.to(device_for(num_gpus))
         self.model.config.pad_token_id = self.tokenizer.pad_token_id  # HF pools at the last non-pad token
 
     @timed
@@ -54,7 +56,10 @@ class RewardActor:
         with torch.no_grad():
             for start in range(0, len(texts), self.cfg.batch_size):
                 enc = self.tokenizer(texts[start:start + self.cfg.batch_size], return_tensors="pt", padding=True,
-                                     truncation=True, max_length=self.cfg.max_length, add_special_tokens=False)
+                                     truncation=True, max_length=self.cfg.max_length,
+                                     # Tulu text has no BOS: the tokenizer adds its own (Llama <s>); chat
+                                     # templates write theirs into the text.
+                                     add_special_tokens=self.cfg.template == "tulu")
                 enc = enc.to(self.model.device)
                 scores.append(self.model(**enc).logits[:, 0].float().cpu())
         return torch.cat(scores)

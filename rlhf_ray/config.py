@@ -47,6 +47,9 @@ class ModelsConfig(_Strict):
     reference: Optional[str] = Field(
         None, description="Frozen reference policy for the KL penalty; defaults to the policy.")
     reward: RewardConfig = Field(default_factory=RewardConfig)
+    value_model: Optional[str] = Field(
+        None, description="Sequence-classification model the critic starts from when value_init='reward'; "
+                          "default: the reward model (Tulu 2.5 with a 70B RM used a 13B RM here).")
     value_init: Literal["policy", "reward"] = Field(
         "reward", description="Initialise the value model from the policy or from the RM (Tulu 2.5: the RM). "
                               "'reward' needs reward.kind='model' with a tokenizer equal to the policy's.")
@@ -58,6 +61,10 @@ class ModelsConfig(_Strict):
     @property
     def reference_path(self) -> str:
         return self.reference or self.policy
+
+    @property
+    def value_model_path(self) -> str | None:
+        return self.value_model or self.reward.model
 
 
 class DataConfig(_Strict):
@@ -78,7 +85,8 @@ class DataConfig(_Strict):
 class GenerationConfig(_Strict):
     max_new_tokens: int = Field(256, gt=0, description="Response length cap in tokens.")
     temperature: float = Field(1.0, ge=0.0, description="Sampling temperature (PPO needs > 0 for on-policy samples).")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling. Below 1 the samples come from a truncated "
+                         "distribution while PPO's ratio and KL use the full softmax: slightly off-policy.")
     stop: list[str] = Field(default_factory=list, description="Extra stop strings (EOS always stops).")
     n_samples_per_prompt: int = Field(1, gt=0, description="Responses sampled per prompt.")
     weight_loading: Literal["auto", "iterator", "files"] = Field(
@@ -144,6 +152,7 @@ class ResourcesConfig(_Strict):
 
 
 class TimeoutsConfig(_Strict):
+    placement_s: float = Field(120.0, gt=0, description="Reserving the roles' resources (raise it on autoscaling clusters).")
     startup_s: float = Field(900.0, gt=0, description="Actors start and load models (first DeepSpeed init JIT-builds ~60 s).")
     generate_s: float = Field(600.0, gt=0, description="One rollout on the generation actors.")
     score_s: float = Field(600.0, gt=0, description="Reward scoring and reference logprobs of one rollout.")
@@ -199,8 +208,9 @@ class ExperimentConfig(_Strict):
         _require(reward.kind != "model" or reward.model, "models.reward.model", "is required when models.reward.kind='model'")
         _require(reward.kind != "function" or (reward.function and ":" in reward.function), "models.reward.function",
                  "must be 'module:function' when models.reward.kind='function'")
-        _require(self.models.value_init != "reward" or reward.kind == "model", "models.value_init",
-                 "'reward' needs a reward model (models.reward.kind='model'); use 'policy' with a function reward")
+        _require(self.models.value_init != "reward" or reward.kind == "model" or self.models.value_model,
+                 "models.value_init", "'reward' needs a reward model (models.reward.kind='model') or "
+                 "models.value_model; use 'policy' with a function reward")
         _require(self.deepspeed.offload_params is False or self.deepspeed.zero_stage == 3, "deepspeed.offload_params",
                  "parameter offload needs deepspeed.zero_stage=3")
         _require(not self.deepspeed.offload_optimizer or self.deepspeed.zero_stage >= 1, "deepspeed.offload_optimizer",
@@ -210,6 +220,15 @@ class ExperimentConfig(_Strict):
                  f"{gen.num_gpus} GPUs cannot host tensor_parallel_size={gen.tensor_parallel_size}")
         _require(gen.tensor_parallel_size == 1 or gen.num_gpus > 0, "resources.generation.tensor_parallel_size",
                  "tensor parallelism needs GPUs (resources.generation.num_gpus)")
+        _require(gen.num_gpus == 0 and gen.tensor_parallel_size == 1 or self.generation.weight_loading != "iterator",
+                 "generation.weight_loading", "'iterator' needs an in-process CPU engine (no GPUs, "
+                 "tensor_parallel_size 1); use 'files' or 'auto'")
+        _require(self.resources.learner.num_gpus in (0, 1), "resources.learner.num_gpus",
+                 f"{self.resources.learner.num_gpus}: a learner rank uses 0 or 1 whole GPU "
+                 "(scale with resources.learner.num_actors)")
+        _require(ppo.total_episodes % ppo.rollout_batch_size == 0, "ppo.total_episodes",
+                 f"{ppo.total_episodes} is not a multiple of ppo.rollout_batch_size={ppo.rollout_batch_size}: "
+                 "the remainder would be silently dropped")
         _require(ppo.rollout_batch_size % gen.num_actors == 0, "resources.generation.num_actors",
                  f"{gen.num_actors} does not divide ppo.rollout_batch_size={ppo.rollout_batch_size}")
         for role in ("reward", "reference"):

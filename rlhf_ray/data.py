@@ -115,7 +115,8 @@ def load_prompts(cfg: DataConfig, tokenizer) -> PromptDataset:
             out.skipped[reason] += 1
             continue
         text = render_messages(messages, cfg.template, tokenizer)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        # Tulu text has no BOS: let the tokenizer add its own (Llama <s>); chat templates write theirs.
+        ids = tokenizer(text, add_special_tokens=cfg.template == "tulu")["input_ids"]
         if len(ids) > cfg.max_prompt_tokens:
             if cfg.overlong == "drop":
                 out.skipped["too_long"] += 1

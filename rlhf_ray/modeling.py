@@ -65,28 +65,34 @@ class PolicyAndValue(nn.Module):
         return response_logits(self.policy, batch), self.value(batch)
 
 
-def load_causal_lm(path: str, dtype: str = "float32"):
+def _placement(num_gpus: float) -> dict:
+    """Frozen models on several GPUs of one actor are sharded layer-wise (accelerate's device_map)."""
+    return {"device_map": "auto"} if num_gpus > 1 and torch.cuda.is_available() else {}
+
+
+def load_causal_lm(path: str, dtype: str = "float32", num_gpus: float = 0.0):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], **_placement(num_gpus))
 
 
-def load_reward_model(path: str, dtype: str = "float32"):
-    from transformers import AutoModelForSequenceClassification
+def load_reward_model(path: str, dtype: str = "float32", num_gpus: float = 0.0):
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[dtype])
-    if model.config.num_labels != 1:
-        raise ValueError(f"reward model {path} has {model.config.num_labels} output labels; a scalar RM needs 1")
-    return model
+    config = AutoConfig.from_pretrained(path)
+    if config.num_labels != 1 and any("SequenceClassification" in a for a in config.architectures or []):
+        raise ValueError(f"reward model {path} has {config.num_labels} output labels; a scalar reward model needs 1")
+    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[dtype],
+                                                              **_placement(num_gpus))
 
 
-def load_value_model(init: str, policy_path: str, reward_path: str | None, dtype: str) -> ValueModel:
-    """Critic initialised from the RM (backbone + its score head) or from the policy (new zero head)."""
+def load_value_model(init: str, policy_path: str, value_path: str | None, dtype: str) -> ValueModel:
+    """Critic initialised from a reward model (backbone + its score head) or from the policy (new zero head)."""
     if init == "reward":
-        rm = load_reward_model(reward_path, dtype)
+        rm = load_reward_model(value_path, dtype)
         head = getattr(rm, "score", None) or getattr(rm, "classifier", None)
         if not isinstance(head, nn.Linear):
-            raise ValueError(f"cannot find the linear score head of reward model {reward_path} "
+            raise ValueError(f"cannot find the linear score head of reward model {value_path} "
                              f"(looked for .score / .classifier); use models.value_init=policy")
         return ValueModel(rm.base_model, head)
     lm = load_causal_lm(policy_path, dtype)
@@ -96,10 +102,11 @@ def load_value_model(init: str, policy_path: str, reward_path: str | None, dtype
 
 
 def check_same_tokenizer(policy_path: str, other_path: str, role: str) -> None:
-    """The critic reads the policy's token ids, so an RM-initialised critic needs the same vocabulary."""
+    """The critic and the reference read the policy's token ids, so they need the policy's vocabulary
+    (the reward model does not: it re-tokenizes text)."""
     from transformers import AutoTokenizer
 
     a, b = AutoTokenizer.from_pretrained(policy_path), AutoTokenizer.from_pretrained(other_path)
     if a.get_vocab() != b.get_vocab():
         raise ValueError(f"{role} {other_path} uses a different tokenizer than the policy {policy_path}; "
-                         f"set models.value_init=policy (the RM itself may use any tokenizer)")
+                         f"it reads the policy's token ids, so it needs the same vocabulary")

@@ -48,6 +48,7 @@ class ModelPaths:
     policy: str
     reference: str
     reward: str | None
+    value: str | None
 
 
 def connect(cfg: ExperimentConfig) -> None:
@@ -68,10 +69,18 @@ class Roles:
     """All actors of one experiment and the coarse calls the driver makes on them."""
 
     def __init__(self, cfg: ExperimentConfig, paths: ModelPaths):
-        self.cfg, self.timeouts, res = cfg, cfg.timeouts, cfg.resources
+        self.cfg, self.timeouts = cfg, cfg.timeouts
         self.placement = self._reserve()
-        models = cfg.models
-        self.learners = [self._spawn(LearnerActor, "learner", i, cfg.model_dump(), i, paths.policy, paths.reward)
+        self.learners, self.generators, self.rewards, self.references = [], [], [], []
+        try:
+            self._launch(paths)
+        except BaseException:
+            self.shutdown()  # release what did start: a shared cluster must not keep half an experiment
+            raise
+
+    def _launch(self, paths: ModelPaths) -> None:
+        cfg, res, models = self.cfg, self.cfg.resources, self.cfg.models
+        self.learners = [self._spawn(LearnerActor, "learner", i, cfg.model_dump(), i, paths.policy, paths.value)
                          for i in range(res.learner.num_actors)]
         max_model_len = cfg.data.max_prompt_tokens + cfg.generation.max_new_tokens
         self.generators = [
@@ -98,12 +107,12 @@ class Roles:
             log.warning("the roles need %g CPUs and %g GPUs but the cluster has %s now; waiting in case it grows",
                         need_cpu, need_gpu, have)
         pg = placement_group(bundles, strategy=self.cfg.resources.placement_strategy)
-        if not pg.wait(timeout_seconds=min(self.timeouts.startup_s, 120)):
+        if not pg.wait(timeout_seconds=self.timeouts.placement_s):
             remove_placement_group(pg)
             raise RoleError(f"could not reserve the roles' resources ({need_cpu:g} CPUs, {need_gpu:g} GPUs in "
                             f"{len(bundles)} bundles, strategy {self.cfg.resources.placement_strategy}); the "
                             f"cluster has {ray.cluster_resources()}. Lower resources.*.num_cpus/num_gpus/num_actors "
-                            f"or start Ray with more (ray.num_cpus)")
+                            f"or start Ray with more (ray.num_cpus); on an autoscaling cluster raise timeouts.placement_s")
         return pg
 
     def _spawn(self, cls, role: str, index: int, *args):

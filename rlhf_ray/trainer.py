@@ -32,10 +32,13 @@ class PPOTrainer:
         self.cfg = cfg
         models = cfg.models
         resolve = lambda spec: resolve_model(spec, models.cache_dir, cfg.seed)  # noqa: E731
-        self.paths = ModelPaths(policy=resolve(models.policy), reference=resolve(models.reference_path),
-                                reward=resolve(models.reward.model) if models.reward.kind == "model" else None)
-        if models.value_init == "reward":
-            check_same_tokenizer(self.paths.policy, self.paths.reward, "the reward model (models.value_init=reward)")
+        reward = resolve(models.reward.model) if models.reward.kind == "model" else None
+        self.paths = ModelPaths(policy=resolve(models.policy), reference=resolve(models.reference_path), reward=reward,
+                                value=resolve(models.value_model_path) if models.value_init == "reward" else None)
+        if self.paths.value:
+            check_same_tokenizer(self.paths.policy, self.paths.value, "the value model's source (models.value_init=reward)")
+        if self.paths.reference != self.paths.policy:
+            check_same_tokenizer(self.paths.policy, self.paths.reference, "the reference model (models.reference)")
         self.tokenizer = AutoTokenizer.from_pretrained(self.paths.policy)
         self.dataset = load_prompts(cfg.data, self.tokenizer)
         self.sampler = PromptSampler(len(self.dataset), cfg.ppo.rollout_batch_size, cfg.seed, cfg.data.shuffle)
@@ -48,6 +51,7 @@ class PPOTrainer:
     def step(self) -> dict[str, float]:
         """One PPO step; returns its metrics (rewards, KL, losses, and each phase's seconds)."""
         times: dict[str, float] = {}
+        started = time.perf_counter()
         prompts = [self.dataset.prompts[i] for i in self.sampler.next_batch()]
         with phase(times, "generate"):
             batch, generate_s = self.roles.generate(prompts)
@@ -59,6 +63,7 @@ class PPOTrainer:
         with phase(times, "weight_sync"):
             sync = self.roles.sync_weights()
         self.step_count += 1
+        times["step"] = time.perf_counter() - started
         return {"step": self.step_count, **rollout_stats, **learn_stats,
                 **step_timing(times, role_seconds, generate_s, learn_s, sync, batch)}
 
@@ -111,7 +116,7 @@ def step_timing(times: dict, role_seconds: dict, generate_s: float, learn_s: flo
     + learn + publish + load; the overhead is the rest of the step's wall time (serialisation, object
     store transfers, scheduling, driver work).
     """
-    step = sum(times.values())
+    step = times["step"]  # the whole step, driver work (sampling prompts, advantages) included
     compute = generate_s + max(role_seconds.values()) + learn_s + sync["publish"] + sync["load"]
     tokens = float(batch.response_mask.sum())
     return {

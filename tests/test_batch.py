@@ -57,6 +57,24 @@ def test_with_advantages_places_score_at_last_token_and_penalises_kl():
     assert stats["response/eos_fraction"] == 0.5 and stats["response/length_mean"] == 2.0
 
 
+def test_values_do_not_depend_on_padding_and_read_the_state_before_each_token(tiny_cache):
+    from rlhf_ray.modeling import load_value_model
+    from rlhf_ray.tiny import resolve_model
+
+    critic = load_value_model("reward", resolve_model("tiny:policy", tiny_cache),
+                              resolve_model("tiny:reward", tiny_cache), "float32").eval()
+    long, short = make_batch([[7, 8, 9, 10, 11]], [[12, 13, 14, 15]]), make_batch([[20]], [[21, 22]])
+    with torch.no_grad():
+        together = critic(RolloutBatch.concat([long, short]))
+        alone = [critic(b)[0] for b in (long, short)]
+        # V(s_t) for response token t is the head on the hidden state of the token before it
+        hidden = critic.backbone(input_ids=torch.tensor([[20, 21, 22]])).last_hidden_state[0, :2]
+        manual = critic.head(hidden).squeeze(-1)
+    torch.testing.assert_close(together[0], alone[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(together[1, :2], alone[1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(alone[1], manual, atol=1e-5, rtol=0)
+
+
 def test_response_logprobs_do_not_depend_on_padding(tiny_cache):
     """A row scored inside a padded batch gets the same logprobs as scored alone (positions, masks)."""
     from rlhf_ray.modeling import batched_response_logprobs, load_causal_lm

@@ -24,6 +24,7 @@ def test_tulu_recipe_matches_the_paper_settings():
     assert (cfg.optimizer.warmup_ratio, cfg.ppo.gamma, cfg.ppo.lam) == (0.1, 1.0, 0.95)
     assert (cfg.ppo.vf_coef, cfg.ppo.clip_range, cfg.ppo.epochs) == (0.1, 0.2, 1)
     assert cfg.models.value_init == "reward" and "70b" in cfg.models.reward.model
+    assert "13b" in cfg.models.value_model_path and cfg.models.reference_path == cfg.models.policy
     assert cfg.optimizer.betas == (0.9, 0.999) and cfg.optimizer.eps == 1e-8
     assert cfg.resources.learner.num_gpus > 0 and cfg.deepspeed.precision == "bf16"
 
@@ -47,6 +48,10 @@ def test_overrides_are_typed_and_nested():
     (["models.reward.kind=function", "models.reward.function=m:f"], "models.value_init", "needs a reward model"),
     (["resources.reward.num_actors=3"], "resources.reward.num_actors", "does not divide the rollout"),
     (["generation.temperature=0"], "generation.temperature", "must be > 0"),
+    (["generation.weight_loading=iterator", "resources.generation.num_gpus=1"], "generation.weight_loading",
+     "in-process CPU engine"),
+    (["resources.learner.num_gpus=0.5"], "resources.learner.num_gpus", "0 or 1 whole GPU"),
+    (["ppo.total_episodes=40"], "ppo.total_episodes", "silently dropped"),
     (["deepspeed.offload_params=true"], "deepspeed.offload_params", "zero_stage=3"),
     (["ppo.total_episodes=4"], "ppo.total_episodes", "no step would run"),
     (["nonsense"], "nonsense", "key=value"),
