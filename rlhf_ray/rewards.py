@@ -6,7 +6,3 @@ def char_frequency(prompt: str, response: str, char: str = "e") -> float:
     """Fraction of the response's characters equal to ``char`` (0 for an empty response)."""
     return response.count(char) / len(response) if response else 0.0
 
-
-def response_length(prompt: str, response: str) -> float:
-    """Length of the response in characters / 100."""
-    return len(response) / 100.0

@@ -12,7 +12,6 @@ import logging
 import time
 from contextlib import contextmanager
 
-import torch
 
 from rlhf_ray.batch import RolloutBatch
 from rlhf_ray.config import ExperimentConfig, PPOConfig

