@@ -1,8 +1,9 @@
 """Tiny offline models: a Llama policy, a Llama reward model and a BPE tokenizer trained on the fly.
 
 Nothing is downloaded. Everything is built deterministically from a seed and saved with
-``save_pretrained`` (safetensors) into a cache dir, then reused. Config specs ``tiny:policy`` and
-``tiny:reward`` resolve here; any other model spec (hub name or path) passes through untouched.
+``save_pretrained`` (safetensors) into a cache dir, then reused. Config specs ``tiny:policy``,
+``tiny:policy-tied`` (input and output embeddings tied, like SmolLM2 / Llama-3.2 1B) and ``tiny:reward``
+resolve here through ``rlhf_ray.model_specs``.
 
     python -m rlhf_ray.tiny [--cache-dir DIR] [--seed 0]     # builds both and prints their paths
 """
@@ -15,8 +16,8 @@ import tempfile
 from pathlib import Path
 
 TINY_PREFIX = "tiny:"
-TINY_KINDS = ("policy", "reward")
-BUILD_VERSION = "v1"  # bump when the architecture or the corpus changes: old caches are then ignored
+TINY_KINDS = ("policy", "reward", "policy-tied")  # order seeds each model: append only
+BUILD_VERSION = "v2"  # bump when the architecture or the corpus changes: old caches are then ignored
 
 EOS, PAD, BOS = "</s>", "<pad>", "<s>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, "<|system|>", "<|user|>", "<|assistant|>"]
@@ -53,23 +54,11 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("RLHF_RAY_CACHE", Path.home() / ".cache" / "rlhf_ray"))
 
 
-def is_tiny(spec: str) -> bool:
-    return spec.startswith(TINY_PREFIX)
-
-
-def resolve_model(spec: str, cache_dir: str | Path | None = None, seed: int = 0) -> str:
-    """Model spec from the config -> something ``from_pretrained`` accepts.
-
-    ``tiny:policy`` / ``tiny:reward`` are built (once) into the cache dir; hub names and paths are
-    returned unchanged so that real users' models load exactly as they wrote them.
-    """
-    if not is_tiny(spec):
-        return spec
-    kind = spec[len(TINY_PREFIX):]
+def resolve_tiny(kind: str, cache_dir: str | Path | None = None, seed: int = 0) -> str:
+    """``tiny:<kind>`` -> the local directory of that model, built (once) into the cache dir."""
     if kind not in TINY_KINDS:
-        raise ValueError(f"unknown tiny model '{spec}': use one of {[TINY_PREFIX + k for k in TINY_KINDS]}")
-    root = build_tiny_models(cache_dir, seed)
-    return str(root / kind)
+        raise ValueError(f"unknown tiny model '{TINY_PREFIX}{kind}': use one of {[TINY_PREFIX + k for k in TINY_KINDS]}")
+    return str(build_tiny_models(cache_dir, seed) / kind)
 
 
 def build_tiny_models(cache_dir: str | Path | None = None, seed: int = 0) -> Path:
@@ -114,19 +103,22 @@ def build_tokenizer(vocab_size: int = 1024):
 
 
 def build_model(kind: str, tokenizer, seed: int):
-    """A ~0.6M-parameter Llama (head_dim 32: vLLM's CPU attention needs ≥ 32) as policy or RM."""
+    """A ~0.6M-parameter Llama (head_dim 32: vLLM's CPU attention needs ≥ 32) as policy or RM.
+
+    ``policy-tied`` shares one matrix between the input embedding and the output head: the layout whose
+    weight sync needs care (vLLM on CPU repacks the head separately from the embedding)."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=4, head_dim=32, max_position_embeddings=2048,
-        rope_theta=10000.0, tie_word_embeddings=False, torch_dtype="float32",
+        rope_theta=10000.0, tie_word_embeddings=kind == "policy-tied", torch_dtype="float32",
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, num_labels=1,
     )
     torch.manual_seed(seed + TINY_KINDS.index(kind))
-    cls = LlamaForCausalLM if kind == "policy" else LlamaForSequenceClassification
+    cls = LlamaForSequenceClassification if kind == "reward" else LlamaForCausalLM
     model = cls(config).eval()
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id,
                                                eos_token_id=tokenizer.eos_token_id,
@@ -140,7 +132,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     for kind in TINY_KINDS:
-        print(f"{TINY_PREFIX}{kind}: {resolve_model(TINY_PREFIX + kind, args.cache_dir, args.seed)}")
+        print(f"{TINY_PREFIX}{kind}: {resolve_tiny(kind, args.cache_dir, args.seed)}")
 
 
 if __name__ == "__main__":

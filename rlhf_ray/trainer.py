@@ -19,7 +19,7 @@ from rlhf_ray.data import PromptSampler, load_prompts
 from rlhf_ray.modeling import check_same_tokenizer
 from rlhf_ray.ppo_math import gae, kl_penalty, masked_mean, masked_whiten, shape_rewards
 from rlhf_ray.roles import ModelPaths, Roles, connect
-from rlhf_ray.tiny import resolve_model
+from rlhf_ray.model_specs import resolve_model
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ def tiny_cache(tmp_path_factory) -> Path:
 def tiny_tokenizer(tiny_cache):
     from transformers import AutoTokenizer
 
-    from rlhf_ray.tiny import resolve_model
+    from rlhf_ray.model_specs import resolve_model
 
     return AutoTokenizer.from_pretrained(resolve_model("tiny:policy", tiny_cache))
 

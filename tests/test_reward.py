@@ -35,7 +35,7 @@ def test_function_reward_with_kwargs_and_clear_errors():
 def test_model_reward_uses_its_own_tokenizer_and_template(tiny_cache):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from rlhf_ray.tiny import resolve_model
+    from rlhf_ray.model_specs import resolve_model
 
     path = resolve_model("tiny:reward", tiny_cache)
     actor = RewardActor({"kind": "model", "model": path, "batch_size": 2}, path)

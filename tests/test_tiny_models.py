@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhf_ray.tiny import build_tiny_models, resolve_model
+from rlhf_ray.model_specs import resolve_model
+from rlhf_ray.tiny import build_tiny_models
 from tests.conftest import ROOT
 
 
@@ -22,8 +23,8 @@ def test_specs_resolve_and_hub_names_pass_through(tiny_cache):
 
 def test_build_is_deterministic_and_cached(tiny_cache, tmp_path):
     other = build_tiny_models(tmp_path, seed=0)
-    for kind in ("policy", "reward"):
-        a = load_file(tiny_cache / f"tiny-v1-seed0/{kind}/model.safetensors")
+    for kind in ("policy", "reward", "policy-tied"):
+        a = load_file(build_tiny_models(tiny_cache, seed=0) / kind / "model.safetensors")
         b = load_file(other / kind / "model.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     stamp = (other / "COMPLETE").stat().st_mtime_ns
