@@ -67,25 +67,24 @@ class GenerationActor:
                                          rows["messages"], rows["ptexts"], rows["rtexts"], self.pad_token_id)
 
     @timed
-    def load_weights(self, buckets: list, timeout_s: float) -> int:
-        """Load published weights bucket by bucket (list of ObjectRefs of [(name, tensor)]); returns #tensors."""
+    def load_weights(self, buckets: list, timeout_s: float) -> dict:
+        """Load published weights (a list of ObjectRefs of [(name, tensor)] buckets) into the engine.
+
+        Every weight the engine expects must arrive, and layers sharing a tensor (tied embeddings) are
+        re-processed: ``rlhf_ray.weights.load_into_engine``. Returns its report from the first worker.
+        """
         import ray
 
-        loaded = 0
-        if self.weight_loading == "iterator":
-            def weights():
-                nonlocal loaded
-                for ref in buckets:
-                    for name, tensor in ray.get(ref, timeout=timeout_s):
-                        loaded += 1
-                        yield name, tensor
+        from rlhf_ray.weights import load_into_engine
 
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights()})
+        if self.weight_loading == "iterator":
+            weights = ((name, tensor) for ref in buckets for name, tensor in ray.get(ref, timeout=timeout_s))
+            reports = self.llm.collective_rpc(load_into_engine, kwargs={"weights": weights})
         else:
-            loaded = self._write_weight_files(buckets, timeout_s)
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": self._weights_dir})
+            self._write_weight_files(buckets, timeout_s)
+            reports = self.llm.collective_rpc(load_into_engine, kwargs={"directory": self._weights_dir})
         self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
-        return loaded
+        return reports[0]
 
     def _write_weight_files(self, buckets: list, timeout_s: float) -> int:
         """One safetensors file per published bucket in a per-actor dir (RAM-backed /dev/shm when present)."""

@@ -72,6 +72,7 @@ class Roles:
         self.cfg, self.timeouts = cfg, cfg.timeouts
         self.placement = self._reserve()
         self.learners, self.generators, self.rewards, self.references = [], [], [], []
+        self._sync_reported = False
         try:
             self._launch(paths)
         except BaseException:
@@ -178,8 +179,12 @@ class Roles:
         buckets = published[0][0]
         loads = wait([g.load_weights.remote(buckets, self.timeouts.weight_sync_s) for g in self.generators],
                      "generation", "loading new weights", self.timeouts.weight_sync_s, "timeouts.weight_sync_s")
-        return {"publish": max(s for _, s in published), "load": max(s for _, s in loads),
-                "tensors": loads[0][0]}
+        report = loads[0][0]
+        if not self._sync_reported:  # the same every step: say it once
+            log.info("weight sync: %d tensors published, %d engine parameters loaded, re-processed shared layers: %s",
+                     report["received"], report["loaded"], ", ".join(report["reprocessed"]) or "none")
+            self._sync_reported = True
+        return {"publish": max(s for _, s in published), "load": max(s for _, s in loads), "report": report}
 
     def learner_logprobs(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
         results = wait([a.sequence_logprobs.remote(prompt_ids, response_ids) for a in self.learners], "learner",
