@@ -1,6 +1,9 @@
 """Shared fixtures: tiny models built once per run into a temporary cache."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,3 +54,21 @@ def tiny_config(tmp_path, tiny_cache, *overrides):
     return load_config(ROOT / "configs" / "tiny_cpu.yaml",
                        [f"models.cache_dir={tiny_cache}", f"output_dir={tmp_path}", "logging.progress_bar=false",
                         *overrides])
+
+
+def vllm_greedy(model_dir: str, prompt_ids: list[int], max_tokens: int) -> list[int]:
+    """Greedy token ids from a vLLM engine, in a subprocess (its CPU engine binds threads)."""
+    script = f"""
+import json, os
+os.environ.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+llm = LLM(model={model_dir!r}, enforce_eager=True, dtype="float32", max_model_len=512)
+out = llm.generate([TokensPrompt(prompt_token_ids={prompt_ids!r})],
+                   SamplingParams(max_tokens={max_tokens}, temperature=0, ignore_eos=True), use_tqdm=False)
+print("RESULT" + json.dumps(list(out[0].outputs[0].token_ids)))
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT")]
+    assert run.returncode == 0 and lines, run.stderr[-3000:]
+    return json.loads(lines[0][len("RESULT"):])

@@ -1,17 +1,13 @@
 """The tiny offline models load unchanged in transformers and in vLLM, and are deterministic."""
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from rlhf_ray.model_specs import resolve_model
 from rlhf_ray.tiny import build_tiny_models
-from tests.conftest import ROOT
+from tests.conftest import vllm_greedy
 
 
 def test_specs_resolve_and_hub_names_pass_through(tiny_cache):
@@ -59,17 +55,4 @@ def test_loads_in_vllm_and_matches_hf_greedy(tiny_cache):
     hf = AutoModelForCausalLM.from_pretrained(policy_dir)
     hf_out = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
                          eos_token_id=None, min_new_tokens=12)[0, len(prompt):].tolist()
-    script = f"""
-import json, os
-os.environ.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
-from vllm import LLM, SamplingParams
-from vllm.inputs import TokensPrompt
-llm = LLM(model={policy_dir!r}, enforce_eager=True, dtype="float32", max_model_len=256)
-out = llm.generate([TokensPrompt(prompt_token_ids={prompt!r})],
-                   SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), use_tqdm=False)
-print("RESULT" + json.dumps(list(out[0].outputs[0].token_ids)))
-"""
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    lines = [l for l in run.stdout.splitlines() if l.startswith("RESULT")]
-    assert run.returncode == 0 and lines, run.stderr[-3000:]
-    assert json.loads(lines[0][len("RESULT"):]) == hf_out
+    assert vllm_greedy(policy_dir, prompt, 12) == hf_out
