@@ -3,7 +3,59 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import time
+
+
+class Role:
+    """What every role actor does besides its job: keep its chatter in a log file and report memory.
+
+    ``log_file``: when set, this process's stdout and stderr (Python and native: vLLM, DeepSpeed, oneDNN)
+    go to that file instead of the driver's console (``logging.console: quiet``).
+    """
+
+    def __init__(self, log_file: str | None = None):
+        if log_file:
+            redirect_output(log_file)
+
+    def memory(self) -> dict[str, float]:
+        """Resident memory of this actor's process now and at its peak since the last call (GB)."""
+        return process_memory(reset_peak=True)
+
+
+def redirect_output(log_file: str) -> None:
+    os.makedirs(os.path.dirname(log_file) or ".", exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    for stream in (sys.stdout, sys.stderr):
+        stream.reconfigure(line_buffering=True)  # readable while the run goes on
+
+
+def process_memory(reset_peak: bool = False) -> dict[str, float]:
+    """``{"rss_gb", "peak_gb"}`` of this process from /proc (peak: VmHWM, reset by clear_refs '5').
+
+    Where /proc is not available the peak is the lifetime maximum from getrusage.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f if line.startswith(("VmRSS", "VmHWM")))
+        rss, peak = (int(fields[k].split()[0]) / 2**20 for k in ("VmRSS", "VmHWM"))  # kB -> GB
+    except (OSError, KeyError, ValueError):
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        return {"rss_gb": peak, "peak_gb": peak}
+    if reset_peak:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+    return {"rss_gb": rss, "peak_gb": peak}
 
 
 def timed(method):

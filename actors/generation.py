@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from actors.common import timed
+from actors.common import Role, timed
 from rlhf_ray.batch import RolloutBatch
 from rlhf_ray.config import GenerationConfig
 from rlhf_ray.data import Prompt
@@ -13,9 +13,11 @@ from rlhf_ray.data import Prompt
 CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
 
-class GenerationActor:
+class GenerationActor(Role):
     def __init__(self, model_path: str, generation: dict, max_model_len: int, seed: int,
-                 tensor_parallel_size: int = 1, dtype: str = "float32", num_gpus: float = 0.0):
+                 tensor_parallel_size: int = 1, dtype: str = "float32", num_gpus: float = 0.0,
+                 log_file: str | None = None):
+        super().__init__(log_file)
         import torch
         if num_gpus == 0 or not torch.cuda.is_available():
             for key, value in CPU_ENV.items():

@@ -13,7 +13,7 @@ from datetime import timedelta
 
 import torch
 
-from actors.common import device_for, set_threads, timed
+from actors.common import Role, device_for, set_threads, timed
 from rlhf_ray.batch import RolloutBatch
 from rlhf_ray.config import ExperimentConfig
 from rlhf_ray.modeling import DTYPES, PolicyAndValue, load_causal_lm, load_value_model, token_logprobs
@@ -42,8 +42,10 @@ def deepspeed_config(cfg: ExperimentConfig) -> dict:
     }
 
 
-class LearnerActor:
-    def __init__(self, cfg: dict, rank: int, policy_path: str, value_path: str | None):
+class LearnerActor(Role):
+    def __init__(self, cfg: dict, rank: int, policy_path: str, value_path: str | None,
+                 log_file: str | None = None):
+        super().__init__(log_file)
         self.cfg = ExperimentConfig.model_validate(cfg)
         self.rank, self.world_size = rank, self.cfg.resources.learner.num_actors
         self.policy_path, self.value_path = policy_path, value_path

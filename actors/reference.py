@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import torch
 
-from actors.common import device_for, timed
+from actors.common import Role, device_for, timed
 from rlhf_ray.batch import RolloutBatch
 from rlhf_ray.modeling import batched_response_logprobs, load_causal_lm
 
 
-class ReferenceActor:
+class ReferenceActor(Role):
     def __init__(self, model_path: str, dtype: str, micro_batch_size: int, temperature: float,
-                 num_gpus: float = 0.0):
+                 num_gpus: float = 0.0, log_file: str | None = None):
+        super().__init__(log_file)
         self.device = device_for(num_gpus)
         self.model = load_causal_lm(model_path, dtype, num_gpus).eval()
         if num_gpus <= 1:

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from actors.common import device_for, timed
+from actors.common import Role, device_for, timed
 from rlhf_ray.batch import RolloutBatch
 from rlhf_ray.config import RewardConfig
 from rlhf_ray.data import render_messages
@@ -25,8 +25,10 @@ def load_function(spec: str):
     return fn
 
 
-class RewardActor:
-    def __init__(self, reward: dict, model_path: str | None, dtype: str = "float32", num_gpus: float = 0.0):
+class RewardActor(Role):
+    def __init__(self, reward: dict, model_path: str | None, dtype: str = "float32", num_gpus: float = 0.0,
+                 log_file: str | None = None):
+        super().__init__(log_file)
         self.cfg = RewardConfig(**reward)
         if self.cfg.kind == "function":
             self.function = functools.partial(load_function(self.cfg.function), **self.cfg.function_kwargs)

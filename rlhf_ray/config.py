@@ -161,8 +161,16 @@ class TimeoutsConfig(_Strict):
 
 
 class LoggingConfig(_Strict):
+    console: Literal["quiet", "verbose"] = Field(
+        "quiet", description="'quiet': the console shows startup milestones, the progress bar, the closing summary and "
+                             "errors (in full, actors' tracebacks included), while the engines', Ray's and DeepSpeed's "
+                             "output goes to <output_dir>/logs/ (one file per actor, driver.log for the driver); "
+                             "'verbose': all of it on the console as well.")
     tensorboard: bool = Field(True, description="Write TensorBoard events to <output_dir>/tensorboard.")
     progress_bar: bool = Field(True, description="Show a tqdm progress bar of PPO steps.")
+    samples_per_step: int = Field(
+        4, ge=0, description="(prompt, response, score) rows per step written to <output_dir>/samples.jsonl.")
+    report: bool = Field(True, description="Draw <output_dir>/report.png at the end of the run (rlhf_ray.report).")
     save_final_model: bool = Field(True, description="Save the final policy (HF safetensors) to <output_dir>/final_model.")
 
 

@@ -1,4 +1,4 @@
-"""Per-step metrics to <output_dir>/metrics.jsonl and TensorBoard."""
+"""Per-step metrics to <output_dir>/metrics.jsonl and TensorBoard; sampled rows to samples.jsonl."""
 from __future__ import annotations
 
 import json
@@ -11,6 +11,7 @@ class MetricsLogger:
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = open(self.dir / "metrics.jsonl", "a", buffering=1)  # line-buffered: readable while running
+        self.samples = open(self.dir / "samples.jsonl", "a", buffering=1)
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -26,8 +27,13 @@ class MetricsLogger:
                 if key != "step" and isinstance(value, (int, float)):
                     self.tb.add_scalar(key, value, step)
 
+    def log_samples(self, samples: list[dict]) -> None:
+        for sample in samples:
+            self.samples.write(json.dumps(sample, ensure_ascii=False) + "\n")
+
     def close(self) -> None:
         self.jsonl.close()
+        self.samples.close()
         if self.tb:
             self.tb.close()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import ray
 import torch
@@ -31,16 +32,21 @@ class RoleError(RuntimeError):
     """A role failed, died or timed out; the message names the role and what it was doing."""
 
 
-def wait(refs, role: str, doing: str, timeout_s: float, timeout_key: str):
+def wait(refs, role: str, doing: str, timeout_s: float, timeout_key: str, logs: str = ""):
+    """``ray.get`` with a timeout; failures become a RoleError naming the role, what it was doing and,
+    for errors raised in an actor, the actor's full traceback. ``logs``: where the role's output goes."""
+    see = f" (its output: {logs})" if logs else ""
     try:
         return ray.get(refs, timeout=timeout_s)
     except GetTimeoutError:
         raise RoleError(f"{role} did not finish {doing} within {timeout_s:.0f} s; it may be stuck or too slow "
-                        f"for its resources (raise {timeout_key} if it is just slow)") from None
+                        f"for its resources (raise {timeout_key} if it is just slow){see}") from None
     except RayActorError as err:
-        raise RoleError(f"{role} actor died while {doing}: {err}") from None
+        raise RoleError(f"{role} actor died while {doing}{see}: {err}") from None
     except RayTaskError as err:
-        raise RoleError(f"{role} failed while {doing}: {err.cause!r}") from err.cause
+        cause = err.cause
+        raise RoleError(f"{role} failed while {doing}: {type(cause).__name__}: {cause}\n"
+                        f"--- traceback in the {role} actor{see} ---\n{err.traceback_str.rstrip()}") from None
 
 
 @dataclass
@@ -55,14 +61,17 @@ def connect(cfg: ExperimentConfig) -> None:
     """Join the configured or running Ray cluster (ray job submit sets RAY_ADDRESS), else start one."""
     if ray.is_initialized():
         return
+    # quiet: the actors write their output to <output_dir>/logs/ and Ray's own records go through the
+    # driver's logging (rlhf_ray.console), not straight to the terminal
+    quiet = {"log_to_driver": False, "configure_logging": False} if cfg.logging.console == "quiet" else {}
     if cfg.ray.address:
-        ray.init(address=cfg.ray.address)
+        ray.init(address=cfg.ray.address, **quiet)
         return
     try:
-        ray.init(address="auto")
+        ray.init(address="auto", **quiet)
         log.info("joined the running Ray cluster")
     except ConnectionError:
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False)
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, **quiet)
 
 
 class Roles:
@@ -120,21 +129,30 @@ class Roles:
         bundle = [i for i, (r, _) in enumerate(self._bundles()) if r == role][index]
         res: RoleResources = getattr(self.cfg.resources, role)
         strategy = PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=bundle)
-        return ray.remote(cls).options(num_cpus=res.num_cpus, num_gpus=res.num_gpus,
-                                       scheduling_strategy=strategy).remote(*args)
+        return ray.remote(cls).options(num_cpus=res.num_cpus, num_gpus=res.num_gpus, scheduling_strategy=strategy
+                                       ).remote(*args, log_file=self._log_file(role, index))
+
+    def _log_file(self, role: str, index: int) -> str | None:
+        """Where an actor's output goes: <output_dir>/logs/<role>-<index>.log (None: the console)."""
+        if self.cfg.logging.console != "quiet":
+            return None
+        return str(Path(self.cfg.output_dir).resolve() / "logs" / f"{role}-{index}.log")
+
+    def _wait(self, refs, role: str, doing: str, timeout: str):
+        """``wait`` with the timeout ``timeouts.<timeout>`` and the role's log files in its messages."""
+        logs = self._log_file(role, 0)
+        logs = logs.replace("-0.log", "-*.log") if logs else ""
+        return wait(refs, role, doing, getattr(self.timeouts, timeout), f"timeouts.{timeout}", logs)
 
     def _start(self) -> None:
         start = time.perf_counter()
-        addr, port = wait(self.learners[0].master_address.remote(), "learner", "starting", self.timeouts.startup_s,
-                          "timeouts.startup_s")
+        addr, port = self._wait(self.learners[0].master_address.remote(), "learner", "starting", "startup_s")
         setups = [learner.setup.remote(addr, port) for learner in self.learners]
         for role, actors in (("generation", self.generators), ("reward", self.rewards),
                              ("reference", self.references)):
-            wait([a.__ray_ready__.remote() for a in actors], role, "loading its model", self.timeouts.startup_s,
-                 "timeouts.startup_s")
+            self._wait([a.__ray_ready__.remote() for a in actors], role, "loading its model", "startup_s")
             log.info("%s ready after %.1f s", role, time.perf_counter() - start)
-        setup_s = wait(setups, "learner", "building the DeepSpeed engine", self.timeouts.startup_s,
-                       "timeouts.startup_s")
+        setup_s = self._wait(setups, "learner", "building the DeepSpeed engine", "startup_s")
         log.info("learner ready after %.1f s (DeepSpeed setup %.1f s)", time.perf_counter() - start,
                  max(s for _, s in setup_s))
 
@@ -144,7 +162,7 @@ class Roles:
         n = len(self.generators)
         size = len(prompts) // n
         refs = [g.generate.remote(prompts[i * size:(i + 1) * size]) for i, g in enumerate(self.generators)]
-        results = wait(refs, "generation", "sampling a rollout", self.timeouts.generate_s, "timeouts.generate_s")
+        results = self._wait(refs, "generation", "sampling a rollout", "generate_s")
         return RolloutBatch.concat([b for b, _ in results]), max(s for _, s in results)
 
     def score(self, batch: RolloutBatch) -> tuple[dict, dict]:
@@ -153,10 +171,9 @@ class Roles:
         ref_refs = [a.logprobs.remote(part) for a, part in zip(self.references, batch.chunks(len(self.references)))]
         value_refs = [a.values_and_logprobs.remote(part)
                       for a, part in zip(self.learners, batch.chunks(len(self.learners)))]
-        rewards = wait(reward_refs, "reward", "scoring a rollout", self.timeouts.score_s, "timeouts.score_s")
-        refs = wait(ref_refs, "reference", "computing logprobs", self.timeouts.score_s, "timeouts.score_s")
-        values = wait(value_refs, "learner", "computing values and old logprobs", self.timeouts.learn_s,
-                      "timeouts.learn_s")
+        rewards = self._wait(reward_refs, "reward", "scoring a rollout", "score_s")
+        refs = self._wait(ref_refs, "reference", "computing logprobs", "score_s")
+        values = self._wait(value_refs, "learner", "computing values and old logprobs", "learn_s")
         out = {"scores": torch.cat([s for s, _ in rewards]), "ref_logprobs": torch.cat([r for r, _ in refs]),
                "old_logprobs": torch.cat([lv[0] for lv, _ in values]), "values": torch.cat([lv[1] for lv, _ in values])}
         seconds = {"reward": max(s for _, s in rewards), "reference": max(s for _, s in refs),
@@ -164,8 +181,8 @@ class Roles:
         return out, seconds
 
     def learn(self, batch: RolloutBatch) -> tuple[dict, float]:
-        parts = wait([a.train.remote(part) for a, part in zip(self.learners, batch.chunks(len(self.learners)))],
-                     "learner", "running the PPO update", self.timeouts.learn_s, "timeouts.learn_s")
+        parts = self._wait([a.train.remote(part) for a, part in zip(self.learners, batch.chunks(len(self.learners)))],
+                           "learner", "running the PPO update", "learn_s")
         stats = dict(parts[0][0])
         for key in stats:
             if key.startswith(SUMMED_LEARNER_STATS):
@@ -174,11 +191,11 @@ class Roles:
 
     def sync_weights(self) -> dict:
         """Learner publishes once (object store); every generation actor loads the same objects."""
-        published = wait([a.publish_weights.remote() for a in self.learners], "learner", "publishing weights",
-                         self.timeouts.weight_sync_s, "timeouts.weight_sync_s")
+        published = self._wait([a.publish_weights.remote() for a in self.learners], "learner", "publishing weights",
+                               "weight_sync_s")
         buckets = published[0][0]
-        loads = wait([g.load_weights.remote(buckets, self.timeouts.weight_sync_s) for g in self.generators],
-                     "generation", "loading new weights", self.timeouts.weight_sync_s, "timeouts.weight_sync_s")
+        loads = self._wait([g.load_weights.remote(buckets, self.timeouts.weight_sync_s) for g in self.generators],
+                           "generation", "loading new weights", "weight_sync_s")
         report = loads[0][0]
         if not self._sync_reported:  # the same every step: say it once
             log.info("weight sync: %d tensors published, %d engine parameters loaded, re-processed shared layers: %s",
@@ -187,17 +204,27 @@ class Roles:
         return {"publish": max(s for _, s in published), "load": max(s for _, s in loads), "report": report}
 
     def learner_logprobs(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
-        results = wait([a.sequence_logprobs.remote(prompt_ids, response_ids) for a in self.learners], "learner",
-                       "computing logprobs of a response", self.timeouts.learn_s, "timeouts.learn_s")
+        results = self._wait([a.sequence_logprobs.remote(prompt_ids, response_ids) for a in self.learners], "learner",
+                             "computing logprobs of a response", "learn_s")
         return results[0][0]
 
     def generator_logprobs(self, prompt_ids: list[int], response_ids: list[int]) -> list[list[float]]:
-        return wait([g.sequence_logprobs.remote(prompt_ids, response_ids) for g in self.generators], "generation",
-                    "computing logprobs of a response", self.timeouts.generate_s, "timeouts.generate_s")
+        return self._wait([g.sequence_logprobs.remote(prompt_ids, response_ids) for g in self.generators],
+                          "generation", "computing logprobs of a response", "generate_s")
+
+    def memory(self) -> dict[str, float]:
+        """Each role's peak resident memory since the last call (max over its actors), in GB."""
+        actors = {"learner": self.learners, "generation": self.generators, "reward": self.rewards,
+                  "reference": self.references}
+        refs = {role: [a.memory.remote() for a in group] for role, group in actors.items()}
+        out = {}
+        for role, role_refs in refs.items():
+            readings = self._wait(role_refs, role, "reading its memory", "score_s")
+            out[f"memory/{role}_peak_gb"] = max(r["peak_gb"] for r in readings)
+        return out
 
     def save(self, path: str) -> str:
-        results = wait([a.save.remote(path) for a in self.learners], "learner", "saving the policy",
-                       self.timeouts.learn_s, "timeouts.learn_s")
+        results = self._wait([a.save.remote(path) for a in self.learners], "learner", "saving the policy", "learn_s")
         return results[0]
 
     def shutdown(self) -> None:

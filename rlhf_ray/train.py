@@ -1,7 +1,8 @@
 """Entry point: python -m rlhf_ray.train --config configs/tiny_cpu.yaml [key=value ...]
 
 Joins a running Ray cluster when there is one (``ray job submit`` sets RAY_ADDRESS), otherwise starts a
-local one. Writes <output_dir>/config.yaml, metrics.jsonl, tensorboard/ and final_model/.
+local one. Writes <output_dir>/config.yaml, metrics.jsonl, samples.jsonl, tensorboard/, logs/,
+report.png and final_model/, and ends with a one-line summary of the run.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import sys
 from pathlib import Path
 
 from rlhf_ray.config import DEFAULT_CONFIG, ConfigError, dump_config, load_config
+
+log = logging.getLogger("rlhf_ray.train")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,35 +26,45 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
+    from rlhf_ray.console import setup_console
     from rlhf_ray.metrics import MetricsLogger
+    from rlhf_ray.report import draw, load_metrics, summary
     from rlhf_ray.roles import RoleError
     from rlhf_ray.trainer import PPOTrainer
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    driver_log = setup_console(cfg.logging.console, out)
     (out / "config.yaml").write_text(dump_config(cfg))
+    log.info("rlhf-ray PPO: %s → %s%s", args.config, out,
+             f" (engine, Ray and DeepSpeed output: {driver_log.parent}/)" if driver_log else "")
     trainer = None
     try:
         trainer = PPOTrainer(cfg)
-        print(f"roles ready in {trainer.startup_seconds:.1f} s; {cfg.num_steps} PPO steps", flush=True)
-        with MetricsLogger(out, cfg.logging.tensorboard) as metrics_log:
-            bar = tqdm(range(cfg.num_steps), desc="ppo", disable=not cfg.logging.progress_bar)
+        log.info("roles ready in %.1f s; %d PPO steps", trainer.startup_seconds, cfg.num_steps)
+        with MetricsLogger(out, cfg.logging.tensorboard) as metrics_log, logging_redirect_tqdm():
+            bar = tqdm(range(cfg.num_steps), desc="ppo", disable=not cfg.logging.progress_bar, dynamic_ncols=True)
             for _ in bar:
                 metrics = trainer.step()
                 metrics_log.log(metrics)
+                metrics_log.log_samples(trainer.last_samples)
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl/mean']:.3f}",
                                 step_s=f"{metrics['time/step']:.1f}")
         if cfg.logging.save_final_model:
-            print(f"final policy saved to {trainer.save(str((out / 'final_model').resolve()))}", flush=True)
+            log.info("final policy saved to %s", trainer.save(str((out / "final_model").resolve())))
     except (RoleError, ValueError, OSError) as err:  # OSError: e.g. a model path or hub name not found
-        print(f"error: {err}", file=sys.stderr)
+        log.error("error: %s", err)
         return 1
     finally:
         if trainer is not None:
             trainer.shutdown()
+    rows = load_metrics(out)
+    if cfg.logging.report:
+        log.info("report: %s", draw({out.resolve().name: rows}, out / "report.png"))
+    log.info("%s", summary(rows))
     return 0
 
 

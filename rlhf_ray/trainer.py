@@ -13,6 +13,7 @@ import time
 from contextlib import contextmanager
 
 
+from actors.common import process_memory
 from rlhf_ray.batch import RolloutBatch
 from rlhf_ray.config import ExperimentConfig, PPOConfig
 from rlhf_ray.data import PromptSampler, load_prompts
@@ -46,6 +47,7 @@ class PPOTrainer:
         self.roles = Roles(cfg, self.paths)
         self.startup_seconds = time.perf_counter() - start
         self.step_count = 0
+        self.last_samples: list[dict] = []
 
     def step(self) -> dict[str, float]:
         """One PPO step; returns its metrics (rewards, KL, losses, and each phase's seconds)."""
@@ -62,8 +64,10 @@ class PPOTrainer:
         with phase(times, "weight_sync"):
             sync = self.roles.sync_weights()
         self.step_count += 1
+        self.last_samples = pick_samples(batch, self.cfg.logging.samples_per_step, self.step_count)
+        memory = {**self.roles.memory(), "memory/driver_peak_gb": process_memory(reset_peak=True)["peak_gb"]}
         times["step"] = time.perf_counter() - started
-        return {"step": self.step_count, **rollout_stats, **learn_stats,
+        return {"step": self.step_count, **rollout_stats, **learn_stats, **memory,
                 **step_timing(times, role_seconds, generate_s, learn_s, sync, batch)}
 
     def save(self, path: str) -> str:
@@ -105,6 +109,17 @@ def with_advantages(batch: RolloutBatch, ppo: PPOConfig) -> tuple[RolloutBatch, 
         "response/tokens": float(lengths.sum()),
     }
     return batch.with_(rewards=rewards, advantages=advantages, returns=returns), stats
+
+
+def pick_samples(batch: RolloutBatch, count: int, step: int) -> list[dict]:
+    """``count`` rows spread evenly over the batch, as (prompt, response, score, reward) records."""
+    if count <= 0:
+        return []
+    rows = sorted({round(i * (len(batch) - 1) / max(count - 1, 1)) for i in range(min(count, len(batch)))})
+    per_sequence = batch.rewards.sum(-1)
+    return [{"step": step, "prompt": batch.prompt_texts[i], "response": batch.response_texts[i],
+             "score": float(batch.scores[i]), "reward": float(per_sequence[i]),
+             "finish_reason": batch.finish_reasons[i], "tokens": int(batch.response_mask[i].sum())} for i in rows]
 
 
 def step_timing(times: dict, role_seconds: dict, generate_s: float, learn_s: float, sync: dict,

@@ -1,0 +1,177 @@
+"""The end-of-run report: a four-panel picture and a one-line verdict, from ``metrics.jsonl``.
+
+    python -m rlhf_ray.report runs/smollm2_cpu                  # redraws runs/smollm2_cpu/report.png
+    python -m rlhf_ray.report runs/a runs/b --out compare.png    # overlays several runs on one figure
+
+Panels: reward and raw score; KL to the reference (and the sampler-vs-learner check); response length
+and EOS fraction; where each step's time went (stacked per step for one run, the mean step per run
+when comparing).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+# phase key in metrics -> legend label; 'other' is the rest of the step (driver work, transfers, scheduling)
+PHASES = {"time/generate": "generate", "time/score_wall": "score (reward ‖ ref ‖ values)", "time/learn": "learn",
+          "time/weight_sync": "weight sync"}
+SHORT = {"generate": "generate", "score (reward ‖ ref ‖ values)": "score", "learn": "learn",
+         "weight sync": "sync", "other": "other"}
+
+
+def load_metrics(run_dir: str | Path) -> list[dict]:
+    """The steps of the latest series in ``<run_dir>/metrics.jsonl`` (a step counter that restarts begins a new one)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: is {run_dir} the output_dir of a run?")
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            print(f"warning: {path}:{number} is not JSON; skipped", file=sys.stderr)
+            continue
+        if rows and row.get("step", 0) <= rows[-1].get("step", 0):
+            rows = []
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{path} has no steps yet")
+    return rows
+
+
+def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+    return [s for s, _ in points], [v for _, v in points]
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def summary(rows: list[dict], label: str = "") -> str:
+    """One line: steps, first → last reward and score, tokens/s, where the time went, peak memory."""
+    n = len(rows)
+    window = 3 if n >= 6 else 1  # compare averages of a few steps when there are enough
+    first = lambda key: _mean([r[key] for r in rows[:window] if r.get(key) is not None])  # noqa: E731
+    last = lambda key: _mean([r[key] for r in rows[-window:] if r.get(key) is not None])  # noqa: E731
+    total = sum(r.get("time/step", 0.0) for r in rows)
+    tokens = sum(r.get("response/tokens", 0.0) for r in rows)
+    shares = {name: sum(r.get(key, 0.0) for r in rows) / total for key, name in PHASES.items()} if total else {}
+    shares["other"] = 1.0 - sum(shares.values()) if shares else 0.0
+    time_text = ", ".join(f"{SHORT[name]} {share:.0%}" for name, share in
+                          sorted(shares.items(), key=lambda kv: -kv[1]))
+    peaks = {key.split("/")[1].removesuffix("_peak_gb"): max(r.get(key) or 0.0 for r in rows)
+             for key in rows[-1] if key.startswith("memory/") and key.endswith("_peak_gb")}
+    memory_text = ", ".join(f"{role} {gb:.1f}" for role, gb in sorted(peaks.items(), key=lambda kv: -kv[1]))
+    averaged = f" (mean of the first/last {window} steps)" if window > 1 else ""
+    return (f"{label + ': ' if label else ''}{n} steps in {total:.0f} s; reward {first('reward/mean'):.3f} → "
+            f"{last('reward/mean'):.3f}, score {first('score/mean'):.3f} → {last('score/mean'):.3f}{averaged}; "
+            f"{tokens / total if total else 0:.0f} generated tokens/s; time: {time_text}"
+            + (f"; peak GB: {memory_text}" if memory_text else ""))
+
+
+def draw(runs: dict[str, list[dict]], out: str | Path) -> Path:
+    """Write the four-panel report of one or more runs (label -> metrics rows) to ``out`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
+    (ax_reward, ax_kl), (ax_len, ax_time) = axes
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    several = len(runs) > 1
+    ax_eos, ax_sync = ax_len.twinx(), ax_kl.twinx()
+    for i, (label, rows) in enumerate(runs.items()):
+        color = colors[i % len(colors)]
+        tag = f"{label}: " if several else ""
+        ax_reward.plot(*_series(rows, "reward/mean"), color=color, marker=".", label=f"{tag}reward (score − β·KL)")
+        ax_reward.plot(*_series(rows, "score/mean"), color=color, linestyle="--", label=f"{tag}score (RM / function)")
+        ax_kl.plot(*_series(rows, "kl/mean"), color=color, marker=".", label=f"{tag}KL to reference (per sequence)")
+        steps, gaps = _series(rows, "kl/sampler_vs_learner")
+        ax_sync.plot(steps, [max(g, 1e-9) for g in gaps], color=color, linestyle=":",
+                     label=f"{tag}mean |sampler − learner| logprob")
+        ax_len.plot(*_series(rows, "response/length_mean"), color=color, marker=".", label=f"{tag}mean length")
+        ax_eos.plot(*_series(rows, "response/eos_fraction"), color=color, linestyle="--", label=f"{tag}EOS fraction")
+    ax_reward.set_title("reward and score per step")
+    ax_kl.set_title("KL to the reference, and the weight-sync check")
+    ax_kl.set_ylabel("KL (k-estimator, summed over tokens)")
+    ax_sync.set_yscale("log")
+    ax_sync.set_ylim(1e-9, 1.0)  # exact sync sits near the bottom; a stale engine climbs to 1e-3 and up
+    ax_sync.set_ylabel("sampler vs learner (≈0: exact sync)")
+    ax_len.set_title("responses")
+    ax_len.set_ylabel("tokens")
+    ax_eos.set_ylabel("fraction ending with EOS")
+    ax_eos.set_ylim(-0.05, 1.05)
+    for ax in (ax_reward, ax_kl, ax_len, ax_time):
+        ax.set_xlabel("PPO step")
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_reward.legend(fontsize=8)
+    for ax, twin in ((ax_kl, ax_sync), (ax_len, ax_eos)):
+        lines, twin_lines = ax.get_legend_handles_labels(), twin.get_legend_handles_labels()
+        ax.legend(lines[0] + twin_lines[0], lines[1] + twin_lines[1], fontsize=8)
+    _draw_time(ax_time, runs, colors)
+    title = "  vs  ".join(runs) if several else next(iter(runs))
+    fig.suptitle(f"rlhf-ray: {title}", fontsize=12)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _draw_time(ax, runs: dict[str, list[dict]], colors: list[str]) -> None:
+    """Stacked phase seconds: per step for one run, the mean step per run for several."""
+    several = len(runs) > 1
+    if several:
+        positions = list(range(len(runs)))
+        stacks = [[_mean([r.get(key, 0.0) for r in rows]) for key in PHASES] for rows in runs.values()]
+        steps = [_mean([r.get("time/step", 0.0) for r in rows]) for rows in runs.values()]
+        ax.set_xticks(positions, list(runs), rotation=15, fontsize=8)
+        ax.set_title("mean step time by phase")
+        ax.set_xlabel("run")
+    else:
+        rows = next(iter(runs.values()))
+        positions = [r["step"] for r in rows]
+        stacks = [[r.get(key, 0.0) for key in PHASES] for r in rows]
+        steps = [r.get("time/step", 0.0) for r in rows]
+        ax.set_title("step time by phase")
+    bottom = [0.0] * len(positions)
+    for j, name in enumerate([*PHASES.values(), "other"]):
+        heights = [(stack[j] if j < len(PHASES) else max(step - sum(stack), 0.0))
+                   for stack, step in zip(stacks, steps)]
+        ax.bar(positions, heights, bottom=bottom, color=colors[j % len(colors)], label=name, width=0.8)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    ax.set_ylabel("seconds")
+    ax.legend(fontsize=8)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Draw the report of one or more runs (their output_dir).")
+    parser.add_argument("runs", nargs="+", help="run output directories (each with metrics.jsonl)")
+    parser.add_argument("--out", help="PNG to write (default: <run>/report.png for one run, report_compare.png "
+                                      "in the current directory for several)")
+    args = parser.parse_args(argv)
+    try:
+        runs = {Path(d).resolve().name if Path(d).resolve().name else str(d): load_metrics(d) for d in args.runs}
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if len(runs) < len(args.runs):
+        runs = {str(d): load_metrics(d) for d in args.runs}  # two runs with the same folder name
+    out = args.out or (Path(args.runs[0]) / "report.png" if len(args.runs) == 1 else Path("report_compare.png"))
+    draw(runs, out)
+    for label, rows in runs.items():
+        print(summary(rows, label))
+    print(f"report: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
