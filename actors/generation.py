@@ -115,7 +115,8 @@ class GenerationActor(Role):
             shutil.rmtree(self._weights_dir, ignore_errors=True)
 
     def sequence_logprobs(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
-        """The engine's logprobs of a given response (prompt_logprobs), for weight-sync checks."""
+        """The engine's logprobs of a given response (prompt_logprobs: at temperature 1, from the raw
+        logits), for weight-sync checks."""
         from vllm.inputs import TokensPrompt
 
         out = self.llm.generate([TokensPrompt(prompt_token_ids=prompt_ids + response_ids)],

@@ -13,17 +13,33 @@ from datetime import timedelta
 
 import torch
 
-from actors.common import Role, device_for, set_threads, timed
+from actors.common import Role, device_for, release_free_memory, set_threads, timed
 from rlhf_ray.batch import RolloutBatch
 from rlhf_ray.config import ExperimentConfig
 from rlhf_ray.modeling import DTYPES, PolicyAndValue, load_causal_lm, load_value_model, token_logprobs
 from rlhf_ray.ppo_math import entropy_from_logits, policy_loss, token_aggregate, value_loss
 
 
-def deepspeed_config(cfg: ExperimentConfig) -> dict:
+def communication_buckets(num_params: int, hidden_size: int) -> dict:
+    """ZeRO bucket sizes (elements) from the model instead of DeepSpeed's fixed 5e8 (2 GB each in fp32).
+
+    A bucket holds a tenth of the parameters — few collectives per step, at most 10 % of the weights'
+    memory per buffer — never more than DeepSpeed's default and never less than one hidden×hidden
+    matrix (the floor HF's "auto" values use).
+    """
+    bucket = int(min(5e8, max(hidden_size ** 2, num_params // 10)))
+    return {"reduce_bucket_size": bucket, "allgather_bucket_size": bucket,
+            "stage3_prefetch_bucket_size": int(0.9 * bucket), "stage3_max_live_parameters": bucket,
+            "stage3_max_reuse_distance": bucket, "stage3_param_persistence_threshold": 10 * hidden_size}
+
+
+def deepspeed_config(cfg: ExperimentConfig, model: torch.nn.Module) -> dict:
     ppo, ds, world = cfg.ppo, cfg.deepspeed, cfg.resources.learner.num_actors
     per_rank_mini = ppo.mini_batch_size // world
     zero = {"stage": ds.zero_stage}
+    if ds.zero_stage > 0:
+        hidden = model.policy.config.hidden_size
+        zero.update(communication_buckets(sum(p.numel() for p in model.parameters()), hidden))
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if ds.offload_params:
@@ -78,15 +94,21 @@ class LearnerActor(Role):
         if self.cfg.deepspeed.gradient_checkpointing:
             model.policy.gradient_checkpointing_enable()
             model.value.backbone.gradient_checkpointing_enable()
+        # fused: one kernel per parameter, without the per-parameter temporaries of the for-loop version
+        # (two embedding-sized buffers at a time on SmolLM2); CPU and CUDA have it
         optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=opt.betas, eps=opt.eps,
-                                      weight_decay=opt.weight_decay)
+                                      weight_decay=opt.weight_decay, fused=self.device in ("cpu", "cuda"))
         total = self.cfg.optimizer_steps
         # transformers' 'constant' ignores warmup; 'constant_with_warmup' honours optimizer.warmup_ratio
         schedule = "constant_with_warmup" if opt.schedule == "constant" and opt.warmup_ratio > 0 else opt.schedule
         scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=math.ceil(opt.warmup_ratio * total),
                                   num_training_steps=total)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                               config=deepspeed_config(self.cfg))
+                                               config=deepspeed_config(self.cfg, model))
+        if self.world_size == 1 and self.cfg.deepspeed.zero_stage == 0:
+            # Nothing to average over, but DeepSpeed would still flatten every gradient into one 5e8-element
+            # buffer per optimizer step to all-reduce it with itself: a transient copy of all gradients.
+            self.engine.enable_backward_allreduce = False
 
     @timed
     @torch.no_grad()
@@ -100,6 +122,8 @@ class LearnerActor(Role):
             logprobs.append(token_logprobs(logits, micro.response_ids, self.temperature))
             values.append(v)
         mask = batch.response_mask
+        del logits
+        release_free_memory()  # the micro-batches' activations: the update comes next
         return (torch.cat(logprobs) * mask).cpu(), (torch.cat(values) * mask).cpu()
 
     @timed
@@ -133,6 +157,7 @@ class LearnerActor(Role):
         stats = {k: v / minibatches for k, v in sums.items()}  # shares: the driver sums them over ranks
         grad_norm = self.engine.get_global_grad_norm()
         stats.update({"optim/lr": self.engine.get_lr()[0], "optim/grad_norm": float(grad_norm or 0.0)})
+        release_free_memory()  # gradients and activations are gone until the next update
         return stats
 
     def _micro_step(self, micro: RolloutBatch, num_tokens: float, sums: dict) -> None:
@@ -154,14 +179,20 @@ class LearnerActor(Role):
         for key, value in {**pg_stats, **vf_stats}.items():
             sums[f"ppo/{key}"] += float(value) * share
 
+    def num_parameters(self) -> int:
+        """Parameters of policy + critic (full counts, also under ZeRO-3 partitioning)."""
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())
+
     def _policy_params(self):
         """(name, full CPU tensor) per policy parameter; under ZeRO-3 gathered one parameter at a time."""
         import deepspeed
 
         dtype = DTYPES[self.cfg.models.dtype]
+        gathered = self.cfg.deepspeed.zero_stage == 3  # the full tensor lives only inside the context: copy it
         for name, param in self.engine.module.policy.named_parameters():
             with deepspeed.zero.GatheredParameters([param]):  # no-op below ZeRO-3
-                full = param.detach().to("cpu", dtype, copy=True) if self.rank == 0 else None
+                # below ZeRO-3 a CPU tensor of the right dtype is passed as is: ray.put / save copy it anyway
+                full = param.detach().to("cpu", dtype, copy=gathered) if self.rank == 0 else None
             yield name, full
 
     @timed
@@ -186,13 +217,14 @@ class LearnerActor(Role):
 
     @timed
     def sequence_logprobs(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
-        """The learner policy's logprobs of one response (weight-sync checks)."""
+        """The learner policy's logprobs of one response at temperature 1 — like vLLM's prompt logprobs,
+        which are taken from the raw logits whatever the sampling temperature (weight-sync checks)."""
         with torch.no_grad():
             batch = RolloutBatch.from_samples([prompt_ids], [response_ids], [[0.0] * len(response_ids)], ["stop"],
                                               [[]], [""], [""], pad_token_id=0).to(self.device)
             self.engine.eval()
             logits, _ = self.engine(batch)
-            return token_logprobs(logits, batch.response_ids, self.temperature)[0].tolist()
+            return token_logprobs(logits, batch.response_ids)[0].tolist()
 
     def save(self, path: str) -> str | None:
         """Save the policy in HF format (safetensors) with its tokenizer; rank 0 writes."""

@@ -212,8 +212,12 @@ class Roles:
         return self._wait([g.sequence_logprobs.remote(prompt_ids, response_ids) for g in self.generators],
                           "generation", "computing logprobs of a response", "generate_s")
 
+    def learner_parameters(self) -> int:
+        return self._wait(self.learners[0].num_parameters.remote(), "learner", "counting parameters", "learn_s")
+
     def memory(self) -> dict[str, float]:
-        """Each role's peak resident memory since the last call (max over its actors), in GB."""
+        """Each role's peak resident memory since the last call and the shared (object-store) part of its
+        resident memory now, max over its actors, in GB."""
         actors = {"learner": self.learners, "generation": self.generators, "reward": self.rewards,
                   "reference": self.references}
         refs = {role: [a.memory.remote() for a in group] for role, group in actors.items()}
@@ -221,6 +225,7 @@ class Roles:
         for role, role_refs in refs.items():
             readings = self._wait(role_refs, role, "reading its memory", "score_s")
             out[f"memory/{role}_peak_gb"] = max(r["peak_gb"] for r in readings)
+            out[f"memory/{role}_shared_gb"] = max(r["shared_gb"] for r in readings)
         return out
 
     def save(self, path: str) -> str:

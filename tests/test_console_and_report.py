@@ -1,0 +1,96 @@
+"""What a user sees: a quiet console, logs in files, samples, the report and its summary line."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def fake_steps(n: int) -> list[dict]:
+    return [{"step": i, "reward/mean": 0.1 * i, "score/mean": 0.2 * i, "kl/mean": 0.01 * i,
+             "kl/sampler_vs_learner": 1e-7, "response/length_mean": 30 - i, "response/eos_fraction": i / n,
+             "response/tokens": 100.0, "time/generate": 1.0, "time/score_wall": 0.5, "time/learn": 2.0,
+             "time/weight_sync": 0.25, "time/step": 4.0, "memory/learner_peak_gb": 5.0 + i / 10,
+             "memory/generation_peak_gb": 3.0} for i in range(1, n + 1)]
+
+
+def test_summary_line_says_what_happened():
+    from rlhf_ray.report import summary
+
+    line = summary(fake_steps(10))
+    assert line.startswith("10 steps in 40 s; reward 0.200 → 0.900, score 0.400 → 1.800 (mean of the first/last 3")
+    assert "25 generated tokens/s" in line
+    assert "learn 50%, generate 25%, score 12%, sync 6%, other 6%" in line
+    assert "peak GB: learner 6.0, generation 3.0" in line
+
+
+def test_report_reads_the_latest_series_and_draws_four_panels(tmp_path):
+    from rlhf_ray.report import load_metrics, main
+
+    run = tmp_path / "run_a"
+    run.mkdir()
+    rows = fake_steps(3) + fake_steps(5)  # a second run into the same dir restarts the step counter
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n")
+    assert [r["step"] for r in load_metrics(run)] == [1, 2, 3, 4, 5]
+    assert main([str(run)]) == 0 and (run / "report.png").stat().st_size > 20_000
+    other = tmp_path / "run_b"
+    shutil.copytree(run, other)
+    assert main([str(run), str(other), "--out", str(tmp_path / "both.png")]) == 0
+    assert (tmp_path / "both.png").is_file()
+    assert main([str(tmp_path / "missing")]) == 2
+
+
+@pytest.mark.e2e
+def test_quiet_console_of_the_main_job(tiny_cache, tmp_path):
+    """The README's main job on the tiny default: ≤ 30 console lines besides the progress bar, engine
+    chatter in logs/, samples and the report written, and the summary line last."""
+    out = tmp_path / "run"
+    ray_tmp = tempfile.mkdtemp(prefix="rq", dir="/tmp")  # its own cluster, not the test session's
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_USAGE_STATS_ENABLED": "0"}
+    try:
+        run = subprocess.run([sys.executable, "-m", "rlhf_ray.train", "--config", "configs/tiny_cpu.yaml",
+                              "ppo.total_episodes=64", f"models.cache_dir={tiny_cache}", f"output_dir={out}"],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    console = run.stdout + run.stderr
+    assert run.returncode == 0, console[-4000:]
+    lines = [line for line in re.split(r"[\r\n]+", console) if line.strip() and not line.startswith("ppo:")]
+    assert len(lines) <= 30, "\n".join(lines)
+    assert not [line for line in lines if re.search(r"\b(INFO|WARNING)\b", line)], "\n".join(lines)
+    assert lines[-1].split(" ", 1)[1].startswith("4 steps in"), lines[-1]
+    assert "Loading" in (out / "logs" / "generation-0.log").read_text()  # vLLM's own output is in its log
+    assert (out / "logs" / "driver.log").stat().st_size > 0
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 * 4 and {"prompt", "response", "score", "reward"} <= samples[0].keys()
+    assert (out / "report.png").stat().st_size > 20_000
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(0.05 < m["memory/learner_peak_gb"] < 8 for m in metrics)
+
+
+@pytest.mark.e2e
+def test_an_error_in_an_actor_reaches_the_console_with_its_traceback(ray_session):
+    import ray
+
+    from rlhf_ray.roles import RoleError, wait
+
+    @ray.remote(num_cpus=0)
+    class Broken:
+        def score(self):
+            return {"a": 1}["missing_key"]
+
+    with pytest.raises(RoleError) as err:
+        wait(Broken.remote().score.remote(), "reward", "scoring a rollout", 60, "timeouts.score_s",
+             "runs/x/logs/reward-*.log")
+    message = str(err.value)
+    assert message.startswith("reward failed while scoring a rollout: KeyError: 'missing_key'")
+    assert "traceback in the reward actor (its output: runs/x/logs/reward-*.log)" in message
+    assert 'return {"a": 1}["missing_key"]' in message  # the actor's own source line
