@@ -20,14 +20,18 @@ from rlhf_ray.modeling import DTYPES, PolicyAndValue, load_causal_lm, load_value
 from rlhf_ray.ppo_math import entropy_from_logits, policy_loss, token_aggregate, value_loss
 
 
+ALIGN = 1024
+
+
 def communication_buckets(num_params: int, hidden_size: int) -> dict:
     """ZeRO bucket sizes (elements) from the model instead of DeepSpeed's fixed 5e8 (2 GB each in fp32).
 
     A bucket holds a tenth of the parameters — few collectives per step, at most 10 % of the weights'
     memory per buffer — never more than DeepSpeed's default and never less than one hidden×hidden
-    matrix (the floor HF's "auto" values use).
+    matrix (the floor HF's "auto" values use); rounded down to a multiple of 1024 elements.
     """
     bucket = int(min(5e8, max(hidden_size ** 2, num_params // 10)))
+    bucket = max(ALIGN, bucket // ALIGN * ALIGN)  # DeepSpeed wants multiples of its alignment factor (2–8)
     return {"reduce_bucket_size": bucket, "allgather_bucket_size": bucket,
             "stage3_prefetch_bucket_size": int(0.9 * bucket), "stage3_max_live_parameters": bucket,
             "stage3_max_reuse_distance": bucket, "stage3_param_persistence_threshold": 10 * hidden_size}

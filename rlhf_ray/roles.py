@@ -46,7 +46,7 @@ def wait(refs, role: str, doing: str, timeout_s: float, timeout_key: str, logs: 
     except RayTaskError as err:
         cause = err.cause
         raise RoleError(f"{role} failed while {doing}: {type(cause).__name__}: {cause}\n"
-                        f"--- traceback in the {role} actor{see} ---\n{err.traceback_str.rstrip()}") from None
+                        f"--- traceback in the {role} actor{see} ---\n{str(err).rstrip()}") from None
 
 
 @dataclass

@@ -10,9 +10,11 @@ from tests.conftest import tiny_config
 
 
 def test_buckets_are_a_tenth_of_the_model_within_bounds():
-    assert communication_buckets(269_030_592, 576)["reduce_bucket_size"] == 26_903_059  # SmolLM2 policy + critic
+    assert communication_buckets(269_030_592, 576)["reduce_bucket_size"] == 26_902_528  # SmolLM2 policy + critic
     assert communication_buckets(1_000, 64)["reduce_bucket_size"] == 64 * 64             # floor: hidden²
-    assert communication_buckets(26_000_000_000, 5120)["allgather_bucket_size"] == 500_000_000  # DeepSpeed's cap
+    buckets = communication_buckets(12_345_678, 100)
+    assert all(buckets[k] % 8 == 0 for k in ("reduce_bucket_size", "allgather_bucket_size"))  # DeepSpeed alignment
+    assert communication_buckets(26_000_000_000, 5120)["allgather_bucket_size"] == 499_999_744  # under the 5e8 cap
     assert communication_buckets(10**9, 4096)["stage3_param_persistence_threshold"] == 40_960
 
 
@@ -20,6 +22,6 @@ def test_zero_config_carries_the_buckets_only_when_zero_is_on(tmp_path, tiny_cac
     model = torch.nn.Linear(100, 100)
     model.policy = SimpleNamespace(config=SimpleNamespace(hidden_size=100))
     zero2 = deepspeed_config(tiny_config(tmp_path, tiny_cache, "deepspeed.zero_stage=2"), model)["zero_optimization"]
-    assert zero2["stage"] == 2 and zero2["reduce_bucket_size"] == 100 * 100
+    assert zero2["stage"] == 2 and zero2["reduce_bucket_size"] == 9 * 1024  # hidden² = 10,000, rounded to 1024s
     zero0 = deepspeed_config(tiny_config(tmp_path, tiny_cache, "deepspeed.zero_stage=0"), model)["zero_optimization"]
     assert zero0 == {"stage": 0}
