@@ -68,6 +68,7 @@ def test_ray_job_submit_runs_a_two_step_job(tiny_cache, tmp_path):
         steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert [m["step"] for m in steps] == [1, 2]
         assert (out / "final_model" / "model.safetensors").is_file()
+        assert (out / "report.png").is_file() and (out / "logs" / "learner-0.log").is_file()
     finally:
         head.terminate()  # the head drains for up to 30 s, then stops its processes
         head.wait(timeout=120)
