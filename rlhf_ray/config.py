@@ -128,7 +128,9 @@ class OptimizerConfig(_Strict):
 
 
 class DeepSpeedConfig(_Strict):
-    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage of the learner.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        2, description="ZeRO stage of the learner. Use 0 with one learner rank: ZeRO 1-2 keep an extra fp32 copy of "
+                       "weights and gradients and partition nothing. Communication buckets are sized from the model.")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Learner training precision.")
     offload_optimizer: bool = Field(False, description="Optimizer states in host memory (ZeRO ≥ 1).")
     offload_params: bool = Field(False, description="Parameters in host memory (ZeRO-3 only).")
