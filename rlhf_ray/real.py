@@ -14,7 +14,9 @@ own dependencies, which are for the ``llm`` CLI and not needed here).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import io
 import json
 import logging
 import shutil
@@ -69,10 +71,11 @@ def build_from_gguf(model: GGUFModel, root: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     source = gguf_path(model)
-    log.info("building %s from %s (once)", model.description, source)
+    log.info("building %s from %s (once, ~20 s)", model.description, source)
     transformers.utils.logging.disable_progress_bar()
-    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-    loaded = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)
+    with contextlib.redirect_stderr(io.StringIO()):  # transformers' GGUF de-quantization bar: not optional
+        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+        loaded = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)
     config = loaded.config.to_dict()
     for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version"):
         config.pop(key, None)
