@@ -1,0 +1,94 @@
+"""Run as a script (vLLM's CPU engine binds threads, so tests start it in a subprocess):
+
+    python tests/weight_sync_architectures.py llama,llama-tied,... [--stock]
+
+For each architecture: build a tiny random HF model, load it into a vLLM engine, perturb every weight
+on the HF side, push the new weights into the engine (``rlhf_ray.weights.load_into_engine``, or vLLM's
+stock ``reload_weights`` with --stock) and print one ``RESULT{json}`` line per architecture with the
+largest |vLLM − HF| prompt logprob before and after the update.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import transformers as T  # noqa: E402
+
+from rlhf_ray.tiny import build_tokenizer  # noqa: E402
+from rlhf_ray.weights import load_into_engine  # noqa: E402
+
+TEXT = "<|user|>\nWrite a poem about the sea.\n<|assistant|>\nThe sea is wide and deep and blue.</s>"
+# name -> (model class, config class, config overrides): tied heads, fused HF projections (Phi-3's qkv_proj and
+# gate_up_proj), q/k norms (Qwen3), attention biases (Qwen2), scaled embeddings and (1 + w) norms (Gemma)
+ARCHITECTURES = {
+    "llama": (T.LlamaForCausalLM, T.LlamaConfig, {"tie_word_embeddings": False}),
+    "llama-tied": (T.LlamaForCausalLM, T.LlamaConfig, {"tie_word_embeddings": True}),
+    "qwen2-tied": (T.Qwen2ForCausalLM, T.Qwen2Config, {"tie_word_embeddings": True}),
+    "qwen3-tied": (T.Qwen3ForCausalLM, T.Qwen3Config, {"tie_word_embeddings": True}),
+    "mistral": (T.MistralForCausalLM, T.MistralConfig, {}),
+    "phi3": (T.Phi3ForCausalLM, T.Phi3Config, {"tie_word_embeddings": False, "head_dim": None}),
+    "gemma-tied": (T.GemmaForCausalLM, T.GemmaConfig, {}),
+}
+
+
+def build(name: str, tokenizer) -> torch.nn.Module:
+    model_cls, config_cls, overrides = ARCHITECTURES[name]
+    config = {**dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                     pad_token_id=tokenizer.pad_token_id), **overrides}
+    torch.manual_seed(0)
+    return model_cls(config_cls(**{k: v for k, v in config.items() if v is not None})).eval()
+
+
+def main() -> None:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    names, stock = sys.argv[1].split(","), "--stock" in sys.argv
+    tokenizer = build_tokenizer()
+    ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    targets = torch.tensor(ids[1:])
+
+    def hf_logprobs(model):
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].float(), -1)
+        return logprobs.gather(-1, targets[:, None]).squeeze(-1)
+
+    def engine_logprobs(llm):
+        out = llm.generate([TokensPrompt(prompt_token_ids=ids)], SamplingParams(max_tokens=1, prompt_logprobs=0),
+                           use_tqdm=False)[0]
+        return torch.tensor([step[t].logprob for step, t in zip(out.prompt_logprobs[1:], ids[1:])])
+
+    for name in names:
+        model = build(name, tokenizer)
+        path = tempfile.mkdtemp(prefix=f"sync_{name}_")
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        llm = LLM(model=path, enforce_eager=True, dtype="float32", max_model_len=256, seed=0)
+        before = (engine_logprobs(llm) - hf_logprobs(model)).abs().max().item()
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(0.05 * torch.randn_like(param))
+        weights = ((n, p.detach()) for n, p in model.named_parameters())  # a tied head appears once
+        if stock:
+            llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+            report = {}
+        else:
+            report = llm.collective_rpc(load_into_engine, kwargs={"weights": weights})[0]
+        llm.reset_prefix_cache()
+        after = (engine_logprobs(llm) - hf_logprobs(model)).abs().max().item()
+        print("RESULT" + json.dumps({"name": name, "tied": bool(model.config.tie_word_embeddings), "before": before,
+                                     "after": after, **report}), flush=True)
+        del llm
+
+
+if __name__ == "__main__":
+    main()
