@@ -178,7 +178,9 @@ class LoggingConfig(_Strict):
 
 class RayConfig(_Strict):
     address: Optional[str] = Field(
-        None, description="Ray cluster to join ('auto', 'ray://…'); null joins a running cluster if there is one, else starts a local one.")
+        None, description="Ray cluster to join ('host:port', 'ray://…', 'auto'); null: the one in RAY_ADDRESS if set "
+                          "(ray job submit sets it), otherwise the run starts a local Ray of its own (it never joins "
+                          "another run's cluster by accident).")
     num_cpus: Optional[float] = Field(None, gt=0, description="Logical CPUs of a locally started Ray (default: enough for all roles).")
 
 

@@ -6,6 +6,7 @@ it was doing — a dead or stuck actor never hangs the run silently.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,20 +59,20 @@ class ModelPaths:
 
 
 def connect(cfg: ExperimentConfig) -> None:
-    """Join the configured or running Ray cluster (ray job submit sets RAY_ADDRESS), else start one."""
+    """Join the cluster named by ``ray.address`` or RAY_ADDRESS (``ray job submit`` sets it); otherwise
+    start a local Ray of this run's own — never another run's cluster that happens to be on the machine
+    (it would die with that run)."""
     if ray.is_initialized():
         return
     # quiet: the actors write their output to <output_dir>/logs/ and Ray's own records go through the
     # driver's logging (rlhf_ray.console), not straight to the terminal
     quiet = {"log_to_driver": False, "configure_logging": False} if cfg.logging.console == "quiet" else {}
-    if cfg.ray.address:
-        ray.init(address=cfg.ray.address, **quiet)
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, **quiet)
+        log.info("joined the Ray cluster at %s", address)
         return
-    try:
-        ray.init(address="auto", **quiet)
-        log.info("joined the running Ray cluster")
-    except ConnectionError:
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, **quiet)
+    ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, **quiet)
 
 
 class Roles:

@@ -1,7 +1,7 @@
 """Entry point: python -m rlhf_ray.train --config configs/tiny_cpu.yaml [key=value ...]
 
-Joins a running Ray cluster when there is one (``ray job submit`` sets RAY_ADDRESS), otherwise starts a
-local one. Writes <output_dir>/config.yaml, metrics.jsonl, samples.jsonl, tensorboard/, logs/,
+Joins the Ray cluster named by ``ray.address`` or RAY_ADDRESS (``ray job submit`` sets it), otherwise
+starts a local one of its own. Writes <output_dir>/config.yaml, metrics.jsonl, samples.jsonl, tensorboard/, logs/,
 report.png and final_model/, and ends with a one-line summary of the run.
 """
 from __future__ import annotations

@@ -7,7 +7,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 
 import pytest
 
@@ -53,14 +52,11 @@ def test_quiet_console_of_the_main_job(tiny_cache, tmp_path):
     """The README's main job on the tiny default: ≤ 30 console lines besides the progress bar, engine
     chatter in logs/, samples and the report written, and the summary line last."""
     out = tmp_path / "run"
-    ray_tmp = tempfile.mkdtemp(prefix="rq", dir="/tmp")  # its own cluster, not the test session's
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_USAGE_STATS_ENABLED": "0"}
-    try:
-        run = subprocess.run([sys.executable, "-m", "rlhf_ray.train", "--config", "configs/tiny_cpu.yaml",
-                              "ppo.total_episodes=64", f"models.cache_dir={tiny_cache}", f"output_dir={out}"],
-                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    run = subprocess.run([sys.executable, "-m", "rlhf_ray.train", "--config", "configs/tiny_cpu.yaml",
+                          "ppo.total_episodes=64", f"models.cache_dir={tiny_cache}", f"output_dir={out}"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     console = run.stdout + run.stderr
     assert run.returncode == 0, console[-4000:]
     lines = [line for line in re.split(r"[\r\n]+", console) if line.strip() and not line.startswith("ppo:")]
@@ -94,3 +90,23 @@ def test_an_error_in_an_actor_reaches_the_console_with_its_traceback(ray_session
     assert message.startswith("reward failed while scoring a rollout: KeyError: 'missing_key'")
     assert "traceback in the reward actor (its output: runs/x/logs/reward-*.log)" in message
     assert 'return {"a": 1}["missing_key"]' in message  # the actor's own source line
+
+
+@pytest.mark.e2e
+def test_two_runs_on_one_machine_each_start_their_own_cluster(tiny_cache, tmp_path, ray_session):
+    """Side by side with each other and with the test session's own Ray: neither joins another cluster."""
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    runs = [subprocess.Popen([sys.executable, "-m", "rlhf_ray.train", "--config", "configs/tiny_cpu.yaml",
+                              "ppo.total_episodes=32", f"models.cache_dir={tiny_cache}", f"output_dir={tmp_path / name}",
+                              "logging.progress_bar=false", "logging.report=false", "logging.save_final_model=false"],
+                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for name in ("a", "b")]
+    outputs = [run.communicate(timeout=600)[0] for run in runs]
+    for run, output in zip(runs, outputs):
+        assert run.returncode == 0, output[-3000:]
+        assert "joined the Ray cluster" not in output
+    for name in ("a", "b"):
+        steps = [json.loads(line)["step"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        assert steps == [1, 2]
+    assert ray_session.is_initialized()  # the test session's cluster is still there
