@@ -6,11 +6,13 @@ with an (epoch, position) counter that can be checkpointed and restored.
 """
 from __future__ import annotations
 
+import json
 import logging
 import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from rlhf_ray.config import DataConfig
 
@@ -58,18 +60,62 @@ def validate_messages(messages) -> str | None:
 
 # ------------------------------------------------------------------------------------------ loading
 
-def load_rows(source: str, split: str = "train"):
-    """A `datasets.Dataset` from a local .jsonl/.json/.parquet file or a hub dataset name."""
+@dataclass
+class Rows:
+    """Raw rows of a data source, its column names, and the lines that could not even be parsed."""
+    rows: Sequence[dict]
+    columns: set[str]
+    skipped: Counter = field(default_factory=Counter)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def load_rows(source: str, split: str = "train") -> Rows:
+    """Rows of a local .jsonl/.json/.parquet file or a hub dataset (through `datasets`).
+
+    JSON Lines are parsed line by line so that one broken line is skipped and counted
+    ("malformed_json") instead of failing the whole file, as `datasets`' JSON reader does.
+    """
     import datasets
 
     path = Path(source).expanduser()
     if path.suffix in LOCAL_FORMATS:
         if not path.is_file():
             raise FileNotFoundError(f"data file {path} does not exist")
-        return datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
-    if path.exists():
+        if path.suffix == ".jsonl":
+            return _read_jsonl(path)
+        table = datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
+    elif path.exists():
         raise ValueError(f"{path}: unsupported data file type; use one of {sorted(LOCAL_FORMATS)} or a hub dataset name")
-    return datasets.load_dataset(source, split=split)  # hub name: the real path for users
+    else:
+        table = datasets.load_dataset(source, split=split)  # hub name: the real path for users
+    return Rows(rows=table, columns=set(table.column_names))
+
+
+def _read_jsonl(path: Path) -> Rows:
+    out = Rows(rows=[], columns=set())
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                out.skipped["malformed_json"] += 1
+                continue
+            if not isinstance(row, dict):
+                out.skipped["not_an_object"] += 1
+                continue
+            out.rows.append(row)
+            out.columns.update(row)
+    bad = sum(out.skipped.values())
+    if not out.rows:
+        raise ValueError(f"data file {path} has no rows" + (f" that parse as JSON objects ({bad} lines did not)"
+                                                             if bad else " (it is empty)"))
+    if bad:
+        log.warning("%s: %d line(s) skipped: %s", path, bad, dict(out.skipped))
+    return out
 
 
 @dataclass
@@ -97,14 +143,15 @@ class PromptDataset:
 
 def load_prompts(cfg: DataConfig, tokenizer) -> PromptDataset:
     """Read, validate, render and tokenize the prompt data described by ``cfg``."""
-    rows = load_rows(cfg.prompts, cfg.split)
+    source = load_rows(cfg.prompts, cfg.split)
     column = cfg.prompt_field or cfg.messages_field
-    if column not in rows.column_names:
+    if column not in source.columns:
         raise ValueError(f"data.{'prompt_field' if cfg.prompt_field else 'messages_field'}='{column}' "
-                         f"is not a column of {cfg.prompts}; columns: {rows.column_names}")
-    out = PromptDataset(prompts=[], total_rows=len(rows))
-    for row in rows:
-        value = row[column]
+                         f"is not a column of {cfg.prompts}; columns: {sorted(source.columns)}")
+    out = PromptDataset(prompts=[], total_rows=len(source) + sum(source.skipped.values()),
+                        skipped=Counter(source.skipped))
+    for row in source.rows:
+        value = row.get(column)
         if cfg.prompt_field:
             value = [{"role": "user", "content": value}] if isinstance(value, str) else value
         reason = validate_messages(value)
@@ -160,9 +207,9 @@ class PreferenceDataset:
 
 def load_preferences(source: str, split: str = "train") -> PreferenceDataset:
     """Tulu 2.5 preference rows: ``chosen``/``rejected`` message lists sharing the prompt turns."""
-    rows = load_rows(source, split)
-    out = PreferenceDataset(pairs=[], total_rows=len(rows))
-    for row in rows:
+    raw = load_rows(source, split)
+    out = PreferenceDataset(pairs=[], total_rows=len(raw) + sum(raw.skipped.values()), skipped=Counter(raw.skipped))
+    for row in raw.rows:
         chosen, rejected = row.get("chosen"), row.get("rejected")
         reason = validate_messages(chosen) or validate_messages(rejected)
         if not reason and (chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant"):

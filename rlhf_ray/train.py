@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 from rlhf_ray.config import DEFAULT_CONFIG, ConfigError, dump_config, load_config
 
@@ -31,12 +30,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from rlhf_ray.console import setup_console
     from rlhf_ray.metrics import MetricsLogger
+    from rlhf_ray.preflight import PreflightError, check_output_dir
     from rlhf_ray.report import draw, load_metrics, summary
     from rlhf_ray.roles import RoleError
     from rlhf_ray.trainer import PPOTrainer
 
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out = check_output_dir(cfg.output_dir)
+    except PreflightError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     driver_log = setup_console(cfg.logging.console, out)
     (out / "config.yaml").write_text(dump_config(cfg))
     log.info("rlhf-ray PPO: %s → %s%s", args.config, out,

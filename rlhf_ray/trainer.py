@@ -14,6 +14,7 @@ from contextlib import contextmanager
 
 
 from actors.common import process_memory
+from rlhf_ray import preflight
 from rlhf_ray.batch import RolloutBatch
 from rlhf_ray.config import ExperimentConfig, PPOConfig
 from rlhf_ray.data import PromptSampler, load_prompts
@@ -35,6 +36,10 @@ class PPOTrainer:
         reward = resolve(models.reward.model) if models.reward.kind == "model" else None
         self.paths = ModelPaths(policy=resolve(models.policy), reference=resolve(models.reference_path), reward=reward,
                                 value=resolve(models.value_model_path) if models.value_init == "reward" else None)
+        # everything checkable without a cluster is checked before one starts
+        preflight.check_experiment(cfg, {"models.policy": self.paths.policy, "models.reference": self.paths.reference,
+                                         "models.reward.model": self.paths.reward,
+                                         "models.value_model": self.paths.value})
         if self.paths.value:
             check_same_tokenizer(self.paths.policy, self.paths.value, "the value model's source (models.value_init=reward)")
         if self.paths.reference != self.paths.policy:
@@ -42,6 +47,8 @@ class PPOTrainer:
         self.tokenizer = AutoTokenizer.from_pretrained(self.paths.policy)
         self.dataset = load_prompts(cfg.data, self.tokenizer)
         self.sampler = PromptSampler(len(self.dataset), cfg.ppo.rollout_batch_size, cfg.seed, cfg.data.shuffle)
+        if self.paths.reward:
+            preflight.check_reward_template(models.reward, self.paths.reward, self.dataset.prompts[0].messages)
         if cfg.deepspeed.zero_stage > 0 and cfg.resources.learner.num_actors == 1:
             log.warning("deepspeed.zero_stage=%d with one learner rank partitions nothing but keeps extra fp32 "
                         "copies of the weights and gradients (SmolLM2-135M: peak 7.5 GB and 1.4x slower than with "

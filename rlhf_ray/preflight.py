@@ -1,0 +1,87 @@
+"""Checks that need no cluster, run before one starts: a mistake costs seconds, not an engine start-up.
+
+Each check raises ``PreflightError`` with one line that names the config key and what to do.
+"""
+from __future__ import annotations
+
+import inspect
+import uuid
+from pathlib import Path
+
+from rlhf_ray.config import ExperimentConfig, RewardConfig
+
+
+class PreflightError(ValueError):
+    """The config points at something that cannot work; the message says what and where."""
+
+
+def check_output_dir(path: str | Path) -> Path:
+    """Create ``path`` if needed and prove it is writable (a probe file is written and removed)."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-probe-{uuid.uuid4().hex}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise PreflightError(f"output_dir={str(path)!r} is not writable: {err.strerror or err}") from None
+    return out
+
+
+def looks_like_local_path(spec: str) -> bool:
+    """A spec written as a path: absolute, ./ or ../ relative, ~, or with more than one '/' (hub ids have one)."""
+    return spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1
+
+
+def check_model_path(spec: str, resolved: str, key: str) -> None:
+    """A model given as a local path must be a directory with a config.json; hub names pass (they are
+    checked when loaded)."""
+    path = Path(resolved).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise PreflightError(f"{key}={spec!r} is a directory without config.json: not an HF model directory")
+        return
+    if looks_like_local_path(resolved) or path.exists():
+        raise PreflightError(f"{key}={spec!r}: no such model directory ({path})")
+
+
+def check_reward_function(reward: RewardConfig) -> None:
+    """The reward function imports, is callable and accepts (prompt, response, **function_kwargs)."""
+    from actors.reward import load_function
+
+    fn = load_function(reward.function)  # ValueError with the key and the import error
+    try:
+        inspect.signature(fn).bind("prompt", "response", **reward.function_kwargs)
+    except TypeError as err:
+        raise PreflightError(f"models.reward.function={reward.function!r} cannot be called as "
+                             f"f(prompt, response, **models.reward.function_kwargs={reward.function_kwargs}): "
+                             f"{err}") from None
+    except ValueError:  # no signature (a builtin, a C extension): it is called as is
+        pass
+
+
+def check_reward_template(reward: RewardConfig, rm_path: str, messages: list[dict]) -> None:
+    """The RM's tokenizer can render a (prompt, response) conversation in ``models.reward.template``."""
+    from transformers import AutoTokenizer
+
+    from rlhf_ray.data import render_messages
+
+    tokenizer = AutoTokenizer.from_pretrained(rm_path)
+    try:
+        render_messages(messages + [{"role": "assistant", "content": "a response"}], reward.template, tokenizer,
+                        add_generation_prompt=False)
+    except Exception as err:  # jinja errors, missing templates: any failure here would fail every step
+        raise PreflightError(f"models.reward.template={reward.template!r} cannot render a conversation with the "
+                             f"reward model's tokenizer ({rm_path}): {err}") from None
+
+
+def check_experiment(cfg: ExperimentConfig, model_paths: dict[str, str | None]) -> None:
+    """Model paths (key -> resolved path), and the reward function when the reward is one."""
+    models = cfg.models
+    specs = {"models.policy": models.policy, "models.reference": models.reference_path,
+             "models.reward.model": models.reward.model, "models.value_model": models.value_model_path}
+    for key, resolved in model_paths.items():
+        if resolved:
+            check_model_path(specs[key] or resolved, resolved, key)
+    if models.reward.kind == "function":
+        check_reward_function(models.reward)
