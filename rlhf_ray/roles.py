@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,26 @@ SUMMED_LEARNER_STATS = ("loss/", "ppo/", "entropy")  # per-rank shares of a glob
 
 class RoleError(RuntimeError):
     """A role failed, died or timed out; the message names the role and what it was doing."""
+
+
+class RunStopped(BaseException):
+    """SIGTERM (what a scheduler sends before pre-empting) reached the driver; like KeyboardInterrupt it is
+    not an Exception, so nothing on the way catches it by accident."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
+def _stop_on_sigterm() -> None:
+    """Ray's core worker replaces the driver's SIGTERM handler with a native one that dumps a stack and
+    kills the process: nothing is cleaned up. Take SIGTERM back: raise RunStopped in the main thread (it
+    interrupts a pending ray.get like Ctrl-C does)."""
+    def stop(signum, frame):
+        raise RunStopped(signal.Signals(signum).name)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
 
 
 def wait(refs, role: str, doing: str, timeout_s: float, timeout_key: str, logs: str = ""):
@@ -71,8 +93,15 @@ def connect(cfg: ExperimentConfig) -> None:
     if address:
         ray.init(address=address, **quiet)
         log.info("joined the Ray cluster at %s", address)
-        return
-    ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, **quiet)
+    else:
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, **quiet)
+    _stop_on_sigterm()
+
+
+def stop_ray() -> None:
+    """Disconnect from Ray; a local Ray this run started (GCS, raylet, agents, workers) stops with it."""
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 class Roles:

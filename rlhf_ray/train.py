@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from rlhf_ray.config import DEFAULT_CONFIG, ConfigError, dump_config, load_config
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     from rlhf_ray.metrics import MetricsLogger
     from rlhf_ray.preflight import PreflightError, check_output_dir
     from rlhf_ray.report import draw, load_metrics, summary
-    from rlhf_ray.roles import RoleError
+    from rlhf_ray.roles import RoleError, RunStopped, stop_ray
     from rlhf_ray.trainer import PPOTrainer
 
     try:
@@ -61,9 +62,18 @@ def main(argv: list[str] | None = None) -> int:
     except (RoleError, ValueError, OSError) as err:  # OSError: e.g. a model path or hub name not found
         log.error("error: %s", err)
         return 1
+    except (RunStopped, KeyboardInterrupt) as stop:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
+        name = stop.signal_name if isinstance(stop, RunStopped) else "SIGINT"
+        done = trainer.step_count if trainer is not None else 0
+        log.error("stopped by %s after %d of %d steps: the roles and the Ray processes this run started are "
+                  "shut down; nothing was saved beyond the metrics of finished steps (no checkpoints yet)",
+                  name, done, cfg.num_steps)
+        return 128 + getattr(signal, name)
     finally:
         if trainer is not None:
             trainer.shutdown()
+        stop_ray()
     rows = load_metrics(out)
     if cfg.logging.report:
         log.info("report: %s", draw({out.resolve().name: rows}, out / "report.png"))
