@@ -32,7 +32,10 @@ def test_a_signal_mid_run_stops_everything_with_one_line(tiny_cache, tmp_path, s
     env.pop("RAY_ADDRESS", None)
     run = subprocess.Popen([sys.executable, "-m", "rlhf_ray.train", "ppo.total_episodes=3200",
                             f"models.cache_dir={tiny_cache}", f"output_dir={out}", "logging.progress_bar=false"],
-                           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           # a shell running this suite in the background ignores SIGINT, and children
+                           # inherit that; a user's terminal does not
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 300
         while time.time() < deadline and run.poll() is None:
