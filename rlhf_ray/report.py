@@ -158,13 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="PNG to write (default: <run>/report.png for one run, report_compare.png "
                                       "in the current directory for several)")
     args = parser.parse_args(argv)
+    names = [Path(d).resolve().name or str(d) for d in args.runs]
+    labels = names if len(set(names)) == len(names) else list(args.runs)  # same folder name twice: full paths
     try:
-        runs = {Path(d).resolve().name if Path(d).resolve().name else str(d): load_metrics(d) for d in args.runs}
+        runs = {label: load_metrics(d) for label, d in zip(labels, args.runs)}
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if len(runs) < len(args.runs):
-        runs = {str(d): load_metrics(d) for d in args.runs}  # two runs with the same folder name
     out = args.out or (Path(args.runs[0]) / "report.png" if len(args.runs) == 1 else Path("report_compare.png"))
     draw(runs, out)
     for label, rows in runs.items():

@@ -162,7 +162,7 @@ class Roles:
         return ray.remote(cls).options(num_cpus=res.num_cpus, num_gpus=res.num_gpus, scheduling_strategy=strategy
                                        ).remote(*args, log_file=self._log_file(role, index))
 
-    def _log_file(self, role: str, index: int) -> str | None:
+    def _log_file(self, role: str, index: int | str) -> str | None:
         """Where an actor's output goes: <output_dir>/logs/<role>-<index>.log (None: the console)."""
         if self.cfg.logging.console != "quiet":
             return None
@@ -170,8 +170,7 @@ class Roles:
 
     def _wait(self, refs, role: str, doing: str, timeout: str):
         """``wait`` with the timeout ``timeouts.<timeout>`` and the role's log files in its messages."""
-        logs = self._log_file(role, 0)
-        logs = logs.replace("-0.log", "-*.log") if logs else ""
+        logs = self._log_file(role, "*") or ""
         return wait(refs, role, doing, getattr(self.timeouts, timeout), f"timeouts.{timeout}", logs)
 
     def _start(self) -> None:
