@@ -2,7 +2,7 @@
 
 Every row that cannot be used is skipped *and counted* by reason; the counts are logged and kept on
 the dataset object (``skipped``), never silent. ``PromptSampler`` gives a deterministic, seeded order
-with an (epoch, position) counter that can be checkpointed and restored.
+that is a pure function of the step, so a resumed run reads exactly the prompts it had not seen.
 """
 from __future__ import annotations
 
@@ -229,36 +229,42 @@ def load_preferences(source: str, split: str = "train") -> PreferenceDataset:
 # ------------------------------------------------------------------------------------------ sampling
 
 class PromptSampler:
-    """Seeded epoch-wise order over ``n`` items; state is (epoch, position) and survives checkpoints."""
+    """Seeded epoch-wise order over ``n`` items, a pure function of the step: the batch of step ``s``
+    (counted from 0) is the same in every run with the same seed and data, however the run was
+    interrupted and resumed. A batch never straddles epochs (the tail of an epoch is dropped)."""
 
     def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool = True):
         if n < batch_size:
             raise ValueError(f"{n} prompts cannot fill a batch of {batch_size} (ppo.rollout_batch_size)")
         self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
-        self.epoch, self.position = 0, 0
-        self._order = self._epoch_order()
+        self.batches_per_epoch = n // batch_size
 
-    def _epoch_order(self) -> list[int]:
+    def epoch_order(self, epoch: int) -> list[int]:
         order = list(range(self.n))
         if self.shuffle:
-            random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
         return order
 
-    def next_batch(self) -> list[int]:
-        """Indices of the next batch; a batch never straddles epochs (the tail of an epoch is dropped)."""
-        if self.position + self.batch_size > self.n:
-            self.epoch, self.position = self.epoch + 1, 0
-            self._order = self._epoch_order()
-        batch = self._order[self.position:self.position + self.batch_size]
-        self.position += self.batch_size
-        return batch
+    def batch(self, step: int) -> list[int]:
+        """Indices of the prompts of step ``step`` (0-based)."""
+        epoch, position = self.position(step)
+        return self.epoch_order(epoch)[position:position + self.batch_size]
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "n": self.n}
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, index in the epoch's order) where step ``step`` starts."""
+        epoch, in_epoch = divmod(step, self.batches_per_epoch)
+        return epoch, in_epoch * self.batch_size
 
-    def load_state_dict(self, state: dict) -> None:
-        if state["n"] != self.n or state["seed"] != self.seed:
-            raise ValueError(f"sampler state for n={state['n']} seed={state['seed']} does not match "
-                             f"n={self.n} seed={self.seed}: the data or the seed changed since the checkpoint")
-        self.epoch, self.position = state["epoch"], state["position"]
-        self._order = self._epoch_order()
+    def state_dict(self, step: int) -> dict:
+        """Where the sampler stands after ``step`` steps (what the next step will read), for checkpoints."""
+        epoch, position = self.position(step)
+        return {"epoch": epoch, "position": position, "seed": self.seed, "n": self.n, "batch_size": self.batch_size,
+                "shuffle": self.shuffle}
+
+    def check_state(self, state: dict, step: int) -> None:
+        """Refuse a checkpointed position that this sampler would not reproduce (other data, seed or batch)."""
+        mine = self.state_dict(step)
+        differ = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
+        if differ:
+            raise ValueError("the prompt order differs from the checkpoint's (the data, seed or batch size changed): "
+                             + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in differ.items()))

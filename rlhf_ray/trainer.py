@@ -64,7 +64,7 @@ class PPOTrainer:
         """One PPO step; returns its metrics (rewards, KL, losses, and each phase's seconds)."""
         times: dict[str, float] = {}
         started = time.perf_counter()
-        prompts = [self.dataset.prompts[i] for i in self.sampler.next_batch()]
+        prompts = [self.dataset.prompts[i] for i in self.sampler.batch(self.step_count)]
         with phase(times, "generate"):
             batch, generate_s = self.roles.generate(prompts)
         with phase(times, "score_wall"):  # reward, reference and critic run at the same time

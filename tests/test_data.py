@@ -76,21 +76,21 @@ def test_parquet_source(tmp_path, tiny_tokenizer):
     assert len(load_prompts(DataConfig(prompts=str(tmp_path / "p.parquet")), tiny_tokenizer)) == 2
 
 
-def test_sampler_is_deterministic_covers_each_epoch_and_resumes():
+def test_sampler_is_a_pure_function_of_the_step_and_covers_each_epoch():
     a, b = PromptSampler(10, 3, seed=1), PromptSampler(10, 3, seed=1)
-    first = [a.next_batch() for _ in range(3)]
-    assert first == [b.next_batch() for _ in range(3)]
+    first = [a.batch(s) for s in range(3)]
+    assert first == [b.batch(s) for s in range(3)]
     assert len(set(sum(first, []))) == 9                           # no repeats within an epoch
-    assert a.state_dict() == {"epoch": 0, "position": 9, "seed": 1, "n": 10}
-    nxt = a.next_batch()                                           # tail of 1 dropped, new epoch
-    assert a.epoch == 1 and a.position == 3
-    resumed = PromptSampler(10, 3, seed=1)
-    resumed.load_state_dict(a.state_dict())
-    assert resumed.next_batch() == a.next_batch()
-    assert nxt != first[0] or PromptSampler(10, 3, seed=2).next_batch() != first[0]
-    assert PromptSampler(10, 10, seed=0, shuffle=False).next_batch() == list(range(10))
-    with pytest.raises(ValueError, match="seed changed"):
-        PromptSampler(10, 3, seed=5).load_state_dict(a.state_dict())
+    assert a.state_dict(3) == {"epoch": 1, "position": 0, "seed": 1, "n": 10, "batch_size": 3, "shuffle": True}
+    assert a.state_dict(2)["position"] == 6
+    assert a.batch(3) != first[0] or a.batch(4) != first[1]        # tail of 1 dropped, a new order
+    assert a.batch(7) == b.batch(7)                                # a resumed run reads the same next batch
+    assert PromptSampler(10, 10, seed=0, shuffle=False).batch(0) == list(range(10))
+    a.check_state(a.state_dict(5), 5)
+    with pytest.raises(ValueError, match="seed 1 -> 5"):
+        PromptSampler(10, 3, seed=5).check_state(a.state_dict(5), 5)
+    with pytest.raises(ValueError, match="n 10 -> 11"):
+        PromptSampler(11, 3, seed=1).check_state(a.state_dict(5), 5)
     with pytest.raises(ValueError, match="cannot fill a batch"):
         PromptSampler(2, 3, seed=0)
 
