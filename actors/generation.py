@@ -48,12 +48,17 @@ class GenerationActor(Role):
         return SamplingParams(**params)
 
     @timed
-    def generate(self, prompts: list[Prompt]) -> RolloutBatch:
-        """``n_samples_per_prompt`` responses per prompt as a padded RolloutBatch (rows grouped by prompt)."""
+    def generate(self, prompts: list[Prompt], seeds: list[int]) -> RolloutBatch:
+        """``n_samples_per_prompt`` responses per prompt as a padded RolloutBatch (rows grouped by prompt).
+
+        Each prompt is sampled with its own seed (its samples with seed, seed+1, …): the same step
+        draws the same responses from the same weights, whatever ran before it on this engine —
+        a resumed or recovered run reproduces the uninterrupted one.
+        """
         from vllm.inputs import TokensPrompt
 
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p.token_ids) for p in prompts],
-                                    self._sampling_params(), use_tqdm=False)
+                                    [self._sampling_params(seed=seed) for seed in seeds], use_tqdm=False)
         rows = {k: [] for k in ("prompts", "responses", "logprobs", "finish", "messages", "ptexts", "rtexts")}
         for prompt, out in zip(prompts, outputs):
             for sample in out.outputs:

@@ -21,6 +21,27 @@ from rlhf_ray.ppo_math import entropy_from_logits, policy_loss, token_aggregate,
 
 
 ALIGN = 1024
+# DeepSpeed's own plain records inside its ZeRO optimizer states; allowed by weights_only loading
+DEEPSPEED_CHECKPOINT_CLASSES = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                                "deepspeed.utils.tensor_fragment.fragment_address",
+                                "deepspeed.runtime.zero.config.ZeroStageEnum")
+
+
+def weights_only_checkpoint_engine():
+    """DeepSpeed's torch checkpoint engine, loading with ``weights_only=True`` (it unpickles anything)."""
+    import importlib
+
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    allowed = [getattr(importlib.import_module(path.rpartition(".")[0]), path.rpartition(".")[2])
+               for path in DEEPSPEED_CHECKPOINT_CLASSES]
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    return WeightsOnlyCheckpointEngine()
 
 
 def communication_buckets(num_params: int, hidden_size: int) -> dict:
@@ -113,6 +134,7 @@ class LearnerActor(Role):
             # Nothing to average over, but DeepSpeed would still flatten every gradient into one 5e8-element
             # buffer per optimizer step to all-reduce it with itself: a transient copy of all gradients.
             self.engine.enable_backward_allreduce = False
+        self.engine.checkpoint_engine = weights_only_checkpoint_engine()
 
     @timed
     @torch.no_grad()
@@ -241,6 +263,31 @@ class LearnerActor(Role):
         policy.save_pretrained(path, state_dict=state, safe_serialization=True)
         AutoTokenizer.from_pretrained(self.policy_path).save_pretrained(path)
         return path
+
+    def save_state(self, directory: str) -> None:
+        """Everything this rank needs to continue exactly: the HF policy (rank 0), the DeepSpeed checkpoint
+        (weights, optimizer, LR schedule; each rank its ZeRO partition), this rank's RNG and update count."""
+        from safetensors.torch import save_file
+
+        self.save(os.path.join(directory, "policy"))
+        self.engine.save_checkpoint(os.path.join(directory, "learner"), tag="state", save_latest=False)
+        save_file({"torch_rng": torch.get_rng_state()}, os.path.join(directory, "learner", f"rank-{self.rank}.safetensors"),
+                  metadata={"updates": str(self.updates)})
+        release_free_memory()
+
+    def load_state(self, directory: str) -> None:
+        """Restore what ``save_state`` wrote (weights_only / safetensors loading only)."""
+        from safetensors import safe_open
+
+        learner_dir = os.path.join(directory, "learner")
+        loaded, _ = self.engine.load_checkpoint(learner_dir, tag="state", load_optimizer_states=True,
+                                                load_lr_scheduler_states=True)
+        if loaded is None:
+            raise RuntimeError(f"DeepSpeed found no learner state in {learner_dir}")
+        with safe_open(os.path.join(learner_dir, f"rank-{self.rank}.safetensors"), "pt") as f:
+            torch.set_rng_state(f.get_tensor("torch_rng"))
+            self.updates = int(f.metadata()["updates"])
+        release_free_memory()
 
     def shutdown(self) -> None:
         import torch.distributed as dist

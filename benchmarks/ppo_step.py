@@ -34,7 +34,10 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    overrides = [*args.overrides, "logging.progress_bar=false"]
+    import tempfile
+
+    overrides = [f"output_dir={tempfile.mkdtemp(prefix='bench_ppo_step_')}", *args.overrides,
+                 "logging.progress_bar=false", "logging.tensorboard=false"]
     batch = load_config(args.config, overrides).ppo.rollout_batch_size
     cfg = load_config(args.config, [*overrides, f"ppo.total_episodes={(args.steps + 1) * batch}"])
     from rlhf_ray.trainer import PPOTrainer

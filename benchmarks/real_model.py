@@ -61,7 +61,6 @@ def main() -> None:
     cfg = load_config(args.config, [*args.overrides, f"ppo.total_episodes={args.steps * batch}",
                                     f"output_dir={run_dir}", "logging.progress_bar=false"])
     from rlhf_ray.console import setup_console
-    from rlhf_ray.metrics import MetricsLogger
     from rlhf_ray.report import draw, summary
     from rlhf_ray.trainer import PPOTrainer
 
@@ -72,14 +71,11 @@ def main() -> None:
     steps = []
     try:
         gap_before = sync_gap(trainer)
-        with MetricsLogger(run_dir, tensorboard=False) as log:
-            for i in range(args.steps):
-                steps.append(trainer.step())
-                log.log(steps[-1])
-                log.log_samples(trainer.last_samples)
-                print(f"step {i + 1}/{args.steps}: {steps[-1]['time/step']:.1f} s, reward "
-                      f"{steps[-1]['reward/mean']:.3f}, learner peak {steps[-1]['memory/learner_peak_gb']:.2f} GB",
-                      flush=True)
+        for i in range(args.steps):
+            steps.append(trainer.step())
+            print(f"step {i + 1}/{args.steps}: {steps[-1]['time/step']:.1f} s, reward "
+                  f"{steps[-1]['reward/mean']:.3f}, learner peak {steps[-1]['memory/learner_peak_gb']:.2f} GB",
+                  flush=True)
         gap_after = sync_gap(trainer)
         learner_params = trainer.roles.learner_parameters()
     finally:

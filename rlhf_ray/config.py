@@ -176,6 +176,25 @@ class LoggingConfig(_Strict):
     save_final_model: bool = Field(True, description="Save the final policy (HF safetensors) to <output_dir>/final_model.")
 
 
+class CheckpointConfig(_Strict):
+    every_steps: int = Field(
+        0, ge=0, description="Save a checkpoint every N PPO steps (0: only at the end and when stopped by a signal). "
+                             "<output_dir>/checkpoints/step-NNNNNN: HF policy (safetensors), DeepSpeed state (weights, "
+                             "optimizer, LR schedule, every ZeRO stage), RNGs, step, prompt position, config, manifest.")
+    keep_last: int = Field(2, gt=0, description="Checkpoints kept; older ones are deleted after a newer one is complete.")
+    at_end: bool = Field(True, description="Save a checkpoint after the last step.")
+    on_signal: bool = Field(True, description="On SIGTERM/SIGINT save a checkpoint of the last finished step before exiting.")
+
+
+class RecoveryConfig(_Strict):
+    max_actor_restarts: int = Field(
+        3, ge=0, description="Times over the run a dead or unresponsive generation, reward or reference actor is "
+                             "replaced (in its placement-group bundle) and its phase redone; 0: such a death ends the run.")
+    max_learner_restarts: int = Field(
+        2, ge=0, description="Times over the run the learner group is restarted from the last checkpoint (or from the "
+                             "start without one) when a learner rank dies; 0: such a death ends the run.")
+
+
 class RayConfig(_Strict):
     address: Optional[str] = Field(
         None, description="Ray cluster to join ('host:port', 'ray://…', 'auto'); null: the one in RAY_ADDRESS if set "
@@ -186,7 +205,11 @@ class RayConfig(_Strict):
 
 class ExperimentConfig(_Strict):
     """The whole experiment. Top-level keys: see each section's class."""
-    output_dir: str = Field("runs/default", description="Metrics, TensorBoard events and the final model go here.")
+    output_dir: str = Field("runs/default", description="Metrics, TensorBoard events, checkpoints and the final model go here.")
+    resume: Optional[str] = Field(
+        None, description="'auto': continue from the latest valid checkpoint in output_dir (the one before if the latest "
+                          "is damaged; a fresh start if there is none); or a checkpoint directory. null: a new run.")
+    overwrite: bool = Field(False, description="Let a new run (resume: null) replace the results in a non-empty output_dir.")
     seed: int = Field(0, description="Seeds data order, sampling and initialisation.")
     models: ModelsConfig
     data: DataConfig
@@ -197,6 +220,8 @@ class ExperimentConfig(_Strict):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    recovery: RecoveryConfig = Field(default_factory=RecoveryConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="after")
@@ -217,6 +242,8 @@ class ExperimentConfig(_Strict):
         _require(self.generation.temperature > 0, "generation.temperature",
                  "must be > 0: PPO needs sampled (on-policy) responses")
         reward = self.models.reward
+        _require(not (self.resume and self.overwrite), "overwrite",
+                 "cannot be combined with resume: resume continues the run in output_dir, overwrite replaces it")
         _require(reward.kind != "model" or reward.model, "models.reward.model", "is required when models.reward.kind='model'")
         _require(reward.kind != "function" or (reward.function and ":" in reward.function), "models.reward.function",
                  "must be 'module:function' when models.reward.kind='function'")

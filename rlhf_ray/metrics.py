@@ -1,22 +1,42 @@
-"""Per-step metrics to <output_dir>/metrics.jsonl and TensorBoard; sampled rows to samples.jsonl."""
+"""Per-step metrics to <output_dir>/metrics.jsonl and TensorBoard; sampled rows to samples.jsonl.
+
+A resumed run (or a learner group restarted from a checkpoint) first rewinds these to the checkpoint's
+step, so that every step appears exactly once however often the run was interrupted.
+"""
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
 
+RESULT_FILES = ("metrics.jsonl", "samples.jsonl")
+
 
 class MetricsLogger:
-    def __init__(self, output_dir: str | Path, tensorboard: bool = True):
+    def __init__(self, output_dir: str | Path, tensorboard: bool = True, resume_step: int | None = None):
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.use_tensorboard = tensorboard
+        self.jsonl = self.samples = self.tb = None
+        self._open(purge_after=resume_step)
+
+    def _open(self, purge_after: int | None) -> None:
+        if purge_after is not None:
+            for name in RESULT_FILES:
+                keep_steps_up_to(self.dir / name, purge_after)
         self.jsonl = open(self.dir / "metrics.jsonl", "a", buffering=1)  # line-buffered: readable while running
         self.samples = open(self.dir / "samples.jsonl", "a", buffering=1)
-        self.tb = None
-        if tensorboard:
+        if self.use_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(self.dir / "tensorboard"))
+            # purge_step: TensorBoard hides the events of the steps that are about to be redone
+            self.tb = SummaryWriter(str(self.dir / "tensorboard"),
+                                    purge_step=None if purge_after is None else purge_after + 1)
+
+    def rewind(self, step: int) -> None:
+        """Forget every step after ``step`` (they will be run again)."""
+        self.close()
+        self._open(purge_after=step)
 
     def log(self, metrics: dict) -> None:
         step = int(metrics["step"])
@@ -42,3 +62,19 @@ class MetricsLogger:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def keep_steps_up_to(path: Path, step: int) -> None:
+    """Rewrite a JSON Lines file keeping the rows of steps ≤ ``step`` (atomically: write, then rename)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut off by a crash: dropped
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)

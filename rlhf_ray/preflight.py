@@ -28,6 +28,29 @@ def check_output_dir(path: str | Path) -> Path:
     return out
 
 
+RUN_OUTPUTS = ("metrics.jsonl", "samples.jsonl", "tensorboard", "checkpoints", "report.png", "final_model", "logs",
+               "config.yaml")
+
+
+def claim_output_dir(out: Path, resume: str | None, overwrite: bool) -> None:
+    """A new run does not mix its results into an earlier run's: refuse a used output dir unless told to
+    resume or overwrite; overwrite removes the earlier run's outputs (and nothing else)."""
+    import shutil
+
+    found = [name for name in RUN_OUTPUTS[:4] if (out / name).exists()]
+    if not found or resume:
+        return
+    if not overwrite:
+        raise PreflightError(f"output_dir={str(out)!r} already holds a run ({', '.join(found)}): resume=auto continues "
+                             f"it, overwrite=true replaces it, or choose another output_dir")
+    for name in RUN_OUTPUTS:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+
+
 def looks_like_local_path(spec: str) -> bool:
     """A spec written as a path: absolute, ./ or ../ relative, ~, or with more than one '/' (hub ids have one)."""
     return spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1

@@ -10,6 +10,7 @@ import os
 import signal
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,24 +36,58 @@ class RoleError(RuntimeError):
     """A role failed, died or timed out; the message names the role and what it was doing."""
 
 
+class ActorLost(RoleError):
+    """An actor of ``role`` died (its process is gone) or did not answer within its timeout (``stuck``)."""
+
+    def __init__(self, message: str, role: str, stuck: bool):
+        super().__init__(message)
+        self.role, self.stuck = role, stuck
+
+
 class RunStopped(BaseException):
-    """SIGTERM (what a scheduler sends before pre-empting) reached the driver; like KeyboardInterrupt it is
-    not an Exception, so nothing on the way catches it by accident."""
+    """SIGTERM (what a scheduler sends before pre-empting) or SIGINT reached the driver; like
+    KeyboardInterrupt it is not an Exception, so nothing on the way catches it by accident."""
 
     def __init__(self, signal_name: str):
         super().__init__(signal_name)
         self.signal_name = signal_name
 
 
-def _stop_on_sigterm() -> None:
-    """Ray's core worker replaces the driver's SIGTERM handler with a native one that dumps a stack and
-    kills the process: nothing is cleaned up. Take SIGTERM back: raise RunStopped in the main thread (it
-    interrupts a pending ray.get like Ctrl-C does)."""
-    def stop(signum, frame):
-        raise RunStopped(signal.Signals(signum).name)
+class StopSignals:
+    """SIGTERM/SIGINT raise RunStopped in the main thread (interrupting a pending ray.get) — except inside
+    ``deferred()``, where the stop waits until the block is done: the learner's update, the weight sync and
+    the step's metrics go together, so a stop never leaves a half-counted step behind."""
 
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, stop)
+    def __init__(self):
+        self.deferring, self.pending = False, None
+
+    def install(self) -> None:
+        """Ray's core worker replaces the driver's SIGTERM handler with a native one that dumps a stack and
+        kills the process, nothing cleaned up: take it back (after ray.init)."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if not self.deferring:
+            raise RunStopped(name)
+        if self.pending is None:
+            log.warning("%s received: stopping once this step's update is finished and recorded", name)
+        self.pending = name
+
+    @contextmanager
+    def deferred(self):
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring, pending, self.pending = False, self.pending, None
+        if pending:
+            raise RunStopped(pending)
+
+
+STOP_SIGNALS = StopSignals()
 
 
 def wait(refs, role: str, doing: str, timeout_s: float, timeout_key: str, logs: str = ""):
@@ -62,10 +97,11 @@ def wait(refs, role: str, doing: str, timeout_s: float, timeout_key: str, logs: 
     try:
         return ray.get(refs, timeout=timeout_s)
     except GetTimeoutError:
-        raise RoleError(f"{role} did not finish {doing} within {timeout_s:.0f} s; it may be stuck or too slow "
-                        f"for its resources (raise {timeout_key} if it is just slow){see}") from None
+        raise ActorLost(f"{role} did not finish {doing} within {timeout_s:.0f} s; it may be stuck or too slow "
+                        f"for its resources (raise {timeout_key} if it is just slow){see}", role, stuck=True) from None
     except RayActorError as err:
-        raise RoleError(f"{role} actor died while {doing}{see}: {err}") from None
+        raise ActorLost(f"{role} actor died while {doing}{see}: {str(err).splitlines()[0]}", role,
+                        stuck=False) from None
     except RayTaskError as err:
         cause = err.cause
         raise RoleError(f"{role} failed while {doing}: {type(cause).__name__}: {cause}\n"
@@ -95,7 +131,7 @@ def connect(cfg: ExperimentConfig) -> None:
         log.info("joined the Ray cluster at %s", address)
     else:
         ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, **quiet)
-    _stop_on_sigterm()
+    STOP_SIGNALS.install()
 
 
 def stop_ray() -> None:
@@ -108,31 +144,51 @@ class Roles:
     """All actors of one experiment and the coarse calls the driver makes on them."""
 
     def __init__(self, cfg: ExperimentConfig, paths: ModelPaths):
-        self.cfg, self.timeouts = cfg, cfg.timeouts
+        self.cfg, self.timeouts, self.paths = cfg, cfg.timeouts, paths
         self.placement = self._reserve()
-        self.learners, self.generators, self.rewards, self.references = [], [], [], []
+        self.groups: dict[str, list] = {role: [] for role in ROLE_ORDER}
+        self.restarts = {role: 0 for role in ROLE_ORDER}
+        self.recovery_seconds = 0.0  # spent replacing actors since the driver last read it
         self._sync_reported = False
         try:
-            self._launch(paths)
+            for role in ROLE_ORDER:
+                self.groups[role] = [self._new_actor(role, i) for i in range(getattr(cfg.resources, role).num_actors)]
+            self._start()
         except BaseException:
             self.shutdown()  # release what did start: a shared cluster must not keep half an experiment
             raise
 
-    def _launch(self, paths: ModelPaths) -> None:
-        cfg, res, models = self.cfg, self.cfg.resources, self.cfg.models
-        self.learners = [self._spawn(LearnerActor, "learner", i, cfg.model_dump(), i, paths.policy, paths.value)
-                         for i in range(res.learner.num_actors)]
-        max_model_len = cfg.data.max_prompt_tokens + cfg.generation.max_new_tokens
-        self.generators = [
-            self._spawn(GenerationActor, "generation", i, paths.policy, cfg.generation.model_dump(), max_model_len,
-                        cfg.seed + i, res.generation.tensor_parallel_size, models.dtype, res.generation.num_gpus)
-            for i in range(res.generation.num_actors)]
-        self.rewards = [self._spawn(RewardActor, "reward", i, models.reward.model_dump(), paths.reward,
-                                    models.dtype, res.reward.num_gpus) for i in range(res.reward.num_actors)]
-        self.references = [self._spawn(ReferenceActor, "reference", i, paths.reference, models.dtype,
-                                       cfg.ppo.micro_batch_size, cfg.generation.temperature, res.reference.num_gpus)
-                           for i in range(res.reference.num_actors)]
-        self._start()
+    @property
+    def learners(self):
+        return self.groups["learner"]
+
+    @property
+    def generators(self):
+        return self.groups["generation"]
+
+    @property
+    def rewards(self):
+        return self.groups["reward"]
+
+    @property
+    def references(self):
+        return self.groups["reference"]
+
+    def _new_actor(self, role: str, index: int):
+        """Actor ``index`` of ``role`` in its own placement-group bundle (also to replace a lost one)."""
+        cfg, res, models, paths = self.cfg, self.cfg.resources, self.cfg.models, self.paths
+        if role == "learner":
+            return self._spawn(LearnerActor, role, index, cfg.model_dump(), index, paths.policy, paths.value)
+        if role == "generation":
+            max_model_len = cfg.data.max_prompt_tokens + cfg.generation.max_new_tokens
+            return self._spawn(GenerationActor, role, index, paths.policy, cfg.generation.model_dump(), max_model_len,
+                               cfg.seed + index, res.generation.tensor_parallel_size, models.dtype,
+                               res.generation.num_gpus)
+        if role == "reward":
+            return self._spawn(RewardActor, role, index, models.reward.model_dump(), paths.reward, models.dtype,
+                               res.reward.num_gpus)
+        return self._spawn(ReferenceActor, role, index, paths.reference, models.dtype, cfg.ppo.micro_batch_size,
+                           cfg.generation.temperature, res.reference.num_gpus)
 
     # ------------------------------------------------------------------------------------ placement
     def _bundles(self) -> list[tuple[str, RoleResources]]:
@@ -175,8 +231,7 @@ class Roles:
 
     def _start(self) -> None:
         start = time.perf_counter()
-        addr, port = self._wait(self.learners[0].master_address.remote(), "learner", "starting", "startup_s")
-        setups = [learner.setup.remote(addr, port) for learner in self.learners]
+        setups = self._set_up_learners()
         for role, actors in (("generation", self.generators), ("reward", self.rewards),
                              ("reference", self.references)):
             self._wait([a.__ray_ready__.remote() for a in actors], role, "loading its model", "startup_s")
@@ -185,24 +240,84 @@ class Roles:
         log.info("learner ready after %.1f s (DeepSpeed setup %.1f s)", time.perf_counter() - start,
                  max(s for _, s in setup_s))
 
+    def _set_up_learners(self) -> list:
+        addr, port = self._wait(self.learners[0].master_address.remote(), "learner", "starting", "startup_s")
+        return [learner.setup.remote(addr, port) for learner in self.learners]
+
+    # ------------------------------------------------------------------------------------ recovery
+    def _recoverable(self, role: str, doing: str, timeout: str, submit, refs=None):
+        """Wait for ``refs`` (default ``submit()``); when an actor of ``role`` is lost, replace it and
+        ``submit()`` again — up to recovery.max_actor_restarts times over the run. Learners are not
+        replaced here: a lost rank takes the whole group back to a checkpoint (``restart_learners``)."""
+        refs = submit() if refs is None else refs
+        while True:
+            try:
+                return self._wait(refs, role, doing, timeout)
+            except ActorLost as lost:
+                if role == "learner" or self.restarts[role] >= self.cfg.recovery.max_actor_restarts:
+                    raise
+                self._replace(role, lost, doing)
+                refs = submit()
+
+    def _replace(self, role: str, lost: ActorLost, doing: str) -> None:
+        start = time.perf_counter()
+        group = self.groups[role]
+        replaced = [i for i, actor in enumerate(group) if lost.stuck or not self._alive(actor)]
+        for i in replaced:
+            ray.kill(group[i], no_restart=True)
+            group[i] = self._new_actor(role, i)
+        self.restarts[role] += 1
+        self._wait([group[i].__ray_ready__.remote() for i in replaced], role, "starting as a replacement", "startup_s")
+        if role == "generation":  # the replacement starts from the initial policy: give it the current one
+            self.sync_weights([group[i] for i in replaced])
+        seconds = time.perf_counter() - start
+        self.recovery_seconds += seconds
+        log.warning("recovery: %s; replaced %s in %.1f s (replacement %d of at most %d), redoing %s", lost,
+                    ", ".join(f"{role}-{i}" for i in replaced), seconds, self.restarts[role],
+                    self.cfg.recovery.max_actor_restarts, doing)
+
+    @staticmethod
+    def _alive(actor) -> bool:
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=10)
+            return True
+        except RayActorError:
+            return False
+        except GetTimeoutError:  # busy with a task: alive
+            return True
+
+    def restart_learners(self) -> None:
+        """Replace every learner rank (the survivors may be blocked in a collective with the dead one)."""
+        start = time.perf_counter()
+        for actor in self.learners:
+            ray.kill(actor, no_restart=True)
+        self.groups["learner"] = [self._new_actor("learner", i) for i in range(len(self.learners))]
+        self.restarts["learner"] += 1
+        self._wait(self._set_up_learners(), "learner", "building the DeepSpeed engine again", "startup_s")
+        self.recovery_seconds += time.perf_counter() - start
+
     # ---------------------------------------------------------------------------------- the calls
-    def generate(self, prompts) -> tuple[RolloutBatch, float]:
-        """Prompts split evenly over the generation actors; returns the joined batch and compute seconds."""
-        n = len(self.generators)
-        size = len(prompts) // n
-        refs = [g.generate.remote(prompts[i * size:(i + 1) * size]) for i, g in enumerate(self.generators)]
-        results = self._wait(refs, "generation", "sampling a rollout", "generate_s")
+    def generate(self, prompts, seeds: list[int]) -> tuple[RolloutBatch, float]:
+        """Prompts (each with its sampling seed) split evenly over the generation actors; returns the joined
+        batch and compute seconds."""
+        size = len(prompts) // len(self.generators)
+        results = self._recoverable("generation", "sampling a rollout", "generate_s", lambda: [
+            g.generate.remote(prompts[i * size:(i + 1) * size], seeds[i * size:(i + 1) * size])
+            for i, g in enumerate(self.generators)])
         return RolloutBatch.concat([b for b, _ in results]), max(s for _, s in results)
 
     def score(self, batch: RolloutBatch) -> tuple[dict, dict]:
         """Reward scores, reference logprobs and the learner's old logprobs/values — concurrently."""
-        reward_refs = [a.score.remote(part) for a, part in zip(self.rewards, batch.chunks(len(self.rewards)))]
-        ref_refs = [a.logprobs.remote(part) for a, part in zip(self.references, batch.chunks(len(self.references)))]
-        value_refs = [a.values_and_logprobs.remote(part)
-                      for a, part in zip(self.learners, batch.chunks(len(self.learners)))]
-        rewards = self._wait(reward_refs, "reward", "scoring a rollout", "score_s")
-        refs = self._wait(ref_refs, "reference", "computing logprobs", "score_s")
-        values = self._wait(value_refs, "learner", "computing values and old logprobs", "learn_s")
+        def submit(role: str, method: str):
+            return lambda: [getattr(a, method).remote(part)
+                            for a, part in zip(self.groups[role], batch.chunks(len(self.groups[role])))]
+
+        calls = {"reward": (submit("reward", "score"), "scoring a rollout", "score_s"),
+                 "reference": (submit("reference", "logprobs"), "computing logprobs", "score_s"),
+                 "learner": (submit("learner", "values_and_logprobs"), "computing values and old logprobs", "learn_s")}
+        pending = {role: call[0]() for role, call in calls.items()}  # all three run at the same time
+        rewards, refs, values = (self._recoverable(role, doing, timeout, again, pending[role])
+                                 for role, (again, doing, timeout) in calls.items())
         out = {"scores": torch.cat([s for s, _ in rewards]), "ref_logprobs": torch.cat([r for r, _ in refs]),
                "old_logprobs": torch.cat([lv[0] for lv, _ in values]), "values": torch.cat([lv[1] for lv, _ in values])}
         seconds = {"reward": max(s for _, s in rewards), "reference": max(s for _, s in refs),
@@ -218,13 +333,17 @@ class Roles:
                 stats[key] = sum(p[key] for p, _ in parts)
         return stats, max(s for _, s in parts)
 
-    def sync_weights(self) -> dict:
-        """Learner publishes once (object store); every generation actor loads the same objects."""
+    def sync_weights(self, generators: list | None = None) -> dict:
+        """Learner publishes once (object store); every generation actor (or those given) loads the same objects."""
         published = self._wait([a.publish_weights.remote() for a in self.learners], "learner", "publishing weights",
                                "weight_sync_s")
         buckets = published[0][0]
-        loads = self._wait([g.load_weights.remote(buckets, self.timeouts.weight_sync_s) for g in self.generators],
-                           "generation", "loading new weights", "weight_sync_s")
+        load = lambda: [g.load_weights.remote(buckets, self.timeouts.weight_sync_s)  # noqa: E731
+                        for g in (generators or self.generators)]
+        if generators:  # a replacement being brought up to date: no recovery inside a recovery
+            loads = self._wait(load(), "generation", "loading the current weights", "weight_sync_s")
+        else:
+            loads = self._recoverable("generation", "loading new weights", "weight_sync_s", load)
         report = loads[0][0]
         if not self._sync_reported:  # the same every step: say it once
             log.info("weight sync: %d tensors published, %d engine parameters loaded, re-processed shared layers: %s",
@@ -247,12 +366,14 @@ class Roles:
     def memory(self) -> dict[str, float]:
         """Each role's peak resident memory since the last call and the shared (object-store) part of its
         resident memory now, max over its actors, in GB."""
-        actors = {"learner": self.learners, "generation": self.generators, "reward": self.rewards,
-                  "reference": self.references}
-        refs = {role: [a.memory.remote() for a in group] for role, group in actors.items()}
+        refs = {role: [a.memory.remote() for a in group] for role, group in self.groups.items()}
         out = {}
         for role, role_refs in refs.items():
-            readings = self._wait(role_refs, role, "reading its memory", "score_s")
+            try:
+                readings = self._wait(role_refs, role, "reading its memory", "score_s")
+            except ActorLost as lost:  # the next phase that needs the role replaces it
+                log.warning("%s", lost)
+                continue
             out[f"memory/{role}_peak_gb"] = max(r["peak_gb"] for r in readings)
             out[f"memory/{role}_shared_gb"] = max(r["shared_gb"] for r in readings)
         return out
@@ -260,6 +381,13 @@ class Roles:
     def save(self, path: str) -> str:
         results = self._wait([a.save.remote(path) for a in self.learners], "learner", "saving the policy", "learn_s")
         return results[0]
+
+    def save_state(self, directory: str) -> None:
+        self._wait([a.save_state.remote(directory) for a in self.learners], "learner", "saving a checkpoint", "learn_s")
+
+    def load_state(self, directory: str) -> None:
+        self._wait([a.load_state.remote(directory) for a in self.learners], "learner", "loading a checkpoint",
+                   "learn_s")
 
     def shutdown(self) -> None:
         try:

@@ -2,7 +2,7 @@
 
 Joins the Ray cluster named by ``ray.address`` or RAY_ADDRESS (``ray job submit`` sets it), otherwise
 starts a local one of its own. Writes <output_dir>/config.yaml, metrics.jsonl, samples.jsonl, tensorboard/, logs/,
-report.png and final_model/, and ends with a one-line summary of the run.
+report.png, checkpoints/ and final_model/, and ends with a one-line summary of the run.
 """
 from __future__ import annotations
 
@@ -30,14 +30,14 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from rlhf_ray.console import setup_console
-    from rlhf_ray.metrics import MetricsLogger
-    from rlhf_ray.preflight import PreflightError, check_output_dir
+    from rlhf_ray.preflight import PreflightError, check_output_dir, claim_output_dir
     from rlhf_ray.report import draw, load_metrics, summary
     from rlhf_ray.roles import RoleError, RunStopped, stop_ray
     from rlhf_ray.trainer import PPOTrainer
 
     try:
         out = check_output_dir(cfg.output_dir)
+        claim_output_dir(out, cfg.resume, cfg.overwrite)
     except PreflightError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -48,27 +48,31 @@ def main(argv: list[str] | None = None) -> int:
     trainer = None
     try:
         trainer = PPOTrainer(cfg)
-        log.info("roles ready in %.1f s; %d PPO steps", trainer.startup_seconds, cfg.num_steps)
-        with MetricsLogger(out, cfg.logging.tensorboard) as metrics_log, logging_redirect_tqdm():
-            bar = tqdm(range(cfg.num_steps), desc="ppo", disable=not cfg.logging.progress_bar, dynamic_ncols=True)
-            for _ in bar:
+        log.info("roles ready in %.1f s; %s%d PPO steps", trainer.startup_seconds,
+                 f"{trainer.step_count} done, " if trainer.step_count else "", cfg.num_steps)
+        with logging_redirect_tqdm():
+            bar = tqdm(total=cfg.num_steps, initial=trainer.step_count, desc="ppo", dynamic_ncols=True,
+                       disable=not cfg.logging.progress_bar)
+            while trainer.step_count < cfg.num_steps:
                 metrics = trainer.step()
-                metrics_log.log(metrics)
-                metrics_log.log_samples(trainer.last_samples)
-                bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl/mean']:.3f}",
-                                step_s=f"{metrics['time/step']:.1f}")
-        if cfg.logging.save_final_model:
-            log.info("final policy saved to %s", trainer.save(str((out / "final_model").resolve())))
+                bar.n = trainer.step_count  # a learner restart can take it back to a checkpoint
+                if metrics:
+                    bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl/mean']:.3f}",
+                                    step_s=f"{metrics['time/step']:.1f}")
+                bar.refresh()
+            bar.close()
+        final = trainer.finish()
+        if final:
+            log.info("final policy saved to %s", final)
     except (RoleError, ValueError, OSError) as err:  # OSError: e.g. a model path or hub name not found
         log.error("error: %s", err)
         return 1
     except (RunStopped, KeyboardInterrupt) as stop:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the clean-up short
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         name = stop.signal_name if isinstance(stop, RunStopped) else "SIGINT"
-        done = trainer.step_count if trainer is not None else 0
-        log.error("stopped by %s after %d of %d steps: the roles and the Ray processes this run started are "
-                  "shut down; nothing was saved beyond the metrics of finished steps (no checkpoints yet)",
-                  name, done, cfg.num_steps)
+        log.error("stopped by %s after %d of %d steps; %s; the roles and the Ray processes this run started are "
+                  "shut down", name, trainer.step_count if trainer else 0, cfg.num_steps, _save_on_stop(trainer))
         return 128 + getattr(signal, name)
     finally:
         if trainer is not None:
@@ -79,6 +83,21 @@ def main(argv: list[str] | None = None) -> int:
         log.info("report: %s", draw({out.resolve().name: rows}, out / "report.png"))
     log.info("%s", summary(rows))
     return 0
+
+
+def _save_on_stop(trainer) -> str:
+    """Checkpoint the finished steps if possible; what happened, for the stop message."""
+    from rlhf_ray.roles import RoleError
+
+    if trainer is None or not hasattr(trainer, "roles"):
+        return "nothing to save yet"
+    try:
+        saved = trainer.stop()
+    except (RoleError, OSError, ValueError) as err:
+        return f"the checkpoint could not be saved ({err})"
+    if saved:
+        return f"checkpoint saved to {saved} (resume=auto continues from it)"
+    return f"the last checkpoint (step {trainer.saved_step}) is current" if trainer.saved_step else "no checkpoint saved"
 
 
 if __name__ == "__main__":

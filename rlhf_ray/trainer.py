@@ -1,26 +1,29 @@
 """The PPO driver. One step, in order:
 
     prompts → generate → score (reward ‖ reference ‖ values, concurrently) → advantages → learn
-            → weight sync → metrics
+            → weight sync → metrics → checkpoint (every checkpoint.every_steps)
 
 Only this file knows the order of a step; the roles (rlhf_ray.roles) know how to split work over their
-actors, the math lives in rlhf_ray.ppo_math.
+actors and replace a lost generation, reward or reference actor; the math lives in rlhf_ray.ppo_math.
+A lost learner rank takes the learner group back to the last checkpoint (``_recover_learner``).
 """
 from __future__ import annotations
 
 import logging
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 
 from actors.common import process_memory
-from rlhf_ray import preflight
+from rlhf_ray import checkpoint, preflight
 from rlhf_ray.batch import RolloutBatch
-from rlhf_ray.config import ExperimentConfig, PPOConfig
+from rlhf_ray.config import ExperimentConfig, PPOConfig, dump_config
 from rlhf_ray.data import PromptSampler, load_prompts
 from rlhf_ray.modeling import check_same_tokenizer
 from rlhf_ray.ppo_math import gae, kl_penalty, masked_mean, masked_whiten, shape_rewards
-from rlhf_ray.roles import ModelPaths, Roles, connect
+from rlhf_ray.metrics import MetricsLogger
+from rlhf_ray.roles import STOP_SIGNALS, ActorLost, ModelPaths, Roles, connect
 from rlhf_ray.model_specs import resolve_model
 
 log = logging.getLogger(__name__)
@@ -47,45 +50,156 @@ class PPOTrainer:
         self.tokenizer = AutoTokenizer.from_pretrained(self.paths.policy)
         self.dataset = load_prompts(cfg.data, self.tokenizer)
         self.sampler = PromptSampler(len(self.dataset), cfg.ppo.rollout_batch_size, cfg.seed, cfg.data.shuffle)
+        self.resume_from, self.step_count = self._checkpoint_to_resume(), 0
         if self.paths.reward:
             preflight.check_reward_template(models.reward, self.paths.reward, self.dataset.prompts[0].messages)
         if cfg.deepspeed.zero_stage > 0 and cfg.resources.learner.num_actors == 1:
             log.warning("deepspeed.zero_stage=%d with one learner rank partitions nothing but keeps extra fp32 "
                         "copies of the weights and gradients (SmolLM2-135M: peak 7.5 GB and 1.4x slower than with "
                         "0); set deepspeed.zero_stage=0 unless you are testing ZeRO", cfg.deepspeed.zero_stage)
+        checkpoint.remove_partial(cfg.output_dir)
         connect(cfg)
         start = time.perf_counter()
         self.roles = Roles(cfg, self.paths)
+        if self.resume_from:
+            self._restore(self.resume_from)
         self.startup_seconds = time.perf_counter() - start
-        self.step_count = 0
-        self.last_samples: list[dict] = []
+        self.saved_step = self.step_count
+        self.metrics_log = MetricsLogger(cfg.output_dir, cfg.logging.tensorboard, resume_step=self.step_count)
 
+    # ------------------------------------------------------------------------------------------ a step
     def step(self) -> dict[str, float]:
-        """One PPO step; returns its metrics (rewards, KL, losses, and each phase's seconds)."""
+        """One PPO step, recorded (metrics.jsonl, samples.jsonl, TensorBoard) and checkpointed when due.
+
+        Returns its metrics. A stop signal during generation or scoring ends the step at once (nothing
+        has changed yet); from the update on, it waits until the step is recorded (rlhf_ray.roles.StopSignals).
+        """
+        try:
+            return self._step()
+        except ActorLost as lost:
+            if lost.role != "learner":
+                raise
+            self._recover_learner(lost)
+            return {}
+
+    def _step(self) -> dict[str, float]:
         times: dict[str, float] = {}
         started = time.perf_counter()
         prompts = [self.dataset.prompts[i] for i in self.sampler.batch(self.step_count)]
         with phase(times, "generate"):
-            batch, generate_s = self.roles.generate(prompts)
+            batch, generate_s = self.roles.generate(prompts, sampling_seeds(self.cfg.seed, self.step_count, len(prompts)))
         with phase(times, "score_wall"):  # reward, reference and critic run at the same time
             scored, role_seconds = self.roles.score(batch)
         batch, rollout_stats = with_advantages(batch.with_(**scored), self.cfg.ppo)
-        with phase(times, "learn"):
-            learn_stats, learn_s = self.roles.learn(batch)
-        with phase(times, "weight_sync"):
-            sync = self.roles.sync_weights()
-        self.step_count += 1
-        self.last_samples = pick_samples(batch, self.cfg.logging.samples_per_step, self.step_count)
-        memory = {**self.roles.memory(), "memory/driver_peak_gb": process_memory(reset_peak=True)["peak_gb"]}
-        times["step"] = time.perf_counter() - started
-        return {"step": self.step_count, **rollout_stats, **learn_stats, **memory,
-                **step_timing(times, role_seconds, generate_s, learn_s, sync, batch)}
+        with STOP_SIGNALS.deferred():
+            with phase(times, "learn"):
+                learn_stats, learn_s = self.roles.learn(batch)
+            with phase(times, "weight_sync"):
+                sync = self.roles.sync_weights()
+            self.step_count += 1
+            memory = {**self.roles.memory(), "memory/driver_peak_gb": process_memory(reset_peak=True)["peak_gb"]}
+            times["step"] = time.perf_counter() - started
+            metrics = {"step": self.step_count, **rollout_stats, **learn_stats, **memory, **self._recovery_stats(),
+                       **step_timing(times, role_seconds, generate_s, learn_s, sync, batch)}
+            self.metrics_log.log(metrics)
+            self.metrics_log.log_samples(pick_samples(batch, self.cfg.logging.samples_per_step, self.step_count))
+            every = self.cfg.checkpoint.every_steps
+            if every and self.step_count % every == 0 and self.step_count < self.cfg.num_steps:
+                self.save_checkpoint()
+        return metrics
+
+    def _recovery_stats(self) -> dict[str, float]:
+        seconds, self.roles.recovery_seconds = self.roles.recovery_seconds, 0.0
+        return {"recovery/seconds": seconds, **{f"recovery/{role}_restarts": float(count)
+                                                for role, count in self.roles.restarts.items()}}
+
+    # ----------------------------------------------------------------------------------- durability
+    def save_checkpoint(self) -> str:
+        """Checkpoint the finished steps (atomically; see rlhf_ray.checkpoint). Returns its path."""
+        start = time.perf_counter()
+        staging = checkpoint.begin(self.cfg.output_dir, self.step_count)
+        try:
+            self.roles.save_state(str(staging.resolve()))
+            state = {"step": self.step_count, "sampler": self.sampler.state_dict(self.step_count),
+                     "sampling_seeds": "per prompt, from (seed, step): rlhf_ray.trainer.sampling_seeds",
+                     "seed": self.cfg.seed, "restarts": dict(self.roles.restarts)}
+            path = checkpoint.commit(staging, self.step_count, state, dump_config(self.cfg),
+                                     self.cfg.checkpoint.keep_last)
+        except BaseException:
+            checkpoint.abort(staging)  # the earlier checkpoints stay as they were
+            raise
+        self.saved_step = self.step_count
+        log.info("checkpoint of step %d saved to %s in %.1f s", self.step_count, path, time.perf_counter() - start)
+        return str(path)
+
+    def _checkpoint_to_resume(self):
+        """The checkpoint named by ``resume``, checked against this config before any cluster starts."""
+        path = checkpoint.resolve(self.cfg.resume, self.cfg.output_dir)
+        if path is None:
+            return None
+        state = checkpoint.verify(path)
+        blocking, changed = checkpoint.differences(checkpoint.saved_config(path), self.cfg.model_dump(mode="json"))
+        if blocking:
+            raise checkpoint.CheckpointError(f"cannot resume from {path}: the config differs in what a checkpoint "
+                                             f"cannot be continued under: {'; '.join(blocking)}")
+        if changed:
+            log.info("resuming with changed settings: %s", "; ".join(changed))
+        self.sampler.check_state(state["sampler"], state["step"])
+        return path
+
+    def _restore(self, path) -> None:
+        """Learners from the checkpoint, the engines from the learners, the step counter from the driver state."""
+        self.roles.load_state(str(Path(path).resolve()))
+        self.roles.sync_weights()
+        self.step_count = checkpoint.read_state(path)["step"]
+        log.info("resumed from %s: %d of %d steps done", path, self.step_count, self.cfg.num_steps)
+
+    def _recover_learner(self, lost: ActorLost) -> None:
+        if self.roles.restarts["learner"] >= self.cfg.recovery.max_learner_restarts:
+            raise lost
+        latest = checkpoint.latest_valid(self.cfg.output_dir)
+        log.warning("recovery: %s; restarting the learner group from %s (restart %d of at most %d)", lost,
+                    latest or "the beginning (no checkpoint yet)", self.roles.restarts["learner"] + 1,
+                    self.cfg.recovery.max_learner_restarts)
+        self.roles.restart_learners()
+        if latest:
+            self._restore(latest)
+        else:
+            self.roles.sync_weights()  # the engines go back to the initial policy with the learners
+            self.step_count = 0
+        self.metrics_log.rewind(self.step_count)
 
     def save(self, path: str) -> str:
+        """The current policy in HF format (safetensors) with its tokenizer."""
         return self.roles.save(path)
 
+    def finish(self) -> str | None:
+        """The checkpoint after the last step (checkpoint.at_end) and the final policy (logging.save_final_model)."""
+        if self.cfg.checkpoint.at_end and self.saved_step != self.step_count:
+            self.save_checkpoint()
+        if self.cfg.logging.save_final_model:
+            return self.save(str((Path(self.cfg.output_dir) / "final_model").resolve()))
+        return None
+
+    def stop(self) -> str | None:
+        """After a stop signal: checkpoint the finished steps if there are new ones (checkpoint.on_signal)."""
+        if self.cfg.checkpoint.on_signal and self.saved_step != self.step_count:
+            return self.save_checkpoint()
+        return None
+
     def shutdown(self) -> None:
-        self.roles.shutdown()
+        if hasattr(self, "metrics_log"):
+            self.metrics_log.close()
+        if hasattr(self, "roles"):
+            self.roles.shutdown()
+
+
+
+def sampling_seeds(seed: int, step: int, count: int) -> list[int]:
+    """One vLLM sampling seed per prompt of step ``step``, from the run's seed and the step alone (a prompt's
+    samples use seed, seed+1, …: leave room for n_samples_per_prompt)."""
+    base = (seed * 1_000_003 + step) * 2**20
+    return [(base + i * 1024) % 2**63 for i in range(count)]
 
 
 @contextmanager
