@@ -73,7 +73,7 @@ class StopSignals:
         if not self.deferring:
             raise RunStopped(name)
         if self.pending is None:
-            log.warning("%s received: stopping once this step's update is finished and recorded", name)
+            log.warning("%s during the update: stopping once this step is recorded", name)
         self.pending = name
 
     @contextmanager
@@ -131,7 +131,21 @@ def connect(cfg: ExperimentConfig) -> None:
         log.info("joined the Ray cluster at %s", address)
     else:
         ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, **quiet)
+    if quiet:
+        _errors_to_log()
     STOP_SIGNALS.install()
+
+
+def _errors_to_log() -> None:
+    """Ray prints the raylet's error messages (e.g. "A worker died…" when an actor is lost) straight to the
+    driver's stdout even with log_to_driver=False; in quiet mode they go to driver.log — the run reports a
+    lost actor itself, in one line, with what it did about it."""
+    import ray._private.worker as ray_worker
+
+    if hasattr(ray_worker, "print_to_stdstream"):
+        records = logging.getLogger("ray.raylet_errors")
+        ray_worker.print_to_stdstream = lambda data, ignore_prefix=False: [
+            records.info("%s", line) for line in data.get("lines", [])]
 
 
 def stop_ray() -> None:

@@ -72,3 +72,58 @@ print("RESULT" + json.dumps(list(out[0].outputs[0].token_ids)))
     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT")]
     assert run.returncode == 0 and lines, run.stderr[-3000:]
     return json.loads(lines[0][len("RESULT"):])
+
+
+# ------------------------------------------------------------------------- runs as a user starts them
+
+def start_run(out: Path, ray_tmp: str, tiny_cache: Path, *overrides: str) -> subprocess.Popen:
+    """``python -m rlhf_ray.train`` on the tiny default in its own local Ray (temp dir ``ray_tmp``)."""
+    import os
+    import signal
+
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen([sys.executable, "-m", "rlhf_ray.train", f"models.cache_dir={tiny_cache}",
+                             f"output_dir={out}", "logging.progress_bar=false", "logging.report=false", *overrides],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            # a shell running this suite in the background ignores SIGINT, and children
+                            # inherit that; a user's terminal does not
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def metric_rows(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def wait_for_steps(run: subprocess.Popen, out: Path, steps: int, timeout_s: float = 300) -> None:
+    """Until the run has recorded ``steps`` steps; fails with the run's output if it ended before."""
+    import time
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and run.poll() is None:
+        if len(metric_rows(out)) >= steps:
+            return
+        time.sleep(0.2)
+    run.kill()
+    raise AssertionError(f"the run did not reach step {steps}: {run.communicate()[0][-3000:]}")
+
+
+def process_table() -> list[tuple[int, int, str]]:
+    ps = subprocess.run(["ps", "-ewwo", "pid=,ppid=,args="], capture_output=True, text=True).stdout.splitlines()
+    return [(int(p), int(pp), args) for p, pp, args in ((line.strip().split(None, 2) + ["", ""])[:3] for line in ps)
+            if p.isdigit()]
+
+
+def ray_processes(ray_tmp: str) -> list[str]:
+    """Processes of the Ray instance whose temp dir is ``ray_tmp`` (their command lines name it)."""
+    return [args for _, _, args in process_table() if ray_tmp in args]
+
+
+def actor_pid(ray_tmp: str, actor_class: str) -> int:
+    """PID of the (one) live ``actor_class`` worker of the Ray instance whose temp dir is ``ray_tmp``."""
+    table = process_table()
+    raylets = {pid for pid, _, args in table if ray_tmp in args and "raylet" in args}
+    pids = [pid for pid, ppid, args in table if ppid in raylets and args.startswith(f"ray::{actor_class}")]
+    assert len(pids) == 1, (actor_class, pids)
+    return pids[0]
