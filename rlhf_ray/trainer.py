@@ -62,7 +62,7 @@ class PPOTrainer:
         start = time.perf_counter()
         self.roles = Roles(cfg, self.paths)
         if self.resume_from:
-            self._restore(self.resume_from)
+            self.restore(self.resume_from)
         self.startup_seconds = time.perf_counter() - start
         self.saved_step = self.step_count
         self.metrics_log = MetricsLogger(cfg.output_dir, cfg.logging.tensorboard, resume_step=self.step_count)
@@ -147,7 +147,7 @@ class PPOTrainer:
         self.sampler.check_state(state["sampler"], state["step"])
         return path
 
-    def _restore(self, path) -> None:
+    def restore(self, path) -> None:
         """Learners from the checkpoint, the engines from the learners, the step counter from the driver state."""
         self.roles.load_state(str(Path(path).resolve()))
         self.roles.sync_weights()
@@ -163,7 +163,7 @@ class PPOTrainer:
                     self.cfg.recovery.max_learner_restarts)
         self.roles.restart_learners()
         if latest:
-            self._restore(latest)
+            self.restore(latest)
         else:
             self.roles.sync_weights()  # the engines go back to the initial policy with the learners
             self.step_count = 0
