@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import importlib
 import math
+import numbers
 
 import torch
 
@@ -64,14 +65,31 @@ class RewardActor(Role):
                                      add_special_tokens=self.cfg.template == "tulu")
                 enc = enc.to(self.model.device)
                 scores.append(self.model(**enc).logits[:, 0].float().cpu())
-        return torch.cat(scores)
+        scores = torch.cat(scores)
+        bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(f"the reward model ({self.cfg.model}) scored {len(bad)} of {len(scores)} samples "
+                             f"{scores[bad[0]].item()} (first: sample {bad[0]}, response "
+                             f"{batch.response_texts[bad[0]][:80]!r}); scores must be finite — check its weights "
+                             "and models.dtype (float16 overflows)")
+        return scores
 
     def _score_function(self, batch: RolloutBatch) -> torch.Tensor:
         scores = []
+        name = f"models.reward.function='{self.cfg.function}'"
         for i, (prompt, response) in enumerate(zip(batch.prompt_texts, batch.response_texts)):
-            value = float(self.function(prompt, response))
+            try:
+                result = self.function(prompt, response)
+            except Exception as err:
+                raise ValueError(f"{name} raised {type(err).__name__}: {err} for sample {i} "
+                                 f"(response {response[:80]!r})") from err
+            if isinstance(result, bool) or not isinstance(result, numbers.Real) and not (
+                    isinstance(result, torch.Tensor) and result.numel() == 1):
+                raise ValueError(f"{name} returned {result!r} ({type(result).__name__}) for sample {i}; it must "
+                                 "return one number")
+            value = float(result)
             if not math.isfinite(value):
-                raise ValueError(f"models.reward.function='{self.cfg.function}' returned {value} for sample {i} "
+                raise ValueError(f"{name} returned {value} for sample {i} "
                                  f"(response {response[:80]!r}); rewards must be finite")
             scores.append(value)
         return torch.tensor(scores, dtype=torch.float32)

@@ -143,6 +143,9 @@ class PromptDataset:
 
 def load_prompts(cfg: DataConfig, tokenizer) -> PromptDataset:
     """Read, validate, render and tokenize the prompt data described by ``cfg``."""
+    if cfg.template == "tokenizer" and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"data.template='tokenizer' but the policy's tokenizer ({tokenizer.name_or_path}) has no chat "
+                         "template: use data.template=tulu, or a tokenizer that has one")
     source = load_rows(cfg.prompts, cfg.split)
     column = cfg.prompt_field or cfg.messages_field
     if column not in source.columns:

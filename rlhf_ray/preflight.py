@@ -57,8 +57,8 @@ def looks_like_local_path(spec: str) -> bool:
 
 
 def check_model_path(spec: str, resolved: str, key: str) -> None:
-    """A model given as a local path must be a directory with a config.json; hub names pass (they are
-    checked when loaded)."""
+    """A model given as a local path must be a directory with a config.json; a hub name must be in the
+    local Hugging Face cache or reachable on the Hub (``check_hub_model``)."""
     path = Path(resolved).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -66,6 +66,36 @@ def check_model_path(spec: str, resolved: str, key: str) -> None:
         return
     if looks_like_local_path(resolved) or path.exists():
         raise PreflightError(f"{key}={spec!r}: no such model directory ({path})")
+    check_hub_model(resolved, key)
+
+
+HUB_TIMEOUT_S = 10.0
+
+
+def check_hub_model(repo_id: str, key: str) -> None:
+    """A hub name is usable if its config is in the local cache or the Hub answers for it — asked once, with
+    a short timeout: without this a machine with no network learns it after ~50 s of retries per model."""
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    if isinstance(huggingface_hub.try_to_load_from_cache(repo_id, "config.json"), str):
+        return  # cached: loads offline
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise PreflightError(f"{key}={repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
+                             f"download it first (huggingface-cli download {repo_id}) or pass a local path")
+    try:
+        huggingface_hub.model_info(repo_id, timeout=HUB_TIMEOUT_S)
+    except errors.RepositoryNotFoundError:
+        raise PreflightError(f"{key}={repo_id!r}: no such model on the Hugging Face Hub (or it is private: "
+                             "log in with `huggingface-cli login`), and not a local directory") from None
+    except errors.GatedRepoError:
+        raise PreflightError(f"{key}={repo_id!r} is gated on the Hub: accept its licence and log in "
+                             "(`huggingface-cli login`), or pass a local path") from None
+    except Exception as err:  # no network, DNS, proxy, timeout (httpx or requests errors, by hub version)
+        cause = str(err).splitlines()[0][:200]
+        raise PreflightError(f"{key}={repo_id!r} is not a local directory, not in the Hugging Face cache, and the "
+                             f"Hub cannot be reached ({cause}): pass a local path, or download it where there is "
+                             f"network (huggingface-cli download {repo_id})") from None
 
 
 def check_reward_function(reward: RewardConfig) -> None:

@@ -42,12 +42,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     driver_log = setup_console(cfg.logging.console, out)
-    (out / "config.yaml").write_text(dump_config(cfg))
     log.info("rlhf-ray PPO: %s → %s%s", args.config, out,
              f" (engine, Ray and DeepSpeed output: {driver_log.parent}/)" if driver_log else "")
     trainer = None
     try:
         trainer = PPOTrainer(cfg)
+        (out / "config.yaml").write_text(dump_config(cfg))  # only now: a run refused above leaves the old one
         log.info("roles ready in %.1f s; %s%d PPO steps", trainer.startup_seconds,
                  f"{trainer.step_count} done, " if trainer.step_count else "", cfg.num_steps)
         with logging_redirect_tqdm():

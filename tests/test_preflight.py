@@ -48,7 +48,6 @@ def test_model_paths(tmp_path, tiny_cache):
     from rlhf_ray.model_specs import resolve_model
 
     check_model_path("tiny:policy", resolve_model("tiny:policy", tiny_cache), "models.policy")
-    check_model_path("allenai/tulu-2-13b", "allenai/tulu-2-13b", "models.policy")  # a hub name: loaded later
     with pytest.raises(PreflightError, match="models.policy='/nope/model': no such model directory"):
         check_model_path("/nope/model", "/nope/model", "models.policy")
     with pytest.raises(PreflightError, match="models.reward.model=.* is a directory without config.json"):
