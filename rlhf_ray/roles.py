@@ -24,6 +24,7 @@ from actors.generation import GenerationActor
 from actors.learner import LearnerActor
 from actors.reference import ReferenceActor
 from actors.reward import RewardActor
+from rlhf_ray import reaper
 from rlhf_ray.batch import RolloutBatch
 from rlhf_ray.config import ExperimentConfig, RoleResources
 
@@ -81,6 +82,12 @@ class StopSignals:
         self.deferring = True
         try:
             yield
+        except BaseException as err:
+            # a stop that arrived meanwhile wins: a scheduler signalling the whole process group also
+            # kills the actors, and that is no reason to start recovering them
+            if self.pending and not isinstance(err, RunStopped):
+                raise RunStopped(self.pending) from err
+            raise
         finally:
             self.deferring, pending, self.pending = False, self.pending, None
         if pending:
@@ -131,6 +138,8 @@ def connect(cfg: ExperimentConfig) -> None:
         log.info("joined the Ray cluster at %s", address)
     else:
         ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, **quiet)
+        reaper.start_beside(os.getpid())  # this run's Ray processes go with it, even after a SIGKILL
+        _LOCAL_RAY["started"] = True
     if quiet:
         _errors_to_log()
     STOP_SIGNALS.install()
@@ -148,10 +157,39 @@ def _errors_to_log() -> None:
             records.info("%s", line) for line in data.get("lines", [])]
 
 
-def stop_ray() -> None:
-    """Disconnect from Ray; a local Ray this run started (GCS, raylet, agents, workers) stops with it."""
+_LOCAL_RAY = {"started": False, "abandoned": False}
+
+
+def local_ray_down() -> bool:
+    """True when this run started its own Ray and its GCS or raylet is gone — e.g. a scheduler signalled the
+    whole process group. Every Ray call would then wait 60 s for the GCS and abort the process."""
+    if not _LOCAL_RAY["started"]:
+        return False
+    import psutil
+
+    alive = {p.name() for p in psutil.Process().children() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE}
+    return not {"gcs_server", "raylet"} <= alive
+
+
+def stop_ray() -> bool:
+    """Disconnect from Ray; a local Ray this run started (GCS, raylet, agents, workers) stops with it.
+    False if that Ray was already down: nothing is waited for (rlhf_ray.reaper stops what is left), and
+    the process should leave with os._exit (Ray's exit hooks would wait for the GCS)."""
+    if local_ray_down():
+        abandon_ray()
+        return False
     if ray.is_initialized():
         ray.shutdown()
+    return True
+
+
+def abandon_ray() -> None:
+    """Leave Ray as it is: the process must end with os._exit (rlhf_ray.train does)."""
+    _LOCAL_RAY["abandoned"] = True
+
+
+def ray_abandoned() -> bool:
+    return _LOCAL_RAY["abandoned"]
 
 
 class Roles:
@@ -404,9 +442,11 @@ class Roles:
                    "learn_s")
 
     def shutdown(self) -> None:
+        if local_ray_down():  # every call would hang on the dead GCS (rlhf_ray.train then leaves at once)
+            return
         try:
             ray.get([a.shutdown.remote() for a in self.learners] + [g.close.remote() for g in self.generators],
-                    timeout=60)
+                    timeout=15)
         except Exception as err:  # the run is ending anyway; report and release resources
             log.warning("clean shutdown of the roles failed: %s", err)
         for actor in self.learners + self.generators + self.rewards + self.references:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 
@@ -75,14 +76,50 @@ def main(argv: list[str] | None = None) -> int:
                   "shut down", name, trainer.step_count if trainer else 0, cfg.num_steps, _save_on_stop(trainer))
         return 128 + getattr(signal, name)
     finally:
-        if trainer is not None:
-            trainer.shutdown()
-        stop_ray()
+        _clean_up(trainer)
     rows = load_metrics(out)
     if cfg.logging.report:
         log.info("report: %s", draw({out.resolve().name: rows}, out / "report.png"))
     log.info("%s", summary(rows))
     return 0
+
+
+CLEAN_UP_S = 30.0
+
+
+def _clean_up(trainer) -> None:
+    """Shut the roles and the local Ray down. When Ray's own processes were signalled too (a scheduler
+    stopping the whole process group), every Ray call waits for a GCS that is gone: then, or after
+    CLEAN_UP_S in any case, the run leaves without waiting (os._exit in __main__) and rlhf_ray.reaper
+    stops what is left."""
+    import threading
+    import time
+
+    from rlhf_ray.roles import abandon_ray, local_ray_down, stop_ray
+
+    stage = ["roles"]
+
+    def work():
+        if trainer is not None:
+            trainer.shutdown()
+        stage[0] = "ray"
+        stop_ray()
+
+    worker = threading.Thread(target=work, name="clean-up", daemon=True)
+    worker.start()
+    deadline = time.monotonic() + CLEAN_UP_S
+    while worker.is_alive() and time.monotonic() < deadline:
+        worker.join(0.5)
+        if worker.is_alive() and stage[0] == "roles" and local_ray_down():
+            log.warning("this run's Ray was stopped from outside (its GCS or raylet is gone); rlhf_ray.reaper "
+                        "stops the processes that are left")
+            break
+    else:
+        if not worker.is_alive():
+            return
+        log.warning("Ray did not shut down within %.0f s; rlhf_ray.reaper stops the processes that are left",
+                    CLEAN_UP_S)
+    abandon_ray()
 
 
 def _save_on_stop(trainer) -> str:
@@ -101,4 +138,12 @@ def _save_on_stop(trainer) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    from rlhf_ray.roles import ray_abandoned
+
+    if ray_abandoned():  # Ray's exit hooks would wait 60 s for a GCS that is gone, then abort
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

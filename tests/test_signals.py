@@ -39,3 +39,25 @@ def test_a_signal_mid_run_stops_everything_with_one_line(tiny_cache, tmp_path, s
         if run.poll() is None:
             run.kill()
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_a_driver_killed_with_sigkill_leaves_no_process_behind(tiny_cache, tmp_path):
+    """SIGKILL cannot be handled: rlhf_ray.reaper, started beside the driver, stops what the driver started
+    (Ray leaves its DashboardAgent and RuntimeEnvAgent running otherwise)."""
+    import psutil
+
+    ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")
+    run = start_run(tmp_path / "run", ray_tmp, tiny_cache, "ppo.total_episodes=3200")
+    try:
+        wait_for_steps(run, tmp_path / "run", 1)
+        started = psutil.Process(run.pid).children(recursive=True)
+        names = {p.name() for p in started}
+        assert {"raylet", "gcs_server"} <= names and any("DashboardAgent" in " ".join(p.cmdline()) for p in started)
+        run.kill()
+        run.wait()
+        _, alive = psutil.wait_procs(started, timeout=30)
+        assert alive == [], [(p.pid, " ".join(p.cmdline())[:80]) for p in alive]
+    finally:
+        if run.poll() is None:
+            run.kill()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
