@@ -96,23 +96,36 @@ class LearnerActor(Role):
         set_threads(self.cfg.resources.learner.num_cpus)
 
     def master_address(self) -> tuple[str, int]:
-        """This actor's node address and a free port, for the rank-0 rendezvous."""
+        """Rank 0 opens the rendezvous: a socket bound and listening now on this node's address (127.0.0.1
+        for a run's own local Ray), later handed to the TCPStore as it is — the port is never free between
+        being chosen and being used, so no other process can take it."""
         import ray
 
-        with socket.socket() as sock:
-            sock.bind(("", 0))
-            return ray.util.get_node_ip_address(), sock.getsockname()[1]
+        host = ray.util.get_node_ip_address()
+        self._rendezvous = socket.create_server((host, 0))
+        return host, self._rendezvous.getsockname()[1]
 
     @timed
     def setup(self, master_addr: str, master_port: int) -> None:
         """Join the process group and build the DeepSpeed engine (policy + value model, AdamW, schedule)."""
+        import ipaddress
+
         import deepspeed
+        import torch.distributed as dist
         from transformers import get_scheduler
 
+        timeout = timedelta(seconds=self.cfg.timeouts.learn_s)
+        if ipaddress.ip_address(master_addr).is_loopback:  # one machine: collectives over loopback too
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+            os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
                           LOCAL_RANK="0", WORLD_SIZE=str(self.world_size))  # Ray gives each actor its own GPU
-        deepspeed.init_distributed(dist_backend="nccl" if self.device == "cuda" else "gloo",
-                                   timeout=timedelta(seconds=self.cfg.timeouts.learn_s))
+        store = dist.TCPStore(master_addr, master_port, self.world_size, is_master=self.rank == 0, timeout=timeout,
+                              master_listen_fd=self._rendezvous.fileno() if self.rank == 0 else None,
+                              wait_for_workers=False)
+        backend = "nccl" if self.device == "cuda" else "gloo"
+        dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size, timeout=timeout)
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)  # wraps the group above
         models, opt = self.cfg.models, self.cfg.optimizer
         model = PolicyAndValue(load_causal_lm(self.policy_path),
                                load_value_model(models.value_init, self.policy_path, self.value_path, "float32"))

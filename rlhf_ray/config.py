@@ -201,6 +201,9 @@ class RayConfig(_Strict):
                           "(ray job submit sets it), otherwise the run starts a local Ray of its own (it never joins "
                           "another run's cluster by accident).")
     num_cpus: Optional[float] = Field(None, gt=0, description="Logical CPUs of a locally started Ray (default: enough for all roles).")
+    loopback_only: bool = Field(
+        True, description="A Ray this run starts itself (no address given) and the learner's rendezvous listen on "
+                          "127.0.0.1 only; false: on the machine's network address, so that other nodes could join.")
 
 
 class ExperimentConfig(_Strict):

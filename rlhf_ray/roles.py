@@ -137,12 +137,24 @@ def connect(cfg: ExperimentConfig) -> None:
         ray.init(address=address, **quiet)
         log.info("joined the Ray cluster at %s", address)
     else:
+        if cfg.ray.loopback_only:
+            _loopback_only()
         ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, **quiet)
         reaper.start_beside(os.getpid())  # this run's Ray processes go with it, even after a SIGKILL
         _LOCAL_RAY["started"] = True
     if quiet:
         _errors_to_log()
     STOP_SIGNALS.install()
+
+
+def _loopback_only() -> None:
+    """Ray binds every server of a node (GCS, raylet, workers, agents, metrics) to the node's address; a node
+    with multi-node clustering disabled takes 127.0.0.1 as its address. The variable reaches the processes
+    Ray starts; the constant is what the driver's own ray module read when it was imported."""
+    from ray._private import ray_constants
+
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def _errors_to_log() -> None:

@@ -1,5 +1,5 @@
 """SIGTERM (a scheduler pre-empting) and SIGINT (Ctrl-C) stop a run cleanly: one line, every process it
-started gone, the metrics of finished steps intact and checkpointed."""
+started gone, the metrics of finished steps intact and checkpointed. The run's own Ray listens on loopback only."""
 from __future__ import annotations
 
 import json
@@ -15,6 +15,22 @@ from tests.conftest import metric_rows, ray_processes, start_run, wait_for_steps
 pytestmark = pytest.mark.e2e
 
 
+def listening_addresses(pid: int) -> set[str]:
+    """Addresses the TCP servers of process ``pid`` and its descendants listen on (Ray, agents, rendezvous)."""
+    import psutil
+
+    driver = psutil.Process(pid)
+    addresses = set()
+    for proc in [driver, *driver.children(recursive=True)]:
+        try:
+            addresses |= {c.laddr.ip.removeprefix("::ffff:") for c in proc.net_connections(kind="tcp")
+                          if c.status == psutil.CONN_LISTEN}
+        except psutil.Error:
+            continue
+    assert addresses, "no listening socket found: the check would prove nothing"
+    return addresses
+
+
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_mid_run_stops_everything_with_one_line(tiny_cache, tmp_path, sig, code):
     out = tmp_path / "run"
@@ -22,6 +38,7 @@ def test_a_signal_mid_run_stops_everything_with_one_line(tiny_cache, tmp_path, s
     run = start_run(out, ray_tmp, tiny_cache, "ppo.total_episodes=3200")
     try:
         wait_for_steps(run, out, 1)
+        assert listening_addresses(run.pid) <= {"127.0.0.1"}, listening_addresses(run.pid)
         run.send_signal(sig)
         output = run.communicate(timeout=120)[0]
         time.sleep(2)  # the raylet and the GCS exit right after the driver
