@@ -200,7 +200,7 @@ class RayConfig(_Strict):
         None, description="Ray cluster to join ('host:port', 'ray://…', 'auto'); null: the one in RAY_ADDRESS if set "
                           "(ray job submit sets it), otherwise the run starts a local Ray of its own (it never joins "
                           "another run's cluster by accident).")
-    num_cpus: Optional[float] = Field(None, gt=0, description="Logical CPUs of a locally started Ray (default: enough for all roles).")
+    num_cpus: Optional[float] = Field(None, gt=0, description="Logical CPUs of a locally started Ray (default: the machine's CPU count; more oversubscribes).")
     loopback_only: bool = Field(
         True, description="A Ray this run starts itself (no address given) and the learner's rendezvous listen on "
                           "127.0.0.1 only; false: on the machine's network address, so that other nodes could join.")

@@ -31,6 +31,7 @@ from rlhf_ray.config import ExperimentConfig, RoleResources
 log = logging.getLogger(__name__)
 ROLE_ORDER = ("learner", "generation", "reward", "reference")
 SUMMED_LEARNER_STATS = ("loss/", "ppo/", "entropy")  # per-rank shares of a global token mean
+NOTICE_S = 120.0  # a wait longer than this is reported on the console, and again every NOTICE_S
 
 
 class RoleError(RuntimeError):
@@ -101,8 +102,17 @@ def wait(refs, role: str, doing: str, timeout_s: float, timeout_key: str, logs: 
     """``ray.get`` with a timeout; failures become a RoleError naming the role, what it was doing and,
     for errors raised in an actor, the actor's full traceback. ``logs``: where the role's output goes."""
     see = f" (its output: {logs})" if logs else ""
+    deadline = time.monotonic() + timeout_s
     try:
-        return ray.get(refs, timeout=timeout_s)
+        while True:  # a long wait says so every NOTICE_S, instead of staying silent until the timeout
+            try:
+                return ray.get(refs, timeout=max(0.0, min(NOTICE_S, deadline - time.monotonic())))
+            except GetTimeoutError:
+                if time.monotonic() >= deadline:
+                    raise
+                waited = timeout_s - (deadline - time.monotonic())
+                log.info("still waiting for %s (%s): %.0f s of at most %.0f s (%s)", role, doing, waited, timeout_s,
+                         timeout_key)
     except GetTimeoutError:
         raise ActorLost(f"{role} did not finish {doing} within {timeout_s:.0f} s; it may be stuck or too slow "
                         f"for its resources (raise {timeout_key} if it is just slow){see}", role, stuck=True) from None
@@ -264,6 +274,10 @@ class Roles:
         need_cpu, need_gpu = sum(b["CPU"] for b in bundles), sum(b.get("GPU", 0) for b in bundles)
         have = ray.cluster_resources()
         if need_cpu > have.get("CPU", 0) or need_gpu > have.get("GPU", 0):
+            if _LOCAL_RAY["started"]:  # a Ray of this run's own never grows: say so now, not after placement_s
+                raise RoleError(f"the roles need {need_cpu:g} CPUs and {need_gpu:g} GPUs but this run's local Ray has "
+                                f"{have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs; lower "
+                                f"resources.*.num_cpus/num_gpus/num_actors or raise ray.num_cpus")
             log.warning("the roles need %g CPUs and %g GPUs but the cluster has %s now; waiting in case it grows",
                         need_cpu, need_gpu, have)
         pg = placement_group(bundles, strategy=self.cfg.resources.placement_strategy)
