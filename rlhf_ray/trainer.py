@@ -194,7 +194,6 @@ class PPOTrainer:
             self.roles.shutdown()
 
 
-
 def sampling_seeds(seed: int, step: int, count: int) -> list[int]:
     """One vLLM sampling seed per prompt of step ``step``, from the run's seed and the step alone (a prompt's
     samples use seed, seed+1, …: leave room for n_samples_per_prompt)."""
