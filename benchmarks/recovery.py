@@ -12,7 +12,11 @@ Kill part (the real CLI, ``python -m rlhf_ray.train``, in its own local Ray): af
 generation, reward, reference and learner actor is killed with SIGKILL by PID; for each, the seconds from
 the kill until the next step is recorded in metrics.jsonl (a step that was being run when the actor died is
 redone; a killed learner group restarts from the checkpoint of step 8). The steps' median time is given
-beside it for scale. Writes benchmarks/results/recovery_<config>.json.
+beside it for scale.
+
+Resume part (the real CLI): an uninterrupted run of 4 steps, and the same run stopped by SIGTERM after its
+second step and resumed with ``resume=auto``; the largest difference of every metric over the steps run after
+the resume, and of every policy tensor at the end. Writes benchmarks/results/recovery_<config>.json.
 """
 from __future__ import annotations
 
@@ -143,10 +147,61 @@ def kill_costs(config: str, overrides: list[str]) -> dict:
     return results
 
 
+def cli_run(config: str, overrides: list[str], out: Path, ray_tmp: str, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen([sys.executable, "-m", "rlhf_ray.train", "--config", config, *overrides, f"output_dir={out}",
+                             "logging.progress_bar=false", "logging.report=false", *extra],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finished(run: subprocess.Popen, code: int = 0) -> None:
+    output = run.communicate(timeout=3600)[0]
+    if run.returncode != code:
+        raise RuntimeError(f"exit {run.returncode}, expected {code}:\n{output[-3000:]}")
+
+
+def resume_check(config: str, overrides: list[str], steps: int = 4) -> dict:
+    from safetensors.torch import load_file
+
+    base = Path(tempfile.mkdtemp(prefix="bench_resume_"))
+    ray_tmp = tempfile.mkdtemp(prefix="rb", dir="/tmp")
+    total = [f"ppo.total_episodes={steps * load_config(config, overrides).ppo.rollout_batch_size}"]
+    try:
+        finished(cli_run(config, overrides, base / "whole", ray_tmp, *total))
+        run = cli_run(config, overrides, base / "stopped", ray_tmp, *total)
+        while len(rows(base / "stopped")) < steps // 2:
+            if run.poll() is not None:
+                raise RuntimeError(run.communicate()[0][-3000:])
+            time.sleep(0.1)
+        run.send_signal(signal.SIGTERM)
+        finished(run, 143)
+        stopped_at = len(rows(base / "stopped"))
+        finished(cli_run(config, overrides, base / "stopped", ray_tmp, *total, "resume=auto"))
+        whole = [json.loads(r) for r in rows(base / "whole")]
+        resumed = [json.loads(r) for r in rows(base / "stopped")]
+        compared = [k for k, v in whole[0].items() if isinstance(v, (int, float)) and k != "step"
+                    and not k.startswith(("time/", "memory/", "throughput/", "recovery/"))]
+        diffs = {k: max(abs(a[k] - b[k]) for a, b in zip(whole[stopped_at:], resumed[stopped_at:])
+                        if a[k] is not None and b[k] is not None) for k in compared}
+        last = f"step-{steps:06d}"
+        w = load_file(base / "whole" / "checkpoints" / last / "policy" / "model.safetensors")
+        r = load_file(base / "stopped" / "checkpoints" / last / "policy" / "model.safetensors")
+        weight_diff = max(float((w[k] - r[k]).abs().max()) for k in w)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    return {"steps": steps, "stopped_after_step": stopped_at, "steps_compared": steps - stopped_at,
+            "every_step_once": [r["step"] for r in resumed] == list(range(1, steps + 1)),
+            "metrics_bit_identical": all(d == 0 for d in diffs.values()), "max_metric_abs_diff": max(diffs.values()),
+            "metric_abs_diff": diffs, "final_policy_max_abs_diff": weight_diff}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "tiny_cpu.yaml"))
-    parser.add_argument("--skip-kills", action="store_true", help="only the checkpoint costs")
+    parser.add_argument("--skip-kills", action="store_true", help="leave out the kills")
+    parser.add_argument("--skip-resume", action="store_true", help="leave out the resume check")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     name = Path(args.config).stem
@@ -163,9 +218,23 @@ def main() -> None:
         kills = result["kills"]
         print(f"  every step recorded once: {kills['every_step_once']}; median step {kills['median_step_s']:.1f} s; "
               f"restarts {kills['restarts']}", flush=True)
+    if not args.skip_resume:
+        print("resume check (uninterrupted vs SIGTERM + resume=auto) ...", flush=True)
+        result["resume"] = check = resume_check(args.config, args.overrides)
+        print(f"  stopped after step {check['stopped_after_step']} of {check['steps']}; later metrics bit-identical: "
+              f"{check['metrics_bit_identical']} (max diff {check['max_metric_abs_diff']:.2e}); final policy max "
+              f"diff {check['final_policy_max_abs_diff']:.2e}", flush=True)
     result["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                          "gpu": None}
     path = ROOT / "benchmarks" / "results" / f"recovery_{name}.json"
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    for part in ("kills", "resume"):  # parts left out this time keep their last measurement (dated)
+        if part not in result and part in previous:
+            result[part] = previous[part]
+    measured = time.strftime("%Y-%m-%d %H:%M")
+    result["measured"] = {**previous.get("measured", {}), "checkpoint": measured,
+                          **{part: measured for part in ("kills", "resume") if part in result
+                             and not (part in previous and result[part] is previous[part])}}
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path}")
 

@@ -56,12 +56,16 @@ class RunStopped(BaseException):
 
 
 class StopSignals:
-    """SIGTERM/SIGINT raise RunStopped in the main thread (interrupting a pending ray.get) — except inside
-    ``deferred()``, where the stop waits until the block is done: the learner's update, the weight sync and
-    the step's metrics go together, so a stop never leaves a half-counted step behind."""
+    """SIGTERM/SIGINT stop the run with RunStopped in the main thread.
+
+    Never from inside Ray: a handler that raises while Ray deserialises an object comes out as a
+    SystemError (seen with SmolLM2). During ``waiting()`` (every wait on the roles) the signal is only
+    noted, and the wait raises RunStopped itself within WAIT_SLICE_S. Inside ``deferred()`` the stop waits
+    until the block is done: the learner's update, the weight sync and the step's metrics go together, so a
+    stop never leaves a half-counted step behind. Elsewhere the handler raises at once."""
 
     def __init__(self):
-        self.deferring, self.pending = False, None
+        self.deferring, self.waiting, self.pending = False, 0, None
 
     def install(self) -> None:
         """Ray's core worker replaces the driver's SIGTERM handler with a native one that dumps a stack and
@@ -72,11 +76,25 @@ class StopSignals:
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
-        if not self.deferring:
+        if not (self.deferring or self.waiting):
             raise RunStopped(name)
-        if self.pending is None:
+        if self.deferring and self.pending is None:
             log.warning("%s during the update: stopping once this step is recorded", name)
-        self.pending = name
+        self.pending = self.pending or name
+
+    def raise_pending(self) -> None:
+        """Raise the noted stop now, unless an update is under way (then ``deferred`` raises it at its end)."""
+        if self.pending and not self.deferring:
+            name, self.pending = self.pending, None
+            raise RunStopped(name)
+
+    @contextmanager
+    def waiting_on_ray(self):
+        self.waiting += 1
+        try:
+            yield
+        finally:
+            self.waiting -= 1
 
     @contextmanager
     def deferred(self):
@@ -96,23 +114,32 @@ class StopSignals:
 
 
 STOP_SIGNALS = StopSignals()
+WAIT_SLICE_S = 1.0  # how soon a wait notices a stop signal
 
 
 def wait(refs, role: str, doing: str, timeout_s: float, timeout_key: str, logs: str = ""):
     """``ray.get`` with a timeout; failures become a RoleError naming the role, what it was doing and,
-    for errors raised in an actor, the actor's full traceback. ``logs``: where the role's output goes."""
+    for errors raised in an actor, the actor's full traceback. ``logs``: where the role's output goes.
+
+    Waits in slices of WAIT_SLICE_S (a stop signal is acted on between them, never inside Ray), and a
+    long wait says so every NOTICE_S instead of staying silent until the timeout."""
     see = f" (its output: {logs})" if logs else ""
-    deadline = time.monotonic() + timeout_s
+    start = time.monotonic()
+    notice = start + NOTICE_S
     try:
-        while True:  # a long wait says so every NOTICE_S, instead of staying silent until the timeout
-            try:
-                return ray.get(refs, timeout=max(0.0, min(NOTICE_S, deadline - time.monotonic())))
-            except GetTimeoutError:
-                if time.monotonic() >= deadline:
-                    raise
-                waited = timeout_s - (deadline - time.monotonic())
-                log.info("still waiting for %s (%s): %.0f s of at most %.0f s (%s)", role, doing, waited, timeout_s,
-                         timeout_key)
+        with STOP_SIGNALS.waiting_on_ray():
+            while True:
+                STOP_SIGNALS.raise_pending()
+                try:
+                    return ray.get(refs, timeout=max(0.0, min(WAIT_SLICE_S, start + timeout_s - time.monotonic())))
+                except GetTimeoutError:
+                    now = time.monotonic()
+                    if now - start >= timeout_s:
+                        raise
+                    if now >= notice:
+                        log.info("still waiting for %s (%s): %.0f s of at most %.0f s (%s)", role, doing, now - start,
+                                 timeout_s, timeout_key)
+                        notice += NOTICE_S
     except GetTimeoutError:
         raise ActorLost(f"{role} did not finish {doing} within {timeout_s:.0f} s; it may be stuck or too slow "
                         f"for its resources (raise {timeout_key} if it is just slow){see}", role, stuck=True) from None

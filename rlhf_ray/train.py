@@ -65,16 +65,16 @@ def main(argv: list[str] | None = None) -> int:
         final = trainer.finish()
         if final:
             log.info("final policy saved to %s", final)
-    except (RoleError, ValueError, OSError) as err:  # OSError: e.g. a model path or hub name not found
+    except (RunStopped, KeyboardInterrupt) as stop:
+        return _stopped(stop, trainer, cfg.num_steps)
+    except Exception as err:  # RoleError, ValueError, OSError (e.g. a model path or hub name not found), …
+        stop = _stop_in(err)
+        if stop is not None:  # a stop signal that surfaced inside a library call, wrapped by it
+            return _stopped(stop, trainer, cfg.num_steps)
+        if not isinstance(err, (RoleError, ValueError, OSError)):
+            raise
         log.error("error: %s", err)
         return 1
-    except (RunStopped, KeyboardInterrupt) as stop:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the clean-up short
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        name = stop.signal_name if isinstance(stop, RunStopped) else "SIGINT"
-        log.error("stopped by %s after %d of %d steps; %s; the roles and the Ray processes this run started are "
-                  "shut down", name, trainer.step_count if trainer else 0, cfg.num_steps, _save_on_stop(trainer))
-        return 128 + getattr(signal, name)
     finally:
         _clean_up(trainer)
     rows = load_metrics(out)
@@ -82,6 +82,29 @@ def main(argv: list[str] | None = None) -> int:
         log.info("report: %s", draw({out.resolve().name: rows}, out / "report.png"))
     log.info("%s", summary(rows))
     return 0
+
+
+def _stop_in(err: BaseException):
+    """The RunStopped/KeyboardInterrupt in ``err``'s chain of causes, if any."""
+    from rlhf_ray.roles import RunStopped
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, (RunStopped, KeyboardInterrupt)):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _stopped(stop: BaseException, trainer, num_steps: int) -> int:
+    """Checkpoint what can be, say so in one line; the exit code of the signal (143 / 130)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the clean-up short
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    name = getattr(stop, "signal_name", "SIGINT")
+    log.error("stopped by %s after %d of %d steps; %s; the roles and the Ray processes this run started are "
+              "shut down", name, trainer.step_count if trainer else 0, num_steps, _save_on_stop(trainer))
+    return 128 + getattr(signal, name)
 
 
 CLEAN_UP_S = 30.0
