@@ -56,11 +56,14 @@ def main(argv: list[str] | None = None) -> int:
                        disable=not cfg.logging.progress_bar)
             while trainer.step_count < cfg.num_steps:
                 metrics = trainer.step()
-                bar.n = trainer.step_count  # a learner restart can take it back to a checkpoint
                 if metrics:
                     bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl/mean']:.3f}",
-                                    step_s=f"{metrics['time/step']:.1f}")
-                bar.refresh()
+                                    step_s=f"{metrics['time/step']:.1f}", refresh=False)
+                if trainer.step_count >= bar.n:
+                    bar.update(trainer.step_count - bar.n)
+                else:  # a learner restart took the run back to a checkpoint
+                    bar.n = trainer.step_count
+                    bar.refresh()
             bar.close()
         final = trainer.finish()
         if final:
