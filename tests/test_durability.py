@@ -100,3 +100,16 @@ def test_killed_actors_are_replaced_and_a_killed_learner_restarts_from_its_check
     assert "(raylet)" not in output and "Traceback" not in output
     assert max(r["kl/sampler_vs_learner"] for r in rows) < 1e-4  # replacements got the current weights
     assert ray_processes(ray_tmp) == []
+
+
+def test_a_stuck_reward_actor_is_replaced_after_its_timeout(tiny_cache, tmp_path, ray_tmp):
+    """Not dead, just not answering: after timeouts.score_s it is killed and replaced, and the step is redone."""
+    out = tmp_path / "run"
+    run = start_run(out, ray_tmp, tiny_cache, "ppo.total_episodes=64", "models.reward.kind=function",
+                    "models.reward.function=tests.hang_reward:hang_once", "models.value_init=policy",
+                    f"models.reward.function_kwargs={{marker: {tmp_path / 'hung'}}}", "timeouts.score_s=8")
+    output = finish(run)
+    assert "recovery: reward did not finish scoring a rollout within 8 s" in output, output[-3000:]
+    assert "replaced reward-0 in" in output
+    rows = metric_rows(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["recovery/reward_restarts"] == 1
