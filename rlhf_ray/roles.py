@@ -220,16 +220,14 @@ def local_ray_down() -> bool:
     return not {"gcs_server", "raylet"} <= alive
 
 
-def stop_ray() -> bool:
+def stop_ray() -> None:
     """Disconnect from Ray; a local Ray this run started (GCS, raylet, agents, workers) stops with it.
-    False if that Ray was already down: nothing is waited for (rlhf_ray.reaper stops what is left), and
-    the process should leave with os._exit (Ray's exit hooks would wait for the GCS)."""
+    If that Ray is already down nothing is waited for: rlhf_ray.reaper stops what is left, and the process
+    leaves with os._exit (Ray's exit hooks would wait for the GCS)."""
     if local_ray_down():
         abandon_ray()
-        return False
-    if ray.is_initialized():
+    elif ray.is_initialized():
         ray.shutdown()
-    return True
 
 
 def abandon_ray() -> None:

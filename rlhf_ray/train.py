@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     from rlhf_ray.console import setup_console
     from rlhf_ray.preflight import PreflightError, check_output_dir, claim_output_dir
     from rlhf_ray.report import draw, load_metrics, summary
-    from rlhf_ray.roles import RoleError, RunStopped, stop_ray
+    from rlhf_ray.roles import RoleError, RunStopped
     from rlhf_ray.trainer import PPOTrainer
 
     try:
@@ -134,25 +134,26 @@ def _clean_up(trainer) -> None:
     worker = threading.Thread(target=work, name="clean-up", daemon=True)
     worker.start()
     deadline = time.monotonic() + CLEAN_UP_S
-    while worker.is_alive() and time.monotonic() < deadline:
+    while True:
         worker.join(0.5)
-        if worker.is_alive() and stage[0] == "roles" and local_ray_down():
-            log.warning("this run's Ray was stopped from outside (its GCS or raylet is gone); rlhf_ray.reaper "
-                        "stops the processes that are left")
-            break
-    else:
         if not worker.is_alive():
             return
-        log.warning("Ray did not shut down within %.0f s; rlhf_ray.reaper stops the processes that are left",
-                    CLEAN_UP_S)
-    abandon_ray()
+        if stage[0] == "roles" and local_ray_down():
+            why = "this run's Ray was stopped from outside (its GCS or raylet is gone)"
+        elif time.monotonic() >= deadline:
+            why = f"Ray did not shut down within {CLEAN_UP_S:.0f} s"
+        else:
+            continue
+        log.warning("%s; rlhf_ray.reaper stops the processes that are left", why)
+        abandon_ray()
+        return
 
 
 def _save_on_stop(trainer) -> str:
     """Checkpoint the finished steps if possible; what happened, for the stop message."""
     from rlhf_ray.roles import RoleError
 
-    if trainer is None or not hasattr(trainer, "roles"):
+    if trainer is None:  # stopped while starting up
         return "nothing to save yet"
     try:
         saved = trainer.stop()

@@ -137,7 +137,7 @@ class PPOTrainer:
         path = checkpoint.resolve(self.cfg.resume, self.cfg.output_dir)
         if path is None:
             return None
-        state = checkpoint.verify(path)
+        state = checkpoint.read_state(path)  # resolve() has verified it
         blocking, changed = checkpoint.differences(checkpoint.saved_config(path), self.cfg.model_dump(mode="json"))
         if blocking:
             raise checkpoint.CheckpointError(f"cannot resume from {path}: the config differs in what a checkpoint "
