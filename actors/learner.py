@@ -1,4 +1,5 @@
-"""Learner role: one data-parallel rank of a DeepSpeed engine holding the policy and the value model.
+"""Learner role: one data-parallel rank of a DeepSpeed engine running an objective (rlhf_ray.objectives):
+PPO on the policy and value model, Bradley–Terry on a reward model, …
 
 All ranks are called together with equally sized shards (ZeRO-3 forward passes and parameter
 gathers are collectives: every rank must make the same calls in the same order).
@@ -15,9 +16,8 @@ import torch
 
 from actors.common import Role, device_for, release_free_memory, set_threads, timed
 from rlhf_ray.batch import RolloutBatch
-from rlhf_ray.config import ExperimentConfig
-from rlhf_ray.modeling import DTYPES, PolicyAndValue, load_causal_lm, load_value_model, token_logprobs
-from rlhf_ray.ppo_math import entropy_from_logits, policy_loss, token_aggregate, value_loss
+from rlhf_ray.modeling import DTYPES, token_logprobs
+from rlhf_ray.objectives import LearnerSpec, make_objective
 
 
 ALIGN = 1024
@@ -58,22 +58,22 @@ def communication_buckets(num_params: int, hidden_size: int) -> dict:
             "stage3_max_reuse_distance": bucket, "stage3_param_persistence_threshold": 10 * hidden_size}
 
 
-def deepspeed_config(cfg: ExperimentConfig, model: torch.nn.Module) -> dict:
-    ppo, ds, world = cfg.ppo, cfg.deepspeed, cfg.resources.learner.num_actors
-    per_rank_mini = ppo.mini_batch_size // world
+def deepspeed_config(spec: LearnerSpec, model: torch.nn.Module) -> dict:
+    ds, world = spec.deepspeed, spec.world_size
+    per_rank_mini = spec.mini_batch_size // world
     zero = {"stage": ds.zero_stage}
     if ds.zero_stage > 0:
-        hidden = model.policy.config.hidden_size
+        hidden = next(m.config.hidden_size for m in model.modules() if hasattr(m, "config"))
         zero.update(communication_buckets(sum(p.numel() for p in model.parameters()), hidden))
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if ds.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     return {
-        "train_batch_size": ppo.mini_batch_size,
-        "train_micro_batch_size_per_gpu": ppo.micro_batch_size,
-        "gradient_accumulation_steps": per_rank_mini // ppo.micro_batch_size,
-        "gradient_clipping": cfg.optimizer.max_grad_norm or 0.0,
+        "train_batch_size": spec.mini_batch_size,
+        "train_micro_batch_size_per_gpu": spec.micro_batch_size,
+        "gradient_accumulation_steps": per_rank_mini // spec.micro_batch_size,
+        "gradient_clipping": spec.optimizer.max_grad_norm or 0.0,
         "zero_optimization": zero,
         "bf16": {"enabled": ds.precision == "bf16"},
         "fp16": {"enabled": ds.precision == "fp16"},
@@ -84,16 +84,13 @@ def deepspeed_config(cfg: ExperimentConfig, model: torch.nn.Module) -> dict:
 
 
 class LearnerActor(Role):
-    def __init__(self, cfg: dict, rank: int, policy_path: str, value_path: str | None,
-                 log_file: str | None = None):
+    def __init__(self, spec: LearnerSpec, rank: int, log_file: str | None = None):
         super().__init__(log_file)
-        self.cfg = ExperimentConfig.model_validate(cfg)
-        self.rank, self.world_size = rank, self.cfg.resources.learner.num_actors
-        self.policy_path, self.value_path = policy_path, value_path
-        self.device = device_for(self.cfg.resources.learner.num_gpus)
-        self.temperature = self.cfg.generation.temperature
+        self.spec, self.objective = spec, make_objective(spec)
+        self.rank, self.world_size = rank, spec.world_size
+        self.device = device_for(spec.num_gpus)
         self.updates = 0
-        set_threads(self.cfg.resources.learner.num_cpus)
+        set_threads(spec.num_cpus)
 
     def master_address(self) -> tuple[str, int]:
         """Rank 0 opens the rendezvous: a socket bound and listening now on this node's address (127.0.0.1
@@ -107,14 +104,14 @@ class LearnerActor(Role):
 
     @timed
     def setup(self, master_addr: str, master_port: int) -> None:
-        """Join the process group and build the DeepSpeed engine (policy + value model, AdamW, schedule)."""
+        """Join the process group and build the DeepSpeed engine (the objective's module, AdamW, schedule)."""
         import ipaddress
 
         import deepspeed
         import torch.distributed as dist
         from transformers import get_scheduler
 
-        timeout = timedelta(seconds=self.cfg.timeouts.learn_s)
+        timeout = timedelta(seconds=self.spec.timeout_s)
         if ipaddress.ip_address(master_addr).is_loopback:  # one machine: collectives over loopback too
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
             os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
@@ -126,24 +123,24 @@ class LearnerActor(Role):
         backend = "nccl" if self.device == "cuda" else "gloo"
         dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size, timeout=timeout)
         deepspeed.init_distributed(dist_backend=backend, timeout=timeout)  # wraps the group above
-        models, opt = self.cfg.models, self.cfg.optimizer
-        model = PolicyAndValue(load_causal_lm(self.policy_path),
-                               load_value_model(models.value_init, self.policy_path, self.value_path, "float32"))
-        if self.cfg.deepspeed.gradient_checkpointing:
-            model.policy.gradient_checkpointing_enable()
-            model.value.backbone.gradient_checkpointing_enable()
+        spec, opt = self.spec, self.spec.optimizer
+        model = self.objective.build()
+        if spec.deepspeed.gradient_checkpointing:
+            for module in model.modules():
+                if getattr(module, "supports_gradient_checkpointing", False):
+                    module.gradient_checkpointing_enable()
         # fused: one kernel per parameter, without the per-parameter temporaries of the for-loop version
         # (two embedding-sized buffers at a time on SmolLM2); CPU and CUDA have it
         optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=opt.betas, eps=opt.eps,
                                       weight_decay=opt.weight_decay, fused=self.device in ("cpu", "cuda"))
-        total = self.cfg.optimizer_steps
+        total = spec.optimizer_steps
         # transformers' 'constant' ignores warmup; 'constant_with_warmup' honours optimizer.warmup_ratio
         schedule = "constant_with_warmup" if opt.schedule == "constant" and opt.warmup_ratio > 0 else opt.schedule
         scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=math.ceil(opt.warmup_ratio * total),
                                   num_training_steps=total)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                               config=deepspeed_config(self.cfg, model))
-        if self.world_size == 1 and self.cfg.deepspeed.zero_stage == 0:
+                                               config=deepspeed_config(spec, model))
+        if self.world_size == 1 and spec.deepspeed.zero_stage == 0:
             # Nothing to average over, but DeepSpeed would still flatten every gradient into one 5e8-element
             # buffer per optimizer step to all-reduce it with itself: a transient copy of all gradients.
             self.engine.enable_backward_allreduce = False
@@ -151,84 +148,65 @@ class LearnerActor(Role):
 
     @timed
     @torch.no_grad()
-    def values_and_logprobs(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Old logprobs and values of this rank's shard, before the update. ([B, R], [B, R])"""
+    def evaluate(self, batch):
+        """The objective's forward passes over this rank's shard, without gradients (PPO: old logprobs and
+        values before the update; reward modelling: scores)."""
         self.engine.eval()
-        batch = batch.to(self.device)
-        logprobs, values = [], []
-        for micro in batch.chunks(max(1, len(batch) // self.cfg.ppo.micro_batch_size)):
-            logits, v = self.engine(micro)
-            logprobs.append(token_logprobs(logits, micro.response_ids, self.temperature))
-            values.append(v)
-        mask = batch.response_mask
-        del logits
-        release_free_memory()  # the micro-batches' activations: the update comes next
-        return (torch.cat(logprobs) * mask).cpu(), (torch.cat(values) * mask).cpu()
+        out = self.objective.evaluate(self.engine, batch.to(self.device))
+        release_free_memory()  # the micro-batches' activations: an update may come next
+        return out
 
     @timed
-    def train(self, batch: RolloutBatch) -> dict[str, float]:
-        """PPO epochs over mini-batches of this rank's shard, micro-batch gradient accumulation.
+    def train(self, batch) -> dict[str, float]:
+        """``epochs`` passes over mini-batches of this rank's shard, micro-batch gradient accumulation.
 
-        Losses are token sums divided by the mini-batch's GLOBAL token count (all micro-batches, all
-        ranks), so the accumulated gradient is that of the global token mean. DeepSpeed averages
-        gradients over ranks, hence the factor world_size; it must not also divide by the number of
-        accumulation steps, hence scale_wrt_gas=False.
+        Losses are sums divided by the mini-batch's GLOBAL unit count (tokens or pairs, all micro-batches,
+        all ranks), so the accumulated gradient is that of the global mean. DeepSpeed averages gradients
+        over ranks, hence the factor world_size; it must not also divide by the number of accumulation
+        steps, hence scale_wrt_gas=False. Stats are this rank's shares of global means (the driver sums
+        them over ranks), averaged over mini-batches; ``optim/*`` are the same on every rank.
         """
         import torch.distributed as dist
 
-        ppo = self.cfg.ppo
+        spec = self.spec
         self.engine.train()
         batch = batch.to(self.device)
-        per_rank_mini = ppo.mini_batch_size // self.world_size
-        generator = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.updates * 31 + self.rank)
+        per_rank_mini = spec.mini_batch_size // self.world_size
+        generator = torch.Generator().manual_seed(spec.seed * 7919 + self.updates * 31 + self.rank)
         sums, minibatches = defaultdict(float), 0
-        for _ in range(ppo.epochs):
+        for _ in range(spec.epochs):
             order = torch.randperm(len(batch), generator=generator)
             for start in range(0, len(batch), per_rank_mini):
                 mini = batch.select(order[start:start + per_rank_mini])
-                num_tokens = mini.response_mask.sum().to(self.device)
+                units = self.objective.units(mini).to(self.device, torch.float32)
                 if self.world_size > 1:
-                    dist.all_reduce(num_tokens)  # a sync point: every rank's mini-batch token count
-                for micro in mini.chunks(per_rank_mini // ppo.micro_batch_size):
-                    self._micro_step(micro, float(num_tokens), sums)
+                    dist.all_reduce(units)  # a sync point: every rank's share of the mini-batch
+                for micro in mini.chunks(per_rank_mini // spec.micro_batch_size):
+                    loss, stats = self.objective.loss(self.engine, micro, float(units))
+                    self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+                    self.engine.step()
+                    for key, value in stats.items():
+                        sums[key] += value
                 minibatches += 1
         self.updates += 1
-        stats = {k: v / minibatches for k, v in sums.items()}  # shares: the driver sums them over ranks
+        stats = {k: v / minibatches for k, v in sums.items()}
         grad_norm = self.engine.get_global_grad_norm()
         stats.update({"optim/lr": self.engine.get_lr()[0], "optim/grad_norm": float(grad_norm or 0.0)})
         release_free_memory()  # gradients and activations are gone until the next update
         return stats
 
-    def _micro_step(self, micro: RolloutBatch, num_tokens: float, sums: dict) -> None:
-        ppo, mask = self.cfg.ppo, micro.response_mask
-        logits, values = self.engine(micro)
-        logprobs = token_logprobs(logits, micro.response_ids, self.temperature)
-        pg_loss, pg_stats = policy_loss(logprobs, micro.old_logprobs, micro.advantages, mask, ppo.clip_range,
-                                        num_tokens)
-        vf_loss, vf_stats = value_loss(values, micro.values, micro.returns, mask, ppo.value_clip_range, num_tokens)
-        with torch.set_grad_enabled(ppo.entropy_coef > 0):  # a metric only: keep [B, R, V] out of the graph
-            entropy = token_aggregate(entropy_from_logits(logits / self.temperature), mask, num_tokens)
-        loss = pg_loss + ppo.vf_coef * vf_loss - ppo.entropy_coef * entropy
-        self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
-        self.engine.step()
-        share = float(mask.sum()) / max(num_tokens, 1.0)  # this micro-batch's share of the global token mean
-        sums["loss/policy"] += pg_loss.item()
-        sums["loss/value"] += vf_loss.item()
-        sums["entropy"] += entropy.item()
-        for key, value in {**pg_stats, **vf_stats}.items():
-            sums[f"ppo/{key}"] += float(value) * share
-
     def num_parameters(self) -> int:
-        """Parameters of policy + critic (full counts, also under ZeRO-3 partitioning)."""
+        """Trainable parameters (PPO: policy + critic), full counts also under ZeRO-3 partitioning."""
         return sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())
 
-    def _policy_params(self):
-        """(name, full CPU tensor) per policy parameter; under ZeRO-3 gathered one parameter at a time."""
+    def _exported_params(self):
+        """(name, full CPU tensor) per parameter of the exported model (PPO: the policy); under ZeRO-3
+        gathered one parameter at a time."""
         import deepspeed
 
-        dtype = DTYPES[self.cfg.models.dtype]
-        gathered = self.cfg.deepspeed.zero_stage == 3  # the full tensor lives only inside the context: copy it
-        for name, param in self.engine.module.policy.named_parameters():
+        dtype = DTYPES[self.spec.export_dtype]
+        gathered = self.spec.deepspeed.zero_stage == 3  # the full tensor lives only inside the context: copy it
+        for name, param in self.objective.exported(self.engine.module).named_parameters():
             with deepspeed.zero.GatheredParameters([param]):  # no-op below ZeRO-3
                 # below ZeRO-3 a CPU tensor of the right dtype is passed as is: ray.put / save copy it anyway
                 full = param.detach().to("cpu", dtype, copy=gathered) if self.rank == 0 else None
@@ -240,7 +218,7 @@ class LearnerActor(Role):
         import ray
 
         buckets, bucket, size = [], [], 0
-        for name, tensor in self._policy_params():
+        for name, tensor in self._exported_params():
             if self.rank != 0:
                 continue
             bucket.append((name, tensor))
@@ -262,27 +240,30 @@ class LearnerActor(Role):
             batch = RolloutBatch.from_samples([prompt_ids], [response_ids], [[0.0] * len(response_ids)], ["stop"],
                                               [[]], [""], [""], pad_token_id=0).to(self.device)
             self.engine.eval()
-            logits, _ = self.engine(batch)
+            logits, _ = self.engine(batch)  # a PPO learner: (policy logits, values)
             return token_logprobs(logits, batch.response_ids)[0].tolist()
 
     def save(self, path: str) -> str | None:
-        """Save the policy in HF format (safetensors) with its tokenizer; rank 0 writes."""
+        """Save the exported model (PPO: the policy; RM: the sequence-classification model) in HF format
+        (safetensors) with its tokenizer; rank 0 writes."""
         from transformers import AutoTokenizer
 
-        state = {name: tensor for name, tensor in self._policy_params()}
+        state = {name: tensor for name, tensor in self._exported_params()}
         if self.rank != 0:
             return None
-        policy = self.engine.module.policy
-        policy.save_pretrained(path, state_dict=state, safe_serialization=True)
-        AutoTokenizer.from_pretrained(self.policy_path).save_pretrained(path)
+        self.objective.exported(self.engine.module).save_pretrained(path, state_dict=state, safe_serialization=True)
+        tokenizer = AutoTokenizer.from_pretrained(self.spec.model)
+        if tokenizer.pad_token is None and self.spec.pad_token_id is not None:
+            tokenizer.pad_token = tokenizer.convert_ids_to_tokens(self.spec.pad_token_id)  # what the RM pools by
+        tokenizer.save_pretrained(path)
         return path
 
     def save_state(self, directory: str) -> None:
-        """Everything this rank needs to continue exactly: the HF policy (rank 0), the DeepSpeed checkpoint
+        """Everything this rank needs to continue exactly: the HF model (rank 0), the DeepSpeed checkpoint
         (weights, optimizer, LR schedule; each rank its ZeRO partition), this rank's RNG and update count."""
         from safetensors.torch import save_file
 
-        self.save(os.path.join(directory, "policy"))
+        self.save(os.path.join(directory, self.objective.export_name))
         self.engine.save_checkpoint(os.path.join(directory, "learner"), tag="state", save_latest=False)
         save_file({"torch_rng": torch.get_rng_state()}, os.path.join(directory, "learner", f"rank-{self.rank}.safetensors"),
                   metadata={"updates": str(self.updates)})

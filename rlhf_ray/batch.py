@@ -1,6 +1,6 @@
-"""The one batch container that crosses every actor boundary.
+"""The batches that cross actor boundaries: RolloutBatch (PPO rollouts) and PairBatch (preference pairs).
 
-Layout of B sequences: prompts LEFT-padded to P positions, responses RIGHT-padded to R positions,
+RolloutBatch, B sequences: prompts LEFT-padded to P positions, responses RIGHT-padded to R positions,
 so every response token sits at the same column for all rows:
 
     input_ids      [B, P+R]   <pad> <pad> p0 p1 p2 | r0 r1 r2 <pad>
@@ -17,11 +17,49 @@ from typing import Optional
 
 import torch
 
-PER_ROW_FIELDS = ("prompt_messages", "prompt_texts", "response_texts", "finish_reasons")
+class Rows:
+    """Row selection, equal shards and device moves for a dataclass batch: tensor fields are indexed on
+    their first dimension, the list fields named in ``PER_ROW`` row by row, anything else is kept."""
+    PER_ROW: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return next(v for v in (getattr(self, f.name) for f in fields(self)) if isinstance(v, torch.Tensor)).shape[0]
+
+    def select(self, index):
+        """Rows ``index`` (a list or 1-D tensor of row numbers)."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                out[f.name] = value[index]
+            elif f.name in self.PER_ROW:
+                out[f.name] = [value[i] for i in index.tolist()]
+            else:
+                out[f.name] = value
+        return type(self)(**out)
+
+    def chunks(self, n: int) -> list:
+        """``n`` contiguous, equally sized shards (the row count must be divisible by n)."""
+        if len(self) % n:
+            raise ValueError(f"cannot split {len(self)} rows into {n} equal shards")
+        size = len(self) // n
+        return [self.select(range(i * size, (i + 1) * size)) for i in range(n)]
+
+    def to(self, device):
+        tensors = {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+        if str(device) == "cpu" and all(t.device.type == "cpu" for t in tensors.values()):
+            return self
+        return replace(self, **{name: t.to(device) for name, t in tensors.items()})
+
+    def with_(self, **changes):
+        return replace(self, **changes)
 
 
 @dataclass
-class RolloutBatch:
+class RolloutBatch(Rows):
+    PER_ROW = ("prompt_messages", "prompt_texts", "response_texts", "finish_reasons")
+
     input_ids: torch.Tensor               # [B, P+R] long
     attention_mask: torch.Tensor          # [B, P+R] long
     response_mask: torch.Tensor           # [B, R] float
@@ -40,9 +78,6 @@ class RolloutBatch:
     advantages: Optional[torch.Tensor] = None     # [B, R]
     returns: Optional[torch.Tensor] = None        # [B, R]
 
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
-
     @property
     def response_length(self) -> int:
         return self.response_mask.shape[1]
@@ -60,36 +95,6 @@ class RolloutBatch:
     @property
     def response_ids(self) -> torch.Tensor:
         return self.input_ids[:, self.prompt_length:]
-
-    def select(self, index) -> "RolloutBatch":
-        """Rows ``index`` (a list or 1-D tensor of row numbers)."""
-        index = torch.as_tensor(index, dtype=torch.long)
-        out = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, torch.Tensor):
-                out[f.name] = value[index]
-            elif f.name in PER_ROW_FIELDS:
-                out[f.name] = [value[i] for i in index.tolist()]
-            else:
-                out[f.name] = value
-        return RolloutBatch(**out)
-
-    def chunks(self, n: int) -> list["RolloutBatch"]:
-        """``n`` contiguous, equally sized shards (B must be divisible by n)."""
-        if len(self) % n:
-            raise ValueError(f"cannot split {len(self)} sequences into {n} equal shards")
-        size = len(self) // n
-        return [self.select(range(i * size, (i + 1) * size)) for i in range(n)]
-
-    def to(self, device) -> "RolloutBatch":
-        if str(device) == "cpu" and self.input_ids.device.type == "cpu":
-            return self
-        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
-                                if isinstance(getattr(self, f.name), torch.Tensor)})
-
-    def with_(self, **changes) -> "RolloutBatch":
-        return replace(self, **changes)
 
     @staticmethod
     def from_samples(prompts: list[list[int]], responses: list[list[int]], logprobs: list[list[float]],
@@ -148,3 +153,32 @@ class RolloutBatch:
             if isinstance(value, torch.Tensor) and value.dim() == 2 and f.name not in changes:
                 changes[f.name] = torch.nn.functional.pad(value, (0, dr), value=0)
         return replace(self, **changes)
+
+
+@dataclass
+class PairBatch(Rows):
+    """Preference pairs for reward modelling: row i holds its chosen (0) and rejected (1) conversation,
+    right-padded to a common length T, so one forward pass over [2B, T] scores both sides.
+
+        input_ids      [B, 2, T] long      attention_mask [B, 2, T] long
+        margin         [B] float           how much the chosen side should win by (0: just win)
+    """
+    PER_ROW = ("sources",)
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    margin: torch.Tensor
+    sources: list[str]
+
+    @staticmethod
+    def from_encoded(chosen: list[list[int]], rejected: list[list[int]], margins: list[float], sources: list[str],
+                     pad_token_id: int) -> "PairBatch":
+        """Token ids of each side (already truncated) -> the padded layout above."""
+        T = max(len(ids) for ids in chosen + rejected)
+        input_ids = torch.full((len(chosen), 2, T), pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(chosen), 2, T), dtype=torch.long)
+        for i, pair in enumerate(zip(chosen, rejected)):
+            for side, ids in enumerate(pair):
+                input_ids[i, side, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+                attention_mask[i, side, :len(ids)] = 1
+        return PairBatch(input_ids, attention_mask, torch.tensor(margins, dtype=torch.float32), list(sources))

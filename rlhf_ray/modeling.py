@@ -86,6 +86,29 @@ def load_reward_model(path: str, dtype: str = "float32", num_gpus: float = 0.0):
                                                               **_placement(num_gpus))
 
 
+def load_reward_tokenizer(path: str):
+    """A reward model's own tokenizer, set up to keep the end of an over-long input (the response) and to pad."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.truncation_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def encode_conversations(tokenizer, conversations: list[list[dict]], template: str, max_length: int):
+    """Whole conversations (ending with the assistant's response) as a reward model reads them: rendered in
+    ``template`` ('tulu' or the tokenizer's chat template), right-padded, keeping the last ``max_length``
+    tokens. The one encoding used to train, evaluate and serve reward models. -> BatchEncoding [N, T]"""
+    from rlhf_ray.data import render_messages
+
+    texts = [render_messages(c, template, tokenizer, add_generation_prompt=False) for c in conversations]
+    # Tulu text has no BOS: the tokenizer adds its own (Llama <s>); chat templates write theirs into the text
+    return tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length,
+                     add_special_tokens=template == "tulu")
+
+
 def load_value_model(init: str, policy_path: str, value_path: str | None, dtype: str) -> ValueModel:
     """Critic initialised from a reward model (backbone + its score head) or from the policy (new zero head)."""
     if init == "reward":

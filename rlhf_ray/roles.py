@@ -1,4 +1,5 @@
-"""The four roles on Ray: placement from the config, batch splitting across actors, timeouts.
+"""The roles on Ray (PPO: all four; reward-model training: the learner alone): placement from the config,
+batch splitting across actors, timeouts, replacing lost actors.
 
 Every remote wait has a timeout from ``timeouts.*`` and fails with a message naming the role and what
 it was doing — a dead or stuck actor never hangs the run silently.
@@ -27,10 +28,10 @@ from actors.reward import RewardActor
 from rlhf_ray import reaper
 from rlhf_ray.batch import RolloutBatch
 from rlhf_ray.config import ExperimentConfig, RoleResources
+from rlhf_ray.objectives import LearnerSpec
 
 log = logging.getLogger(__name__)
 ROLE_ORDER = ("learner", "generation", "reward", "reference")
-SUMMED_LEARNER_STATS = ("loss/", "ppo/", "entropy")  # per-rank shares of a global token mean
 NOTICE_S = 120.0  # a wait longer than this is reported on the console, and again every NOTICE_S
 
 
@@ -240,17 +241,23 @@ def ray_abandoned() -> bool:
 
 
 class Roles:
-    """All actors of one experiment and the coarse calls the driver makes on them."""
+    """All actors of one experiment and the coarse calls the driver makes on them.
 
-    def __init__(self, cfg: ExperimentConfig, paths: ModelPaths):
-        self.cfg, self.timeouts, self.paths = cfg, cfg.timeouts, paths
+    ``cfg`` is the experiment's config (its resources, timeouts, recovery, logging, output_dir sections);
+    ``learner`` what the learner group runs; ``roles`` which roles the experiment has.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, paths: ModelPaths | None, learner: LearnerSpec,
+                 roles: tuple[str, ...] = ROLE_ORDER):
+        self.cfg, self.timeouts, self.paths, self.learner_spec = cfg, cfg.timeouts, paths, learner
+        self.role_names = roles
         self.placement = self._reserve()
-        self.groups: dict[str, list] = {role: [] for role in ROLE_ORDER}
-        self.restarts = {role: 0 for role in ROLE_ORDER}
+        self.groups: dict[str, list] = {role: [] for role in roles}
+        self.restarts = {role: 0 for role in roles}
         self.recovery_seconds = 0.0  # spent replacing actors since the driver last read it
         self._sync_reported = False
         try:
-            for role in ROLE_ORDER:
+            for role in roles:
                 self.groups[role] = [self._new_actor(role, i) for i in range(getattr(cfg.resources, role).num_actors)]
             self._start()
         except BaseException:
@@ -263,21 +270,21 @@ class Roles:
 
     @property
     def generators(self):
-        return self.groups["generation"]
+        return self.groups.get("generation", [])
 
     @property
     def rewards(self):
-        return self.groups["reward"]
+        return self.groups.get("reward", [])
 
     @property
     def references(self):
-        return self.groups["reference"]
+        return self.groups.get("reference", [])
 
     def _new_actor(self, role: str, index: int):
         """Actor ``index`` of ``role`` in its own placement-group bundle (also to replace a lost one)."""
         cfg, res, models, paths = self.cfg, self.cfg.resources, self.cfg.models, self.paths
         if role == "learner":
-            return self._spawn(LearnerActor, role, index, cfg.model_dump(), index, paths.policy, paths.value)
+            return self._spawn(LearnerActor, role, index, self.learner_spec, index)
         if role == "generation":
             max_model_len = cfg.data.max_prompt_tokens + cfg.generation.max_new_tokens
             return self._spawn(GenerationActor, role, index, paths.policy, cfg.generation.model_dump(), max_model_len,
@@ -292,7 +299,7 @@ class Roles:
     # ------------------------------------------------------------------------------------ placement
     def _bundles(self) -> list[tuple[str, RoleResources]]:
         res = self.cfg.resources
-        return [(role, getattr(res, role)) for role in ROLE_ORDER for _ in range(getattr(res, role).num_actors)]
+        return [(role, getattr(res, role)) for role in self.role_names for _ in range(getattr(res, role).num_actors)]
 
     def _reserve(self):
         bundles = [{"CPU": r.num_cpus, **({"GPU": r.num_gpus} if r.num_gpus else {})} for _, r in self._bundles()]
@@ -335,8 +342,9 @@ class Roles:
     def _start(self) -> None:
         start = time.perf_counter()
         setups = self._set_up_learners()
-        for role, actors in (("generation", self.generators), ("reward", self.rewards),
-                             ("reference", self.references)):
+        for role, actors in self.groups.items():
+            if role == "learner":
+                continue
             self._wait([a.__ray_ready__.remote() for a in actors], role, "loading its model", "startup_s")
             log.info("%s ready after %.1f s", role, time.perf_counter() - start)
         setup_s = self._wait(setups, "learner", "building the DeepSpeed engine", "startup_s")
@@ -417,7 +425,7 @@ class Roles:
 
         calls = {"reward": (submit("reward", "score"), "scoring a rollout", "score_s"),
                  "reference": (submit("reference", "logprobs"), "computing logprobs", "score_s"),
-                 "learner": (submit("learner", "values_and_logprobs"), "computing values and old logprobs", "learn_s")}
+                 "learner": (submit("learner", "evaluate"), "computing values and old logprobs", "learn_s")}
         pending = {role: call[0]() for role, call in calls.items()}  # all three run at the same time
         rewards, refs, values = (self._recoverable(role, doing, timeout, again, pending[role])
                                  for role, (again, doing, timeout) in calls.items())
@@ -427,14 +435,20 @@ class Roles:
                    "values": max(s for _, s in values)}
         return out, seconds
 
-    def learn(self, batch: RolloutBatch) -> tuple[dict, float]:
+    def learn(self, batch) -> tuple[dict, float]:
+        """The objective's update on equal shards of ``batch``; its stats summed over ranks (each rank reports
+        its share of the global means), ``optim/*`` as rank 0 has them."""
         parts = self._wait([a.train.remote(part) for a, part in zip(self.learners, batch.chunks(len(self.learners)))],
-                           "learner", "running the PPO update", "learn_s")
-        stats = dict(parts[0][0])
-        for key in stats:
-            if key.startswith(SUMMED_LEARNER_STATS):
-                stats[key] = sum(p[key] for p, _ in parts)
+                           "learner", f"running the {self.learner_spec.objective} update", "learn_s")
+        stats = {key: value if key.startswith("optim/") else sum(p[key] for p, _ in parts)
+                 for key, value in parts[0][0].items()}
         return stats, max(s for _, s in parts)
+
+    def evaluate(self, batch) -> tuple[list, float]:
+        """The objective's forward passes (no update) on equal shards of ``batch``: each rank's result."""
+        parts = self._wait([a.evaluate.remote(part) for a, part in zip(self.learners, batch.chunks(len(self.learners)))],
+                           "learner", "evaluating", "learn_s")
+        return [out for out, _ in parts], max(s for _, s in parts)
 
     def sync_weights(self, generators: list | None = None) -> dict:
         """Learner publishes once (object store); every generation actor (or those given) loads the same objects."""

@@ -23,6 +23,7 @@ from rlhf_ray.data import PromptSampler, load_prompts
 from rlhf_ray.modeling import check_same_tokenizer
 from rlhf_ray.ppo_math import gae, kl_penalty, masked_mean, masked_whiten, shape_rewards
 from rlhf_ray.metrics import MetricsLogger
+from rlhf_ray.objectives import LearnerSpec
 from rlhf_ray.roles import STOP_SIGNALS, ActorLost, ModelPaths, Roles, connect
 from rlhf_ray.model_specs import resolve_model
 
@@ -60,7 +61,7 @@ class PPOTrainer:
         checkpoint.remove_partial(cfg.output_dir)
         connect(cfg)
         start = time.perf_counter()
-        self.roles = Roles(cfg, self.paths)
+        self.roles = Roles(cfg, self.paths, ppo_learner(cfg, self.paths))
         if self.resume_from:
             self.restore(self.resume_from)
         self.startup_seconds = time.perf_counter() - start
@@ -192,6 +193,17 @@ class PPOTrainer:
             self.metrics_log.close()
         if hasattr(self, "roles"):
             self.roles.shutdown()
+
+
+def ppo_learner(cfg: ExperimentConfig, paths: ModelPaths) -> LearnerSpec:
+    """The learner group of a PPO experiment: policy + critic, the ``ppo`` objective."""
+    learner = cfg.resources.learner
+    return LearnerSpec(objective="ppo", model=paths.policy, value_model=paths.value, value_init=cfg.models.value_init,
+                       world_size=learner.num_actors, num_cpus=learner.num_cpus, num_gpus=learner.num_gpus,
+                       mini_batch_size=cfg.ppo.mini_batch_size, micro_batch_size=cfg.ppo.micro_batch_size,
+                       epochs=cfg.ppo.epochs, optimizer_steps=cfg.optimizer_steps, optimizer=cfg.optimizer,
+                       deepspeed=cfg.deepspeed, timeout_s=cfg.timeouts.learn_s, seed=cfg.seed,
+                       export_dtype=cfg.models.dtype, ppo=cfg.ppo, temperature=cfg.generation.temperature)
 
 
 def sampling_seeds(seed: int, step: int, count: int) -> list[int]:

@@ -6,6 +6,8 @@ from types import SimpleNamespace
 import torch
 
 from actors.learner import communication_buckets, deepspeed_config
+from rlhf_ray.roles import ModelPaths
+from rlhf_ray.trainer import ppo_learner
 from tests.conftest import tiny_config
 
 
@@ -20,8 +22,12 @@ def test_buckets_are_a_tenth_of_the_model_within_bounds():
 
 def test_zero_config_carries_the_buckets_only_when_zero_is_on(tmp_path, tiny_cache):
     model = torch.nn.Linear(100, 100)
-    model.policy = SimpleNamespace(config=SimpleNamespace(hidden_size=100))
-    zero2 = deepspeed_config(tiny_config(tmp_path, tiny_cache, "deepspeed.zero_stage=2"), model)["zero_optimization"]
-    assert zero2["stage"] == 2 and zero2["reduce_bucket_size"] == 9 * 1024  # hidden² = 10,000, rounded to 1024s
-    zero0 = deepspeed_config(tiny_config(tmp_path, tiny_cache, "deepspeed.zero_stage=0"), model)["zero_optimization"]
-    assert zero0 == {"stage": 0}
+    model.config = SimpleNamespace(hidden_size=100)
+    paths = ModelPaths(policy="p", reference="p", reward=None, value=None)
+
+    def zero(stage: int) -> dict:
+        spec = ppo_learner(tiny_config(tmp_path, tiny_cache, f"deepspeed.zero_stage={stage}"), paths)
+        return deepspeed_config(spec, model)["zero_optimization"]
+
+    assert zero(2)["stage"] == 2 and zero(2)["reduce_bucket_size"] == 9 * 1024  # hidden² = 10,000, rounded to 1024s
+    assert zero(0) == {"stage": 0}
