@@ -28,8 +28,11 @@ class _Strict(BaseModel):
 
 
 class RewardConfig(_Strict):
-    kind: Literal["model", "function"] = Field(
-        "model", description="'model': a frozen HF sequence-classification RM; 'function': a Python callable.")
+    kind: Literal["model", "function", "http", "serve"] = Field(
+        "model", description="Reward backend (rlhf_ray.reward_backends): 'model': a frozen HF sequence-classification RM "
+                             "in the reward actors; 'function': a Python callable; 'http': a remote endpoint speaking "
+                             "the rlhf-ray/reward/v1 JSON schema (rlhf_ray.reward_http); 'serve': an RM deployed as a "
+                             "shared Ray Serve application (python -m rlhf_ray.rm serve).")
     model: Optional[str] = Field(
         None, description="RM hub name, local path or 'tiny:reward'. Required when kind='model'.")
     function: Optional[str] = Field(
@@ -39,7 +42,33 @@ class RewardConfig(_Strict):
     template: Literal["tulu", "tokenizer"] = Field(
         "tulu", description="How (prompt, response) text is rendered for the RM: Tulu chat format or the RM tokenizer's own chat template.")
     max_length: int = Field(1024, gt=0, description="RM input tokens; longer inputs keep their end (the response).")
-    batch_size: int = Field(8, gt=0, description="Sequences per RM forward pass.")
+    batch_size: int = Field(
+        8, gt=0, description="Sequences per RM forward pass (kind='model'); samples per request (kind='http').")
+    url: Optional[str] = Field(
+        None, description="kind='http': the endpoint samples are POSTed to (http:// or https://), e.g. "
+                          "http://127.0.0.1:8001/ or a Serve RM's http://127.0.0.1:8000/NAME.")
+    timeout_s: float = Field(
+        60.0, gt=0, description="kind='http': seconds one request may take; kind='serve': seconds one scoring call "
+                                "may take. A slow answer is an error naming the endpoint (not retried).")
+    retries: int = Field(
+        3, ge=0, description="kind='http': retries of a request after a connection error or HTTP 429/500/502/503/504.")
+    backoff_s: float = Field(
+        0.5, ge=0, description="kind='http': exponential back-off factor between retries (urllib3: backoff_s × 2^(n-1)).")
+    token_env: Optional[str] = Field(
+        None, description="kind='http': name of an environment variable holding a bearer token, sent as "
+                          "'Authorization: Bearer …' (the token itself never goes into the config). It must be set "
+                          "where the reward actors run (the driver's environment for a Ray the run starts itself).")
+    app: Optional[str] = Field(
+        None, description="kind='serve': name of the Ray Serve RM application (python -m rlhf_ray.rm list). The run "
+                          "must join that cluster: ray.address or RAY_ADDRESS.")
+    normalize: Literal["none", "stored", "running"] = Field(
+        "none", description="Score normalisation before PPO: 'stored': (score - mean) / std with the statistics saved "
+                            "with the RM (<RM dir>/reward_stats.json, written by RM training; kind='model' or "
+                            "'serve'); 'running': with the running mean/std of every score seen so far in the run "
+                            "(kept in checkpoints); 'none': raw scores.")
+    clip: Optional[float] = Field(
+        None, gt=0, description="Clamp normalised scores to ±clip; null disables. Applied after normalize (and before "
+                                "ppo.reward_clip, which clamps what comes out of here).")
 
 
 class ModelsConfig(_Strict):
@@ -250,9 +279,17 @@ class ExperimentConfig(_Strict):
         _require(reward.kind != "model" or reward.model, "models.reward.model", "is required when models.reward.kind='model'")
         _require(reward.kind != "function" or (reward.function and ":" in reward.function), "models.reward.function",
                  "must be 'module:function' when models.reward.kind='function'")
+        _require(reward.kind != "http" or (reward.url or "").startswith(("http://", "https://")), "models.reward.url",
+                 "must be an http:// or https:// URL when models.reward.kind='http' (e.g. http://127.0.0.1:8001/)")
+        _require(reward.kind != "serve" or reward.app, "models.reward.app",
+                 "is required when models.reward.kind='serve': the Serve application's name "
+                 "(python -m rlhf_ray.rm list shows them)")
+        _require(reward.normalize != "stored" or reward.kind in ("model", "serve"), "models.reward.normalize",
+                 f"'stored' needs an RM with saved statistics (models.reward.kind='model' or 'serve', not "
+                 f"'{reward.kind}'); use 'running' or 'none'")
         _require(self.models.value_init != "reward" or reward.kind == "model" or self.models.value_model,
                  "models.value_init", "'reward' needs a reward model (models.reward.kind='model') or "
-                 "models.value_model; use 'policy' with a function reward")
+                 f"models.value_model; use 'policy' with a {reward.kind} reward")
         _require(self.deepspeed.offload_params is False or self.deepspeed.zero_stage == 3, "deepspeed.offload_params",
                  "parameter offload needs deepspeed.zero_stage=3")
         _require(not self.deepspeed.offload_optimizer or self.deepspeed.zero_stage >= 1, "deepspeed.offload_optimizer",
