@@ -100,7 +100,7 @@ def check_hub_model(repo_id: str, key: str) -> None:
 
 def check_reward_function(reward: RewardConfig) -> None:
     """The reward function imports, is callable and accepts (prompt, response, **function_kwargs)."""
-    from actors.reward import load_function
+    from rlhf_ray.reward_backends import load_function
 
     fn = load_function(reward.function)  # ValueError with the key and the import error
     try:
@@ -128,13 +128,50 @@ def check_reward_template(reward: RewardConfig, rm_path: str, messages: list[dic
                              f"reward model's tokenizer ({rm_path}): {err}") from None
 
 
+def check_reward_stats(reward: RewardConfig, rm_path: str) -> None:
+    """``normalize='stored'`` needs the statistics saved with the RM (reward_stats.json in its directory)."""
+    from rlhf_ray.reward_backends import require_reward_stats
+
+    if reward.normalize == "stored":
+        try:
+            require_reward_stats(rm_path, f"the reward model {reward.model}")
+        except ValueError as err:
+            raise PreflightError(str(err)) from None
+
+
+def check_reward_http(cfg: ExperimentConfig) -> None:
+    """The bearer token's variable, when one is named, is set (the token itself never goes in the config)."""
+    import os
+
+    env = cfg.models.reward.token_env
+    if env and not os.environ.get(env):
+        raise PreflightError(f"models.reward.token_env={env!r}: that environment variable is not set; export it "
+                             f"(export {env}=…) before starting the run")
+
+
+def check_reward_serve(cfg: ExperimentConfig) -> None:
+    """A Serve RM lives on a cluster of its own making: the run must join that cluster, not start a local Ray."""
+    import os
+
+    if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+        raise PreflightError(f"models.reward.kind='serve' needs the Ray cluster where the app "
+                             f"'{cfg.models.reward.app}' runs: set ray.address (e.g. ray.address=auto) or RAY_ADDRESS")
+
+
+REWARD_CHECKS = {  # models.reward.kind -> what can be checked before a cluster starts
+    "model": lambda cfg, rm_path: check_reward_stats(cfg.models.reward, rm_path) if rm_path else None,
+    "function": lambda cfg, rm_path: check_reward_function(cfg.models.reward),
+    "http": lambda cfg, rm_path: check_reward_http(cfg),
+    "serve": lambda cfg, rm_path: check_reward_serve(cfg),
+}
+
+
 def check_experiment(cfg: ExperimentConfig, model_paths: dict[str, str | None]) -> None:
-    """Model paths (key -> resolved path), and the reward function when the reward is one."""
+    """Model paths (key -> resolved path), and what the reward backend needs (``REWARD_CHECKS``)."""
     models = cfg.models
     specs = {"models.policy": models.policy, "models.reference": models.reference_path,
              "models.reward.model": models.reward.model, "models.value_model": models.value_model_path}
     for key, resolved in model_paths.items():
         if resolved:
             check_model_path(specs[key] or resolved, resolved, key)
-    if models.reward.kind == "function":
-        check_reward_function(models.reward)
+    REWARD_CHECKS[models.reward.kind](cfg, model_paths.get("models.reward.model"))

@@ -164,7 +164,7 @@ def test_malformed_rows_and_overlong_prompts_are_counted_skips(tmp_path, tiny_to
 ])
 def test_a_reward_function_that_raises_or_returns_no_number(function, message):
     actor = RewardActor({"kind": "function", "function": "rlhf_ray.rewards:char_frequency"}, None)
-    actor.function = function
+    actor.backend.function = function
     with pytest.raises(ValueError, match=r"models.reward.function='rlhf_ray.rewards:char_frequency' " + message):
         actor.score(batch_of(["x"]))
 
@@ -176,7 +176,7 @@ def test_nan_or_inf_from_a_reward_model_is_an_error_naming_it(tiny_cache, value)
     path = resolve_model("tiny:reward", tiny_cache)
     actor = RewardActor({"kind": "model", "model": "tiny:reward"}, path)
     with torch.no_grad():
-        actor.model.score.weight.fill_(value)
+        actor.backend.model.score.weight.fill_(value)
     with pytest.raises(ValueError, match=r"the reward model \(tiny:reward\) scored 2 of 2 samples (nan|inf) "
                                          r"\(first: sample 0"):
         actor.score(batch_of(["a", "b"]))
