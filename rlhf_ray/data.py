@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -196,6 +197,12 @@ class PreferencePair:
     chosen: str
     rejected: str
     source: str | None = None
+    margin: float = 0.0
+
+    def conversations(self) -> tuple[list[dict], list[dict]]:
+        """(chosen, rejected) whole conversations: the prompt turns plus each response."""
+        return ([*self.prompt, {"role": "assistant", "content": self.chosen}],
+                [*self.prompt, {"role": "assistant", "content": self.rejected}])
 
 
 @dataclass
@@ -208,8 +215,9 @@ class PreferenceDataset:
         return len(self.pairs)
 
 
-def load_preferences(source: str, split: str = "train") -> PreferenceDataset:
-    """Tulu 2.5 preference rows: ``chosen``/``rejected`` message lists sharing the prompt turns."""
+def load_preferences(source: str, split: str = "train", margin_field: str | None = None) -> PreferenceDataset:
+    """Tulu 2.5 preference rows: ``chosen``/``rejected`` message lists sharing the prompt turns, an optional
+    ``source``, and (``margin_field``) a finite number by which the chosen response should win."""
     raw = load_rows(source, split)
     out = PreferenceDataset(pairs=[], total_rows=len(raw) + sum(raw.skipped.values()), skipped=Counter(raw.skipped))
     for row in raw.rows:
@@ -221,12 +229,33 @@ def load_preferences(source: str, split: str = "train") -> PreferenceDataset:
             reason = "prompts_differ"
         if not reason and chosen[-1]["content"] == rejected[-1]["content"]:
             reason = "identical_responses"
+        margin = row.get(margin_field, None) if margin_field else 0.0
+        if not reason and not _is_finite_number(margin):
+            reason = f"bad_{margin_field}"
         if reason:
             out.skipped[reason] += 1
             continue
-        out.pairs.append(PreferencePair(chosen[:-1], chosen[-1]["content"], rejected[-1]["content"], row.get("source")))
+        origin = row.get("source")
+        out.pairs.append(PreferencePair(chosen[:-1], chosen[-1]["content"], rejected[-1]["content"],
+                                        str(origin) if origin is not None else None, float(margin)))
     log.info("preferences %s: %d pairs of %d rows; skipped %s", source, len(out), out.total_rows, dict(out.skipped))
     return out
+
+
+def _is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def hold_out(pairs: list[PreferencePair], fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held out): ``fraction`` of each source's pairs (rounded), picked with ``seed``, held out."""
+    by_source: dict = {}
+    for i, pair in enumerate(pairs):
+        by_source.setdefault(pair.source, []).append(i)
+    held = set()
+    for source, indices in sorted(by_source.items(), key=lambda kv: str(kv[0])):
+        random.Random(f"{seed}:{source}").shuffle(indices)
+        held.update(indices[:round(fraction * len(indices))])
+    return [p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held]
 
 
 # ------------------------------------------------------------------------------------------ sampling
@@ -236,9 +265,10 @@ class PromptSampler:
     (counted from 0) is the same in every run with the same seed and data, however the run was
     interrupted and resumed. A batch never straddles epochs (the tail of an epoch is dropped)."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool = True):
+    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool = True, what: str = "prompts",
+                 key: str = "ppo.rollout_batch_size"):
         if n < batch_size:
-            raise ValueError(f"{n} prompts cannot fill a batch of {batch_size} (ppo.rollout_batch_size)")
+            raise ValueError(f"{n} {what} cannot fill a batch of {batch_size} ({key})")
         self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
         self.batches_per_epoch = n // batch_size
 

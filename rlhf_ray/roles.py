@@ -282,9 +282,9 @@ class Roles:
 
     def _new_actor(self, role: str, index: int):
         """Actor ``index`` of ``role`` in its own placement-group bundle (also to replace a lost one)."""
-        cfg, res, models, paths = self.cfg, self.cfg.resources, self.cfg.models, self.paths
         if role == "learner":
             return self._spawn(LearnerActor, role, index, self.learner_spec, index)
+        cfg, res, models, paths = self.cfg, self.cfg.resources, self.cfg.models, self.paths
         if role == "generation":
             max_model_len = cfg.data.max_prompt_tokens + cfg.generation.max_new_tokens
             return self._spawn(GenerationActor, role, index, paths.policy, cfg.generation.model_dump(), max_model_len,

@@ -137,3 +137,34 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# --------------------------------------------------------------------------------- preference pairs
+
+_KIND = ["Sure, happy to help: here is a clear answer.", "Of course. Thank you for asking, here it is.",
+         "Good question; a helpful answer follows.", "Gladly. Here is a kind and clear reply."]
+_RUDE = ["No. Figure it out yourself.", "Whatever, that is a bad question.", "I will not bother with this.",
+         "Wrong question, go away."]
+
+
+def tiny_preferences(prompts_file: str | Path, n: int, seed: int = 0) -> list[dict]:
+    """``n`` learnable preference rows in the Tulu 2.5 schema over the prompts of ``prompts_file``: the chosen
+    response is polite and helpful, the rejected one rude (source 'polite-vs-rude'), or the chosen one answers
+    at length and the rejected one is a single word (source 'full-vs-terse')."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    prompts = [json.loads(line)["messages"] for line in Path(prompts_file).read_text().splitlines() if line.strip()]
+    rows = []
+    for i in range(n):
+        prompt = prompts[rng.randrange(len(prompts))]
+        if i % 2 == 0:
+            source, chosen, rejected = "polite-vs-rude", rng.choice(_KIND), rng.choice(_RUDE)
+        else:
+            topic = prompt[-1]["content"].rstrip(".?!").lower()
+            source, chosen, rejected = ("full-vs-terse", f"Here is my answer to '{topic}', step by step, with an "
+                                        "example and a short summary at the end.", rng.choice(["Ok.", "No.", "Hm."]))
+        rows.append({"chosen": [*prompt, {"role": "assistant", "content": chosen}],
+                     "rejected": [*prompt, {"role": "assistant", "content": rejected}], "source": source})
+    return rows

@@ -27,14 +27,26 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+    def make_trainer():
+        from rlhf_ray.trainer import PPOTrainer
+
+        return PPOTrainer(cfg)
+
+    return run(cfg, f"rlhf-ray PPO: {args.config}", make_trainer)
+
+
+def run(cfg, title: str, make_trainer) -> int:
+    """Claim the output dir, start the trainer, step it to the end with a progress bar, finish; a stop signal
+    checkpoints and exits 143/130, a known error is one line and exit 1. Shared by every driver (PPO,
+    reward-model training): a trainer has ``step_count``, ``num_steps``, ``saved_step``, ``startup_seconds``,
+    ``step()``, ``progress(metrics)``, ``finish()``, ``stop()``, ``closing()`` and ``shutdown()``."""
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from rlhf_ray.console import setup_console
     from rlhf_ray.preflight import PreflightError, check_output_dir, claim_output_dir
-    from rlhf_ray.report import draw, load_metrics, summary
     from rlhf_ray.roles import RoleError, RunStopped
-    from rlhf_ray.trainer import PPOTrainer
 
     try:
         out = check_output_dir(cfg.output_dir)
@@ -43,22 +55,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     driver_log = setup_console(cfg.logging.console, out)
-    log.info("rlhf-ray PPO: %s → %s%s", args.config, out,
-             f" (engine, Ray and DeepSpeed output: {driver_log.parent}/)" if driver_log else "")
+    log.info("%s → %s%s", title, out, f" (engine, Ray and DeepSpeed output: {driver_log.parent}/)" if driver_log else "")
     trainer = None
     try:
-        trainer = PPOTrainer(cfg)
+        trainer = make_trainer()
         (out / "config.yaml").write_text(dump_config(cfg))  # only now: a run refused above leaves the old one
-        log.info("roles ready in %.1f s; %s%d PPO steps", trainer.startup_seconds,
-                 f"{trainer.step_count} done, " if trainer.step_count else "", cfg.num_steps)
+        log.info("roles ready in %.1f s; %s%d %s steps", trainer.startup_seconds,
+                 f"{trainer.step_count} done, " if trainer.step_count else "", trainer.num_steps, trainer.unit)
         with logging_redirect_tqdm():
-            bar = tqdm(total=cfg.num_steps, initial=trainer.step_count, desc="ppo", dynamic_ncols=True,
+            bar = tqdm(total=trainer.num_steps, initial=trainer.step_count, desc=trainer.unit, dynamic_ncols=True,
                        disable=not cfg.logging.progress_bar)
-            while trainer.step_count < cfg.num_steps:
+            while trainer.step_count < trainer.num_steps:
                 metrics = trainer.step()
                 if metrics:
-                    bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl/mean']:.3f}",
-                                    step_s=f"{metrics['time/step']:.1f}", refresh=False)
+                    bar.set_postfix(trainer.progress(metrics), refresh=False)
                 if trainer.step_count >= bar.n:
                     bar.update(trainer.step_count - bar.n)
                 else:  # a learner restart took the run back to a checkpoint
@@ -67,23 +77,21 @@ def main(argv: list[str] | None = None) -> int:
             bar.close()
         final = trainer.finish()
         if final:
-            log.info("final policy saved to %s", final)
+            log.info("final %s saved to %s", trainer.exported, final)
     except (RunStopped, KeyboardInterrupt) as stop:
-        return _stopped(stop, trainer, cfg.num_steps)
+        return _stopped(stop, trainer, trainer.num_steps if trainer else 0)
     except Exception as err:  # RoleError, ValueError, OSError (e.g. a model path or hub name not found), …
         stop = _stop_in(err)
         if stop is not None:  # a stop signal that surfaced inside a library call, wrapped by it
-            return _stopped(stop, trainer, cfg.num_steps)
+            return _stopped(stop, trainer, trainer.num_steps if trainer else 0)
         if not isinstance(err, (RoleError, ValueError, OSError)):
             raise
         log.error("error: %s", err)
         return 1
     finally:
         _clean_up(trainer)
-    rows = load_metrics(out)
-    if cfg.logging.report:
-        log.info("report: %s", draw({out.resolve().name: rows}, out / "report.png"))
-    log.info("%s", summary(rows))
+    for line in trainer.closing():
+        log.info("%s", line)
     return 0
 
 

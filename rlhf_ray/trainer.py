@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 
 class PPOTrainer:
+    unit, exported = "PPO", "policy"  # for the console (rlhf_ray.train.run)
+
     def __init__(self, cfg: ExperimentConfig):
         from transformers import AutoTokenizer
 
@@ -67,6 +69,25 @@ class PPOTrainer:
         self.startup_seconds = time.perf_counter() - start
         self.saved_step = self.step_count
         self.metrics_log = MetricsLogger(cfg.output_dir, cfg.logging.tensorboard, resume_step=self.step_count)
+
+    @property
+    def num_steps(self) -> int:
+        return self.cfg.num_steps
+
+    @staticmethod
+    def progress(metrics: dict) -> dict:
+        """The progress bar's figures after a step."""
+        return {"reward": f"{metrics['reward/mean']:.3f}", "kl": f"{metrics['kl/mean']:.3f}",
+                "step_s": f"{metrics['time/step']:.1f}"}
+
+    def closing(self) -> list[str]:
+        """The report picture (logging.report) and the one-line summary of the run, for the console."""
+        from rlhf_ray.report import draw, load_metrics, summary
+
+        out = Path(self.cfg.output_dir)
+        rows = load_metrics(out)
+        lines = [f"report: {draw({out.resolve().name: rows}, out / 'report.png')}"] if self.cfg.logging.report else []
+        return lines + [summary(rows)]
 
     # ------------------------------------------------------------------------------------------ a step
     def step(self) -> dict[str, float]:
