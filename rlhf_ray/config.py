@@ -6,6 +6,7 @@ Unknown keys, wrong types and impossible combinations fail before anything start
 message naming the key. Nothing is silently rewritten.
 
     python -m rlhf_ray.config configs/tiny_cpu.yaml ppo.kl_coef=0.1   # prints the resolved tree
+    python -m rlhf_ray.config --rm --help                             # reward-model training keys
 """
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ class RewardConfig(_Strict):
     retries: int = Field(
         3, ge=0, description="kind='http': retries of a request after a connection error or HTTP 429/500/502/503/504.")
     backoff_s: float = Field(
-        0.5, ge=0, description="kind='http': exponential back-off factor between retries (urllib3: backoff_s × 2^(n-1)).")
+        0.5, ge=0, description="kind='http': exponential back-off between retries (urllib3: the first retry at once, the "
+                              "n-th after backoff_s × 2^(n-1) seconds; a Retry-After header is honoured).")
     token_env: Optional[str] = Field(
         None, description="kind='http': name of an environment variable holding a bearer token, sent as "
                           "'Authorization: Bearer …' (the token itself never goes into the config). It must be set "
@@ -329,6 +331,75 @@ class ExperimentConfig(_Strict):
         return self.num_steps * self.ppo.epochs * (self.rollout_sequences // self.ppo.mini_batch_size)
 
 
+class PreferenceDataConfig(_Strict):
+    train: str = Field(description="Preference pairs in the Tulu 2.5 schema (chosen/rejected message lists sharing the "
+                                   "prompt turns, optional source): a local .jsonl/.json/.parquet file or a hub dataset.")
+    split: str = Field("train", description="Split of a hub dataset to read.")
+    eval: list[str] = Field(default_factory=list, description="Further preference files/datasets, each evaluated and "
+                                                               "reported on its own (overall and per source).")
+    holdout_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of each source of `train` held out for "
+                                    "evaluation ('heldout' in the reports) and never trained on.")
+    template: Literal["tulu", "tokenizer"] = Field(
+        "tulu", description="How a conversation is rendered for the RM: Tulu chat format or the tokenizer's chat template "
+                            "(the reward backends must use the same: models.reward.template).")
+    max_length: int = Field(512, gt=0, description="Tokens per conversation; longer ones keep their end (the response).")
+    margin_field: Optional[str] = Field(
+        None, description="Column with a per-pair margin m: loss −log σ(r_chosen − r_rejected − m) (Llama 2); null: m = 0.")
+    limit: Optional[int] = Field(None, gt=0, description="Use only the first N valid training pairs (before the hold-out).")
+
+
+class RMTrainingConfig(_Strict):
+    epochs: int = Field(1, gt=0, description="Passes over the training pairs.")
+    batch_size: int = Field(32, gt=0, description="Pairs per optimizer step (global, across learner ranks).")
+    micro_batch_size: int = Field(4, gt=0, description="Pairs per forward/backward on one rank (2× sequences).")
+    eval_every_steps: int = Field(0, ge=0, description="Evaluate every N optimizer steps (0: only after training).")
+    eval_at_start: bool = Field(True, description="Evaluate the untrained RM too (step 0 in metrics.jsonl): the baseline.")
+
+
+class LearnerResourcesConfig(_Strict):
+    learner: RoleResources = Field(default_factory=RoleResources)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement-group strategy for the learner bundles.")
+
+
+class RewardTrainingConfig(_Strict):
+    """Bradley–Terry reward-model training (python -m rlhf_ray.train_rm). Writes <output_dir>/final_model: an HF
+    sequence-classification model (safetensors) + reward_stats.json, which the `model` and `serve` reward backends
+    load and models.value_model can start a PPO critic from."""
+    output_dir: str = Field("runs/rm", description="Metrics, evaluation, checkpoints and the final RM go here.")
+    resume: Optional[str] = Field(None, description="As in PPO: 'auto', a checkpoint directory, or null.")
+    overwrite: bool = Field(False, description="Let a new run replace the results in a non-empty output_dir.")
+    seed: int = Field(0, description="Seeds the hold-out split, the pair order and the new score head.")
+    model: str = Field(description="Backbone: a causal LM (a new scalar head is added) or an RM to train further; hub "
+                                   "name, local path, 'tiny:policy' or 'real:smollm2-135m'.")
+    cache_dir: Optional[str] = Field(None, description="Where 'tiny:*'/'real:*' models are built.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of the saved RM.")
+    data: PreferenceDataConfig
+    training: RMTrainingConfig = Field(default_factory=RMTrainingConfig)
+    optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(lr=1e-5, warmup_ratio=0.03))
+    deepspeed: DeepSpeedConfig = Field(default_factory=lambda: DeepSpeedConfig(zero_stage=0))
+    resources: LearnerResourcesConfig = Field(default_factory=LearnerResourcesConfig)
+    timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    recovery: RecoveryConfig = Field(default_factory=RecoveryConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> "RewardTrainingConfig":
+        train, world = self.training, self.resources.learner.num_actors
+        per_rank, rest = divmod(train.batch_size, world)
+        _require(rest == 0, "training.batch_size",
+                 f"{train.batch_size} is not divisible by resources.learner.num_actors={world}")
+        _require(per_rank % train.micro_batch_size == 0, "training.micro_batch_size",
+                 f"{train.micro_batch_size} does not divide the per-rank batch {per_rank} "
+                 "(= training.batch_size / resources.learner.num_actors)")
+        _require(not (self.resume and self.overwrite), "overwrite", "cannot be combined with resume")
+        _require(self.deepspeed.offload_params is False or self.deepspeed.zero_stage == 3, "deepspeed.offload_params",
+                 "parameter offload needs deepspeed.zero_stage=3")
+        return self
+
+
 def _require(ok, key: str, why: str) -> None:
     if not ok:
         raise ValueError(f"[{key}] {why}")
@@ -384,15 +455,17 @@ def _format_error(err: ValidationError) -> str:
     return "; ".join(lines)
 
 
-def build_config(tree: dict) -> ExperimentConfig:
+def build_config(tree: dict, schema: type[BaseModel] = ExperimentConfig):
     try:
-        return ExperimentConfig.model_validate(tree)
+        return schema.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(f"invalid config: {_format_error(err)}") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read YAML ``path`` (default: the tiny CPU config), apply ``key=value`` overrides, validate."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                schema: type[BaseModel] = ExperimentConfig):
+    """Read YAML ``path`` (default: the tiny CPU PPO config), apply ``key=value`` overrides, validate as ``schema``
+    (ExperimentConfig for PPO, RewardTrainingConfig for reward-model training)."""
     path = Path(path or DEFAULT_CONFIG)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -402,10 +475,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path} must contain a mapping of config sections, got {type(tree).__name__}")
-    return build_config(_deep_merge(tree, parse_overrides(overrides or [])))
+    return build_config(_deep_merge(tree, parse_overrides(overrides or [])), schema)
 
 
-def dump_config(cfg: ExperimentConfig) -> str:
+def dump_config(cfg: BaseModel) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
@@ -422,14 +495,18 @@ def _describe(model: type[BaseModel], prefix: str = "") -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    schema = ExperimentConfig
+    if argv and argv[0] == "--rm":  # reward-model training (python -m rlhf_ray.train_rm)
+        schema, argv = RewardTrainingConfig, argv[1:]
     if argv and argv[0] in ("-h", "--help"):
-        print("usage: python -m rlhf_ray.config [CONFIG.yaml] [key=value ...]\n\nkeys:")
-        print("\n".join(_describe(ExperimentConfig)))
+        print("usage: python -m rlhf_ray.config [--rm] [CONFIG.yaml] [key=value ...]\n\n"
+              "--rm: a reward-model training config (python -m rlhf_ray.train_rm)\n\nkeys:")
+        print("\n".join(_describe(schema)))
         return 0
     path = argv[0] if argv and "=" not in argv[0] else None
     overrides = argv[1:] if path else argv
     try:
-        cfg = load_config(path, overrides)
+        cfg = load_config(path, overrides, schema)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
