@@ -1,0 +1,266 @@
+"""Reward models as shared Ray Serve applications: deployed once, scored by any number of experiments.
+
+    ray start --head --num-cpus=4 --dashboard-host=127.0.0.1
+    python -m rlhf_ray.rm serve my-rm --model tiny:reward --num-cpus 0.25      # prints the app and its route
+    python -m rlhf_ray.train models.reward.kind=serve models.reward.app=my-rm models.value_init=policy ray.address=auto
+    python -m rlhf_ray.rm list                                                  # name, status, model, replicas, route
+    python -m rlhf_ray.rm info my-rm                                            # identity, counters, stored statistics
+    python -m rlhf_ray.rm remove my-rm
+
+An app (``RewardModelServer``) wraps the same ``model`` backend the reward actors use
+(``rlhf_ray.reward_backends.ModelBackend``: the RM's own tokenizer and template, ``encode_conversations``), so a
+sample scores the same in either. Single samples from every caller are gathered into model batches by Serve
+(``@serve.batch``: ``--max-batch-size``, ``--batch-wait-s``). It answers handle calls ``score(samples)`` (the
+``serve`` backend) and HTTP POSTs in the rlhf-ray/reward/v1 schema (rlhf_ray.reward_http) at ``/NAME`` on Serve's
+proxy, which listens on 127.0.0.1 (``--http-port``), so the ``http`` backend can use it as well. ``info()`` reports
+the RM's stored score statistics and the app's identity (model, process id, requests served).
+
+Ray's trap: once any local ``ray.init()`` has run on a machine, a head started later uses token auth and every
+client (this CLI, the experiments) needs ``RAY_AUTH_MODE=token`` in its environment.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+
+from ray import serve
+
+from rlhf_ray.reward_backends import RewardSample
+
+DEFAULT_HTTP_PORT = 8000
+
+
+@serve.deployment
+class RewardModelServer:
+    """One replica: a frozen RM scoring batches that Serve gathers from every experiment's calls."""
+
+    def __init__(self, *, app: str, model: str, model_path: str, template: str, max_length: int, max_batch_size: int,
+                 batch_wait_s: float, dtype: str, num_cpus: float, num_gpus: float, url: str):
+        from actors.common import set_threads
+        from rlhf_ray.config import RewardConfig
+        from rlhf_ray.reward_backends import ModelBackend, read_reward_stats
+
+        set_threads(num_cpus)
+        cfg = RewardConfig(kind="model", model=model, template=template, max_length=max_length,
+                           batch_size=max_batch_size)
+        self.backend = ModelBackend(cfg, model_path=model_path, dtype=dtype, num_gpus=num_gpus)
+        self._score_batch.set_max_batch_size(max_batch_size)
+        self._score_batch.set_batch_wait_timeout_s(batch_wait_s)
+        self.identity = {"app": app, "model": model, "model_path": model_path, "template": template,
+                         "max_length": max_length, "url": url, "pid": os.getpid(),
+                         "stored_statistics": read_reward_stats(model_path)}
+        self.requests = self.samples = 0
+
+    async def score(self, samples: list[RewardSample]) -> list[float]:
+        """One score per sample, in order. Each sample joins a model batch on its own (``_score_batch``)."""
+        self.requests += 1
+        self.samples += len(samples)
+        return list(await asyncio.gather(*(self._score_batch(sample) for sample in samples)))
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)  # replaced in __init__ by the CLI's values
+    async def _score_batch(self, samples: list[RewardSample]) -> list[float]:
+        # in a thread: the replica's event loop keeps taking calls (and health checks) while the model runs
+        return (await asyncio.to_thread(self.backend.score, samples)).tolist()
+
+    async def __call__(self, request):
+        """HTTP: a v1 request in, a v1 response out (400 for a request that is not v1)."""
+        from starlette.responses import JSONResponse
+
+        from rlhf_ray.reward_http import SCHEMA, parse_request
+
+        try:
+            samples = parse_request(await request.body())
+        except ValueError as err:
+            return JSONResponse({"schema": SCHEMA, "error": str(err)}, status_code=400)
+        scores = await self.score([RewardSample(**{k: s[k] for k in ("messages", "prompt", "response")})
+                                   for s in samples])
+        return JSONResponse({"schema": SCHEMA, "scores": scores})
+
+    async def info(self) -> dict:
+        """The app's identity and counters: model, model_path, pid, requests, samples, stored_statistics, …"""
+        return {**self.identity, "requests": self.requests, "samples": self.samples}
+
+
+# ------------------------------------------------------------------------------------------------ handles
+
+def app_handle(name: str):
+    """The handle of Serve application ``name`` on the cluster this process is connected to."""
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        return serve.get_app_handle(name)
+    except RayServeException as err:
+        raise ValueError(f"models.reward.app={name!r}: no such Ray Serve application on this cluster "
+                         f"({str(err).splitlines()[0]}); deploy it with `python -m rlhf_ray.rm serve {name} "
+                         "--model …`, and see `python -m rlhf_ray.rm list`") from None
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+def connect(address: str | None) -> None:
+    """Join the cluster at ``address`` (else RAY_ADDRESS, else the one on this machine); never start one: an
+    app in a Ray that dies with this command would serve nobody."""
+    import ray
+
+    target = address or os.environ.get("RAY_ADDRESS") or "auto"
+    try:
+        ray.init(address=target, log_to_driver=False, logging_level="WARNING")
+    except ConnectionError as err:
+        raise SystemExit(f"error: no Ray cluster at {target!r} ({str(err).splitlines()[0]}): start one with "
+                         "`ray start --head …` or pass --address") from None
+
+
+def proxy_url() -> str:
+    """Where Serve's HTTP proxy listens (an already running Serve keeps the options it was started with)."""
+    from ray.serve.context import _get_global_client
+
+    http = _get_global_client().http_config
+    return f"http://{http.host}:{http.port}"
+
+
+def check_capacity(replicas: int, num_cpus: float, num_gpus: float) -> None:
+    """Serve waits forever for replicas the cluster cannot place: say so now."""
+    import ray
+
+    free = ray.available_resources()
+    for resource, need in (("CPU", replicas * num_cpus), ("GPU", replicas * num_gpus)):
+        if need > free.get(resource, 0.0) + 1e-9:
+            raise SystemExit(f"error: the app needs {need:g} {resource} (--replicas × --num-{resource.lower()}s) and "
+                             f"the cluster has {free.get(resource, 0.0):g} free; lower them or add capacity")
+
+
+def cmd_serve(args) -> int:
+    from rlhf_ray.model_specs import resolve_model
+    from rlhf_ray.preflight import PreflightError, check_model_path
+
+    path = resolve_model(args.model, args.cache_dir, args.seed)
+    try:
+        check_model_path(args.model, path, "--model")
+    except PreflightError as err:
+        raise SystemExit(f"error: {err}") from None
+    connect(args.address)
+    serve.start(http_options={"host": "127.0.0.1", "port": args.http_port})
+    url = f"{proxy_url()}/{args.name}"
+    if args.name not in serve.status().applications:  # redeploying an app reuses its own resources
+        check_capacity(args.replicas, args.num_cpus, args.num_gpus)
+    deployment = RewardModelServer.options(
+        num_replicas=args.replicas, ray_actor_options={"num_cpus": args.num_cpus, "num_gpus": args.num_gpus})
+    app = deployment.bind(app=args.name, model=args.model, model_path=path, template=args.template,
+                          max_length=args.max_length, max_batch_size=args.max_batch_size,
+                          batch_wait_s=args.batch_wait_s, dtype=args.dtype, num_cpus=args.num_cpus,
+                          num_gpus=args.num_gpus, url=url)
+    serve.run(app, name=args.name, route_prefix=f"/{args.name}")  # returns once the replicas are up
+    print(f"{args.name}: RUNNING, model {args.model} ({path}), {args.replicas} replica(s), route {url}\n"
+          f"experiments: models.reward.kind=serve models.reward.app={args.name} ray.address=<this cluster>; "
+          f"or models.reward.kind=http models.reward.url={url}")
+    return 0
+
+
+def app_rows() -> list[dict]:
+    """One row per Serve application: name, status, model, replicas (running/target), route."""
+    rows = []
+    for name, app in sorted(serve.status().applications.items()):
+        states = [d.replica_states for d in app.deployments.values()]
+        running = sum(s.get("RUNNING", 0) for s in states)
+        row = {"name": name, "status": str(app.status.value if hasattr(app.status, "value") else app.status),
+               "model": "-", "replicas": f"{running}/{sum(sum(s.values()) for s in states)}", "route": "-"}
+        if row["status"] == "RUNNING":
+            try:
+                info = serve.get_app_handle(name).info.remote().result(timeout_s=10)
+                row.update(model=info["model"], route=info["url"])
+            except Exception:  # not an RM app of this project: its name and status are all there is to show
+                pass
+        rows.append(row)
+    return rows
+
+
+def cmd_list(args) -> int:
+    connect(args.address)
+    rows = app_rows()
+    if not rows:
+        print("no Serve applications on this cluster (deploy one: python -m rlhf_ray.rm serve NAME --model …)")
+        return 0
+    columns = ("name", "status", "model", "replicas", "route")
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    for row in [dict(zip(columns, (c.upper() for c in columns))), *rows]:
+        print("  ".join(str(row[c]).ljust(widths[c]) for c in columns).rstrip())
+    return 0
+
+
+def cmd_info(args) -> int:
+    connect(args.address)
+    try:
+        info = app_handle(args.name).info.remote().result(timeout_s=60)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(info))
+    return 0
+
+
+def cmd_remove(args) -> int:
+    connect(args.address)
+    if args.name not in serve.status().applications:
+        print(f"error: no Serve application {args.name!r} on this cluster (python -m rlhf_ray.rm list shows them)",
+              file=sys.stderr)
+        return 1
+    serve.delete(args.name)
+    print(f"{args.name}: removed")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m rlhf_ray.rm", description="Reward models on Ray Serve, shared by "
+                                "experiments (models.reward.kind=serve models.reward.app=NAME).")
+    sub = p.add_subparsers(dest="command", required=True)
+    address = argparse.ArgumentParser(add_help=False)
+    address.add_argument("--address", help="Ray cluster (host:port, 'auto'); default: RAY_ADDRESS, else 'auto'")
+
+    s = sub.add_parser("serve", parents=[address], help="deploy (or redeploy) an RM application NAME at /NAME")
+    s.add_argument("name")
+    s.add_argument("--model", required=True, help="RM: local path, hub name or tiny:reward")
+    s.add_argument("--template", choices=("tulu", "tokenizer"), default="tulu",
+                   help="how conversations are rendered for the RM (as models.reward.template)")
+    s.add_argument("--max-length", type=int, default=1024, help="RM input tokens (the end is kept)")
+    s.add_argument("--replicas", type=int, default=1)
+    s.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica")
+    s.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica")
+    s.add_argument("--max-batch-size", type=int, default=16, help="samples per model batch (@serve.batch)")
+    s.add_argument("--batch-wait-s", type=float, default=0.01, help="longest wait to fill a batch")
+    s.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    s.add_argument("--http-port", type=port_number, default=DEFAULT_HTTP_PORT,
+                   help="port of Serve's HTTP proxy on 127.0.0.1 (when this starts Serve on the cluster)")
+    s.add_argument("--cache-dir", help="where tiny:* models are built (as models.cache_dir)")
+    s.add_argument("--seed", type=int, default=0, help="seed of tiny:* models")
+    s.set_defaults(run=cmd_serve)
+    ls = sub.add_parser("list", parents=[address], help="the cluster's Serve applications")
+    ls.set_defaults(run=cmd_list)
+    info = sub.add_parser("info", parents=[address], help="app NAME's identity (model, pid, requests served) and "
+                          "stored score statistics, as JSON")
+    info.add_argument("name")
+    info.set_defaults(run=cmd_info)
+    rm = sub.add_parser("remove", parents=[address], help="delete application NAME")
+    rm.add_argument("name")
+    rm.set_defaults(run=cmd_remove)
+    return p
+
+
+def port_number(text: str) -> int:
+    port = int(text)
+    if not 0 < port < 65536:
+        raise argparse.ArgumentTypeError(f"{text} is not a port (1-65535): the route printed must be the real one")
+    return port
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # one line per app operation is this CLI's own
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
