@@ -435,6 +435,11 @@ class Roles:
                    "values": max(s for _, s in values)}
         return out, seconds
 
+    def stored_reward_statistics(self) -> dict | None:
+        """The RM's saved score statistics (reward_stats.json), as the reward backend reads them."""
+        return self._wait(self.rewards[0].stored_statistics.remote(), "reward", "reading the RM's stored statistics",
+                          "score_s")
+
     def learn(self, batch) -> tuple[dict, float]:
         """The objective's update on equal shards of ``batch``; its stats summed over ranks (each rank reports
         its share of the global means), ``optim/*`` as rank 0 has them."""

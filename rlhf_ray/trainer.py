@@ -24,6 +24,7 @@ from rlhf_ray.modeling import check_same_tokenizer
 from rlhf_ray.ppo_math import gae, kl_penalty, masked_mean, masked_whiten, shape_rewards
 from rlhf_ray.metrics import MetricsLogger
 from rlhf_ray.objectives import LearnerSpec
+from rlhf_ray.reward_backends import ScoreNormalizer
 from rlhf_ray.roles import STOP_SIGNALS, ActorLost, ModelPaths, Roles, connect
 from rlhf_ray.model_specs import resolve_model
 
@@ -64,6 +65,7 @@ class PPOTrainer:
         connect(cfg)
         start = time.perf_counter()
         self.roles = Roles(cfg, self.paths, ppo_learner(cfg, self.paths))
+        self.normalizer = self._score_normalizer()
         if self.resume_from:
             self.restore(self.resume_from)
         self.startup_seconds = time.perf_counter() - start
@@ -105,6 +107,14 @@ class PPOTrainer:
             return {}
 
     def _step(self) -> dict[str, float]:
+        step, normalizer_state = self.step_count, self.normalizer.state_dict()
+        try:
+            return self._run_step()
+        finally:
+            if self.step_count == step:  # not recorded: the running score statistics must not count its scores
+                self.normalizer.load_state_dict(normalizer_state)
+
+    def _run_step(self) -> dict[str, float]:
         times: dict[str, float] = {}
         started = time.perf_counter()
         prompts = [self.dataset.prompts[i] for i in self.sampler.batch(self.step_count)]
@@ -112,7 +122,11 @@ class PPOTrainer:
             batch, generate_s = self.roles.generate(prompts, sampling_seeds(self.cfg.seed, self.step_count, len(prompts)))
         with phase(times, "score_wall"):  # reward, reference and critic run at the same time
             scored, role_seconds = self.roles.score(batch)
+        raw_scores = scored["scores"]
+        scored["scores"] = self.normalizer(raw_scores)  # models.reward.normalize / clip
         batch, rollout_stats = with_advantages(batch.with_(**scored), self.cfg.ppo)
+        if self.normalizer.mode != "none" or self.normalizer.clip is not None:
+            rollout_stats.update({"score/raw_mean": float(raw_scores.mean()), "score/raw_std": float(raw_scores.std())})
         with STOP_SIGNALS.deferred():
             with phase(times, "learn"):
                 learn_stats, learn_s = self.roles.learn(batch)
@@ -130,6 +144,16 @@ class PPOTrainer:
                 self.save_checkpoint()
         return metrics
 
+    def _score_normalizer(self) -> ScoreNormalizer:
+        """models.reward.normalize/clip; 'stored' statistics come from the RM (its reward_stats.json, through the
+        reward actor, which also serves them for a Serve RM)."""
+        reward = self.cfg.models.reward
+        stored = None
+        if reward.normalize == "stored":
+            stored = self.roles.stored_reward_statistics()
+            log.info("reward scores normalised with the RM's stored statistics: %s", stored)
+        return ScoreNormalizer(reward.normalize, stored, reward.clip)
+
     def _recovery_stats(self) -> dict[str, float]:
         seconds, self.roles.recovery_seconds = self.roles.recovery_seconds, 0.0
         return {"recovery/seconds": seconds, **{f"recovery/{role}_restarts": float(count)
@@ -144,7 +168,8 @@ class PPOTrainer:
             self.roles.save_state(str(staging.resolve()))
             state = {"step": self.step_count, "sampler": self.sampler.state_dict(self.step_count),
                      "sampling_seeds": "per prompt, from (seed, step): rlhf_ray.trainer.sampling_seeds",
-                     "seed": self.cfg.seed, "restarts": dict(self.roles.restarts)}
+                     "seed": self.cfg.seed, "restarts": dict(self.roles.restarts),
+                     "reward_normalizer": self.normalizer.state_dict()}
             path = checkpoint.commit(staging, self.step_count, state, dump_config(self.cfg),
                                      self.cfg.checkpoint.keep_last)
         except BaseException:
@@ -173,7 +198,10 @@ class PPOTrainer:
         """Learners from the checkpoint, the engines from the learners, the step counter from the driver state."""
         self.roles.load_state(str(Path(path).resolve()))
         self.roles.sync_weights()
-        self.step_count = checkpoint.read_state(path)["step"]
+        state = checkpoint.read_state(path)
+        self.step_count = state["step"]
+        if "reward_normalizer" in state:  # running score statistics as they were after that step
+            self.normalizer.load_state_dict(state["reward_normalizer"])
         log.info("resumed from %s: %d of %d steps done", path, self.step_count, self.cfg.num_steps)
 
     def _recover_learner(self, lost: ActorLost) -> None:
@@ -189,6 +217,7 @@ class PPOTrainer:
         else:
             self.roles.sync_weights()  # the engines go back to the initial policy with the learners
             self.step_count = 0
+            self.normalizer = self._score_normalizer()
         self.metrics_log.rewind(self.step_count)
 
     def save(self, path: str) -> str:
