@@ -345,7 +345,8 @@ class PreferenceDataConfig(_Strict):
     max_length: int = Field(512, gt=0, description="Tokens per conversation; longer ones keep their end (the response).")
     margin_field: Optional[str] = Field(
         None, description="Column with a per-pair margin m: loss −log σ(r_chosen − r_rejected − m) (Llama 2); null: m = 0.")
-    limit: Optional[int] = Field(None, gt=0, description="Use only the first N valid training pairs (before the hold-out).")
+    limit: Optional[int] = Field(None, gt=0, description="Train on N pairs drawn at random (seeded) from every source of "
+                                 "`train` after the hold-out (a quicker run; the hold-out stays as it is).")
 
 
 class RMTrainingConfig(_Strict):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +27,10 @@ from rlhf_ray.model_specs import resolve_model
 from rlhf_ray.modeling import encode_conversations, load_reward_tokenizer
 from rlhf_ray.objectives import LearnerSpec
 from rlhf_ray.preference_math import pairwise_accuracy
+from rlhf_ray.reward_backends import write_reward_stats
 from rlhf_ray.roles import STOP_SIGNALS, ActorLost, Roles, connect
 
 log = logging.getLogger(__name__)
-STATS_FILE = "reward_stats.json"
 EVAL_CHUNKS = 4  # micro-batches per rank in one evaluation call
 
 
@@ -107,8 +108,9 @@ class RewardModelTrainer:
     def _load_data(self) -> tuple[EncodedPairs, dict[str, EncodedPairs]]:
         data = self.cfg.data
         loaded = load_preferences(data.train, data.split, data.margin_field)
-        pairs = loaded.pairs[:data.limit] if data.limit else loaded.pairs
-        train, held = hold_out(pairs, data.holdout_fraction, self.cfg.seed)
+        train, held = hold_out(loaded.pairs, data.holdout_fraction, self.cfg.seed)
+        if data.limit and data.limit < len(train):
+            train = random.Random(self.cfg.seed).sample(train, data.limit)
         sets = {"heldout": held} if held else {}
         for source in data.eval:
             sets[Path(source).name.split(".")[0] if Path(source).suffix else source] = load_preferences(
@@ -252,22 +254,18 @@ class RewardModelTrainer:
         (out / "eval.json").write_text(json.dumps({"step": self.step_count, "sets": self.final_eval}, indent=2))
         self.metrics_log.log({"step": self.step_count, **self._eval_metrics(tables)})
         final = self.roles.save(str(out / "final_model"))
-        stats = self._statistics(tables)
-        (Path(final) / STATS_FILE).write_text(json.dumps(stats, indent=2))
+        write_reward_stats(final, *self._scores_for_statistics(tables))
         return final
 
-    def _statistics(self, tables: dict) -> dict:
-        """Mean and std of the RM's scores over the responses of the held-out pairs (else the first evaluation
-        set, else up to 256 training pairs): what ``normalize: stored`` shifts and scales by."""
+    def _scores_for_statistics(self, tables: dict) -> tuple[torch.Tensor, str]:
+        """The RM's scores over the responses of the held-out pairs (else the first evaluation set, else up to
+        256 training pairs) and what they are: what ``normalize: stored`` shifts and scales by."""
         name = "heldout" if "heldout" in tables else next(iter(tables), None)
         if name:
-            scores, source = tables[name]["scores"], f"{name}: {2 * len(tables[name]['scores'])} responses"
-        else:
-            sample = EncodedPairs(*(x[:256] for x in (self.train_pairs.chosen, self.train_pairs.rejected,
-                                                      self.train_pairs.margins, self.train_pairs.sources)), 0)
-            scores, source = self.scores(sample), f"train: {2 * len(sample)} responses"
-        flat = scores.flatten()
-        return {"mean": float(flat.mean()), "std": float(flat.std()), "count": flat.numel(), "source": source}
+            return tables[name]["scores"], f"{name}: {2 * len(tables[name]['scores'])} responses"
+        sample = EncodedPairs(*(x[:256] for x in (self.train_pairs.chosen, self.train_pairs.rejected,
+                                                  self.train_pairs.margins, self.train_pairs.sources)), 0)
+        return self.scores(sample), f"train: {2 * len(sample)} responses"
 
     def stop(self) -> str | None:
         if self.cfg.checkpoint.on_signal and self.saved_step != self.step_count:
