@@ -83,6 +83,16 @@ def test_tiny_rm_learns_held_out_preferences_and_loads_everywhere(ray_session, t
     stats = json.loads((final / "reward_stats.json").read_text())
     assert stats["count"] == 80 and stats["std"] > 0 and "heldout" in stats["source"]
 
+    # the evaluation command compares it with another reward (a function) through the reward backends
+    from rlhf_ray.rm_eval import main as rm_eval
+
+    assert rm_eval(["--data", str(prefs), "--rm", f"trained={final}", "--rm",
+                    "e_share=function:rlhf_ray.rewards:char_frequency", "--out", str(tmp_path / "cmp")]) == 0
+    compared = json.loads((tmp_path / "cmp" / "rm_eval.json").read_text())
+    assert compared["trained"]["sets"]["prefs"]["accuracy"] >= 0.9 and set(compared) == {"trained", "e_share"}
+    table = (tmp_path / "cmp" / "rm_eval.md").read_text()
+    assert "| prefs | **all** | 160 |" in table and "polite-vs-rude" in table and "e_share" in table
+
     # it can start a PPO critic (Tulu 2.5), and a tokenizer that differs from the policy's is refused
     policy = resolve_model("tiny:policy", tiny_cache)
     check_same_tokenizer(policy, str(final), "the value model's source")
