@@ -166,7 +166,7 @@ def app_rows() -> list[dict]:
     for name, app in sorted(serve.status().applications.items()):
         states = [d.replica_states for d in app.deployments.values()]
         running = sum(s.get("RUNNING", 0) for s in states)
-        row = {"name": name, "status": str(app.status.value if hasattr(app.status, "value") else app.status),
+        row = {"name": name, "status": app.status.value,
                "model": "-", "replicas": f"{running}/{sum(sum(s.values()) for s in states)}", "route": "-"}
         if row["status"] == "RUNNING":
             try:

@@ -1,0 +1,206 @@
+"""One experiment, four reward backends, swapped by config alone: each run's scores come from its own RM.
+
+The same tiny PPO run (configs/tiny_cpu.yaml, 2 steps) with a function, then an HTTP endpoint on loopback; and with
+the RM in the reward actor, then an RM deployed once on Ray Serve (another RM: tiny:reward of seed 1) and shared by
+two consecutive experiments — deployed, listed and removed with ``python -m rlhf_ray.rm`` as a user types it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from rlhf_ray.reward_http import serve_function
+from rlhf_ray.rewards import char_frequency
+from tests.conftest import ROOT, metric_rows, start_run, tiny_config
+
+pytestmark = pytest.mark.e2e
+RAY = str(Path(sys.executable).parent / "ray")
+# 2 steps of 16 prompts, every sample recorded; the critic starts from the same RM in every run, so that
+# only the reward backend differs between them
+COMMON = ("ppo.total_episodes=32", "checkpoint.every_steps=0", "logging.samples_per_step=16",
+          "models.value_model=tiny:reward")
+APP = "swap-rm"
+
+
+def distinctive(prompt: str, response: str) -> float:
+    return len(response) % 7 + 100
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def short_tmp(prefix: str):
+    path = tempfile.mkdtemp(prefix=prefix, dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def run_to_end(out: Path, ray_tmp: str, tiny_cache: Path, *overrides: str) -> list[dict]:
+    """The tiny experiment with ``overrides``, to its end; its samples (all 32)."""
+    return finish(start_run(out, ray_tmp, tiny_cache, *COMMON, *overrides), out)
+
+
+def finish(run: subprocess.Popen, out: Path) -> list[dict]:
+    output, _ = run.communicate(timeout=600)
+    assert run.returncode == 0, output[-4000:]
+    assert [m["step"] for m in metric_rows(out)] == [1, 2]
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 32
+    return rows
+
+
+def test_function_then_http_endpoint(tiny_cache, tmp_path):
+    with short_tmp("rw") as ray_tmp:
+        function_rows = run_to_end(tmp_path / "function", ray_tmp, tiny_cache, "models.reward.kind=function",
+                                   "models.reward.function=rlhf_ray.rewards:char_frequency")
+        with serve_function(distinctive) as server:
+            http_rows = run_to_end(tmp_path / "http", ray_tmp, tiny_cache, "models.reward.kind=http",
+                                   f"models.reward.url={server.url}", "models.reward.batch_size=6")
+            assert server.requests == 2 * 3  # 2 steps × ⌈16 samples / batch_size 6⌉ requests
+    for row in function_rows:
+        assert row["score"] == pytest.approx(char_frequency(row["prompt"], row["response"]), abs=1e-6)
+    for row in http_rows:
+        assert row["score"] == distinctive(row["prompt"], row["response"])
+
+
+# ------------------------------------------------------------------------------------------------ Ray Serve
+
+@contextmanager
+def ray_head(ray_tmp: str):
+    """A head of its own on free ports (like tests/test_ray_job_submit.py); -> (GCS address, client env).
+    --block ties its processes to this Popen: terminating it stops this cluster only (never `ray stop`)."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dashboard = free_port(), free_port()
+    ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                    "runtime-env-agent-port", "metrics-export-port",
+                                                    "ray-client-server-port")]
+    # 2 logical CPUs: a run's roles (1.5) + the Serve replica (0.25); Serve's controller and proxy take none
+    head = subprocess.Popen([RAY, "start", "--head", "--block", f"--port={gcs}", *ports, "--dashboard-host=127.0.0.1",
+                             f"--dashboard-port={dashboard}", "--num-cpus=2", f"--temp-dir={ray_tmp}"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{dashboard}/api/version", timeout=2)
+                break
+            except urllib.error.HTTPError:  # it answers (401 without the token): it is up
+                break
+            except OSError:
+                assert head.poll() is None, "ray start --head exited"
+                time.sleep(1)
+        yield f"127.0.0.1:{gcs}", env
+    finally:
+        head.terminate()  # the head drains for up to 30 s, then stops its processes (the Serve app's too)
+        head.wait(timeout=120)
+
+
+def rm(env: dict, *args: str) -> str:
+    """``python -m rlhf_ray.rm ARGS`` as a user types it; its stdout."""
+    done = subprocess.run([sys.executable, "-m", "rlhf_ray.rm", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def as_samples(rows: list[dict], messages_of: dict[str, list[dict]]):
+    from rlhf_ray.reward_backends import RewardSample
+
+    return [RewardSample.of(messages_of[r["prompt"]], r["prompt"], r["response"]) for r in rows]
+
+
+def direct_scores(rm_path: str, samples) -> list[float]:
+    """What the RM at ``rm_path`` gives ``samples``, scored here by the model backend."""
+    from rlhf_ray.config import RewardConfig
+    from rlhf_ray.reward_backends import ModelBackend
+
+    backend = ModelBackend(RewardConfig(kind="model", model=rm_path, max_length=256, batch_size=16), model_path=rm_path)
+    return backend.score(samples).tolist()
+
+
+def serve_experiments(tmp_path: Path, tiny_cache: Path, address: str, env: dict, route: str, probe: list,
+                      monkeypatch) -> SimpleNamespace:
+    """Two consecutive experiments against the app, its identity before and after each, ``probe`` samples scored
+    through its HTTP route, the app list with it and after ``rm remove``."""
+    from rlhf_ray.config import RewardConfig
+    from rlhf_ray.reward_backends import build_backend
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # the runs join a head that uses token auth
+    seen = SimpleNamespace(rows=[], identities=[json.loads(rm(env, "info", APP, "--address", address))])
+    for i in range(2):
+        with short_tmp("rs") as ray_tmp:
+            seen.rows.append(run_to_end(tmp_path / f"serve-{i}", ray_tmp, tiny_cache, "models.reward.kind=serve",
+                                        f"models.reward.app={APP}", f"ray.address={address}"))
+        seen.identities.append(json.loads(rm(env, "info", APP, "--address", address)))
+    seen.http_scores = build_backend(RewardConfig(kind="http", url=route)).score(probe).tolist()
+    seen.listing = rm(env, "list", "--address", address)
+    rm(env, "remove", APP, "--address", address)
+    seen.after = rm(env, "list", "--address", address)
+    return seen
+
+
+def test_model_then_a_shared_serve_rm_across_two_experiments(tiny_cache, tiny_tokenizer, tmp_path, monkeypatch):
+    from rlhf_ray.data import load_prompts
+    from rlhf_ray.model_specs import resolve_model
+    from rlhf_ray.reward_backends import RewardSample
+
+    config_rm = resolve_model("tiny:reward", tiny_cache)           # the config's RM (models.reward.model)
+    served_rm = resolve_model("tiny:reward", tiny_cache, seed=1)   # the Serve app's: another RM
+    messages_of = {p.text: p.messages for p in load_prompts(tiny_config(tmp_path, tiny_cache).data,
+                                                            tiny_tokenizer).prompts}
+    probe = [RewardSample.of(messages, text, response) for (text, messages), response
+             in zip(list(messages_of.items())[:3], ("Blue.", "The sea is wide.", ""))]
+    with short_tmp("rm") as model_tmp, short_tmp("rh") as head_tmp:
+        # the config as it is (kind=model), in a local Ray of its own, while the head starts and the app deploys
+        model_run = start_run(tmp_path / "model", model_tmp, tiny_cache, *COMMON)
+        try:
+            with ray_head(head_tmp) as (address, env):
+                deployed = rm(env, "serve", APP, "--model", "tiny:reward", "--cache-dir", str(tiny_cache), "--seed",
+                              "1", "--max-length", "256", "--num-cpus", "0.25", "--max-batch-size", "8",
+                              "--http-port", str(free_port()), "--address", address)
+                route = deployed.split(" route ")[1].split()[0]
+                model_rows = finish(model_run, tmp_path / "model")
+                seen = serve_experiments(tmp_path, tiny_cache, address, env, route, probe, monkeypatch)
+        finally:
+            if model_run.poll() is None:
+                model_run.kill()
+    # the app stayed up across both experiments: one process, serving each run's 2 steps (16 samples each)
+    identities = seen.identities
+    assert identities[0]["model_path"] == served_rm and identities[0]["requests"] == 0
+    assert len({info["pid"] for info in identities}) == 1
+    assert [info["requests"] for info in identities] == [0, 2, 4]
+    assert [info["samples"] for info in identities] == [0, 32, 64]
+    line = next(line for line in seen.listing.splitlines() if line.startswith(APP))
+    assert line.split()[1:] == ["RUNNING", "tiny:reward", "1/1", route], seen.listing
+    assert APP not in seen.after
+    # its HTTP route (v1 schema) is on loopback only and gives the same scores as its handle
+    assert route.startswith("http://127.0.0.1:") and route.endswith(f"/{APP}")
+    assert seen.http_scores == pytest.approx(direct_scores(served_rm, probe), abs=1e-5)
+
+    model_scores = [r["score"] for r in model_rows]
+    assert model_scores == pytest.approx(direct_scores(config_rm, as_samples(model_rows, messages_of)), abs=1e-5)
+    for rows in seen.rows:
+        scores, samples = [r["score"] for r in rows], as_samples(rows, messages_of)
+        assert scores == pytest.approx(direct_scores(served_rm, samples), abs=1e-5)
+        assert max(abs(a - b) for a, b in zip(scores, direct_scores(config_rm, samples))) > 1e-3
