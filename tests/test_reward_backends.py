@@ -289,3 +289,17 @@ def test_http_token_variable_and_stored_statistics_are_checked_up_front(tmp_path
     with pytest.raises(PreflightError, match=r"normalize='stored' needs .*reward/reward_stats.json, and the reward "
                                              r"model tiny:reward has none"):
         check_experiment(cfg, {"models.reward.model": rm})
+
+
+def test_a_serve_run_without_a_cluster_stops_before_anything_starts(tmp_path, tiny_cache, capsys, monkeypatch):
+    from rlhf_ray.train import main
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    started = time.perf_counter()
+    assert main(["--config", str(ROOT / "configs" / "tiny_cpu.yaml"), f"models.cache_dir={tiny_cache}",
+                 f"output_dir={tmp_path / 'run'}", "logging.progress_bar=false", "models.reward.kind=serve",
+                 "models.reward.app=shared-rm", "models.value_model=tiny:reward"]) == 1
+    output = capsys.readouterr()
+    lines = [line for line in (output.out + output.err).splitlines() if "error" in line.lower()]
+    assert len(lines) == 1 and "needs the Ray cluster where the app 'shared-rm' runs: set ray.address" in lines[0]
+    assert time.perf_counter() - started < 30 and not (tmp_path / "run" / "metrics.jsonl").exists()
