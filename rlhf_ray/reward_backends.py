@@ -252,7 +252,7 @@ def check_stats(stats, where: str) -> dict:
         isinstance(stats.get(k), numbers.Real) and not isinstance(stats.get(k), bool) for k in ("mean", "std", "count"))
     if not ok or not (math.isfinite(stats["mean"]) and math.isfinite(stats["std"]) and stats["std"] > 0
                       and stats["count"] >= 0):
-        raise ValueError(f"{where} must hold {{\"mean\": finite, \"std\": finite > 0, \"count\": int, \"source\": str}}, "
+        raise ValueError(f"{where} must hold {{'mean': finite, 'std': finite > 0, 'count': int, 'source': str}}, "
                          f"got {stats!r}")
     return {"mean": float(stats["mean"]), "std": float(stats["std"]), "count": int(stats["count"]),
             "source": str(stats.get("source", ""))}
@@ -267,7 +267,8 @@ def missing_stats_message(path, who: str) -> str:
 def require_reward_stats(model_path: str, who: str) -> dict:
     stats = read_reward_stats(model_path)
     if stats is None:
-        raise ValueError(missing_stats_message(reward_stats_path(model_path) or f"{model_path}/{REWARD_STATS_FILE}", who))
+        path = reward_stats_path(model_path) or f"{model_path}/{REWARD_STATS_FILE}"
+        raise ValueError(missing_stats_message(path, who))
     return stats
 
 

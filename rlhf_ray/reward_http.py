@@ -136,7 +136,8 @@ class RewardClient:
         try:
             response = self.session.post(self.url, json=request_body(samples), timeout=self.timeout_s)
         except requests.Timeout:
-            raise RuntimeError(f"{where} did not answer within {self.timeout_s:g} s (models.reward.timeout_s)") from None
+            raise RuntimeError(f"{where} did not answer within {self.timeout_s:g} s "
+                               "(models.reward.timeout_s)") from None
         except requests.RequestException as err:
             raise RuntimeError(f"{where} cannot be reached after {self.retries} retries (models.reward.retries): "
                                f"{_root_cause(err)}") from None

@@ -6,7 +6,8 @@ import torch
 
 from actors.reward import RewardActor
 from rlhf_ray.batch import RolloutBatch
-from rlhf_ray.reward_backends import BACKENDS, FunctionBackend, ModelBackend, load_function, write_reward_stats
+from rlhf_ray.reward_backends import (BACKENDS, FunctionBackend, ModelBackend, load_function,
+                                      write_reward_stats)
 from rlhf_ray.rewards import char_frequency
 
 

@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -245,7 +246,8 @@ def test_reward_stats_file_is_checked(tmp_path):
     (["models.reward.kind=serve"], "models.reward.app", "is required when models.reward.kind='serve'"),
     (["models.reward.kind=http", "models.reward.url=http://h/", "models.value_init=policy",
       "models.reward.normalize=stored"], "models.reward.normalize", "'stored' needs an RM with saved statistics"),
-    (["models.reward.kind=http", "models.reward.url=http://h/"], "models.value_init", "use 'policy' with a http reward"),
+    (["models.reward.kind=http", "models.reward.url=http://h/"], "models.value_init",
+     "use 'policy' with a http reward"),
     (["models.reward.normalize=mean"], "models.reward.normalize", "'none', 'stored' or 'running'"),
     (["models.reward.clip=0"], "models.reward.clip", "greater than 0"),
 ])
@@ -257,7 +259,8 @@ def test_reward_config_errors_name_the_key(tmp_path, overrides, key, message):
 
 
 def test_every_backend_config_validates(tmp_path):
-    for overrides in (["models.reward.kind=http", "models.reward.url=https://rm.example/score", "models.value_init=policy"],
+    for overrides in (["models.reward.kind=http", "models.reward.url=https://rm.example/score",
+                       "models.value_init=policy"],
                       ["models.reward.kind=serve", "models.reward.app=rm", "models.value_model=tiny:reward",
                        "models.reward.normalize=stored", "models.reward.clip=5"],
                       ["models.reward.normalize=running"]):
@@ -303,3 +306,50 @@ def test_a_serve_run_without_a_cluster_stops_before_anything_starts(tmp_path, ti
     lines = [line for line in (output.out + output.err).splitlines() if "error" in line.lower()]
     assert len(lines) == 1 and "needs the Ray cluster where the app 'shared-rm' runs: set ray.address" in lines[0]
     assert time.perf_counter() - started < 30 and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+class FakeApp:
+    """What ``serve.get_app_handle`` returns, without Ray: ``method.remote(*args).result(timeout_s=…)``."""
+
+    def __init__(self, info: dict, score=None):
+        self.calls = []
+        self.info = self._method(lambda: info)
+        self.score = self._method(score)
+
+    def _method(self, fn):
+        app = self
+
+        class Response:
+            def __init__(self, args):
+                self.args = args
+
+            def result(self, timeout_s):
+                app.calls.append(timeout_s)
+                return fn(*self.args)
+
+        return SimpleNamespace(remote=lambda *args: Response(args))
+
+
+def test_serve_backend_calls_the_app_and_reads_its_statistics(monkeypatch):
+    from rlhf_ray import rm
+
+    stats = {"mean": 1.0, "std": 2.0, "count": 5, "source": "rm training"}
+    app = FakeApp({"model_path": "/models/rm", "stored_statistics": None},
+                  score=lambda batch: [len(s.response) + 0.5 for s in batch])
+    monkeypatch.setattr(rm, "app_handle", lambda name: app)
+    backend = build_backend(RewardConfig(kind="serve", app="shared-rm", timeout_s=7))
+    assert backend.score(samples(3)).tolist() == [0.5, 1.5, 2.5] and app.calls == [7, 7]
+    assert backend.stored_statistics() is None
+    with pytest.raises(ValueError, match=r"normalize='stored' needs /models/rm/reward_stats.json, and the Serve RM "
+                                         r"app 'shared-rm' has none"):
+        build_backend(RewardConfig(kind="serve", app="shared-rm", normalize="stored"))
+    monkeypatch.setattr(rm, "app_handle", lambda name: FakeApp({"model_path": "/models/rm", "stored_statistics": stats}))
+    assert build_backend(RewardConfig(kind="serve", app="shared-rm", normalize="stored")).stored_statistics() == stats
+
+    def too_slow(batch):
+        raise TimeoutError("Timed out")
+
+    monkeypatch.setattr(rm, "app_handle", lambda name: FakeApp({"stored_statistics": None}, score=too_slow))
+    with pytest.raises(RuntimeError, match=r"the Serve RM app 'shared-rm' did not answer score\(\) within 7 s "
+                                           r"\(models.reward.timeout_s"):
+        build_backend(RewardConfig(kind="serve", app="shared-rm", timeout_s=7)).score(samples(1))
