@@ -70,6 +70,15 @@ def test_ray_job_submit_runs_a_two_step_job(tiny_cache, tmp_path):
         assert [m["step"] for m in steps] == [1, 2]
         assert (out / "final_model" / "model.safetensors").is_file()
         assert (out / "report.png").is_file() and (out / "logs" / "learner-0.log").is_file()
+
+        rm_out = tmp_path / "rm_job"  # reward-model training goes the same way
+        rm_job = subprocess.run([RAY, "job", "submit", "--address", address, "--working-dir", ".", "--", "python", "-m",
+                                 "rlhf_ray.train_rm", f"cache_dir={tiny_cache}", f"output_dir={rm_out}",
+                                 "training.epochs=1", "logging.progress_bar=false"],
+                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert rm_job.returncode == 0 and "succeeded" in rm_job.stdout, rm_job.stdout[-4000:] + rm_job.stderr[-2000:]
+        assert json.loads((rm_out / "eval.json").read_text())["sets"]["heldout"]["accuracy"] > 0.5
+        assert (rm_out / "final_model" / "reward_stats.json").is_file()
     finally:
         head.terminate()  # the head drains for up to 30 s, then stops its processes
         head.wait(timeout=120)
