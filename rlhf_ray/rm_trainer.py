@@ -108,13 +108,18 @@ class RewardModelTrainer:
     def _load_data(self) -> tuple[EncodedPairs, dict[str, EncodedPairs]]:
         data = self.cfg.data
         loaded = load_preferences(data.train, data.split, data.margin_field)
+        if not loaded.pairs:
+            raise ValueError(f"no usable preference pair in data.train={data.train!r} ({loaded.total_rows} rows, "
+                             f"skipped: {dict(loaded.skipped)})")
         train, held = hold_out(loaded.pairs, data.holdout_fraction, self.cfg.seed)
         if data.limit and data.limit < len(train):
             train = random.Random(self.cfg.seed).sample(train, data.limit)
         sets = {"heldout": held} if held else {}
         for source in data.eval:
-            sets[Path(source).name.split(".")[0] if Path(source).suffix else source] = load_preferences(
-                source, data.split, data.margin_field).pairs
+            pairs = load_preferences(source, data.split, data.margin_field).pairs
+            if not pairs:
+                raise ValueError(f"no usable preference pair in data.eval entry {source!r}")
+            sets[Path(source).name.split(".")[0] if Path(source).suffix else source] = pairs
         encode = lambda p: encode_pairs(self.tokenizer, p, data.template, data.max_length)  # noqa: E731
         train_pairs, eval_sets = encode(train), {name: encode(p) for name, p in sets.items()}
         for name, encoded in [("train", train_pairs), *eval_sets.items()]:

@@ -47,6 +47,21 @@ def test_preference_margins_are_read_and_bad_ones_counted(tmp_path):
     assert [p.margin for p in load_preferences(str(path)).pairs] == [0.0] * 4  # no margin_field: m = 0
 
 
+def test_bad_preference_data_is_one_line_before_anything_starts(tiny_cache, tmp_path, capsys):
+    from rlhf_ray.train_rm import main
+
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"chosen": "not a list", "rejected": []}\nnot json\n')
+    common = [f"cache_dir={tiny_cache}", "logging.progress_bar=false"]
+    assert main([*common, f"output_dir={tmp_path / 'a'}", f"data.train={broken}"]) == 1
+    assert main([*common, f"output_dir={tmp_path / 'b'}", f"data.train={tmp_path / 'missing.jsonl'}"]) == 1
+    assert main([*common, f"output_dir={tmp_path / 'c'}", "training.batch_size=10", "training.micro_batch_size=4"]) == 2
+    err = capsys.readouterr().err
+    assert "no usable preference pair" in err and "malformed_json" in err and "empty_or_not_a_list" in err
+    assert "missing.jsonl does not exist" in err
+    assert "training.micro_batch_size: 4 does not divide the per-rank batch 10" in err
+
+
 @pytest.mark.e2e
 def test_tiny_rm_learns_held_out_preferences_and_loads_everywhere(ray_session, tiny_cache, tmp_path):
     from transformers import AutoModelForSequenceClassification
