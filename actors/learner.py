@@ -124,6 +124,7 @@ class LearnerActor(Role):
         dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size, timeout=timeout)
         deepspeed.init_distributed(dist_backend=backend, timeout=timeout)  # wraps the group above
         spec, opt = self.spec, self.spec.optimizer
+        torch.manual_seed(spec.seed)  # new weights (an RM's score head) are the same on every rank and every run
         model = self.objective.build()
         if spec.deepspeed.gradient_checkpointing:
             for module in model.modules():
@@ -192,7 +193,7 @@ class LearnerActor(Role):
                 minibatches += 1
         self.updates += 1
         stats = {k: v / minibatches for k, v in sums.items()}
-        if self.spec.deepspeed.zero_stage > 0:
+        if self.spec.deepspeed.zero_stage > 0 or self.spec.deepspeed.precision != "fp32":
             grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
         stats.update({"optim/lr": self.engine.get_lr()[0], "optim/grad_norm": grad_norm})
         release_free_memory()  # gradients and activations are gone until the next update
@@ -200,9 +201,10 @@ class LearnerActor(Role):
 
     def _grad_norm(self) -> float:
         """The global gradient norm before clipping, of the optimizer step about to be taken. DeepSpeed tracks
-        it under ZeRO ≥ 1 only (after its step); without ZeRO the averaged gradients are in ``.grad`` now."""
-        if self.spec.deepspeed.zero_stage > 0:
-            return float("nan")  # read after the step: get_global_grad_norm()
+        it under ZeRO ≥ 1 or mixed precision only (after its step); in plain fp32 without ZeRO the averaged
+        gradients are in ``.grad`` now."""
+        if self.spec.deepspeed.zero_stage > 0 or self.spec.deepspeed.precision != "fp32":
+            return float("nan")  # DeepSpeed's own optimizers record it (unscaled): get_global_grad_norm() after the step
         grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
         return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 

@@ -40,6 +40,9 @@ MUST_MATCH = ("seed", "model", "data.", "generation.n_samples_per_prompt",  # "m
               "ppo.rollout_batch_size", "ppo.mini_batch_size", "training.batch_size", "resources.learner.num_actors",
               "deepspeed.zero_stage", "deepspeed.precision")
 NEVER_COMPARED = ("output_dir", "resume", "overwrite", "models.cache_dir")
+# how the reward is reached or shaped, not which model it is: a resume may change these (logged)
+CHANGEABLE = tuple(f"models.reward.{key}" for key in ("url", "timeout_s", "retries", "backoff_s", "token_env",
+                                                        "batch_size", "normalize", "clip"))
 
 
 class CheckpointError(ValueError):
@@ -184,7 +187,7 @@ def differences(saved: dict, current: dict) -> tuple[list[str], list[str]]:
         if key.startswith(NEVER_COMPARED) or old.get(key) == new.get(key):
             continue
         line = f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
-        (blocking if key.startswith(MUST_MATCH) else changed).append(line)
+        (blocking if key.startswith(MUST_MATCH) and not key.startswith(CHANGEABLE) else changed).append(line)
     return blocking, changed
 
 

@@ -292,10 +292,7 @@ class ExperimentConfig(_Strict):
         _require(self.models.value_init != "reward" or reward.kind == "model" or self.models.value_model,
                  "models.value_init", "'reward' needs a reward model (models.reward.kind='model') or "
                  f"models.value_model; use 'policy' with a {reward.kind} reward")
-        _require(self.deepspeed.offload_params is False or self.deepspeed.zero_stage == 3, "deepspeed.offload_params",
-                 "parameter offload needs deepspeed.zero_stage=3")
-        _require(not self.deepspeed.offload_optimizer or self.deepspeed.zero_stage >= 1, "deepspeed.offload_optimizer",
-                 "optimizer offload needs deepspeed.zero_stage >= 1")
+        _check_learner(self.deepspeed, self.resources.learner)
         gen = self.resources.generation
         _require(gen.num_gpus == 0 or gen.num_gpus >= gen.tensor_parallel_size, "resources.generation.num_gpus",
                  f"{gen.num_gpus} GPUs cannot host tensor_parallel_size={gen.tensor_parallel_size}")
@@ -304,9 +301,6 @@ class ExperimentConfig(_Strict):
         _require(gen.num_gpus == 0 and gen.tensor_parallel_size == 1 or self.generation.weight_loading != "iterator",
                  "generation.weight_loading", "'iterator' needs an in-process CPU engine (no GPUs, "
                  "tensor_parallel_size 1); use 'files' or 'auto'")
-        _require(self.resources.learner.num_gpus in (0, 1), "resources.learner.num_gpus",
-                 f"{self.resources.learner.num_gpus}: a learner rank uses 0 or 1 whole GPU "
-                 "(scale with resources.learner.num_actors)")
         _require(ppo.total_episodes % ppo.rollout_batch_size == 0, "ppo.total_episodes",
                  f"{ppo.total_episodes} is not a multiple of ppo.rollout_batch_size={ppo.rollout_batch_size}: "
                  "the remainder would be silently dropped")
@@ -345,8 +339,8 @@ class PreferenceDataConfig(_Strict):
     max_length: int = Field(512, gt=0, description="Tokens per conversation; longer ones keep their end (the response).")
     margin_field: Optional[str] = Field(
         None, description="Column with a per-pair margin m: loss −log σ(r_chosen − r_rejected − m) (Llama 2); null: m = 0.")
-    limit: Optional[int] = Field(None, gt=0, description="Train on N pairs drawn at random (seeded) from every source of "
-                                 "`train` after the hold-out (a quicker run; the hold-out stays as it is).")
+    limit: Optional[int] = Field(None, gt=0, description="Train on N pairs drawn at random (seeded) from all of `train` "
+                                 "after the hold-out (a quicker run; the hold-out stays as it is).")
 
 
 class RMTrainingConfig(_Strict):
@@ -396,9 +390,18 @@ class RewardTrainingConfig(_Strict):
                  f"{train.micro_batch_size} does not divide the per-rank batch {per_rank} "
                  "(= training.batch_size / resources.learner.num_actors)")
         _require(not (self.resume and self.overwrite), "overwrite", "cannot be combined with resume")
-        _require(self.deepspeed.offload_params is False or self.deepspeed.zero_stage == 3, "deepspeed.offload_params",
-                 "parameter offload needs deepspeed.zero_stage=3")
+        _check_learner(self.deepspeed, self.resources.learner)
         return self
+
+
+def _check_learner(ds: DeepSpeedConfig, learner: RoleResources) -> None:
+    """What every learner group needs, whatever its objective."""
+    _require(ds.offload_params is False or ds.zero_stage == 3, "deepspeed.offload_params",
+             "parameter offload needs deepspeed.zero_stage=3")
+    _require(not ds.offload_optimizer or ds.zero_stage >= 1, "deepspeed.offload_optimizer",
+             "optimizer offload needs deepspeed.zero_stage >= 1")
+    _require(learner.num_gpus in (0, 1), "resources.learner.num_gpus",
+             f"{learner.num_gpus}: a learner rank uses 0 or 1 whole GPU (scale with resources.learner.num_actors)")
 
 
 def _require(ok, key: str, why: str) -> None:

@@ -246,6 +246,26 @@ def _is_finite_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def dataset_name(source: str) -> str:
+    """A short name for a data source in reports: a file's name without its extensions, or a hub name with '/'
+    written as '__' (report keys use '/' as a separator)."""
+    path = Path(source)
+    return path.name.split(".")[0] if path.suffix else source.replace("/", "__")
+
+
+def dataset_names(sources: list[str], taken: tuple[str, ...] = ()) -> list[str]:
+    """``dataset_name`` of each source; ValueError when two sources (or a source and a reserved name) collide."""
+    names = [dataset_name(s) for s in sources]
+    for name in set(names):
+        clashing = [s for s, n in zip(sources, names) if n == name]
+        if len(clashing) > 1:
+            raise ValueError(f"data sources {', '.join(clashing)} would all be reported as {name!r}: rename one")
+        if name in taken:
+            raise ValueError(f"data source {clashing[0]} would be reported as {name!r}, a name the reports already "
+                             "use: rename it")
+    return names
+
+
 def hold_out(pairs: list[PreferencePair], fraction: float, seed: int) -> tuple[list, list]:
     """(train, held out): ``fraction`` of each source's pairs (rounded), picked with ``seed``, held out."""
     by_source: dict = {}

@@ -137,10 +137,10 @@ def cmd_serve(args) -> int:
     from rlhf_ray.model_specs import resolve_model
     from rlhf_ray.preflight import PreflightError, check_model_path
 
-    path = resolve_model(args.model, args.cache_dir, args.seed)
     try:
+        path = resolve_model(args.model, args.cache_dir, args.seed)
         check_model_path(args.model, path, "--model")
-    except PreflightError as err:
+    except (PreflightError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
     connect(args.address)
     serve.start(http_options={"host": "127.0.0.1", "port": args.http_port})

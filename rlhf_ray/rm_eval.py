@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from rlhf_ray.config import RewardConfig
-from rlhf_ray.data import load_preferences, render_tulu
+from rlhf_ray.data import dataset_names, load_preferences, render_tulu
 from rlhf_ray.rm_trainer import accuracy_table
 
 
@@ -48,16 +48,23 @@ def score_pairs(backend, pairs) -> torch.Tensor:
 
 
 def evaluate(rms: dict[str, str], data: list[str], template: str = "tulu", max_length: int = 1024,
-             batch_size: int = 8, cache_dir: str | None = None) -> dict:
+             batch_size: int = 8, cache_dir: str | None = None, split: str = "train") -> dict:
     """{rm name: {data name: accuracy table (rlhf_ray.rm_trainer.accuracy_table) + seconds}}."""
     from rlhf_ray.model_specs import resolve_model
+    from rlhf_ray.preflight import check_model_path
     from rlhf_ray.reward_backends import build_backend
 
-    sets = {Path(d).name.split(".")[0]: load_preferences(d).pairs for d in data}
+    sets = {name: load_preferences(source, split).pairs for name, source in zip(dataset_names(data), data)}
+    empty = [name for name, pairs in sets.items() if not pairs]
+    if empty:
+        raise ValueError(f"no usable preference pair in {', '.join(empty)}")
     results = {}
     for name, spec in rms.items():
         cfg = reward_config(spec, template, max_length, batch_size)
-        backend = build_backend(cfg, model_path=resolve_model(spec, cache_dir) if cfg.kind == "model" else None)
+        model_path = resolve_model(spec, cache_dir) if cfg.kind == "model" else None
+        if model_path:
+            check_model_path(spec, model_path, f"--rm {name}")
+        backend = build_backend(cfg, model_path=model_path)
         results[name] = {"spec": spec, "sets": {}}
         for set_name, pairs in sets.items():
             start = time.perf_counter()
@@ -84,6 +91,7 @@ def markdown(results: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Pairwise accuracy of reward models on preference data.")
     parser.add_argument("--data", action="append", required=True, help="preference file or hub dataset (repeatable)")
+    parser.add_argument("--split", default="train", help="split of hub datasets")
     parser.add_argument("--rm", action="append", required=True, help="NAME=SPEC (repeatable); see the module doc")
     parser.add_argument("--out", default="runs/rm_eval", help="where rm_eval.json and rm_eval.md go")
     parser.add_argument("--template", default="tulu", choices=["tulu", "tokenizer"], help="as models.reward.template")
@@ -97,13 +105,19 @@ def main(argv: list[str] | None = None) -> int:
         name, sep, spec = item.partition("=")
         if not sep or not name or not spec:
             parser.error(f"--rm {item!r} is not NAME=SPEC")
+        if name in rms:
+            parser.error(f"--rm name {name!r} is given twice")
         rms[name] = spec
-    if any(spec.startswith("serve:") for spec in rms.values()):
-        import ray
-
-        ray.init(address=args.address or "auto", log_to_driver=False)
     try:
-        results = evaluate(rms, args.data, args.template, args.max_length, args.batch_size, args.cache_dir)
+        if any(spec.startswith("serve:") for spec in rms.values()):
+            from rlhf_ray.rm import connect
+
+            connect(args.address)
+        results = evaluate(rms, args.data, args.template, args.max_length, args.batch_size, args.cache_dir,
+                           args.split)
+    except SystemExit as err:  # rlhf_ray.rm.connect: no cluster (its message is complete)
+        print(err, file=sys.stderr)
+        return 1
     except (ValueError, OSError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -21,7 +21,7 @@ import torch
 from rlhf_ray import checkpoint, preflight
 from rlhf_ray.batch import PairBatch
 from rlhf_ray.config import RewardTrainingConfig, dump_config
-from rlhf_ray.data import PreferencePair, PromptSampler, hold_out, load_preferences
+from rlhf_ray.data import PreferencePair, PromptSampler, dataset_names, hold_out, load_preferences
 from rlhf_ray.metrics import MetricsLogger
 from rlhf_ray.model_specs import resolve_model
 from rlhf_ray.modeling import encode_conversations, load_reward_tokenizer
@@ -64,7 +64,7 @@ def encode_pairs(tokenizer, pairs: list[PreferencePair], template: str, max_leng
         ids += [row[mask.bool()].tolist() for row, mask in zip(enc["input_ids"], enc["attention_mask"])]
     return EncodedPairs(chosen=ids[0::2], rejected=ids[1::2], margins=[p.margin for p in pairs],
                         sources=[p.source or "unknown" for p in pairs],
-                        truncated=sum(len(x) >= max_length for x in ids))
+                        truncated=sum(len(x) >= max_length for x in ids))  # reached the cap (almost always: cut)
 
 
 def accuracy_table(scores: torch.Tensor, sources: list[str]) -> dict:
@@ -115,11 +115,12 @@ class RewardModelTrainer:
         if data.limit and data.limit < len(train):
             train = random.Random(self.cfg.seed).sample(train, data.limit)
         sets = {"heldout": held} if held else {}
-        for source in data.eval:
-            pairs = load_preferences(source, data.split, data.margin_field).pairs
-            if not pairs:
-                raise ValueError(f"no usable preference pair in data.eval entry {source!r}")
-            sets[Path(source).name.split(".")[0] if Path(source).suffix else source] = pairs
+        for name, source in zip(dataset_names(data.eval, taken=("heldout", "train")), data.eval):
+            loaded = load_preferences(source, data.split)  # evaluation does not use margins
+            if not loaded.pairs:
+                raise ValueError(f"no usable preference pair in data.eval entry {source!r} ({loaded.total_rows} rows, "
+                                 f"skipped: {dict(loaded.skipped)})")
+            sets[name] = loaded.pairs
         encode = lambda p: encode_pairs(self.tokenizer, p, data.template, data.max_length)  # noqa: E731
         train_pairs, eval_sets = encode(train), {name: encode(p) for name, p in sets.items()}
         for name, encoded in [("train", train_pairs), *eval_sets.items()]:

@@ -501,7 +501,7 @@ class Roles:
         return out
 
     def save(self, path: str) -> str:
-        results = self._wait([a.save.remote(path) for a in self.learners], "learner", "saving the policy", "learn_s")
+        results = self._wait([a.save.remote(path) for a in self.learners], "learner", "saving the model", "learn_s")
         return results[0]
 
     def save_state(self, directory: str) -> None:

@@ -126,7 +126,7 @@ class PPOTrainer:
         scored["scores"] = self.normalizer(raw_scores)  # models.reward.normalize / clip
         batch, rollout_stats = with_advantages(batch.with_(**scored), self.cfg.ppo)
         if self.normalizer.mode != "none" or self.normalizer.clip is not None:
-            rollout_stats.update({"score/raw_mean": float(raw_scores.mean()), "score/raw_std": float(raw_scores.std())})
+            rollout_stats.update({"score/raw_mean": float(raw_scores.mean()), "score/raw_std": float(raw_scores.std(unbiased=False))})
         with STOP_SIGNALS.deferred():
             with phase(times, "learn"):
                 learn_stats, learn_s = self.roles.learn(batch)
@@ -200,8 +200,11 @@ class PPOTrainer:
         self.roles.sync_weights()
         state = checkpoint.read_state(path)
         self.step_count = state["step"]
+        self.normalizer = self._score_normalizer()
         if "reward_normalizer" in state:  # running score statistics as they were after that step
             self.normalizer.load_state_dict(state["reward_normalizer"])
+        elif self.cfg.models.reward.normalize == "running":
+            log.warning("%s has no running score statistics (saved by an older version): they start afresh", path)
         log.info("resumed from %s: %d of %d steps done", path, self.step_count, self.cfg.num_steps)
 
     def _recover_learner(self, lost: ActorLost) -> None:

@@ -75,9 +75,9 @@ def test_tiny_rm_learns_held_out_preferences_and_loads_everywhere(ray_session, t
     prefs.write_text("".join(json.dumps(r) + "\n" for r in tiny_preferences(ROOT / "configs/data/tiny_prompts.jsonl",
                                                                              160, seed=7)))
     out = tmp_path / "rm"
-    args = [f"model=tiny:policy", f"cache_dir={tiny_cache}", f"output_dir={out}", f"data.train={prefs}",
-            "logging.progress_bar=false", "training.epochs=2", "checkpoint.every_steps=5"]
-    assert main(args) == 0
+    args = ["model=tiny:policy", f"cache_dir={tiny_cache}", f"data.train={prefs}", "logging.progress_bar=false",
+            "training.epochs=2", "checkpoint.every_steps=5", "checkpoint.keep_last=3"]
+    assert main([*args, f"output_dir={out}"]) == 0
     result = json.loads((out / "eval.json").read_text())["sets"]["heldout"]
     assert result["pairs"] == 40 and result["accuracy"] >= 0.9, result
     assert all(row["accuracy"] >= 0.85 for row in result["per_source"].values()), result
@@ -119,8 +119,11 @@ def test_tiny_rm_learns_held_out_preferences_and_loads_everywhere(ray_session, t
     with pytest.raises(ValueError, match="different tokenizer"):
         check_same_tokenizer(policy, str(other), "the value model's source")
 
-    # resume continues from the last checkpoint with one more epoch: the steps after it only
-    assert main(args[:-2] + ["training.epochs=3", "checkpoint.every_steps=5", "resume=auto"]) == 0
-    steps = [r for r in (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
-             if "loss/bradley_terry" in r]
-    assert [r["step"] for r in steps] == list(range(1, 22))
+    # resumed from its step-5 checkpoint (in another directory), the run continues exactly: same losses, same result
+    resumed = tmp_path / "resumed"
+    assert main([*args, f"output_dir={resumed}", f"resume={out}/checkpoints/step-000005"]) == 0
+    again = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    losses = lambda rows: [(r["step"], r["loss/bradley_terry"], r["optim/lr"]) for r in rows  # noqa: E731
+                           if "loss/bradley_terry" in r]
+    assert losses(again) == losses(steps)[5:] and len(losses(again)) == 9
+    assert json.loads((resumed / "eval.json").read_text()) == json.loads((out / "eval.json").read_text())
