@@ -78,6 +78,14 @@ def parse_request(body: bytes) -> list[dict]:
     if not isinstance(samples, list) or not all(isinstance(s, dict) and all(f in s for f in SAMPLE_FIELDS)
                                                 for s in samples):
         raise ValueError(f"'samples' must be a list of objects with {', '.join(SAMPLE_FIELDS)}")
+    for i, sample in enumerate(samples):  # an empty response is a valid sample: it gets a score like any other
+        messages = sample["messages"]
+        if not (isinstance(messages, list) and messages and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages)):
+            raise ValueError(f"sample {i}: 'messages' must be a non-empty list of {{role, content}} strings")
+        if not isinstance(sample["prompt"], str) or not isinstance(sample["response"], str):
+            raise ValueError(f"sample {i}: 'prompt' and 'response' must be strings")
     return samples
 
 

@@ -163,6 +163,9 @@ def test_reference_server_speaks_v1_only_and_answers_health():
         assert requests.get(server.url + "health", timeout=5).status_code == 200
         wrong = requests.post(server.url, json={"schema": "other/v9", "samples": []}, timeout=5)
         assert wrong.status_code == 400 and "send 'rlhf-ray/reward/v1'" in wrong.json()["error"]
+        malformed = requests.post(server.url, timeout=5, json={"schema": "rlhf-ray/reward/v1", "samples": [
+            {"messages": "hi", "prompt": "p", "response": "r"}]})
+        assert malformed.status_code == 400 and "sample 0: 'messages' must be" in malformed.json()["error"]
         assert RewardClient(server.url).score([s.to_json() for s in samples(2)]) == [100.0, 101.0]
     with serve_function(lambda p, r: 1 / 0) as failing:
         with pytest.raises(RuntimeError, match=r"answered HTTP 500 .*ZeroDivisionError"):
