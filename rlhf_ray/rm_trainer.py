@@ -20,8 +20,9 @@ import torch
 
 from rlhf_ray import checkpoint, preflight
 from rlhf_ray.batch import PairBatch
-from rlhf_ray.config import RewardTrainingConfig, dump_config
+from rlhf_ray.config import RewardTrainingConfig
 from rlhf_ray.data import PreferencePair, PromptSampler, dataset_names, hold_out, load_preferences
+from rlhf_ray.driver import CheckpointedDriver
 from rlhf_ray.metrics import MetricsLogger
 from rlhf_ray.model_specs import resolve_model
 from rlhf_ray.modeling import encode_conversations, load_reward_tokenizer
@@ -76,7 +77,7 @@ def accuracy_table(scores: torch.Tensor, sources: list[str]) -> dict:
     return {"pairs": len(sources), "accuracy": pairwise_accuracy(scores[:, 0], scores[:, 1]), "per_source": per_source}
 
 
-class RewardModelTrainer:
+class RewardModelTrainer(CheckpointedDriver):
     unit, exported = "RM", "reward model"  # for the console (rlhf_ray.train.run)
 
     def __init__(self, cfg: RewardTrainingConfig):
@@ -88,7 +89,7 @@ class RewardModelTrainer:
         self.sampler = PromptSampler(len(self.train_pairs), cfg.training.batch_size, cfg.seed, what="training pairs",
                                      key="training.batch_size")
         self.num_steps = cfg.training.epochs * self.sampler.batches_per_epoch
-        self.resume_from, self.step_count = self._checkpoint_to_resume(), 0
+        self.resume_from, self.step_count = self.checkpoint_to_resume(), 0
         checkpoint.remove_partial(cfg.output_dir)
         connect(cfg)
         start = time.perf_counter()
@@ -146,7 +147,7 @@ class RewardModelTrainer:
         try:
             return self._step()
         except ActorLost as lost:
-            self._recover_learner(lost)
+            self.recover_learner(lost)
             return {}
 
     def _step(self) -> dict[str, float]:
@@ -204,56 +205,13 @@ class RewardModelTrainer:
         return metrics
 
     # ----------------------------------------------------------------------------------- durability
-    def save_checkpoint(self) -> str:
-        start = time.perf_counter()
-        staging = checkpoint.begin(self.cfg.output_dir, self.step_count)
-        try:
-            self.roles.save_state(str(staging.resolve()))
-            state = {"step": self.step_count, "sampler": self.sampler.state_dict(self.step_count), "seed": self.cfg.seed,
-                     "restarts": dict(self.roles.restarts)}
-            path = checkpoint.commit(staging, self.step_count, state, dump_config(self.cfg),
-                                     self.cfg.checkpoint.keep_last)
-        except BaseException:
-            checkpoint.abort(staging)
-            raise
-        self.saved_step = self.step_count
-        log.info("checkpoint of step %d saved to %s in %.1f s", self.step_count, path, time.perf_counter() - start)
-        return str(path)
-
-    def _checkpoint_to_resume(self):
-        path = checkpoint.resolve(self.cfg.resume, self.cfg.output_dir)
-        if path is None:
-            return None
-        blocking, changed = checkpoint.differences(checkpoint.saved_config(path), self.cfg.model_dump(mode="json"))
-        if blocking:
-            raise checkpoint.CheckpointError(f"cannot resume from {path}: the config differs in what a checkpoint "
-                                             f"cannot be continued under: {'; '.join(blocking)}")
-        if changed:
-            log.info("resuming with changed settings: %s", "; ".join(changed))
-        state = checkpoint.read_state(path)
-        self.sampler.check_state(state["sampler"], state["step"])
-        return path
-
     def restore(self, path) -> None:
-        self.roles.load_state(str(Path(path).resolve()))
-        self.step_count = checkpoint.read_state(path)["step"]
+        self.restore_learners(path)
         log.info("resumed from %s: %d of %d steps done", path, self.step_count, self.num_steps)
-
-    def _recover_learner(self, lost: ActorLost) -> None:
-        if self.roles.restarts["learner"] >= self.cfg.recovery.max_learner_restarts:
-            raise lost
-        latest = checkpoint.latest_valid(self.cfg.output_dir)
-        log.warning("recovery: %s; restarting the learner group from %s", lost, latest or "the beginning")
-        self.roles.restart_learners()
-        self.step_count = 0
-        if latest:
-            self.restore(latest)
-        self.metrics_log.rewind(self.step_count)
 
     def finish(self) -> str:
         """Checkpoint (checkpoint.at_end), final evaluation (eval.json), the RM with its statistics (final_model)."""
-        if self.cfg.checkpoint.at_end and self.saved_step != self.step_count:
-            self.save_checkpoint()
+        self.checkpoint_at_end()
         out = Path(self.cfg.output_dir).resolve()
         tables = self.evaluate()
         self.final_eval = {name: {k: v for k, v in t.items() if k != "scores"} for name, t in tables.items()}
@@ -273,11 +231,6 @@ class RewardModelTrainer:
                                                   self.train_pairs.margins, self.train_pairs.sources)), 0)
         return self.scores(sample), f"train: {2 * len(sample)} responses"
 
-    def stop(self) -> str | None:
-        if self.cfg.checkpoint.on_signal and self.saved_step != self.step_count:
-            return self.save_checkpoint()
-        return None
-
     def closing(self) -> list[str]:
         rows = [json.loads(line) for line in (Path(self.cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
         steps = [r for r in rows if "throughput/pairs_per_s" in r]
@@ -289,9 +242,3 @@ class RewardModelTrainer:
             lines.append(f"{len(steps)} steps in {seconds:.0f} s, {sum(r['throughput/pairs_per_s'] * r['time/step'] for r in steps) / seconds:.2f} "
                          f"pairs/s; loss {steps[0]['loss/bradley_terry']:.3f} → {steps[-1]['loss/bradley_terry']:.3f}")
         return lines
-
-    def shutdown(self) -> None:
-        if hasattr(self, "metrics_log"):
-            self.metrics_log.close()
-        if hasattr(self, "roles"):
-            self.roles.shutdown()

@@ -5,7 +5,7 @@
 
 Only this file knows the order of a step; the roles (rlhf_ray.roles) know how to split work over their
 actors and replace a lost generation, reward or reference actor; the math lives in rlhf_ray.ppo_math.
-A lost learner rank takes the learner group back to the last checkpoint (``_recover_learner``).
+A lost learner rank takes the learner group back to the last checkpoint (rlhf_ray.driver).
 """
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ from pathlib import Path
 from actors.common import process_memory
 from rlhf_ray import checkpoint, preflight
 from rlhf_ray.batch import RolloutBatch
-from rlhf_ray.config import ExperimentConfig, PPOConfig, dump_config
+from rlhf_ray.config import ExperimentConfig, PPOConfig
 from rlhf_ray.data import PromptSampler, load_prompts
+from rlhf_ray.driver import CheckpointedDriver
 from rlhf_ray.modeling import check_same_tokenizer
 from rlhf_ray.ppo_math import gae, kl_penalty, masked_mean, masked_whiten, shape_rewards
 from rlhf_ray.metrics import MetricsLogger
@@ -31,7 +32,7 @@ from rlhf_ray.model_specs import resolve_model
 log = logging.getLogger(__name__)
 
 
-class PPOTrainer:
+class PPOTrainer(CheckpointedDriver):
     unit, exported = "PPO", "policy"  # for the console (rlhf_ray.train.run)
 
     def __init__(self, cfg: ExperimentConfig):
@@ -54,7 +55,7 @@ class PPOTrainer:
         self.tokenizer = AutoTokenizer.from_pretrained(self.paths.policy)
         self.dataset = load_prompts(cfg.data, self.tokenizer)
         self.sampler = PromptSampler(len(self.dataset), cfg.ppo.rollout_batch_size, cfg.seed, cfg.data.shuffle)
-        self.resume_from, self.step_count = self._checkpoint_to_resume(), 0
+        self.resume_from, self.step_count = self.checkpoint_to_resume(), 0
         if self.paths.reward:
             preflight.check_reward_template(models.reward, self.paths.reward, self.dataset.prompts[0].messages)
         if cfg.deepspeed.zero_stage > 0 and cfg.resources.learner.num_actors == 1:
@@ -103,7 +104,7 @@ class PPOTrainer:
         except ActorLost as lost:
             if lost.role != "learner":
                 raise
-            self._recover_learner(lost)
+            self.recover_learner(lost)
             return {}
 
     def _step(self) -> dict[str, float]:
@@ -160,46 +161,15 @@ class PPOTrainer:
                                                 for role, count in self.roles.restarts.items()}}
 
     # ----------------------------------------------------------------------------------- durability
-    def save_checkpoint(self) -> str:
-        """Checkpoint the finished steps (atomically; see rlhf_ray.checkpoint). Returns its path."""
-        start = time.perf_counter()
-        staging = checkpoint.begin(self.cfg.output_dir, self.step_count)
-        try:
-            self.roles.save_state(str(staging.resolve()))
-            state = {"step": self.step_count, "sampler": self.sampler.state_dict(self.step_count),
-                     "sampling_seeds": "per prompt, from (seed, step): rlhf_ray.trainer.sampling_seeds",
-                     "seed": self.cfg.seed, "restarts": dict(self.roles.restarts),
-                     "reward_normalizer": self.normalizer.state_dict()}
-            path = checkpoint.commit(staging, self.step_count, state, dump_config(self.cfg),
-                                     self.cfg.checkpoint.keep_last)
-        except BaseException:
-            checkpoint.abort(staging)  # the earlier checkpoints stay as they were
-            raise
-        self.saved_step = self.step_count
-        log.info("checkpoint of step %d saved to %s in %.1f s", self.step_count, path, time.perf_counter() - start)
-        return str(path)
-
-    def _checkpoint_to_resume(self):
-        """The checkpoint named by ``resume``, checked against this config before any cluster starts."""
-        path = checkpoint.resolve(self.cfg.resume, self.cfg.output_dir)
-        if path is None:
-            return None
-        state = checkpoint.read_state(path)  # resolve() has verified it
-        blocking, changed = checkpoint.differences(checkpoint.saved_config(path), self.cfg.model_dump(mode="json"))
-        if blocking:
-            raise checkpoint.CheckpointError(f"cannot resume from {path}: the config differs in what a checkpoint "
-                                             f"cannot be continued under: {'; '.join(blocking)}")
-        if changed:
-            log.info("resuming with changed settings: %s", "; ".join(changed))
-        self.sampler.check_state(state["sampler"], state["step"])
-        return path
+    def driver_state(self) -> dict:
+        return {"sampling_seeds": "per prompt, from (seed, step): rlhf_ray.trainer.sampling_seeds",
+                "reward_normalizer": self.normalizer.state_dict()}
 
     def restore(self, path) -> None:
-        """Learners from the checkpoint, the engines from the learners, the step counter from the driver state."""
-        self.roles.load_state(str(Path(path).resolve()))
+        """Learners from the checkpoint, the engines from the learners, the step counter and the running score
+        statistics from the driver state."""
+        state = self.restore_learners(path)
         self.roles.sync_weights()
-        state = checkpoint.read_state(path)
-        self.step_count = state["step"]
         self.normalizer = self._score_normalizer()
         if "reward_normalizer" in state:  # running score statistics as they were after that step
             self.normalizer.load_state_dict(state["reward_normalizer"])
@@ -207,21 +177,9 @@ class PPOTrainer:
             log.warning("%s has no running score statistics (saved by an older version): they start afresh", path)
         log.info("resumed from %s: %d of %d steps done", path, self.step_count, self.cfg.num_steps)
 
-    def _recover_learner(self, lost: ActorLost) -> None:
-        if self.roles.restarts["learner"] >= self.cfg.recovery.max_learner_restarts:
-            raise lost
-        latest = checkpoint.latest_valid(self.cfg.output_dir)
-        log.warning("recovery: %s; restarting the learner group from %s (restart %d of at most %d)", lost,
-                    latest or "the beginning (no checkpoint yet)", self.roles.restarts["learner"] + 1,
-                    self.cfg.recovery.max_learner_restarts)
-        self.roles.restart_learners()
-        if latest:
-            self.restore(latest)
-        else:
-            self.roles.sync_weights()  # the engines go back to the initial policy with the learners
-            self.step_count = 0
-            self.normalizer = self._score_normalizer()
-        self.metrics_log.rewind(self.step_count)
+    def reset_to_start(self) -> None:
+        self.roles.sync_weights()  # the engines go back to the initial policy with the learners
+        self.normalizer = self._score_normalizer()
 
     def save(self, path: str) -> str:
         """The current policy in HF format (safetensors) with its tokenizer."""
@@ -229,23 +187,10 @@ class PPOTrainer:
 
     def finish(self) -> str | None:
         """The checkpoint after the last step (checkpoint.at_end) and the final policy (logging.save_final_model)."""
-        if self.cfg.checkpoint.at_end and self.saved_step != self.step_count:
-            self.save_checkpoint()
+        self.checkpoint_at_end()
         if self.cfg.logging.save_final_model:
             return self.save(str((Path(self.cfg.output_dir) / "final_model").resolve()))
         return None
-
-    def stop(self) -> str | None:
-        """After a stop signal: checkpoint the finished steps if there are new ones (checkpoint.on_signal)."""
-        if self.cfg.checkpoint.on_signal and self.saved_step != self.step_count:
-            return self.save_checkpoint()
-        return None
-
-    def shutdown(self) -> None:
-        if hasattr(self, "metrics_log"):
-            self.metrics_log.close()
-        if hasattr(self, "roles"):
-            self.roles.shutdown()
 
 
 def ppo_learner(cfg: ExperimentConfig, paths: ModelPaths) -> LearnerSpec:
