@@ -154,6 +154,10 @@ class LearnerActor(Role):
         values before the update; reward modelling: scores)."""
         self.engine.eval()
         out = self.objective.evaluate(self.engine, batch.to(self.device))
+        if self.spec.deepspeed.zero_stage == 3:
+            # ZeRO-3 may have prefetched parameters for a next forward that does not come: a gather (saving,
+            # publishing) would then fail with "Cannot partition a param in flight"; wait for and release them
+            self.engine.empty_partition_cache()
         release_free_memory()  # the micro-batches' activations: an update may come next
         return out
 

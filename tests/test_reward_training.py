@@ -75,8 +75,10 @@ def test_tiny_rm_learns_held_out_preferences_and_loads_everywhere(ray_session, t
     prefs.write_text("".join(json.dumps(r) + "\n" for r in tiny_preferences(ROOT / "configs/data/tiny_prompts.jsonl",
                                                                              160, seed=7)))
     out = tmp_path / "rm"
+    # two learner ranks under ZeRO-3: the data-parallel path, and gathers after ZeRO-3 evaluation forwards
     args = ["model=tiny:policy", f"cache_dir={tiny_cache}", f"data.train={prefs}", "logging.progress_bar=false",
-            "training.epochs=2", "checkpoint.every_steps=5", "checkpoint.keep_last=3"]
+            "training.epochs=2", "training.eval_every_steps=5", "checkpoint.every_steps=5", "checkpoint.keep_last=3",
+            "resources.learner.num_actors=2", "resources.learner.num_cpus=0.5", "deepspeed.zero_stage=3"]
     assert main([*args, f"output_dir={out}"]) == 0
     result = json.loads((out / "eval.json").read_text())["sets"]["heldout"]
     assert result["pairs"] == 40 and result["accuracy"] >= 0.9, result
