@@ -168,10 +168,13 @@ class DeepSpeedConfig(_Strict):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
 
 
-class RoleResources(_Strict):
+class ActorResources(_Strict):
     num_actors: int = Field(1, gt=0, description="Actors of this role (learner: data-parallel world size).")
     num_cpus: float = Field(1.0, gt=0.0, description="CPUs reserved per actor (fractions allowed).")
     num_gpus: float = Field(0.0, ge=0.0, description="GPUs reserved per actor (tensor_parallel_size for TP engines).")
+
+
+class RoleResources(ActorResources):
     tensor_parallel_size: int = Field(1, gt=0, description="vLLM tensor parallelism inside one generation actor.")
 
 
@@ -184,23 +187,30 @@ class ResourcesConfig(_Strict):
         "PACK", description="Ray placement-group strategy for all role bundles.")
 
 
-class TimeoutsConfig(_Strict):
+class LearnerTimeouts(_Strict):
     placement_s: float = Field(120.0, gt=0, description="Reserving the roles' resources (raise it on autoscaling clusters).")
     startup_s: float = Field(900.0, gt=0, description="Actors start and load models (first DeepSpeed init JIT-builds ~60 s).")
+    learn_s: float = Field(1800.0, gt=0, description="One learner call: an update (PPO: of one rollout, with its values and "
+                                                      "old logprobs; RM training: of one batch), an evaluation or a save.")
+
+
+class TimeoutsConfig(LearnerTimeouts):
     generate_s: float = Field(600.0, gt=0, description="One rollout on the generation actors.")
     score_s: float = Field(600.0, gt=0, description="Reward scoring and reference logprobs of one rollout.")
-    learn_s: float = Field(1800.0, gt=0, description="Values/old logprobs and the PPO update of one rollout.")
     weight_sync_s: float = Field(300.0, gt=0, description="Publishing and loading new policy weights.")
 
 
-class LoggingConfig(_Strict):
+class RunLogging(_Strict):
     console: Literal["quiet", "verbose"] = Field(
         "quiet", description="'quiet': the console shows startup milestones, the progress bar, the closing summary and "
                              "errors (in full, actors' tracebacks included), while the engines', Ray's and DeepSpeed's "
                              "output goes to <output_dir>/logs/ (one file per actor, driver.log for the driver); "
                              "'verbose': all of it on the console as well.")
     tensorboard: bool = Field(True, description="Write TensorBoard events to <output_dir>/tensorboard.")
-    progress_bar: bool = Field(True, description="Show a tqdm progress bar of PPO steps.")
+    progress_bar: bool = Field(True, description="Show a tqdm progress bar of the run's steps.")
+
+
+class LoggingConfig(RunLogging):
     samples_per_step: int = Field(
         4, ge=0, description="(prompt, response, score) rows per step written to <output_dir>/samples.jsonl.")
     report: bool = Field(True, description="Draw <output_dir>/report.png at the end of the run (rlhf_ray.report).")
@@ -237,14 +247,20 @@ class RayConfig(_Strict):
                           "127.0.0.1 only; false: on the machine's network address, so that other nodes could join.")
 
 
-class ExperimentConfig(_Strict):
-    """The whole experiment. Top-level keys: see each section's class."""
-    output_dir: str = Field("runs/default", description="Metrics, TensorBoard events, checkpoints and the final model go here.")
+class RunConfig(_Strict):
+    """The top-level keys every run has (PPO and reward-model training)."""
+    output_dir: str = Field("runs/default", description="Metrics, TensorBoard events, logs, checkpoints and the final "
+                                                         "model go here.")
     resume: Optional[str] = Field(
         None, description="'auto': continue from the latest valid checkpoint in output_dir (the one before if the latest "
                           "is damaged; a fresh start if there is none); or a checkpoint directory. null: a new run.")
     overwrite: bool = Field(False, description="Let a new run (resume: null) replace the results in a non-empty output_dir.")
-    seed: int = Field(0, description="Seeds data order, sampling and initialisation.")
+    seed: int = Field(0, description="Seeds data order, sampling and initialisation (RM training: the hold-out split, "
+                                     "the pair order and the new score head).")
+
+
+class ExperimentConfig(RunConfig):
+    """The whole PPO experiment. Top-level keys: see each section's class."""
     models: ModelsConfig
     data: DataConfig
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
@@ -352,19 +368,15 @@ class RMTrainingConfig(_Strict):
 
 
 class LearnerResourcesConfig(_Strict):
-    learner: RoleResources = Field(default_factory=RoleResources)
+    learner: ActorResources = Field(default_factory=ActorResources)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="Ray placement-group strategy for the learner bundles.")
 
 
-class RewardTrainingConfig(_Strict):
+class RewardTrainingConfig(RunConfig):
     """Bradley–Terry reward-model training (python -m rlhf_ray.train_rm). Writes <output_dir>/final_model: an HF
     sequence-classification model (safetensors) + reward_stats.json, which the `model` and `serve` reward backends
     load and models.value_model can start a PPO critic from."""
-    output_dir: str = Field("runs/rm", description="Metrics, evaluation, checkpoints and the final RM go here.")
-    resume: Optional[str] = Field(None, description="As in PPO: 'auto', a checkpoint directory, or null.")
-    overwrite: bool = Field(False, description="Let a new run replace the results in a non-empty output_dir.")
-    seed: int = Field(0, description="Seeds the hold-out split, the pair order and the new score head.")
     model: str = Field(description="Backbone: a causal LM (a new scalar head is added) or an RM to train further; hub "
                                    "name, local path, 'tiny:policy' or 'real:smollm2-135m'.")
     cache_dir: Optional[str] = Field(None, description="Where 'tiny:*'/'real:*' models are built.")
@@ -374,8 +386,8 @@ class RewardTrainingConfig(_Strict):
     optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(lr=1e-5, warmup_ratio=0.03))
     deepspeed: DeepSpeedConfig = Field(default_factory=lambda: DeepSpeedConfig(zero_stage=0))
     resources: LearnerResourcesConfig = Field(default_factory=LearnerResourcesConfig)
-    timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
-    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    timeouts: LearnerTimeouts = Field(default_factory=LearnerTimeouts)
+    logging: RunLogging = Field(default_factory=RunLogging)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     recovery: RecoveryConfig = Field(default_factory=RecoveryConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -394,7 +406,7 @@ class RewardTrainingConfig(_Strict):
         return self
 
 
-def _check_learner(ds: DeepSpeedConfig, learner: RoleResources) -> None:
+def _check_learner(ds: DeepSpeedConfig, learner: ActorResources) -> None:
     """What every learner group needs, whatever its objective."""
     _require(ds.offload_params is False or ds.zero_stage == 3, "deepspeed.offload_params",
              "parameter offload needs deepspeed.zero_stage=3")
