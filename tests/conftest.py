@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -127,3 +128,66 @@ def actor_pid(ray_tmp: str, actor_class: str) -> int:
     pids = [pid for pid, ppid, args in table if ppid in raylets and args.startswith(f"ray::{actor_class}")]
     assert len(pids) == 1, (actor_class, pids)
     return pids[0]
+
+
+# ------------------------------------------------------------------------------------- a Ray head of its own
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def short_tmp(prefix: str):
+    """A temp dir with a short path: Ray's unix socket paths under it must fit 107 bytes."""
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextmanager
+def ray_head(ray_tmp: str, num_cpus: int = 2):
+    """``ray start --head`` on free ports (the test session's own Ray holds the default ones), as a user starts
+    one; -> (GCS address, dashboard URL, client env). --block ties the head's processes to this Popen:
+    terminating it stops this cluster only (`ray stop` would also stop the test session's own Ray)."""
+    import os
+    import time
+    import urllib.error
+    import urllib.request
+
+    # a head started after any local ray.init() on this machine uses token auth (~/.ray/auth_token): every client
+    # must then send the token
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dashboard = free_port(), free_port()
+    ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                    "runtime-env-agent-port", "metrics-export-port",
+                                                    "ray-client-server-port")]
+    head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={gcs}",
+                             *ports, "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                             f"--num-cpus={num_cpus}", f"--temp-dir={ray_tmp}"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{dashboard}/api/version", timeout=2)
+                break
+            except urllib.error.HTTPError:  # it answers (401 without the token): it is up
+                break
+            except OSError:
+                assert head.poll() is None, "ray start --head exited"
+                time.sleep(1)
+        yield f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", env
+    finally:
+        head.terminate()  # the head drains for up to 30 s, then stops its processes
+        head.wait(timeout=120)

@@ -7,16 +7,8 @@ two consecutive experiments — deployed, listed and removed with ``python -m rl
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
-import time
-import urllib.error
-import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,10 +16,9 @@ import pytest
 
 from rlhf_ray.reward_http import serve_function
 from rlhf_ray.rewards import char_frequency
-from tests.conftest import ROOT, metric_rows, start_run, tiny_config
+from tests.conftest import ROOT, free_port, metric_rows, ray_head, short_tmp, start_run, tiny_config
 
 pytestmark = pytest.mark.e2e
-RAY = str(Path(sys.executable).parent / "ray")
 # 2 steps of 16 prompts, every sample recorded; the critic starts from the same RM in every run, so that
 # only the reward backend differs between them
 COMMON = ("ppo.total_episodes=32", "checkpoint.every_steps=0", "logging.samples_per_step=16",
@@ -37,21 +28,6 @@ APP = "swap-rm"
 
 def distinctive(prompt: str, response: str) -> float:
     return len(response) % 7 + 100
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextmanager
-def short_tmp(prefix: str):
-    path = tempfile.mkdtemp(prefix=prefix, dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def run_to_end(out: Path, ray_tmp: str, tiny_cache: Path, *overrides: str) -> list[dict]:
@@ -83,38 +59,6 @@ def test_function_then_http_endpoint(tiny_cache, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ Ray Serve
-
-@contextmanager
-def ray_head(ray_tmp: str):
-    """A head of its own on free ports (like tests/test_ray_job_submit.py); -> (GCS address, client env).
-    --block ties its processes to this Popen: terminating it stops this cluster only (never `ray stop`)."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
-           "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    gcs, dashboard = free_port(), free_port()
-    ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                    "runtime-env-agent-port", "metrics-export-port",
-                                                    "ray-client-server-port")]
-    # 2 logical CPUs: a run's roles (1.5) + the Serve replica (0.25); Serve's controller and proxy take none
-    head = subprocess.Popen([RAY, "start", "--head", "--block", f"--port={gcs}", *ports, "--dashboard-host=127.0.0.1",
-                             f"--dashboard-port={dashboard}", "--num-cpus=2", f"--temp-dir={ray_tmp}"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{dashboard}/api/version", timeout=2)
-                break
-            except urllib.error.HTTPError:  # it answers (401 without the token): it is up
-                break
-            except OSError:
-                assert head.poll() is None, "ray start --head exited"
-                time.sleep(1)
-        yield f"127.0.0.1:{gcs}", env
-    finally:
-        head.terminate()  # the head drains for up to 30 s, then stops its processes (the Serve app's too)
-        head.wait(timeout=120)
-
 
 def rm(env: dict, *args: str) -> str:
     """``python -m rlhf_ray.rm ARGS`` as a user types it; its stdout."""
@@ -175,7 +119,7 @@ def test_model_then_a_shared_serve_rm_across_two_experiments(tiny_cache, tiny_to
         # the config as it is (kind=model), in a local Ray of its own, while the head starts and the app deploys
         model_run = start_run(tmp_path / "model", model_tmp, tiny_cache, *COMMON)
         try:
-            with ray_head(head_tmp) as (address, env):
+            with ray_head(head_tmp) as (address, _, env):  # 2 CPUs: a run's roles (1.5) + the replica (0.25)
                 deployed = rm(env, "serve", APP, "--model", "tiny:reward", "--cache-dir", str(tiny_cache), "--seed",
                               "1", "--max-length", "256", "--num-cpus", "0.25", "--max-batch-size", "8",
                               "--http-port", str(free_port()), "--address", address)
