@@ -179,6 +179,8 @@ class LearnerActor(Role):
         per_rank_mini = spec.mini_batch_size // self.world_size
         generator = torch.Generator().manual_seed(spec.seed * 7919 + self.updates * 31 + self.rank)
         sums, minibatches, grad_norm = defaultdict(float), 0, None
+        # DeepSpeed records the (unscaled) global gradient norm under ZeRO >= 1 or mixed precision only
+        deepspeed_has_norm = spec.deepspeed.zero_stage > 0 or spec.deepspeed.precision != "fp32"
         for _ in range(spec.epochs):
             order = torch.randperm(len(batch), generator=generator)
             for start in range(0, len(batch), per_rank_mini):
@@ -189,7 +191,7 @@ class LearnerActor(Role):
                 for micro in mini.chunks(per_rank_mini // spec.micro_batch_size):
                     loss, stats = self.objective.loss(self.engine, micro, float(units))
                     self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
-                    if self.engine.is_gradient_accumulation_boundary():
+                    if not deepspeed_has_norm and self.engine.is_gradient_accumulation_boundary():
                         grad_norm = self._grad_norm()
                     self.engine.step()
                     for key, value in stats.items():
@@ -197,18 +199,15 @@ class LearnerActor(Role):
                 minibatches += 1
         self.updates += 1
         stats = {k: v / minibatches for k, v in sums.items()}
-        if self.spec.deepspeed.zero_stage > 0 or self.spec.deepspeed.precision != "fp32":
+        if deepspeed_has_norm:
             grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
         stats.update({"optim/lr": self.engine.get_lr()[0], "optim/grad_norm": grad_norm})
         release_free_memory()  # gradients and activations are gone until the next update
         return stats
 
     def _grad_norm(self) -> float:
-        """The global gradient norm before clipping, of the optimizer step about to be taken. DeepSpeed tracks
-        it under ZeRO ≥ 1 or mixed precision only (after its step); in plain fp32 without ZeRO the averaged
-        gradients are in ``.grad`` now."""
-        if self.spec.deepspeed.zero_stage > 0 or self.spec.deepspeed.precision != "fp32":
-            return float("nan")  # DeepSpeed's own optimizers record it (unscaled): get_global_grad_norm() after the step
+        """The global gradient norm before clipping, of the optimizer step about to be taken: in plain fp32
+        without ZeRO the averaged gradients are in ``.grad`` now."""
         grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
         return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 

@@ -85,6 +85,11 @@ class CheckpointedDriver:
             self.reset_to_start()
         self.metrics_log.rewind(self.step_count)
 
+    def due(self, every: int) -> bool:
+        """Something done every ``every`` steps (0: never) is due after this step — but not after the last one,
+        which the end of the run covers."""
+        return bool(every) and self.step_count % every == 0 and self.step_count < self.num_steps
+
     def checkpoint_at_end(self) -> None:
         if self.cfg.checkpoint.at_end and self.saved_step != self.step_count:
             self.save_checkpoint()

@@ -239,15 +239,22 @@ def serve_function(fn, host: str = "127.0.0.1", port: int = 0) -> RewardServer:
 def main(argv: list[str] | None = None) -> int:
     from rlhf_ray.reward_backends import load_function
 
-    parser = argparse.ArgumentParser(description=f"Serve a Python reward function over HTTP ({SCHEMA}).")
+    parser = argparse.ArgumentParser(prog="python -m rlhf_ray.reward_http",
+                                     description=f"Serve a Python reward function over HTTP ({SCHEMA}).")
     parser.add_argument("--function", required=True, help="module:function taking (prompt, response) -> float")
     parser.add_argument("--kwargs", default="{}", help="JSON object of extra keyword arguments for the function")
     parser.add_argument("--host", default="127.0.0.1", help="listen address (default: loopback only)")
     parser.add_argument("--port", type=int, default=8001)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    fn = functools.partial(load_function(args.function, key="--function"), **json.loads(args.kwargs))
-    server = serve_function(fn, args.host, args.port)
+    try:
+        kwargs = json.loads(args.kwargs)
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"--kwargs must be a JSON object, got {args.kwargs!r}")
+        fn = functools.partial(load_function(args.function, key="--function"), **kwargs)
+        server = serve_function(fn, args.host, args.port)
+    except (ValueError, OSError) as err:  # a bad --function/--kwargs, or the port is taken
+        parser.error(str(err))
     print(f"scoring {args.function} at {server.url} ({SCHEMA}); experiments: models.reward.kind=http "
           f"models.reward.url={server.url}", flush=True)
     try:

@@ -42,7 +42,7 @@ class RewardModelServer:
                  batch_wait_s: float, dtype: str, num_cpus: float, num_gpus: float, url: str):
         from actors.common import set_threads
         from rlhf_ray.config import RewardConfig
-        from rlhf_ray.reward_backends import ModelBackend, read_reward_stats
+        from rlhf_ray.reward_backends import ModelBackend
 
         set_threads(num_cpus)
         cfg = RewardConfig(kind="model", model=model, template=template, max_length=max_length,
@@ -52,7 +52,7 @@ class RewardModelServer:
         self._score_batch.set_batch_wait_timeout_s(batch_wait_s)
         self.identity = {"app": app, "model": model, "model_path": model_path, "template": template,
                          "max_length": max_length, "url": url, "pid": os.getpid(),
-                         "stored_statistics": read_reward_stats(model_path)}
+                         "stored_statistics": self.backend.stored_statistics()}
         self.requests = self.samples = 0
 
     async def score(self, samples: list[RewardSample]) -> list[float]:

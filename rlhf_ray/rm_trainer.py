@@ -101,10 +101,9 @@ class RewardModelTrainer(CheckpointedDriver):
         self.metrics_log = MetricsLogger(cfg.output_dir, cfg.logging.tensorboard, resume_step=self.step_count)
         self.final_eval: dict = {}
         if cfg.training.eval_at_start and self.step_count == 0 and self.eval_sets:
-            baseline = self._eval_metrics(self.evaluate())
-            self.metrics_log.log({"step": 0, **baseline})
-            log.info("before training: %s", ", ".join(f"{k.split('/')[1]} accuracy {v:.3f}" for k, v in baseline.items()
-                                                      if k.count("/") == 2))
+            tables = self.evaluate()
+            self.metrics_log.log({"step": 0, **self._eval_metrics(tables)})
+            log.info("before training: %s", ", ".join(f"{name} accuracy {t['accuracy']:.3f}" for name, t in tables.items()))
 
     def _load_data(self) -> tuple[EncodedPairs, dict[str, EncodedPairs]]:
         data = self.cfg.data
@@ -161,12 +160,10 @@ class RewardModelTrainer(CheckpointedDriver):
             metrics = {"step": self.step_count, "epoch": self.sampler.position(self.step_count - 1)[0], **stats,
                        "time/step": seconds, "time/learn": learn_s, "throughput/pairs_per_s": len(indices) / seconds,
                        "throughput/tokens_per_s": self.train_pairs.tokens(indices) / seconds}
-            every = self.cfg.training.eval_every_steps
-            if every and self.step_count % every == 0 and self.step_count < self.num_steps:
+            if self.due(self.cfg.training.eval_every_steps):
                 metrics.update(self._eval_metrics(self.evaluate()))
             self.metrics_log.log(metrics)
-            every = self.cfg.checkpoint.every_steps
-            if every and self.step_count % every == 0 and self.step_count < self.num_steps:
+            if self.due(self.cfg.checkpoint.every_steps):
                 self.save_checkpoint()
         return metrics
 

@@ -127,7 +127,8 @@ class PPOTrainer(CheckpointedDriver):
         scored["scores"] = self.normalizer(raw_scores)  # models.reward.normalize / clip
         batch, rollout_stats = with_advantages(batch.with_(**scored), self.cfg.ppo)
         if self.normalizer.mode != "none" or self.normalizer.clip is not None:
-            rollout_stats.update({"score/raw_mean": float(raw_scores.mean()), "score/raw_std": float(raw_scores.std(unbiased=False))})
+            rollout_stats.update({"score/raw_mean": float(raw_scores.mean()),
+                                  "score/raw_std": float(raw_scores.std(unbiased=False))})
         with STOP_SIGNALS.deferred():
             with phase(times, "learn"):
                 learn_stats, learn_s = self.roles.learn(batch)
@@ -140,8 +141,7 @@ class PPOTrainer(CheckpointedDriver):
                        **step_timing(times, role_seconds, generate_s, learn_s, sync, batch)}
             self.metrics_log.log(metrics)
             self.metrics_log.log_samples(pick_samples(batch, self.cfg.logging.samples_per_step, self.step_count))
-            every = self.cfg.checkpoint.every_steps
-            if every and self.step_count % every == 0 and self.step_count < self.cfg.num_steps:
+            if self.due(self.cfg.checkpoint.every_steps):
                 self.save_checkpoint()
         return metrics
 
