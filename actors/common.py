@@ -6,6 +6,12 @@ import os
 import sys
 import time
 
+import torch
+
+# vLLM's CPU worker replaces torch.set_num_threads with a no-op in its process; the generation role still
+# sets its threads per phase, through the function as it was before any engine started
+_set_num_threads = torch.set_num_threads
+
 
 class Role:
     """What every role actor does besides its job: keep its chatter in a log file and report memory.
@@ -17,6 +23,37 @@ class Role:
     def __init__(self, log_file: str | None = None):
         if log_file:
             redirect_output(log_file)
+
+    def where(self) -> dict:
+        """This actor's node and the CPUs it may run on (rlhf_ray.compute plans threads from them)."""
+        import ray
+
+        return {"node": ray.get_runtime_context().get_node_id(), "cpus": sorted(os.sched_getaffinity(0))}
+
+    def configure_compute(self, threads: dict[str, int], cpus: list[int] | None = None,
+                          nice: int | None = None) -> dict:
+        """Threads per phase (applied when a ``computes(phase)`` method runs), and now for every thread of this
+        process: the CPU set and the priority. Returns what took effect."""
+        self._phase_threads = dict(threads)
+        tids = [int(t) for t in os.listdir("/proc/self/task")] if os.path.isdir("/proc/self/task") else [0]
+        applied = {}
+        if cpus:
+            for tid in tids:
+                try:
+                    os.sched_setaffinity(tid, cpus)
+                except OSError:  # the thread ended meanwhile
+                    pass
+            applied["cpus"] = sorted(os.sched_getaffinity(0))
+        if nice is not None:
+            try:
+                for tid in tids:  # Linux priorities are per thread; threads started later inherit
+                    os.setpriority(os.PRIO_PROCESS, tid, nice)
+            except PermissionError as err:
+                applied["nice_error"] = str(err)
+            except ProcessLookupError:
+                pass
+        applied["nice"] = os.getpriority(os.PRIO_PROCESS, 0)
+        return applied
 
     def memory(self) -> dict[str, float]:
         """Resident memory of this actor's process now and at its peak since the last call (GB)."""
@@ -86,15 +123,27 @@ def timed(method):
     return wrapper
 
 
-def set_threads(num_cpus: float) -> None:
-    """Intra-op threads = reserved CPUs (≥ 1), so roles sharing a machine do not oversubscribe it."""
-    import torch
+def computes(phase: str):
+    """A role method that computes in ``phase`` (rlhf_ray.compute.PHASES): it runs with the threads planned
+    for that phase and returns ``(result, seconds of its own compute)``."""
+    def decorate(method):
+        @functools.wraps(method)
+        def wrapper(self, *args, **kwargs):
+            threads = getattr(self, "_phase_threads", {}).get(phase)
+            if threads and threads != torch.get_num_threads():
+                _set_num_threads(threads)
+            start = time.perf_counter()
+            result = method(self, *args, **kwargs)
+            return result, time.perf_counter() - start
+        return wrapper
+    return decorate
 
-    torch.set_num_threads(max(1, int(num_cpus)))
+
+def set_threads(num_cpus: float) -> None:
+    """Threads until the compute plan arrives: the reserved CPUs (≥ 1)."""
+    _set_num_threads(max(1, int(num_cpus)))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def device_for(num_gpus: float) -> str:
-    import torch
-
     return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"

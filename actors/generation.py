@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from actors.common import Role, timed
+from actors.common import Role, computes
 from rlhf_ray.batch import RolloutBatch
 from rlhf_ray.config import GenerationConfig
 from rlhf_ray.data import Prompt
@@ -47,7 +47,7 @@ class GenerationActor(Role):
         params.update(overrides)
         return SamplingParams(**params)
 
-    @timed
+    @computes("generate")
     def generate(self, prompts: list[Prompt], seeds: list[int]) -> RolloutBatch:
         """``n_samples_per_prompt`` responses per prompt as a padded RolloutBatch (rows grouped by prompt).
 
@@ -73,7 +73,7 @@ class GenerationActor(Role):
         return RolloutBatch.from_samples(rows["prompts"], rows["responses"], rows["logprobs"], rows["finish"],
                                          rows["messages"], rows["ptexts"], rows["rtexts"], self.pad_token_id)
 
-    @timed
+    @computes("generate")
     def load_weights(self, buckets: list, timeout_s: float) -> dict:
         """Load published weights (a list of ObjectRefs of [(name, tensor)] buckets) into the engine.
 

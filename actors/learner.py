@@ -14,7 +14,7 @@ from datetime import timedelta
 
 import torch
 
-from actors.common import Role, device_for, release_free_memory, set_threads, timed
+from actors.common import Role, computes, device_for, release_free_memory, set_threads, timed
 from rlhf_ray.batch import RolloutBatch
 from rlhf_ray.modeling import DTYPES, token_logprobs
 from rlhf_ray.objectives import LearnerSpec, make_objective
@@ -147,13 +147,13 @@ class LearnerActor(Role):
             self.engine.enable_backward_allreduce = False
         self.engine.checkpoint_engine = weights_only_checkpoint_engine()
 
-    @timed
+    @computes("score")
     @torch.no_grad()
-    def evaluate(self, batch):
+    def evaluate(self, batch, **options):
         """The objective's forward passes over this rank's shard, without gradients (PPO: old logprobs and
-        values before the update; reward modelling: scores)."""
+        values before the update; reward modelling: scores). ``options`` go to the objective's evaluate."""
         self.engine.eval()
-        out = self.objective.evaluate(self.engine, batch.to(self.device))
+        out = self.objective.evaluate(self.engine, batch.to(self.device), **options)
         if self.spec.deepspeed.zero_stage == 3:
             # ZeRO-3 may have prefetched parameters for a next forward that does not come: a gather (saving,
             # publishing) would then fail with "Cannot partition a param in flight"; wait for and release them
@@ -161,7 +161,7 @@ class LearnerActor(Role):
         release_free_memory()  # the micro-batches' activations: an update may come next
         return out
 
-    @timed
+    @computes("learn")
     def train(self, batch) -> dict[str, float]:
         """``epochs`` passes over mini-batches of this rank's shard, micro-batch gradient accumulation.
 
@@ -181,15 +181,16 @@ class LearnerActor(Role):
         sums, minibatches, grad_norm = defaultdict(float), 0, None
         # DeepSpeed records the (unscaled) global gradient norm under ZeRO >= 1 or mixed precision only
         deepspeed_has_norm = spec.deepspeed.zero_stage > 0 or spec.deepspeed.precision != "fp32"
-        for _ in range(spec.epochs):
+        for epoch in range(spec.epochs):
             order = torch.randperm(len(batch), generator=generator)
             for start in range(0, len(batch), per_rank_mini):
+                fresh = epoch == 0 and start == 0  # no optimizer step yet in this update
                 mini = batch.select(order[start:start + per_rank_mini])
                 units = self.objective.units(mini).to(self.device, torch.float32)
                 if self.world_size > 1:
                     dist.all_reduce(units)  # a sync point: every rank's share of the mini-batch
                 for micro in mini.chunks(per_rank_mini // spec.micro_batch_size):
-                    loss, stats = self.objective.loss(self.engine, micro, float(units))
+                    loss, stats = self.objective.loss(self.engine, micro, float(units), fresh=fresh)
                     self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
                     if not deepspeed_has_norm and self.engine.is_gradient_accumulation_boundary():
                         grad_norm = self._grad_norm()
@@ -228,7 +229,7 @@ class LearnerActor(Role):
                 full = param.detach().to("cpu", dtype, copy=gathered) if self.rank == 0 else None
             yield name, full
 
-    @timed
+    @computes("learn")
     def publish_weights(self, bucket_mb: float = 256) -> list | None:
         """Put the policy weights into the object store once, in buckets; rank 0 returns the refs."""
         import ray

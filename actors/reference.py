@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from actors.common import Role, device_for, timed
+from actors.common import Role, computes, device_for
 from rlhf_ray.batch import RolloutBatch
 from rlhf_ray.modeling import batched_response_logprobs, load_causal_lm
 
@@ -18,7 +18,7 @@ class ReferenceActor(Role):
             self.model.to(self.device)
         self.micro_batch_size, self.temperature = micro_batch_size, temperature
 
-    @timed
+    @computes("score")
     def logprobs(self, batch: RolloutBatch) -> torch.Tensor:
         """log π_ref(token) for every response token, 0 on padding. [B, R] float32"""
         return batched_response_logprobs(self.model, batch.to(self.device), self.micro_batch_size,

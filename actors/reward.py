@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from actors.common import Role, timed
+from actors.common import Role, computes
 from rlhf_ray.batch import RolloutBatch
 from rlhf_ray.config import RewardConfig
 from rlhf_ray.reward_backends import RewardSample, build_backend
@@ -19,7 +19,7 @@ class RewardActor(Role):
         self.cfg = RewardConfig(**reward)
         self.backend = build_backend(self.cfg, model_path=model_path, dtype=dtype, num_gpus=num_gpus)
 
-    @timed
+    @computes("score")
     def score(self, batch: RolloutBatch) -> torch.Tensor:
         """One scalar per (prompt, response). [B] float32"""
         return self.backend.score(samples_of(batch)).float()

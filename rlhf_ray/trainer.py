@@ -3,6 +3,12 @@
     prompts → generate → score (reward ‖ reference ‖ values, concurrently) → advantages → learn
             → weight sync → metrics → checkpoint (every checkpoint.every_steps)
 
+With ``ppo.async_steps: 1`` the next step's rollout (generate → reward ‖ reference) runs in the background
+while this step's values and update run, from the weights the engines hold (one update behind):
+
+    rollout k+1 (θ_k) ······························→|
+    values k → advantages → learn k (θ_k → θ_k+1) →  wait → weight sync θ_k+1 → metrics
+
 Only this file knows the order of a step; the roles (rlhf_ray.roles) know how to split work over their
 actors and replace a lost generation, reward or reference actor; the math lives in rlhf_ray.ppo_math.
 A lost learner rank takes the learner group back to the last checkpoint (rlhf_ray.driver).
@@ -11,7 +17,9 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -26,7 +34,7 @@ from rlhf_ray.ppo_math import gae, kl_penalty, masked_mean, masked_whiten, shape
 from rlhf_ray.metrics import MetricsLogger
 from rlhf_ray.objectives import LearnerSpec
 from rlhf_ray.reward_backends import ScoreNormalizer
-from rlhf_ray.roles import STOP_SIGNALS, ActorLost, ModelPaths, Roles, connect
+from rlhf_ray.roles import STOP_SIGNALS, ActorLost, ModelPaths, Roles, connect, local_ray_down
 from rlhf_ray.model_specs import resolve_model
 
 log = logging.getLogger(__name__)
@@ -65,8 +73,14 @@ class PPOTrainer(CheckpointedDriver):
         checkpoint.remove_partial(cfg.output_dir)
         connect(cfg)
         start = time.perf_counter()
-        self.roles = Roles(cfg, self.paths, ppo_learner(cfg, self.paths))
+        self.roles = Roles(cfg, self.paths, ppo_learner(cfg, self.paths), overlapped=cfg.ppo.async_steps > 0)
         self.normalizer = self._score_normalizer()
+        self.old_logprobs, why = cfg.old_logprobs_source()
+        log.info("old logprobs for the PPO ratio: %s (%s)", self.old_logprobs, why)
+        self.engine_version = 0  # the learner update whose weights the engines hold
+        self.next_rollout: Future | None = None  # ppo.async_steps=1: the next step's rollout, under way
+        self._cancelled = False
+        self.prefetcher = ThreadPoolExecutor(1, thread_name_prefix="rollout") if cfg.ppo.async_steps else None
         if self.resume_from:
             self.restore(self.resume_from)
         self.startup_seconds = time.perf_counter() - start
@@ -104,6 +118,7 @@ class PPOTrainer(CheckpointedDriver):
         except ActorLost as lost:
             if lost.role != "learner":
                 raise
+            self._drop_prefetched()  # sampled by weights the learners are about to leave behind
             self.recover_learner(lost)
             return {}
 
@@ -116,34 +131,81 @@ class PPOTrainer(CheckpointedDriver):
                 self.normalizer.load_state_dict(normalizer_state)
 
     def _run_step(self) -> dict[str, float]:
-        times: dict[str, float] = {}
         started = time.perf_counter()
-        prompts = [self.dataset.prompts[i] for i in self.sampler.batch(self.step_count)]
-        with phase(times, "generate"):
-            batch, generate_s = self.roles.generate(prompts, sampling_seeds(self.cfg.seed, self.step_count, len(prompts)))
-        with phase(times, "score_wall"):  # reward, reference and critic run at the same time
-            scored, role_seconds = self.roles.score(batch)
-        raw_scores = scored["scores"]
-        scored["scores"] = self.normalizer(raw_scores)  # models.reward.normalize / clip
-        batch, rollout_stats = with_advantages(batch.with_(**scored), self.cfg.ppo)
+        overlapped = self.prefetcher is not None
+        rollout = self._take_rollout()
+        times, role_seconds, batch = dict(rollout.times), dict(rollout.seconds), rollout.batch
+        if overlapped:
+            self._prefetch(self.step_count + 1)
+            with phase(times, "values"):  # the learner's own pass: its weights are newer than the sampler's
+                scored, seconds = self.roles.score(batch, roles=("learner",))
+            batch, role_seconds = batch.with_(**scored), {**role_seconds, **seconds}
+        elif self.old_logprobs == "sampler":
+            batch = batch.with_(old_logprobs=batch.gen_logprobs)
+        raw_scores = batch.scores
+        batch, rollout_stats = with_advantages(batch.with_(scores=self.normalizer(raw_scores)),  # normalize / clip
+                                               self.cfg.ppo)
+        rollout_stats["async/staleness"] = float(self.step_count - rollout.policy_version)
         if self.normalizer.mode != "none" or self.normalizer.clip is not None:
             rollout_stats.update({"score/raw_mean": float(raw_scores.mean()),
                                   "score/raw_std": float(raw_scores.std(unbiased=False))})
         with STOP_SIGNALS.deferred():
             with phase(times, "learn"):
                 learn_stats, learn_s = self.roles.learn(batch)
+            rollout_stats["kl/sampler_vs_learner"] = sampler_gap(batch, learn_stats, self.old_logprobs)
+            with phase(times, "rollout_wait"):  # the engines must be done with the next rollout before new weights
+                if self.next_rollout is not None:
+                    self.next_rollout.exception()
             with phase(times, "weight_sync"):
                 sync = self.roles.sync_weights()
             self.step_count += 1
+            self.engine_version = self.step_count
             memory = {**self.roles.memory(), "memory/driver_peak_gb": process_memory(reset_peak=True)["peak_gb"]}
             times["step"] = time.perf_counter() - started
             metrics = {"step": self.step_count, **rollout_stats, **learn_stats, **memory, **self._recovery_stats(),
-                       **step_timing(times, role_seconds, generate_s, learn_s, sync, batch)}
+                       **step_timing(times, role_seconds, rollout.generate_s, learn_s, sync, batch, overlapped)}
             self.metrics_log.log(metrics)
             self.metrics_log.log_samples(pick_samples(batch, self.cfg.logging.samples_per_step, self.step_count))
             if self.due(self.cfg.checkpoint.every_steps):
                 self.save_checkpoint()
         return metrics
+
+    # ------------------------------------------------------------------------------------ rollouts
+    def _rollout(self, step: int) -> "Rollout":
+        """Step ``step``'s prompts sampled by the engines' current weights and scored: by reward and reference,
+        and — when nothing overlaps — by the learner (values; old logprobs unless the sampler's serve), all at once."""
+        times, version = {}, self.engine_version
+        prompts = [self.dataset.prompts[i] for i in self.sampler.batch(step)]
+        with phase(times, "generate"):
+            batch, generate_s = self.roles.generate(prompts, sampling_seeds(self.cfg.seed, step, len(prompts)))
+        if self.prefetcher is not None and self._cancelled:
+            raise RolloutCancelled()
+        roles = ("reward", "reference") if self.prefetcher is not None else ("reward", "reference", "learner")
+        with phase(times, "score_wall"):
+            scored, seconds = self.roles.score(batch, roles=roles, old_logprobs=self.old_logprobs == "learner")
+        return Rollout(step, batch.with_(**scored), times, seconds, generate_s, version)
+
+    def _take_rollout(self) -> "Rollout":
+        """This step's rollout: the one prefetched during the last step, or made now (the first step, after a
+        resume or a recovery)."""
+        pending, self.next_rollout = self.next_rollout, None
+        if pending is not None:
+            rollout = pending.result()
+            if rollout.step == self.step_count:
+                return rollout
+        return self._rollout(self.step_count)
+
+    def _prefetch(self, step: int) -> None:
+        if step < self.num_steps:
+            self._cancelled = False
+            self.next_rollout = self.prefetcher.submit(self._rollout, step)
+
+    def _drop_prefetched(self) -> None:
+        """Forget the rollout under way (a learner recovery or the end of the run): wait for its current call."""
+        pending, self.next_rollout = getattr(self, "next_rollout", None), None
+        if pending is not None and not local_ray_down():  # with Ray gone, its waits could only time out
+            self._cancelled = True
+            pending.exception()  # an error there does not matter any more
 
     def _score_normalizer(self) -> ScoreNormalizer:
         """models.reward.normalize/clip; 'stored' statistics come from the RM (its reward_stats.json, through the
@@ -170,6 +232,7 @@ class PPOTrainer(CheckpointedDriver):
         statistics from the driver state."""
         state = self.restore_learners(path)
         self.roles.sync_weights()
+        self.engine_version = self.step_count
         self.normalizer = self._score_normalizer()
         if "reward_normalizer" in state:  # running score statistics as they were after that step
             self.normalizer.load_state_dict(state["reward_normalizer"])
@@ -179,11 +242,20 @@ class PPOTrainer(CheckpointedDriver):
 
     def reset_to_start(self) -> None:
         self.roles.sync_weights()  # the engines go back to the initial policy with the learners
+        self.engine_version = 0
         self.normalizer = self._score_normalizer()
 
     def save(self, path: str) -> str:
         """The current policy in HF format (safetensors) with its tokenizer."""
         return self.roles.save(path)
+
+    def shutdown(self) -> None:
+        if hasattr(self, "roles"):
+            self.roles.closing = True
+        self._drop_prefetched()
+        if getattr(self, "prefetcher", None) is not None:
+            self.prefetcher.shutdown(wait=False)
+        super().shutdown()
 
     def finish(self) -> str | None:
         """The checkpoint after the last step (checkpoint.at_end) and the final policy (logging.save_final_model)."""
@@ -191,6 +263,20 @@ class PPOTrainer(CheckpointedDriver):
         if self.cfg.logging.save_final_model:
             return self.save(str((Path(self.cfg.output_dir) / "final_model").resolve()))
         return None
+
+
+class RolloutCancelled(Exception):
+    """A prefetched rollout that is no longer wanted stops after its current call."""
+
+
+@dataclass
+class Rollout:
+    step: int
+    batch: RolloutBatch            # sampled, with scores and reference logprobs (and values when not overlapped)
+    times: dict[str, float]        # wall seconds of its phases
+    seconds: dict[str, float]      # each scoring role's own compute seconds
+    generate_s: float
+    policy_version: int            # the learner update whose weights sampled it
 
 
 def ppo_learner(cfg: ExperimentConfig, paths: ModelPaths) -> LearnerSpec:
@@ -236,13 +322,22 @@ def with_advantages(batch: RolloutBatch, ppo: PPOConfig) -> tuple[RolloutBatch, 
         "score/mean": float(batch.scores.mean()), "score/std": float(batch.scores.std()),
         "score/effective_mean": float(scores.mean()),
         "kl/mean": float(kl.sum(-1).mean()),
-        "kl/sampler_vs_learner": float(masked_mean((batch.gen_logprobs - batch.old_logprobs).abs(), mask)),
         "value/mean": float(masked_mean(batch.values, mask)),
         "response/length_mean": float(lengths.mean()),
         "response/eos_fraction": float(batch.ended_with_eos.float().mean()),
         "response/tokens": float(lengths.sum()),
     }
     return batch.with_(rewards=rewards, advantages=advantages, returns=returns), stats
+
+
+def sampler_gap(batch: RolloutBatch, learn_stats: dict, old_logprobs: str) -> float:
+    """Mean |sampler − learner| logprob per token before the update: the weight-sync check. Over the whole batch when
+    the learner computed old logprobs; else over the update's first mini-batch, where the learner's logprobs are
+    still those of the weights the sampler had (its ``check/*`` stats, taken out of the learner's stats here)."""
+    gap, tokens = learn_stats.pop("check/sampler_gap_sum", 0.0), learn_stats.pop("check/sampler_gap_tokens", 0.0)
+    if old_logprobs == "learner":
+        return float(masked_mean((batch.gen_logprobs - batch.old_logprobs).abs(), batch.response_mask))
+    return gap / max(tokens, 1.0)
 
 
 def pick_samples(batch: RolloutBatch, count: int, step: int) -> list[dict]:
@@ -257,20 +352,25 @@ def pick_samples(batch: RolloutBatch, count: int, step: int) -> list[dict]:
 
 
 def step_timing(times: dict, role_seconds: dict, generate_s: float, learn_s: float, sync: dict,
-                batch: RolloutBatch) -> dict[str, float]:
+                batch: RolloutBatch, overlapped: bool = False) -> dict[str, float]:
     """Wall time of each phase and the orchestration overhead.
 
     The roles' own compute on the step's critical path is generate + max(reward, reference, values)
-    + learn + publish + load; the overhead is the rest of the step's wall time (serialisation, object
-    store transfers, scheduling, driver work).
+    + learn + publish + load — overlapped (ppo.async_steps=1): values + learn + the wait for the next rollout
+    + publish + load, the rollout itself running beside; the overhead is the rest of the step's wall time
+    (serialisation, object store transfers, scheduling, driver work).
     """
     step = times["step"]  # the whole step, driver work (sampling prompts, advantages) included
-    compute = generate_s + max(role_seconds.values()) + learn_s + sync["publish"] + sync["load"]
+    if overlapped:
+        compute = role_seconds["values"] + learn_s + times["rollout_wait"] + sync["publish"] + sync["load"]
+    else:
+        compute = generate_s + max(role_seconds.values()) + learn_s + sync["publish"] + sync["load"]
     tokens = float(batch.response_mask.sum())
     return {
         "time/generate": times["generate"], "time/reward": role_seconds["reward"],
         "time/reference": role_seconds["reference"], "time/values": role_seconds["values"],
         "time/score_wall": times["score_wall"], "time/learn": times["learn"],
+        "time/rollout_wait": times["rollout_wait"],
         "time/weight_sync": times["weight_sync"], "time/step": step,
         "time/compute_generate": generate_s, "time/compute_learn": learn_s,
         "time/weight_publish": sync["publish"], "time/weight_load": sync["load"],

@@ -85,3 +85,22 @@ def test_cli_prints_resolved_tree_or_one_line_error():
                          capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode != 0
     assert bad.stderr.strip().count("\n") == 0 and "ppo.gama" in bad.stderr
+
+
+@pytest.mark.parametrize("overrides, source", [
+    ([], "sampler"),
+    (["ppo.async_steps=1"], "learner"),
+    (["generation.top_p=0.9"], "learner"),
+    (["models.dtype=bfloat16"], "learner"),
+    (["deepspeed.precision=bf16"], "learner"),
+    (["ppo.old_logprobs=learner"], "learner"),
+    (["ppo.old_logprobs=sampler", "generation.top_p=0.9"], "sampler"),  # asked for: the user's call
+])
+def test_old_logprobs_come_from_the_sampler_only_where_they_are_the_learners(overrides, source):
+    cfg = load_config(ROOT / "configs" / "tiny_cpu.yaml", overrides)
+    assert cfg.old_logprobs_source()[0] == source
+
+
+def test_sampler_old_logprobs_with_overlap_is_refused():
+    with pytest.raises(ConfigError, match="ppo.old_logprobs"):
+        load_config(ROOT / "configs" / "tiny_cpu.yaml", ["ppo.old_logprobs=sampler", "ppo.async_steps=1"])

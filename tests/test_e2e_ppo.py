@@ -71,11 +71,43 @@ def test_weight_sync_is_exact_with_tied_embeddings(function_trainer):
         assert m["kl/sampler_vs_learner"] < SYNC_ATOL, m["kl/sampler_vs_learner"]
 
 
-def test_policy_learns_a_verifiable_reward(function_trainer):
-    scores = [function_trainer.step()["score/mean"] for _ in range(LEARN_STEPS)]
+def assert_learns(scores: list[float]) -> None:
     first, last = sum(scores[:4]) / 4, sum(scores[-4:]) / 4
     assert last > 1.1 * first, f"mean 'e' frequency did not rise: {[round(s, 3) for s in scores]}"
+
+
+def test_policy_learns_a_verifiable_reward(function_trainer):
+    metrics = [function_trainer.step() for _ in range(LEARN_STEPS)]
+    assert_learns([m["score/mean"] for m in metrics])
     assert_generators_match_learner(function_trainer, *fixed_response(function_trainer))  # after many updates
+    # old logprobs were the sampler's (no second policy pass), and the update's first mini-batch checked them
+    assert function_trainer.old_logprobs == "sampler"
+    assert max(m["kl/sampler_vs_learner"] for m in metrics) < SYNC_ATOL
+    assert {m["async/staleness"] for m in metrics} == {0.0}
+    # each role runs with the threads of its phase, at the priority of a plain process (Ray starts workers at 15)
+    plans = function_trainer.roles.compute_plans
+    assert plans[("learner", 0)].threads["learn"] >= plans[("learner", 0)].threads["score"] >= 1
+    assert {plan.applied["nice"] for plan in plans.values()} == {0}
+
+
+def test_overlapped_rollout_and_learning_learn_the_same_reward(ray_session, tiny_cache, tmp_path):
+    """ppo.async_steps=1, same seed and settings as the test above: batch k+1 is sampled by the weights before
+    update k while update k runs, so every batch after the first is one update old."""
+    from rlhf_ray.trainer import PPOTrainer
+
+    trainer = PPOTrainer(tiny_config(tmp_path, tiny_cache, *FUNCTION_REWARD, "ppo.async_steps=1"))
+    try:
+        metrics = [trainer.step() for _ in range(LEARN_STEPS)]
+        plans = trainer.roles.compute_plans
+    finally:
+        trainer.shutdown()
+    assert_learns([m["score/mean"] for m in metrics])
+    assert [m["async/staleness"] for m in metrics] == [0.0] + [1.0] * (LEARN_STEPS - 1)
+    assert trainer.old_logprobs == "learner"  # the ratio is against the learner's weights, not the sampler's
+    assert metrics[0]["kl/sampler_vs_learner"] < SYNC_ATOL < max(m["kl/sampler_vs_learner"] for m in metrics[1:])
+    learner, generation = plans[("learner", 0)], plans[("generation", 0)]
+    if learner.cpus:  # a node with ≥ 2 CPUs: the two sides compute on disjoint CPU sets
+        assert set(learner.applied["cpus"]).isdisjoint(generation.applied["cpus"])
 
 
 def test_two_learner_ranks_zero3_and_two_generation_actors(ray_session, tiny_cache, tmp_path):
