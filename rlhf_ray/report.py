@@ -14,11 +14,20 @@ import json
 import sys
 from pathlib import Path
 
-# phase key in metrics -> legend label; 'other' is the rest of the step (driver work, transfers, scheduling)
+# phase key in metrics -> legend label; 'other' is the rest of the step (driver work, transfers, scheduling).
+# With ppo.async_steps=1 the rollout runs beside the update: a step's wall time is the learner's values pass,
+# the update, what is left to wait of the next rollout, and the weight sync.
 PHASES = {"time/generate": "generate", "time/score_wall": "score (reward ‖ ref ‖ values)", "time/learn": "learn",
           "time/weight_sync": "weight sync"}
-SHORT = {"generate": "generate", "score (reward ‖ ref ‖ values)": "score", "learn": "learn",
-         "weight sync": "sync", "other": "other"}
+OVERLAPPED_PHASES = {"time/values_wall": "values", "time/learn": "learn",
+                     "time/rollout_wait": "wait for rollout", "time/weight_sync": "weight sync"}
+SHORT = {"generate": "generate", "score (reward ‖ ref ‖ values)": "score", "learn": "learn", "values": "values",
+         "wait for rollout": "rollout wait", "weight sync": "sync", "other": "other"}
+
+
+def phases_of(row: dict) -> dict[str, str]:
+    """The phases that make up this step's wall time (ppo.async_steps=1 steps record time/values_wall)."""
+    return OVERLAPPED_PHASES if "time/values_wall" in row else PHASES
 
 
 def load_metrics(run_dir: str | Path) -> list[dict]:
@@ -60,7 +69,11 @@ def summary(rows: list[dict], label: str = "") -> str:
     last = lambda key: _mean([r[key] for r in rows[-window:] if r.get(key) is not None])  # noqa: E731
     total = sum(r.get("time/step", 0.0) for r in rows)
     tokens = sum(r.get("response/tokens", 0.0) for r in rows)
-    shares = {name: sum(r.get(key, 0.0) for r in rows) / total for key, name in PHASES.items()} if total else {}
+    seconds: dict[str, float] = {}
+    for r in rows:
+        for key, name in phases_of(r).items():
+            seconds[name] = seconds.get(name, 0.0) + r.get(key, 0.0)
+    shares = {name: s / total for name, s in seconds.items()} if total else {}
     shares["other"] = 1.0 - sum(shares.values()) if shares else 0.0
     time_text = ", ".join(f"{SHORT[name]} {share:.0%}" for name, share in
                           sorted(shares.items(), key=lambda kv: -kv[1]))
@@ -129,9 +142,11 @@ def draw(runs: dict[str, list[dict]], out: str | Path) -> Path:
 def _draw_time(ax, runs: dict[str, list[dict]], colors: list[str]) -> None:
     """Stacked phase seconds: per step for one run, the mean step per run for several."""
     several = len(runs) > 1
+    names = list(dict.fromkeys(name for rows in runs.values() for r in rows for name in phases_of(r).values()))
+    seconds = lambda r: [sum(r.get(k, 0.0) for k, n in phases_of(r).items() if n == name) for name in names]  # noqa: E731
     if several:
         positions = list(range(len(runs)))
-        stacks = [[_mean([r.get(key, 0.0) for r in rows]) for key in PHASES] for rows in runs.values()]
+        stacks = [[_mean(column) for column in zip(*(seconds(r) for r in rows))] for rows in runs.values()]
         steps = [_mean([r.get("time/step", 0.0) for r in rows]) for rows in runs.values()]
         ax.set_xticks(positions, list(runs), rotation=15, fontsize=8)
         ax.set_title("mean step time by phase")
@@ -139,12 +154,12 @@ def _draw_time(ax, runs: dict[str, list[dict]], colors: list[str]) -> None:
     else:
         rows = next(iter(runs.values()))
         positions = [r["step"] for r in rows]
-        stacks = [[r.get(key, 0.0) for key in PHASES] for r in rows]
+        stacks = [seconds(r) for r in rows]
         steps = [r.get("time/step", 0.0) for r in rows]
         ax.set_title("step time by phase")
     bottom = [0.0] * len(positions)
-    for j, name in enumerate([*PHASES.values(), "other"]):
-        heights = [(stack[j] if j < len(PHASES) else max(step - sum(stack), 0.0))
+    for j, name in enumerate([*names, "other"]):
+        heights = [(stack[j] if j < len(names) else max(step - sum(stack), 0.0))
                    for stack, step in zip(stacks, steps)]
         ax.bar(positions, heights, bottom=bottom, color=colors[j % len(colors)], label=name, width=0.8)
         bottom = [b + h for b, h in zip(bottom, heights)]

@@ -371,6 +371,7 @@ def step_timing(times: dict, role_seconds: dict, generate_s: float, learn_s: flo
         "time/reference": role_seconds["reference"], "time/values": role_seconds["values"],
         "time/score_wall": times["score_wall"], "time/learn": times["learn"],
         "time/rollout_wait": times["rollout_wait"],
+        **({"time/values_wall": times["values"]} if overlapped else {}),
         "time/weight_sync": times["weight_sync"], "time/step": step,
         "time/compute_generate": generate_s, "time/compute_learn": learn_s,
         "time/weight_publish": sync["publish"], "time/weight_load": sync["load"],
