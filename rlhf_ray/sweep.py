@@ -292,11 +292,12 @@ def main(argv: list[str] | None = None) -> int:
     config = args.config or spec.get("config") or str(ROOT / "configs" / "tiny_cpu.yaml")
     if not Path(config).exists() and (ROOT / config).exists():  # a path relative to the project (ray job submit)
         config = str(ROOT / config)
+    config = str(Path(config).resolve()) if Path(config).exists() else config
     overrides = [*spec.get("overrides", []), *args.overrides]
     steps = args.steps or spec.get("steps", 4)
     warmup = args.warmup if args.warmup is not None else spec.get("warmup", 1)
     timeout_s = args.timeout_s or spec.get("timeout_s", 600)
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # the points run from the project's root
     out.mkdir(parents=True, exist_ok=True)
 
     from rlhf_ray.machine import describe, machine_info
