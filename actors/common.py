@@ -73,12 +73,21 @@ def redirect_output(log_file: str) -> None:
         stream.reconfigure(line_buffering=True)  # readable while the run goes on
 
 
+# resources.keep_freed_memory: glibc serves tensors up to 32 MiB from its heap (not from fresh mmaps, which cost
+# a page fault per 4 KiB on first touch, every step) and never trims the heap: the memory a phase freed is there,
+# already mapped, for the next phase. The 20M Llama's update: 1.12 s instead of 1.43 s on 2 cores.
+KEEP_FREED_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**62)}
+
+
 def release_free_memory() -> None:
-    """Give memory that tensors freed back to the OS (glibc keeps freed heap memory in its arenas).
+    """Give memory that tensors freed back to the OS (glibc keeps freed heap memory in its arenas) — unless
+    this process keeps it for the next phase (started with KEEP_FREED_MEMORY_ENV).
 
     Without this a role's resident size after a phase stays at that phase's peak although the
     tensors are gone: the learner held ~2.4 GB of freed activations and gradients on SmolLM2-135M.
     """
+    if os.environ.get("MALLOC_TRIM_THRESHOLD_") == KEEP_FREED_MEMORY_ENV["MALLOC_TRIM_THRESHOLD_"]:
+        return
     try:
         import ctypes
 

@@ -21,6 +21,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from actors.common import KEEP_FREED_MEMORY_ENV
 from actors.generation import GenerationActor
 from actors.learner import LearnerActor
 from actors.reference import ReferenceActor
@@ -333,8 +334,9 @@ class Roles:
         bundle = [i for i, (r, _) in enumerate(self._bundles()) if r == role][index]
         res: RoleResources = getattr(self.cfg.resources, role)
         strategy = PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=bundle)
-        return ray.remote(cls).options(num_cpus=res.num_cpus, num_gpus=res.num_gpus, scheduling_strategy=strategy
-                                       ).remote(*args, log_file=self._log_file(role, index))
+        env = {"runtime_env": {"env_vars": KEEP_FREED_MEMORY_ENV}} if self.cfg.resources.keep_freed_memory else {}
+        return ray.remote(cls).options(num_cpus=res.num_cpus, num_gpus=res.num_gpus, scheduling_strategy=strategy,
+                                       **env).remote(*args, log_file=self._log_file(role, index))
 
     def _log_file(self, role: str, index: int | str) -> str | None:
         """Where an actor's output goes: <output_dir>/logs/<role>-<index>.log (None: the console)."""
