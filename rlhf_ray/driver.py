@@ -29,6 +29,9 @@ class CheckpointedDriver:
     def reset_to_start(self) -> None:
         """The state before the first step, after the learners restarted without a checkpoint."""
 
+    def save_driver_files(self, directory: Path) -> None:
+        """Files of the driver's own to keep in a checkpoint being written to ``directory`` (hashed with the rest)."""
+
     # ------------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> str:
         """Checkpoint the finished steps (atomically; see rlhf_ray.checkpoint). Returns its path."""
@@ -36,6 +39,7 @@ class CheckpointedDriver:
         staging = checkpoint.begin(self.cfg.output_dir, self.step_count)
         try:
             self.roles.save_state(str(staging.resolve()))
+            self.save_driver_files(staging)
             state = {"step": self.step_count, "sampler": self.sampler.state_dict(self.step_count),
                      "seed": self.cfg.seed, "restarts": dict(self.roles.restarts), **self.driver_state()}
             path = checkpoint.commit(staging, self.step_count, state, dump_config(self.cfg),

@@ -83,15 +83,21 @@ def build_from_gguf(model: GGUFModel, root: Path) -> None:
     plain.load_state_dict(loaded.state_dict())
     plain.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id)
+    save_model_dir(root, plain, tokenizer, f"{BUILD_VERSION} from {source.name}")
+
+
+def save_model_dir(root: Path, model, tokenizer, note: str) -> None:
+    """An HF model (safetensors) and its tokenizer into ``root``, all at once: written beside it, then renamed, with
+    a COMPLETE marker holding ``note`` (concurrent builders race at the rename and one wins)."""
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=root.parent))
     try:
-        plain.save_pretrained(staging, safe_serialization=True)
+        model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         _keep_rope_theta_on_top(staging / "config.json")
-        (staging / "COMPLETE").write_text(f"{BUILD_VERSION} from {source.name}\n")
+        (staging / "COMPLETE").write_text(note + "\n")
         try:
-            staging.rename(root)  # concurrent builders race here and one wins
+            staging.rename(root)
         except OSError:
             if not (root / "COMPLETE").exists():
                 raise

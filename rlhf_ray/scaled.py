@@ -11,8 +11,6 @@ step, which is what a throughput comparison needs (it learns nothing useful). Th
 """
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 BUILD_VERSION = "v1"
@@ -42,7 +40,7 @@ def _build(size: str, reward: bool, seed: int, root: Path, cache_dir) -> None:
     from transformers import (AutoConfig, AutoTokenizer, GenerationConfig, LlamaForCausalLM,
                               LlamaForSequenceClassification)
 
-    from rlhf_ray.real import _keep_rope_theta_on_top, resolve_real
+    from rlhf_ray.real import resolve_real, save_model_dir
 
     source = resolve_real("smollm2-135m", cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -51,17 +49,4 @@ def _build(size: str, reward: bool, seed: int, root: Path, cache_dir) -> None:
     model = (LlamaForSequenceClassification if reward else LlamaForCausalLM)(config).eval()
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=root.parent))
-    try:
-        model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        _keep_rope_theta_on_top(staging / "config.json")
-        (staging / "COMPLETE").write_text(f"{BUILD_VERSION} {size} seed={seed} reward={reward}\n")
-        try:
-            staging.rename(root)
-        except OSError:
-            if not (root / "COMPLETE").exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    save_model_dir(root, model, tokenizer, f"{BUILD_VERSION} {size} seed={seed} reward={reward}")

@@ -23,7 +23,6 @@ import argparse
 import csv
 import itertools
 import json
-import os
 import statistics
 import subprocess
 import sys

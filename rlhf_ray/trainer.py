@@ -19,9 +19,10 @@ import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
+import torch
 
 from actors.common import process_memory
 from rlhf_ray import checkpoint, preflight
@@ -227,12 +228,26 @@ class PPOTrainer(CheckpointedDriver):
         return {"sampling_seeds": "per prompt, from (seed, step): rlhf_ray.trainer.sampling_seeds",
                 "reward_normalizer": self.normalizer.state_dict()}
 
+    def save_driver_files(self, directory: Path) -> None:
+        """ppo.async_steps=1: the next step's rollout, already sampled by the weights before this step's update —
+        a resumed run trains on it, as the uninterrupted run would (the restored engines hold newer weights)."""
+        pending = self.next_rollout
+        if pending is not None and pending.done() and pending.exception() is None:
+            torch.save(pending.result().state_dict(), directory / NEXT_ROLLOUT)
+
     def restore(self, path) -> None:
         """Learners from the checkpoint, the engines from the learners, the step counter and the running score
-        statistics from the driver state."""
+        statistics from the driver state; with ppo.async_steps=1 the rollout prefetched before it was saved."""
         state = self.restore_learners(path)
         self.roles.sync_weights()
         self.engine_version = self.step_count
+        self._drop_prefetched()
+        saved = Path(path) / NEXT_ROLLOUT
+        if self.prefetcher is not None and saved.is_file():
+            rollout = Rollout.from_state(torch.load(saved, weights_only=True))
+            if rollout.step == self.step_count:
+                self.next_rollout = Future()
+                self.next_rollout.set_result(rollout)
         self.normalizer = self._score_normalizer()
         if "reward_normalizer" in state:  # running score statistics as they were after that step
             self.normalizer.load_state_dict(state["reward_normalizer"])
@@ -269,6 +284,9 @@ class RolloutCancelled(Exception):
     """A prefetched rollout that is no longer wanted stops after its current call."""
 
 
+NEXT_ROLLOUT = "next_rollout.pt"
+
+
 @dataclass
 class Rollout:
     step: int
@@ -277,6 +295,16 @@ class Rollout:
     seconds: dict[str, float]      # each scoring role's own compute seconds
     generate_s: float
     policy_version: int            # the learner update whose weights sampled it
+
+    def state_dict(self) -> dict:
+        """Tensors, numbers, strings and lists only: loadable with ``torch.load(weights_only=True)``."""
+        batch = {f.name: getattr(self.batch, f.name) for f in fields(self.batch)}
+        return {"step": self.step, "batch": batch, "times": self.times, "seconds": self.seconds,
+                "generate_s": self.generate_s, "policy_version": self.policy_version}
+
+    @staticmethod
+    def from_state(state: dict) -> "Rollout":
+        return Rollout(**{**state, "batch": RolloutBatch(**state["batch"])})
 
 
 def ppo_learner(cfg: ExperimentConfig, paths: ModelPaths) -> LearnerSpec:

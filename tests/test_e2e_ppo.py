@@ -99,6 +99,7 @@ def test_overlapped_rollout_and_learning_learn_the_same_reward(ray_session, tiny
     try:
         metrics = [trainer.step() for _ in range(LEARN_STEPS)]
         plans = trainer.roles.compute_plans
+        assert_checkpoint_round_trip(trainer)  # the prefetched rollout is in the checkpoint: exact resume
     finally:
         trainer.shutdown()
     assert_learns([m["score/mean"] for m in metrics])

@@ -1,0 +1,73 @@
+"""The rollout:learn sweep (rlhf_ray.sweep): grid points, figures, outputs; one real point end to end."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from rlhf_ray import sweep
+
+
+def test_grid_points_are_every_combination_with_readable_labels():
+    points = sweep.points_of({"ppo.async_steps": [0, 1], "resources.generation.num_actors": [1, 2]})
+    assert len(points) == 4 and points[-1] == {"ppo.async_steps": 1, "resources.generation.num_actors": 2}
+    assert sweep.label_of(points[-1]) == "async=1 engines=2"
+    assert sweep.parse_grid(["ppo.epochs=1,2"]) == {"ppo.epochs": [1, 2]}
+    with pytest.raises(ValueError, match="KEY=V1,V2"):
+        sweep.parse_grid(["ppo.epochs"])
+
+
+def step_row(generate, score, learn, values_wall=None, sync=0.1, tokens=64.0):
+    row = {"time/generate": generate, "time/score_wall": score, "time/learn": learn, "time/weight_sync": sync,
+           "time/compute_generate": generate, "time/weight_load": sync / 2, "time/reward": score / 2,
+           "time/reference": score, "time/values": score / 2, "time/compute_learn": learn,
+           "time/weight_publish": sync / 2, "time/rollout_wait": 0.0, "time/overhead": 0.05,
+           "response/tokens": tokens, "memory/learner_peak_gb": 1.5, "memory/generation_peak_gb": 2.0}
+    if values_wall is None:
+        row["time/step"] = generate + score + learn + sync + 0.05
+    else:
+        row.update({"time/values_wall": values_wall, "time/step": values_wall + learn + sync + 0.05})
+    return row
+
+
+def test_figures_of_a_point_and_the_phase_that_bounds_it():
+    rows = [step_row(1.0, 0.5, 2.0), step_row(1.0, 0.5, 2.0)]
+    m = sweep.measure(rows, sequences=16, epochs=2)
+    assert m["step_s"] == pytest.approx(3.65) and m["samples_per_s"] == pytest.approx(16 / 3.65)
+    assert m["trained_tokens_per_s"] == pytest.approx(2 * m["generated_tokens_per_s"])
+    assert m["rollout_learn_ratio"] == pytest.approx(1.5 / 2.0) and m["bound_by"] == "learn"
+    assert m["idle_share"]["generation"] == pytest.approx(1 - 1.05 / 3.65)
+    assert m["peak_gb"] == {"learner": 1.5, "generation": 2.0}
+    overlapped = sweep.measure([step_row(2.0, 1.0, 1.0, values_wall=0.5)], sequences=16, epochs=1)
+    assert overlapped["bound_by"].startswith("rollout") and overlapped["rollout_learn_ratio"] == pytest.approx(2.0)
+
+
+def test_outputs_name_the_best_point_and_keep_failed_ones(tmp_path):
+    ok = {"label": "async=0", "point": {"ppo.async_steps": 0}, "status": "ok",
+          **sweep.measure([step_row(1.0, 0.5, 2.0)], 16, 1)}
+    better = {"label": "async=1", "point": {"ppo.async_steps": 1}, "status": "ok",
+              **sweep.measure([step_row(1.0, 0.5, 1.5, values_wall=0.2)], 16, 1)}
+    failed = {"label": "async=2", "point": {"ppo.async_steps": 2}, "status": "invalid", "error": "ppo.async_steps: bad"}
+    result = {"config": "configs/tiny_cpu.yaml", "overrides": [], "grid": {"ppo.async_steps": [0, 1, 2]}, "steps": 1,
+              "warmup": 0, "wall_s": 60.0, "machine": {"cpu_model": "test", "cpus": 2}, "points": [ok, better, failed]}
+    paths = sweep.write_outputs(result, tmp_path)
+    assert sweep.best_point(result["points"]) is better
+    md = paths["md"].read_text()
+    assert "**Best: async=1**" in md and "invalid: ppo.async_steps: bad" in md
+    rows = list(csv.DictReader(paths["csv"].open()))
+    assert [r["status"] for r in rows] == ["ok", "ok", "invalid"] and rows[2]["error"] == "ppo.async_steps: bad"
+    assert json.loads(paths["json"].read_text())["points"][1]["label"] == "async=1"
+    assert paths["png"].stat().st_size > 10_000
+
+
+@pytest.mark.e2e
+def test_a_real_point_runs_and_a_refused_one_is_recorded(tiny_cache, tmp_path):
+    code = sweep.main(["--grid", "ppo.rollout_batch_size=16,12", "--steps", "1", "--warmup", "0", "--out",
+                       str(tmp_path), f"models.cache_dir={tiny_cache}"])
+    assert code == 0
+    result = json.loads((tmp_path / "sweep.json").read_text())
+    ran, refused = result["points"]
+    assert ran["status"] == "ok" and ran["samples_per_s"] > 0 and ran["phases_s"]["learn"] > 0
+    assert refused["status"] == "invalid" and "does not divide the rollout" in refused["error"]
+    assert {"sweep.csv", "sweep.md", "sweep.png"} <= {p.name for p in tmp_path.iterdir()}
