@@ -41,6 +41,9 @@ ALIASES = {"resources.generation.num_actors": "engines", "resources.learner.num_
            "ppo.epochs": "epochs", "generation.n_samples_per_prompt": "samples", "resources.rollout_cores": "rollout_cores",
            "resources.learner.threads": "learner_threads", "resources.generation.threads": "engine_threads",
            "deepspeed.zero_stage": "zero"}
+# axes that change the work itself rather than how it is spread: the best point is picked per workload
+WORKLOAD_KEYS = ("generation.max_new_tokens", "ppo.rollout_batch_size", "generation.n_samples_per_prompt",
+                 "ppo.epochs", "data.max_prompt_tokens", "models.policy", "models.reward.model")
 # what each role computes in a step (max over its actors), for its idle share
 ROLE_BUSY = {"generation": ("time/compute_generate", "time/weight_load"), "reward": ("time/reward",),
              "reference": ("time/reference",), "learner": ("time/values", "time/compute_learn", "time/weight_publish")}
@@ -161,13 +164,22 @@ def best_point(points: list[dict]) -> dict | None:
     return max(ok, key=lambda p: p["samples_per_s"]) if ok else None
 
 
+def best_per_workload(points: list[dict]) -> dict[str, dict]:
+    """The fastest point (samples/s) of each workload — the grid's values of WORKLOAD_KEYS — by its label."""
+    groups: dict[str, list[dict]] = {}
+    for p in points:
+        workload = {k: v for k, v in p["point"].items() if k in WORKLOAD_KEYS}
+        groups.setdefault(label_of(workload) if workload else "", []).append(p)
+    return {name: best for name, group in groups.items() if (best := best_point(group))}
+
+
 def markdown(result: dict) -> str:
     from rlhf_ray.machine import describe
 
-    points, best = result["points"], best_point(result["points"])
-    lines = [f"# Rollout:learn sweep — {Path(result['config']).name}", "",
+    points, bests = result["points"], best_per_workload(result["points"])
+    lines = [f"# Rollout:learn sweep — {_shown(result['config'])}", "",
              f"Machine: {describe(result['machine'])}", "",
-             f"Base: `{result['config']}` {' '.join(f'`{o}`' for o in result['overrides'])}; {result['warmup']} warm-up "
+             f"Base: `{_shown(result['config'])}` {' '.join(f'`{o}`' for o in result['overrides'])}; {result['warmup']} warm-up "
              f"+ {result['steps']} measured steps per point; {len(points)} points in {result['wall_s'] / 60:.1f} min.", "",
              "| point | samples/s | gen tok/s | trained tok/s | step s | rollout:learn | bound by | overhead | "
              "idle: generation / learner | peak GB learner / generation |",
@@ -177,23 +189,31 @@ def markdown(result: dict) -> str:
             lines.append(f"| {p['label']} | {p['status']}: {p.get('error', '')[:160]} | | | | | | | | |")
             continue
         idle, peak = p["idle_share"], p["peak_gb"]
-        star = " **best**" if p is best else ""
+        star = " **best**" if any(p is b for b in bests.values()) else ""
         lines.append(f"| {p['label']}{star} | {p['samples_per_s']:.2f} | {p['generated_tokens_per_s']:.0f} | "
                      f"{p['trained_tokens_per_s']:.0f} | {p['step_s']:.2f} | {p['rollout_learn_ratio']:.2f} | "
                      f"{p['bound_by']} | {p['overhead_share']:.0%} | {idle.get('generation', 0):.0%} / "
                      f"{idle.get('learner', 0):.0%} | {peak.get('learner', 0):.1f} / {peak.get('generation', 0):.1f} |")
     lines.append("")
-    if best:
-        lines += [f"**Best: {best['label']}** — {best['samples_per_s']:.2f} samples/s, a step of {best['step_s']:.2f} s, "
-                  f"bound by {best['bound_by']} (rollout:learn {best['rollout_learn_ratio']:.2f}; the learner idles "
-                  f"{best['idle_share'].get('learner', 0):.0%} and generation {best['idle_share'].get('generation', 0):.0%}"
-                  " of the step).", "", advice(best)]
-    else:
+    for workload, best in bests.items():
+        lines += [f"**Best{' for ' + workload if workload else ''}: {best['label']}** — {best['samples_per_s']:.2f} "
+                  f"samples/s, a step of {best['step_s']:.2f} s, bound by {best['bound_by']} (rollout:learn "
+                  f"{best['rollout_learn_ratio']:.2f}; the learner idles {best['idle_share'].get('learner', 0):.0%} and "
+                  f"generation {best['idle_share'].get('generation', 0):.0%} of the step). {advice(best)}", ""]
+    if not bests:
         lines.append("No point finished: see the errors above and each point's console.log.")
     lines += ["", "Columns: samples/s = sequences per step / median step; rollout:learn = (generate + score) / "
               "(learner values + update); idle = share of the step a role's actors do not compute; overhead = the "
               "step minus the roles' compute on its critical path.", ""]
     return "\n".join(lines)
+
+
+def _shown(path: str) -> str:
+    """A path inside the project, relative to it (as a user would type it)."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return path
 
 
 def advice(best: dict) -> str:
@@ -218,14 +238,14 @@ def draw(points: list[dict], path: Path) -> None:
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(8, 0.9 * len(points) + 3), 8), sharex=True)
     x = range(len(points))
-    best = best_point(points)
+    bests = list(best_per_workload(points).values())
     top.bar(x, [p.get("samples_per_s", 0.0) for p in points],
-            color=["tab:green" if p is best else ("tab:blue" if p["status"] == "ok" else "lightgray") for p in points])
+            color=["tab:green" if any(p is b for b in bests) else ("tab:blue" if p["status"] == "ok" else "lightgray") for p in points])
     for i, p in enumerate(points):
         if p["status"] != "ok":
             top.text(i, 0, p["status"], rotation=90, ha="center", va="bottom", fontsize=8)
     top.set_ylabel("samples / s")
-    top.set_title("rollout:learn sweep (green: best; gray: failed)")
+    top.set_title("rollout:learn sweep (green: the best of its workload; gray: failed)")
     phases = [("generate", "generate"), ("score_wall", "score"), ("values_wall", "values (async)"),
               ("learn", "learn"), ("rollout_wait", "rollout wait (async)"), ("weight_sync", "weight sync")]
     base = [0.0] * len(points)
@@ -315,11 +335,14 @@ def main(argv: list[str] | None = None) -> int:
     result = {"config": config, "overrides": overrides, "grid": grid, "steps": steps, "warmup": warmup,
               "machine": machine, "wall_s": time.perf_counter() - started, "points": results}
     paths = write_outputs(result, out)
-    best = best_point(results)
-    print(f"best: {best['label']} ({best['samples_per_s']:.2f} samples/s, bound by {best['bound_by']})" if best
-          else "no point finished")
+    bests = best_per_workload(results)
+    for workload, best in bests.items():
+        print(f"best{' for ' + workload if workload else ''}: {best['label']} ({best['samples_per_s']:.2f} samples/s, "
+              f"bound by {best['bound_by']})")
+    if not bests:
+        print("no point finished")
     print("wrote " + ", ".join(str(p) for p in paths.values()))
-    return 0 if best else 1
+    return 0 if bests else 1
 
 
 if __name__ == "__main__":
