@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import statistics
 import sys
@@ -107,7 +108,14 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=40)
     parser.add_argument("--response", type=int, default=32)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--release-freed-memory", action="store_true",
+                        help="as resources.keep_freed_memory=false (default: keep it, as the roles do)")
     args = parser.parse_args()
+    from actors.common import KEEP_FREED_MEMORY_ENV
+
+    keeps = all(os.environ.get(k) == v for k, v in KEEP_FREED_MEMORY_ENV.items())
+    if not args.release_freed_memory and not keeps:  # glibc reads its settings at process start: start again
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **KEEP_FREED_MEMORY_ENV})
     from transformers import AutoConfig
 
     from rlhf_ray.machine import describe, machine_info
@@ -146,7 +154,8 @@ def main() -> None:
     machine = machine_info()
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"learner_profile_{args.model.split(':')[-1]}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": args.model, "critic": reward, "shape": {k: getattr(args, k) for k in (
+    out.write_text(json.dumps({"model": args.model, "critic": reward, "keep_freed_memory": not args.release_freed_memory,
+                               "shape": {k: getattr(args, k) for k in (
         "batch", "mini", "micro", "prompt", "response")}, "settings": results, "profile": profiled,
         "machine": machine}, indent=2) + "\n")
     print(f"machine: {describe(machine)}\nwrote {out}")
