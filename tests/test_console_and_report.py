@@ -31,6 +31,17 @@ def test_summary_line_says_what_happened():
     assert "peak GB: learner 6.0, generation 3.0" in line
 
 
+def test_overlapped_steps_are_shown_by_their_critical_path(tmp_path):
+    """ppo.async_steps=1: generation and scoring ran beside the update; the step is values + learn + wait + sync."""
+    from rlhf_ray.report import draw, summary
+
+    rows = [{**r, "time/values_wall": 0.5, "time/learn": 2.5, "time/rollout_wait": 0.5, "time/weight_sync": 0.25}
+            for r in fake_steps(4)]
+    line = summary(rows)
+    assert "learn 62%, values 12%, rollout wait 12%, sync 6%, other 6%" in line and "generate" not in line.split("time:")[1]
+    assert draw({"run": rows}, tmp_path / "report.png").stat().st_size > 10_000
+
+
 def test_report_reads_the_latest_series_and_draws_four_panels(tmp_path):
     from rlhf_ray.report import load_metrics, main
 

@@ -41,3 +41,13 @@ def test_ray_job_submit_runs_a_two_step_job(tiny_cache, tmp_path):
         assert rm_job.returncode == 0 and "succeeded" in rm_job.stdout, rm_job.stdout[-4000:] + rm_job.stderr[-2000:]
         assert json.loads((rm_out / "eval.json").read_text())["sets"]["heldout"]["accuracy"] > 0.5
         assert (rm_out / "final_model" / "reward_stats.json").is_file()
+
+        sweep_out = tmp_path / "sweep_job"  # the sweep's points join the job's cluster (RAY_ADDRESS)
+        sweep_job = subprocess.run([RAY, "job", "submit", "--address", address, "--working-dir", ".", "--", "python",
+                                    "-m", "rlhf_ray.sweep", "--grid", "ppo.async_steps=1", "--steps", "1", "--warmup",
+                                    "0", "--out", str(sweep_out), f"models.cache_dir={tiny_cache}"],
+                                   cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert sweep_job.returncode == 0 and "succeeded" in sweep_job.stdout, sweep_job.stdout[-4000:]
+        point = json.loads((sweep_out / "sweep.json").read_text())["points"][0]
+        assert point["status"] == "ok" and point["samples_per_s"] > 0
+        assert "joined the Ray cluster" in (sweep_out / "points" / "async-1" / "logs" / "driver.log").read_text()
