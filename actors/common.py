@@ -25,10 +25,18 @@ class Role:
             redirect_output(log_file)
 
     def where(self) -> dict:
-        """This actor's node and the CPUs it may run on (rlhf_ray.compute plans threads from them)."""
+        """This actor's node and the CPUs it may run on (rlhf_ray.compute plans threads from them): its affinity,
+        cut to the container's CPU quota where a cgroup sets one (the affinity shows all of the host's CPUs)."""
         import ray
 
-        return {"node": ray.get_runtime_context().get_node_id(), "cpus": sorted(os.sched_getaffinity(0))}
+        cpus = sorted(os.sched_getaffinity(0))
+        try:
+            from ray._private.utils import get_num_cpus
+
+            quota = int(get_num_cpus(override_docker_cpu_warning=True))
+        except Exception:  # a private helper of Ray's: without it, the affinity alone
+            quota = len(cpus)
+        return {"node": ray.get_runtime_context().get_node_id(), "cpus": cpus[:max(1, quota)]}
 
     def configure_compute(self, threads: dict[str, int], cpus: list[int] | None = None,
                           nice: int | None = None) -> dict:

@@ -258,6 +258,8 @@ class Roles:
         self.cfg, self.timeouts, self.paths, self.learner_spec = cfg, cfg.timeouts, paths, learner
         self.role_names, self.overlapped = roles, overlapped
         self.closing = False  # set when the run ends: a call failing now is not worth replacing actors for
+        # overlapped: the weights the engines hold, for a replacement engine (the learner is busy with the next ones)
+        self.engine_weights: list | None = None
         self.compute_plans: dict[tuple[str, int], ActorPlan] = {}
         self.placement = self._reserve()
         self.groups: dict[str, list] = {role: [] for role in roles}
@@ -418,7 +420,7 @@ class Roles:
         if self.compute_plans:
             self._configure([(role, i) for i in replaced])
         if role == "generation":  # the replacement starts from the initial policy: give it the current one
-            self.sync_weights([group[i] for i in replaced])
+            self._bring_up_to_date([group[i] for i in replaced])
         seconds = time.perf_counter() - start
         self.recovery_seconds += seconds
         log.warning("recovery: %s; replaced %s in %.1f s (replacement %d of at most %d), redoing %s", lost,
@@ -508,6 +510,8 @@ class Roles:
         published = self._wait([a.publish_weights.remote() for a in self.learners], "learner", "publishing weights",
                                "weight_sync_s")
         buckets = published[0][0]
+        if self.overlapped:
+            self.engine_weights = buckets
         load = lambda: [g.load_weights.remote(buckets, self.timeouts.weight_sync_s)  # noqa: E731
                         for g in (generators or self.generators)]
         if generators:  # a replacement being brought up to date: no recovery inside a recovery
@@ -520,6 +524,15 @@ class Roles:
                      report["received"], report["loaded"], ", ".join(report["reprocessed"]) or "none")
             self._sync_reported = True
         return {"publish": max(s for _, s in published), "load": max(s for _, s in loads), "report": report}
+
+    def _bring_up_to_date(self, engines: list) -> None:
+        """Replacement engines get the weights the others hold. Overlapped, those are the last published ones (kept
+        for this): the learner may be inside an update, and new weights from it would mix two policies in a batch."""
+        if not self.overlapped:
+            self.sync_weights(engines)
+        elif self.engine_weights is not None:  # None: nothing published yet, the initial policy is current
+            self._wait([g.load_weights.remote(self.engine_weights, self.timeouts.weight_sync_s) for g in engines],
+                       "generation", "loading the current weights", "weight_sync_s")
 
     def learner_logprobs(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
         results = self._wait([a.sequence_logprobs.remote(prompt_ids, response_ids) for a in self.learners], "learner",

@@ -93,7 +93,11 @@ def run_point(config: str, overrides: list[str], point: dict, steps: int, warmup
         errors = [line for line in lines if "error" in line.lower()]
         return {**record, "status": "failed", "exit_code": done.returncode,
                 "error": (errors or lines or ["(no output)"])[-1][:500], "console": str(point_dir / "console.log")}
-    rows = [json.loads(line) for line in (point_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    metrics = point_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
+    if len(rows) <= warmup:
+        return {**record, "status": "failed", "error": f"the run recorded {len(rows)} steps, none after the warm-up",
+                "console": str(point_dir / "console.log")}
     return {**record, **measure(rows[warmup:], cfg.rollout_sequences, cfg.ppo.epochs), "steps": rows[warmup:]}
 
 
@@ -203,7 +207,8 @@ def markdown(result: dict) -> str:
     if not bests:
         lines.append("No point finished: see the errors above and each point's console.log.")
     lines += ["", "Columns: samples/s = sequences per step / median step; rollout:learn = (generate + score) / "
-              "(learner values + update); idle = share of the step a role's actors do not compute; overhead = the "
+              "update, where score includes the learner's values pass when nothing overlaps (async=1: / (values + "
+              "update)); idle = share of the step a role's actors do not compute; overhead = the "
               "step minus the roles' compute on its critical path.", ""]
     return "\n".join(lines)
 

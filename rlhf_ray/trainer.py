@@ -16,6 +16,7 @@ A lost learner rank takes the learner group back to the last checkpoint (rlhf_ra
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -80,7 +81,8 @@ class PPOTrainer(CheckpointedDriver):
         log.info("old logprobs for the PPO ratio: %s (%s)", self.old_logprobs, why)
         self.engine_version = 0  # the learner update whose weights the engines hold
         self.next_rollout: Future | None = None  # ppo.async_steps=1: the next step's rollout, under way
-        self._cancelled = False
+        self._cancel_prefetch = threading.Event()  # set: the rollout under way stops after its current call
+        self.in_hand: Rollout | None = None       # the rollout of the step under way, until the step is recorded
         self.prefetcher = ThreadPoolExecutor(1, thread_name_prefix="rollout") if cfg.ppo.async_steps else None
         if self.resume_from:
             self.restore(self.resume_from)
@@ -134,10 +136,12 @@ class PPOTrainer(CheckpointedDriver):
     def _run_step(self) -> dict[str, float]:
         started = time.perf_counter()
         overlapped = self.prefetcher is not None
-        rollout = self._take_rollout()
+        rollout, inline = self._take_rollout()
+        self.in_hand = rollout
         times, role_seconds, batch = dict(rollout.times), dict(rollout.seconds), rollout.batch
         if overlapped:
-            self._prefetch(self.step_count + 1)
+            if self.next_rollout is None:  # (a retried step may still have the next one under way)
+                self._prefetch(self.step_count + 1)
             with phase(times, "values"):  # the learner's own pass: its weights are newer than the sampler's
                 scored, seconds = self.roles.score(batch, roles=("learner",))
             batch, role_seconds = batch.with_(**scored), {**role_seconds, **seconds}
@@ -160,11 +164,12 @@ class PPOTrainer(CheckpointedDriver):
             with phase(times, "weight_sync"):
                 sync = self.roles.sync_weights()
             self.step_count += 1
-            self.engine_version = self.step_count
+            self.engine_version, self.in_hand = self.step_count, None
             memory = {**self.roles.memory(), "memory/driver_peak_gb": process_memory(reset_peak=True)["peak_gb"]}
             times["step"] = time.perf_counter() - started
             metrics = {"step": self.step_count, **rollout_stats, **learn_stats, **memory, **self._recovery_stats(),
-                       **step_timing(times, role_seconds, rollout.generate_s, learn_s, sync, batch, overlapped)}
+                       **step_timing(times, role_seconds, rollout.generate_s, learn_s, sync, batch,
+                                      overlapped and not inline)}
             self.metrics_log.log(metrics)
             self.metrics_log.log_samples(pick_samples(batch, self.cfg.logging.samples_per_step, self.step_count))
             if self.due(self.cfg.checkpoint.every_steps):
@@ -172,40 +177,47 @@ class PPOTrainer(CheckpointedDriver):
         return metrics
 
     # ------------------------------------------------------------------------------------ rollouts
-    def _rollout(self, step: int) -> "Rollout":
+    def _rollout(self, step: int, cancel: threading.Event | None = None) -> "Rollout":
         """Step ``step``'s prompts sampled by the engines' current weights and scored: by reward and reference,
-        and — when nothing overlaps — by the learner (values; old logprobs unless the sampler's serve), all at once."""
+        and — when nothing overlaps — by the learner (values; old logprobs unless the sampler's serve), all at once.
+        A prefetch stops after generating once ``cancel`` is set."""
         times, version = {}, self.engine_version
         prompts = [self.dataset.prompts[i] for i in self.sampler.batch(step)]
         with phase(times, "generate"):
             batch, generate_s = self.roles.generate(prompts, sampling_seeds(self.cfg.seed, step, len(prompts)))
-        if self.prefetcher is not None and self._cancelled:
+        if cancel is not None and cancel.is_set():
             raise RolloutCancelled()
         roles = ("reward", "reference") if self.prefetcher is not None else ("reward", "reference", "learner")
         with phase(times, "score_wall"):
             scored, seconds = self.roles.score(batch, roles=roles, old_logprobs=self.old_logprobs == "learner")
         return Rollout(step, batch.with_(**scored), times, seconds, generate_s, version)
 
-    def _take_rollout(self) -> "Rollout":
-        """This step's rollout: the one prefetched during the last step, or made now (the first step, after a
-        resume or a recovery)."""
+    def _take_rollout(self) -> tuple["Rollout", bool]:
+        """This step's rollout: the one in hand from an unrecorded try of this step, the one prefetched during the
+        last step, or one made now (the first step, after a resume or a recovery; ``inline``: on the step's own
+        time)."""
+        if self.in_hand is not None and self.in_hand.step == self.step_count:
+            return self.in_hand, False
         pending, self.next_rollout = self.next_rollout, None
         if pending is not None:
             rollout = pending.result()
             if rollout.step == self.step_count:
-                return rollout
-        return self._rollout(self.step_count)
+                return rollout, False
+        return self._rollout(self.step_count), True
 
     def _prefetch(self, step: int) -> None:
         if step < self.num_steps:
-            self._cancelled = False
-            self.next_rollout = self.prefetcher.submit(self._rollout, step)
+            self._cancel_prefetch = threading.Event()
+            self.next_rollout = self.prefetcher.submit(self._rollout, step, self._cancel_prefetch)
 
-    def _drop_prefetched(self) -> None:
-        """Forget the rollout under way (a learner recovery or the end of the run): wait for its current call."""
+    def _drop_prefetched(self, wait: bool = True) -> None:
+        """Forget the rollout under way (a learner recovery, a restore, the end of the run); ``wait`` for its current
+        call to end (the engines must be idle before they get other weights)."""
         pending, self.next_rollout = getattr(self, "next_rollout", None), None
-        if pending is not None and not local_ray_down():  # with Ray gone, its waits could only time out
-            self._cancelled = True
+        if pending is None:
+            return
+        self._cancel_prefetch.set()
+        if wait and not local_ray_down():  # with Ray gone, its waits could only time out
             pending.exception()  # an error there does not matter any more
 
     def _score_normalizer(self) -> ScoreNormalizer:
@@ -231,17 +243,24 @@ class PPOTrainer(CheckpointedDriver):
     def save_driver_files(self, directory: Path) -> None:
         """ppo.async_steps=1: the next step's rollout, already sampled by the weights before this step's update —
         a resumed run trains on it, as the uninterrupted run would (the restored engines hold newer weights)."""
+        if self.prefetcher is None:
+            return
         pending = self.next_rollout
-        if pending is not None and pending.done() and pending.exception() is None:
-            torch.save(pending.result().state_dict(), directory / NEXT_ROLLOUT)
+        candidates = [self.in_hand] + ([pending.result()] if pending is not None and pending.done()
+                                       and pending.exception() is None else [])
+        for rollout in candidates:  # a stop before this step was recorded: its own rollout is the next one
+            if rollout is not None and rollout.step == self.step_count:
+                torch.save(rollout.state_dict(), directory / NEXT_ROLLOUT)
+                return
 
     def restore(self, path) -> None:
         """Learners from the checkpoint, the engines from the learners, the step counter and the running score
         statistics from the driver state; with ppo.async_steps=1 the rollout prefetched before it was saved."""
+        self._drop_prefetched()  # before the engines get the restored weights
+        self.in_hand = None
         state = self.restore_learners(path)
         self.roles.sync_weights()
         self.engine_version = self.step_count
-        self._drop_prefetched()
         saved = Path(path) / NEXT_ROLLOUT
         if self.prefetcher is not None and saved.is_file():
             rollout = Rollout.from_state(torch.load(saved, weights_only=True))
@@ -257,7 +276,7 @@ class PPOTrainer(CheckpointedDriver):
 
     def reset_to_start(self) -> None:
         self.roles.sync_weights()  # the engines go back to the initial policy with the learners
-        self.engine_version = 0
+        self.engine_version, self.in_hand = 0, None
         self.normalizer = self._score_normalizer()
 
     def save(self, path: str) -> str:
@@ -267,7 +286,7 @@ class PPOTrainer(CheckpointedDriver):
     def shutdown(self) -> None:
         if hasattr(self, "roles"):
             self.roles.closing = True
-        self._drop_prefetched()
+        self._drop_prefetched(wait=False)  # its calls fail as the actors go; nothing replaces them (closing)
         if getattr(self, "prefetcher", None) is not None:
             self.prefetcher.shutdown(wait=False)
         super().shutdown()

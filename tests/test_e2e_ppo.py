@@ -50,6 +50,11 @@ def assert_checkpoint_round_trip(trainer) -> None:
     trainer.metrics_log.rewind(step)
     assert trainer.step_count == step
     again = trainer.step()
+    assert_same_step(first, again)
+    return first
+
+
+def assert_same_step(first: dict, again: dict) -> None:
     for key in COMPARED:
         assert again[key] == pytest.approx(first[key], rel=1e-5, abs=1e-7), (key, first[key], again[key])
 
@@ -93,13 +98,18 @@ def test_policy_learns_a_verifiable_reward(function_trainer):
 def test_overlapped_rollout_and_learning_learn_the_same_reward(ray_session, tiny_cache, tmp_path):
     """ppo.async_steps=1, same seed and settings as the test above: batch k+1 is sampled by the weights before
     update k while update k runs, so every batch after the first is one update old."""
+    import ray
+
     from rlhf_ray.trainer import PPOTrainer
 
     trainer = PPOTrainer(tiny_config(tmp_path, tiny_cache, *FUNCTION_REWARD, "ppo.async_steps=1"))
     try:
         metrics = [trainer.step() for _ in range(LEARN_STEPS)]
         plans = trainer.roles.compute_plans
-        assert_checkpoint_round_trip(trainer)  # the prefetched rollout is in the checkpoint: exact resume
+        first = assert_checkpoint_round_trip(trainer)  # the prefetched rollout is in the checkpoint: exact resume
+        ray.kill(trainer.roles.learners[0], no_restart=True)  # a learner rank dies while the next rollout is under way
+        assert trainer.step() == {}  # the group went back to the checkpoint, the prefetched rollout dropped
+        assert_same_step(first, trainer.step())  # and the step after it is the same step again
     finally:
         trainer.shutdown()
     assert_learns([m["score/mean"] for m in metrics])
