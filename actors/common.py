@@ -144,14 +144,14 @@ def computes(phase: str):
     """A role method that computes in ``phase`` (rlhf_ray.compute.PHASES): it runs with the threads planned
     for that phase and returns ``(result, seconds of its own compute)``."""
     def decorate(method):
+        method_timed = timed(method)
+
         @functools.wraps(method)
         def wrapper(self, *args, **kwargs):
             threads = getattr(self, "_phase_threads", {}).get(phase)
             if threads and threads != torch.get_num_threads():
                 _set_num_threads(threads)
-            start = time.perf_counter()
-            result = method(self, *args, **kwargs)
-            return result, time.perf_counter() - start
+            return method_timed(self, *args, **kwargs)
         return wrapper
     return decorate
 

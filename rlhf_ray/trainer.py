@@ -121,8 +121,7 @@ class PPOTrainer(CheckpointedDriver):
         except ActorLost as lost:
             if lost.role != "learner":
                 raise
-            self._drop_prefetched()  # sampled by weights the learners are about to leave behind
-            self.recover_learner(lost)
+            self.recover_learner(lost)  # restore / reset_to_start drop a rollout under way
             return {}
 
     def _step(self) -> dict[str, float]:
@@ -256,7 +255,7 @@ class PPOTrainer(CheckpointedDriver):
     def restore(self, path) -> None:
         """Learners from the checkpoint, the engines from the learners, the step counter and the running score
         statistics from the driver state; with ppo.async_steps=1 the rollout prefetched before it was saved."""
-        self._drop_prefetched()  # before the engines get the restored weights
+        self._drop_prefetched()  # sampled by other weights; and the engines must be idle before they get new ones
         self.in_hand = None
         state = self.restore_learners(path)
         self.roles.sync_weights()
@@ -275,6 +274,7 @@ class PPOTrainer(CheckpointedDriver):
         log.info("resumed from %s: %d of %d steps done", path, self.step_count, self.cfg.num_steps)
 
     def reset_to_start(self) -> None:
+        self._drop_prefetched()  # sampled by weights the learners have left behind
         self.roles.sync_weights()  # the engines go back to the initial policy with the learners
         self.engine_version, self.in_hand = 0, None
         self.normalizer = self._score_normalizer()

@@ -55,6 +55,7 @@ def test_overrides_are_typed_and_nested():
     (["deepspeed.offload_params=true"], "deepspeed.offload_params", "zero_stage=3"),
     (["ppo.total_episodes=4"], "ppo.total_episodes", "no step would run"),
     (["nonsense"], "nonsense", "key=value"),
+    (["resources.rollout_cores=1"], "resources.rollout_cores", "only applies when rollout and learning overlap"),
 ])
 def test_bad_values_fail_with_a_message_naming_the_key(override, key, words):
     with pytest.raises(ConfigError) as err:
