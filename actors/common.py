@@ -25,7 +25,7 @@ class Role:
             redirect_output(log_file)
 
     def where(self) -> dict:
-        """This actor's node and the CPUs it may run on (rlhf_ray.compute plans threads from them): its affinity,
+        """This actor's node and the CPUs it may run on (rlhf_ray.cluster.compute plans threads from them): its affinity,
         cut to the container's CPU quota where a cgroup sets one (the affinity shows all of the host's CPUs)."""
         import ray
 
@@ -141,7 +141,7 @@ def timed(method):
 
 
 def computes(phase: str):
-    """A role method that computes in ``phase`` (rlhf_ray.compute.PHASES): it runs with the threads planned
+    """A role method that computes in ``phase`` (rlhf_ray.cluster.compute.PHASES): it runs with the threads planned
     for that phase and returns ``(result, seconds of its own compute)``."""
     def decorate(method):
         method_timed = timed(method)

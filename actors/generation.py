@@ -78,11 +78,11 @@ class GenerationActor(Role):
         """Load published weights (a list of ObjectRefs of [(name, tensor)] buckets) into the engine.
 
         Every weight the engine expects must arrive, and layers sharing a tensor (tied embeddings) are
-        re-processed: ``rlhf_ray.weights.load_into_engine``. Returns its report from the first worker.
+        re-processed: ``rlhf_ray.weights.engine.load_into_engine``. Returns its report from the first worker.
         """
         import ray
 
-        from rlhf_ray.weights import load_into_engine
+        from rlhf_ray.weights.engine import load_into_engine
 
         if self.weight_loading == "iterator":
             weights = ((name, tensor) for ref in buckets for name, tensor in ray.get(ref, timeout=timeout_s))

@@ -16,7 +16,7 @@ import torch
 
 from actors.common import Role, computes, device_for, release_free_memory, set_threads, timed
 from rlhf_ray.batch import RolloutBatch
-from rlhf_ray.modeling import DTYPES, token_logprobs
+from rlhf_ray.models.modeling import DTYPES, token_logprobs
 from rlhf_ray.objectives import LearnerSpec, make_objective
 
 

@@ -5,7 +5,7 @@ import torch
 
 from actors.common import Role, computes, device_for
 from rlhf_ray.batch import RolloutBatch
-from rlhf_ray.modeling import batched_response_logprobs, load_causal_lm
+from rlhf_ray.models.modeling import batched_response_logprobs, load_causal_lm
 
 
 class ReferenceActor(Role):

@@ -1,4 +1,4 @@
-"""Reward role: hosts one reward backend (rlhf_ray.reward_backends, picked by models.reward.kind) in a Ray actor."""
+"""Reward role: hosts one reward backend (rlhf_ray.rewards.backends, picked by models.reward.kind) in a Ray actor."""
 from __future__ import annotations
 
 import torch
@@ -6,7 +6,8 @@ import torch
 from actors.common import Role, computes
 from rlhf_ray.batch import RolloutBatch
 from rlhf_ray.config import RewardConfig
-from rlhf_ray.reward_backends import RewardSample, build_backend
+from rlhf_ray.rewards.backends import build_backend
+from rlhf_ray.rewards.base import RewardSample
 
 
 class RewardActor(Role):

@@ -118,8 +118,8 @@ def main() -> None:
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **KEEP_FREED_MEMORY_ENV})
     from transformers import AutoConfig
 
-    from rlhf_ray.machine import describe, machine_info
-    from rlhf_ray.model_specs import resolve_model
+    from rlhf_ray.cluster.machine import describe, machine_info
+    from rlhf_ray.models.specs import resolve_model
 
     reward = args.reward or (args.model + "-reward" if args.model.startswith("scaled:") else "tiny:reward")
     model_path, reward_path = resolve_model(args.model), resolve_model(reward)

@@ -40,7 +40,7 @@ def main() -> None:
                  "logging.progress_bar=false", "logging.tensorboard=false"]
     batch = load_config(args.config, overrides).ppo.rollout_batch_size
     cfg = load_config(args.config, [*overrides, f"ppo.total_episodes={(args.steps + 1) * batch}"])
-    from rlhf_ray.trainer import PPOTrainer
+    from rlhf_ray.drivers.ppo import PPOTrainer
 
     started = time.perf_counter()
     trainer = PPOTrainer(cfg)

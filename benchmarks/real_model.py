@@ -62,7 +62,7 @@ def main() -> None:
                                     f"output_dir={run_dir}", "logging.progress_bar=false"])
     from rlhf_ray.console import setup_console
     from rlhf_ray.report import draw, summary
-    from rlhf_ray.trainer import PPOTrainer
+    from rlhf_ray.drivers.ppo import PPOTrainer
 
     setup_console(cfg.logging.console, run_dir)
     started = time.perf_counter()

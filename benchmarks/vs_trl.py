@@ -3,7 +3,7 @@
     pip install --no-deps trl==1.12.0     # benchmark-only dependency (TRL 1.12: the last TRL with a PPO trainer)
     python benchmarks/vs_trl.py [--models tiny,20m,smollm2] [--steps 5] [--reps 2] [--ours KEY=VALUE ...]
 
-Models (built offline once, through rlhf_ray.model_specs.resolve_model):
+Models (built offline once, through rlhf_ray.models.specs.resolve_model):
   tiny     policy tiny:policy, reward tiny:reward; the tiny prompts in the Tulu format
   20m      policy scaled:llama-20m, reward scaled:llama-20m-reward; the chat prompts in SmolLM2's chat template
   smollm2  policy real:smollm2-135m, reward SmolLM2-135M with a seeded random score head (built once into
@@ -105,7 +105,7 @@ TRL_SETUP = [
 # ------------------------------------------------------------------------------------------- models
 
 def bench_reward_dir(seed: int, cache_dir=None) -> Path:
-    from rlhf_ray.tiny import default_cache_dir
+    from rlhf_ray.models.tiny import default_cache_dir
 
     return Path(cache_dir or default_cache_dir()) / f"bench-smollm2-135m-reward-seed{seed}"
 
@@ -118,8 +118,8 @@ def build_smollm2_reward(seed: int, cache_dir=None) -> str:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from rlhf_ray.model_specs import resolve_model
-    from rlhf_ray.real import save_model_dir
+    from rlhf_ray.models.specs import resolve_model
+    from rlhf_ray.models.real import save_model_dir
 
     source = resolve_model("real:smollm2-135m", cache_dir, seed)
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -135,7 +135,7 @@ def build_smollm2_reward(seed: int, cache_dir=None) -> str:
 
 def prepare_model(key: str, seed: int) -> dict:
     """The model entry with the reward spec resolved to something a config takes; builds what is missing."""
-    from rlhf_ray.model_specs import resolve_model
+    from rlhf_ray.models.specs import resolve_model
 
     entry = dict(MODELS[key])
     if entry["reward"] == "bench:smollm2-135m-reward":
@@ -175,7 +175,7 @@ def workload_overrides(entry: dict, args, total_steps: int, output_dir: str) -> 
 def run_ours(spec: dict) -> dict:
     """rlhf-ray: PPOTrainer driven in this process, as benchmarks/ppo_step.py does."""
     from rlhf_ray.config import load_config
-    from rlhf_ray.trainer import PPOTrainer
+    from rlhf_ray.drivers.ppo import PPOTrainer
 
     cfg = load_config(BASE_CONFIG, spec["overrides"] + spec["ours"])
     started = time.perf_counter()
@@ -212,7 +212,7 @@ def run_trl(spec: dict, no_gc: bool) -> dict:
 
     from rlhf_ray.config import load_config
     from rlhf_ray.data import PromptSampler, load_prompts
-    from rlhf_ray.model_specs import resolve_model
+    from rlhf_ray.models.specs import resolve_model
 
     cfg = load_config(BASE_CONFIG, spec["overrides"])
     ppo, gen, opt = cfg.ppo, cfg.generation, cfg.optimizer
@@ -391,7 +391,7 @@ def summarize(runs: list[dict], rollout: int, warmup: int) -> dict:
 
 
 def markdown(result: dict) -> str:
-    from rlhf_ray.machine import describe
+    from rlhf_ray.cluster.machine import describe
 
     rows = ["| model | framework | median step s | samples/s | generated tokens/s | rlhf-ray samples/s ÷ this |"
             " steps (failed runs) |", "|---|---|---:|---:|---:|---:|---|"]
@@ -540,7 +540,7 @@ def main() -> None:
             if variant != "rlhf-ray" and ours and s.get("samples_per_s"):
                 s["rlhf_ray_speedup"] = ours / s["samples_per_s"]
     threads = sorted({r["torch_threads"] for r in runs if r.get("torch_threads")})
-    from rlhf_ray.machine import machine_info
+    from rlhf_ray.cluster.machine import machine_info
 
     result = {
         "benchmark": "vs_trl", "machine": machine_info(),

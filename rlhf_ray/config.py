@@ -30,9 +30,9 @@ class _Strict(BaseModel):
 
 class RewardConfig(_Strict):
     kind: Literal["model", "function", "http", "serve"] = Field(
-        "model", description="Reward backend (rlhf_ray.reward_backends): 'model': a frozen HF sequence-classification RM "
+        "model", description="Reward backend (rlhf_ray.rewards.backends): 'model': a frozen HF sequence-classification RM "
                              "in the reward actors; 'function': a Python callable; 'http': a remote endpoint speaking "
-                             "the rlhf-ray/reward/v1 JSON schema (rlhf_ray.reward_http); 'serve': an RM deployed as a "
+                             "the rlhf-ray/reward/v1 JSON schema (rlhf_ray.rewards.http); 'serve': an RM deployed as a "
                              "shared Ray Serve application (python -m rlhf_ray.rm serve).")
     model: Optional[str] = Field(
         None, description="RM hub name, local path or 'tiny:reward'. Required when kind='model'.")
@@ -182,7 +182,7 @@ class ActorResources(_Strict):
     num_gpus: float = Field(0.0, ge=0.0, description="GPUs reserved per actor (tensor_parallel_size for TP engines).")
     threads: Optional[int] = Field(
         None, gt=0, description="Torch threads of each actor in every phase; null: its node's cores shared by the roles "
-                                "computing at the same time (rlhf_ray.compute; the plan is logged at startup).")
+                                "computing at the same time (rlhf_ray.cluster.compute; the plan is logged at startup).")
 
 
 class RoleResources(ActorResources):

@@ -23,7 +23,7 @@ from torch import nn
 
 from rlhf_ray.batch import PairBatch, RolloutBatch
 from rlhf_ray.config import DeepSpeedConfig, OptimizerConfig, PPOConfig
-from rlhf_ray.modeling import PolicyAndValue, load_causal_lm, load_reward_model, load_value_model, token_logprobs
+from rlhf_ray.models.modeling import PolicyAndValue, load_causal_lm, load_reward_model, load_value_model, token_logprobs
 from rlhf_ray.ppo_math import entropy_from_logits, policy_loss, token_aggregate, value_loss
 from rlhf_ray.preference_math import bradley_terry_loss
 

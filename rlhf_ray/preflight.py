@@ -100,7 +100,7 @@ def check_hub_model(repo_id: str, key: str) -> None:
 
 def check_reward_function(reward: RewardConfig) -> None:
     """The reward function imports, is callable and accepts (prompt, response, **function_kwargs)."""
-    from rlhf_ray.reward_backends import load_function
+    from rlhf_ray.rewards.base import load_function
 
     fn = load_function(reward.function)  # ValueError with the key and the import error
     try:
@@ -130,7 +130,7 @@ def check_reward_template(reward: RewardConfig, rm_path: str, messages: list[dic
 
 def check_reward_stats(reward: RewardConfig, rm_path: str) -> None:
     """``normalize='stored'`` needs the statistics saved with the RM (reward_stats.json in its directory)."""
-    from rlhf_ray.reward_backends import require_reward_stats
+    from rlhf_ray.rewards.base import require_reward_stats
 
     if reward.normalize == "stored":
         try:

@@ -6,7 +6,7 @@ overall and per ``source``, on any preference files, for several RMs side by sid
 
 An RM is ``NAME=SPEC``; SPEC is a model (local path, hub name, tiny:…/real:…: the ``model`` backend),
 ``http://…`` / ``https://…`` (the ``http`` backend), ``serve:APP`` (a Ray Serve RM app; pass --address) or
-``function:module:fn``. Every RM scores through the same backend code PPO uses (rlhf_ray.reward_backends).
+``function:module:fn``. Every RM scores through the same backend code PPO uses (rlhf_ray.rewards.backends).
 Writes <out>/rm_eval.json and <out>/rm_eval.md and prints the Markdown table.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 
 from rlhf_ray.config import RewardConfig
 from rlhf_ray.data import dataset_names, load_preferences, render_tulu
-from rlhf_ray.rm_trainer import accuracy_table
+from rlhf_ray.drivers.reward_model import accuracy_table
 
 
 def reward_config(spec: str, template: str, max_length: int, batch_size: int) -> RewardConfig:
@@ -38,7 +38,7 @@ def reward_config(spec: str, template: str, max_length: int, batch_size: int) ->
 
 def score_pairs(backend, pairs) -> torch.Tensor:
     """[N, 2] scores (chosen, rejected)."""
-    from rlhf_ray.reward_backends import RewardSample
+    from rlhf_ray.rewards.base import RewardSample
 
     samples = []
     for pair in pairs:
@@ -49,10 +49,10 @@ def score_pairs(backend, pairs) -> torch.Tensor:
 
 def evaluate(rms: dict[str, str], data: list[str], template: str = "tulu", max_length: int = 1024,
              batch_size: int = 8, cache_dir: str | None = None, split: str = "train") -> dict:
-    """{rm name: {data name: accuracy table (rlhf_ray.rm_trainer.accuracy_table) + seconds}}."""
-    from rlhf_ray.model_specs import resolve_model
+    """{rm name: {data name: accuracy table (rlhf_ray.drivers.reward_model.accuracy_table) + seconds}}."""
+    from rlhf_ray.models.specs import resolve_model
     from rlhf_ray.preflight import check_model_path
-    from rlhf_ray.reward_backends import build_backend
+    from rlhf_ray.rewards.backends import build_backend
 
     sets = {name: load_preferences(source, split).pairs for name, source in zip(dataset_names(data), data)}
     empty = [name for name, pairs in sets.items() if not pairs]

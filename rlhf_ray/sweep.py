@@ -178,7 +178,7 @@ def best_per_workload(points: list[dict]) -> dict[str, dict]:
 
 
 def markdown(result: dict) -> str:
-    from rlhf_ray.machine import describe
+    from rlhf_ray.cluster.machine import describe
 
     points, bests = result["points"], best_per_workload(result["points"])
     lines = [f"# Rollout:learn sweep — {_shown(result['config'])}", "",
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).resolve()  # the points run from the project's root
     out.mkdir(parents=True, exist_ok=True)
 
-    from rlhf_ray.machine import describe, machine_info
+    from rlhf_ray.cluster.machine import describe, machine_info
 
     points = points_of(grid)
     machine = machine_info()

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     def make_trainer():
-        from rlhf_ray.trainer import PPOTrainer
+        from rlhf_ray.drivers.ppo import PPOTrainer
 
         return PPOTrainer(cfg)
 
@@ -46,7 +46,8 @@ def run(cfg, title: str, make_trainer) -> int:
 
     from rlhf_ray.console import setup_console
     from rlhf_ray.preflight import PreflightError, check_output_dir, claim_output_dir
-    from rlhf_ray.roles import RoleError, RunStopped
+    from rlhf_ray.cluster.roles import RoleError
+    from rlhf_ray.cluster.signals import RunStopped
 
     try:
         out = check_output_dir(cfg.output_dir)
@@ -97,7 +98,7 @@ def run(cfg, title: str, make_trainer) -> int:
 
 def _stop_in(err: BaseException):
     """The RunStopped/KeyboardInterrupt in ``err``'s chain of causes, if any."""
-    from rlhf_ray.roles import RunStopped
+    from rlhf_ray.cluster.signals import RunStopped
 
     seen = set()
     while err is not None and id(err) not in seen:
@@ -124,12 +125,12 @@ CLEAN_UP_S = 30.0
 def _clean_up(trainer) -> None:
     """Shut the roles and the local Ray down. When Ray's own processes were signalled too (a scheduler
     stopping the whole process group), every Ray call waits for a GCS that is gone: then, or after
-    CLEAN_UP_S in any case, the run leaves without waiting (os._exit in __main__) and rlhf_ray.reaper
+    CLEAN_UP_S in any case, the run leaves without waiting (os._exit in __main__) and rlhf_ray.cluster.reaper
     stops what is left."""
     import threading
     import time
 
-    from rlhf_ray.roles import abandon_ray, local_ray_down, stop_ray
+    from rlhf_ray.cluster.connection import abandon_ray, local_ray_down, stop_ray
 
     stage = ["roles"]
 
@@ -152,14 +153,14 @@ def _clean_up(trainer) -> None:
             why = f"Ray did not shut down within {CLEAN_UP_S:.0f} s"
         else:
             continue
-        log.warning("%s; rlhf_ray.reaper stops the processes that are left", why)
+        log.warning("%s; rlhf_ray.cluster.reaper stops the processes that are left", why)
         abandon_ray()
         return
 
 
 def _save_on_stop(trainer) -> str:
     """Checkpoint the finished steps if possible; what happened, for the stop message."""
-    from rlhf_ray.roles import RoleError
+    from rlhf_ray.cluster.roles import RoleError
 
     if trainer is None:  # stopped while starting up
         return "nothing to save yet"
@@ -174,7 +175,7 @@ def _save_on_stop(trainer) -> str:
 
 if __name__ == "__main__":
     code = main()
-    from rlhf_ray.roles import ray_abandoned
+    from rlhf_ray.cluster.connection import ray_abandoned
 
     if ray_abandoned():  # Ray's exit hooks would wait 60 s for a GCS that is gone, then abort
         logging.shutdown()

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     def make_trainer():
-        from rlhf_ray.rm_trainer import RewardModelTrainer
+        from rlhf_ray.drivers.reward_model import RewardModelTrainer
 
         return RewardModelTrainer(cfg)
 
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     code = main()
-    from rlhf_ray.roles import ray_abandoned
+    from rlhf_ray.cluster.connection import ray_abandoned
 
     if ray_abandoned():  # see rlhf_ray.train
         sys.stdout.flush()

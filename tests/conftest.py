@@ -15,7 +15,7 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory) -> Path:
-    from rlhf_ray.tiny import build_tiny_models
+    from rlhf_ray.models.tiny import build_tiny_models
 
     cache = tmp_path_factory.mktemp("tiny_cache")
     build_tiny_models(cache, seed=0)
@@ -26,7 +26,7 @@ def tiny_cache(tmp_path_factory) -> Path:
 def tiny_tokenizer(tiny_cache):
     from transformers import AutoTokenizer
 
-    from rlhf_ray.model_specs import resolve_model
+    from rlhf_ray.models.specs import resolve_model
 
     return AutoTokenizer.from_pretrained(resolve_model("tiny:policy", tiny_cache))
 

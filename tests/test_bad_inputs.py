@@ -54,7 +54,7 @@ def write(path: Path, text: str) -> str:
 
 
 def no_template_tokenizer(tmp_path: Path, tiny_cache: Path) -> str:
-    from rlhf_ray.model_specs import resolve_model
+    from rlhf_ray.models.specs import resolve_model
 
     copy = tmp_path / "policy-without-template"
     shutil.copytree(resolve_model("tiny:policy", tiny_cache), copy)
@@ -171,7 +171,7 @@ def test_a_reward_function_that_raises_or_returns_no_number(function, message):
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_nan_or_inf_from_a_reward_model_is_an_error_naming_it(tiny_cache, value):
-    from rlhf_ray.model_specs import resolve_model
+    from rlhf_ray.models.specs import resolve_model
 
     path = resolve_model("tiny:reward", tiny_cache)
     actor = RewardActor({"kind": "model", "model": "tiny:reward"}, path)

@@ -6,7 +6,7 @@ import torch
 
 from rlhf_ray.batch import RolloutBatch
 from rlhf_ray.config import PPOConfig
-from rlhf_ray.trainer import with_advantages
+from rlhf_ray.drivers.ppo import with_advantages
 
 PAD = 0
 
@@ -58,8 +58,8 @@ def test_with_advantages_places_score_at_last_token_and_penalises_kl():
 
 
 def test_values_do_not_depend_on_padding_and_read_the_state_before_each_token(tiny_cache):
-    from rlhf_ray.modeling import load_value_model
-    from rlhf_ray.model_specs import resolve_model
+    from rlhf_ray.models.modeling import load_value_model
+    from rlhf_ray.models.specs import resolve_model
 
     critic = load_value_model("reward", resolve_model("tiny:policy", tiny_cache),
                               resolve_model("tiny:reward", tiny_cache), "float32").eval()
@@ -77,8 +77,8 @@ def test_values_do_not_depend_on_padding_and_read_the_state_before_each_token(ti
 
 def test_response_logprobs_do_not_depend_on_padding(tiny_cache):
     """A row scored inside a padded batch gets the same logprobs as scored alone (positions, masks)."""
-    from rlhf_ray.modeling import batched_response_logprobs, load_causal_lm
-    from rlhf_ray.model_specs import resolve_model
+    from rlhf_ray.models.modeling import batched_response_logprobs, load_causal_lm
+    from rlhf_ray.models.specs import resolve_model
 
     model = load_causal_lm(resolve_model("tiny:policy", tiny_cache)).eval()
     long, short = make_batch([[7, 8, 9, 10, 11]], [[12, 13, 14, 15]]), make_batch([[20]], [[21, 22]])

@@ -1,7 +1,7 @@
-"""The compute plan: threads per phase, CPU sets when rollout and learning overlap (rlhf_ray.compute)."""
+"""The compute plan: threads per phase, CPU sets when rollout and learning overlap (rlhf_ray.cluster.compute)."""
 from __future__ import annotations
 
-from rlhf_ray.compute import ActorSite, plan_compute
+from rlhf_ray.cluster.compute import ActorSite, plan_compute
 
 CPUS = (0, 1, 2, 3)
 

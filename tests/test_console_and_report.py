@@ -87,7 +87,7 @@ def test_quiet_console_of_the_main_job(tiny_cache, tmp_path):
 def test_an_error_in_an_actor_reaches_the_console_with_its_traceback(ray_session):
     import ray
 
-    from rlhf_ray.roles import RoleError, wait
+    from rlhf_ray.cluster.roles import RoleError, wait
 
     @ray.remote(num_cpus=0)
     class Broken:

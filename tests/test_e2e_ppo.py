@@ -24,7 +24,7 @@ FUNCTION_REWARD = ["models.policy=tiny:policy-tied", "models.reward.kind=functio
 
 @pytest.fixture(scope="module")
 def function_trainer(ray_session, tiny_cache, tmp_path_factory):
-    from rlhf_ray.trainer import PPOTrainer
+    from rlhf_ray.drivers.ppo import PPOTrainer
 
     trainer = PPOTrainer(tiny_config(tmp_path_factory.mktemp("fn_run"), tiny_cache, *FUNCTION_REWARD))
     yield trainer
@@ -100,7 +100,7 @@ def test_overlapped_rollout_and_learning_learn_the_same_reward(ray_session, tiny
     update k while update k runs, so every batch after the first is one update old."""
     import ray
 
-    from rlhf_ray.trainer import PPOTrainer
+    from rlhf_ray.drivers.ppo import PPOTrainer
 
     trainer = PPOTrainer(tiny_config(tmp_path, tiny_cache, *FUNCTION_REWARD, "ppo.async_steps=1"))
     try:
@@ -126,7 +126,7 @@ def test_two_learner_ranks_zero3_and_two_generation_actors(ray_session, tiny_cac
     take new weights through files (the path used when the engine runs in other processes)."""
     from transformers import AutoModelForCausalLM
 
-    from rlhf_ray.trainer import PPOTrainer
+    from rlhf_ray.drivers.ppo import PPOTrainer
 
     cfg = tiny_config(tmp_path, tiny_cache, "resources.learner.num_actors=2", "resources.generation.num_actors=2",
                       "deepspeed.zero_stage=3", "generation.weight_loading=files", "ppo.total_episodes=48",
@@ -156,7 +156,7 @@ def test_two_learner_ranks_zero3_and_two_generation_actors(ray_session, tiny_cac
 @pytest.mark.parametrize("stage", [1, 2])
 def test_checkpoints_restore_the_learner_exactly_under_zero(ray_session, tiny_cache, tmp_path, stage):
     """ZeRO-0 is the resume test's (tests/test_durability.py), ZeRO-3 the two-rank test's above."""
-    from rlhf_ray.trainer import PPOTrainer
+    from rlhf_ray.drivers.ppo import PPOTrainer
 
     trainer = PPOTrainer(tiny_config(tmp_path, tiny_cache, f"deepspeed.zero_stage={stage}", "ppo.total_episodes=48"))
     try:
@@ -169,7 +169,7 @@ def test_checkpoints_restore_the_learner_exactly_under_zero(ray_session, tiny_ca
 def test_a_weight_the_engine_did_not_get_is_an_error_naming_it(function_trainer):
     import ray
 
-    from rlhf_ray.roles import RoleError, wait
+    from rlhf_ray.cluster.roles import RoleError, wait
 
     roles = function_trainer.roles
     buckets = wait([a.publish_weights.remote() for a in roles.learners], "learner", "publishing", 60, "t")[0][0]

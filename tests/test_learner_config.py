@@ -6,8 +6,8 @@ from types import SimpleNamespace
 import torch
 
 from actors.learner import communication_buckets, deepspeed_config
-from rlhf_ray.roles import ModelPaths
-from rlhf_ray.trainer import ppo_learner
+from rlhf_ray.cluster.roles import ModelPaths
+from rlhf_ray.drivers.ppo import ppo_learner
 from tests.conftest import tiny_config
 
 

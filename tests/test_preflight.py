@@ -45,7 +45,7 @@ def test_output_dir_must_be_writable(tmp_path):
 
 
 def test_model_paths(tmp_path, tiny_cache):
-    from rlhf_ray.model_specs import resolve_model
+    from rlhf_ray.models.specs import resolve_model
 
     check_model_path("tiny:policy", resolve_model("tiny:policy", tiny_cache), "models.policy")
     with pytest.raises(PreflightError, match="models.policy='/nope/model': no such model directory"):
@@ -72,7 +72,7 @@ def test_good_reward_function_passes():
 def test_reward_template_the_rm_tokenizer_cannot_render(tmp_path, tiny_cache):
     from transformers import AutoTokenizer
 
-    from rlhf_ray.model_specs import resolve_model
+    from rlhf_ray.models.specs import resolve_model
 
     rm = tmp_path / "rm"
     shutil.copytree(resolve_model("tiny:reward", tiny_cache), rm)

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(
 def smollm2():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhf_ray.model_specs import resolve_model
+    from rlhf_ray.models.specs import resolve_model
 
     path = resolve_model("real:smollm2-135m")
     return path, AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path).eval()

@@ -6,8 +6,8 @@ import torch
 
 from actors.reward import RewardActor
 from rlhf_ray.batch import RolloutBatch
-from rlhf_ray.reward_backends import (BACKENDS, FunctionBackend, ModelBackend, load_function,
-                                      write_reward_stats)
+from rlhf_ray.rewards.backends import BACKENDS, FunctionBackend, ModelBackend
+from rlhf_ray.rewards.base import load_function, write_reward_stats
 from rlhf_ray.rewards import char_frequency
 
 
@@ -38,7 +38,7 @@ def test_function_reward_with_kwargs_and_clear_errors():
 def test_model_reward_uses_its_own_tokenizer_and_template(tiny_cache):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from rlhf_ray.model_specs import resolve_model
+    from rlhf_ray.models.specs import resolve_model
 
     path = resolve_model("tiny:reward", tiny_cache)
     actor = RewardActor({"kind": "model", "model": path, "batch_size": 2}, path)
@@ -56,8 +56,8 @@ def test_model_reward_uses_its_own_tokenizer_and_template(tiny_cache):
 def test_model_backend_passes_the_whole_conversation(tiny_cache, monkeypatch):
     """The RM reads prompt turns + the response as one conversation, through modeling.encode_conversations
     (the encoding RM training and evaluation use), in batches of batch_size."""
-    from rlhf_ray import modeling
-    from rlhf_ray.model_specs import resolve_model
+    from rlhf_ray.models import modeling
+    from rlhf_ray.models.specs import resolve_model
 
     seen = []
     encode = modeling.encode_conversations
@@ -74,7 +74,7 @@ def test_model_backend_passes_the_whole_conversation(tiny_cache, monkeypatch):
 def test_stored_statistics_come_from_the_rm_directory(tiny_cache, tmp_path):
     import shutil
 
-    from rlhf_ray.model_specs import resolve_model
+    from rlhf_ray.models.specs import resolve_model
 
     rm = tmp_path / "rm"
     shutil.copytree(resolve_model("tiny:reward", tiny_cache), rm)

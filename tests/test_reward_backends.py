@@ -15,8 +15,10 @@ import torch
 
 from rlhf_ray.config import RewardConfig
 from rlhf_ray.preflight import PreflightError, check_experiment
-from rlhf_ray.reward_backends import HttpBackend, RewardSample, ScoreNormalizer, build_backend, read_reward_stats
-from rlhf_ray.reward_http import SCHEMA, RewardClient, serve_function
+from rlhf_ray.rewards.backends import HttpBackend, build_backend
+from rlhf_ray.rewards.base import RewardSample, read_reward_stats
+from rlhf_ray.rewards.normalize import ScoreNormalizer
+from rlhf_ray.rewards.http import SCHEMA, RewardClient, serve_function
 from tests.conftest import ROOT, tiny_config
 
 
@@ -173,7 +175,7 @@ def test_reference_server_speaks_v1_only_and_answers_health():
 
 
 def test_reference_server_command_line():
-    server = subprocess.Popen([sys.executable, "-m", "rlhf_ray.reward_http", "--function",
+    server = subprocess.Popen([sys.executable, "-m", "rlhf_ray.rewards.http", "--function",
                                "rlhf_ray.rewards:char_frequency", "--kwargs", '{"char": "x"}', "--port", "0"],
                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -283,7 +285,7 @@ def test_serve_needs_a_cluster_address_before_anything_starts(tmp_path, monkeypa
 
 
 def test_http_token_variable_and_stored_statistics_are_checked_up_front(tmp_path, tiny_cache, monkeypatch):
-    from rlhf_ray.model_specs import resolve_model
+    from rlhf_ray.models.specs import resolve_model
 
     cfg = tiny_config(tmp_path, None, "models.reward.kind=http", "models.reward.url=http://127.0.0.1:1/",
                       "models.reward.token_env=NO_SUCH_RM_TOKEN", "models.value_init=policy")
@@ -334,7 +336,7 @@ class FakeApp:
 
 
 def test_serve_backend_calls_the_app_and_reads_its_statistics(monkeypatch):
-    from rlhf_ray import rm
+    from rlhf_ray.rewards import serve as rm
 
     stats = {"mean": 1.0, "std": 2.0, "count": 5, "source": "rm training"}
     app = FakeApp({"model_path": "/models/rm", "stored_statistics": None},

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from rlhf_ray.reward_http import serve_function
+from rlhf_ray.rewards.http import serve_function
 from rlhf_ray.rewards import char_frequency
 from tests.conftest import ROOT, free_port, metric_rows, ray_head, short_tmp, start_run, tiny_config
 
@@ -69,7 +69,7 @@ def rm(env: dict, *args: str) -> str:
 
 
 def as_samples(rows: list[dict], messages_of: dict[str, list[dict]]):
-    from rlhf_ray.reward_backends import RewardSample
+    from rlhf_ray.rewards.base import RewardSample
 
     return [RewardSample.of(messages_of[r["prompt"]], r["prompt"], r["response"]) for r in rows]
 
@@ -77,7 +77,7 @@ def as_samples(rows: list[dict], messages_of: dict[str, list[dict]]):
 def direct_scores(rm_path: str, samples) -> list[float]:
     """What the RM at ``rm_path`` gives ``samples``, scored here by the model backend."""
     from rlhf_ray.config import RewardConfig
-    from rlhf_ray.reward_backends import ModelBackend
+    from rlhf_ray.rewards.backends import ModelBackend
 
     backend = ModelBackend(RewardConfig(kind="model", model=rm_path, max_length=256, batch_size=16), model_path=rm_path)
     return backend.score(samples).tolist()
@@ -88,7 +88,7 @@ def serve_experiments(tmp_path: Path, tiny_cache: Path, address: str, env: dict,
     """Two consecutive experiments against the app, its identity before and after each, ``probe`` samples scored
     through its HTTP route, the app list with it and after ``rm remove``."""
     from rlhf_ray.config import RewardConfig
-    from rlhf_ray.reward_backends import build_backend
+    from rlhf_ray.rewards.backends import build_backend
 
     monkeypatch.setenv("RAY_AUTH_MODE", "token")  # the runs join a head that uses token auth
     seen = SimpleNamespace(rows=[], identities=[json.loads(rm(env, "info", APP, "--address", address))])
@@ -106,8 +106,8 @@ def serve_experiments(tmp_path: Path, tiny_cache: Path, address: str, env: dict,
 
 def test_model_then_a_shared_serve_rm_across_two_experiments(tiny_cache, tiny_tokenizer, tmp_path, monkeypatch):
     from rlhf_ray.data import load_prompts
-    from rlhf_ray.model_specs import resolve_model
-    from rlhf_ray.reward_backends import RewardSample
+    from rlhf_ray.models.specs import resolve_model
+    from rlhf_ray.rewards.base import RewardSample
 
     config_rm = resolve_model("tiny:reward", tiny_cache)           # the config's RM (models.reward.model)
     served_rm = resolve_model("tiny:reward", tiny_cache, seed=1)   # the Serve app's: another RM

@@ -59,7 +59,7 @@ def test_a_signal_mid_run_stops_everything_with_one_line(tiny_cache, tmp_path, s
 
 
 def test_a_driver_killed_with_sigkill_leaves_no_process_behind(tiny_cache, tmp_path):
-    """SIGKILL cannot be handled: rlhf_ray.reaper, started beside the driver, stops what the driver started
+    """SIGKILL cannot be handled: rlhf_ray.cluster.reaper, started beside the driver, stops what the driver started
     (Ray leaves its DashboardAgent and RuntimeEnvAgent running otherwise)."""
     import psutil
 

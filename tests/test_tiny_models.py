@@ -5,8 +5,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhf_ray.model_specs import resolve_model
-from rlhf_ray.tiny import build_tiny_models
+from rlhf_ray.models.specs import resolve_model
+from rlhf_ray.models.tiny import build_tiny_models
 from tests.conftest import vllm_greedy
 
 

@@ -3,7 +3,7 @@
     python tests/weight_sync_architectures.py llama,llama-tied,... [--stock]
 
 For each architecture: build a tiny random HF model, load it into a vLLM engine, perturb every weight
-on the HF side, push the new weights into the engine (``rlhf_ray.weights.load_into_engine``, or vLLM's
+on the HF side, push the new weights into the engine (``rlhf_ray.weights.engine.load_into_engine``, or vLLM's
 stock ``reload_weights`` with --stock) and print one ``RESULT{json}`` line per architecture with the
 largest |vLLM − HF| prompt logprob before and after the update.
 """
@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import transformers as T  # noqa: E402
 
-from rlhf_ray.tiny import build_tokenizer  # noqa: E402
-from rlhf_ray.weights import load_into_engine  # noqa: E402
+from rlhf_ray.models.tiny import build_tokenizer  # noqa: E402
+from rlhf_ray.weights.engine import load_into_engine  # noqa: E402
 
 TEXT = "<|user|>\nWrite a poem about the sea.\n<|assistant|>\nThe sea is wide and deep and blue.</s>"
 # name -> (model class, config class, config overrides): tied heads, fused HF projections (Phi-3's qkv_proj and

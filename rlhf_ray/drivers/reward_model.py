@@ -22,14 +22,16 @@ from rlhf_ray import checkpoint, preflight
 from rlhf_ray.batch import PairBatch
 from rlhf_ray.config import RewardTrainingConfig
 from rlhf_ray.data import PreferencePair, PromptSampler, dataset_names, hold_out, load_preferences
-from rlhf_ray.driver import CheckpointedDriver
+from rlhf_ray.drivers.base import CheckpointedDriver
 from rlhf_ray.metrics import MetricsLogger
-from rlhf_ray.model_specs import resolve_model
-from rlhf_ray.modeling import encode_conversations, load_reward_tokenizer
+from rlhf_ray.models.specs import resolve_model
+from rlhf_ray.models.modeling import encode_conversations, load_reward_tokenizer
 from rlhf_ray.objectives import LearnerSpec
 from rlhf_ray.preference_math import pairwise_accuracy
-from rlhf_ray.reward_backends import write_reward_stats
-from rlhf_ray.roles import STOP_SIGNALS, ActorLost, Roles, connect
+from rlhf_ray.rewards.base import write_reward_stats
+from rlhf_ray.cluster.connection import connect
+from rlhf_ray.cluster.roles import ActorLost, Roles
+from rlhf_ray.cluster.signals import STOP_SIGNALS
 
 log = logging.getLogger(__name__)
 EVAL_CHUNKS = 4  # micro-batches per rank in one evaluation call
@@ -37,7 +39,7 @@ EVAL_CHUNKS = 4  # micro-batches per rank in one evaluation call
 
 @dataclass
 class EncodedPairs:
-    """Token ids of both sides of each pair, as the RM reads them (rlhf_ray.modeling.encode_conversations)."""
+    """Token ids of both sides of each pair, as the RM reads them (rlhf_ray.models.modeling.encode_conversations)."""
     chosen: list[list[int]]
     rejected: list[list[int]]
     margins: list[float]

@@ -7,11 +7,7 @@ it was doing — a dead or stuck actor never hangs the run silently.
 from __future__ import annotations
 
 import logging
-import os
-import signal
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +22,10 @@ from actors.generation import GenerationActor
 from actors.learner import LearnerActor
 from actors.reference import ReferenceActor
 from actors.reward import RewardActor
-from rlhf_ray import reaper
 from rlhf_ray.batch import RolloutBatch
-from rlhf_ray.compute import ActorPlan, ActorSite, describe, plan_compute
+from rlhf_ray.cluster.compute import ActorPlan, ActorSite, describe, plan_compute
+from rlhf_ray.cluster.connection import local_ray_down, own_local_ray
+from rlhf_ray.cluster.signals import STOP_SIGNALS
 from rlhf_ray.config import ExperimentConfig, RoleResources
 from rlhf_ray.objectives import LearnerSpec
 
@@ -49,78 +46,6 @@ class ActorLost(RoleError):
         self.role, self.stuck = role, stuck
 
 
-class RunStopped(BaseException):
-    """SIGTERM (what a scheduler sends before pre-empting) or SIGINT reached the driver; like
-    KeyboardInterrupt it is not an Exception, so nothing on the way catches it by accident."""
-
-    def __init__(self, signal_name: str):
-        super().__init__(signal_name)
-        self.signal_name = signal_name
-
-
-class StopSignals:
-    """SIGTERM/SIGINT stop the run with RunStopped in the main thread.
-
-    Never from inside Ray: a handler that raises while Ray deserialises an object comes out as a
-    SystemError (seen with SmolLM2). During ``waiting()`` (every wait on the roles) the signal is only
-    noted, and the wait raises RunStopped itself within WAIT_SLICE_S. Inside ``deferred()`` the stop waits
-    until the block is done: the learner's update, the weight sync and the step's metrics go together, so a
-    stop never leaves a half-counted step behind. Elsewhere the handler raises at once."""
-
-    def __init__(self):
-        self.deferring, self.waiting, self.pending = False, 0, None
-        self._count = threading.Lock()  # the rollout thread of ppo.async_steps=1 waits on Ray too
-
-    def install(self) -> None:
-        """Ray's core worker replaces the driver's SIGTERM handler with a native one that dumps a stack and
-        kills the process, nothing cleaned up: take it back (after ray.init)."""
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        name = signal.Signals(signum).name
-        if not (self.deferring or self.waiting):
-            raise RunStopped(name)
-        if self.deferring and self.pending is None:
-            log.warning("%s during the update: stopping once this step is recorded", name)
-        self.pending = self.pending or name
-
-    def raise_pending(self) -> None:
-        """Raise the noted stop now, unless an update is under way (then ``deferred`` raises it at its end) or this
-        is not the main thread (the driver's loop must see it; another thread's waits just go on)."""
-        if self.pending and not self.deferring and threading.current_thread() is threading.main_thread():
-            name, self.pending = self.pending, None
-            raise RunStopped(name)
-
-    @contextmanager
-    def waiting_on_ray(self):
-        with self._count:
-            self.waiting += 1
-        try:
-            yield
-        finally:
-            with self._count:
-                self.waiting -= 1
-
-    @contextmanager
-    def deferred(self):
-        self.deferring = True
-        try:
-            yield
-        except BaseException as err:
-            # a stop that arrived meanwhile wins: a scheduler signalling the whole process group also
-            # kills the actors, and that is no reason to start recovering them
-            if self.pending and not isinstance(err, RunStopped):
-                raise RunStopped(self.pending) from err
-            raise
-        finally:
-            self.deferring, pending, self.pending = False, self.pending, None
-        if pending:
-            raise RunStopped(pending)
-
-
-STOP_SIGNALS = StopSignals()
 WAIT_SLICE_S = 1.0  # how soon a wait notices a stop signal
 
 
@@ -165,85 +90,6 @@ class ModelPaths:
     reference: str
     reward: str | None
     value: str | None
-
-
-def connect(cfg: ExperimentConfig) -> None:
-    """Join the cluster named by ``ray.address`` or RAY_ADDRESS (``ray job submit`` sets it); otherwise
-    start a local Ray of this run's own — never another run's cluster that happens to be on the machine
-    (it would die with that run)."""
-    if ray.is_initialized():
-        return
-    # quiet: the actors write their output to <output_dir>/logs/ and Ray's own records go through the
-    # driver's logging (rlhf_ray.console), not straight to the terminal
-    quiet = {"log_to_driver": False, "configure_logging": False} if cfg.logging.console == "quiet" else {}
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, **quiet)
-        log.info("joined the Ray cluster at %s", address)
-    else:
-        if cfg.ray.loopback_only:
-            _loopback_only()
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, **quiet)
-        reaper.start_beside(os.getpid())  # this run's Ray processes go with it, even after a SIGKILL
-        _LOCAL_RAY["started"] = True
-    if quiet:
-        _errors_to_log()
-    STOP_SIGNALS.install()
-
-
-def _loopback_only() -> None:
-    """Ray binds every server of a node (GCS, raylet, workers, agents, metrics) to the node's address; a node
-    with multi-node clustering disabled takes 127.0.0.1 as its address. The variable reaches the processes
-    Ray starts; the constant is what the driver's own ray module read when it was imported."""
-    from ray._private import ray_constants
-
-    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
-
-
-def _errors_to_log() -> None:
-    """Ray prints the raylet's error messages (e.g. "A worker died…" when an actor is lost) straight to the
-    driver's stdout even with log_to_driver=False; in quiet mode they go to driver.log — the run reports a
-    lost actor itself, in one line, with what it did about it."""
-    import ray._private.worker as ray_worker
-
-    if hasattr(ray_worker, "print_to_stdstream"):
-        records = logging.getLogger("ray.raylet_errors")
-        ray_worker.print_to_stdstream = lambda data, ignore_prefix=False: [
-            records.info("%s", line) for line in data.get("lines", [])]
-
-
-_LOCAL_RAY = {"started": False, "abandoned": False}
-
-
-def local_ray_down() -> bool:
-    """True when this run started its own Ray and its GCS or raylet is gone — e.g. a scheduler signalled the
-    whole process group. Every Ray call would then wait 60 s for the GCS and abort the process."""
-    if not _LOCAL_RAY["started"]:
-        return False
-    import psutil
-
-    alive = {p.name() for p in psutil.Process().children() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE}
-    return not {"gcs_server", "raylet"} <= alive
-
-
-def stop_ray() -> None:
-    """Disconnect from Ray; a local Ray this run started (GCS, raylet, agents, workers) stops with it.
-    If that Ray is already down nothing is waited for: rlhf_ray.reaper stops what is left, and the process
-    leaves with os._exit (Ray's exit hooks would wait for the GCS)."""
-    if local_ray_down():
-        abandon_ray()
-    elif ray.is_initialized():
-        ray.shutdown()
-
-
-def abandon_ray() -> None:
-    """Leave Ray as it is: the process must end with os._exit (rlhf_ray.train does)."""
-    _LOCAL_RAY["abandoned"] = True
-
-
-def ray_abandoned() -> bool:
-    return _LOCAL_RAY["abandoned"]
 
 
 class Roles:
@@ -317,7 +163,7 @@ class Roles:
         need_cpu, need_gpu = sum(b["CPU"] for b in bundles), sum(b.get("GPU", 0) for b in bundles)
         have = ray.cluster_resources()
         if need_cpu > have.get("CPU", 0) or need_gpu > have.get("GPU", 0):
-            if _LOCAL_RAY["started"]:  # a Ray of this run's own never grows: say so now, not after placement_s
+            if own_local_ray():  # a Ray of this run's own never grows: say so now, not after placement_s
                 raise RoleError(f"the roles need {need_cpu:g} CPUs and {need_gpu:g} GPUs but this run's local Ray has "
                                 f"{have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs; lower "
                                 f"resources.*.num_cpus/num_gpus/num_actors or raise ray.num_cpus")
@@ -368,7 +214,7 @@ class Roles:
         return [learner.setup.remote(addr, port) for learner in self.learners]
 
     def _plan_compute(self) -> None:
-        """Threads per phase, CPU sets and priority for every actor (rlhf_ray.compute), applied and logged."""
+        """Threads per phase, CPU sets and priority for every actor (rlhf_ray.cluster.compute), applied and logged."""
         actors = [(role, i, actor) for role, group in self.groups.items() for i, actor in enumerate(group)]
         places = self._wait([actor.where.remote() for _, _, actor in actors], "all roles", "reporting their node", "startup_s")
         sites = [ActorSite(role, i, p["node"], tuple(p["cpus"])) for (role, i, _), p in zip(actors, places)]

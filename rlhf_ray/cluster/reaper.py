@@ -1,4 +1,4 @@
-"""python -m rlhf_ray.reaper PID — after process PID ends, however it ends (SIGKILL included), stop every
+"""python -m rlhf_ray.cluster.reaper PID — after process PID ends, however it ends (SIGKILL included), stop every
 process it had started that is still running.
 
 A run that starts its own local Ray starts this beside itself, in a session of its own (a signal sent to
@@ -56,7 +56,7 @@ def start_beside(pid: int) -> None:
     """Start a reaper for ``pid`` in a session of its own; its output is discarded."""
     import subprocess
 
-    subprocess.Popen([sys.executable, "-m", "rlhf_ray.reaper", str(pid)], start_new_session=True,
+    subprocess.Popen([sys.executable, "-m", "rlhf_ray.cluster.reaper", str(pid)], start_new_session=True,
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -27,7 +27,7 @@ def resolve_scaled(name: str, cache_dir: str | Path | None = None, seed: int = 0
     if size not in SIZES:
         known = [f"scaled:{s}{r}" for s in SIZES for r in ("", REWARD_SUFFIX)]
         raise ValueError(f"unknown scaled model 'scaled:{name}': use one of {known}")
-    from rlhf_ray.tiny import default_cache_dir
+    from rlhf_ray.models.tiny import default_cache_dir
 
     root = Path(cache_dir or default_cache_dir()) / f"scaled-{name}-{BUILD_VERSION}-seed{seed}"
     if not (root / "COMPLETE").exists():
@@ -40,7 +40,7 @@ def _build(size: str, reward: bool, seed: int, root: Path, cache_dir) -> None:
     from transformers import (AutoConfig, AutoTokenizer, GenerationConfig, LlamaForCausalLM,
                               LlamaForSequenceClassification)
 
-    from rlhf_ray.real import resolve_real, save_model_dir
+    from rlhf_ray.models.real import resolve_real, save_model_dir
 
     source = resolve_real("smollm2-135m", cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(source)

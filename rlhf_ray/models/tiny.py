@@ -3,9 +3,9 @@
 Nothing is downloaded. Everything is built deterministically from a seed and saved with
 ``save_pretrained`` (safetensors) into a cache dir, then reused. Config specs ``tiny:policy``,
 ``tiny:policy-tied`` (input and output embeddings tied, like SmolLM2 / Llama-3.2 1B) and ``tiny:reward``
-resolve here through ``rlhf_ray.model_specs``.
+resolve here through ``rlhf_ray.models.specs``.
 
-    python -m rlhf_ray.tiny [--cache-dir DIR] [--seed 0]     # builds both and prints their paths
+    python -m rlhf_ray.models.tiny [--cache-dir DIR] [--seed 0]     # builds both and prints their paths
 """
 from __future__ import annotations
 

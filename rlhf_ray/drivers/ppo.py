@@ -9,9 +9,9 @@ while this step's values and update run, from the weights the engines hold (one 
     rollout k+1 (θ_k) ······························→|
     values k → advantages → learn k (θ_k → θ_k+1) →  wait → weight sync θ_k+1 → metrics
 
-Only this file knows the order of a step; the roles (rlhf_ray.roles) know how to split work over their
+Only this file knows the order of a step; the roles (rlhf_ray.cluster.roles) know how to split work over their
 actors and replace a lost generation, reward or reference actor; the math lives in rlhf_ray.ppo_math.
-A lost learner rank takes the learner group back to the last checkpoint (rlhf_ray.driver).
+A lost learner rank takes the learner group back to the last checkpoint (rlhf_ray.drivers.base).
 """
 from __future__ import annotations
 
@@ -30,14 +30,16 @@ from rlhf_ray import checkpoint, preflight
 from rlhf_ray.batch import RolloutBatch
 from rlhf_ray.config import ExperimentConfig, PPOConfig
 from rlhf_ray.data import PromptSampler, load_prompts
-from rlhf_ray.driver import CheckpointedDriver
-from rlhf_ray.modeling import check_same_tokenizer
+from rlhf_ray.drivers.base import CheckpointedDriver
+from rlhf_ray.models.modeling import check_same_tokenizer
 from rlhf_ray.ppo_math import gae, kl_penalty, masked_mean, masked_whiten, shape_rewards
 from rlhf_ray.metrics import MetricsLogger
 from rlhf_ray.objectives import LearnerSpec
-from rlhf_ray.reward_backends import ScoreNormalizer
-from rlhf_ray.roles import STOP_SIGNALS, ActorLost, ModelPaths, Roles, connect, local_ray_down
-from rlhf_ray.model_specs import resolve_model
+from rlhf_ray.rewards.normalize import ScoreNormalizer
+from rlhf_ray.cluster.connection import connect, local_ray_down
+from rlhf_ray.cluster.roles import ActorLost, ModelPaths, Roles
+from rlhf_ray.cluster.signals import STOP_SIGNALS
+from rlhf_ray.models.specs import resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +116,7 @@ class PPOTrainer(CheckpointedDriver):
         """One PPO step, recorded (metrics.jsonl, samples.jsonl, TensorBoard) and checkpointed when due.
 
         Returns its metrics. A stop signal during generation or scoring ends the step at once (nothing
-        has changed yet); from the update on, it waits until the step is recorded (rlhf_ray.roles.StopSignals).
+        has changed yet); from the update on, it waits until the step is recorded (rlhf_ray.cluster.roles.StopSignals).
         """
         try:
             return self._step()
@@ -236,7 +238,7 @@ class PPOTrainer(CheckpointedDriver):
 
     # ----------------------------------------------------------------------------------- durability
     def driver_state(self) -> dict:
-        return {"sampling_seeds": "per prompt, from (seed, step): rlhf_ray.trainer.sampling_seeds",
+        return {"sampling_seeds": "per prompt, from (seed, step): rlhf_ray.drivers.ppo.sampling_seeds",
                 "reward_normalizer": self.normalizer.state_dict()}
 
     def save_driver_files(self, directory: Path) -> None:

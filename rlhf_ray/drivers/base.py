@@ -1,4 +1,4 @@
-"""What every driver (PPO: rlhf_ray.trainer, reward-model training: rlhf_ray.rm_trainer) does the same way:
+"""What every driver (PPO: rlhf_ray.drivers.ppo, reward-model training: rlhf_ray.drivers.reward_model) does the same way:
 checkpoints of its finished steps, resume, the learner group back to the last checkpoint when a rank dies,
 the last checkpoint on a stop signal. A driver has ``cfg`` (with output_dir, resume, seed, checkpoint, recovery),
 ``roles``, ``sampler``, ``metrics_log``, ``step_count``, ``saved_step`` and ``num_steps``, and says what is
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from rlhf_ray import checkpoint
 from rlhf_ray.config import dump_config
-from rlhf_ray.roles import ActorLost
+from rlhf_ray.cluster.roles import ActorLost
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ Health (optional, served by the reference server here): ``GET <base>/health`` â†
 
 Put any Python scorer ``f(prompt, response) -> float`` behind this schema (loopback by default)::
 
-    python -m rlhf_ray.reward_http --function rlhf_ray.rewards:concise_answer --port 8001
+    python -m rlhf_ray.rewards.http --function rlhf_ray.rewards:concise_answer --port 8001
     python -m rlhf_ray.train models.reward.kind=http models.reward.url=http://127.0.0.1:8001/ models.value_init=policy
 """
 from __future__ import annotations
@@ -99,7 +99,7 @@ def parse_scores(text: str, expected: int, endpoint: str) -> list[float]:
         raise ValueError(f"{where} answered with something that is not JSON: {text[:200]!r}") from None
     schema = answer.get("schema") if isinstance(answer, dict) else None
     if schema != SCHEMA:
-        raise ValueError(f"{where} answered schema {schema!r}, expected {SCHEMA!r} (see rlhf_ray/reward_http.py): "
+        raise ValueError(f"{where} answered schema {schema!r}, expected {SCHEMA!r} (see rlhf_ray/rewards/http.py): "
                          f"{text[:200]!r}")
     scores = answer.get("scores")
     if not isinstance(scores, list):
@@ -237,9 +237,9 @@ def serve_function(fn, host: str = "127.0.0.1", port: int = 0) -> RewardServer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rlhf_ray.reward_backends import load_function
+    from rlhf_ray.rewards.base import load_function
 
-    parser = argparse.ArgumentParser(prog="python -m rlhf_ray.reward_http",
+    parser = argparse.ArgumentParser(prog="python -m rlhf_ray.rewards.http",
                                      description=f"Serve a Python reward function over HTTP ({SCHEMA}).")
     parser.add_argument("--function", required=True, help="module:function taking (prompt, response) -> float")
     parser.add_argument("--kwargs", default="{}", help="JSON object of extra keyword arguments for the function")

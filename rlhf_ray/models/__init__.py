@@ -1,0 +1,1 @@
+"""Models by name (tiny:*, scaled:*, real:* built offline; hub names; paths) and how the roles load them."""

@@ -1,0 +1,13 @@
+"""Reward backends (a model in the reward actors, a shared Ray Serve RM, an HTTP endpoint, a Python function) and
+the reward functions shipped with the project: config values name them as ``rlhf_ray.rewards:NAME``.
+
+    base       the sample a backend scores, the backend interface, stored RM statistics (imports no other module here)
+    backends   the four backends behind models.reward.kind
+    http       the rlhf-ray/reward/v1 schema: client, reference server (python -m rlhf_ray.rewards.http)
+    serve      an RM as a shared Ray Serve application (managed with python -m rlhf_ray.rm)
+    normalize  raw scores -> what PPO sees (models.reward.normalize / clip)
+    functions  verifiable reward functions
+"""
+from rlhf_ray.rewards.functions import char_frequency, concise_answer
+
+__all__ = ["char_frequency", "concise_answer"]

@@ -1,0 +1,171 @@
+"""Reward backends: one call — samples in, one score per sample out — behind ``models.reward.kind``.
+
+    model     a frozen HF sequence-classification RM in the reward actors, with its own tokenizer and template
+    function  a Python callable ``module:function(prompt, response, **function_kwargs) -> float``
+    http      a remote endpoint speaking the versioned JSON schema of rlhf_ray.rewards.http
+    serve     an RM deployed once as a Ray Serve application (rlhf_ray.rm), shared by any number of experiments
+
+Every backend gets whole conversations (``RewardSample.messages``) as well as the rendered prompt and the
+response text, so an RM never has to share the policy's tokenizer or chat template. A new kind is a new class in
+``BACKENDS`` (plus its config keys in ``RewardConfig``); the reward actor (actors/reward.py) only hosts one.
+
+The shared pieces (``RewardSample``, ``RewardBackend``, stored statistics) are in rlhf_ray.rewards.base; score
+normalisation in rlhf_ray.rewards.normalize.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+from pathlib import Path
+
+import torch
+
+from rlhf_ray.config import RewardConfig
+from rlhf_ray.rewards.base import (REWARD_STATS_FILE, RewardBackend, RewardSample, load_function, missing_stats_message,
+                                   read_reward_stats, require_reward_stats)
+
+# ----------------------------------------------------------------------------------------------- function
+
+class FunctionBackend(RewardBackend):
+    """``fn(prompt, response, **function_kwargs)`` per sample; each result must be one finite number."""
+
+    def __init__(self, cfg: RewardConfig, **resources):
+        super().__init__(cfg, **resources)
+        self.name = f"models.reward.function='{cfg.function}'"
+        self.function = functools.partial(load_function(cfg.function), **cfg.function_kwargs)
+
+    def score(self, samples: list[RewardSample]) -> torch.Tensor:
+        return torch.tensor([self._score_one(i, s) for i, s in enumerate(samples)], dtype=torch.float32)
+
+    def _score_one(self, i: int, sample: RewardSample) -> float:
+        try:
+            result = self.function(sample.prompt, sample.response)
+        except Exception as err:
+            raise ValueError(f"{self.name} raised {type(err).__name__}: {err} for sample {i} "
+                             f"(response {sample.response[:80]!r})") from err
+        if isinstance(result, bool) or not isinstance(result, numbers.Real) and not (
+                isinstance(result, torch.Tensor) and result.numel() == 1):
+            raise ValueError(f"{self.name} returned {result!r} ({type(result).__name__}) for sample {i}; it must "
+                             "return one number")
+        value = float(result)
+        if not math.isfinite(value):
+            raise ValueError(f"{self.name} returned {value} for sample {i} "
+                             f"(response {sample.response[:80]!r}); rewards must be finite")
+        return value
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+class ModelBackend(RewardBackend):
+    """A frozen sequence-classification RM with its own tokenizer, reading conversations through
+    ``modeling.encode_conversations`` — the encoding RM training and evaluation use, so scores agree."""
+
+    def __init__(self, cfg: RewardConfig, *, model_path: str, dtype: str = "float32", num_gpus: float = 0.0):
+        from actors.common import device_for
+        from rlhf_ray.models.modeling import load_reward_model, load_reward_tokenizer
+
+        super().__init__(cfg)
+        self.path = model_path
+        if cfg.normalize == "stored":
+            require_reward_stats(model_path, f"the reward model {cfg.model}")  # fail at start, not after a rollout
+        self.tokenizer = load_reward_tokenizer(model_path)
+        self.model = load_reward_model(model_path, dtype, num_gpus).eval()
+        if num_gpus <= 1:
+            self.model.to(device_for(num_gpus))
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id  # HF pools at the last non-pad token
+
+    def score(self, samples: list[RewardSample]) -> torch.Tensor:
+        from rlhf_ray.models.modeling import encode_conversations
+
+        cfg, scores = self.cfg, []
+        with torch.no_grad():
+            for start in range(0, len(samples), cfg.batch_size):
+                chunk = [s.messages for s in samples[start:start + cfg.batch_size]]
+                enc = encode_conversations(self.tokenizer, chunk, cfg.template, cfg.max_length).to(self.model.device)
+                scores.append(self.model(**enc).logits[:, 0].float().cpu())
+        scores = torch.cat(scores) if scores else torch.zeros(0)
+        bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(f"the reward model ({cfg.model}) scored {len(bad)} of {len(scores)} samples "
+                             f"{scores[bad[0]].item()} (first: sample {bad[0]}, response "
+                             f"{samples[bad[0]].response[:80]!r}); scores must be finite — check its weights "
+                             "and models.dtype (float16 overflows)")
+        return scores
+
+    def stored_statistics(self) -> dict | None:
+        if self.cfg.normalize == "stored":
+            return require_reward_stats(self.path, f"the reward model {self.cfg.model}")
+        return read_reward_stats(self.path)
+
+
+# ----------------------------------------------------------------------------------------------- http
+
+class HttpBackend(RewardBackend):
+    """A remote v1 endpoint (rlhf_ray.rewards.http), at most ``batch_size`` samples per request."""
+
+    def __init__(self, cfg: RewardConfig, **resources):
+        import os
+
+        from rlhf_ray.rewards.http import RewardClient
+
+        super().__init__(cfg, **resources)
+        headers = {}
+        if cfg.token_env:
+            token = os.environ.get(cfg.token_env)
+            if not token:
+                raise ValueError(f"models.reward.token_env={cfg.token_env!r}: that environment variable is not set "
+                                 "where the reward actor runs; export it before starting the run (or the cluster)")
+            headers["Authorization"] = f"Bearer {token}"
+        self.client = RewardClient(cfg.url, timeout_s=cfg.timeout_s, retries=cfg.retries, backoff_s=cfg.backoff_s,
+                                   headers=headers)
+
+    def score(self, samples: list[RewardSample]) -> torch.Tensor:
+        size = self.cfg.batch_size
+        scores = [score for start in range(0, len(samples), size)
+                  for score in self.client.score([s.to_json() for s in samples[start:start + size]])]
+        return torch.tensor(scores, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------- serve
+
+class ServeBackend(RewardBackend):
+    """An RM application on Ray Serve (``python -m rlhf_ray.rm serve NAME …``), called through its handle; the
+    app batches requests from every experiment on the cluster (``@serve.batch``)."""
+
+    def __init__(self, cfg: RewardConfig, **resources):
+        from rlhf_ray.rewards.serve import app_handle
+
+        super().__init__(cfg, **resources)
+        self.handle = app_handle(cfg.app)
+        self.identity = self._call("info")
+        if cfg.normalize == "stored":
+            self.stored_statistics()  # fail at start, not after a rollout
+
+    def score(self, samples: list[RewardSample]) -> torch.Tensor:
+        return torch.tensor(self._call("score", samples), dtype=torch.float32)
+
+    def stored_statistics(self) -> dict | None:
+        stats = self.identity["stored_statistics"]
+        if stats is None and self.cfg.normalize == "stored":
+            raise ValueError(missing_stats_message(Path(self.identity["model_path"]) / REWARD_STATS_FILE,
+                                                   f"the Serve RM app '{self.cfg.app}'"))
+        return stats
+
+    def _call(self, method: str, *args):
+        try:
+            return getattr(self.handle, method).remote(*args).result(timeout_s=self.cfg.timeout_s)
+        except TimeoutError:
+            raise RuntimeError(f"the Serve RM app '{self.cfg.app}' did not answer {method}() within "
+                               f"{self.cfg.timeout_s:g} s (models.reward.timeout_s; `python -m rlhf_ray.rm list` "
+                               "shows its status)") from None
+
+
+BACKENDS: dict[str, type[RewardBackend]] = {"model": ModelBackend, "function": FunctionBackend, "http": HttpBackend,
+                                            "serve": ServeBackend}
+
+
+def build_backend(cfg: RewardConfig, *, model_path: str | None = None, dtype: str = "float32",
+                  num_gpus: float = 0.0) -> RewardBackend:
+    """The backend ``cfg.kind`` names (``model_path``: the resolved RM for kind='model')."""
+    return BACKENDS[cfg.kind](cfg, model_path=model_path, dtype=dtype, num_gpus=num_gpus)

@@ -1,0 +1,1 @@
+"""Policy weights from the learner to the generation engines: transports and loading into vLLM."""
