@@ -1,0 +1,17 @@
+"""Capacity and step-time planning for a PPO experiment config (python -m rlhf_ray.plan).
+
+    from rlhf_ray.planning import plan_experiment, format_plan
+    plan = plan_experiment(cfg, "h100-80gb", gpus=16, nodes=2)   # no weights are loaded
+    print("\\n".join(format_plan(plan)))
+
+Modules: hardware (device catalogue, this machine), models (architectures from config.json or a built-in
+table), memory (bytes per role and device), placement (actors onto GPUs and nodes), timing (seconds per
+phase), search (layouts), planner (the plan, problems and fixes), render (console lines).
+"""
+from rlhf_ray.planning.hardware import GPU_NAMES, Hardware, get_hardware
+from rlhf_ray.planning.models import Architecture, PlannerError, resolve_architecture
+from rlhf_ray.planning.planner import Fix, Plan, Problem, plan_experiment, with_overrides, write_plan
+from rlhf_ray.planning.render import format_plan
+
+__all__ = ["GPU_NAMES", "Architecture", "Fix", "Hardware", "Plan", "PlannerError", "Problem", "format_plan",
+           "get_hardware", "plan_experiment", "resolve_architecture", "with_overrides", "write_plan"]

@@ -1,0 +1,229 @@
+"""Memory per role actor and per device, from the architecture and the config alone.
+
+Every function returns MemoryItems for ONE device of one actor (a learner rank, one GPU of a TP engine, one
+shard of a frozen model); ``where='host'`` items live in the node's RAM instead (offload, published weights).
+
+Formulas (N parameters, s sequence length, b micro-batch, h hidden, a heads, L layers):
+- mixed-precision Adam: 2 (bf16 weights) + 2 (bf16 gradients) + 12 (fp32 master, m, v) = 16 B/param;
+  fp32 Adam: 4 + 4 + 8 = 16 B/param. ZeRO-1 splits the optimizer states over the ranks, ZeRO-2 also the
+  gradients, ZeRO-3 also the weights (Rajbhandari et al. 2020).
+- activations per layer: s·b·h·(34 + 5·a·s/h) bytes in 16-bit without recomputation (Korthikanti et al.
+  2022); the 5·a·s/h term is the a·s² attention scores, which SDPA/flash kernels never store
+  (ATTENTION_STORES_SCORES). With full recomputation: 2·s·b·h per layer plus one layer recomputed at a time.
+  fp32 doubles both.
+- logits: b·s·vocab·4 bytes (fp32) plus its log-softmax copy.
+- KV cache: 2·L·kv_heads·head_dim·dtype bytes per token (vLLM), per GPU divided by min(TP, kv_heads).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rlhf_ray.planning.models import Architecture
+
+GiB = 2**30
+
+# transformers runs attention through torch SDPA (flash / memory-efficient kernels on GPU, a flash kernel on
+# CPU): the a·s² score matrices of Korthikanti's 5·a·s/h term are recomputed, not stored. True for 'eager'.
+ATTENTION_STORES_SCORES = False
+# CUDA context, NCCL buffers and allocator fragmentation: memory a GPU process cannot use for tensors
+# (PyTorch's own context is ~0.5 GiB on H100; NCCL and fragmentation take ~1–2 GiB more in practice).
+GPU_RESERVED_BYTES = 2.5 * GiB
+# Resident memory of a role process before any model (torch, transformers, Ray worker); measured here:
+# the function-reward actor peaks at 0.30 GB (benchmarks/results/real_model_smollm2_cpu.json).
+PROCESS_BASELINE_BYTES = 0.3 * GiB
+# vLLM: the share of a GPU the generation actor's engine takes (actors/generation.py: gpu_memory_utilization)
+# and, on CPU, the KV-cache space it is given (VLLM_CPU_KVCACHE_SPACE=1, in GiB).
+VLLM_GPU_MEMORY_UTILIZATION = 0.85
+VLLM_CPU_KVCACHE_BYTES = 1 * GiB
+# vLLM schedules at most this many sequences at once (SchedulerConfig.max_num_seqs default) and prefills
+# at most this many tokens per step (max_num_batched_tokens with chunked prefill).
+VLLM_MAX_NUM_SEQS = 256
+VLLM_MAX_BATCHED_TOKENS = 8192
+
+DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
+
+
+@dataclass
+class MemoryItem:
+    what: str
+    bytes: float
+    where: str = "device"     # 'device' (GPU, or the host's RAM on a CPU machine) or 'host' (offloaded)
+    formula: str = ""
+    first_actor_only: bool = False   # held by one actor of the role (learner rank 0's published weights)
+
+
+@dataclass
+class RoleMemory:
+    """One actor's memory on each of its devices (and in host RAM)."""
+    role: str
+    model: str
+    actors: int
+    gpus_per_actor: float
+    items: list[MemoryItem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    reserves_fraction: float = 0.0   # vLLM on GPU: takes this share of the device whatever it needs
+
+    @property
+    def device_bytes(self) -> float:
+        return sum(i.bytes for i in self.items if i.where == "device")
+
+    @property
+    def host_bytes(self) -> float:
+        return sum(i.bytes for i in self.items if i.where == "host")
+
+    def actor_bytes(self, index: int, where: str) -> float:
+        """Bytes actor ``index`` holds on its device ('device') or in host memory ('host')."""
+        return sum(i.bytes for i in self.items if i.where == where and (index == 0 or not i.first_actor_only))
+
+
+# ------------------------------------------------------------------------------------------ learner
+
+def model_states(params: int, label: str, precision: str, zero_stage: int, world: int,
+                 offload_optimizer: bool, offload_params: bool) -> list[MemoryItem]:
+    """Weights, gradients and Adam states of one rank (see the module docstring for the bytes)."""
+    mixed = precision in ("bf16", "fp16")
+    weight_b, grad_b, adam_b = (2, 2, 12) if mixed else (4, 4, 8)
+    split = lambda stage: world if zero_stage >= stage else 1  # noqa: E731
+    items = [
+        MemoryItem(f"{label} weights", params * weight_b / split(3), "host" if offload_params else "device",
+                   f"{weight_b}·N{'/world' if zero_stage >= 3 else ''}"),
+        MemoryItem(f"{label} gradients", params * grad_b / split(2), "device",
+                   f"{grad_b}·N{'/world' if zero_stage >= 2 else ''}"),
+        MemoryItem(f"{label} Adam states", params * adam_b / split(1), "host" if offload_optimizer else "device",
+                   f"{adam_b}·N{'/world' if zero_stage >= 1 else ''} ({'fp32 master + m + v' if mixed else 'm + v'})"),
+    ]
+    if not mixed and zero_stage in (1, 2):
+        # DeepSpeed's ZeRO-1/2 optimizer keeps its own flat fp32 partition beside the module's weights
+        items.append(MemoryItem(f"{label} ZeRO fp32 partition", params * 4 / world,
+                                "host" if offload_optimizer else "device", "4·N/world (DeepSpeed flat copy)"))
+    return items
+
+
+def zero_buffers(params: int, hidden: int, precision: str, zero_stage: int) -> list[MemoryItem]:
+    """ZeRO's communication buffers, sized as actors/learner.py sizes them: bucket = min(5e8, max(h², N/10))
+    elements; ZeRO-3 keeps up to max_live + prefetch (1.9 buckets) of gathered parameters."""
+    if zero_stage == 0:
+        return []
+    bucket = min(5e8, max(hidden**2, params / 10))
+    width = DTYPE_BYTES[precision]
+    if zero_stage == 3:
+        return [MemoryItem("ZeRO-3 gathered parameters", 1.9 * bucket * width, "device",
+                           "(max_live + prefetch) buckets, bucket = min(5e8, max(h², N/10))")]
+    return [MemoryItem("ZeRO reduce/all-gather buckets", 2 * bucket * width, "device", "2 buckets")]
+
+
+def training_activation_bytes(arch: Architecture, micro: int, seq: int, precision: str,
+                              checkpointing: bool) -> float:
+    """Activations kept for backward by one micro-batch through all layers (module docstring)."""
+    s, b, h, a = seq, micro, arch.hidden, arch.heads
+    scores = 5 * a * s / h if ATTENTION_STORES_SCORES else 0.0
+    per_layer_full = s * b * h * (34 + scores)
+    scale = 2 if precision in ("fp32", "float32") else 1
+    if checkpointing:
+        return scale * (arch.layers * 2 * s * b * h + per_layer_full)
+    return scale * arch.layers * per_layer_full
+
+
+def logits_bytes(micro: int, seq: int, vocab: int) -> float:
+    """fp32 logits of a micro-batch plus their log-softmax copy: 2·b·s·vocab·4."""
+    return 2 * micro * seq * vocab * 4
+
+
+def learner_memory(policy: Architecture, critic: Architecture, cfg, seq: int) -> RoleMemory:
+    """One learner rank: policy and value model in one DeepSpeed engine (rlhf_ray.objectives.PPOObjective)."""
+    ds, res = cfg.deepspeed, cfg.resources.learner
+    world, micro = res.num_actors, cfg.ppo.micro_batch_size
+    n_policy, n_critic = policy.parameters("lm"), critic.parameters("score")
+    items = (model_states(n_policy, "policy", ds.precision, ds.zero_stage, world, ds.offload_optimizer, ds.offload_params)
+             + model_states(n_critic, "critic", ds.precision, ds.zero_stage, world, ds.offload_optimizer,
+                            ds.offload_params)
+             + zero_buffers(n_policy + n_critic, policy.hidden, ds.precision, ds.zero_stage))
+    act_formula = ("2·s·b·h per layer + one layer (checkpointing)" if ds.gradient_checkpointing
+                   else "s·b·h·(34 + 5·a·s/h) per layer" + ("" if ATTENTION_STORES_SCORES else " without the a·s² scores (SDPA)"))
+    items += [
+        MemoryItem("policy activations (one micro-batch)", training_activation_bytes(
+            policy, micro, seq, ds.precision, ds.gradient_checkpointing), "device", act_formula),
+        MemoryItem("critic activations (one micro-batch)", training_activation_bytes(
+            critic, micro, seq, ds.precision, ds.gradient_checkpointing), "device", act_formula),
+        MemoryItem("logits + log-softmax", logits_bytes(micro, seq, policy.vocab), "device", "2·b·s·vocab·4"),
+    ]
+    items += published_weights(policy, cfg)
+    role = RoleMemory("learner", cfg.models.policy, world, res.num_gpus, items)
+    if ds.offload_params:
+        role.notes.append("offload_params: weights stream in from host memory for every forward and backward")
+    return role
+
+
+def published_weights(policy: Architecture, cfg) -> list[MemoryItem]:
+    """What rank 0 holds while it publishes new weights: two buckets in flight on the collective path, a full
+    host copy (engine dtype) in the object store or in /dev/shm files."""
+    transport, _ = cfg.weight_transport()
+    full = policy.parameters("lm") * DTYPE_BYTES[cfg.models.dtype]
+    if transport == "collective":
+        return [MemoryItem("weight-sync buckets (2 in flight, rank 0)", min(full, 2 * cfg.weights.bucket_mb * 2**20),
+                           "device", "2 · weights.bucket_mb", first_actor_only=True)]
+    return [MemoryItem(f"published weights ({transport}, rank 0)", full, "host", "N · engine dtype bytes",
+                       first_actor_only=True)]
+
+
+# ----------------------------------------------------------------------------------------- generation
+
+def generation_memory(arch: Architecture, cfg, on_gpu: bool, device_bytes: float) -> tuple[RoleMemory, dict]:
+    """One GPU of one engine: weights/TP, a workspace, and the KV cache for its sequences; plus what vLLM can
+    hold at once (``kv``: sequences wanted, sequences that fit, bytes per sequence)."""
+    res, gen = cfg.resources.generation, cfg.generation
+    tp, width = res.tensor_parallel_size, DTYPE_BYTES[cfg.models.dtype]
+    seq = cfg.data.max_prompt_tokens + gen.max_new_tokens
+    wanted = cfg.rollout_sequences // res.num_actors
+    kv_per_seq = arch.kv_bytes_per_token(width) / min(tp, arch.kv_heads) * seq
+    weights = arch.parameters("lm") * width / tp
+    workspace = (min(wanted, VLLM_MAX_NUM_SEQS) * arch.vocab * 4
+                 + VLLM_MAX_BATCHED_TOKENS * (4 * arch.hidden + 3 * arch.intermediate / tp) * width)
+    if on_gpu:
+        room = VLLM_GPU_MEMORY_UTILIZATION * device_bytes - weights - workspace
+    else:
+        room = VLLM_CPU_KVCACHE_BYTES
+    fits = max(0, int(room // kv_per_seq)) if kv_per_seq else wanted
+    concurrent = min(wanted, fits, VLLM_MAX_NUM_SEQS)
+    items = [MemoryItem("weights", weights, "device", "N · dtype / tensor_parallel_size"),
+             MemoryItem("workspace (sampler logits, prefill chunk)", workspace, "device",
+                        "seqs·vocab·4 + 8192 tokens of one layer"),
+             MemoryItem(f"KV cache ({concurrent} of {wanted} sequences at once)", concurrent * kv_per_seq, "device",
+                        "2·L·kv_heads·head_dim·dtype per token / min(TP, kv_heads) · (prompt + response)")]
+    role = RoleMemory("generation", cfg.models.policy, res.num_actors, res.num_gpus, items,
+                      reserves_fraction=VLLM_GPU_MEMORY_UTILIZATION if on_gpu else 0.0)
+    kv = {"sequences_wanted": wanted, "sequences_that_fit": fits, "concurrent": concurrent,
+          "kv_bytes_per_sequence": kv_per_seq, "kv_bytes_all_sequences": wanted * kv_per_seq,
+          "kv_room_bytes": max(room, 0.0)}
+    if 0 < fits < wanted:
+        role.notes.append(f"KV cache holds {fits} of {wanted} sequences at once: decoding runs in "
+                          f"{-(-wanted // max(concurrent, 1))} waves")
+    return role, kv
+
+
+# ------------------------------------------------------------------------------------- frozen roles
+
+def inference_activation_bytes(arch: Architecture, batch: int, seq: int, width: float) -> float:
+    """Live tensors of one layer in a no-grad forward: residual, normed input, q/k/v/o (~4h) and the MLP's
+    gate/up/product (3·intermediate) per token; SDPA keeps no s² scores."""
+    return batch * seq * (5 * arch.hidden + 3 * arch.intermediate) * width
+
+
+def frozen_memory(role: str, arch: Architecture, model: str, res, cfg, batch: int, seq: int) -> RoleMemory:
+    """Reward or reference: weights (1/num_actors of them when sharded, 1/num_gpus with device_map), a forward's
+    activations, and the reference's logits. Sharded (ZeRO-3 inference) also holds two gathered layers."""
+    width = DTYPE_BYTES[cfg.models.dtype]
+    head = "score" if role == "reward" else "lm"
+    full = arch.parameters(head) * width
+    if res.sharded:
+        items = [MemoryItem("weights (shard)", full / res.num_actors, "device", "N · dtype / num_actors (ZeRO-3)"),
+                 MemoryItem("gathered layers", 2 * arch.layer_params * width, "device", "current + prefetched layer")]
+    elif res.num_gpus > 1:
+        items = [MemoryItem("weights (device_map slice)", full / res.num_gpus, "device", "N · dtype / num_gpus")]
+    else:
+        items = [MemoryItem("weights", full, "device", "N · dtype")]
+    items.append(MemoryItem(f"forward activations (batch {batch})", inference_activation_bytes(arch, batch, seq, width),
+                            "device", "b·s·(5h + 3·intermediate)·dtype"))
+    if head == "lm":
+        items.append(MemoryItem("logits + log-softmax", logits_bytes(batch, seq, arch.vocab), "device", "2·b·s·vocab·4"))
+    return RoleMemory(role, model, res.num_actors, res.num_gpus, items)

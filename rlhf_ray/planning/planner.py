@@ -1,0 +1,369 @@
+"""The plan of one experiment config on some hardware: memory per role and device, a predicted step split, what
+does not fit and the smallest change that makes it fit, and (on GPUs) the fastest layout found for the GPUs.
+
+    plan = plan_experiment(cfg, "h100-80gb", gpus=16, nodes=2)
+    print("\\n".join(format_plan(plan)))
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rlhf_ray.config import build_config, parse_overrides
+from rlhf_ray.planning.hardware import GPUS, Hardware, get_hardware, with_nodes
+from rlhf_ray.planning.memory import (GPU_RESERVED_BYTES, RoleMemory, frozen_memory, generation_memory,
+                                      learner_memory)
+from rlhf_ray.planning.models import Architecture, resolve_architecture
+from rlhf_ray.planning.placement import Layout, place
+from rlhf_ray.planning.timing import (PhaseTime, Placement, generate_time, learn_time, lengths, score_time,
+                                      step_seconds, weight_sync_time)
+
+GiB = 2**30
+FROZEN_ROLES = ("reward", "reference")
+
+
+@dataclass
+class Fix:
+    """A change to the config (key=value overrides) and what the plan predicts with it."""
+    overrides: list[str]
+    step_seconds: float
+    gpus_needed: int
+    note: str = ""
+
+
+@dataclass
+class Problem:
+    role: str        # learner / generation / reward / reference / layout / host
+    message: str
+    fix: Fix | None = None
+
+
+@dataclass
+class Plan:
+    config: str | None
+    hardware: Hardware
+    gpus: int
+    nodes: int
+    models: dict[str, Architecture]
+    roles: list[RoleMemory]
+    layout: Layout
+    kv: dict
+    phases: dict[str, PhaseTime]
+    step_seconds: float
+    steps: int
+    problems: list[Problem] = field(default_factory=list)
+    recommendation: Fix | None = None
+    assumptions: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["layout"]["nodes_of"] = {k: sorted(v) for k, v in self.layout.nodes_of.items()}
+        data["fits"] = self.fits
+        data["run_hours"] = self.step_seconds * self.steps / 3600
+        data["requested_gpus"] = requested_gpus(self.roles)
+        for name, arch in self.models.items():
+            head = "lm" if name in ("policy", "reference") else "score"
+            data["models"][name]["parameters"] = arch.parameters(head)
+        return data
+
+
+# ------------------------------------------------------------------------------------------- entry point
+
+def plan_experiment(cfg, hardware: Hardware | str | None = None, gpus: int | None = None, nodes: int | None = None,
+                    config_path: str | None = None, search: bool = True, archs: dict | None = None) -> Plan:
+    """Plan ``cfg`` (a validated ExperimentConfig). hardware: a Hardware, a catalogue name or None (this machine
+    for a config without GPUs, else h100-80gb). gpus: default the config's own request. nodes: default as few
+    as hold the GPUs. search: also look for fixes and the fastest layout (GPU plans)."""
+    hw = _hardware(cfg, hardware)
+    gpus = gpus or max(1, requested_gpus_of(cfg)) if hw.is_gpu else 0
+    if hw.is_gpu:
+        nodes = nodes or math.ceil(gpus / hw.devices_per_node)
+        hw = with_nodes(hw, math.ceil(gpus / nodes))
+    archs = archs or resolve_models(cfg)
+    plan = _evaluate(cfg, hw, gpus, nodes or 1, archs, config_path)
+    if search:
+        _attach_fixes(plan, cfg)
+        if hw.is_gpu:
+            plan.recommendation = recommend_layout(cfg, hw, gpus, archs)
+    return plan
+
+
+def _hardware(cfg, hardware) -> Hardware:
+    if isinstance(hardware, Hardware):
+        return hardware
+    if hardware is None:
+        hardware = "h100-80gb" if requested_gpus_of(cfg) > 0 else "cpu"
+    return get_hardware(hardware)
+
+
+def requested_gpus_of(cfg) -> int:
+    res = cfg.resources
+    roles = [res.learner, res.generation, res.reference] + ([res.reward] if cfg.models.reward.kind == "model" else [])
+    return math.ceil(sum(r.num_actors * r.num_gpus for r in roles) - 1e-9)
+
+
+def requested_gpus(roles: list[RoleMemory]) -> int:
+    return math.ceil(sum(r.actors * r.gpus_per_actor for r in roles) - 1e-9)
+
+
+def resolve_models(cfg) -> dict[str, Architecture]:
+    """Architectures by role: policy, critic (value model), reference and reward (when it is a model)."""
+    models, seen = cfg.models, {}
+    resolve = lambda spec: seen.setdefault(spec, resolve_architecture(spec, models.cache_dir, cfg.seed))  # noqa: E731
+    archs = {"policy": resolve(models.policy), "reference": resolve(models.reference_path)}
+    critic = models.value_model_path if models.value_init == "reward" else models.policy
+    archs["critic"] = resolve(critic)
+    if models.reward.kind == "model":
+        archs["reward"] = resolve(models.reward.model)
+    return archs
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+
+def _evaluate(cfg, hw: Hardware, gpus: int, nodes: int, archs: dict, config_path: str | None) -> Plan:
+    problems, assumptions = [], _assumptions(cfg, hw)
+    if hw.is_gpu:
+        cfg = _gpu_for_cpu_roles(cfg, problems)
+    prompt, response = lengths(cfg)
+    seq = prompt + response
+    roles = [learner_memory(archs["policy"], archs["critic"], cfg, seq)]
+    generation, kv = generation_memory(archs["policy"], cfg, hw.is_gpu, hw.memory_bytes)
+    roles.append(generation)
+    for role in FROZEN_ROLES:
+        if role in archs or role == "reference":
+            res = getattr(cfg.resources, role)
+            batch = cfg.models.reward.batch_size if role == "reward" else cfg.ppo.micro_batch_size
+            length = min(seq, cfg.models.reward.max_length) if role == "reward" else seq
+            spec = cfg.models.reward.model if role == "reward" else cfg.models.reference_path
+            roles.append(frozen_memory(role, archs[role], spec, res, cfg, batch, length))
+    layout = place(roles, hw, gpus)
+    placement = _placement(layout, cfg, hw)
+    phases = {"generate": generate_time(cfg, archs["policy"], hw, kv["concurrent"]),
+              "score": score_time(cfg, archs, hw, placement),
+              "learn": learn_time(cfg, archs["policy"], archs["critic"], hw, placement),
+              "weight_sync": weight_sync_time(cfg, archs["policy"], hw, placement)}
+    plan = Plan(config_path, hw, gpus, nodes, archs, roles, layout, kv, phases,
+                step_seconds(phases, cfg.ppo.async_steps), cfg.num_steps, problems, assumptions=assumptions)
+    plan.problems += _problems(plan)
+    return plan
+
+
+def _gpu_for_cpu_roles(cfg, problems: list[Problem]):
+    """On GPU hardware a role reserving no GPU would run on CPUs: say so, and plan it with one GPU per actor."""
+    changes = []
+    for role in ("learner", "generation", "reference") + (("reward",) if cfg.models.reward.kind == "model" else ()):
+        res = getattr(cfg.resources, role)
+        if res.num_gpus == 0:
+            problems.append(Problem(role, f"resources.{role}.num_gpus is 0: it would run on CPUs; planned with "
+                                          f"{res.tensor_parallel_size} GPU(s) per actor"))
+            changes.append(f"resources.{role}.num_gpus={res.tensor_parallel_size}")
+    return with_overrides(cfg, changes) if changes else cfg
+
+
+def _placement(layout: Layout, cfg, hw: Hardware) -> Placement:
+    nodes = layout.nodes_of
+    learner_nodes = nodes.get("learner", {0}) or {0}
+    first = min(learner_nodes)
+    return Placement(learner_crosses_nodes=len(learner_nodes) > 1,
+                     engines_off_learner_node=bool(nodes.get("generation", set()) - {first}),
+                     reward_crosses_nodes=len(nodes.get("reward", ())) > 1,
+                     reference_crosses_nodes=len(nodes.get("reference", ())) > 1,
+                     learner_ranks_per_node=math.ceil(cfg.resources.learner.num_actors / len(learner_nodes)))
+
+
+def _problems(plan: Plan) -> list[Problem]:
+    problems = []
+    asked, roles = requested_gpus(plan.roles), {r.role: r for r in plan.roles}
+    if plan.hardware.is_gpu and asked > plan.gpus:
+        problems.append(Problem("layout", f"the config reserves {asked} GPUs; {plan.gpus} available"))
+    elif plan.layout.unplaced:
+        problems.append(Problem("layout", "cannot place " + "; ".join(plan.layout.unplaced)))
+    if plan.kv["sequences_that_fit"] < 1:
+        gen = roles["generation"]
+        problems.append(Problem("generation", f"generation: weights {gen.items[0].bytes / GiB:.1f} GiB per GPU leave no "
+                                              f"room for one sequence's KV cache "
+                                              f"({plan.kv['kv_bytes_per_sequence'] / GiB:.2f} GiB)"))
+    for dev in plan.layout.devices:
+        if not dev.fits:
+            role = dev.actors[0].split("[")[0]
+            where = f"gpu {dev.index} (node {dev.node})" if plan.hardware.is_gpu else "this machine's memory"
+            problems.append(Problem(role, f"{where}: {', '.join(dev.actors)} need {dev.used_bytes / GiB:.1f} GiB of "
+                                          f"{dev.capacity_bytes / GiB:.1f}"))
+    if plan.hardware.is_gpu:
+        for node, used in sorted(plan.layout.host_bytes_per_node.items()):
+            if used > plan.layout.host_capacity_bytes:
+                problems.append(Problem("host", f"node {node}: host memory {used / GiB:.0f} GiB of "
+                                                f"{plan.layout.host_capacity_bytes / GiB:.0f} (offloaded states)"))
+    return problems
+
+
+def _assumptions(cfg, hw: Hardware) -> list[str]:
+    prompt, response = lengths(cfg)
+    notes = [f"sequences at their caps: prompt {prompt} tokens (data.max_prompt_tokens), response {response} "
+             f"(generation.max_new_tokens); the learner pads to prompt + response",
+             "efficiencies and overheads: the constants of rlhf_ray.planning.timing (not fitted to any run)"]
+    if hw.is_gpu:
+        notes.append(f"{GPU_RESERVED_BYTES / GiB:.1f} GiB per GPU reserved for CUDA context, NCCL and fragmentation; "
+                     "vLLM takes 85 % of its GPUs")
+    else:
+        notes.append("one machine: every role shares its RAM and cores; roles of a phase split the cores")
+    return notes
+
+
+# ------------------------------------------------------------------------------------------- config changes
+
+def with_overrides(cfg, overrides: list[str]):
+    """A validated copy of ``cfg`` with ``key=value`` overrides applied (ConfigError if invalid)."""
+    tree = cfg.model_dump(mode="json")
+    _merge(tree, parse_overrides(overrides))
+    return build_config(tree, type(cfg))
+
+
+def _merge(tree: dict, update: dict) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(tree.get(key), dict):
+            _merge(tree[key], value)
+        else:
+            tree[key] = value
+
+
+def _try(cfg, overrides: list[str], hw: Hardware, gpus: int, archs: dict) -> tuple[Plan, int] | None:
+    """The plan with ``overrides`` applied (on more GPUs if the change reserves more), or None if invalid."""
+    try:
+        changed = with_overrides(cfg, overrides)
+    except ValueError:
+        return None
+    needed = max(gpus, requested_gpus_of(changed)) if hw.is_gpu else gpus
+    if hw.is_gpu and needed > gpus:
+        hw = with_nodes(hw, hw.devices_per_node)
+    nodes = math.ceil(needed / hw.devices_per_node) if hw.is_gpu else 1
+    return _evaluate(changed, hw, needed, nodes, archs, None), needed
+
+
+def _attach_fixes(plan: Plan, cfg) -> None:
+    """For each role that does not fit: the cheapest single change that fits it (fewest extra GPUs, then the
+    fastest step), else a pair of changes; the GPU count's own problem gets the recommended layout."""
+    for problem in plan.problems:
+        if problem.role in ("layout", "host") or problem.message.startswith("resources."):
+            continue
+        problem.fix = smallest_fix(cfg, problem.role, plan)
+
+
+def smallest_fix(cfg, role: str, plan: Plan) -> Fix | None:
+    candidates = candidate_changes(cfg, role, plan.hardware)
+    for size in (1, 2):
+        found = []
+        for combo in itertools.combinations(candidates, size):
+            overrides = [o for change in combo for o in change]
+            keys = [o.split("=")[0] for o in overrides]
+            if len(keys) != len(set(keys)):
+                continue
+            tried = _try(cfg, overrides, plan.hardware, plan.gpus, plan.models)
+            if tried and _role_fits(tried[0], role):
+                found.append(Fix(overrides, tried[0].step_seconds, tried[1],
+                                 f"needs {tried[1] - plan.gpus} more GPU(s)" if tried[1] > plan.gpus else ""))
+        if found:
+            return min(found, key=lambda f: (f.gpus_needed, f.step_seconds))
+    return None
+
+
+def _role_fits(plan: Plan, role: str) -> bool:
+    return not any(p.role == role or p.role == "host" for p in plan.problems)
+
+
+def candidate_changes(cfg, role: str, hw: Hardware) -> list[list[str]]:
+    """One-knob changes that can shrink ``role``'s memory, each a list of overrides."""
+    if role == "learner":
+        return _learner_changes(cfg, hw)
+    if role == "generation":
+        return _generation_changes(cfg, hw)
+    return _frozen_changes(cfg, role)
+
+
+def _learner_changes(cfg, hw: Hardware) -> list[list[str]]:
+    ds, world, ppo = cfg.deepspeed, cfg.resources.learner.num_actors, cfg.ppo
+    changes = []
+    if not ds.gradient_checkpointing:
+        changes.append(["deepspeed.gradient_checkpointing=true"])
+    changes += [[f"deepspeed.zero_stage={z}"] for z in range(max(ds.zero_stage + 1, 1), 4) if world > 1]
+    if not ds.offload_optimizer:
+        changes.append(["deepspeed.offload_optimizer=true"] + ([] if ds.zero_stage else ["deepspeed.zero_stage=1"]))
+    if not ds.offload_params:
+        changes.append(["deepspeed.offload_params=true", "deepspeed.zero_stage=3"])
+    if ppo.micro_batch_size > 1:
+        changes.append([f"ppo.micro_batch_size={ppo.micro_batch_size // 2}"])
+    if ds.precision == "fp32" and hw.is_gpu:
+        changes.append(["deepspeed.precision=bf16"])
+    for more in (2, 4):
+        changes.append([f"resources.learner.num_actors={world * more}"]
+                       + ([] if ds.zero_stage == 3 else ["deepspeed.zero_stage=3"]))
+    return changes
+
+
+def _generation_changes(cfg, hw: Hardware) -> list[list[str]]:
+    gen = cfg.resources.generation
+    changes = []
+    tp = gen.tensor_parallel_size * 2
+    while hw.is_gpu and tp <= hw.devices_per_node:
+        changes.append([f"resources.generation.tensor_parallel_size={tp}", f"resources.generation.num_gpus={tp}"])
+        tp *= 2
+    if cfg.models.dtype == "float32":
+        changes.append(["models.dtype=bfloat16"])
+    changes.append([f"resources.generation.num_actors={gen.num_actors * 2}"])
+    return changes
+
+
+def _frozen_changes(cfg, role: str) -> list[list[str]]:
+    res = getattr(cfg.resources, role)
+    prefix = f"resources.{role}"
+    changes = [[f"{prefix}.num_actors={k}", f"{prefix}.sharded=true", f"{prefix}.num_gpus=1"]
+               for k in (2, 4, 8) if k > res.num_actors or not res.sharded]
+    batch_key, batch = (("models.reward.batch_size", cfg.models.reward.batch_size) if role == "reward"
+                        else ("ppo.micro_batch_size", cfg.ppo.micro_batch_size))
+    if batch > 1:
+        changes.append([f"{batch_key}={batch // 2}"])
+    if cfg.models.dtype == "float32":
+        changes.append(["models.dtype=bfloat16"])
+    return changes
+
+
+# ------------------------------------------------------------------------------------------- layout search
+
+def recommend_layout(cfg, hw: Hardware, gpus: int, archs: dict, keep: int = 24) -> Fix | None:
+    """The fastest layout found on ``gpus`` GPUs: each role's options are sized on their own (learner ranks and
+    DeepSpeed settings, engines × TP, replicated or sharded frozen models), the cheapest combinations that fit
+    in ``gpus`` are ranked by predicted step time, and the best few are planned in full."""
+    from rlhf_ray.planning.search import role_options, best_combinations
+
+    options = role_options(cfg, hw, gpus, archs)
+    for overrides in best_combinations(options, gpus, hw.devices_per_node, keep):
+        tried = _try(cfg, overrides, hw, gpus, archs)
+        if tried and tried[0].fits and tried[1] <= gpus:
+            return Fix(overrides, tried[0].step_seconds, tried[1], "fastest layout found")
+    return None
+
+
+# ------------------------------------------------------------------------------------------- output
+
+def write_plan(plan: Plan, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(plan.to_dict(), indent=2, default=_json_default) + "\n")
+    return path
+
+
+def _json_default(value):
+    if isinstance(value, set):
+        return sorted(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def gpu_names() -> list[str]:
+    return [*GPUS, "cpu"]

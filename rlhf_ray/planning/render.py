@@ -1,0 +1,93 @@
+"""A plan as console lines."""
+from __future__ import annotations
+
+from itertools import groupby
+
+from rlhf_ray.planning.memory import GiB
+from rlhf_ray.planning.planner import Plan
+
+
+def format_plan(plan: Plan) -> list[str]:
+    return [*_header(plan), *_models(plan), *_memory(plan), *_devices(plan), *_step(plan), *_verdict(plan)]
+
+
+def _header(plan: Plan) -> list[str]:
+    hw = plan.hardware
+    where = (f"{plan.gpus} × {hw.name} ({plan.nodes} node{'s' if plan.nodes > 1 else ''} of {hw.devices_per_node})"
+             if hw.is_gpu else "this machine (CPU)")
+    return [f"Plan for {plan.config or 'the config'} on {where}", f"  {hw.describe()}"]
+
+
+def _models(plan: Plan) -> list[str]:
+    lines = ["Models"]
+    for role, arch in plan.models.items():
+        head = "lm" if role in ("policy", "reference") else "score"
+        lines.append(f"  {role:<10} {arch.name:<36} {arch.parameters(head) / 1e9:7.3f} B params  "
+                     f"L{arch.layers} h{arch.hidden} heads {arch.heads}/{arch.kv_heads} [{arch.source}]")
+    return lines
+
+
+def _memory(plan: Plan) -> list[str]:
+    lines = ["Memory per device of each actor (GiB)"]
+    for role in plan.roles:
+        lines.append(f"  {role.role} × {role.actors}, {role.gpus_per_actor:g} GPU each: "
+                     f"{role.device_bytes / GiB:.2f} on the device"
+                     + (f", {role.host_bytes / GiB:.2f} in host memory" if role.host_bytes else ""))
+        for item in role.items:
+            place = "" if item.where == "device" else " [host]"
+            lines.append(f"      {item.bytes / GiB:8.2f}  {item.what}{place}   ({item.formula})")
+        lines += [f"      note: {note}" for note in role.notes]
+    kv = plan.kv
+    lines.append(f"  KV cache: {kv['kv_bytes_per_sequence'] / 2**20:.1f} MiB per sequence; all "
+                 f"{kv['sequences_wanted']} of an engine: {kv['kv_bytes_all_sequences'] / GiB:.2f} GiB; room for "
+                 f"{kv['sequences_that_fit']}")
+    return lines
+
+
+def _devices(plan: Plan) -> list[str]:
+    lines = ["Devices"]
+    key = lambda d: (d.node, tuple(a.split("[")[0] for a in d.actors), round(d.used_bytes / GiB, 1))  # noqa: E731
+    for (node, roles, used), group in groupby(plan.layout.devices, key=key):
+        group = list(group)
+        first, last = group[0], group[-1]
+        span = f"gpu {first.index}" + (f"-{last.index}" if last is not first else "")
+        label = span if plan.hardware.is_gpu else "host"
+        status = "ok" if first.fits else "DOES NOT FIT"
+        who = ", ".join(sorted(set(roles))) or "idle"
+        lines.append(f"  node {node} {label:<10} {who:<30} {used:7.1f} / {first.capacity_bytes / GiB:.1f} GiB  {status}")
+    lines += [f"  not placed: {actor}" for actor in plan.layout.unplaced]
+    for node, used in sorted(plan.layout.host_bytes_per_node.items()):
+        if plan.hardware.is_gpu:
+            lines.append(f"  node {node} host memory: {used / GiB:.1f} / {plan.layout.host_capacity_bytes / GiB:.0f} GiB")
+    return lines
+
+
+def _step(plan: Plan) -> list[str]:
+    lines = [f"Step (predicted): {plan.step_seconds:.2f} s; {plan.steps} steps ≈ "
+             f"{plan.step_seconds * plan.steps / 3600:.2f} h"]
+    for name, phase in plan.phases.items():
+        share = phase.seconds / plan.step_seconds if plan.step_seconds else 0
+        parts = ", ".join(f"{k} {v:.3g}" + ("" if k in ("waves", "sequences_in_flight") else " s")
+                          for k, v in phase.parts.items() if k != "decode_step_s")
+        lines.append(f"  {name:<12} {phase.seconds:9.2f} s {share:6.1%}   {phase.bound}; {parts}")
+    lines += [f"  assumes: {a}" for a in plan.assumptions]
+    return lines
+
+
+def _verdict(plan: Plan) -> list[str]:
+    lines = ["Fits." if plan.fits else "Does not fit:"]
+    for problem in plan.problems:
+        lines.append(f"  - {problem.message}")
+        if problem.fix:
+            lines.append(f"    smallest change that fits: {' '.join(problem.fix.overrides)}  "
+                         f"(step {problem.fix.step_seconds:.1f} s{'; ' + problem.fix.note if problem.fix.note else ''})")
+        elif problem.role not in ("layout",):
+            lines.append("    no single change or pair of changes found that fits")
+    rec = plan.recommendation
+    if rec:
+        lines.append(f"Fastest layout found for {plan.gpus} GPUs (step {rec.step_seconds:.1f} s vs "
+                     f"{plan.step_seconds:.1f} s as configured):")
+        lines.append("  " + " ".join(rec.overrides))
+    elif plan.hardware.is_gpu:
+        lines.append(f"No layout found that fits {plan.gpus} GPUs.")
+    return lines
