@@ -6,11 +6,13 @@
 
 Modules: hardware (device catalogue, this machine), models (architectures from config.json or a built-in
 table), memory (bytes per role and device), placement (actors onto GPUs and nodes), timing (seconds per
-phase), search (layouts), planner (the plan, problems and fixes), render (console lines).
+phase), changes (key=value config changes), search (layouts), planner (the plan, problems and fixes),
+render (console lines).
 """
 from rlhf_ray.planning.hardware import GPU_NAMES, Hardware, get_hardware
 from rlhf_ray.planning.models import Architecture, PlannerError, resolve_architecture
-from rlhf_ray.planning.planner import Fix, Plan, Problem, plan_experiment, with_overrides, write_plan
+from rlhf_ray.planning.changes import with_overrides
+from rlhf_ray.planning.planner import Fix, Plan, Problem, plan_experiment, write_plan
 from rlhf_ray.planning.render import format_plan
 
 __all__ = ["GPU_NAMES", "Architecture", "Fix", "Hardware", "Plan", "PlannerError", "Problem", "format_plan",

@@ -92,6 +92,29 @@ def get_hardware(name: str) -> Hardware:
     return GPUS[name]
 
 
+# Substrings of torch.cuda.get_device_name() -> catalogue entry, most specific first.
+DEVICE_NAMES = (("H200", "h200-141gb"), ("H100", "h100-80gb"), ("A800", "a800-80gb"), ("A100-SXM4-40GB", "a100-40gb"),
+                ("A100-PCIE-40GB", "a100-40gb"), ("A100", "a100-80gb"))
+
+
+def catalogue_name(device_name: str) -> str | None:
+    """The catalogue entry for a CUDA device name ('NVIDIA H100 80GB HBM3' -> 'h100-80gb'), or None."""
+    return next((entry for key, entry in DEVICE_NAMES if key in device_name.upper()), None)
+
+
+def detect_gpu() -> Hardware | None:
+    """The catalogue entry of this process's first CUDA device, or None (no GPU here, or not in the catalogue)."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        name = catalogue_name(torch.cuda.get_device_name(0))
+    except Exception:  # noqa: BLE001 — a broken CUDA setup means: plan without it
+        return None
+    return GPUS[name] if name else None
+
+
 def with_nodes(hardware: Hardware, devices_per_node: int) -> Hardware:
     return replace(hardware, devices_per_node=devices_per_node)
 

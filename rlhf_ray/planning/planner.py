@@ -12,12 +12,13 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from rlhf_ray.config import build_config, parse_overrides
-from rlhf_ray.planning.hardware import GPUS, Hardware, get_hardware, with_nodes
+from rlhf_ray.planning.changes import with_overrides
+from rlhf_ray.planning.hardware import Hardware, get_hardware, with_nodes
 from rlhf_ray.planning.memory import (GPU_RESERVED_BYTES, RoleMemory, frozen_memory, generation_memory,
                                       learner_memory)
 from rlhf_ray.planning.models import Architecture, resolve_architecture
 from rlhf_ray.planning.placement import Layout, place
+from rlhf_ray.planning.search import best_combinations, role_options
 from rlhf_ray.planning.timing import (PhaseTime, Placement, generate_time, learn_time, lengths, score_time,
                                       step_seconds, weight_sync_time)
 
@@ -82,7 +83,7 @@ def plan_experiment(cfg, hardware: Hardware | str | None = None, gpus: int | Non
     for a config without GPUs, else h100-80gb). gpus: default the config's own request. nodes: default as few
     as hold the GPUs. search: also look for fixes and the fastest layout (GPU plans)."""
     hw = _hardware(cfg, hardware)
-    gpus = gpus or max(1, requested_gpus_of(cfg)) if hw.is_gpu else 0
+    gpus = (gpus or max(1, requested_gpus_of(cfg))) if hw.is_gpu else 0
     if hw.is_gpu:
         nodes = nodes or math.ceil(gpus / hw.devices_per_node)
         hw = with_nodes(hw, math.ceil(gpus / nodes))
@@ -161,8 +162,8 @@ def _gpu_for_cpu_roles(cfg, problems: list[Problem]):
     for role in ("learner", "generation", "reference") + (("reward",) if cfg.models.reward.kind == "model" else ()):
         res = getattr(cfg.resources, role)
         if res.num_gpus == 0:
-            problems.append(Problem(role, f"resources.{role}.num_gpus is 0: it would run on CPUs; planned with "
-                                          f"{res.tensor_parallel_size} GPU(s) per actor"))
+            problems.append(Problem("layout", f"resources.{role}.num_gpus is 0: it would run on CPUs; planned with "
+                                              f"{res.tensor_parallel_size} GPU(s) per actor"))
             changes.append(f"resources.{role}.num_gpus={res.tensor_parallel_size}")
     return with_overrides(cfg, changes) if changes else cfg
 
@@ -190,17 +191,28 @@ def _problems(plan: Plan) -> list[Problem]:
         problems.append(Problem("generation", f"generation: weights {gen.items[0].bytes / GiB:.1f} GiB per GPU leave no "
                                               f"room for one sequence's KV cache "
                                               f"({plan.kv['kv_bytes_per_sequence'] / GiB:.2f} GiB)"))
-    for dev in plan.layout.devices:
-        if not dev.fits:
-            role = dev.actors[0].split("[")[0]
-            where = f"gpu {dev.index} (node {dev.node})" if plan.hardware.is_gpu else "this machine's memory"
-            problems.append(Problem(role, f"{where}: {', '.join(dev.actors)} need {dev.used_bytes / GiB:.1f} GiB of "
-                                          f"{dev.capacity_bytes / GiB:.1f}"))
+    problems += _devices_over_capacity(plan)
     if plan.hardware.is_gpu:
         for node, used in sorted(plan.layout.host_bytes_per_node.items()):
             if used > plan.layout.host_capacity_bytes:
                 problems.append(Problem("host", f"node {node}: host memory {used / GiB:.0f} GiB of "
                                                 f"{plan.layout.host_capacity_bytes / GiB:.0f} (offloaded states)"))
+    return problems
+
+
+def _devices_over_capacity(plan: Plan) -> list[Problem]:
+    """One problem per role whose devices are over capacity (named by the first actor on the device)."""
+    over: dict[str, list] = {}
+    for dev in plan.layout.devices:
+        if not dev.fits:
+            over.setdefault(dev.actors[0].split("[")[0], []).append(dev)
+    problems = []
+    for role, devices in over.items():
+        dev = devices[0]
+        where = f"gpu {dev.index} (node {dev.node})" if plan.hardware.is_gpu else "this machine's memory"
+        more = f" (and {len(devices) - 1} more GPU(s) like it)" if len(devices) > 1 else ""
+        problems.append(Problem(role, f"{where}: {', '.join(dev.actors)} need {dev.used_bytes / GiB:.1f} GiB of "
+                                      f"{dev.capacity_bytes / GiB:.1f}{more}"))
     return problems
 
 
@@ -219,21 +231,6 @@ def _assumptions(cfg, hw: Hardware) -> list[str]:
 
 # ------------------------------------------------------------------------------------------- config changes
 
-def with_overrides(cfg, overrides: list[str]):
-    """A validated copy of ``cfg`` with ``key=value`` overrides applied (ConfigError if invalid)."""
-    tree = cfg.model_dump(mode="json")
-    _merge(tree, parse_overrides(overrides))
-    return build_config(tree, type(cfg))
-
-
-def _merge(tree: dict, update: dict) -> None:
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(tree.get(key), dict):
-            _merge(tree[key], value)
-        else:
-            tree[key] = value
-
-
 def _try(cfg, overrides: list[str], hw: Hardware, gpus: int, archs: dict) -> tuple[Plan, int] | None:
     """The plan with ``overrides`` applied (on more GPUs if the change reserves more), or None if invalid."""
     try:
@@ -241,22 +238,20 @@ def _try(cfg, overrides: list[str], hw: Hardware, gpus: int, archs: dict) -> tup
     except ValueError:
         return None
     needed = max(gpus, requested_gpus_of(changed)) if hw.is_gpu else gpus
-    if hw.is_gpu and needed > gpus:
-        hw = with_nodes(hw, hw.devices_per_node)
     nodes = math.ceil(needed / hw.devices_per_node) if hw.is_gpu else 1
     return _evaluate(changed, hw, needed, nodes, archs, None), needed
 
 
 def _attach_fixes(plan: Plan, cfg) -> None:
-    """For each role that does not fit: the cheapest single change that fits it (fewest extra GPUs, then the
-    fastest step), else a pair of changes; the GPU count's own problem gets the recommended layout."""
+    """For each role that does not fit: the smallest change that fits it (smallest_fix); a layout that does not
+    fit the GPUs is answered by the recommended layout instead."""
     for problem in plan.problems:
-        if problem.role in ("layout", "host") or problem.message.startswith("resources."):
-            continue
-        problem.fix = smallest_fix(cfg, problem.role, plan)
+        if problem.role not in ("layout", "host"):
+            problem.fix = smallest_fix(cfg, problem.role, plan)
 
 
 def smallest_fix(cfg, role: str, plan: Plan) -> Fix | None:
+    """The change that fits ``role`` while reserving the fewest GPUs, then the fastest; one knob first, then two."""
     candidates = candidate_changes(cfg, role, plan.hardware)
     for size in (1, 2):
         found = []
@@ -267,8 +262,9 @@ def smallest_fix(cfg, role: str, plan: Plan) -> Fix | None:
                 continue
             tried = _try(cfg, overrides, plan.hardware, plan.gpus, plan.models)
             if tried and _role_fits(tried[0], role):
-                found.append(Fix(overrides, tried[0].step_seconds, tried[1],
-                                 f"needs {tried[1] - plan.gpus} more GPU(s)" if tried[1] > plan.gpus else ""))
+                reserved = requested_gpus(tried[0].roles)
+                found.append(Fix(overrides, tried[0].step_seconds, reserved,
+                                 f"reserves {reserved} GPUs, {plan.gpus} available" if reserved > plan.gpus else ""))
         if found:
             return min(found, key=lambda f: (f.gpus_needed, f.step_seconds))
     return None
@@ -340,13 +336,13 @@ def recommend_layout(cfg, hw: Hardware, gpus: int, archs: dict, keep: int = 24) 
     """The fastest layout found on ``gpus`` GPUs: each role's options are sized on their own (learner ranks and
     DeepSpeed settings, engines × TP, replicated or sharded frozen models), the cheapest combinations that fit
     in ``gpus`` are ranked by predicted step time, and the best few are planned in full."""
-    from rlhf_ray.planning.search import role_options, best_combinations
-
     options = role_options(cfg, hw, gpus, archs)
     for overrides in best_combinations(options, gpus, hw.devices_per_node, keep):
         tried = _try(cfg, overrides, hw, gpus, archs)
         if tried and tried[0].fits and tried[1] <= gpus:
-            return Fix(overrides, tried[0].step_seconds, tried[1], "fastest layout found")
+            changed = with_overrides(cfg, overrides)
+            same = changed.resources == cfg.resources and changed.deepspeed == cfg.deepspeed
+            return Fix(overrides, tried[0].step_seconds, tried[1], "as configured" if same else "fastest layout found")
     return None
 
 
@@ -363,7 +359,3 @@ def _json_default(value):
     if isinstance(value, set):
         return sorted(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def gpu_names() -> list[str]:
-    return [*GPUS, "cpu"]

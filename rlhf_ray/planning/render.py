@@ -84,9 +84,11 @@ def _verdict(plan: Plan) -> list[str]:
         elif problem.role not in ("layout",):
             lines.append("    no single change or pair of changes found that fits")
     rec = plan.recommendation
-    if rec:
-        lines.append(f"Fastest layout found for {plan.gpus} GPUs (step {rec.step_seconds:.1f} s vs "
-                     f"{plan.step_seconds:.1f} s as configured):")
+    if rec and rec.note == "as configured":
+        lines.append(f"The configured layout is the fastest found for {plan.gpus} GPUs.")
+    elif rec:
+        versus = f" vs {plan.step_seconds:.1f} s as configured" if plan.fits else ""
+        lines.append(f"Fastest layout found for {plan.gpus} GPUs (step {rec.step_seconds:.1f} s{versus}):")
         lines.append("  " + " ".join(rec.overrides))
     elif plan.hardware.is_gpu:
         lines.append(f"No layout found that fits {plan.gpus} GPUs.")

@@ -10,6 +10,7 @@ import heapq
 import itertools
 from dataclasses import dataclass, field
 
+from rlhf_ray.planning.changes import with_overrides
 from rlhf_ray.planning.hardware import Hardware
 from rlhf_ray.planning.memory import GPU_RESERVED_BYTES, PROCESS_BASELINE_BYTES, frozen_memory, generation_memory, \
     learner_memory
@@ -29,8 +30,6 @@ class Option:
 
 def role_options(cfg, hw: Hardware, gpus: int, archs: dict) -> dict[str, list[Option]]:
     """Every role's options that fit their devices on their own."""
-    from rlhf_ray.planning.planner import with_overrides
-
     def valid(overrides):
         try:
             return with_overrides(cfg, overrides)
@@ -137,22 +136,32 @@ def _frozen_options(role, cfg, hw, spare, archs, valid) -> list[Option]:
     return options
 
 
+# Offload puts a run at the mercy of host RAM (peers' users report 70B runs killed by host OOM with optimizer
+# offload, DESIGN §3): in the ranking, each offload setting costs this share of the step, so it is chosen only
+# where it wins by more.
+OFFLOAD_PENALTY = 0.05
+
+
 def best_combinations(options: dict[str, list[Option]], gpus: int, per_node: int, keep: int) -> list[list[str]]:
-    """The ``keep`` fastest combinations (one option per role) within ``gpus``, as override lists."""
-    best: list[tuple[float, int, list[str]]] = []
+    """The ``keep`` best combinations (one option per role) within ``gpus``, as override lists: the fastest
+    predicted step (offload penalised by OFFLOAD_PENALTY), then the fewest GPUs."""
+    best: list[tuple[float, int, int, list[str]]] = []
     counter = itertools.count()
     for learner, gen, reward, ref in itertools.product(options["learner"], options["generation"], options["reward"],
                                                        options["reference"]):
-        if learner.gpus + gen.gpus + reward.gpus + ref.gpus > gpus:
+        used = learner.gpus + gen.gpus + reward.gpus + ref.gpus
+        if used > gpus:
             continue
         # PACK puts the learner first: the engines share its node only if both fit in one
         same_node = learner.gpus + gen.gpus <= per_node
         sync = learner.seconds["sync_same_node" if same_node else "sync_other_node"]
         step = (gen.seconds["generate"] + max(reward.seconds["score"], ref.seconds["score"], learner.seconds["values"])
                 + learner.seconds["learn"] + sync)
-        item = (-step, next(counter), learner.overrides + gen.overrides + reward.overrides + ref.overrides)
+        offloads = sum("offload" in o and o.endswith("=true") for o in learner.overrides)
+        rank = step * (1 + OFFLOAD_PENALTY * offloads)
+        item = (-rank, -used, -next(counter), learner.overrides + gen.overrides + reward.overrides + ref.overrides)
         if len(best) < keep:
             heapq.heappush(best, item)
         elif item > best[0]:
             heapq.heapreplace(best, item)
-    return [overrides for _, _, overrides in sorted(best, key=lambda x: (-x[0], x[1]))]
+    return [item[-1] for item in sorted(best, reverse=True)]
