@@ -110,7 +110,7 @@ def test_the_13b_plus_70b_config_fits_16_gpus_on_2_nodes_and_search_finds_a_layo
     plan = plan_experiment(tulu(), "h100-80gb", gpus=16, nodes=2, config_path=str(TULU))
     assert plan.fits, [p.message for p in plan.problems]
     assert sum(1 for d in plan.layout.devices if d.actors) <= 16
-    assert plan.recommendation is not None and plan.recommendation.gpus_needed <= 16
+    assert plan.recommendation is not None and plan.recommendation.gpus_reserved <= 16
     assert set(plan.phases) == {"generate", "score", "learn", "weight_sync"}
     assert plan.step_seconds == pytest.approx(sum(p.seconds for p in plan.phases.values()))
 

@@ -138,8 +138,9 @@ def learner_memory(policy: Architecture, critic: Architecture, cfg, seq: int) ->
              + model_states(n_critic, "critic", ds.precision, ds.zero_stage, world, ds.offload_optimizer,
                             ds.offload_params)
              + zero_buffers(n_policy + n_critic, policy.hidden, ds.precision, ds.zero_stage))
+    scores = "" if ATTENTION_STORES_SCORES else " without the a·s² scores (SDPA)"
     act_formula = ("2·s·b·h per layer + one layer (checkpointing)" if ds.gradient_checkpointing
-                   else "s·b·h·(34 + 5·a·s/h) per layer" + ("" if ATTENTION_STORES_SCORES else " without the a·s² scores (SDPA)"))
+                   else f"s·b·h·(34 + 5·a·s/h) per layer{scores}")
     items += [
         MemoryItem("policy activations (one micro-batch)", training_activation_bytes(
             policy, micro, seq, ds.precision, ds.gradient_checkpointing), "device", act_formula),

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from rlhf_ray.planning.changes import with_overrides
 from rlhf_ray.planning.hardware import Hardware, get_hardware, with_nodes
-from rlhf_ray.planning.memory import (GPU_RESERVED_BYTES, RoleMemory, frozen_memory, generation_memory,
+from rlhf_ray.planning.memory import (GPU_RESERVED_BYTES, GiB, RoleMemory, frozen_memory, generation_memory,
                                       learner_memory)
 from rlhf_ray.planning.models import Architecture, resolve_architecture
 from rlhf_ray.planning.placement import Layout, place
@@ -22,7 +22,6 @@ from rlhf_ray.planning.search import best_combinations, role_options
 from rlhf_ray.planning.timing import (PhaseTime, Placement, generate_time, learn_time, lengths, score_time,
                                       step_seconds, weight_sync_time)
 
-GiB = 2**30
 FROZEN_ROLES = ("reward", "reference")
 
 
@@ -31,7 +30,7 @@ class Fix:
     """A change to the config (key=value overrides) and what the plan predicts with it."""
     overrides: list[str]
     step_seconds: float
-    gpus_needed: int
+    gpus_reserved: int          # GPUs the changed config reserves
     note: str = ""
 
 
@@ -44,6 +43,11 @@ class Problem:
 
 @dataclass
 class Plan:
+    """Everything the planner predicts for one config on some hardware (format_plan prints it, to_dict is the JSON).
+
+    roles: each role's memory per device of one actor; layout: the devices those actors land on; kv: the generation
+    engine's KV-cache room; phases: seconds per phase of one PPO step; problems: what does not fit, each with the
+    smallest fix found; recommendation: the fastest layout found for the GPUs (GPU plans)."""
     config: str | None
     hardware: Hardware
     gpus: int
@@ -132,20 +136,9 @@ def _evaluate(cfg, hw: Hardware, gpus: int, nodes: int, archs: dict, config_path
     problems, assumptions = [], _assumptions(cfg, hw)
     if hw.is_gpu:
         cfg = _gpu_for_cpu_roles(cfg, problems)
-    prompt, response = lengths(cfg)
-    seq = prompt + response
-    roles = [learner_memory(archs["policy"], archs["critic"], cfg, seq)]
-    generation, kv = generation_memory(archs["policy"], cfg, hw.is_gpu, hw.memory_bytes)
-    roles.append(generation)
-    for role in FROZEN_ROLES:
-        if role in archs or role == "reference":
-            res = getattr(cfg.resources, role)
-            batch = cfg.models.reward.batch_size if role == "reward" else cfg.ppo.micro_batch_size
-            length = min(seq, cfg.models.reward.max_length) if role == "reward" else seq
-            spec = cfg.models.reward.model if role == "reward" else cfg.models.reference_path
-            roles.append(frozen_memory(role, archs[role], spec, res, cfg, batch, length))
+    roles, kv = _role_memories(cfg, archs, hw)
     layout = place(roles, hw, gpus)
-    placement = _placement(layout, cfg, hw)
+    placement = _placement(layout, cfg)
     phases = {"generate": generate_time(cfg, archs["policy"], hw, kv["concurrent"]),
               "score": score_time(cfg, archs, hw, placement),
               "learn": learn_time(cfg, archs["policy"], archs["critic"], hw, placement),
@@ -154,6 +147,24 @@ def _evaluate(cfg, hw: Hardware, gpus: int, nodes: int, archs: dict, config_path
                 step_seconds(phases, cfg.ppo.async_steps), cfg.num_steps, problems, assumptions=assumptions)
     plan.problems += _problems(plan)
     return plan
+
+
+def _role_memories(cfg, archs: dict, hw: Hardware) -> tuple[list[RoleMemory], dict]:
+    """Each role's memory per device of one actor, and the generation engine's KV-cache room."""
+    prompt, response = lengths(cfg)
+    seq = prompt + response
+    roles = [learner_memory(archs["policy"], archs["critic"], cfg, seq)]
+    generation, kv = generation_memory(archs["policy"], cfg, hw.is_gpu, hw.memory_bytes)
+    roles.append(generation)
+    for role in (r for r in FROZEN_ROLES if r in archs):
+        res = getattr(cfg.resources, role)
+        if role == "reward":
+            rm = cfg.models.reward
+            batch, length, spec = rm.batch_size, min(seq, rm.max_length), rm.model
+        else:
+            batch, length, spec = cfg.ppo.micro_batch_size, seq, cfg.models.reference_path
+        roles.append(frozen_memory(role, archs[role], spec, res, cfg, batch, length))
+    return roles, kv
 
 
 def _gpu_for_cpu_roles(cfg, problems: list[Problem]):
@@ -168,7 +179,7 @@ def _gpu_for_cpu_roles(cfg, problems: list[Problem]):
     return with_overrides(cfg, changes) if changes else cfg
 
 
-def _placement(layout: Layout, cfg, hw: Hardware) -> Placement:
+def _placement(layout: Layout, cfg) -> Placement:
     nodes = layout.nodes_of
     learner_nodes = nodes.get("learner", {0}) or {0}
     first = min(learner_nodes)
@@ -266,7 +277,7 @@ def smallest_fix(cfg, role: str, plan: Plan) -> Fix | None:
                 found.append(Fix(overrides, tried[0].step_seconds, reserved,
                                  f"reserves {reserved} GPUs, {plan.gpus} available" if reserved > plan.gpus else ""))
         if found:
-            return min(found, key=lambda f: (f.gpus_needed, f.step_seconds))
+            return min(found, key=lambda f: (f.gpus_reserved, f.step_seconds))
     return None
 
 

@@ -13,8 +13,9 @@
     weight_sync  the policy in the engines' dtype, gathered on the learner (ZeRO-3), then moved by
                  weights.transport: a broadcast over the fabric, the object store or files.
 
-Every efficiency below is a stated constant with where it comes from. None was fitted to the validation cases
-(benchmarks/planner_validation.py reports the errors, and what one global factor would change).
+Every efficiency below is a stated constant with where it comes from. None was fitted to the validation cases:
+benchmarks/planner_validation.py reports the errors, what one global factor would change, and the modelling
+corrections made after its first run.
 """
 from __future__ import annotations
 
