@@ -166,6 +166,21 @@ def test_a_local_directory_is_read_from_its_config_json(tmp_path):
     assert arch.parameters("lm") == 4 * per_layer + 256 + 1000 * 256
 
 
+def test_a_hub_name_in_the_local_hf_cache_is_read_from_there(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    snapshot = tmp_path / "models--someorg--cached-llama" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc123")
+    (snapshot / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "vocab_size": 500}))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    arch = resolve_architecture("someorg/cached-llama")
+    assert (arch.hidden, arch.layers, arch.kv_heads) == (128, 2, 4) and "local HF cache" in arch.source
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 
 def test_cli_prints_the_plan_and_writes_json(tmp_path, capsys):

@@ -202,7 +202,8 @@ def _problems(plan: Plan) -> list[Problem]:
         problems.append(Problem("generation", f"generation: weights {gen.items[0].bytes / GiB:.1f} GiB per GPU leave no "
                                               f"room for one sequence's KV cache "
                                               f"({plan.kv['kv_bytes_per_sequence'] / GiB:.2f} GiB)"))
-    problems += _devices_over_capacity(plan)
+    reported = {p.role for p in problems}
+    problems += [p for p in _devices_over_capacity(plan) if p.role not in reported]
     if plan.hardware.is_gpu:
         for node, used in sorted(plan.layout.host_bytes_per_node.items()):
             if used > plan.layout.host_capacity_bytes:
@@ -237,6 +238,8 @@ def _assumptions(cfg, hw: Hardware) -> list[str]:
                      "vLLM takes 85 % of its GPUs")
     else:
         notes.append("one machine: every role shares its RAM and cores; roles of a phase split the cores")
+        if "measured" in hw.source:
+            notes.append("this machine's peak and bandwidth were measured just now: other processes' load lowers them")
     return notes
 
 

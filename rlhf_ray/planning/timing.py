@@ -110,6 +110,10 @@ def _peak(hw: Hardware, dtype: str, kind: str) -> float:
     return hw.peak_flops(dtype) * (CPU_TRAIN_EFFICIENCY if kind == "train" else CPU_FORWARD_EFFICIENCY)
 
 
+def _rate(flops: float) -> str:
+    return f"{flops / 1e12:.1f} TFLOP/s" if flops >= 1e12 else f"{flops / 1e9:.0f} GFLOP/s"
+
+
 def _collective_seconds(num_bytes: float, hw: Hardware, crosses_nodes: bool) -> float:
     if not hw.is_gpu:
         return num_bytes / GLOO_LOOPBACK_BYTES_PER_S
@@ -237,7 +241,7 @@ def learn_time(cfg, policy: Architecture, critic: Architecture, hw: Hardware, pl
     optimizer = optimizer_seconds(ds, params, world, optimizer_steps, micro_steps, hw, placement)
     return PhaseTime("learn", compute + comm + optimizer + ROLE_CALL_OVERHEAD_S,
                      {"compute": compute, "zero_collectives": comm, "optimizer": optimizer},
-                     f"{passes * 2}·N FLOP/token at {_peak(hw, ds.precision, 'train') / 1e12:.2f} TFLOP/s per device")
+                     f"{passes * 2}·N FLOP/token at {_rate(_peak(hw, ds.precision, 'train'))} per device")
 
 
 def zero_traffic_bytes(ds, weight_bytes: float, world: int, micro_steps: int, optimizer_steps: int) -> float:
