@@ -16,7 +16,7 @@ CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 class GenerationActor(Role):
     def __init__(self, model_path: str, generation: dict, max_model_len: int, seed: int,
                  tensor_parallel_size: int = 1, dtype: str = "float32", num_gpus: float = 0.0,
-                 log_file: str | None = None):
+                 weight_transport: str = "object_store", log_file: str | None = None):
         super().__init__(log_file)
         import torch
         if num_gpus == 0 or not torch.cuda.is_available():
@@ -24,11 +24,11 @@ class GenerationActor(Role):
                 os.environ.setdefault(key, value)
         from vllm import LLM
 
+        from rlhf_ray.weights import make_transport
+
         self.cfg = GenerationConfig(**generation)
-        in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0" and tensor_parallel_size == 1
-        self.weight_loading = self.cfg.weight_loading
-        if self.weight_loading == "auto":
-            self.weight_loading = "iterator" if in_process else "files"
+        self.transport = make_transport(weight_transport)
+        self.tensor_parallel_size = tensor_parallel_size
         # TP workers as processes inside this actor (it owns its GPUs), not as Ray tasks on other bundles.
         backend = {"distributed_executor_backend": "mp"} if tensor_parallel_size > 1 else {}
         self.llm = LLM(model=model_path, tensor_parallel_size=tensor_parallel_size, dtype=dtype, seed=seed,
@@ -74,50 +74,30 @@ class GenerationActor(Role):
                                          rows["messages"], rows["ptexts"], rows["rtexts"], self.pad_token_id)
 
     @computes("generate")
-    def load_weights(self, buckets: list, timeout_s: float) -> dict:
-        """Load published weights (a list of ObjectRefs of [(name, tensor)] buckets) into the engine.
+    def load_weights(self, payload, timeout_s: float, transport: str | None = None) -> dict:
+        """Take one weight update by this actor's transport (rlhf_ray.weights), or by ``transport`` when given:
+        ``payload`` is what the learner published (object refs of buckets) or, for a broadcast, the bucket layout.
+        Every weight the engine expects must arrive, and layers sharing a tensor (tied embeddings) are re-processed
+        (``rlhf_ray.weights.engine.load_into_engine``). Returns its report from the first worker."""
+        from rlhf_ray.weights import make_transport
 
-        Every weight the engine expects must arrive, and layers sharing a tensor (tied embeddings) are
-        re-processed: ``rlhf_ray.weights.engine.load_into_engine``. Returns its report from the first worker.
-        """
-        import ray
-
-        from rlhf_ray.weights.engine import load_into_engine
-
-        if self.weight_loading == "iterator":
-            weights = ((name, tensor) for ref in buckets for name, tensor in ray.get(ref, timeout=timeout_s))
-            reports = self.llm.collective_rpc(load_into_engine, kwargs={"weights": weights})
-        else:
-            self._write_weight_files(buckets, timeout_s)
-            reports = self.llm.collective_rpc(load_into_engine, kwargs={"directory": self._weights_dir})
+        report = (make_transport(transport) if transport else self.transport).load(self.llm, payload, timeout_s)
         self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
-        return reports[0]
+        return report
 
-    def _write_weight_files(self, buckets: list, timeout_s: float) -> int:
-        """One safetensors file per published bucket in a per-actor dir (RAM-backed /dev/shm when present)."""
-        import tempfile
+    def join_weight_group(self, host: str, port: int, first_rank: int, world_size: int, timeout_s: float) -> list:
+        """Every worker of this engine joins the weight-broadcast group (ranks first_rank, first_rank + 1, …)."""
+        from rlhf_ray.weights.collective import worker_join
 
-        import ray
-        from safetensors.torch import save_file
-
-        if not hasattr(self, "_weights_dir"):
-            self._weights_dir = tempfile.mkdtemp(prefix="rlhf_ray_weights_",
-                                                 dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-        for old in os.listdir(self._weights_dir):
-            os.remove(os.path.join(self._weights_dir, old))
-        written = 0
-        for i, ref in enumerate(buckets):
-            bucket = dict(ray.get(ref, timeout=timeout_s))
-            save_file(bucket, os.path.join(self._weights_dir, f"bucket-{i:05d}.safetensors"))
-            written += len(bucket)
-        return written
+        return self.llm.collective_rpc(worker_join, kwargs=dict(host=host, port=port, first_rank=first_rank,
+                                                                 world_size=world_size, timeout_s=timeout_s))
 
     def close(self) -> None:
-        """Remove the weight files (they live in RAM when in /dev/shm)."""
-        import shutil
+        """Leave the weight group and remove weight files (they live in RAM when in /dev/shm)."""
+        from rlhf_ray.weights.collective import worker_leave
 
-        if hasattr(self, "_weights_dir"):
-            shutil.rmtree(self._weights_dir, ignore_errors=True)
+        self.transport.close()
+        self.llm.collective_rpc(worker_leave)
 
     def sequence_logprobs(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
         """The engine's logprobs of a given response (prompt_logprobs: at temperature 1, from the raw

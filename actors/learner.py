@@ -216,38 +216,68 @@ class LearnerActor(Role):
         """Trainable parameters (PPO: policy + critic), full counts also under ZeRO-3 partitioning."""
         return sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())
 
-    def _exported_params(self):
-        """(name, full CPU tensor) per parameter of the exported model (PPO: the policy); under ZeRO-3
-        gathered one parameter at a time."""
+    def _exported(self):
+        return self.objective.exported(self.engine.module)
+
+    def _exported_params(self, device: str = "cpu"):
+        """(name, full tensor on ``device``) per parameter of the exported model (PPO: the policy), in its export
+        dtype; under ZeRO-3 gathered one parameter at a time (every rank must iterate; rank 0 gets the tensors)."""
         import deepspeed
 
         dtype = DTYPES[self.spec.export_dtype]
         gathered = self.spec.deepspeed.zero_stage == 3  # the full tensor lives only inside the context: copy it
-        for name, param in self.objective.exported(self.engine.module).named_parameters():
+        for name, param in self._exported().named_parameters():
             with deepspeed.zero.GatheredParameters([param]):  # no-op below ZeRO-3
-                # below ZeRO-3 a CPU tensor of the right dtype is passed as is: ray.put / save copy it anyway
-                full = param.detach().to("cpu", dtype, copy=gathered) if self.rank == 0 else None
+                # below ZeRO-3 a tensor already on ``device`` in the right dtype is passed as is: it is copied on
+                full = param.detach().to(device, dtype, copy=gathered) if self.rank == 0 else None
             yield name, full
 
+    def weight_layout(self, bucket_mb: float) -> list:
+        """The buckets one weight update is sent in (rlhf_ray.weights.buckets): names, shapes, the export dtype."""
+        from rlhf_ray.weights.buckets import plan_buckets
+
+        return plan_buckets(((name, self.spec.export_dtype, tuple(getattr(param, "ds_shape", param.shape)))
+                             for name, param in self._exported().named_parameters()), int(bucket_mb * 2**20))
+
     @computes("learn")
-    def publish_weights(self, bucket_mb: float = 256) -> list | None:
-        """Put the policy weights into the object store once, in buckets; rank 0 returns the refs."""
+    def publish_weights(self, transport: str = "object_store", bucket_mb: float = 256):
+        """Send the policy weights by ``transport`` (rlhf_ray.weights). Every rank takes part (ZeRO-3 gathers);
+        rank 0 sends and returns what the engines' ``load_weights`` gets (object refs; None for a broadcast)."""
+        from rlhf_ray.weights import make_transport
+
+        buckets = self.weight_layout(bucket_mb)
+        device = self.device if transport == "collective" else "cpu"  # a broadcast goes from where the weights are
+        tensors = (tensor for _, tensor in self._exported_params(device))
+        if self.rank != 0:
+            for _ in tensors:  # the gathers are collectives: every rank walks the parameters
+                pass
+            return None
+        return make_transport(transport).publish(buckets, tensors, group=getattr(self, "_weight_group", None))
+
+    def open_weight_group(self) -> tuple[str, int]:
+        """Rank 0: the address of the weight-broadcast group's rendezvous, listening from now on."""
         import ray
 
-        buckets, bucket, size = [], [], 0
-        for name, tensor in self._exported_params():
-            if self.rank != 0:
-                continue
-            bucket.append((name, tensor))
-            size += tensor.numel() * tensor.element_size()
-            if size >= bucket_mb * 2**20:
-                buckets.append(ray.put(bucket))
-                bucket, size = [], 0
-        if self.rank != 0:
-            return None
-        if bucket:
-            buckets.append(ray.put(bucket))
-        return buckets
+        from rlhf_ray.weights.collective import open_rendezvous
+
+        self._weight_rendezvous = open_rendezvous(ray.util.get_node_ip_address())
+        return self._weight_rendezvous.getsockname()[:2]
+
+    def join_weight_group(self, world_size: int, timeout_s: float) -> int:
+        """Rank 0 joins the group it opened as rank 0 (it returns once every engine worker has joined)."""
+        from rlhf_ray.weights.collective import join
+
+        self.leave_weight_group()
+        host, port = self._weight_rendezvous.getsockname()[:2]
+        self._weight_group = join(host, port, 0, world_size, timeout_s, self.device,
+                                  listen_socket=self._weight_rendezvous)
+        return 0
+
+    def leave_weight_group(self) -> None:
+        group = getattr(self, "_weight_group", None)
+        if group is not None:
+            group.close()
+            self._weight_group = None
 
     @timed
     def sequence_logprobs(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
@@ -268,7 +298,7 @@ class LearnerActor(Role):
         state = {name: tensor for name, tensor in self._exported_params()}
         if self.rank != 0:
             return None
-        self.objective.exported(self.engine.module).save_pretrained(path, state_dict=state, safe_serialization=True)
+        self._exported().save_pretrained(path, state_dict=state, safe_serialization=True)
         tokenizer = AutoTokenizer.from_pretrained(self.spec.model)
         if tokenizer.pad_token is None and self.spec.pad_token_id is not None:
             tokenizer.pad_token = tokenizer.convert_ids_to_tokens(self.spec.pad_token_id)  # what the RM pools by
@@ -303,5 +333,6 @@ class LearnerActor(Role):
     def shutdown(self) -> None:
         import torch.distributed as dist
 
+        self.leave_weight_group()
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -120,11 +120,6 @@ class GenerationConfig(_Strict):
                          "distribution while PPO's ratio and KL use the full softmax: slightly off-policy.")
     stop: list[str] = Field(default_factory=list, description="Extra stop strings (EOS always stops).")
     n_samples_per_prompt: int = Field(1, gt=0, description="Responses sampled per prompt.")
-    weight_loading: Literal["auto", "iterator", "files"] = Field(
-        "auto", description="How an engine takes new weights: 'iterator' streams object-store buckets into an "
-                            "in-process engine; 'files' writes them as safetensors (in /dev/shm) and reloads by "
-                            "path, needed when the engine runs in other processes (TP > 1, V1 multiprocessing); "
-                            "'auto' picks.")
 
 
 class PPOConfig(_Strict):
@@ -187,6 +182,18 @@ class ActorResources(_Strict):
 
 class RoleResources(ActorResources):
     tensor_parallel_size: int = Field(1, gt=0, description="vLLM tensor parallelism inside one generation actor.")
+    sharded: bool = Field(
+        False, description="reward (kind='model') and reference only: the role's num_actors actors hold ONE model "
+                           "between them (ZeRO-3 inference: each keeps ~1/num_actors of the weights and gathers a layer "
+                           "at a time in the forward pass), instead of a full copy each. Each still scores its own "
+                           "share of the rollout, so all of them compute (a 70B RM over 4 GPUs: 4 × 1/4 of it).")
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="Ray node labels every actor of this role must run on (Ray's bundle label "
+                                          "selector, e.g. {pool: rollout}; nodes get labels with `ray start --labels`).")
+    node_resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources each actor of this role reserves besides CPUs and GPUs "
+                                          "(e.g. {gen_node: 1}: only nodes started with `--resources "
+                                          "'{\"gen_node\": 8}'` can host it).")
 
 
 
@@ -213,6 +220,20 @@ class ResourcesConfig(LearnerResourcesConfig):
     rollout_cores: Optional[int] = Field(
         None, gt=0, description="With ppo.async_steps=1, the CPUs of a node given to the rollout roles (generation, "
                                 "reward, reference) while the learner computes on the others; null: half.")
+
+
+class WeightsConfig(_Strict):
+    transport: Literal["auto", "object_store", "collective", "files"] = Field(
+        "auto", description="How new policy weights go from the learner to the engines after each update "
+                            "(rlhf_ray.weights.engine): 'object_store': flat buckets put once into Ray's object store, read "
+                            "zero-copy by every engine; 'collective': a bucketed, pipelined broadcast from learner rank "
+                            "0 to every engine over a process group of their own (gloo on CPU, NCCL on GPU); 'files': "
+                            "buckets written as safetensors (in /dev/shm) and reloaded by path — for engines that run "
+                            "in other processes (tensor_parallel_size > 1, vLLM multiprocessing). 'auto': 'collective' "
+                            "for in-process engines, 'object_store' with ppo.async_steps=1, 'files' otherwise (logged).")
+    bucket_mb: float = Field(
+        256.0, gt=0, description="Size of one weight bucket in MiB: the unit that is sent, and loaded while the next "
+                                 "one is in flight (a tensor larger than this goes alone).")
 
 
 class LearnerTimeouts(_Strict):
@@ -296,6 +317,7 @@ class ExperimentConfig(RunConfig):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    weights: WeightsConfig = Field(default_factory=WeightsConfig)
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
@@ -342,9 +364,19 @@ class ExperimentConfig(RunConfig):
                  f"{gen.num_gpus} GPUs cannot host tensor_parallel_size={gen.tensor_parallel_size}")
         _require(gen.tensor_parallel_size == 1 or gen.num_gpus > 0, "resources.generation.tensor_parallel_size",
                  "tensor parallelism needs GPUs (resources.generation.num_gpus)")
-        _require(gen.num_gpus == 0 and gen.tensor_parallel_size == 1 or self.generation.weight_loading != "iterator",
-                 "generation.weight_loading", "'iterator' needs an in-process CPU engine (no GPUs, "
-                 "tensor_parallel_size 1); use 'files' or 'auto'")
+        _require(self.in_process_engines or self.weights.transport != "object_store", "weights.transport",
+                 "'object_store' needs in-process CPU engines (no GPUs, tensor_parallel_size 1): its buckets are read "
+                 "in the actor's own process; with engines in other processes use 'collective', 'files' or 'auto'")
+        _require(not (ppo.async_steps and self.weights.transport == "collective"), "weights.transport",
+                 "'collective' cannot be combined with ppo.async_steps=1: an engine replaced during the overlapped "
+                 "rollout needs the weights the others hold, which the learner is already changing (the object store "
+                 "keeps them); use 'object_store' or 'auto'")
+        for role in ("generation", "learner"):
+            _require(not getattr(self.resources, role).sharded, f"resources.{role}.sharded",
+                     "only the frozen roles (reward, reference) can be sharded; the learner shards with "
+                     "deepspeed.zero_stage=3, generation with tensor_parallel_size")
+        _require(not self.resources.reward.sharded or reward.kind == "model", "resources.reward.sharded",
+                 f"only a reward model in the reward actors can be sharded, not models.reward.kind='{reward.kind}'")
         _require(ppo.total_episodes % ppo.rollout_batch_size == 0, "ppo.total_episodes",
                  f"{ppo.total_episodes} is not a multiple of ppo.rollout_batch_size={ppo.rollout_batch_size}: "
                  "the remainder would be silently dropped")
@@ -361,6 +393,23 @@ class ExperimentConfig(RunConfig):
                  "'sampler' with ppo.async_steps=1 would take the ratio against the policy one update behind; use "
                  "'learner' or 'auto'")
         return self
+
+    @property
+    def in_process_engines(self) -> bool:
+        """vLLM runs inside each generation actor's own process (CPU, tensor_parallel_size 1): the actor can take
+        tensors from a transport directly."""
+        gen = self.resources.generation
+        return gen.num_gpus == 0 and gen.tensor_parallel_size == 1
+
+    def weight_transport(self) -> tuple[str, str]:
+        """(transport, why) with 'auto' decided: benchmarks/weight_sync.py measured the collective fastest here."""
+        if self.weights.transport != "auto":
+            return self.weights.transport, "weights.transport"
+        if not self.in_process_engines:
+            return "files", "engines in other processes (GPUs or tensor_parallel_size > 1)"
+        if self.ppo.async_steps:
+            return "object_store", "overlapped: a replaced engine reloads the weights the others hold from the store"
+        return "collective", "in-process engines"
 
     @property
     def num_steps(self) -> int:

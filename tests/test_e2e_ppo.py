@@ -129,7 +129,7 @@ def test_two_learner_ranks_zero3_and_two_generation_actors(ray_session, tiny_cac
     from rlhf_ray.drivers.ppo import PPOTrainer
 
     cfg = tiny_config(tmp_path, tiny_cache, "resources.learner.num_actors=2", "resources.generation.num_actors=2",
-                      "deepspeed.zero_stage=3", "generation.weight_loading=files", "ppo.total_episodes=48",
+                      "deepspeed.zero_stage=3", "weights.transport=files", "ppo.total_episodes=48",
                       "ppo.rollout_batch_size=16")
     trainer = PPOTrainer(cfg)
     try:
@@ -170,13 +170,19 @@ def test_a_weight_the_engine_did_not_get_is_an_error_naming_it(function_trainer)
     import ray
 
     from rlhf_ray.cluster.roles import RoleError, wait
+    from rlhf_ray.weights.buckets import plan_buckets
+    from rlhf_ray.weights.object_store import put_bucket, tensors_of
 
     roles = function_trainer.roles
-    buckets = wait([a.publish_weights.remote() for a in roles.learners], "learner", "publishing", 60, "t")[0][0]
-    weights = [pair for ref in buckets for pair in ray.get(ref)]
+    published = wait([a.publish_weights.remote(transport="object_store") for a in roles.learners], "learner",
+                     "publishing", 60, "t")[0][0]
+    weights = [pair for ref in published for pair in tensors_of(*ray.get(ref))]
     dropped = "model.layers.1.mlp.down_proj.weight"
-    partial = [ray.put([(name, t) for name, t in weights if name != dropped])]
+    kept = [(name, t) for name, t in weights if name != dropped]
+    bucket, = plan_buckets([(name, "float32", tuple(t.shape)) for name, t in kept], 2**30)
+    partial = [put_bucket(bucket, [t for _, t in kept])]
     with pytest.raises(RoleError, match=r"did not contain: model\.layers\.1\.mlp\.down_proj\.weight"):
-        wait(roles.generators[0].load_weights.remote(partial, 60), "generation", "loading", 60, "t")
+        wait(roles.generators[0].load_weights.remote(partial, 60, transport="object_store"), "generation", "loading",
+             60, "t")
     roles.sync_weights()  # a complete update heals the engine
     assert_generators_match_learner(function_trainer, *fixed_response(function_trainer))

@@ -112,6 +112,10 @@ class Roles:
         self.restarts = {role: 0 for role in roles}
         self.recovery_seconds = 0.0  # spent replacing actors since the driver last read it
         self._sync_reported = False
+        self.transport, why = cfg.weight_transport() if "generation" in roles else ("", "")
+        if self.transport:
+            log.info("weight transport: %s (%s), buckets of %g MiB", self.transport, why, cfg.weights.bucket_mb)
+        self._weight_group_formed = False  # weights.transport=collective: formed with the current actors
         try:
             for role in roles:
                 self.groups[role] = [self._new_actor(role, i) for i in range(getattr(cfg.resources, role).num_actors)]
@@ -146,7 +150,7 @@ class Roles:
             max_model_len = cfg.data.max_prompt_tokens + cfg.generation.max_new_tokens
             return self._spawn(GenerationActor, role, index, paths.policy, cfg.generation.model_dump(), max_model_len,
                                cfg.seed + index, res.generation.tensor_parallel_size, models.dtype,
-                               res.generation.num_gpus)
+                               res.generation.num_gpus, self.transport)
         if role == "reward":
             return self._spawn(RewardActor, role, index, models.reward.model_dump(), paths.reward, models.dtype,
                                res.reward.num_gpus)
@@ -254,18 +258,23 @@ class Roles:
                 self._replace(role, lost, doing)
                 refs = submit()
 
-    def _replace(self, role: str, lost: ActorLost, doing: str) -> None:
+    def _replace(self, role: str, lost: ActorLost, doing: str, bring_up_to_date: bool = True,
+                 indices: list[int] | None = None) -> None:
+        """Replace the actors of ``role`` that are dead (all of them when ``lost.stuck``), or those at ``indices``."""
         start = time.perf_counter()
         group = self.groups[role]
-        replaced = [i for i, actor in enumerate(group) if lost.stuck or not self._alive(actor)]
+        replaced = indices if indices is not None else [i for i, actor in enumerate(group)
+                                                        if lost.stuck or not self._alive(actor)]
         for i in replaced:
             ray.kill(group[i], no_restart=True)
             group[i] = self._new_actor(role, i)
         self.restarts[role] += 1
+        if role == "generation":
+            self._weight_group_formed = False
         self._wait([group[i].__ray_ready__.remote() for i in replaced], role, "starting as a replacement", "startup_s")
         if self.compute_plans:
             self._configure([(role, i) for i in replaced])
-        if role == "generation":  # the replacement starts from the initial policy: give it the current one
+        if role == "generation" and bring_up_to_date:  # it starts from the initial policy: give it the current one
             self._bring_up_to_date([group[i] for i in replaced])
         seconds = time.perf_counter() - start
         self.recovery_seconds += seconds
@@ -290,6 +299,7 @@ class Roles:
             ray.kill(actor, no_restart=True)
         self.groups["learner"] = [self._new_actor("learner", i) for i in range(len(self.learners))]
         self.restarts["learner"] += 1
+        self._weight_group_formed = False
         self._wait(self._set_up_learners(), "learner", "building the DeepSpeed engine again", "startup_s")
         if self.compute_plans:
             self._configure([("learner", i) for i in range(len(self.learners))])
@@ -354,9 +364,22 @@ class Roles:
         return [out for out, _ in parts], max(s for _, s in parts)
 
     def sync_weights(self, generators: list | None = None) -> dict:
-        """Learner publishes once (object store); every generation actor (or those given) loads the same objects."""
-        published = self._wait([a.publish_weights.remote() for a in self.learners], "learner", "publishing weights",
-                               "weight_sync_s")
+        """The learner's current policy into every generation actor (or those given) by ``weights.transport``."""
+        if self.transport == "collective":
+            result = self._broadcast_weights()
+        else:
+            result = self._publish_weights(generators)
+        report = result["report"]
+        if not self._sync_reported:  # the same every step: say it once
+            log.info("weight sync: %d tensors sent, %d engine parameters loaded, re-processed shared layers: %s",
+                     report["received"], report["loaded"], ", ".join(report["reprocessed"]) or "none")
+            self._sync_reported = True
+        return result
+
+    def _publish_weights(self, generators: list | None) -> dict:
+        """object_store / files: the learner publishes once; every engine (or those given) loads the same objects."""
+        published = self._wait([a.publish_weights.remote(transport=self.transport, bucket_mb=self.cfg.weights.bucket_mb)
+                                for a in self.learners], "learner", "publishing weights", "weight_sync_s")
         buckets = published[0][0]
         if self.overlapped:
             self.engine_weights = buckets
@@ -366,17 +389,82 @@ class Roles:
             loads = self._wait(load(), "generation", "loading the current weights", "weight_sync_s")
         else:
             loads = self._recoverable("generation", "loading new weights", "weight_sync_s", load)
-        report = loads[0][0]
-        if not self._sync_reported:  # the same every step: say it once
-            log.info("weight sync: %d tensors published, %d engine parameters loaded, re-processed shared layers: %s",
-                     report["received"], report["loaded"], ", ".join(report["reprocessed"]) or "none")
-            self._sync_reported = True
-        return {"publish": max(s for _, s in published), "load": max(s for _, s in loads), "report": report}
+        return {"publish": max(s for _, s in published), "load": max(s for _, s in loads), "report": loads[0][0]}
+
+    def _broadcast_weights(self) -> dict:
+        """collective: learner rank 0 broadcasts to every engine at once (a replacement engine too: it is in the new
+        group). An engine lost on the way — its peers' transfers fail with it — is replaced, the group formed again
+        and the broadcast redone; a lost learner rank goes to learner recovery like any learner failure."""
+        while True:
+            if not self._weight_group_formed:
+                self._form_weight_group()
+            sends = [a.publish_weights.remote(transport="collective", bucket_mb=self.cfg.weights.bucket_mb)
+                     for a in self.learners]
+            loads = [g.load_weights.remote(self._weight_layout, self.timeouts.weight_sync_s) for g in self.generators]
+            try:
+                loaded = self._wait(loads, "generation", "receiving new weights", "weight_sync_s")
+            except RoleError as err:
+                self._weight_group_formed = False
+                transfer_failed = not self._settle(sends)  # raises ActorLost when the learner itself is gone
+                # an engine whose update stopped half-way holds some new and some old weights (and vLLM's reload
+                # is left open): it is replaced like a dead one. An engine's own error with the transfer intact
+                # (a weight it did not get) would only come back: it ends the run.
+                broken = self._unfinished(loads)
+                dead = not all(self._alive(g) for g in self.generators)
+                if (self.closing or self.restarts["generation"] >= self.cfg.recovery.max_actor_restarts or not broken
+                        or not (dead or transfer_failed)):
+                    raise
+                lost = err if isinstance(err, ActorLost) else ActorLost(str(err), "generation", stuck=False)
+                self._replace("generation", lost, "receiving new weights", bring_up_to_date=False, indices=broken)
+                continue
+            sent = self._wait(sends, "learner", "broadcasting weights", "weight_sync_s")
+            return {"publish": max(s for _, s in sent), "load": max(s for _, s in loaded), "report": loaded[0][0]}
+
+    def _unfinished(self, loads: list) -> list[int]:
+        """Indices of the engines whose load did not complete (failed, died, or still hanging after the timeout)."""
+        ray.wait(loads, num_returns=len(loads), timeout=self.timeouts.weight_sync_s)
+        broken = []
+        for i, ref in enumerate(loads):
+            try:
+                ray.get(ref, timeout=0)
+            except Exception:  # its error, its death, or not ready
+                broken.append(i)
+        return broken
+
+    def _settle(self, sends: list) -> bool:
+        """After a failed broadcast: wait for the learner's side to end too (bounded by the group's timeout), so that
+        the learner is free again. Returns whether its sending succeeded; its death is raised (learner recovery)."""
+        try:
+            self._wait(sends, "learner", "broadcasting weights", "weight_sync_s")
+            return True
+        except ActorLost:
+            raise
+        except RoleError:
+            return False
+
+    def _form_weight_group(self) -> None:
+        """(Re-)form the broadcast group: learner rank 0 (rank 0) and every worker of every engine."""
+        workers = self.cfg.resources.generation.tensor_parallel_size
+        world = 1 + workers * len(self.generators)
+        timeout = self.timeouts.weight_sync_s
+        host, port = self._wait(self.learners[0].open_weight_group.remote(), "learner", "opening the weight group",
+                                "weight_sync_s")
+        joins = [self.learners[0].join_weight_group.remote(world_size=world, timeout_s=timeout)]
+        joins += [g.join_weight_group.remote(host=host, port=port, first_rank=1 + i * workers, world_size=world,
+                                             timeout_s=timeout) for i, g in enumerate(self.generators)]
+        self._wait(joins, "generation", "joining the weight group", "weight_sync_s")
+        self._weight_layout = self._wait(self.learners[0].weight_layout.remote(self.cfg.weights.bucket_mb), "learner",
+                                         "listing its weights", "weight_sync_s")
+        self._weight_group_formed = True
+        log.info("weight group formed: learner rank 0 and %d engine worker(s) at %s:%d", world - 1, host, port)
 
     def _bring_up_to_date(self, engines: list) -> None:
         """Replacement engines get the weights the others hold. Overlapped, those are the last published ones (kept
-        for this): the learner may be inside an update, and new weights from it would mix two policies in a batch."""
-        if not self.overlapped:
+        for this): the learner may be inside an update, and new weights from it would mix two policies in a batch.
+        A broadcast goes to every engine, in a group formed anew with the replacement."""
+        if self.transport == "collective":
+            self._broadcast_weights()
+        elif not self.overlapped:
             self.sync_weights(engines)
         elif self.engine_weights is not None:  # None: nothing published yet, the initial policy is current
             self._wait([g.load_weights.remote(self.engine_weights, self.timeouts.weight_sync_s) for g in engines],

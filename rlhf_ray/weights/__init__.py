@@ -1,1 +1,109 @@
-"""Policy weights from the learner to the generation engines: transports and loading into vLLM."""
+"""Policy weights from the learner to the generation engines, after every update (``weights.transport``).
+
+    buckets       the layout every transport moves: whole tensors in the engine's dtype, ~weights.bucket_mb each
+    object_store  buckets put once into Ray's object store, read in place by the engines
+    collective    a pipelined broadcast over a process group of learner rank 0 and the engines (gloo / NCCL)
+    engine        loading into vLLM exactly (every weight arrives; tied embeddings re-processed)
+
+A transport is a small class with the learner's half (``publish``, in learner rank 0, given the buckets and the
+tensors in order) and the engine's half (``load``, in the generation actor, given what ``publish`` returned or,
+for a broadcast, the layout). The driver's side — which calls go out together, recovery — is
+``rlhf_ray.cluster.roles.Roles.sync_weights``. A new transport is a new class in ``TRANSPORTS`` plus its config
+value.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Iterable
+
+import torch
+
+from rlhf_ray.weights.buckets import Bucket
+
+
+class Transport:
+    name = ""
+    broadcast = False  # True: learner and engines take part in one collective (called together, a group first)
+
+    def publish(self, buckets: list[Bucket], tensors: Iterable[torch.Tensor], group=None):
+        """Learner rank 0: send one update; returns what every engine's ``load`` gets (None: the layout)."""
+        raise NotImplementedError
+
+    def load(self, llm, payload, timeout_s: float) -> dict:
+        """Generation actor: take one update into the vLLM engine ``llm``; returns load_into_engine's report."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the transport holds in this process."""
+
+
+class ObjectStoreTransport(Transport):
+    name = "object_store"
+
+    def publish(self, buckets, tensors, group=None):
+        from rlhf_ray.weights.object_store import put_bucket
+
+        stream = iter(tensors)
+        return [put_bucket(bucket, [next(stream) for _ in bucket.slots]) for bucket in buckets]
+
+    def load(self, llm, payload, timeout_s):
+        from rlhf_ray.weights.engine import load_into_engine
+        from rlhf_ray.weights.object_store import read_buckets
+
+        # an in-process engine: the generator of tensors goes to the worker as it is
+        return llm.collective_rpc(load_into_engine, kwargs={"weights": read_buckets(payload, timeout_s)})[0]
+
+
+class FilesTransport(ObjectStoreTransport):
+    """Published like ``object_store``; each engine writes the buckets as safetensors files (in RAM-backed /dev/shm
+    where there is one) and its workers reload them by path — for engines whose workers are other processes."""
+    name = "files"
+
+    def load(self, llm, payload, timeout_s):
+        from safetensors.torch import save_file
+
+        from rlhf_ray.weights.engine import load_into_engine
+        from rlhf_ray.weights.object_store import read_buckets
+
+        if not hasattr(self, "directory"):
+            self.directory = tempfile.mkdtemp(prefix="rlhf_ray_weights_",
+                                              dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        for old in os.listdir(self.directory):
+            os.remove(os.path.join(self.directory, old))
+        tensors = dict(read_buckets(payload, timeout_s))
+        save_file(tensors, os.path.join(self.directory, "weights.safetensors"))
+        return llm.collective_rpc(load_into_engine, kwargs={"directory": self.directory})[0]
+
+    def close(self):
+        if hasattr(self, "directory"):
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class CollectiveTransport(Transport):
+    name = "collective"
+    broadcast = True
+
+    def publish(self, buckets, tensors, group=None):
+        from rlhf_ray.weights.collective import send
+
+        if group is None:
+            raise RuntimeError("weights.transport=collective: learner rank 0 has not joined the weight group")
+        send(group, buckets, tensors)
+        return None
+
+    def load(self, llm, payload, timeout_s):
+        from rlhf_ray.weights.collective import worker_receive
+
+        return llm.collective_rpc(worker_receive, kwargs={"buckets": payload})[0]
+
+
+TRANSPORTS: dict[str, type[Transport]] = {t.name: t for t in (ObjectStoreTransport, FilesTransport,
+                                                               CollectiveTransport)}
+
+
+def make_transport(name: str) -> Transport:
+    if name not in TRANSPORTS:
+        raise ValueError(f"weights.transport={name!r}: use one of {sorted(TRANSPORTS)}")
+    return TRANSPORTS[name]()
