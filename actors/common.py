@@ -24,6 +24,47 @@ class Role:
         if log_file:
             redirect_output(log_file)
 
+    def master_address(self) -> tuple[str, int]:
+        """As rank 0 of a process group (a learner group, a sharded frozen model): open the rendezvous, a socket bound
+        and listening now on this node's address (127.0.0.1 for a run's own local Ray), later handed to the TCPStore
+        as it is — the port is never free between being chosen and being used, so no other process can take it."""
+        import socket
+
+        import ray
+
+        host = ray.util.get_node_ip_address()
+        self._rendezvous = socket.create_server((host, 0))
+        return host, self._rendezvous.getsockname()[1]
+
+    def join_process_group(self, master_addr: str, master_port: int, rank: int, world_size: int, timeout_s: float,
+                           device: str) -> None:
+        """Make this process rank ``rank`` of torch.distributed's default group (gloo on CPU, NCCL on GPU) and hand it
+        to DeepSpeed. Rank 0 serves the TCPStore on the socket ``master_address`` opened."""
+        import ipaddress
+        from datetime import timedelta
+
+        import deepspeed
+        import torch.distributed as dist
+
+        timeout = timedelta(seconds=timeout_s)
+        if ipaddress.ip_address(master_addr).is_loopback:  # one machine: collectives over loopback too
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+            os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+                          LOCAL_RANK="0", WORLD_SIZE=str(world_size))  # Ray gives each actor its own GPU
+        store = dist.TCPStore(master_addr, master_port, world_size, is_master=rank == 0, timeout=timeout,
+                              master_listen_fd=self._rendezvous.fileno() if rank == 0 else None,
+                              wait_for_workers=False)
+        backend = "nccl" if device == "cuda" else "gloo"
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)  # wraps the group above
+
+    def leave_process_group(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
     def where(self) -> dict:
         """This actor's node and the CPUs it may run on (rlhf_ray.cluster.compute plans threads from them): its affinity,
         cut to the container's CPU quota where a cgroup sets one (the affinity shows all of the host's CPUs)."""

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 from collections import defaultdict
-from datetime import timedelta
 
 import torch
 
@@ -92,37 +90,13 @@ class LearnerActor(Role):
         self.updates = 0
         set_threads(spec.num_cpus)
 
-    def master_address(self) -> tuple[str, int]:
-        """Rank 0 opens the rendezvous: a socket bound and listening now on this node's address (127.0.0.1
-        for a run's own local Ray), later handed to the TCPStore as it is — the port is never free between
-        being chosen and being used, so no other process can take it."""
-        import ray
-
-        host = ray.util.get_node_ip_address()
-        self._rendezvous = socket.create_server((host, 0))
-        return host, self._rendezvous.getsockname()[1]
-
     @timed
     def setup(self, master_addr: str, master_port: int) -> None:
         """Join the process group and build the DeepSpeed engine (the objective's module, AdamW, schedule)."""
-        import ipaddress
-
         import deepspeed
-        import torch.distributed as dist
         from transformers import get_scheduler
 
-        timeout = timedelta(seconds=self.spec.timeout_s)
-        if ipaddress.ip_address(master_addr).is_loopback:  # one machine: collectives over loopback too
-            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-            os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
-        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
-                          LOCAL_RANK="0", WORLD_SIZE=str(self.world_size))  # Ray gives each actor its own GPU
-        store = dist.TCPStore(master_addr, master_port, self.world_size, is_master=self.rank == 0, timeout=timeout,
-                              master_listen_fd=self._rendezvous.fileno() if self.rank == 0 else None,
-                              wait_for_workers=False)
-        backend = "nccl" if self.device == "cuda" else "gloo"
-        dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size, timeout=timeout)
-        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)  # wraps the group above
+        self.join_process_group(master_addr, master_port, self.rank, self.world_size, self.spec.timeout_s, self.device)
         spec, opt = self.spec, self.spec.optimizer
         torch.manual_seed(spec.seed)  # new weights (an RM's score head) are the same on every rank and every run
         model = self.objective.build()
@@ -331,8 +305,5 @@ class LearnerActor(Role):
         release_free_memory()
 
     def shutdown(self) -> None:
-        import torch.distributed as dist
-
         self.leave_weight_group()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        self.leave_process_group()

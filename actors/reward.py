@@ -1,9 +1,12 @@
-"""Reward role: hosts one reward backend (rlhf_ray.rewards.backends, picked by models.reward.kind) in a Ray actor."""
+"""Reward role: hosts one reward backend (rlhf_ray.rewards.backends, picked by models.reward.kind) in a Ray actor.
+
+With ``resources.reward.sharded`` the role's actors hold one RM between them (rlhf_ray.models.sharding): each is
+one rank of a ZeRO-3 group, and its backend is built in ``setup`` once the group exists."""
 from __future__ import annotations
 
 import torch
 
-from actors.common import Role, computes
+from actors.common import Role, computes, device_for, timed
 from rlhf_ray.batch import RolloutBatch
 from rlhf_ray.config import RewardConfig
 from rlhf_ray.rewards.backends import build_backend
@@ -15,10 +18,21 @@ class RewardActor(Role):
     (``model_path``, resolved by the driver), a function, an HTTP endpoint or a shared Ray Serve RM."""
 
     def __init__(self, reward: dict, model_path: str | None, dtype: str = "float32", num_gpus: float = 0.0,
-                 log_file: str | None = None):
+                 shard: tuple[int, int] | None = None, timeout_s: float = 600.0, log_file: str | None = None):
         super().__init__(log_file)
         self.cfg = RewardConfig(**reward)
-        self.backend = build_backend(self.cfg, model_path=model_path, dtype=dtype, num_gpus=num_gpus)
+        self.model_path, self.dtype, self.num_gpus = model_path, dtype, num_gpus
+        self.shard, self.timeout_s = shard, timeout_s
+        if shard is None:
+            self.backend = build_backend(self.cfg, model_path=model_path, dtype=dtype, num_gpus=num_gpus)
+
+    @timed
+    def setup(self, master_addr: str, master_port: int) -> None:
+        """Sharded: join the group and load this rank's partition of the RM (every rank together)."""
+        rank, world = self.shard
+        self.join_process_group(master_addr, master_port, rank, world, self.timeout_s, device_for(self.num_gpus))
+        self.backend = build_backend(self.cfg, model_path=self.model_path, dtype=self.dtype, num_gpus=self.num_gpus,
+                                     sharded=True)
 
     @computes("score")
     def score(self, batch: RolloutBatch) -> torch.Tensor:
@@ -29,6 +43,14 @@ class RewardActor(Role):
         """The RM's saved score statistics (reward_stats.json: mean, std, count, source) for
         ``models.reward.normalize='stored'``, or None where the backend has none."""
         return self.backend.stored_statistics()
+
+    def resident_parameter_bytes(self) -> int:
+        from rlhf_ray.models.sharding import resident_parameter_bytes
+
+        return resident_parameter_bytes(self.backend.model)
+
+    def shutdown(self) -> None:
+        self.leave_process_group()
 
 
 def samples_of(batch: RolloutBatch) -> list[RewardSample]:

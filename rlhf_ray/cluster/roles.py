@@ -38,6 +38,10 @@ class RoleError(RuntimeError):
     """A role failed, died or timed out; the message names the role and what it was doing."""
 
 
+class NoRoomError(RoleError):
+    """Nodes left the cluster with some of the roles, and the remaining nodes cannot host them."""
+
+
 class ActorLost(RoleError):
     """An actor of ``role`` died (its process is gone) or did not answer within its timeout (``stuck``)."""
 
@@ -107,6 +111,8 @@ class Roles:
         # overlapped: the weights the engines hold, for a replacement engine (the learner is busy with the next ones)
         self.engine_weights: list | None = None
         self.compute_plans: dict[tuple[str, int], ActorPlan] = {}
+        self.actor_nodes: dict[tuple[str, int], str] = {}  # where each actor runs (Ray node id), from its own report
+        self.node_names: dict[str, str] = {}                # node id -> "address (labels)", for messages
         self.placement = self._reserve()
         self.groups: dict[str, list] = {role: [] for role in roles}
         self.restarts = {role: 0 for role in roles}
@@ -151,11 +157,16 @@ class Roles:
             return self._spawn(GenerationActor, role, index, paths.policy, cfg.generation.model_dump(), max_model_len,
                                cfg.seed + index, res.generation.tensor_parallel_size, models.dtype,
                                res.generation.num_gpus, self.transport)
+        shard = (index, getattr(res, role).num_actors) if self._sharded(role) else None
         if role == "reward":
             return self._spawn(RewardActor, role, index, models.reward.model_dump(), paths.reward, models.dtype,
-                               res.reward.num_gpus)
+                               res.reward.num_gpus, shard, self.timeouts.score_s)
         return self._spawn(ReferenceActor, role, index, paths.reference, models.dtype, cfg.ppo.micro_batch_size,
-                           cfg.generation.temperature, res.reference.num_gpus)
+                           cfg.generation.temperature, res.reference.num_gpus, shard, self.timeouts.score_s)
+
+    def _sharded(self, role: str) -> bool:
+        """The role's actors hold one model between them (ZeRO-3 inference): built together in ``setup``."""
+        return role in ("reward", "reference") and getattr(self.cfg.resources, role).sharded
 
     # ------------------------------------------------------------------------------------ placement
     def _bundles(self) -> list[tuple[str, RoleResources]]:
@@ -163,7 +174,11 @@ class Roles:
         return [(role, getattr(res, role)) for role in self.role_names for _ in range(getattr(res, role).num_actors)]
 
     def _reserve(self):
-        bundles = [{"CPU": r.num_cpus, **({"GPU": r.num_gpus} if r.num_gpus else {})} for _, r in self._bundles()]
+        """One placement group, a bundle per actor: its CPUs, GPUs and ``node_resources``, on a node with its role's
+        ``labels`` (Ray's bundle label selector), the bundles placed by ``resources.placement_strategy``."""
+        roles = self._bundles()
+        bundles = [{"CPU": r.num_cpus, **({"GPU": r.num_gpus} if r.num_gpus else {}), **r.node_resources}
+                   for _, r in roles]
         need_cpu, need_gpu = sum(b["CPU"] for b in bundles), sum(b.get("GPU", 0) for b in bundles)
         have = ray.cluster_resources()
         if need_cpu > have.get("CPU", 0) or need_gpu > have.get("GPU", 0):
@@ -173,17 +188,23 @@ class Roles:
                                 f"resources.*.num_cpus/num_gpus/num_actors or raise ray.num_cpus")
             log.warning("the roles need %g CPUs and %g GPUs but the cluster has %s now; waiting in case it grows",
                         need_cpu, need_gpu, have)
-        pg = placement_group(bundles, strategy=self.cfg.resources.placement_strategy)
+        labels = [dict(r.labels) for _, r in roles]
+        pg = placement_group(bundles, strategy=self.cfg.resources.placement_strategy,
+                             **({"bundle_label_selector": labels} if any(labels) else {}))
         if not pg.wait(timeout_seconds=self.timeouts.placement_s):
             remove_placement_group(pg)
+            wanted = "; ".join(f"{role}: {r.labels or ''} {r.node_resources or ''}".strip()
+                               for role, r in {role: r for role, r in roles}.items() if r.labels or r.node_resources)
             raise RoleError(f"could not reserve the roles' resources ({need_cpu:g} CPUs, {need_gpu:g} GPUs in "
-                            f"{len(bundles)} bundles, strategy {self.cfg.resources.placement_strategy}); the "
-                            f"cluster has {ray.cluster_resources()}. Lower resources.*.num_cpus/num_gpus/num_actors "
-                            f"or start Ray with more (ray.num_cpus); on an autoscaling cluster raise timeouts.placement_s")
+                            f"{len(bundles)} bundles, strategy {self.cfg.resources.placement_strategy}"
+                            f"{'; placed by ' + wanted if wanted else ''}); the cluster has {ray.cluster_resources()} "
+                            f"on nodes labelled {[n.get('Labels', {}) for n in ray.nodes() if n['Alive']]}. Lower "
+                            f"resources.*.num_cpus/num_gpus/num_actors, fix resources.*.labels/node_resources, or start "
+                            f"Ray with more (ray.num_cpus); on an autoscaling cluster raise timeouts.placement_s")
         return pg
 
     def _spawn(self, cls, role: str, index: int, *args):
-        bundle = [i for i, (r, _) in enumerate(self._bundles()) if r == role][index]
+        bundle = self._bundle_index(role, index)
         res: RoleResources = getattr(self.cfg.resources, role)
         strategy = PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=bundle)
         env = {"runtime_env": {"env_vars": KEEP_FREED_MEMORY_ENV}} if self.cfg.resources.keep_freed_memory else {}
@@ -203,25 +224,32 @@ class Roles:
 
     def _start(self) -> None:
         start = time.perf_counter()
-        setups = self._set_up_learners()
+        setups = {role: self._set_up_group(role) for role in self.groups if role == "learner" or self._sharded(role)}
         for role, actors in self.groups.items():
-            if role == "learner":
+            if role in setups:
                 continue
             self._wait([a.__ray_ready__.remote() for a in actors], role, "loading its model", "startup_s")
             log.info("%s ready after %.1f s", role, time.perf_counter() - start)
-        setup_s = self._wait(setups, "learner", "building the DeepSpeed engine", "startup_s")
-        log.info("learner ready after %.1f s (DeepSpeed setup %.1f s)", time.perf_counter() - start,
-                 max(s for _, s in setup_s))
+        for role, refs in setups.items():
+            doing = "building the DeepSpeed engine" if role == "learner" else "loading its shards of the model"
+            setup_s = self._wait(refs, role, doing, "startup_s")
+            log.info("%s ready after %.1f s (%s %.1f s%s)", role, time.perf_counter() - start,
+                     "DeepSpeed setup" if role == "learner" else "ZeRO-3 setup", max(s for _, s in setup_s),
+                     "" if role == "learner" else f", {len(refs)} ranks holding one model")
 
-    def _set_up_learners(self) -> list:
-        addr, port = self._wait(self.learners[0].master_address.remote(), "learner", "starting", "startup_s")
-        return [learner.setup.remote(addr, port) for learner in self.learners]
+    def _set_up_group(self, role: str) -> list:
+        """Start ``setup`` on every actor of a group that joins one process group (learner ranks, the ranks of a
+        sharded frozen model); rank 0 opens the rendezvous."""
+        group = self.groups[role]
+        addr, port = self._wait(group[0].master_address.remote(), role, "starting", "startup_s")
+        return [actor.setup.remote(addr, port) for actor in group]
 
     def _plan_compute(self) -> None:
         """Threads per phase, CPU sets and priority for every actor (rlhf_ray.cluster.compute), applied and logged."""
         actors = [(role, i, actor) for role, group in self.groups.items() for i, actor in enumerate(group)]
         places = self._wait([actor.where.remote() for _, _, actor in actors], "all roles", "reporting their node", "startup_s")
         sites = [ActorSite(role, i, p["node"], tuple(p["cpus"])) for (role, i, _), p in zip(actors, places)]
+        self._record_placement(sites)
         res = self.cfg.resources
         self.compute_plans = plan_compute(sites, self.overlapped, {role: getattr(res, role).threads for role in self.groups},
                                           getattr(res, "rollout_cores", None), res.nice)
@@ -233,6 +261,69 @@ class Roles:
             log.warning("could not set the role processes to nice %s (%s); they run at nice %s. Start Ray as a user "
                         "allowed to, or set resources.nice=null", res.nice, refused.pop(),
                         max(p.applied.get("nice", 0) for p in self.compute_plans.values()))
+
+    def _record_placement(self, sites: list[ActorSite]) -> None:
+        """Remember and log where every actor runs (the placement the config asked for, as Ray made it)."""
+        self.actor_nodes = {(site.role, site.index): site.node for site in sites}
+        for node in ray.nodes():
+            labels = {k: v for k, v in (node.get("Labels") or {}).items() if not k.startswith("ray.io/")}
+            shown = ", ".join(f"{k}={v}" for k, v in sorted(labels.items()))
+            self.node_names[node["NodeID"]] = f"{node['NodeManagerAddress']} {node['NodeID'][:8]}" + (
+                f" ({shown})" if shown else "")
+        nodes = {}
+        for (role, i), node in sorted(self.actor_nodes.items()):
+            nodes.setdefault(node, []).append(f"{role}-{i}")
+        if len(nodes) > 1 or any(getattr(self.cfg.resources, r).labels for r in self.groups):
+            for node, held in nodes.items():
+                log.info("node %s: %s", self.node_names.get(node, node[:8]), ", ".join(held))
+        self._write_placement()
+
+    def _write_placement(self) -> None:
+        """<output_dir>/placement.json: each actor's node (id, address and labels), rewritten when one moves."""
+        import json
+
+        labels = {n["NodeID"]: {k: v for k, v in (n.get("Labels") or {}).items() if not k.startswith("ray.io/")}
+                  for n in ray.nodes()}
+        actors = {f"{role}-{i}": {"node": node, "name": self.node_names.get(node, node), "labels": labels.get(node, {})}
+                  for (role, i), node in sorted(self.actor_nodes.items())}
+        out = Path(self.cfg.output_dir)
+        if out.is_dir():
+            (out / "placement.json").write_text(json.dumps({"actors": actors, "time": time.time()}, indent=1) + "\n")
+
+    def placement(self) -> dict[str, str]:
+        """``{"generation-0": node id, …}``: where each actor runs now."""
+        return {f"{role}-{i}": node for (role, i), node in self.actor_nodes.items()}
+
+    def _await_room(self, keys: list[tuple[str, int]]) -> None:
+        """Before replacing the actors ``keys``: those that lived on a node that has left the cluster come back in
+        their bundles once Ray has moved the bundles to live nodes — waited for up to timeouts.placement_s, else
+        NoRoomError naming the lost nodes and every role they held."""
+        from ray.util.placement_group import placement_group_table
+
+        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        lost = {self.actor_nodes.get(key) for key in keys} - alive - {None}
+        if not lost:
+            return
+        held = {node: [f"{r}-{i}" for (r, i), n in sorted(self.actor_nodes.items()) if n == node] for node in lost}
+        where = "; ".join(f"node {self.node_names.get(n, n[:8])} left the cluster with {', '.join(h)}"
+                          for n, h in held.items())
+        log.warning("%s: waiting up to %.0f s (timeouts.placement_s) for room on the other nodes", where,
+                    self.timeouts.placement_s)
+        bundles = [self._bundle_index(role, i) for role, i in keys]
+        deadline = time.monotonic() + self.timeouts.placement_s
+        while True:
+            alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+            table = placement_group_table(self.placement)
+            if table["state"] == "CREATED" and all(table["bundles_to_node_id"].get(b) in alive for b in bundles):
+                return
+            if time.monotonic() > deadline:
+                raise NoRoomError(f"{where}; the remaining nodes have no room for them (their resources and labels: "
+                                  f"resources.*) within {self.timeouts.placement_s:.0f} s (timeouts.placement_s)")
+            STOP_SIGNALS.raise_pending()
+            time.sleep(0.5)
+
+    def _bundle_index(self, role: str, index: int) -> int:
+        return [i for i, (r, _) in enumerate(self._bundles()) if r == role][index]
 
     def _configure(self, keys: list[tuple[str, int]]) -> None:
         """Send their compute plans to the actors ``keys`` (also to replacements: same bundle, same node)."""
@@ -265,15 +356,19 @@ class Roles:
         group = self.groups[role]
         replaced = indices if indices is not None else [i for i, actor in enumerate(group)
                                                         if lost.stuck or not self._alive(actor)]
+        if self._sharded(role):  # the other ranks may be blocked in a gather with the lost one: the group starts anew
+            replaced = list(range(len(group)))
+        self._await_room([(role, i) for i in replaced])
         for i in replaced:
             ray.kill(group[i], no_restart=True)
             group[i] = self._new_actor(role, i)
         self.restarts[role] += 1
+        if self._sharded(role):
+            self._wait(self._set_up_group(role), role, "loading its shards again", "startup_s")
         if role == "generation":
             self._weight_group_formed = False
         self._wait([group[i].__ray_ready__.remote() for i in replaced], role, "starting as a replacement", "startup_s")
-        if self.compute_plans:
-            self._configure([(role, i) for i in replaced])
+        self._settle_replacements([(role, i) for i in replaced])
         if role == "generation" and bring_up_to_date:  # it starts from the initial policy: give it the current one
             self._bring_up_to_date([group[i] for i in replaced])
         seconds = time.perf_counter() - start
@@ -281,6 +376,18 @@ class Roles:
         log.warning("recovery: %s; replaced %s in %.1f s (replacement %d of at most %d), redoing %s", lost,
                     ", ".join(f"{role}-{i}" for i in replaced), seconds, self.restarts[role],
                     self.cfg.recovery.max_actor_restarts, doing)
+
+    def _settle_replacements(self, keys: list[tuple[str, int]]) -> None:
+        """Compute plans for replacements: their old ones where they run on the same node, a new plan for every
+        actor where one moved (threads and CPU sets are per node)."""
+        if not self.compute_plans:
+            return
+        places = self._wait([self.groups[role][i].where.remote() for role, i in keys], "all roles",
+                            "reporting their node", "startup_s")
+        if any(place["node"] != self.actor_nodes.get(key) for key, place in zip(keys, places)):
+            self._plan_compute()
+        else:
+            self._configure(keys)
 
     @staticmethod
     def _alive(actor) -> bool:
@@ -297,12 +404,12 @@ class Roles:
         start = time.perf_counter()
         for actor in self.learners:
             ray.kill(actor, no_restart=True)
+        self._await_room([("learner", i) for i in range(len(self.learners))])
         self.groups["learner"] = [self._new_actor("learner", i) for i in range(len(self.learners))]
         self.restarts["learner"] += 1
         self._weight_group_formed = False
-        self._wait(self._set_up_learners(), "learner", "building the DeepSpeed engine again", "startup_s")
-        if self.compute_plans:
-            self._configure([("learner", i) for i in range(len(self.learners))])
+        self._wait(self._set_up_group("learner"), "learner", "building the DeepSpeed engine again", "startup_s")
+        self._settle_replacements([("learner", i) for i in range(len(self.learners))])
         self.recovery_seconds += time.perf_counter() - start
 
     # ---------------------------------------------------------------------------------- the calls
@@ -511,11 +618,16 @@ class Roles:
     def shutdown(self) -> None:
         if local_ray_down():  # every call would hang on the dead GCS (rlhf_ray.train then leaves at once)
             return
-        try:
-            ray.get([a.shutdown.remote() for a in self.learners] + [g.close.remote() for g in self.generators],
-                    timeout=15)
-        except Exception as err:  # the run is ending anyway; report and release resources
-            log.warning("clean shutdown of the roles failed: %s", err)
+        refs = [a.shutdown.remote() for role in self.groups if role == "learner" or self._sharded(role)
+                for a in self.groups[role]] + [g.close.remote() for g in self.generators]
+        ray.wait(refs, num_returns=len(refs), timeout=15)
+        for ref in refs:
+            try:
+                ray.get(ref, timeout=0)
+            except RayActorError:  # already gone (the reason was reported when it happened)
+                pass
+            except Exception as err:  # the run is ending anyway; report and release resources
+                log.warning("clean shutdown of the roles failed: %s", str(err).splitlines()[0])
         for actor in self.learners + self.generators + self.rewards + self.references:
             ray.kill(actor)
         remove_placement_group(self.placement)

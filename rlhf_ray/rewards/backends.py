@@ -61,22 +61,28 @@ class ModelBackend(RewardBackend):
     """A frozen sequence-classification RM with its own tokenizer, reading conversations through
     ``modeling.encode_conversations`` — the encoding RM training and evaluation use, so scores agree."""
 
-    def __init__(self, cfg: RewardConfig, *, model_path: str, dtype: str = "float32", num_gpus: float = 0.0):
+    def __init__(self, cfg: RewardConfig, *, model_path: str, dtype: str = "float32", num_gpus: float = 0.0,
+                 sharded: bool = False):
         from actors.common import device_for
         from rlhf_ray.models.modeling import load_reward_model, load_reward_tokenizer
+        from rlhf_ray.models.sharding import load_sharded
 
         super().__init__(cfg)
         self.path = model_path
         if cfg.normalize == "stored":
             require_reward_stats(model_path, f"the reward model {cfg.model}")  # fail at start, not after a rollout
         self.tokenizer = load_reward_tokenizer(model_path)
-        self.model = load_reward_model(model_path, dtype, num_gpus).eval()
-        if num_gpus <= 1:
-            self.model.to(device_for(num_gpus))
+        if sharded:  # this process is one rank of a group that holds the RM (rlhf_ray.models.sharding)
+            self.model = load_sharded(lambda: load_reward_model(model_path, dtype), dtype)
+        else:
+            self.model = load_reward_model(model_path, dtype, num_gpus).eval()
+            if num_gpus <= 1:
+                self.model.to(device_for(num_gpus))
         self.model.config.pad_token_id = self.tokenizer.pad_token_id  # HF pools at the last non-pad token
 
     def score(self, samples: list[RewardSample]) -> torch.Tensor:
         from rlhf_ray.models.modeling import encode_conversations
+        from rlhf_ray.models.sharding import release_gathered
 
         cfg, scores = self.cfg, []
         with torch.no_grad():
@@ -84,6 +90,7 @@ class ModelBackend(RewardBackend):
                 chunk = [s.messages for s in samples[start:start + cfg.batch_size]]
                 enc = encode_conversations(self.tokenizer, chunk, cfg.template, cfg.max_length).to(self.model.device)
                 scores.append(self.model(**enc).logits[:, 0].float().cpu())
+        release_gathered(self.model)
         scores = torch.cat(scores) if scores else torch.zeros(0)
         bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
         if bad:
@@ -166,6 +173,10 @@ BACKENDS: dict[str, type[RewardBackend]] = {"model": ModelBackend, "function": F
 
 
 def build_backend(cfg: RewardConfig, *, model_path: str | None = None, dtype: str = "float32",
-                  num_gpus: float = 0.0) -> RewardBackend:
-    """The backend ``cfg.kind`` names (``model_path``: the resolved RM for kind='model')."""
-    return BACKENDS[cfg.kind](cfg, model_path=model_path, dtype=dtype, num_gpus=num_gpus)
+                  num_gpus: float = 0.0, sharded: bool = False) -> RewardBackend:
+    """The backend ``cfg.kind`` names (``model_path``: the resolved RM for kind='model'; ``sharded``: this process is
+    one rank of a group holding the RM, kind='model' only)."""
+    if sharded and cfg.kind != "model":
+        raise ValueError(f"only a reward model can be sharded, not models.reward.kind={cfg.kind!r}")
+    return BACKENDS[cfg.kind](cfg, model_path=model_path, dtype=dtype, num_gpus=num_gpus,
+                              **({"sharded": True} if sharded else {}))
