@@ -490,7 +490,7 @@ class Roles:
         buckets = published[0][0]
         if self.overlapped:
             self.engine_weights = buckets
-        load = lambda: [g.load_weights.remote(buckets, self.timeouts.weight_sync_s)  # noqa: E731
+        load = lambda: [g.load_weights.remote(buckets, self.timeouts.weight_sync_s, transport=self.transport)  # noqa: E731
                         for g in (generators or self.generators)]
         if generators:  # a replacement being brought up to date: no recovery inside a recovery
             loads = self._wait(load(), "generation", "loading the current weights", "weight_sync_s")
@@ -507,7 +507,8 @@ class Roles:
                 self._form_weight_group()
             sends = [a.publish_weights.remote(transport="collective", bucket_mb=self.cfg.weights.bucket_mb)
                      for a in self.learners]
-            loads = [g.load_weights.remote(self._weight_layout, self.timeouts.weight_sync_s) for g in self.generators]
+            loads = [g.load_weights.remote(self._weight_layout, self.timeouts.weight_sync_s, transport="collective")
+                     for g in self.generators]
             try:
                 loaded = self._wait(loads, "generation", "receiving new weights", "weight_sync_s")
             except RoleError as err:
@@ -574,7 +575,8 @@ class Roles:
         elif not self.overlapped:
             self.sync_weights(engines)
         elif self.engine_weights is not None:  # None: nothing published yet, the initial policy is current
-            self._wait([g.load_weights.remote(self.engine_weights, self.timeouts.weight_sync_s) for g in engines],
+            self._wait([g.load_weights.remote(self.engine_weights, self.timeouts.weight_sync_s, transport=self.transport)
+                        for g in engines],
                        "generation", "loading the current weights", "weight_sync_s")
 
     def learner_logprobs(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:

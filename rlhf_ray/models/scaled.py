@@ -4,6 +4,7 @@
 vocabulary, tokenizer and ChatML template) shrunk to ~19.7M parameters — 12.6M of them the embedding, as in
 small chat models where the vocabulary dominates — with random weights from the run's seed.
 ``scaled:llama-20m-reward`` is the same body with a scalar score head (a sequence-classification RM).
+``scaled:llama-500m`` is the same layout grown to ~506M parameters (weight-sync benchmarks).
 
 Random weights rarely sample EOS, so every response runs to ``max_new_tokens``: a fixed amount of work per
 step, which is what a throughput comparison needs (it learns nothing useful). The tokenizer comes from
@@ -17,6 +18,9 @@ BUILD_VERSION = "v1"
 SIZES = {  # overrides of SmolLM2-135M's config (hidden 576, 30 layers, 9 heads / 3 KV heads, MLP 1536)
     "llama-20m": {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 7,
                   "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64},
+    # ~506M: above SmolLM2-135M, for weight-sync and memory benchmarks (2.0 GB in fp32)
+    "llama-500m": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 30,
+                   "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 64},
 }
 REWARD_SUFFIX = "-reward"
 
