@@ -174,7 +174,12 @@ class OutputDirLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise OutputDirBusy(self._busy_message(self._read(wait_s=2.0))) from None
+            found = self._read(wait_s=2.0)
+            if found is not None and why_gone(*found, self.clock(), self.here, self.stale_s) is None:
+                raise OutputDirBusy(self._busy_message(found)) from None
+            # no lock file, or its holder is gone: the flock is held by a process it left behind (one forked from
+            # it, say), which proves nothing about a run: the lock file decides
+            return
         except OSError:  # not supported here: the lock file alone decides
             os.close(fd)
             return

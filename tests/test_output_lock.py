@@ -196,3 +196,17 @@ def test_processes_started_together_exactly_one_holds(tmp_path):
     winner = next(run.pid for run, out in zip(runs, outputs) if out.startswith("HOLDS"))
     assert all(f"pid {winner}," in out for out in outputs if out.startswith("BUSY")), outputs
     assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_a_flock_left_with_a_process_that_is_no_run_does_not_block(tmp_path):
+    """A process forked from a run that died can keep the run's flock; without a live holder's lock file it proves
+    nothing, and the next run goes ahead (after waiting briefly for a lock file that might be on its way)."""
+    import fcntl
+
+    leftover = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(leftover, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        with OutputDirLock(tmp_path, "rerun") as lock:
+            assert lock.took_over is None and (tmp_path / LOCK_NAME).exists()
+    finally:
+        os.close(leftover)
