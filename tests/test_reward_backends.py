@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 import threading
@@ -18,7 +19,7 @@ from rlhf_ray.preflight import PreflightError, check_experiment
 from rlhf_ray.rewards.backends import HttpBackend, build_backend
 from rlhf_ray.rewards.base import RewardSample, read_reward_stats
 from rlhf_ray.rewards.normalize import ScoreNormalizer
-from rlhf_ray.rewards.http import SCHEMA, RewardClient, serve_function
+from rlhf_ray.rewards.http import SCHEMA, RewardClient, RewardEndpointDown, serve_function
 from tests.conftest import ROOT, tiny_config
 
 
@@ -32,7 +33,7 @@ def samples(n: int) -> list[RewardSample]:
 
 
 def http_backend(url: str, **cfg) -> HttpBackend:
-    return build_backend(RewardConfig(kind="http", url=url, **{"retries": 0, "backoff_s": 0.0, **cfg}))
+    return build_backend(RewardConfig(kind="http", url=url, **{"retries": 0, "backoff_s": 0.0, "outage_s": 0.0, **cfg}))
 
 
 class Scripted:
@@ -137,6 +138,87 @@ def test_http_endpoint_that_is_down():
         url = server.url
     with pytest.raises(RuntimeError, match=rf"reward endpoint {url} cannot be reached after 1 retries"):
         http_backend(url, retries=1).score(samples(1))
+
+
+def test_http_an_outage_shorter_than_outage_s_is_ridden_out(caplog):
+    """The endpoint goes away and comes back on the same port: the client keeps trying, says so, and scores."""
+    with serve_function(distinctive) as server:
+        port, url = server.port, server.url
+    backend = http_backend(url, outage_s=20, backoff_s=0.1)
+    restarted = []
+    timer = threading.Timer(1.5, lambda: restarted.append(serve_function(distinctive, port=port)))
+    timer.start()
+    try:
+        start = time.monotonic()
+        assert backend.score(samples(2)).tolist() == [100.0, 101.0]
+        assert time.monotonic() - start >= 1.4 and restarted[0].requests == 1
+    finally:
+        timer.join()
+        restarted[0].close()
+    assert re.search(rf"reward endpoint {url} unreachable for 0 s \(.*Connection refused.*\); retrying until 20 s "
+                     r"\(models.reward.outage_s\)", caplog.text), caplog.text
+    assert f"reward endpoint {url} reachable again after" in caplog.text
+
+
+def test_http_an_outage_longer_than_outage_s_stops_with_the_endpoint_named():
+    with Scripted(ok(1)) as server:
+        url = server.url
+    start = time.monotonic()
+    with pytest.raises(RewardEndpointDown, match=rf"^reward endpoint {url} unreachable for 1 s, as long as "
+                                                 r"models.reward.outage_s=1 allows; last: cannot be reached after 0 "
+                                                 r"retries \(models.reward.retries\): .*Connection refused"):
+        http_backend(url, outage_s=1, backoff_s=0.1).score(samples(1))
+    assert 1.0 <= time.monotonic() - start < 5
+
+
+def test_http_5xx_counts_as_an_outage_too():
+    with Scripted((503, "overloaded", 0.0), (502, "bad gateway", 0.0), ok(2)) as server:
+        assert http_backend(server.url, outage_s=10, backoff_s=0.05).score(samples(2)).tolist() == [0.0, 1.0]
+        assert len(server.received) == 3
+
+
+def test_the_driver_is_told_of_an_outage_when_it_starts_then_once_a_minute(caplog):
+    import logging
+
+    from rlhf_ray.rewards.outage import OutageRecord, OutageWatch
+
+    caplog.set_level(logging.INFO, logger="rlhf_ray.rewards.outage")
+    records, clock = [], [0.0]
+    watch = OutageWatch(lambda: list(records), clock=lambda: clock[0])
+    down = {"url": "http://rm/", "seconds": 3.0, "reason": "Connection refused", "limit_s": 300.0}
+    told = []
+    for now, state in [(0, down), (30, {**down, "seconds": 33.0}), (59, {**down, "seconds": 62.0}),
+                       (62, {**down, "seconds": 65.0}), (80, None)]:
+        clock[0] = now
+        records[:] = [state, {**state, "seconds": 1.0}] if state else []  # two reward actors
+        caplog.clear()
+        watch.poll()
+        told += caplog.messages
+    assert told == ["reward endpoint http://rm/ unreachable for 3 s (Connection refused); retrying until 300 s "
+                    "(models.reward.outage_s)",
+                    "reward endpoint http://rm/ unreachable for 65 s (Connection refused); retrying until 300 s "
+                    "(models.reward.outage_s)",
+                    "reward endpoint http://rm/ reachable again after about 83 s"]
+    caplog.clear()
+    for now, outage in [(100, "a#0"), (102, "a#1")]:  # one outage, then the next before the watch saw a gap
+        clock[0], records[:] = now, [{**down, "outage": outage}]
+        watch.poll()
+    assert caplog.messages == [told[0], "reward endpoint http://rm/ reachable again after about 5 s", told[0]]
+    caplog.clear()
+    records[:] = [{**down, "outage": "a#1", "gave_up": True}]  # the client gave up: the run stops on its error
+    clock[0] = 500
+    watch.poll()
+    assert caplog.messages == []
+    assert OutageRecord().key is None  # without Ray there is no driver to tell
+
+
+def test_outage_s_must_fit_in_the_scoring_timeout(tmp_path):
+    from rlhf_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"models.reward.outage_s: 600 s of riding out an outage plus one request "
+                                          r"\(models.reward.timeout_s=60\) must fit in timeouts.score_s=600"):
+        tiny_config(tmp_path, None, "models.reward.kind=http", "models.reward.url=http://h/",
+                    "models.value_init=policy", "models.reward.outage_s=600")
 
 
 @pytest.mark.parametrize("reply, message", [

@@ -125,7 +125,7 @@ class HttpBackend(RewardBackend):
                                  "where the reward actor runs; export it before starting the run (or the cluster)")
             headers["Authorization"] = f"Bearer {token}"
         self.client = RewardClient(cfg.url, timeout_s=cfg.timeout_s, retries=cfg.retries, backoff_s=cfg.backoff_s,
-                                   headers=headers)
+                                   headers=headers, outage_s=cfg.outage_s)
 
     def score(self, samples: list[RewardSample]) -> torch.Tensor:
         size = self.cfg.batch_size

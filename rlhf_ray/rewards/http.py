@@ -25,9 +25,9 @@ Response: HTTP 2xx with a JSON body::
 
 Errors: a server answers a request it cannot score with a non-2xx status, ideally with
 ``{"schema": "rlhf-ray/reward/v1", "error": "<why>"}``. The client retries connection errors and HTTP
-429/500/502/503/504 (``models.reward.retries``, exponential back-off ``models.reward.backoff_s``); a request that
-takes longer than ``models.reward.timeout_s`` is not retried. Anything else that is not a valid v1 answer stops
-the run with a message naming the endpoint.
+429/500/502/503/504 (``models.reward.retries``, exponential back-off ``models.reward.backoff_s``), then keeps trying
+through an outage of up to ``models.reward.outage_s``; a request that takes longer than ``models.reward.timeout_s``
+is not retried. Anything else that is not a valid v1 answer stops the run with a message naming the endpoint.
 
 Versioning: ``schema`` names the version in both directions. Readers ignore fields they do not know, so v1 may
 gain optional fields; a change that breaks a v1 reader gets a new name (``rlhf-ray/reward/v2``). A server answers a
@@ -49,6 +49,8 @@ import logging
 import math
 import numbers
 import threading
+import time
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 SCHEMA = "rlhf-ray/reward/v1"
@@ -116,18 +118,38 @@ def parse_scores(text: str, expected: int, endpoint: str) -> list[float]:
 
 # ------------------------------------------------------------------------------------- the client
 
+class RewardEndpointDown(RuntimeError):
+    """The endpoint could not be reached, or kept answering HTTP 429/5xx, past the client's retries and outage time."""
+
+
+@dataclass(frozen=True)
+class _Failure:
+    reason: str   # short: for the outage notices
+    message: str  # what the error says when nothing more is waited for (outage_s=0)
+
+
+OUTAGE_RETRY_MAX_S = 10.0  # the longest pause between tries during an outage (and at most a tenth of outage_s)
+
+
 class RewardClient:
     """Scores samples at a v1 endpoint: one POST per call, retried with back-off by urllib3 for connection errors
     and HTTP 429/5xx (POST is idempotent here: scoring changes nothing), never for a slow answer (``timeout_s``
-    bounds each attempt; a retried timeout would multiply the wait)."""
+    bounds each attempt; a retried timeout would multiply the wait).
+
+    ``outage_s`` > 0 rides out an outage: a request still failing after its retries is tried again, with back-off up
+    to OUTAGE_RETRY_MAX_S (and outage_s / 10) apart, until the endpoint has been down that long (counted from its
+    first failure to the next answer, across calls). Meanwhile the outage is logged here when it begins and once a
+    minute, and recorded for the driver's console (rlhf_ray.rewards.outage)."""
 
     def __init__(self, url: str, timeout_s: float = 60.0, retries: int = 3, backoff_s: float = 0.5,
-                 headers: dict | None = None):
+                 headers: dict | None = None, outage_s: float = 0.0):
         import requests
         from requests.adapters import HTTPAdapter
         from urllib3.util import Retry
 
-        self.url, self.timeout_s, self.retries = url, timeout_s, retries
+        self.url, self.timeout_s, self.retries, self.backoff_s = url, timeout_s, retries, backoff_s
+        self.outage_s, self.down_since, self._logged = outage_s, None, None
+        self._record = None  # rlhf_ray.rewards.outage.OutageRecord, made at the first outage
         retry = Retry(total=retries, connect=retries, status=retries, read=False, backoff_factor=backoff_s,
                       status_forcelist=RETRY_STATUSES, allowed_methods=frozenset({"POST"}),
                       raise_on_status=False)  # the last answer comes back: its status and body go in the error
@@ -138,24 +160,91 @@ class RewardClient:
 
     def score(self, samples: list[dict]) -> list[float]:
         """One finite score per sample, in order; RuntimeError (transport) or ValueError (content) naming the URL."""
+        longest = min(OUTAGE_RETRY_MAX_S, self.outage_s / 10)  # a short outage_s: back soon after the endpoint is
+        body, pause = request_body(samples), min(max(self.backoff_s, 0.5), longest)
+        while True:
+            tried = time.monotonic()
+            response, failure = self._post(body)
+            if failure is None:
+                self._answered()
+                return parse_scores(response.text, len(samples), self.url)
+            time.sleep(min(pause, self._wait_left(failure, tried)))  # raises RewardEndpointDown when none is left
+            pause = min(2 * pause, longest)
+
+    def _post(self, body: dict):
+        """(response, None) for an answer to read; (None, _Failure) for one worth trying again later."""
         import requests
 
         where = f"reward endpoint {self.url}"
         try:
-            response = self.session.post(self.url, json=request_body(samples), timeout=self.timeout_s)
+            response = self.session.post(self.url, json=body, timeout=self.timeout_s)
+        except requests.ConnectTimeout as err:  # nothing answered at all: the endpoint is unreachable
+            return None, self._unreachable(err)
         except requests.Timeout:
             raise RuntimeError(f"{where} did not answer within {self.timeout_s:g} s "
                                "(models.reward.timeout_s)") from None
         except requests.RequestException as err:
-            raise RuntimeError(f"{where} cannot be reached after {self.retries} retries (models.reward.retries): "
-                               f"{_root_cause(err)}") from None
+            return None, self._unreachable(err)
+        if response.status_code in RETRY_STATUSES:
+            return None, _Failure(f"HTTP {response.status_code}", f"answered HTTP {response.status_code} (after up "
+                                  f"to {self.retries} retries): {response.text[:200]!r}")
         if not 200 <= response.status_code < 300:
             raise RuntimeError(f"{where} answered HTTP {response.status_code} (after up to {self.retries} retries): "
                                f"{response.text[:200]!r}")
-        return parse_scores(response.text, len(samples), self.url)
+        return response, None
+
+    def _unreachable(self, err: BaseException) -> _Failure:
+        return _Failure(_os_reason(err), f"cannot be reached after {self.retries} retries (models.reward.retries): "
+                                         f"{_root_cause(err)}")
+
+    def _wait_left(self, failure: _Failure, tried: float) -> float:
+        """Seconds the outage may still last (it began when the first failed request was sent, ``tried``);
+        RewardEndpointDown once it has lasted outage_s. Says so when it begins and once a minute."""
+        from rlhf_ray.rewards.outage import NOTICE_S, OutageRecord, notice
+
+        if self.outage_s <= 0:
+            raise RewardEndpointDown(f"reward endpoint {self.url} {failure.message}")
+        now = time.monotonic()
+        self.down_since = self.down_since if self.down_since is not None else tried
+        down_for = now - self.down_since
+        if down_for >= self.outage_s:
+            if self._record is not None:  # no "reachable again" on the driver's console
+                self._record.gave_up()
+            self.down_since = self._logged = None  # a later call (if any) counts a new outage
+            raise RewardEndpointDown(f"reward endpoint {self.url} unreachable for {down_for:.0f} s, as long as "
+                                     f"models.reward.outage_s={self.outage_s:g} allows; last: {failure.message}")
+        self._record = self._record or OutageRecord()
+        self._record.down(self.url, down_for, failure.reason, self.outage_s)
+        if self._logged is None or now - self._logged >= NOTICE_S:
+            log.warning("%s", notice({"url": self.url, "seconds": down_for, "reason": failure.reason,
+                                      "limit_s": self.outage_s}))
+            self._logged = now
+        return self.outage_s - down_for
+
+    def _answered(self) -> None:
+        if self.down_since is not None:
+            log.warning("reward endpoint %s reachable again after %.0f s", self.url, time.monotonic() - self.down_since)
+            self.down_since = self._logged = None
+            if self._record is not None:
+                self._record.up()
 
     def close(self) -> None:
         self.session.close()
+
+
+def _os_reason(err: BaseException) -> str:
+    """The operating system's reason inside a requests/urllib3 error, short (``ConnectionRefusedError: Connection
+    refused``), for the outage notices; the whole root cause where there is none."""
+    pending, seen = [err], set()
+    while pending:
+        cause = pending.pop()
+        if not isinstance(cause, BaseException) or id(cause) in seen:
+            continue
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.strerror:
+            return f"{type(cause).__name__}: {cause.strerror}"
+        pending += [*getattr(cause, "args", ()), getattr(cause, "reason", None), cause.__context__, cause.__cause__]
+    return _root_cause(err)
 
 
 def _root_cause(err: BaseException) -> str:
