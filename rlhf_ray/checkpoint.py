@@ -41,8 +41,8 @@ MUST_MATCH = ("seed", "model", "data.", "generation.n_samples_per_prompt",  # "m
               "deepspeed.zero_stage", "deepspeed.precision")
 NEVER_COMPARED = ("output_dir", "resume", "overwrite", "models.cache_dir")
 # how the reward is reached or shaped, not which model it is: a resume may change these (logged)
-CHANGEABLE = tuple(f"models.reward.{key}" for key in ("url", "timeout_s", "retries", "backoff_s", "token_env",
-                                                        "batch_size", "normalize", "clip"))
+CHANGEABLE = tuple(f"models.reward.{key}" for key in ("url", "timeout_s", "retries", "backoff_s", "outage_s",
+                                                        "token_env", "batch_size", "normalize", "clip"))
 
 
 class CheckpointError(ValueError):
@@ -163,6 +163,13 @@ def latest_valid(output_dir: str | Path) -> Path | None:
         except CheckpointError as err:
             log.warning("%s; trying the one before", err)
     return None
+
+
+def latest_complete(output_dir: str | Path) -> Path | None:
+    """The newest checkpoint whose save completed (it has its manifest: written last, then renamed into place) — what
+    an error message can name at once; ``latest_valid`` also checks every hash (slow for big models)."""
+    complete = [path for path in checkpoints_dir(output_dir).glob("step-*") if (path / MANIFEST).is_file()]
+    return max(complete, default=None)
 
 
 def resolve(resume: str | None, output_dir: str | Path) -> Path | None:

@@ -52,10 +52,16 @@ class MetricsLogger:
             self.samples.write(json.dumps(sample, ensure_ascii=False) + "\n")
 
     def close(self) -> None:
-        self.jsonl.close()
-        self.samples.close()
-        if self.tb:
-            self.tb.close()
+        """Close every file even if one fails (a full disk fails the last flush); then raise the first failure."""
+        failure = None
+        for writer in (self.jsonl, self.samples, self.tb):
+            try:
+                if writer is not None:
+                    writer.close()
+            except Exception as err:
+                failure = failure or err
+        if failure is not None:
+            raise failure
 
     def __enter__(self):
         return self

@@ -37,26 +37,58 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(cfg, title: str, make_trainer) -> int:
+    """Hold the output dir for the whole run (rlhf_ray.output_lock: a second run into it is refused in one line
+    naming the holder), then claim it, start the trainer and step it to the end (``_run_holding``). The lock is
+    released however the run ends. Shared by every driver (PPO, reward-model training)."""
+    from rlhf_ray.cluster.signals import STOP_SIGNALS, RunStopped
+    from rlhf_ray.output_lock import LOCK_NAME, OutputDirBusy, OutputDirLock, default_command
+    from rlhf_ray.preflight import PreflightError, check_output_dir
+
+    try:
+        out = check_output_dir(cfg.output_dir)
+        lock = OutputDirLock(out, default_command())
+        lock.acquire()  # before claim_output_dir: overwrite=true removes the earlier run's outputs
+    except (PreflightError, OutputDirBusy) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"error: output_dir={str(cfg.output_dir)!r}: cannot take its lock ({LOCK_NAME}): {err}", file=sys.stderr)
+        return 2
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        # SIGTERM is RunStopped from here on (as SIGINT is KeyboardInterrupt), so that a run stopped while it starts
+        # up releases its lock too; connect() installs the handler again after ray.init replaced it
+        STOP_SIGNALS.install()
+        return _run_holding(cfg, title, make_trainer, out, lock)
+    except (RunStopped, KeyboardInterrupt) as stop:  # before the trainer's own handling began
+        return _stopped(stop, None, 0)
+    finally:
+        lock.release()
+        for sig, handler in handlers.items():  # (a run started in-process, by a test say, leaves them as they were)
+            signal.signal(sig, handler)
+
+
+def _run_holding(cfg, title: str, make_trainer, out, lock) -> int:
     """Claim the output dir, start the trainer, step it to the end with a progress bar, finish; a stop signal
-    checkpoints and exits 143/130, a known error is one line and exit 1. Shared by every driver (PPO,
-    reward-model training): a trainer has ``step_count``, ``num_steps``, ``saved_step``, ``startup_seconds``,
-    ``step()``, ``progress(metrics)``, ``finish()``, ``stop()``, ``closing()`` and ``shutdown()``."""
+    checkpoints and exits 143/130, an error is one line (``_failed``) and exit 1. A trainer has ``step_count``,
+    ``num_steps``, ``saved_step``, ``startup_seconds``, ``step()``, ``progress(metrics)``, ``finish()``, ``stop()``,
+    ``unsaveable_after(err)``, ``save_checkpoint()``, ``closing()`` and ``shutdown()``."""
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from rlhf_ray.console import setup_console
-    from rlhf_ray.preflight import PreflightError, check_output_dir, claim_output_dir
-    from rlhf_ray.cluster.roles import RoleError
+    from rlhf_ray.preflight import PreflightError, claim_output_dir
     from rlhf_ray.cluster.signals import RunStopped
 
     try:
-        out = check_output_dir(cfg.output_dir)
         claim_output_dir(out, cfg.resume, cfg.overwrite)
     except PreflightError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     driver_log = setup_console(cfg.logging.console, out)
     log.info("%s → %s%s", title, out, f" (engine, Ray and DeepSpeed output: {driver_log.parent}/)" if driver_log else "")
+    if lock.took_over:
+        log.warning("%s", lock.took_over)
     trainer = None
     try:
         trainer = make_trainer()
@@ -68,6 +100,7 @@ def run(cfg, title: str, make_trainer) -> int:
                        disable=not cfg.logging.progress_bar)
             while trainer.step_count < trainer.num_steps:
                 metrics = trainer.step()
+                lock.check()  # another run took the output dir (this one was paused too long): write nothing more
                 if metrics:
                     bar.set_postfix(trainer.progress(metrics), refresh=False)
                 if trainer.step_count >= bar.n:
@@ -85,15 +118,61 @@ def run(cfg, title: str, make_trainer) -> int:
         stop = _stop_in(err)
         if stop is not None:  # a stop signal that surfaced inside a library call, wrapped by it
             return _stopped(stop, trainer, trainer.num_steps if trainer else 0)
-        if not isinstance(err, (RoleError, ValueError, OSError)):
+        if _failed(err, trainer, out) is None:
             raise
-        log.error("error: %s", err)
         return 1
     finally:
         _clean_up(trainer)
     for line in trainer.closing():
         log.info("%s", line)
     return 0
+
+
+def _failed(err: Exception, trainer, out) -> int | None:
+    """An error ends the run: its line (a full disk's says which path filled up and what is still valid, its
+    traceback going to driver.log only), then the finished steps checkpointed where that is valid
+    (checkpoint.on_error) in a second line that says where to resume from. Returns 1, or None for an error of an
+    unexpected kind (a bug: its traceback is for the console too)."""
+    from rlhf_ray.cluster.roles import RoleError
+    from rlhf_ray.console import FILE_ONLY
+    from rlhf_ray.disk_full import disk_full_message, is_disk_full
+    from rlhf_ray.output_lock import OutputDirLost
+
+    steps = f"after {trainer.step_count if trainer else 0} of {trainer.num_steps if trainer else 0} steps"
+    # an error that says nothing of the disk (an actor that died writing) counts as the full disk's when the run was
+    # running and its output dir has no room left; nothing is saved then: it would only fill the disk again
+    if is_disk_full(err, out if trainer is not None else None):
+        log.error("error: %s", disk_full_message(err, out))
+        log.error("the full disk's error", exc_info=err, extra=FILE_ONLY)
+        return 1
+    expected = isinstance(err, (RoleError, ValueError, OSError, OutputDirLost))
+    if expected:
+        log.error("error: %s", err)
+    if trainer is not None and not isinstance(err, OutputDirLost):  # a lost output dir is another run's now
+        log.error("stopped %s; %s", steps, _save_on_error(trainer, err, out))
+    return 1 if expected else None
+
+
+def _save_on_error(trainer, err: Exception, out) -> str:
+    """Checkpoint the finished steps if that is valid (checkpoint.on_error); what happened, and where a rerun with
+    resume=auto continues from."""
+    from rlhf_ray import checkpoint
+
+    latest = checkpoint.latest_complete(out)
+    last = (f"rerun with resume=auto to continue from the last checkpoint (step {int(latest.name.split('-')[-1])}, "
+            f"{latest})" if latest else "there is no checkpoint yet: a rerun starts from the beginning")
+    if trainer.saved_step == trainer.step_count:
+        return f"the last checkpoint is current: {last}" if latest else f"no step was finished: {last}"
+    if not trainer.cfg.checkpoint.on_error:
+        return f"nothing saved (checkpoint.on_error=false): {last}"
+    why = trainer.unsaveable_after(err)
+    if why:
+        return f"no checkpoint is saved now, as {why}: {last}"
+    try:
+        saved = trainer.save_checkpoint()
+    except Exception as save_err:
+        return f"the checkpoint could not be saved ({str(save_err).splitlines()[0]}): {last}"
+    return f"checkpoint of step {trainer.step_count} saved to {saved}: rerun with resume=auto to continue from it"
 
 
 def _stop_in(err: BaseException):
@@ -131,12 +210,16 @@ def _clean_up(trainer) -> None:
     import time
 
     from rlhf_ray.cluster.connection import abandon_ray, local_ray_down, stop_ray
+    from rlhf_ray.console import FILE_ONLY
 
     stage = ["roles"]
 
     def work():
-        if trainer is not None:
-            trainer.shutdown()
+        try:
+            if trainer is not None:
+                trainer.shutdown()
+        except Exception as err:  # e.g. the last flush of the metrics on a full disk, which the run has reported
+            log.warning("shutting the roles down: %s", err, exc_info=err, extra=FILE_ONLY)
         stage[0] = "ray"
         stop_ray()
 

@@ -47,6 +47,7 @@ def test_a_signal_mid_run_stops_everything_with_one_line(tiny_cache, tmp_path, s
         last = output.strip().splitlines()[-1]
         assert f"stopped by {signal.Signals(sig).name} after" in last and "of 200 steps" in last, last
         assert ray_processes(ray_tmp) == [], ray_processes(ray_tmp)
+        assert not (out / "run.lock").exists()  # the output dir is free for the next run
         steps = [row["step"] for row in metric_rows(out)]
         assert steps == list(range(1, len(steps) + 1)) and len(steps) < 200
         # the finished steps are checkpointed: a resume continues right after the last recorded step

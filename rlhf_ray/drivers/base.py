@@ -1,6 +1,6 @@
 """What every driver (PPO: rlhf_ray.drivers.ppo, reward-model training: rlhf_ray.drivers.reward_model) does the same way:
 checkpoints of its finished steps, resume, the learner group back to the last checkpoint when a rank dies,
-the last checkpoint on a stop signal. A driver has ``cfg`` (with output_dir, resume, seed, checkpoint, recovery),
+the last checkpoint on a stop signal or an error. A driver has ``cfg`` (with output_dir, resume, seed, checkpoint, recovery),
 ``roles``, ``sampler``, ``metrics_log``, ``step_count``, ``saved_step`` and ``num_steps``, and says what is
 its own through three hooks: ``driver_state`` (saved in trainer.json), ``restore`` and ``reset_to_start``.
 """
@@ -13,11 +13,16 @@ from pathlib import Path
 from rlhf_ray import checkpoint
 from rlhf_ray.config import dump_config
 from rlhf_ray.cluster.roles import ActorLost
+from rlhf_ray.disk_full import DiskFull, is_disk_full
 
 log = logging.getLogger(__name__)
 
 
 class CheckpointedDriver:
+    # True from the start of a step's update until the step is recorded: an error meanwhile leaves the learners
+    # between steps (ahead of step_count), a state no checkpoint may hold
+    updating = False
+
     def driver_state(self) -> dict:
         """The driver's own state after ``step_count`` steps, beyond the step and the data position."""
         return {}
@@ -44,8 +49,12 @@ class CheckpointedDriver:
                      "seed": self.cfg.seed, "restarts": dict(self.roles.restarts), **self.driver_state()}
             path = checkpoint.commit(staging, self.step_count, state, dump_config(self.cfg),
                                      self.cfg.checkpoint.keep_last)
-        except BaseException:
+        except BaseException as err:
+            full = isinstance(err, Exception) and is_disk_full(err, staging)  # judged before the partial save goes
             checkpoint.abort(staging)  # the earlier checkpoints stay as they were
+            if full:
+                raise DiskFull(checkpoint.checkpoints_dir(self.cfg.output_dir) / checkpoint.step_name(self.step_count),
+                               err) from err
             raise
         self.saved_step = self.step_count
         log.info("checkpoint of step %d saved to %s in %.1f s", self.step_count, path, time.perf_counter() - start)
@@ -87,6 +96,7 @@ class CheckpointedDriver:
         else:
             self.step_count = 0
             self.reset_to_start()
+        self.updating = False  # the learners hold a recorded step again
         self.metrics_log.rewind(self.step_count)
 
     def due(self, every: int) -> bool:
@@ -104,8 +114,19 @@ class CheckpointedDriver:
             return self.save_checkpoint()
         return None
 
+    def unsaveable_after(self, err: BaseException) -> str | None:
+        """Why no checkpoint may be saved after ``err`` ended the run (None: the learners hold exactly the last
+        finished step, and a checkpoint of it is valid)."""
+        if isinstance(err, ActorLost) and err.role == "learner":
+            return "a learner rank is lost"
+        if self.updating:
+            return f"the error came during step {self.step_count + 1}'s update, which leaves the learner between steps"
+        return None
+
     def shutdown(self) -> None:
-        if hasattr(self, "metrics_log"):
-            self.metrics_log.close()
-        if hasattr(self, "roles"):
-            self.roles.shutdown()
+        try:
+            if hasattr(self, "metrics_log"):
+                self.metrics_log.close()
+        finally:  # (a full disk can fail the last flush:) the roles must go in any case
+            if hasattr(self, "roles"):
+                self.roles.shutdown()

@@ -36,6 +36,7 @@ from rlhf_ray.ppo_math import gae, kl_penalty, masked_mean, masked_whiten, shape
 from rlhf_ray.metrics import MetricsLogger
 from rlhf_ray.objectives import LearnerSpec
 from rlhf_ray.rewards.normalize import ScoreNormalizer
+from rlhf_ray.rewards.outage import OutageWatch
 from rlhf_ray.cluster.connection import connect, local_ray_down
 from rlhf_ray.cluster.roles import ActorLost, ModelPaths, Roles
 from rlhf_ray.cluster.signals import STOP_SIGNALS
@@ -78,6 +79,8 @@ class PPOTrainer(CheckpointedDriver):
         connect(cfg)
         start = time.perf_counter()
         self.roles = Roles(cfg, self.paths, ppo_learner(cfg, self.paths), overlapped=cfg.ppo.async_steps > 0)
+        # an HTTP RM's outage is ridden out inside the reward actors; the console hears of it from here
+        self.outage_watch = OutageWatch.for_this_job().start() if models.reward.kind == "http" else None
         self.normalizer = self._score_normalizer()
         self.old_logprobs, why = cfg.old_logprobs_source()
         log.info("old logprobs for the PPO ratio: %s (%s)", self.old_logprobs, why)
@@ -156,6 +159,7 @@ class PPOTrainer(CheckpointedDriver):
             rollout_stats.update({"score/raw_mean": float(raw_scores.mean()),
                                   "score/raw_std": float(raw_scores.std(unbiased=False))})
         with STOP_SIGNALS.deferred():
+            self.updating = True  # until the step is recorded: an error here leaves no checkpointable state
             with phase(times, "learn"):
                 learn_stats, learn_s = self.roles.learn(batch)
             rollout_stats["kl/sampler_vs_learner"] = sampler_gap(batch, learn_stats, self.old_logprobs)
@@ -173,6 +177,7 @@ class PPOTrainer(CheckpointedDriver):
                                       overlapped and not inline)}
             self.metrics_log.log(metrics)
             self.metrics_log.log_samples(pick_samples(batch, self.cfg.logging.samples_per_step, self.step_count))
+            self.updating = False
             if self.due(self.cfg.checkpoint.every_steps):
                 self.save_checkpoint()
         return metrics
@@ -286,6 +291,8 @@ class PPOTrainer(CheckpointedDriver):
         return self.roles.save(path)
 
     def shutdown(self) -> None:
+        if getattr(self, "outage_watch", None) is not None:
+            self.outage_watch.stop()
         if hasattr(self, "roles"):
             self.roles.closing = True
         self._drop_prefetched(wait=False)  # its calls fail as the actors go; nothing replaces them (closing)

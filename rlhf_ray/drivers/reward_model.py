@@ -156,6 +156,7 @@ class RewardModelTrainer(CheckpointedDriver):
         indices = self.sampler.batch(self.step_count)
         batch = self.train_pairs.batch(indices, self.tokenizer.pad_token_id)
         with STOP_SIGNALS.deferred():
+            self.updating = True  # until the step is recorded: an error here leaves no checkpointable state
             stats, learn_s = self.roles.learn(batch)
             self.step_count += 1
             seconds = time.perf_counter() - started
@@ -165,6 +166,7 @@ class RewardModelTrainer(CheckpointedDriver):
             if self.due(self.cfg.training.eval_every_steps):
                 metrics.update(self._eval_metrics(self.evaluate()))
             self.metrics_log.log(metrics)
+            self.updating = False
             if self.due(self.cfg.checkpoint.every_steps):
                 self.save_checkpoint()
         return metrics
