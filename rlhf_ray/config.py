@@ -56,6 +56,13 @@ class RewardConfig(_Strict):
     backoff_s: float = Field(
         0.5, ge=0, description="kind='http': exponential back-off between retries (urllib3: the first retry at once, the "
                               "n-th after backoff_s × 2^(n-1) seconds; a Retry-After header is honoured).")
+    outage_s: float = Field(
+        300.0, ge=0, description="kind='http': how long an outage of the endpoint is ridden out. When a request still "
+                                 "fails after its `retries` (a connection error, HTTP 429/500/502/503/504), it is tried "
+                                 "again with back-off (up to 10 s and outage_s / 10 apart) until the endpoint has been "
+                                 "unreachable for this long, and the driver's console says so once a minute; then the "
+                                 "run stops, checkpointing its finished steps (checkpoint.on_error). 0: stop after "
+                                 "`retries`. outage_s + timeout_s must fit in timeouts.score_s.")
     token_env: Optional[str] = Field(
         None, description="kind='http': name of an environment variable holding a bearer token, sent as "
                           "'Authorization: Bearer …' (the token itself never goes into the config). It must be set "
@@ -181,7 +188,10 @@ class ActorResources(_Strict):
 
 
 class RoleResources(ActorResources):
-    tensor_parallel_size: int = Field(1, gt=0, description="vLLM tensor parallelism inside one generation actor.")
+    tensor_parallel_size: int = Field(
+        1, gt=0, description="vLLM tensor parallelism inside one generation actor: its workers are processes of the "
+                             "actor, on its GPUs (num_gpus ≥ tensor_parallel_size) or on CPU its cores, one or more per "
+                             "worker (vLLM's VLLM_CPU_OMP_THREADS_BIND, set from the actor's CPUs).")
     sharded: bool = Field(
         False, description="reward (kind='model') and reference only: the role's num_actors actors hold ONE model "
                            "between them (ZeRO-3 inference: each keeps ~1/num_actors of the weights and gathers a layer "
@@ -225,12 +235,13 @@ class ResourcesConfig(LearnerResourcesConfig):
 class WeightsConfig(_Strict):
     transport: Literal["auto", "object_store", "collective", "files"] = Field(
         "auto", description="How new policy weights go from the learner to the engines after each update "
-                            "(rlhf_ray.weights.engine): 'object_store': flat buckets put once into Ray's object store, read "
-                            "zero-copy by every engine; 'collective': a bucketed, pipelined broadcast from learner rank "
+                            "(rlhf_ray.weights): 'object_store': buckets put once into Ray's object store, read in "
+                            "place by every engine on the node; 'collective': a bucketed, pipelined broadcast from learner rank "
                             "0 to every engine over a process group of their own (gloo on CPU, NCCL on GPU); 'files': "
                             "buckets written as safetensors (in /dev/shm) and reloaded by path — for engines that run "
-                            "in other processes (tensor_parallel_size > 1, vLLM multiprocessing). 'auto': 'collective' "
-                            "for in-process engines, 'object_store' with ppo.async_steps=1, 'files' otherwise (logged).")
+                            "in other processes (tensor_parallel_size > 1, vLLM multiprocessing). 'auto': 'object_store' "
+                            "for in-process engines (fastest on one node: benchmarks/results/weight_sync.md), "
+                            "'collective' for engines in other processes ('files' with ppo.async_steps=1); logged.")
     bucket_mb: float = Field(
         256.0, gt=0, description="Size of one weight bucket in MiB: the unit that is sent, and loaded while the next "
                                  "one is in flight (a tensor larger than this goes alone).")
@@ -274,6 +285,12 @@ class CheckpointConfig(_Strict):
     keep_last: int = Field(2, gt=0, description="Checkpoints kept; older ones are deleted after a newer one is complete.")
     at_end: bool = Field(True, description="Save a checkpoint after the last step.")
     on_signal: bool = Field(True, description="On SIGTERM/SIGINT save a checkpoint of the last finished step before exiting.")
+    on_error: bool = Field(
+        True, description="When the run stops on an error (a reward endpoint unreachable past models.reward.outage_s, a "
+                          "role failing for good, …), save a checkpoint of the last finished step first — if the "
+                          "learner holds exactly that step: not after an error during the update or with a learner "
+                          "lost, and not on a full disk (then the last checkpoint is the one to resume from; the "
+                          "console says which).")
 
 
 class RecoveryConfig(_Strict):
@@ -349,6 +366,10 @@ class ExperimentConfig(RunConfig):
                  "must be 'module:function' when models.reward.kind='function'")
         _require(reward.kind != "http" or (reward.url or "").startswith(("http://", "https://")), "models.reward.url",
                  "must be an http:// or https:// URL when models.reward.kind='http' (e.g. http://127.0.0.1:8001/)")
+        _require(reward.kind != "http" or reward.outage_s + reward.timeout_s <= self.timeouts.score_s,
+                 "models.reward.outage_s", f"{reward.outage_s:g} s of riding out an outage plus one request "
+                 f"(models.reward.timeout_s={reward.timeout_s:g}) must fit in timeouts.score_s={self.timeouts.score_s:g}, "
+                 "or the reward actor would be replaced as stuck meanwhile: raise timeouts.score_s or lower outage_s")
         _require(reward.kind != "serve" or reward.app, "models.reward.app",
                  "is required when models.reward.kind='serve': the Serve application's name "
                  "(python -m rlhf_ray.rm list shows them)")
@@ -362,8 +383,10 @@ class ExperimentConfig(RunConfig):
         gen = self.resources.generation
         _require(gen.num_gpus == 0 or gen.num_gpus >= gen.tensor_parallel_size, "resources.generation.num_gpus",
                  f"{gen.num_gpus} GPUs cannot host tensor_parallel_size={gen.tensor_parallel_size}")
-        _require(gen.tensor_parallel_size == 1 or gen.num_gpus > 0, "resources.generation.tensor_parallel_size",
-                 "tensor parallelism needs GPUs (resources.generation.num_gpus)")
+        _require(gen.num_gpus > 0 or gen.tensor_parallel_size <= max(1, int(gen.num_cpus)),
+                 "resources.generation.tensor_parallel_size",
+                 f"on CPU each of the {gen.tensor_parallel_size} tensor-parallel workers needs a core of its own: "
+                 "raise resources.generation.num_cpus to at least tensor_parallel_size (or give it GPUs)")
         _require(self.in_process_engines or self.weights.transport != "object_store", "weights.transport",
                  "'object_store' needs in-process CPU engines (no GPUs, tensor_parallel_size 1): its buckets are read "
                  "in the actor's own process; with engines in other processes use 'collective', 'files' or 'auto'")
@@ -402,14 +425,17 @@ class ExperimentConfig(RunConfig):
         return gen.num_gpus == 0 and gen.tensor_parallel_size == 1
 
     def weight_transport(self) -> tuple[str, str]:
-        """(transport, why) with 'auto' decided: benchmarks/weight_sync.py measured the collective fastest here."""
+        """(transport, why) with 'auto' decided by benchmarks/weight_sync.py: on one node the object store (one copy
+        into shared memory, read in place) beat the gloo broadcast (a socket copy each way plus packing); engines
+        whose workers are other processes cannot read the object store, and a broadcast (NCCL on GPUs) is the peers'
+        fast path there."""
         if self.weights.transport != "auto":
             return self.weights.transport, "weights.transport"
-        if not self.in_process_engines:
-            return "files", "engines in other processes (GPUs or tensor_parallel_size > 1)"
+        if self.in_process_engines:
+            return "object_store", "in-process engines: the object store, read in place"
         if self.ppo.async_steps:
-            return "object_store", "overlapped: a replaced engine reloads the weights the others hold from the store"
-        return "collective", "in-process engines"
+            return "files", "engines in other processes, overlapped (a replaced engine reloads the published weights)"
+        return "collective", "engines in other processes (GPUs or tensor_parallel_size > 1)"
 
     @property
     def num_steps(self) -> int:
