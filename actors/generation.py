@@ -22,12 +22,16 @@ class GenerationActor(Role):
         if num_gpus == 0 or not torch.cuda.is_available():
             for key, value in CPU_ENV.items():
                 os.environ.setdefault(key, value)
+            if tensor_parallel_size > 1:  # vLLM binds each CPU worker to NUMA nodes, which one machine may lack
+                os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND",
+                                      cpu_bind(sorted(os.sched_getaffinity(0)), tensor_parallel_size))
         from vllm import LLM
 
         from rlhf_ray.weights import make_transport
 
         self.cfg = GenerationConfig(**generation)
-        self.transport = make_transport(weight_transport)
+        self.transports = {weight_transport: make_transport(weight_transport)}  # one of each kind: they keep state
+        self.default_transport = weight_transport
         self.tensor_parallel_size = tensor_parallel_size
         # TP workers as processes inside this actor (it owns its GPUs), not as Ray tasks on other bundles.
         backend = {"distributed_executor_backend": "mp"} if tensor_parallel_size > 1 else {}
@@ -81,7 +85,10 @@ class GenerationActor(Role):
         (``rlhf_ray.weights.engine.load_into_engine``). Returns its report from the first worker."""
         from rlhf_ray.weights import make_transport
 
-        report = (make_transport(transport) if transport else self.transport).load(self.llm, payload, timeout_s)
+        name = transport or self.default_transport
+        if name not in self.transports:
+            self.transports[name] = make_transport(name)
+        report = self.transports[name].load(self.llm, payload, timeout_s)
         self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
         return report
 
@@ -93,11 +100,15 @@ class GenerationActor(Role):
                                                                  world_size=world_size, timeout_s=timeout_s))
 
     def close(self) -> None:
-        """Leave the weight group and remove weight files (they live in RAM when in /dev/shm)."""
+        """Leave the weight group, remove weight files (they live in RAM when in /dev/shm) and stop the engine's
+        worker processes, if it has any (their shared-memory queues would outlive a killed actor)."""
         from rlhf_ray.weights.collective import worker_leave
 
-        self.transport.close()
+        for transport in self.transports.values():
+            transport.close()
         self.llm.collective_rpc(worker_leave)
+        if self.tensor_parallel_size > 1:
+            self.llm.llm_engine.engine_core.shutdown()
 
     def sequence_logprobs(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
         """The engine's logprobs of a given response (prompt_logprobs: at temperature 1, from the raw
@@ -109,3 +120,14 @@ class GenerationActor(Role):
                                 use_tqdm=False)[0]
         tail = out.prompt_logprobs[len(prompt_ids):]
         return [lp[t].logprob for lp, t in zip(tail, response_ids)]
+
+
+def cpu_bind(cpus: list[int], workers: int) -> str:
+    """vLLM's VLLM_CPU_OMP_THREADS_BIND for ``workers`` tensor-parallel CPU workers: the CPUs split into as many
+    disjoint groups ("0|1", "0-3|4-7"); a worker without a CPU of its own is an error naming the numbers."""
+    if len(cpus) < workers:
+        raise ValueError(f"tensor_parallel_size={workers} on CPU needs a CPU per worker; this actor may use "
+                         f"{len(cpus)} ({cpus})")
+    size = len(cpus) // workers
+    groups = [cpus[i * size:(i + 1) * size] for i in range(workers)]
+    return "|".join(",".join(str(c) for c in group) for group in groups)

@@ -4,8 +4,9 @@ Nodes (1 logical CPU each unless said): ``solo`` (3 CPUs, pool=solo), ``gen-a`` 
 (pool=learn), ``score`` (pool=score). Two runs of the tiny default through ``python -m rlhf_ray.train`` as a user
 starts them (``ray.address`` = the cluster):
 
-- ``one_node``: every role labelled pool=solo;
-- ``three_nodes``: generation on pool=gen, the learner on pool=learn, reward and reference on pool=score. After
+- ``one_node``: every role labelled pool=solo (weights through the object store);
+- ``three_nodes``: generation on pool=gen, the learner on pool=learn, reward and reference on pool=score, weights
+  broadcast across nodes (``weights.transport=collective``). After
   its step 2 the node that holds the engine is removed (the spare gen node takes over); a few steps later the
   other gen node is removed too (no room is left: the run must stop, saying so).
 
@@ -36,14 +37,14 @@ def placement(out: Path) -> dict:
     return json.loads(path.read_text())["actors"] if path.is_file() else {}
 
 
-def start(address: str, out: Path, cache: str, labels: dict[str, str]) -> subprocess.Popen:
+def start(address: str, out: Path, cache: str, labels: dict[str, str], *extra: str) -> subprocess.Popen:
     overrides = [f"resources.{role}.labels={{pool: {pool}}}" for role, pool in labels.items()]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     return subprocess.Popen(
         [sys.executable, "-m", "rlhf_ray.train", f"ray.address={address}", f"output_dir={out}",
          f"models.cache_dir={cache}", "logging.progress_bar=false", "logging.report=false",
-         f"ppo.total_episodes={16 * STEPS}", "checkpoint.every_steps=0", "timeouts.placement_s=10", *overrides],
+         f"ppo.total_episodes={16 * STEPS}", "checkpoint.every_steps=0", "timeouts.placement_s=10", *overrides, *extra],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -80,7 +81,7 @@ def main(out_root: str, cache: str) -> None:
 
         out = root / "three_nodes"
         run = start(cluster.address, out, cache, {"generation": "gen", "learner": "learn", "reward": "score",
-                                                  "reference": "score"})
+                                                  "reference": "score"}, "weights.transport=collective")
         removed = []
         if wait_for(run, out, 2):
             before = placement(out)

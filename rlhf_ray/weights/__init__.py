@@ -68,8 +68,9 @@ class FilesTransport(ObjectStoreTransport):
         from rlhf_ray.weights.object_store import read_buckets
 
         if not hasattr(self, "directory"):
-            self.directory = tempfile.mkdtemp(prefix="rlhf_ray_weights_",
-                                              dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+            root = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+            remove_orphaned_weight_dirs(root)
+            self.directory = tempfile.mkdtemp(prefix=f"{FILES_PREFIX}{os.getpid()}_", dir=root)
         for old in os.listdir(self.directory):
             os.remove(os.path.join(self.directory, old))
         tensors = dict(read_buckets(payload, timeout_s))
@@ -79,6 +80,31 @@ class FilesTransport(ObjectStoreTransport):
     def close(self):
         if hasattr(self, "directory"):
             shutil.rmtree(self.directory, ignore_errors=True)
+
+
+FILES_PREFIX = "rlhf_ray_weights_"
+
+
+def remove_orphaned_weight_dirs(root: str) -> list[str]:
+    """Weight files of engines that died without closing (killed, or lost with their node) stay in RAM-backed
+    /dev/shm: remove those whose process is gone (the directory name carries its pid)."""
+    removed = []
+    for name in os.listdir(root):
+        pid = name[len(FILES_PREFIX):].partition("_")[0]
+        if name.startswith(FILES_PREFIX) and pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            removed.append(name)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's: running
+        return True
+    return True
 
 
 class CollectiveTransport(Transport):
