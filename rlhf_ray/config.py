@@ -275,6 +275,9 @@ class LoggingConfig(RunLogging):
         4, ge=0, description="(prompt, response, score) rows per step written to <output_dir>/samples.jsonl.")
     report: bool = Field(True, description="Draw <output_dir>/report.png at the end of the run (rlhf_ray.report).")
     save_final_model: bool = Field(True, description="Save the final policy (HF safetensors) to <output_dir>/final_model.")
+    plan: bool = Field(True, description="Before the cluster starts, plan the run on this machine's devices "
+                                         "(rlhf_ray.plan): <output_dir>/plan.json, one console line with the predicted "
+                                         "step, and a warning with a fix for whatever the planner finds will not fit.")
 
 
 class CheckpointConfig(_Strict):

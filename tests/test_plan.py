@@ -202,3 +202,21 @@ def test_cli_unknown_model_exits_2_with_one_line(capsys):
     code = main([str(TULU), "models.policy=nobody/no-such-model-7b", "--gpu", "h100-80gb"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "unknown model" in err[0]
+
+
+def test_train_plans_at_startup_and_an_unknown_model_is_only_a_note(tmp_path, caplog):
+    import logging
+
+    from rlhf_ray.planning.planner import plan_at_startup
+
+    cfg = tulu(f"output_dir={tmp_path}", "resources.reward.num_actors=1", "resources.reward.sharded=false")
+    with caplog.at_level(logging.INFO, logger="rlhf_ray.plan"):
+        plan = plan_at_startup(cfg)  # no GPU here: planned for the H100s it asks for; a 70B RM on one does not fit
+    assert plan is not None and (tmp_path / "plan.json").is_file()
+    assert any(r.message.startswith("plan: predicted step") for r in caplog.records)
+    assert not plan.fits and any(r.levelno == logging.WARNING and "fix:" in r.message for r in caplog.records)
+    unknown = tulu(f"output_dir={tmp_path / 'u'}", "models.policy=nobody/no-such-model-7b")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="rlhf_ray.plan"):
+        assert plan_at_startup(unknown) is None
+    assert any(r.message.startswith("no plan for this config") for r in caplog.records)

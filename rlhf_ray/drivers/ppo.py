@@ -75,6 +75,10 @@ class PPOTrainer(CheckpointedDriver):
             log.warning("deepspeed.zero_stage=%d with one learner rank partitions nothing but keeps extra fp32 "
                         "copies of the weights and gradients (SmolLM2-135M: peak 7.5 GB and 1.4x slower than with "
                         "0); set deepspeed.zero_stage=0 unless you are testing ZeRO", cfg.deepspeed.zero_stage)
+        if cfg.logging.plan:
+            from rlhf_ray.planning.planner import plan_at_startup
+
+            plan_at_startup(cfg)
         checkpoint.remove_partial(cfg.output_dir)
         connect(cfg)
         start = time.perf_counter()

@@ -362,6 +362,33 @@ def recommend_layout(cfg, hw: Hardware, gpus: int, archs: dict, keep: int = 24) 
 
 # ------------------------------------------------------------------------------------------- output
 
+def plan_at_startup(cfg) -> Plan | None:
+    """What ``train`` says before the cluster starts (logging.plan): the plan on this machine's devices (its GPU model
+    from the catalogue, else this CPU), written to <output_dir>/plan.json, a line with the predicted step and,
+    when something will not fit, a warning for each with its fix. A model the planner cannot size is a note, never
+    a failure: the run goes on."""
+    import logging
+
+    from rlhf_ray.planning.hardware import detect_gpu
+
+    log = logging.getLogger("rlhf_ray.plan")
+    try:
+        plan = plan_experiment(cfg, detect_gpu(), search=False)
+        if plan.problems:
+            _attach_fixes(plan, cfg)  # only then: trying changes costs a few re-plans
+    except Exception as err:  # noqa: BLE001 — a plan is advice; an unknown architecture must not stop the run
+        log.info("no plan for this config (%s); python -m rlhf_ray.plan explains", str(err).splitlines()[0])
+        return None
+    path = write_plan(plan, Path(cfg.output_dir) / "plan.json")
+    split = ", ".join(f"{name} {phase.seconds / plan.step_seconds:.0%}" for name, phase in plan.phases.items())
+    log.info("plan: predicted step %.3g s (%s) on %s; %s (%s)", plan.step_seconds, split, plan.hardware.name,
+             "fits" if plan.fits else f"{len(plan.problems)} problem(s)", path)
+    for problem in plan.problems:
+        log.warning("plan: %s: %s%s", problem.role, problem.message,
+                    f"; fix: {' '.join(problem.fix.overrides)}" if problem.fix else "")
+    return plan
+
+
 def write_plan(plan: Plan, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
