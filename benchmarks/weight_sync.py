@@ -5,7 +5,7 @@ machine's memcpy bandwidth measured in the same run.
 
 Two parts:
 - **transfer**: the learner's fp32 weights into the receivers' own parameter tensors (each tensor copied into a
-  preallocated one, as an engine must), between plain Ray actors (sender 1 CPU, receivers 0.5 each): the object store
+  preallocated one, as an engine must, with the node's cores), between plain Ray actors: the object store
   with pickled torch tensors (the format before issue 15), the object store with numpy buckets read in place
   (``object_store`` now), and the gloo broadcast (``collective``). This is what a transport itself costs.
 - **engines**: a real learner (DeepSpeed, ZeRO-0) and real vLLM engines (``rlhf_ray.cluster.roles.Roles``), one full
@@ -113,9 +113,11 @@ class Sender:
 
 class Receiver:
     def __init__(self, shapes):
+        import os
+
         import torch
 
-        torch.set_num_threads(1)
+        torch.set_num_threads(len(os.sched_getaffinity(0)))  # an engine loads with its node's cores (its phase plan)
         self.params = {name: torch.zeros(shape) for name, shape in shapes}  # an engine's own parameters
 
     def join(self, host, port, rank, world):

@@ -185,6 +185,13 @@ class ActorResources(_Strict):
     threads: Optional[int] = Field(
         None, gt=0, description="Torch threads of each actor in every phase; null: its node's cores shared by the roles "
                                 "computing at the same time (rlhf_ray.cluster.compute; the plan is logged at startup).")
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="Ray node labels every actor of this role must run on (Ray's bundle label "
+                                          "selector, e.g. {pool: rollout}; nodes get labels with `ray start --labels`).")
+    node_resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources each actor of this role reserves besides CPUs and GPUs "
+                                          "(e.g. {gen_node: 1}: only nodes started with `--resources "
+                                          "'{\"gen_node\": 8}'` can host it).")
 
 
 class RoleResources(ActorResources):
@@ -197,13 +204,6 @@ class RoleResources(ActorResources):
                            "between them (ZeRO-3 inference: each keeps ~1/num_actors of the weights and gathers a layer "
                            "at a time in the forward pass), instead of a full copy each. Each still scores its own "
                            "share of the rollout, so all of them compute (a 70B RM over 4 GPUs: 4 × 1/4 of it).")
-    labels: dict[str, str] = Field(
-        default_factory=dict, description="Ray node labels every actor of this role must run on (Ray's bundle label "
-                                          "selector, e.g. {pool: rollout}; nodes get labels with `ray start --labels`).")
-    node_resources: dict[str, float] = Field(
-        default_factory=dict, description="Custom Ray resources each actor of this role reserves besides CPUs and GPUs "
-                                          "(e.g. {gen_node: 1}: only nodes started with `--resources "
-                                          "'{\"gen_node\": 8}'` can host it).")
 
 
 
