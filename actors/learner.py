@@ -226,7 +226,14 @@ class LearnerActor(Role):
             for _ in tensors:  # the gathers are collectives: every rank walks the parameters
                 pass
             return None
-        return make_transport(transport).publish(buckets, tensors, group=getattr(self, "_weight_group", None))
+        try:
+            return make_transport(transport).publish(buckets, tensors, group=getattr(self, "_weight_group", None))
+        except BaseException:
+            for _ in tensors:  # the other ranks are in the gathers of the parameters still to come: finish them
+                pass
+            if transport == "collective":
+                self.leave_weight_group()  # its peers' pending transfers fail at once; the driver forms a new group
+            raise
 
     def open_weight_group(self) -> tuple[str, int]:
         """Rank 0: the address of the weight-broadcast group's rendezvous, listening from now on."""
@@ -234,15 +241,17 @@ class LearnerActor(Role):
 
         from rlhf_ray.weights.collective import open_rendezvous
 
+        self.leave_weight_group()
         self._weight_rendezvous = open_rendezvous(ray.util.get_node_ip_address())
-        return self._weight_rendezvous.getsockname()[:2]
+        self._weight_address = self._weight_rendezvous.getsockname()[:2]
+        return self._weight_address
 
     def join_weight_group(self, world_size: int, timeout_s: float) -> int:
         """Rank 0 joins the group it opened as rank 0 (it returns once every engine worker has joined)."""
         from rlhf_ray.weights.collective import join
 
         self.leave_weight_group()
-        host, port = self._weight_rendezvous.getsockname()[:2]
+        host, port = self._weight_address
         self._weight_group = join(host, port, 0, world_size, timeout_s, self.device,
                                   listen_socket=self._weight_rendezvous)
         return 0

@@ -82,12 +82,13 @@ class Sender:
         from rlhf_ray.weights.collective import open_rendezvous
 
         self.listen = open_rendezvous(ray.util.get_node_ip_address())
-        return self.listen.getsockname()[:2]
+        self.address = self.listen.getsockname()[:2]
+        return self.address
 
     def join(self, world: int):
         from rlhf_ray.weights.collective import join
 
-        host, port = self.listen.getsockname()[:2]
+        host, port = self.address
         self.group = join(host, port, 0, world, 120, listen_socket=self.listen)
 
     def buckets(self):

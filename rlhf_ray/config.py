@@ -393,6 +393,9 @@ class ExperimentConfig(RunConfig):
         _require(self.in_process_engines or self.weights.transport != "object_store", "weights.transport",
                  "'object_store' needs in-process CPU engines (no GPUs, tensor_parallel_size 1): its buckets are read "
                  "in the actor's own process; with engines in other processes use 'collective', 'files' or 'auto'")
+        _require(self.weights.transport != "collective" or self.same_devices_for_weights, "weights.transport",
+                 "'collective' needs the learner and the engines on the same kind of device (both with GPUs: NCCL, or "
+                 "both without: gloo); use 'files' or 'auto'")
         _require(not (ppo.async_steps and self.weights.transport == "collective"), "weights.transport",
                  "'collective' cannot be combined with ppo.async_steps=1: an engine replaced during the overlapped "
                  "rollout needs the weights the others hold, which the learner is already changing (the object store "
@@ -438,7 +441,14 @@ class ExperimentConfig(RunConfig):
             return "object_store", "in-process engines: the object store, read in place"
         if self.ppo.async_steps:
             return "files", "engines in other processes, overlapped (a replaced engine reloads the published weights)"
+        if not self.same_devices_for_weights:
+            return "files", "learner and engines on different kinds of device (one group cannot mix gloo and NCCL)"
         return "collective", "engines in other processes (GPUs or tensor_parallel_size > 1)"
+
+    @property
+    def same_devices_for_weights(self) -> bool:
+        """The learner and the engines both on GPUs or both on CPUs: a broadcast group is NCCL or gloo, not both."""
+        return (self.resources.learner.num_gpus > 0) == (self.resources.generation.num_gpus > 0)
 
     @property
     def num_steps(self) -> int:

@@ -51,6 +51,7 @@ def test_overrides_are_typed_and_nested():
     (["weights.transport=object_store", "resources.generation.num_gpus=1"], "weights.transport",
      "needs in-process CPU engines"),
     (["weights.transport=collective", "ppo.async_steps=1"], "weights.transport", "cannot be combined with ppo.async"),
+    (["weights.transport=collective", "resources.learner.num_gpus=1"], "weights.transport", "same kind of device"),
     (["weights.bucket_mb=0"], "weights.bucket_mb", "greater than 0"),
     (["resources.generation.sharded=true"], "resources.generation.sharded", "only the frozen roles"),
     (["resources.reward.sharded=true", "models.reward.kind=function", "models.reward.function=m:f",

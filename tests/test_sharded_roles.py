@@ -72,7 +72,15 @@ def test_sharded_rm_and_reference_equal_the_whole_models_with_half_the_parameter
             ray.kill(actor)
 
 
+def assert_same(got: dict, expected: dict) -> None:
+    for key in ("reward/mean", "score/mean", "kl/mean", "loss/policy", "loss/value", "optim/grad_norm"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), key
+
+
 def test_a_ppo_step_with_sharded_frozen_roles_is_the_unsharded_step(plain_trainer, tiny_cache, tmp_path):
+    """… and stays so after a rank of the sharded RM is lost and the group restarts."""
+    import ray
+
     from rlhf_ray.drivers.ppo import PPOTrainer
 
     sharded = PPOTrainer(tiny_config(tmp_path, tiny_cache, "ppo.total_episodes=32", "ppo.rollout_batch_size=16",
@@ -82,7 +90,11 @@ def test_a_ppo_step_with_sharded_frozen_roles_is_the_unsharded_step(plain_traine
     try:
         assert plain_trainer.step_count == 0
         expected, got = plain_trainer.step(), sharded.step()
-        for key in ("reward/mean", "score/mean", "kl/mean", "loss/policy", "loss/value", "optim/grad_norm"):
-            assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), key
+        assert_same(got, expected)
+        # a rank of the sharded RM dies: the other fails inside a gather with it; the whole group is started anew
+        ray.kill(sharded.roles.rewards[1], no_restart=True)
+        expected, got = plain_trainer.step(), sharded.step()
+        assert sharded.roles.restarts["reward"] == 1
+        assert_same(got, expected)
     finally:
         sharded.shutdown()

@@ -218,9 +218,20 @@ class Roles:
         return str(Path(self.cfg.output_dir).resolve() / "logs" / f"{role}-{index}.log")
 
     def _wait(self, refs, role: str, doing: str, timeout: str):
-        """``wait`` with the timeout ``timeouts.<timeout>`` and the role's log files in its messages."""
+        """``wait`` with the timeout ``timeouts.<timeout>`` and the role's log files in its messages. In a role whose
+        actors are ranks of one process group (learner, sharded frozen model) a dead rank makes the others' calls fail
+        with a collective's error first: that is the loss of an actor (ActorLost), not an error of the role."""
         logs = self._log_file(role, "*") or ""
-        return wait(refs, role, doing, getattr(self.timeouts, timeout), f"timeouts.{timeout}", logs)
+        try:
+            return wait(refs, role, doing, getattr(self.timeouts, timeout), f"timeouts.{timeout}", logs)
+        except ActorLost:
+            raise
+        except RoleError as err:
+            grouped = role == "learner" or self._sharded(role)
+            if grouped and role in self.groups and not all(self._alive(a) for a in self.groups[role]):
+                raise ActorLost(f"a rank of {role} died while {doing}; the others failed with it: "
+                                f"{str(err).splitlines()[0]}", role, stuck=False) from None
+            raise
 
     def _start(self) -> None:
         start = time.perf_counter()
@@ -290,7 +301,7 @@ class Roles:
         if out.is_dir():
             (out / "placement.json").write_text(json.dumps({"actors": actors, "time": time.time()}, indent=1) + "\n")
 
-    def placement(self) -> dict[str, str]:
+    def actor_placement(self) -> dict[str, str]:
         """``{"generation-0": node id, …}``: where each actor runs now."""
         return {f"{role}-{i}": node for (role, i), node in self.actor_nodes.items()}
 
@@ -503,21 +514,26 @@ class Roles:
         group). An engine lost on the way — its peers' transfers fail with it — is replaced, the group formed again
         and the broadcast redone; a lost learner rank goes to learner recovery like any learner failure."""
         while True:
-            if not self._weight_group_formed:
-                self._form_weight_group()
-            sends = [a.publish_weights.remote(transport="collective", bucket_mb=self.cfg.weights.bucket_mb)
-                     for a in self.learners]
-            loads = [g.load_weights.remote(self._weight_layout, self.timeouts.weight_sync_s, transport="collective")
-                     for g in self.generators]
+            sends, loads = [], []
             try:
+                if not self._weight_group_formed:  # (an engine lost meanwhile shows here first)
+                    self._form_weight_group()
+                sends = [a.publish_weights.remote(transport="collective", bucket_mb=self.cfg.weights.bucket_mb)
+                         for a in self.learners]
+                loads = [g.load_weights.remote(self._weight_layout, self.timeouts.weight_sync_s,
+                                               transport="collective") for g in self.generators]
                 loaded = self._wait(loads, "generation", "receiving new weights", "weight_sync_s")
             except RoleError as err:
                 self._weight_group_formed = False
                 transfer_failed = not self._settle(sends)  # raises ActorLost when the learner itself is gone
+                if not all(self._alive(a) for a in self.learners):  # (gone while the group was being formed)
+                    raise ActorLost(f"a learner rank died while forming the weight group: {str(err).splitlines()[0]}",
+                                    "learner", stuck=False) from None
                 # an engine whose update stopped half-way holds some new and some old weights (and vLLM's reload
                 # is left open): it is replaced like a dead one. An engine's own error with the transfer intact
                 # (a weight it did not get) would only come back: it ends the run.
-                broken = self._unfinished(loads)
+                broken = self._unfinished(loads) if loads else [i for i, g in enumerate(self.generators)
+                                                                if not self._alive(g)]
                 dead = not all(self._alive(g) for g in self.generators)
                 if (self.closing or self.restarts["generation"] >= self.cfg.recovery.max_actor_restarts or not broken
                         or not (dead or transfer_failed)):

@@ -67,13 +67,12 @@ class FilesTransport(ObjectStoreTransport):
         from rlhf_ray.weights.engine import load_into_engine
         from rlhf_ray.weights.object_store import read_buckets
 
+        tensors = dict(read_buckets(payload, timeout_s))
         if not hasattr(self, "directory"):
-            root = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-            remove_orphaned_weight_dirs(root)
-            self.directory = tempfile.mkdtemp(prefix=f"{FILES_PREFIX}{os.getpid()}_", dir=root)
+            size = sum(t.numel() * t.element_size() for t in tensors.values())
+            self.directory = weight_dir(size)
         for old in os.listdir(self.directory):
             os.remove(os.path.join(self.directory, old))
-        tensors = dict(read_buckets(payload, timeout_s))
         save_file(tensors, os.path.join(self.directory, "weights.safetensors"))
         return llm.collective_rpc(load_into_engine, kwargs={"directory": self.directory})[0]
 
@@ -83,6 +82,16 @@ class FilesTransport(ObjectStoreTransport):
 
 
 FILES_PREFIX = "rlhf_ray_weights_"
+
+
+def weight_dir(size: int) -> str:
+    """A directory of this process's own for weight files of ``size`` bytes: in RAM-backed /dev/shm where it has room
+    for them (a container's is often 64 MiB), else in the temp dir."""
+    root = tempfile.gettempdir()
+    if os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free > 2 * size:
+        root = "/dev/shm"
+    remove_orphaned_weight_dirs(root)
+    return tempfile.mkdtemp(prefix=f"{FILES_PREFIX}{os.getpid()}_", dir=root)
 
 
 def remove_orphaned_weight_dirs(root: str) -> list[str]:

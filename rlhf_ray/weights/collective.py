@@ -95,8 +95,10 @@ def join(host: str, port: int, rank: int, world_size: int, timeout_s: float, dev
     import torch.distributed as dist
 
     timeout = timedelta(seconds=timeout_s)
+    # the store takes the listening socket's descriptor over: detached, the socket object can no longer close it
+    # (a garbage-collected socket would close a number the next socket may already have)
     store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout, wait_for_workers=False,
-                          master_listen_fd=listen_socket.fileno() if listen_socket is not None else None)
+                          master_listen_fd=listen_socket.detach() if listen_socket is not None else None)
     store = dist.PrefixStore(f"{STORE_PREFIX}/{world_size}", store)
     if device == "cuda":
         backend = dist.ProcessGroupNCCL(store, rank, world_size, dist.ProcessGroupNCCL.Options())
@@ -195,4 +197,5 @@ def worker_receive(worker, buckets: list[Bucket]) -> dict:
         return load_into_engine(worker, weights=receive(group, buckets))
     except BaseException:
         group.abort()  # rank 0 would otherwise wait for this worker until the timeout
+        worker_leave(worker)  # and its pending transfers end now (NCCL's watchdog would kill the process later)
         raise
