@@ -15,6 +15,15 @@ from rlhf_ray.drivers.base import CheckpointedDriver
 from rlhf_ray.output_lock import LOCK_NAME, Holder, OutputDirLock
 from tests.conftest import tiny_config
 
+
+@pytest.fixture(autouse=True)
+def keep_the_suites_ray(monkeypatch):
+    """run() disconnects from Ray at its end; these runs start none, and the suite's shared Ray session (started by
+    earlier end-to-end tests in this process) must outlive them."""
+    from rlhf_ray.cluster import connection
+
+    monkeypatch.setattr(connection, "stop_ray", lambda: None)
+
 ENDPOINT_DOWN = RoleError("reward failed while scoring a rollout: RewardEndpointDown: reward endpoint "
                           "http://127.0.0.1:9/ unreachable for 8 s, as long as models.reward.outage_s=8 allows")
 
