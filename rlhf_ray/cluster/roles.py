@@ -301,10 +301,6 @@ class Roles:
         if out.is_dir():
             (out / "placement.json").write_text(json.dumps({"actors": actors, "time": time.time()}, indent=1) + "\n")
 
-    def actor_placement(self) -> dict[str, str]:
-        """``{"generation-0": node id, …}``: where each actor runs now."""
-        return {f"{role}-{i}": node for (role, i), node in self.actor_nodes.items()}
-
     def _await_room(self, keys: list[tuple[str, int]]) -> None:
         """Before replacing the actors ``keys``: those that lived on a node that has left the cluster come back in
         their bundles once Ray has moved the bundles to live nodes — waited for up to timeouts.placement_s, else

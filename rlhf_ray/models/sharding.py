@@ -15,7 +15,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Callable
 
-import torch
 from torch import nn
 
 PERSISTENCE_ELEMENTS = 10_000  # parameters this small (norms, biases) stay whole on every rank: not worth a gather
@@ -75,9 +74,3 @@ def release_gathered(model: nn.Module) -> None:
     engine = getattr(model, "ds_engine", None)
     if engine is not None:
         engine.empty_partition_cache()
-
-
-@torch.no_grad()
-def parameter_bytes(model: nn.Module) -> int:
-    """Bytes of the whole model (all ranks' partitions together)."""
-    return sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in model.parameters())

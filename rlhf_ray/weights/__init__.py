@@ -18,6 +18,7 @@ import shutil
 import tempfile
 from typing import Iterable
 
+import psutil
 import torch
 
 from rlhf_ray.weights.buckets import Bucket
@@ -100,20 +101,10 @@ def remove_orphaned_weight_dirs(root: str) -> list[str]:
     removed = []
     for name in os.listdir(root):
         pid = name[len(FILES_PREFIX):].partition("_")[0]
-        if name.startswith(FILES_PREFIX) and pid.isdigit() and not _running(int(pid)):
+        if name.startswith(FILES_PREFIX) and pid.isdigit() and not psutil.pid_exists(int(pid)):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
             removed.append(name)
     return removed
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's: running
-        return True
-    return True
 
 
 class CollectiveTransport(Transport):
