@@ -16,13 +16,30 @@ from rlhf_ray.output_lock import LOCK_NAME, Holder, OutputDirLock
 from tests.conftest import tiny_config
 
 
-@pytest.fixture(autouse=True)
-def keep_the_suites_ray(monkeypatch):
-    """run() disconnects from Ray at its end; these runs start none, and the suite's shared Ray session (started by
-    earlier end-to-end tests in this process) must outlive them."""
+def test_a_run_leaves_a_ray_connection_it_found_as_it_was(monkeypatch):
+    """A notebook's (or this suite's shared) Ray session outlives a run inside that process; a Ray the run
+    joined or started itself is left at its end."""
+    import ray
+
     from rlhf_ray.cluster import connection
 
-    monkeypatch.setattr(connection, "stop_ray", lambda: None)
+    shutdowns, connected = [], [True]
+    monkeypatch.setattr(ray, "is_initialized", lambda: connected[0])
+    monkeypatch.setattr(ray, "shutdown", lambda: shutdowns.append(1))
+    monkeypatch.setattr(ray, "init", lambda **kwargs: connected.__setitem__(0, True))
+    cfg = tiny_config("/tmp/unused", None)
+    connection.connect(cfg)
+    connection.stop_ray()
+    assert shutdowns == []
+    connected[0] = False
+    monkeypatch.setattr(connection.reaper, "start_beside", lambda pid: None)
+    monkeypatch.setattr(connection.STOP_SIGNALS, "install", lambda: None)
+    monkeypatch.setattr(connection, "local_ray_down", lambda: False)
+    monkeypatch.setattr(connection, "_loopback_only", lambda: None)
+    connection.connect(cfg)
+    connection.stop_ray()
+    assert shutdowns == [1]
+
 
 ENDPOINT_DOWN = RoleError("reward failed while scoring a rollout: RewardEndpointDown: reward endpoint "
                           "http://127.0.0.1:9/ unreachable for 8 s, as long as models.reward.outage_s=8 allows")

@@ -17,9 +17,11 @@ log = logging.getLogger("rlhf_ray.cluster.roles")
 def connect(cfg: ExperimentConfig) -> None:
     """Join the cluster named by ``ray.address`` or RAY_ADDRESS (``ray job submit`` sets it); otherwise
     start a local Ray of this run's own — never another run's cluster that happens to be on the machine
-    (it would die with that run)."""
+    (it would die with that run). A process already connected to Ray (a notebook, a test session) keeps that
+    connection, and keeps it after the run: stop_ray() only undoes what connect() did."""
     if ray.is_initialized():
         return
+    _LOCAL_RAY["connected"] = True
     # quiet: the actors write their output to <output_dir>/logs/ and Ray's own records go through the
     # driver's logging (rlhf_ray.console), not straight to the terminal
     quiet = {"log_to_driver": False, "configure_logging": False} if cfg.logging.console == "quiet" else {}
@@ -60,7 +62,7 @@ def _errors_to_log() -> None:
             records.info("%s", line) for line in data.get("lines", [])]
 
 
-_LOCAL_RAY = {"started": False, "abandoned": False}
+_LOCAL_RAY = {"started": False, "abandoned": False, "connected": False}
 
 
 def own_local_ray() -> bool:
@@ -80,13 +82,16 @@ def local_ray_down() -> bool:
 
 
 def stop_ray() -> None:
-    """Disconnect from Ray; a local Ray this run started (GCS, raylet, agents, workers) stops with it.
-    If that Ray is already down nothing is waited for: rlhf_ray.cluster.reaper stops what is left, and the process
-    leaves with os._exit (Ray's exit hooks would wait for the GCS)."""
+    """Disconnect from the Ray that connect() joined or started; a local Ray this run started (GCS, raylet, agents,
+    workers) stops with it. If that Ray is already down nothing is waited for: rlhf_ray.cluster.reaper stops what
+    is left, and the process leaves with os._exit (Ray's exit hooks would wait for the GCS). A connection the
+    process had before the run is left as it was."""
     if local_ray_down():
         abandon_ray()
-    elif ray.is_initialized():
+        return
+    if _LOCAL_RAY["connected"] and ray.is_initialized():
         ray.shutdown()
+    _LOCAL_RAY.update(connected=False, started=False)
 
 
 def abandon_ray() -> None:
