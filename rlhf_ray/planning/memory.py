@@ -130,7 +130,7 @@ def logits_bytes(micro: int, seq: int, vocab: int) -> float:
 
 
 def learner_memory(policy: Architecture, critic: Architecture, cfg, seq: int) -> RoleMemory:
-    """One learner rank: policy and value model in one DeepSpeed engine (rlhf_ray.objectives.PPOObjective)."""
+    """One learner rank: policy and value model in one DeepSpeed engine (rlhf_ray.objectives.ppo.PPOObjective)."""
     ds, res = cfg.deepspeed, cfg.resources.learner
     world, micro = res.num_actors, cfg.ppo.micro_batch_size
     n_policy, n_critic = policy.parameters("lm"), critic.parameters("score")
