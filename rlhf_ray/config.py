@@ -6,7 +6,7 @@ Unknown keys, wrong types and impossible combinations fail before anything start
 message naming the key. Nothing is silently rewritten.
 
     python -m rlhf_ray.config configs/tiny_cpu.yaml ppo.kl_coef=0.1   # prints the resolved tree
-    python -m rlhf_ray.config --rm --help                             # reward-model training keys
+    python -m rlhf_ray.config --rm --help                             # reward-model training keys (--sft, --dpo)
 """
 from __future__ import annotations
 
@@ -462,6 +462,10 @@ class ExperimentConfig(RunConfig):
     def optimizer_steps(self) -> int:
         return self.num_steps * self.ppo.epochs * (self.rollout_sequences // self.ppo.mini_batch_size)
 
+    def reference_forward(self) -> tuple[str, int, float]:
+        """The reference role's forward passes: (dtype, sequences per micro-batch, the temperature of its logprobs)."""
+        return self.models.dtype, self.ppo.micro_batch_size, self.generation.temperature
+
     def old_logprobs_source(self) -> tuple[str, str]:
         """('sampler' | 'learner', why): the sampler's logprobs serve as the ratio's old logprobs only where they are
         the learner's own up to rounding — the engine holds exactly the learner's weights (weight sync is exact and
@@ -505,17 +509,100 @@ class RMTrainingConfig(_Strict):
     eval_at_start: bool = Field(True, description="Evaluate the untrained RM too (step 0 in metrics.jsonl): the baseline.")
 
 
-class RewardTrainingConfig(RunConfig):
-    """Bradley–Terry reward-model training (python -m rlhf_ray.train_rm). Writes <output_dir>/final_model: an HF
-    sequence-classification model (safetensors) + reward_stats.json, which the `model` and `serve` reward backends
-    load and models.value_model can start a PPO critic from."""
-    model: str = Field(description="Backbone: a causal LM (a new scalar head is added) or an RM to train further; hub "
-                                   "name, local path, 'tiny:policy' or 'real:smollm2-135m'.")
+# ------------------------------------------------------------------------------ SFT and DPO (the Tulu suite)
+
+class ConversationDataConfig(_Strict):
+    train: str = Field(description="Conversations to imitate: rows with a list of {role, content} messages (system, "
+                                   "user, assistant turns, ending with an assistant turn): a local "
+                                   ".jsonl/.json/.parquet file or a hub dataset.")
+    split: str = Field("train", description="Split of a hub dataset to read.")
+    messages_field: str = Field("messages", description="Column with the conversation.")
+    eval: list[str] = Field(default_factory=list, description="Further conversation files/datasets, each evaluated "
+                                                               "(loss on assistant tokens) and reported on its own.")
+    holdout_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Fraction of `train` held out for evaluation "
+                                    "('heldout' in the reports) and never trained on.")
+    template: Literal["tulu", "tokenizer"] = Field(
+        "tulu", description="How a conversation is rendered: the Tulu chat format or the tokenizer's chat template "
+                            "(ChatML, Llama-3, …). The loss covers the assistant turns only, end-of-turn marker "
+                            "included; which tokens those are is found by rendering (rlhf_ray.conversations).")
+    max_length: int = Field(2048, gt=0, description="Tokens per conversation; longer ones keep their start.")
+    packing: bool = Field(False, description="Several conversations per row up to max_length, each attending only to "
+                                             "itself (position ids restart): less padding, the same loss.")
+    limit: Optional[int] = Field(None, gt=0, description="Train on N conversations drawn at random (seeded) after the "
+                                 "hold-out (a quicker run).")
+
+
+class SFTTrainingConfig(_Strict):
+    epochs: int = Field(2, gt=0, description="Passes over the training conversations.")
+    batch_size: int = Field(128, gt=0, description="Rows per optimizer step (global, across learner ranks): "
+                                                   "conversations, or packed rows with data.packing.")
+    micro_batch_size: int = Field(1, gt=0, description="Rows per forward/backward on one rank.")
+    loss_mean: Literal["token", "sequence"] = Field(
+        "token", description="'token': the mean over every assistant token of the optimizer step (long answers weigh "
+                             "more); 'sequence': each conversation's own token mean, averaged over conversations.")
+    eval_every_steps: int = Field(0, ge=0, description="Evaluate every N optimizer steps (0: only after training).")
+    eval_at_start: bool = Field(True, description="Evaluate before training too (step 0 in metrics.jsonl).")
+
+
+class PreferencePairsConfig(_Strict):
+    train: str = Field(description="Preference pairs in the Tulu 2.5 schema (chosen/rejected message lists sharing the "
+                                   "prompt turns, optional source): a local .jsonl/.json/.parquet file or a hub dataset.")
+    split: str = Field("train", description="Split of a hub dataset to read.")
+    eval: list[str] = Field(default_factory=list, description="Further preference files/datasets, each evaluated and "
+                                                               "reported on its own (overall and per source).")
+    holdout_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of each source of `train` held out for "
+                                    "evaluation ('heldout' in the reports) and never trained on.")
+    template: Literal["tulu", "tokenizer"] = Field(
+        "tulu", description="How the prompt turns are rendered: the Tulu chat format or the tokenizer's chat template; "
+                            "each response follows as the assistant's turn, end-of-turn marker included.")
+    max_prompt_length: int = Field(512, gt=0, description="Prompt tokens kept (its end, next to the response).")
+    max_length: int = Field(1024, gt=0, description="Prompt + response tokens; a longer response is cut at its end.")
+    limit: Optional[int] = Field(None, gt=0, description="Train on N pairs drawn at random (seeded) after the hold-out.")
+
+
+class DPOTrainingConfig(_Strict):
+    loss: str = Field("sigmoid", description="The preference loss (rlhf_ray.preference_math.DPO_LOSSES): 'sigmoid' "
+                                             "(DPO), 'ipo', 'length_normalized' (Tulu 3), 'simpo' (no reference), "
+                                             "'hinge'.")
+    beta: float = Field(0.1, gt=0.0, description="β: how far the policy may move from the reference (Zephyr, Tulu 2 "
+                                                  "DPO: 0.1; SimPO: 2.0).")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="sigmoid only: the share of pairs assumed "
+                                                                    "mislabelled (conservative DPO); 0: plain DPO.")
+    simpo_gamma: float = Field(1.0, ge=0.0, description="simpo only: the target reward margin γ (SimPO: γ/β = 0.5).")
+    epochs: int = Field(3, gt=0, description="Passes over the training pairs.")
+    batch_size: int = Field(32, gt=0, description="Pairs per optimizer step (global, across learner ranks).")
+    micro_batch_size: int = Field(1, gt=0, description="Pairs per forward/backward on one rank (2× sequences).")
+    eval_every_steps: int = Field(0, ge=0, description="Evaluate every N optimizer steps (0: only after training).")
+    eval_at_start: bool = Field(True, description="Evaluate before training too (step 0 in metrics.jsonl: the starting "
+                                                  "policy, equal to the reference: margins ~0, loss log 2 for sigmoid).")
+
+    @model_validator(mode="after")
+    def _known_loss(self) -> "DPOTrainingConfig":
+        import inspect
+
+        from rlhf_ray.preference_math import DPO_LOSSES
+
+        _require(self.loss in DPO_LOSSES, "dpo.loss", f"{self.loss!r} is not a registered loss; known: "
+                                                      f"{', '.join(DPO_LOSSES)}")
+        takes = inspect.signature(DPO_LOSSES[self.loss]).parameters
+        _require(self.label_smoothing == 0 or "label_smoothing" in takes, "dpo.label_smoothing",
+                 f"dpo.loss={self.loss!r} has no label smoothing; set it to 0")
+        return self
+
+
+class ReferenceTimeouts(LearnerTimeouts):
+    score_s: float = Field(600.0, gt=0, description="The reference role's logprobs of one batch of pairs.")
+
+
+class LearnerAndReferenceResources(LearnerResourcesConfig):
+    reference: RoleResources = Field(default_factory=RoleResources)
+
+
+class LearnerRunConfig(RunConfig):
+    """What every run of the learner on a fixed dataset has (reward-model training, SFT, DPO)."""
+    model: str = Field(description="The model the run trains.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of the saved model.")
     cache_dir: Optional[str] = Field(None, description="Where 'tiny:*'/'real:*' models are built.")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of the saved RM.")
-    data: PreferenceDataConfig
-    training: RMTrainingConfig = Field(default_factory=RMTrainingConfig)
-    optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(lr=1e-5, warmup_ratio=0.03))
     deepspeed: DeepSpeedConfig = Field(default_factory=lambda: DeepSpeedConfig(zero_stage=0))
     resources: LearnerResourcesConfig = Field(default_factory=LearnerResourcesConfig)
     timeouts: LearnerTimeouts = Field(default_factory=LearnerTimeouts)
@@ -524,17 +611,80 @@ class RewardTrainingConfig(RunConfig):
     recovery: RecoveryConfig = Field(default_factory=RecoveryConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
-    @model_validator(mode="after")
-    def _check_combinations(self) -> "RewardTrainingConfig":
-        train, world = self.training, self.resources.learner.num_actors
-        per_rank, rest = divmod(train.batch_size, world)
-        _require(rest == 0, "training.batch_size",
-                 f"{train.batch_size} is not divisible by resources.learner.num_actors={world}")
-        _require(per_rank % train.micro_batch_size == 0, "training.micro_batch_size",
-                 f"{train.micro_batch_size} does not divide the per-rank batch {per_rank} "
-                 "(= training.batch_size / resources.learner.num_actors)")
+    def _check_run(self, batch_key: str, batch_size: int, micro_batch_size: int) -> None:
+        world = self.resources.learner.num_actors
+        per_rank, rest = divmod(batch_size, world)
+        _require(rest == 0, batch_key, f"{batch_size} is not divisible by resources.learner.num_actors={world}")
+        _require(per_rank % micro_batch_size == 0, batch_key.rsplit(".", 1)[0] + ".micro_batch_size",
+                 f"{micro_batch_size} does not divide the per-rank batch {per_rank} "
+                 f"(= {batch_key} / resources.learner.num_actors)")
         _require(not (self.resume and self.overwrite), "overwrite", "cannot be combined with resume")
         _check_learner(self.deepspeed, self.resources.learner)
+
+
+class SFTConfig(LearnerRunConfig):
+    """Supervised fine-tuning (python -m rlhf_ray.train_sft): the loss on the assistant turns of conversations.
+    Writes <output_dir>/final_model: the fine-tuned causal LM (HF safetensors) with its tokenizer — a policy for
+    PPO (models.policy) or DPO (model)."""
+    model: str = Field(description="The model to fine-tune: hub name, local path, 'tiny:policy' or 'real:smollm2-135m'.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of the saved model.")
+    data: ConversationDataConfig
+    training: SFTTrainingConfig = Field(default_factory=SFTTrainingConfig)
+    optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(lr=2e-5, warmup_ratio=0.03))
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> "SFTConfig":
+        self._check_run("training.batch_size", self.training.batch_size, self.training.micro_batch_size)
+        return self
+
+
+class DPOConfig(LearnerRunConfig):
+    """Direct preference optimisation (python -m rlhf_ray.train_dpo) and its variants on preference pairs; the
+    reference log-probs come from the reference role (shardable, like PPO's), once per pair. Writes
+    <output_dir>/final_model: the policy (HF safetensors) with its tokenizer."""
+    model: str = Field(description="The policy to train (usually an SFT model): hub name, local path, 'tiny:policy' "
+                                   "or 'real:smollm2-135m'.")
+    reference: Optional[str] = Field(None, description="The frozen reference policy; null: the starting policy.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype of the saved policy and of the frozen reference.")
+    data: PreferencePairsConfig
+    dpo: DPOTrainingConfig = Field(default_factory=DPOTrainingConfig)
+    optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(lr=5e-7, warmup_ratio=0.1))
+    resources: LearnerAndReferenceResources = Field(default_factory=LearnerAndReferenceResources)
+    timeouts: ReferenceTimeouts = Field(default_factory=ReferenceTimeouts)
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> "DPOConfig":
+        self._check_run("dpo.batch_size", self.dpo.batch_size, self.dpo.micro_batch_size)
+        _require(self.data.max_prompt_length < self.data.max_length, "data.max_prompt_length",
+                 f"{self.data.max_prompt_length} leaves no room for a response within data.max_length="
+                 f"{self.data.max_length}")
+        return self
+
+    @property
+    def reference_path(self) -> str:
+        return self.reference or self.model
+
+    def reference_forward(self) -> tuple[str, int, float]:
+        """The reference role's forward passes: (dtype, sequences per micro-batch: both sides of the pairs, the
+        temperature of its logprobs: 1, the model's own distribution)."""
+        return self.dtype, 2 * self.dpo.micro_batch_size, 1.0
+
+
+class RewardTrainingConfig(LearnerRunConfig):
+    """Bradley–Terry reward-model training (python -m rlhf_ray.train_rm). Writes <output_dir>/final_model: an HF
+    sequence-classification model (safetensors) + reward_stats.json, which the `model` and `serve` reward backends
+    load and models.value_model can start a PPO critic from."""
+    model: str = Field(description="Backbone: a causal LM (a new scalar head is added) or an RM to train further; hub "
+                                   "name, local path, 'tiny:policy' or 'real:smollm2-135m'.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of the saved RM.")
+    data: PreferenceDataConfig
+    training: RMTrainingConfig = Field(default_factory=RMTrainingConfig)
+    optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(lr=1e-5, warmup_ratio=0.03))
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> "RewardTrainingConfig":
+        self._check_run("training.batch_size", self.training.batch_size, self.training.micro_batch_size)
         return self
 
 
@@ -644,11 +794,13 @@ def _describe(model: type[BaseModel], prefix: str = "") -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     schema = ExperimentConfig
-    if argv and argv[0] == "--rm":  # reward-model training (python -m rlhf_ray.train_rm)
-        schema, argv = RewardTrainingConfig, argv[1:]
+    kinds = {"--rm": RewardTrainingConfig, "--sft": SFTConfig, "--dpo": DPOConfig}  # rlhf_ray.train_rm / _sft / _dpo
+    if argv and argv[0] in kinds:
+        schema, argv = kinds[argv[0]], argv[1:]
     if argv and argv[0] in ("-h", "--help"):
-        print("usage: python -m rlhf_ray.config [--rm] [CONFIG.yaml] [key=value ...]\n\n"
-              "--rm: a reward-model training config (python -m rlhf_ray.train_rm)\n\nkeys:")
+        print("usage: python -m rlhf_ray.config [--rm | --sft | --dpo] [CONFIG.yaml] [key=value ...]\n\n"
+              "--rm, --sft, --dpo: a reward-model training, SFT or DPO config (python -m rlhf_ray.train_rm, "
+              "train_sft, train_dpo); none: PPO (python -m rlhf_ray.train)\n\nkeys:")
         print("\n".join(_describe(schema)))
         return 0
     path = argv[0] if argv and "=" not in argv[0] else None

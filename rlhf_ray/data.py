@@ -242,6 +242,27 @@ def load_preferences(source: str, split: str = "train", margin_field: str | None
     return out
 
 
+def preference_sets(data, seed: int, margin_field: str | None = None) -> tuple[list[PreferencePair], dict]:
+    """The training pairs and the evaluation sets of a preference run (``data``: its data section, with train, split,
+    holdout_fraction, limit and eval): 'heldout' (never trained on) and one set per ``eval`` source. Unusable data
+    is one ValueError naming the source and what was skipped."""
+    loaded = load_preferences(data.train, data.split, margin_field)
+    if not loaded.pairs:
+        raise ValueError(f"no usable preference pair in data.train={data.train!r} ({loaded.total_rows} rows, "
+                         f"skipped: {dict(loaded.skipped)})")
+    train, held = hold_out(loaded.pairs, data.holdout_fraction, seed)
+    if data.limit and data.limit < len(train):
+        train = random.Random(seed).sample(train, data.limit)
+    sets = {"heldout": held} if held else {}
+    for name, source in zip(dataset_names(data.eval, taken=("heldout", "train")), data.eval):
+        loaded = load_preferences(source, data.split)  # evaluation does not use margins
+        if not loaded.pairs:
+            raise ValueError(f"no usable preference pair in data.eval entry {source!r} ({loaded.total_rows} rows, "
+                             f"skipped: {dict(loaded.skipped)})")
+        sets[name] = loaded.pairs
+    return train, sets
+
+
 def _is_finite_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 

@@ -35,10 +35,16 @@ def bradley_terry_loss(chosen: Tensor, rejected: Tensor, margin: Tensor | None =
     return loss, stats
 
 
-def pairwise_accuracy(chosen: Tensor, rejected: Tensor) -> float:
-    """Fraction of pairs whose preferred response scores strictly higher (ties count as wrong), as in
-    RewardBench."""
-    return float((chosen > rejected).float().mean()) if chosen.numel() else float("nan")
+def pairwise_accuracy(chosen: Tensor, rejected: Tensor, tie: float | None = None) -> float:
+    """Fraction of pairs whose preferred response scores strictly higher: ties count as wrong, as in RewardBench;
+    with ``tie``, pairs whose scores are within ``tie`` of each other count half (a DPO policy's implicit rewards
+    at the start, when the policy is the reference: rounding noise, not preferences)."""
+    if not chosen.numel():
+        return float("nan")
+    if tie is None:
+        return float((chosen > rejected).float().mean())
+    margin = chosen - rejected
+    return float(torch.where(margin.abs() <= tie, 0.5, (margin > 0).float()).mean())
 
 
 # ---------------------------------------------------------------- DPO family

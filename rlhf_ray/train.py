@@ -12,28 +12,18 @@ import os
 import signal
 import sys
 
-from rlhf_ray.config import DEFAULT_CONFIG, ConfigError, dump_config, load_config
+from rlhf_ray.config import DEFAULT_CONFIG, ConfigError, ExperimentConfig, dump_config, load_config
 
 log = logging.getLogger("rlhf_ray.train")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run PPO on Ray.")
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="experiment YAML (default: tiny CPU)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. ppo.kl_coef=0.1")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-    def make_trainer():
+    def make_trainer(cfg):
         from rlhf_ray.drivers.ppo import PPOTrainer
 
         return PPOTrainer(cfg)
 
-    return run(cfg, f"rlhf-ray PPO: {args.config}", make_trainer)
+    return entry_point(argv, ExperimentConfig, DEFAULT_CONFIG, "Run PPO on Ray.", "rlhf-ray PPO", make_trainer)
 
 
 def run(cfg, title: str, make_trainer) -> int:
@@ -256,8 +246,24 @@ def _save_on_stop(trainer) -> str:
     return f"the last checkpoint (step {trainer.saved_step}) is current" if trainer.saved_step else "no checkpoint saved"
 
 
-if __name__ == "__main__":
-    code = main()
+def entry_point(argv: list[str] | None, schema, default_config, description: str, title: str,
+                     make_trainer) -> int:
+    """The entry point of every run (train, train_rm, train_sft, train_dpo): the config (with ``key=value``
+    overrides; a bad one is exit 2 in one line), then ``run``. ``make_trainer(cfg)`` builds the driver."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=str(default_config), help=f"YAML config (default: {default_config.name})")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optimizer.lr=1e-5")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides, schema)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return run(cfg, f"{title}: {args.config}", lambda: make_trainer(cfg))
+
+
+def exit_with(code: int) -> None:
+    """End an entry point's process with ``code``."""
     from rlhf_ray.cluster.connection import ray_abandoned
 
     if ray_abandoned():  # Ray's exit hooks would wait 60 s for a GCS that is gone, then abort
@@ -266,3 +272,7 @@ if __name__ == "__main__":
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
+
+
+if __name__ == "__main__":
+    exit_with(main())

@@ -151,18 +151,19 @@ class Roles:
         """Actor ``index`` of ``role`` in its own placement-group bundle (also to replace a lost one)."""
         if role == "learner":
             return self._spawn(LearnerActor, role, index, self.learner_spec, index)
-        cfg, res, models, paths = self.cfg, self.cfg.resources, self.cfg.models, self.paths
+        cfg, res, paths = self.cfg, self.cfg.resources, self.paths
         if role == "generation":
             max_model_len = cfg.data.max_prompt_tokens + cfg.generation.max_new_tokens
             return self._spawn(GenerationActor, role, index, paths.policy, cfg.generation.model_dump(), max_model_len,
-                               cfg.seed + index, res.generation.tensor_parallel_size, models.dtype,
+                               cfg.seed + index, res.generation.tensor_parallel_size, cfg.models.dtype,
                                res.generation.num_gpus, self.transport)
         shard = (index, getattr(res, role).num_actors) if self._sharded(role) else None
         if role == "reward":
-            return self._spawn(RewardActor, role, index, models.reward.model_dump(), paths.reward, models.dtype,
+            return self._spawn(RewardActor, role, index, cfg.models.reward.model_dump(), paths.reward, cfg.models.dtype,
                                res.reward.num_gpus, shard, self.timeouts.score_s)
-        return self._spawn(ReferenceActor, role, index, paths.reference, models.dtype, cfg.ppo.micro_batch_size,
-                           cfg.generation.temperature, res.reference.num_gpus, shard, self.timeouts.score_s)
+        dtype, micro_batch_size, temperature = cfg.reference_forward()
+        return self._spawn(ReferenceActor, role, index, paths.reference, dtype, micro_batch_size, temperature,
+                           res.reference.num_gpus, shard, self.timeouts.score_s)
 
     def _sharded(self, role: str) -> bool:
         """The role's actors hold one model between them (ZeRO-3 inference): built together in ``setup``."""

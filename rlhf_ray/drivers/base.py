@@ -1,8 +1,10 @@
-"""What every driver (PPO: rlhf_ray.drivers.ppo, reward-model training: rlhf_ray.drivers.reward_model) does the same way:
-checkpoints of its finished steps, resume, the learner group back to the last checkpoint when a rank dies,
-the last checkpoint on a stop signal or an error. A driver has ``cfg`` (with output_dir, resume, seed, checkpoint, recovery),
-``roles``, ``sampler``, ``metrics_log``, ``step_count``, ``saved_step`` and ``num_steps``, and says what is
-its own through three hooks: ``driver_state`` (saved in trainer.json), ``restore`` and ``reset_to_start``.
+"""What every driver (PPO: rlhf_ray.drivers.ppo, reward-model training: rlhf_ray.drivers.reward_model, …) does the
+same way: the startup sequence (``start_up``), checkpoints of its finished steps, resume, the learner group back to
+the last checkpoint when a rank dies, the last checkpoint on a stop signal or an error. A driver has ``cfg`` (with
+output_dir, resume, seed, checkpoint, recovery, logging), ``roles``, ``sampler``, ``metrics_log``, ``step_count``,
+``saved_step`` and ``num_steps``, and says what is its own through hooks: the startup steps (``resolve_models``,
+``load_data``, ``before_cluster``, ``start_roles``, ``after_roles``), ``driver_state`` (saved in trainer.json),
+``restore`` and ``reset_to_start``.
 """
 from __future__ import annotations
 
@@ -12,8 +14,10 @@ from pathlib import Path
 
 from rlhf_ray import checkpoint
 from rlhf_ray.config import dump_config
+from rlhf_ray.cluster.connection import connect
 from rlhf_ray.cluster.roles import ActorLost
 from rlhf_ray.disk_full import DiskFull, is_disk_full
+from rlhf_ray.metrics import MetricsLogger
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +27,50 @@ class CheckpointedDriver:
     # between steps (ahead of step_count), a state no checkpoint may hold
     updating = False
 
+    # ------------------------------------------------------------------------------------ startup
+    def start_up(self) -> None:
+        """The one startup sequence of every driver, in this order:
+
+            resolve the models and check them (preflight) → load the data → the checkpoint to resume from,
+            checked against this config → what comes before the cluster (the plan) → a partial checkpoint
+            removed → connect to Ray → start the roles → restore → open the metrics
+
+        Everything that can be checked without a cluster fails before one starts."""
+        self.step_count = 0
+        self.resolve_models()
+        self.load_data()
+        self.resume_from = self.checkpoint_to_resume()
+        self.before_cluster()
+        checkpoint.remove_partial(self.cfg.output_dir)
+        connect(self.cfg)
+        start = time.perf_counter()
+        self.roles = self.start_roles()
+        self.after_roles()
+        if self.resume_from:
+            self.restore(self.resume_from)
+        self.startup_seconds = time.perf_counter() - start
+        self.saved_step = self.step_count
+        self.metrics_log = MetricsLogger(self.cfg.output_dir, self.cfg.logging.tensorboard, resume_step=self.step_count)
+
+    def resolve_models(self) -> None:
+        """Local paths of the run's models (hub names downloaded, 'tiny:'/'real:' built), checked (preflight)."""
+        raise NotImplementedError
+
+    def load_data(self) -> None:
+        """The tokenizer and the data (bad rows counted and skipped; unusable data one line); sets ``sampler``."""
+        raise NotImplementedError
+
+    def before_cluster(self) -> None:
+        """Last checks and warnings before Ray is joined or started (PPO: the plan)."""
+
+    def start_roles(self):
+        """The run's roles (rlhf_ray.cluster.roles.Roles), started."""
+        raise NotImplementedError
+
+    def after_roles(self) -> None:
+        """What needs the roles and must be there before a restore (PPO: the score normaliser)."""
+
+    # ------------------------------------------------------------------------------------ durability
     def driver_state(self) -> dict:
         """The driver's own state after ``step_count`` steps, beyond the step and the data position."""
         return {}
@@ -130,3 +178,27 @@ class CheckpointedDriver:
         finally:  # (a full disk can fail the last flush:) the roles must go in any case
             if hasattr(self, "roles"):
                 self.roles.shutdown()
+
+
+EVAL_CHUNKS = 4  # micro-batches per rank in one evaluation call
+
+
+def evaluate_rows(roles, lengths: list[int], make_batch, micro_batch_size: int):
+    """The learner objective's ``evaluate`` over rows 0 … len(lengths)-1, joined in row order (a tensor with a row
+    each). Rows go in order of ``lengths`` (less padding), in calls every rank gets an equal share of (ZeRO-3 forwards
+    are collectives); ``make_batch(indices)`` builds the batch of those rows."""
+    import torch
+
+    ranks = len(roles.learners)
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    chunk = ranks * micro_batch_size * EVAL_CHUNKS
+    out = None
+    for start in range(0, len(order), chunk):
+        rows = order[start:start + chunk]
+        padded = rows + [rows[-1]] * (-len(rows) % (ranks * micro_batch_size))
+        parts, _ = roles.evaluate(make_batch(padded))
+        result = torch.cat(parts)[:len(rows)]
+        if out is None:
+            out = torch.empty((len(lengths), *result.shape[1:]), dtype=result.dtype)
+        out[rows] = result
+    return out

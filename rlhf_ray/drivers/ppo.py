@@ -26,18 +26,17 @@ from pathlib import Path
 import torch
 
 from actors.common import process_memory
-from rlhf_ray import checkpoint, preflight
+from rlhf_ray import preflight
 from rlhf_ray.batch import RolloutBatch
 from rlhf_ray.config import ExperimentConfig, PPOConfig
 from rlhf_ray.data import PromptSampler, load_prompts
 from rlhf_ray.drivers.base import CheckpointedDriver
 from rlhf_ray.models.modeling import check_same_tokenizer
 from rlhf_ray.ppo_math import gae, kl_penalty, masked_mean, masked_whiten, shape_rewards
-from rlhf_ray.metrics import MetricsLogger
 from rlhf_ray.objectives import LearnerSpec
 from rlhf_ray.rewards.normalize import ScoreNormalizer
 from rlhf_ray.rewards.outage import OutageWatch
-from rlhf_ray.cluster.connection import connect, local_ray_down
+from rlhf_ray.cluster.connection import local_ray_down
 from rlhf_ray.cluster.roles import ActorLost, ModelPaths, Roles
 from rlhf_ray.cluster.signals import STOP_SIGNALS
 from rlhf_ray.models.specs import resolve_model
@@ -49,15 +48,15 @@ class PPOTrainer(CheckpointedDriver):
     unit, exported = "PPO", "policy"  # for the console (rlhf_ray.train.run)
 
     def __init__(self, cfg: ExperimentConfig):
-        from transformers import AutoTokenizer
-
         self.cfg = cfg
-        models = cfg.models
+        self.start_up()  # rlhf_ray.drivers.base: the steps below, in the order every driver starts in
+
+    def resolve_models(self) -> None:
+        cfg, models = self.cfg, self.cfg.models
         resolve = lambda spec: resolve_model(spec, models.cache_dir, cfg.seed)  # noqa: E731
         reward = resolve(models.reward.model) if models.reward.kind == "model" else None
         self.paths = ModelPaths(policy=resolve(models.policy), reference=resolve(models.reference_path), reward=reward,
                                 value=resolve(models.value_model_path) if models.value_init == "reward" else None)
-        # everything checkable without a cluster is checked before one starts
         preflight.check_experiment(cfg, {"models.policy": self.paths.policy, "models.reference": self.paths.reference,
                                          "models.reward.model": self.paths.reward,
                                          "models.value_model": self.paths.value})
@@ -65,12 +64,19 @@ class PPOTrainer(CheckpointedDriver):
             check_same_tokenizer(self.paths.policy, self.paths.value, "the value model's source (models.value_init=reward)")
         if self.paths.reference != self.paths.policy:
             check_same_tokenizer(self.paths.policy, self.paths.reference, "the reference model (models.reference)")
+
+    def load_data(self) -> None:
+        from transformers import AutoTokenizer
+
+        cfg = self.cfg
         self.tokenizer = AutoTokenizer.from_pretrained(self.paths.policy)
         self.dataset = load_prompts(cfg.data, self.tokenizer)
         self.sampler = PromptSampler(len(self.dataset), cfg.ppo.rollout_batch_size, cfg.seed, cfg.data.shuffle)
-        self.resume_from, self.step_count = self.checkpoint_to_resume(), 0
+
+    def before_cluster(self) -> None:
+        cfg = self.cfg
         if self.paths.reward:
-            preflight.check_reward_template(models.reward, self.paths.reward, self.dataset.prompts[0].messages)
+            preflight.check_reward_template(cfg.models.reward, self.paths.reward, self.dataset.prompts[0].messages)
         if cfg.deepspeed.zero_stage > 0 and cfg.resources.learner.num_actors == 1:
             log.warning("deepspeed.zero_stage=%d with one learner rank partitions nothing but keeps extra fp32 "
                         "copies of the weights and gradients (SmolLM2-135M: peak 7.5 GB and 1.4x slower than with "
@@ -79,12 +85,14 @@ class PPOTrainer(CheckpointedDriver):
             from rlhf_ray.planning.planner import plan_at_startup
 
             plan_at_startup(cfg)
-        checkpoint.remove_partial(cfg.output_dir)
-        connect(cfg)
-        start = time.perf_counter()
-        self.roles = Roles(cfg, self.paths, ppo_learner(cfg, self.paths), overlapped=cfg.ppo.async_steps > 0)
+
+    def start_roles(self) -> Roles:
+        return Roles(self.cfg, self.paths, ppo_learner(self.cfg, self.paths), overlapped=self.cfg.ppo.async_steps > 0)
+
+    def after_roles(self) -> None:
+        cfg = self.cfg
         # an HTTP RM's outage is ridden out inside the reward actors; the console hears of it from here
-        self.outage_watch = OutageWatch.for_this_job().start() if models.reward.kind == "http" else None
+        self.outage_watch = OutageWatch.for_this_job().start() if cfg.models.reward.kind == "http" else None
         self.normalizer = self._score_normalizer()
         self.old_logprobs, why = cfg.old_logprobs_source()
         log.info("old logprobs for the PPO ratio: %s (%s)", self.old_logprobs, why)
@@ -93,11 +101,6 @@ class PPOTrainer(CheckpointedDriver):
         self._cancel_prefetch = threading.Event()  # set: the rollout under way stops after its current call
         self.in_hand: Rollout | None = None       # the rollout of the step under way, until the step is recorded
         self.prefetcher = ThreadPoolExecutor(1, thread_name_prefix="rollout") if cfg.ppo.async_steps else None
-        if self.resume_from:
-            self.restore(self.resume_from)
-        self.startup_seconds = time.perf_counter() - start
-        self.saved_step = self.step_count
-        self.metrics_log = MetricsLogger(cfg.output_dir, cfg.logging.tensorboard, resume_step=self.step_count)
 
     @property
     def num_steps(self) -> int:

@@ -11,30 +11,26 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from rlhf_ray import checkpoint, preflight
+from rlhf_ray import preflight
 from rlhf_ray.batch import PairBatch
 from rlhf_ray.config import RewardTrainingConfig
-from rlhf_ray.data import PreferencePair, PromptSampler, dataset_names, hold_out, load_preferences
-from rlhf_ray.drivers.base import CheckpointedDriver
-from rlhf_ray.metrics import MetricsLogger
+from rlhf_ray.data import PreferencePair, PromptSampler, preference_sets
+from rlhf_ray.drivers.base import CheckpointedDriver, evaluate_rows
 from rlhf_ray.models.specs import resolve_model
 from rlhf_ray.models.modeling import encode_conversations, load_reward_tokenizer
 from rlhf_ray.objectives import LearnerSpec
 from rlhf_ray.preference_math import pairwise_accuracy
 from rlhf_ray.rewards.base import write_reward_stats
-from rlhf_ray.cluster.connection import connect
 from rlhf_ray.cluster.roles import ActorLost, Roles
 from rlhf_ray.cluster.signals import STOP_SIGNALS
 
 log = logging.getLogger(__name__)
-EVAL_CHUNKS = 4  # micro-batches per rank in one evaluation call
 
 
 @dataclass
@@ -70,13 +66,16 @@ def encode_pairs(tokenizer, pairs: list[PreferencePair], template: str, max_leng
                         truncated=sum(len(x) >= max_length for x in ids))  # reached the cap (almost always: cut)
 
 
-def accuracy_table(scores: torch.Tensor, sources: list[str]) -> dict:
-    """Pairwise accuracy overall and per source. scores: [N, 2] (chosen, rejected)."""
+def accuracy_table(scores: torch.Tensor, sources: list[str], tie: float | None = None) -> dict:
+    """Pairwise accuracy overall and per source (``tie``: rlhf_ray.preference_math.pairwise_accuracy). scores: [N, 2]
+    (chosen, rejected)."""
     per_source = {}
     for source in sorted(set(sources)):
         rows = [i for i, s in enumerate(sources) if s == source]
-        per_source[source] = {"pairs": len(rows), "accuracy": pairwise_accuracy(scores[rows, 0], scores[rows, 1])}
-    return {"pairs": len(sources), "accuracy": pairwise_accuracy(scores[:, 0], scores[:, 1]), "per_source": per_source}
+        per_source[source] = {"pairs": len(rows),
+                              "accuracy": pairwise_accuracy(scores[rows, 0], scores[rows, 1], tie)}
+    return {"pairs": len(sources), "accuracy": pairwise_accuracy(scores[:, 0], scores[:, 1], tie),
+            "per_source": per_source}
 
 
 class RewardModelTrainer(CheckpointedDriver):
@@ -84,45 +83,32 @@ class RewardModelTrainer(CheckpointedDriver):
 
     def __init__(self, cfg: RewardTrainingConfig):
         self.cfg = cfg
-        self.model_path = resolve_model(cfg.model, cfg.cache_dir, cfg.seed)
-        preflight.check_model_path(cfg.model, self.model_path, "model")
-        self.tokenizer = load_reward_tokenizer(self.model_path)
-        self.train_pairs, self.eval_sets = self._load_data()
-        self.sampler = PromptSampler(len(self.train_pairs), cfg.training.batch_size, cfg.seed, what="training pairs",
-                                     key="training.batch_size")
-        self.num_steps = cfg.training.epochs * self.sampler.batches_per_epoch
-        self.resume_from, self.step_count = self.checkpoint_to_resume(), 0
-        checkpoint.remove_partial(cfg.output_dir)
-        connect(cfg)
-        start = time.perf_counter()
-        self.roles = Roles(cfg, None, self._learner(), roles=("learner",))
-        if self.resume_from:
-            self.restore(self.resume_from)
-        self.startup_seconds = time.perf_counter() - start
-        self.saved_step = self.step_count
-        self.metrics_log = MetricsLogger(cfg.output_dir, cfg.logging.tensorboard, resume_step=self.step_count)
+        self.start_up()  # rlhf_ray.drivers.base: the steps below, in the order every driver starts in
         self.final_eval: dict = {}
         if cfg.training.eval_at_start and self.step_count == 0 and self.eval_sets:
             tables = self.evaluate()
             self.metrics_log.log({"step": 0, **self._eval_metrics(tables)})
             log.info("before training: %s", ", ".join(f"{name} accuracy {t['accuracy']:.3f}" for name, t in tables.items()))
 
+    def resolve_models(self) -> None:
+        cfg = self.cfg
+        self.model_path = resolve_model(cfg.model, cfg.cache_dir, cfg.seed)
+        preflight.check_model_path(cfg.model, self.model_path, "model")
+
+    def load_data(self) -> None:
+        cfg = self.cfg
+        self.tokenizer = load_reward_tokenizer(self.model_path)
+        self.train_pairs, self.eval_sets = self._load_data()
+        self.sampler = PromptSampler(len(self.train_pairs), cfg.training.batch_size, cfg.seed, what="training pairs",
+                                     key="training.batch_size")
+        self.num_steps = cfg.training.epochs * self.sampler.batches_per_epoch
+
+    def start_roles(self) -> Roles:
+        return Roles(self.cfg, None, self._learner(), roles=("learner",))
+
     def _load_data(self) -> tuple[EncodedPairs, dict[str, EncodedPairs]]:
         data = self.cfg.data
-        loaded = load_preferences(data.train, data.split, data.margin_field)
-        if not loaded.pairs:
-            raise ValueError(f"no usable preference pair in data.train={data.train!r} ({loaded.total_rows} rows, "
-                             f"skipped: {dict(loaded.skipped)})")
-        train, held = hold_out(loaded.pairs, data.holdout_fraction, self.cfg.seed)
-        if data.limit and data.limit < len(train):
-            train = random.Random(self.cfg.seed).sample(train, data.limit)
-        sets = {"heldout": held} if held else {}
-        for name, source in zip(dataset_names(data.eval, taken=("heldout", "train")), data.eval):
-            loaded = load_preferences(source, data.split)  # evaluation does not use margins
-            if not loaded.pairs:
-                raise ValueError(f"no usable preference pair in data.eval entry {source!r} ({loaded.total_rows} rows, "
-                                 f"skipped: {dict(loaded.skipped)})")
-            sets[name] = loaded.pairs
+        train, sets = preference_sets(data, self.cfg.seed, data.margin_field)
         encode = lambda p: encode_pairs(self.tokenizer, p, data.template, data.max_length)  # noqa: E731
         train_pairs, eval_sets = encode(train), {name: encode(p) for name, p in sets.items()}
         for name, encoded in [("train", train_pairs), *eval_sets.items()]:
@@ -178,18 +164,10 @@ class RewardModelTrainer(CheckpointedDriver):
 
     # ------------------------------------------------------------------------------------ evaluation
     def scores(self, pairs: EncodedPairs) -> torch.Tensor:
-        """[N, 2] scores (chosen, rejected) of every pair, by the learners' current RM. Pairs go in order of
-        length (less padding), in calls every rank gets an equal share of (ZeRO-3 forwards are collectives)."""
-        ranks, micro = len(self.roles.learners), self.cfg.training.micro_batch_size
-        order = sorted(range(len(pairs)), key=lambda i: max(len(pairs.chosen[i]), len(pairs.rejected[i])))
-        chunk = ranks * micro * EVAL_CHUNKS
-        out = torch.empty(len(pairs), 2)
-        for start in range(0, len(order), chunk):
-            rows = order[start:start + chunk]
-            padded = rows + [rows[-1]] * (-len(rows) % (ranks * micro))
-            parts, _ = self.roles.evaluate(pairs.batch(padded, self.tokenizer.pad_token_id))
-            out[rows] = torch.cat(parts)[:len(rows)]
-        return out
+        """[N, 2] scores (chosen, rejected) of every pair, by the learners' current RM."""
+        lengths = [max(len(c), len(r)) for c, r in zip(pairs.chosen, pairs.rejected)]
+        return evaluate_rows(self.roles, lengths, lambda rows: pairs.batch(rows, self.tokenizer.pad_token_id),
+                             self.cfg.training.micro_batch_size)
 
     def evaluate(self) -> dict[str, dict]:
         """Accuracy tables of every evaluation set, with the scores (for normalisation statistics)."""
