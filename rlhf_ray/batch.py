@@ -1,4 +1,5 @@
-"""The batches that cross actor boundaries: RolloutBatch (PPO rollouts) and PairBatch (preference pairs).
+"""The batches that cross actor boundaries: RolloutBatch (PPO rollouts), PairBatch (preference pairs for an RM),
+ResponsePairBatch (preference pairs for a policy: DPO) and SequenceBatch (SFT).
 
 RolloutBatch, B sequences: prompts LEFT-padded to P positions, responses RIGHT-padded to R positions,
 so every response token sits at the same column for all rows:
@@ -182,3 +183,95 @@ class PairBatch(Rows):
                 input_ids[i, side, :len(ids)] = torch.tensor(ids, dtype=torch.long)
                 attention_mask[i, side, :len(ids)] = 1
         return PairBatch(input_ids, attention_mask, torch.tensor(margins, dtype=torch.float32), list(sources))
+
+
+@dataclass
+class ResponsePairBatch(Rows):
+    """Preference pairs as the POLICY reads them (DPO): row i holds the prompt with its chosen (0) and its rejected (1)
+    response, in the RolloutBatch layout (prompts left-padded to P, responses right-padded to R), so both sides'
+    response tokens are at the same columns and the pair stays together when rows are shuffled or sharded:
+
+        input_ids [B, 2, P+R]   attention_mask [B, 2, P+R]   response_mask [B, 2, R]
+        ref_logps [B, 2]        the reference's summed response logprobs (None for reference-free losses)
+    """
+    PER_ROW = ("sources",)
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    prompt_length: int
+    pad_token_id: int
+    sources: list[str]
+    ref_logps: Optional[torch.Tensor] = None
+
+    @staticmethod
+    def from_encoded(prompts: list[list[int]], chosen: list[list[int]], rejected: list[list[int]], sources: list[str],
+                     pad_token_id: int) -> "ResponsePairBatch":
+        flat = RolloutBatch.from_samples([p for p in prompts for _ in range(2)],
+                                         [r for pair in zip(chosen, rejected) for r in pair],
+                                         [[0.0] * len(r) for pair in zip(chosen, rejected) for r in pair],
+                                         ["stop"] * 2 * len(prompts), [[]] * 2 * len(prompts), [""] * 2 * len(prompts),
+                                         [""] * 2 * len(prompts), pad_token_id)
+        B = len(prompts)
+        return ResponsePairBatch(flat.input_ids.view(B, 2, -1), flat.attention_mask.view(B, 2, -1),
+                                 flat.response_mask.view(B, 2, -1), flat.prompt_length, pad_token_id, list(sources))
+
+    def sides(self) -> RolloutBatch:
+        """Both sides as 2B sequences (chosen, rejected, chosen, …): what the policy and the reference forward."""
+        B, n = len(self), 2 * len(self)
+        return RolloutBatch(input_ids=self.input_ids.reshape(n, -1), attention_mask=self.attention_mask.reshape(n, -1),
+                            response_mask=self.response_mask.reshape(n, -1), prompt_length=self.prompt_length,
+                            pad_token_id=self.pad_token_id, prompt_messages=[[]] * n, prompt_texts=[""] * n,
+                            response_texts=[""] * n, finish_reasons=["stop"] * n)
+
+    @property
+    def response_tokens(self) -> torch.Tensor:
+        """[B, 2] response lengths (the length-normalised losses divide by them)."""
+        return self.response_mask.sum(-1)
+
+
+@dataclass
+class SequenceBatch(Rows):
+    """Token sequences with a per-token loss mask (SFT), right-padded to T; with packing a row holds several
+    conversations, each attending only to itself:
+
+        input_ids [B, T]   loss_mask [B, T] (1: a token the model learns to predict)   position_ids [B, T]
+        segment_ids [B, T]  which conversation of its row a token belongs to (1, 2, …; 0: padding)
+    """
+    input_ids: torch.Tensor
+    loss_mask: torch.Tensor
+    position_ids: torch.Tensor
+    segment_ids: torch.Tensor
+
+    def attention_mask(self) -> torch.Tensor:
+        """[B, 1, T, T] bool: causal within each conversation, nothing across conversations or into padding — the 4-D
+        mask Hugging Face models take as is. Without packing it is the plain causal mask with the padding cut out."""
+        T = self.input_ids.shape[1]
+        same = self.segment_ids.unsqueeze(-1) == self.segment_ids.unsqueeze(-2)          # [B, T, T]
+        causal = torch.ones(T, T, dtype=torch.bool, device=self.input_ids.device).tril()
+        real = (self.segment_ids > 0).unsqueeze(-1)
+        itself = torch.eye(T, dtype=torch.bool, device=self.input_ids.device)  # padding attends to itself: no empty row
+        return ((same & causal & real) | itself).unsqueeze(1)
+
+    @property
+    def packed(self) -> bool:
+        return bool((self.segment_ids.max(-1).values > 1).any())
+
+    @staticmethod
+    def from_rows(rows: list[tuple[list[int], list[int], list[int]]], pad_token_id: int) -> "SequenceBatch":
+        """(input_ids, loss_mask, sequence_lengths) per row -> the padded layout above."""
+        T = max(len(ids) for ids, _, _ in rows)
+        B = len(rows)
+        input_ids = torch.full((B, T), pad_token_id, dtype=torch.long)
+        loss_mask = torch.zeros((B, T), dtype=torch.float32)
+        position_ids = torch.zeros((B, T), dtype=torch.long)
+        segment_ids = torch.zeros((B, T), dtype=torch.long)
+        for i, (ids, mask, lengths) in enumerate(rows):
+            input_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            loss_mask[i, :len(mask)] = torch.tensor(mask, dtype=torch.float32)
+            start = 0
+            for k, length in enumerate(lengths, 1):
+                position_ids[i, start:start + length] = torch.arange(length)
+                segment_ids[i, start:start + length] = k
+                start += length
+        return SequenceBatch(input_ids, loss_mask, position_ids, segment_ids)

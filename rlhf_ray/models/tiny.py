@@ -168,3 +168,26 @@ def tiny_preferences(prompts_file: str | Path, n: int, seed: int = 0) -> list[di
         rows.append({"chosen": [*prompt, {"role": "assistant", "content": chosen}],
                      "rejected": [*prompt, {"role": "assistant", "content": rejected}], "source": source})
     return rows
+
+
+def tiny_conversations(prompts_file: str | Path, n: int, seed: int = 0) -> list[dict]:
+    """``n`` learnable SFT rows ({"messages": [...]}) over the prompts of ``prompts_file``: a helpful answer that
+    repeats the request, and every third conversation a second turn (a thank-you and its reply), every fourth one
+    with a system message."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    prompts = [json.loads(line)["messages"] for line in Path(prompts_file).read_text().splitlines() if line.strip()]
+    rows = []
+    for i in range(n):
+        prompt = prompts[rng.randrange(len(prompts))]
+        topic = prompt[-1]["content"].rstrip(".?!").lower()
+        messages = [{"role": "system", "content": "You are a kind assistant."}] if i % 4 == 0 else []
+        messages += [*prompt, {"role": "assistant", "content": f"Gladly. Here is my answer to '{topic}', with an "
+                                                                "example and a short summary."}]
+        if i % 3 == 0:
+            messages += [{"role": "user", "content": rng.choice(["Thanks!", "Thank you.", "Great, thanks."])},
+                         {"role": "assistant", "content": "You are welcome. Ask me anything else."}]
+        rows.append({"messages": messages})
+    return rows

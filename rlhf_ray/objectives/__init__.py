@@ -21,7 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from rlhf_ray.config import DeepSpeedConfig, OptimizerConfig, PPOConfig
+from rlhf_ray.config import DeepSpeedConfig, DPOTrainingConfig, OptimizerConfig, PPOConfig
 
 
 class LearnerSpec(BaseModel):
@@ -30,7 +30,7 @@ class LearnerSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     objective: str
-    model: str                                # policy (ppo) or the RM's backbone (bradley_terry): a local path
+    model: str                                # policy (ppo, sft, dpo) or the RM's backbone (bradley_terry): a local path
     value_model: Optional[str] = None         # ppo: the critic's source when value_init='reward'
     value_init: str = "policy"
     world_size: int = 1
@@ -48,6 +48,8 @@ class LearnerSpec(BaseModel):
     pad_token_id: Optional[int] = None        # bradley_terry: where the RM pools (its last non-pad token)
     ppo: Optional[PPOConfig] = None
     temperature: float = 1.0                  # ppo: the sampling temperature the logprobs are taken at
+    dpo: Optional[DPOTrainingConfig] = None   # dpo: the loss and its options
+    sft_loss_mean: str = "token"              # sft: 'token' or 'sequence' (SFTTrainingConfig.loss_mean)
 
 
 OBJECTIVES: dict[str, type["Objective"]] = {}
@@ -91,4 +93,4 @@ class Objective:
 
 
 # the registered objectives (imported for their @register)
-from rlhf_ray.objectives import ppo, reward_model  # noqa: E402,F401
+from rlhf_ray.objectives import dpo, ppo, reward_model, sft  # noqa: E402,F401

@@ -1,0 +1,284 @@
+"""The DPO driver (and its variants: rlhf_ray.preference_math.DPO_LOSSES). One step:
+
+    pairs of step s (a pure function of seed and s) → reference log-probs of the pairs not seen before
+    (the reference role, once per pair for the whole run) → learner update → metrics → evaluation / checkpoint when due
+
+The learner is the generic one (rlhf_ray.objectives.dpo); the reference is the same role PPO uses, so a large one
+can be sharded (resources.reference.sharded). Its log-probs are kept per pair in the driver, saved with every
+checkpoint: later epochs and a resumed run do not compute them again. <output_dir>/final_model is the policy;
+eval.json holds the implicit-reward preference accuracy per evaluation set, overall and per source.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlhf_ray import preflight
+from rlhf_ray.batch import ResponsePairBatch
+from rlhf_ray.cluster.roles import ActorLost, ModelPaths, Roles
+from rlhf_ray.cluster.signals import STOP_SIGNALS
+from rlhf_ray.config import DPOConfig
+from rlhf_ray.data import PreferencePair, PromptSampler, preference_sets, render_messages
+from rlhf_ray.drivers.base import CheckpointedDriver, evaluate_rows
+from rlhf_ray.drivers.reward_model import accuracy_table
+from rlhf_ray.models.modeling import check_same_tokenizer
+from rlhf_ray.models.specs import resolve_model
+from rlhf_ray.objectives import LearnerSpec
+from rlhf_ray.objectives.dpo import loss_options
+from rlhf_ray.preference_math import dpo_needs_reference, get_dpo_loss
+
+log = logging.getLogger(__name__)
+REFERENCE_FILE = "reference_logps.safetensors"
+# implicit rewards this close count as a tie (half right): at the start the policy is the reference, and their
+# margins are rounding noise (fp32 sums over a response: ~1e-6), not preferences
+TIE = 1e-4
+
+
+@dataclass
+class EncodedResponsePairs:
+    """Token ids of each pair's prompt and of both responses, as the policy reads them."""
+    prompts: list[list[int]]
+    chosen: list[list[int]]
+    rejected: list[list[int]]
+    sources: list[str]
+    truncated: int  # pairs whose prompt or a response was cut
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def batch(self, indices: list[int], pad_token_id: int) -> ResponsePairBatch:
+        return ResponsePairBatch.from_encoded([self.prompts[i] for i in indices], [self.chosen[i] for i in indices],
+                                              [self.rejected[i] for i in indices], [self.sources[i] for i in indices],
+                                              pad_token_id)
+
+    def lengths(self) -> list[int]:
+        return [len(p) + max(len(c), len(r)) for p, c, r in zip(self.prompts, self.chosen, self.rejected)]
+
+
+def encode_response_pairs(tokenizer, pairs: list[PreferencePair], template: str, max_prompt_length: int,
+                          max_length: int) -> EncodedResponsePairs:
+    """Each pair's prompt rendered up to the assistant's turn (its last ``max_prompt_length`` tokens kept) and each
+    response as the template renders the assistant's turn after it, end-of-turn marker included (cut at its end to
+    fit ``max_length``). The response's text is found by rendering: the whole conversation minus the rendered prompt."""
+    out = EncodedResponsePairs([], [], [], [], 0)
+    for pair in pairs:
+        prompt_text = render_messages(pair.prompt, template, tokenizer, add_generation_prompt=True)
+        responses = []
+        for conversation in pair.conversations():
+            whole = render_messages(conversation, template, tokenizer, add_generation_prompt=False)
+            if not whole.startswith(prompt_text):
+                raise ValueError(f"data.template={template!r}: the rendered prompt is not the start of the rendered "
+                                 "conversation (the template rewrites earlier turns), so the response cannot be told "
+                                 "apart; use template='tulu' or a template that appends turns")
+            responses.append(tokenizer(whole[len(prompt_text):], add_special_tokens=False)["input_ids"])
+        prompt = tokenizer(prompt_text, add_special_tokens=template == "tulu")["input_ids"]
+        cut = len(prompt) > max_prompt_length or any(len(prompt[-max_prompt_length:]) + len(r) > max_length
+                                                     for r in responses)
+        prompt = prompt[-max_prompt_length:]
+        room = max_length - len(prompt)
+        out.prompts.append(prompt)
+        out.chosen.append(responses[0][:room])
+        out.rejected.append(responses[1][:room])
+        out.sources.append(pair.source or "unknown")
+        out.truncated += cut
+    return out
+
+
+class DPOTrainer(CheckpointedDriver):
+    unit, exported = "DPO", "policy"  # for the console (rlhf_ray.train.run)
+
+    def __init__(self, cfg: DPOConfig):
+        self.cfg = cfg
+        self.reference_pairs_computed = 0  # over the run (this process): each pair's once
+        self.start_up()  # rlhf_ray.drivers.base: the steps below, in the order every driver starts in
+        self.final_eval: dict = {}
+        if cfg.dpo.eval_at_start and self.step_count == 0 and self.eval_sets:
+            tables = self.evaluate()
+            self.metrics_log.log({"step": 0, **self._eval_metrics(tables)})
+            log.info("before training: %s", describe(tables))
+
+    # ------------------------------------------------------------------------------------ startup
+    def resolve_models(self) -> None:
+        cfg = self.cfg
+        resolve = lambda spec: resolve_model(spec, cfg.cache_dir, cfg.seed)  # noqa: E731
+        self.paths = ModelPaths(policy=resolve(cfg.model), reference=resolve(cfg.reference_path), reward=None,
+                                value=None)
+        preflight.check_model_path(cfg.model, self.paths.policy, "model")
+        if self.needs_reference and self.paths.reference != self.paths.policy:
+            preflight.check_model_path(cfg.reference_path, self.paths.reference, "reference")
+            check_same_tokenizer(self.paths.policy, self.paths.reference, "the reference model (reference)")
+
+    @property
+    def needs_reference(self) -> bool:
+        return dpo_needs_reference(self.cfg.dpo.loss)
+
+    def load_data(self) -> None:
+        from transformers import AutoTokenizer
+
+        cfg, data = self.cfg, self.cfg.data
+        self.tokenizer = AutoTokenizer.from_pretrained(self.paths.policy)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        train, sets = preference_sets(data, cfg.seed)
+        encode = lambda p: encode_response_pairs(self.tokenizer, p, data.template, data.max_prompt_length,  # noqa: E731
+                                                 data.max_length)
+        self.train_pairs, self.eval_sets = encode(train), {name: encode(p) for name, p in sets.items()}
+        for name, encoded in [("train", self.train_pairs), *self.eval_sets.items()]:
+            log.info("%s: %d pairs; %d cut to data.max_prompt_length=%d / data.max_length=%d", name, len(encoded),
+                     encoded.truncated, data.max_prompt_length, data.max_length)
+        self.sampler = PromptSampler(len(self.train_pairs), cfg.dpo.batch_size, cfg.seed, what="training pairs",
+                                     key="dpo.batch_size")
+        self.num_steps = cfg.dpo.epochs * self.sampler.batches_per_epoch
+        # the reference's summed log-probs of (chosen, rejected) per pair of each set; NaN: not computed yet
+        self.reference_logps = {name: torch.full((len(pairs), 2), float("nan"))
+                                for name, pairs in [("train", self.train_pairs), *self.eval_sets.items()]}
+
+    def start_roles(self) -> Roles:
+        roles = ("learner", "reference") if self.needs_reference else ("learner",)
+        return Roles(self.cfg, self.paths, self._learner(), roles=roles)
+
+    def _learner(self) -> LearnerSpec:
+        cfg, learner = self.cfg, self.cfg.resources.learner
+        return LearnerSpec(objective="dpo", model=self.paths.policy, world_size=learner.num_actors,
+                           num_cpus=learner.num_cpus, num_gpus=learner.num_gpus, mini_batch_size=cfg.dpo.batch_size,
+                           micro_batch_size=cfg.dpo.micro_batch_size, epochs=1, optimizer_steps=self.num_steps,
+                           optimizer=cfg.optimizer, deepspeed=cfg.deepspeed, timeout_s=cfg.timeouts.learn_s,
+                           seed=cfg.seed, export_dtype=cfg.dtype, pad_token_id=self.tokenizer.pad_token_id,
+                           dpo=cfg.dpo)
+
+    # ------------------------------------------------------------------------------------------ a step
+    def step(self) -> dict[str, float]:
+        try:
+            return self._step()
+        except ActorLost as lost:
+            if lost.role != "learner":
+                raise
+            self.recover_learner(lost)
+            return {}
+
+    def _step(self) -> dict[str, float]:
+        started = time.perf_counter()
+        indices = self.sampler.batch(self.step_count)
+        batch = self.train_pairs.batch(indices, self.tokenizer.pad_token_id)
+        computed = self.reference_pairs_computed
+        reference_start = time.perf_counter()
+        if self.needs_reference:
+            batch = batch.with_(ref_logps=self.reference_for("train", indices))
+        reference_s = time.perf_counter() - reference_start
+        with STOP_SIGNALS.deferred():
+            self.updating = True  # until the step is recorded: an error here leaves no checkpointable state
+            stats, learn_s = self.roles.learn(batch)
+            self.step_count += 1
+            seconds = time.perf_counter() - started
+            metrics = {"step": self.step_count, "epoch": self.sampler.position(self.step_count - 1)[0], **stats,
+                       "time/step": seconds, "time/learn": learn_s, "time/reference": reference_s,
+                       "reference/pairs_computed": float(self.reference_pairs_computed - computed),
+                       "throughput/pairs_per_s": len(indices) / seconds}
+            if self.due(self.cfg.dpo.eval_every_steps):
+                metrics.update(self._eval_metrics(self.evaluate()))
+            self.metrics_log.log(metrics)
+            self.updating = False
+            if self.due(self.cfg.checkpoint.every_steps):
+                self.save_checkpoint()
+        return metrics
+
+    def reference_for(self, name: str, indices: list[int]) -> torch.Tensor:
+        """[len(indices), 2] the reference's log-probs of these pairs of set ``name``: computed by the reference role
+        for the pairs that have none yet, and kept."""
+        cache = self.reference_logps[name]
+        missing = sorted({i for i in indices if torch.isnan(cache[i, 0])})
+        if missing:
+            pairs = self.train_pairs if name == "train" else self.eval_sets[name]
+            ranks = len(self.roles.references)
+            padded = missing + [missing[-1]] * (-len(missing) % ranks)  # equal shares (a sharded model's collectives)
+            sides = pairs.batch(padded, self.tokenizer.pad_token_id).sides()
+            scored, _ = self.roles.score(sides, roles=("reference",))
+            cache[missing] = scored["ref_logprobs"].sum(-1).view(-1, 2)[:len(missing)]
+            self.reference_pairs_computed += len(missing)
+        return cache[indices]
+
+    @staticmethod
+    def progress(metrics: dict) -> dict:
+        return {"loss": f"{metrics['loss/dpo']:.3f}", "acc": f"{metrics['dpo/accuracy']:.2f}",
+                "margin": f"{metrics['dpo/rewards/margin']:.3f}"}
+
+    # ------------------------------------------------------------------------------------ evaluation
+    def evaluate(self) -> dict[str, dict]:
+        """Per evaluation set: the implicit rewards' preference accuracy (overall and per source; a tie counts half),
+        the mean loss and margin, by the learners' current policy against the reference."""
+        dpo = self.cfg.dpo
+        variant = get_dpo_loss(dpo.loss)
+        tables = {}
+        for name, pairs in self.eval_sets.items():
+            logps = evaluate_rows(self.roles, pairs.lengths(), lambda rows, p=pairs: p.batch(
+                rows, self.tokenizer.pad_token_id), dpo.micro_batch_size)
+            ref = self.reference_for(name, list(range(len(pairs)))) if self.needs_reference else None
+            lengths = torch.tensor([[len(c), len(r)] for c, r in zip(pairs.chosen, pairs.rejected)], dtype=torch.float32)
+            losses, reward_chosen, reward_rejected = variant(
+                logps[:, 0], logps[:, 1], *((ref[:, 0], ref[:, 1]) if ref is not None else (None, None)),
+                lengths[:, 0], lengths[:, 1], beta=dpo.beta, **loss_options(dpo))
+            rewards = torch.stack([reward_chosen, reward_rejected], dim=-1)
+            tables[name] = {**accuracy_table(rewards, pairs.sources, tie=TIE), "loss": float(losses.mean()),
+                            "margin": float((reward_chosen - reward_rejected).mean())}
+        return tables
+
+    @staticmethod
+    def _eval_metrics(tables: dict) -> dict[str, float]:
+        metrics = {}
+        for name, table in tables.items():
+            metrics.update({f"eval/{name}/accuracy": table["accuracy"], f"eval/{name}/loss": table["loss"],
+                            f"eval/{name}/margin": table["margin"]})
+            metrics.update({f"eval/{name}/accuracy/{source}": row["accuracy"]
+                            for source, row in table["per_source"].items()})
+        return metrics
+
+    # ----------------------------------------------------------------------------------- durability
+    def save_driver_files(self, directory: Path) -> None:
+        """The reference log-probs computed so far: a resumed run does not compute them again."""
+        from safetensors.torch import save_file
+
+        save_file({name: cache.contiguous() for name, cache in self.reference_logps.items()}, directory / REFERENCE_FILE)
+
+    def restore(self, path) -> None:
+        from safetensors.torch import load_file
+
+        self.restore_learners(path)
+        saved = Path(path) / REFERENCE_FILE
+        if saved.is_file():
+            for name, cache in load_file(saved).items():
+                if name in self.reference_logps and cache.shape == self.reference_logps[name].shape:
+                    known = ~torch.isnan(cache[:, 0])
+                    self.reference_logps[name][known] = cache[known]
+        log.info("resumed from %s: %d of %d steps done; reference log-probs of %d pairs kept", path, self.step_count,
+                 self.num_steps, sum(int((~torch.isnan(c[:, 0])).sum()) for c in self.reference_logps.values()))
+
+    def finish(self) -> str:
+        """Checkpoint (checkpoint.at_end), final evaluation (eval.json), the policy (final_model)."""
+        self.checkpoint_at_end()
+        out = Path(self.cfg.output_dir).resolve()
+        tables = self.evaluate()
+        self.final_eval = tables
+        (out / "eval.json").write_text(json.dumps({"step": self.step_count, "sets": tables}, indent=2))
+        self.metrics_log.log({"step": self.step_count, **self._eval_metrics(tables)})
+        return self.roles.save(str(out / "final_model"))
+
+    def closing(self) -> list[str]:
+        rows = [json.loads(line) for line in (Path(self.cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
+        steps = [r for r in rows if "loss/dpo" in r]
+        lines = [describe({name: t}) for name, t in self.final_eval.items()]
+        if steps:
+            seconds = sum(r["time/step"] for r in steps)
+            lines.append(f"{len(steps)} steps in {seconds:.0f} s; loss {steps[0]['loss/dpo']:.3f} → "
+                         f"{steps[-1]['loss/dpo']:.3f}; reference log-probs of {self.reference_pairs_computed} pairs "
+                         "computed (once each)")
+        return lines
+
+
+def describe(tables: dict) -> str:
+    return ", ".join(f"{name} accuracy {t['accuracy']:.3f} (margin {t['margin']:+.3f}) on {t['pairs']} pairs"
+                     for name, t in tables.items())

@@ -1,0 +1,62 @@
+"""Direct preference optimisation and its variants (rlhf_ray.preference_math.DPO_LOSSES) on the policy alone; the
+reference's log-probs come with the batch, computed once per pair by the reference role (rlhf_ray.drivers.dpo)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rlhf_ray.batch import ResponsePairBatch
+from rlhf_ray.models.modeling import load_causal_lm, response_logits, token_logprobs
+from rlhf_ray.objectives import Objective, register
+from rlhf_ray.preference_math import dpo_loss, dpo_needs_reference
+
+
+def pair_logps(model: nn.Module, batch: ResponsePairBatch) -> torch.Tensor:
+    """Σ_t log π(y_t | x, y_<t) over each response: [B, 2] (chosen, rejected), one forward pass over both sides."""
+    sides = batch.sides()
+    logprobs = token_logprobs(response_logits(model, sides), sides.response_ids) * sides.response_mask
+    return logprobs.sum(-1).view(len(batch), 2)
+
+
+def loss_options(dpo) -> dict:
+    """The config's options that the chosen variant takes (its keyword parameters name them)."""
+    import inspect
+
+    from rlhf_ray.preference_math import get_dpo_loss
+
+    accepted = inspect.signature(get_dpo_loss(dpo.loss)).parameters
+    offered = {"label_smoothing": dpo.label_smoothing, "gamma": dpo.simpo_gamma}
+    return {key: value for key, value in offered.items() if key in accepted}
+
+
+@register("dpo")
+class DPOObjective(Objective):
+    """The loss ``spec.dpo.loss`` over pairs, a mean over the global mini-batch's pairs."""
+    export_name = "policy"
+
+    def build(self) -> nn.Module:
+        return load_causal_lm(self.spec.model)
+
+    def units(self, batch: ResponsePairBatch) -> torch.Tensor:
+        return torch.tensor(float(len(batch)))
+
+    def loss(self, module, micro: ResponsePairBatch, num_units: float, fresh: bool = False):
+        dpo = self.spec.dpo
+        logps, ref, lengths = pair_logps(module, micro), micro.ref_logps, micro.response_tokens
+        if ref is None and dpo_needs_reference(dpo.loss):
+            raise ValueError(f"dpo.loss={dpo.loss!r} needs the reference's log-probs, and the batch has none")
+        loss, stats = dpo_loss(dpo.loss, logps[:, 0], logps[:, 1], *((ref[:, 0], ref[:, 1]) if ref is not None
+                                                                     else (None, None)),
+                               lengths[:, 0], lengths[:, 1], beta=dpo.beta, num_units=num_units,
+                               **loss_options(dpo))
+        return loss, {"loss/dpo": loss.item(), **{f"dpo/{key}": value for key, value in stats.items()}}
+
+    @torch.no_grad()
+    def evaluate(self, module, batch: ResponsePairBatch) -> torch.Tensor:
+        """[B, 2] summed response log-probs of (chosen, rejected) under the current policy."""
+        size = self.spec.micro_batch_size
+        return torch.cat([pair_logps(module, batch.select(range(i, min(i + size, len(batch))))).cpu()
+                          for i in range(0, len(batch), size)])
+
+    def exported(self, module: nn.Module) -> nn.Module:
+        return module

@@ -1,0 +1,74 @@
+"""Supervised fine-tuning: next-token cross-entropy on the tokens a loss mask selects (the assistant turns)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rlhf_ray.batch import SequenceBatch
+from rlhf_ray.models.modeling import load_causal_lm
+from rlhf_ray.objectives import Objective, register
+
+
+def token_nll(model: nn.Module, batch: SequenceBatch) -> torch.Tensor:
+    """−log p(x_t | x_<t) of every token after the first, 0 where the loss mask is 0. [B, T-1] float32
+
+    The mask of token t says whether x_t is learned, so it is taken at t (labels shifted by one, as in HF)."""
+    (B, T), dtype = batch.input_ids.shape, next(model.parameters()).dtype
+    # additive: eager attention adds the mask to the scores (a boolean one would be wrong there); SDPA takes it too
+    mask = torch.zeros(B, 1, T, T, dtype=dtype, device=batch.input_ids.device).masked_fill(
+        ~batch.attention_mask(), torch.finfo(dtype).min)
+    logits = model(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids,
+                   use_cache=False).logits[:, :-1]
+    labels = batch.input_ids[:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")
+    return nll * batch.loss_mask[:, 1:]
+
+
+def sequence_token_counts(batch: SequenceBatch) -> torch.Tensor:
+    """[B, S] learned tokens of each conversation s = 1…S of each row (S: the most conversations in a row)."""
+    segments = batch.segment_ids[:, 1:]
+    S = int(batch.segment_ids.max())
+    one_hot = torch.nn.functional.one_hot(segments, S + 1)[..., 1:].float()   # [B, T-1, S]
+    return torch.einsum("bt,bts->bs", batch.loss_mask[:, 1:], one_hot)
+
+
+@register("sft")
+class SFTObjective(Objective):
+    """L = Σ_t m_t · −log p(x_t | x_<t) / N, with N the learned tokens of the global mini-batch (loss_mean='token'),
+    or each conversation's token mean summed over conversations / N conversations (loss_mean='sequence')."""
+    export_name = "policy"
+
+    def build(self) -> nn.Module:
+        return load_causal_lm(self.spec.model)
+
+    def units(self, batch: SequenceBatch) -> torch.Tensor:
+        if self.spec.sft_loss_mean == "token":
+            return batch.loss_mask[:, 1:].sum()
+        return (sequence_token_counts(batch) > 0).sum().float()
+
+    def loss(self, module, micro: SequenceBatch, num_units: float, fresh: bool = False):
+        nll = token_nll(module, micro)
+        tokens = micro.loss_mask[:, 1:].sum()
+        if self.spec.sft_loss_mean == "token":
+            loss = nll.sum() / max(num_units, 1.0)
+        else:
+            segments = torch.nn.functional.one_hot(micro.segment_ids[:, 1:], int(micro.segment_ids.max()) + 1)[..., 1:]
+            per_sequence = torch.einsum("bt,bts->bs", nll, segments.float())
+            counts = sequence_token_counts(micro)
+            loss = (per_sequence / counts.clamp(min=1.0)).sum() / max(num_units, 1.0)
+        # shares of the mini-batch's figures: the learner sums them over micro-batches and ranks
+        return loss, {"loss/sft": loss.item(), "sft/tokens_per_step": float(tokens)}
+
+    @torch.no_grad()
+    def evaluate(self, module, batch: SequenceBatch) -> torch.Tensor:
+        """[B, 2]: each row's summed NLL of its learned tokens and their count (a loss and a perplexity over a set)."""
+        size = self.spec.micro_batch_size
+        parts = []
+        for start in range(0, len(batch), size):
+            micro = batch.select(range(start, min(start + size, len(batch))))
+            nll = token_nll(module, micro)
+            parts.append(torch.stack([nll.sum(-1), micro.loss_mask[:, 1:].sum(-1)], dim=-1).cpu())
+        return torch.cat(parts)
+
+    def exported(self, module: nn.Module) -> nn.Module:
+        return module
