@@ -268,12 +268,12 @@ class RunLogging(_Strict):
                              "'verbose': all of it on the console as well.")
     tensorboard: bool = Field(True, description="Write TensorBoard events to <output_dir>/tensorboard.")
     progress_bar: bool = Field(True, description="Show a tqdm progress bar of the run's steps.")
+    report: bool = Field(True, description="Draw <output_dir>/report.png at the end of the run (rlhf_ray.report).")
 
 
 class LoggingConfig(RunLogging):
     samples_per_step: int = Field(
         4, ge=0, description="(prompt, response, score) rows per step written to <output_dir>/samples.jsonl.")
-    report: bool = Field(True, description="Draw <output_dir>/report.png at the end of the run (rlhf_ray.report).")
     save_final_model: bool = Field(True, description="Save the final policy (HF safetensors) to <output_dir>/final_model.")
     plan: bool = Field(True, description="Before the cluster starts, plan the run on this machine's devices "
                                          "(rlhf_ray.plan): <output_dir>/plan.json, one console line with the predicted "

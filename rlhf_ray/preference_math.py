@@ -100,7 +100,8 @@ def dpo_needs_reference(name: str) -> bool:
 def dpo_loss(loss_type: str, policy_chosen: Tensor, policy_rejected: Tensor,
              reference_chosen: Tensor | None = None, reference_rejected: Tensor | None = None,
              chosen_tokens: Tensor | None = None, rejected_tokens: Tensor | None = None, *,
-             beta: float, num_units: float | None = None, **options) -> tuple[Tensor, dict[str, float]]:
+             beta: float, num_units: float | None = None, tie: float | None = None,
+             **options) -> tuple[Tensor, dict[str, float]]:
     """A DPO-family loss (``loss_type`` names a variant of ``DPO_LOSSES``) on a micro-batch of pairs:
 
         loss = Σ_i ℓ_i / N
@@ -114,7 +115,7 @@ def dpo_loss(loss_type: str, policy_chosen: Tensor, policy_rejected: Tensor,
     Returns the loss (scalar tensor) and stats, floats, each a sum over the pairs divided by N so that
     they too add up across micro-batches and ranks: ``rewards/chosen``, ``rewards/rejected``,
     ``rewards/margin`` (the variant's implicit rewards, e.g. β·(π − ref)), ``accuracy`` (share of pairs
-    with margin > 0), ``logps/chosen``, ``logps/rejected`` (the policy's summed log-probs).
+    with margin > 0; with ``tie``, a margin within ±tie counts half: see pairwise_accuracy), ``logps/chosen``, ``logps/rejected`` (the policy's summed log-probs).
     """
     variant = get_dpo_loss(loss_type)
     if not beta > 0:
@@ -130,7 +131,8 @@ def dpo_loss(loss_type: str, policy_chosen: Tensor, policy_rejected: Tensor,
     with torch.no_grad():
         reward_c, reward_r = reward_c.detach(), reward_r.detach()
         margin = reward_c - reward_r
-        sums = torch.stack([reward_c.sum(), reward_r.sum(), margin.sum(), (margin > 0).to(margin).sum(),
+        right = (margin > 0).to(margin) if tie is None else torch.where(margin.abs() <= tie, 0.5, (margin > 0).to(margin))
+        sums = torch.stack([reward_c.sum(), reward_r.sum(), margin.sum(), right.sum(),
                             pc.detach().sum(), pr.detach().sum()]) / n
     return loss, dict(zip(DPO_STATS, sums.tolist()))
 

@@ -3,9 +3,10 @@
     python -m rlhf_ray.report runs/smollm2_cpu                  # redraws runs/smollm2_cpu/report.png
     python -m rlhf_ray.report runs/a runs/b --out compare.png    # overlays several runs on one figure
 
-Panels: reward and raw score; KL to the reference (and the sampler-vs-learner check); response length
+PPO panels: reward and raw score; KL to the reference (and the sampler-vs-learner check); response length
 and EOS fraction; where each step's time went (stacked per step for one run, the mean step per run
-when comparing).
+when comparing). A run of the learner on a dataset (SFT, DPO, reward-model training: ``LEARNING_RUNS``) gets three:
+the training loss (and accuracy), each evaluation set over the steps, and step time with throughput.
 """
 from __future__ import annotations
 
@@ -44,7 +45,10 @@ def load_metrics(run_dir: str | Path) -> list[dict]:
         except json.JSONDecodeError:
             print(f"warning: {path}:{number} is not JSON; skipped", file=sys.stderr)
             continue
-        if rows and row.get("step", 0) <= rows[-1].get("step", 0):
+        if rows and row.get("step", 0) == rows[-1].get("step", 0):
+            rows[-1] = {**rows[-1], **row}  # more figures of the same step (an evaluation after it)
+            continue
+        if rows and row.get("step", 0) < rows[-1].get("step", 0):
             rows = []
         rows.append(row)
     if not rows:
@@ -167,6 +171,68 @@ def _draw_time(ax, runs: dict[str, list[dict]], colors: list[str]) -> None:
     ax.legend(fontsize=8)
 
 
+# the training loss of a learner run -> (what the run is, its training metric, the evaluation sets' figure to draw)
+LEARNING_RUNS = {"loss/sft": ("SFT", None, "loss"), "loss/dpo": ("DPO", "dpo/accuracy", "accuracy"),
+                 "loss/bradley_terry": ("reward model", "rm/accuracy", "accuracy")}
+
+
+def learning_kind(rows: list[dict]) -> str | None:
+    """The training-loss key of a learner run's metrics (None: a PPO run)."""
+    return next((key for key in LEARNING_RUNS if any(key in r for r in rows)), None)
+
+
+def draw_learning(rows: list[dict], out: str | Path, label: str) -> Path:
+    """Three panels of a learner run (SFT, DPO, reward-model training) to ``out`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    loss_key = learning_kind(rows)
+    kind, train_key, eval_figure = LEARNING_RUNS[loss_key]
+    fig, (ax_loss, ax_eval, ax_time) = plt.subplots(1, 3, figsize=(15, 4.6))
+    ax_loss.plot(*_series(rows, loss_key), marker=".", label=f"training loss ({loss_key})")
+    if train_key:
+        twin = ax_loss.twinx()
+        twin.plot(*_series(rows, train_key), color="tab:orange", linestyle="--", label=f"training {train_key}")
+        twin.set_ylim(-0.05, 1.05)
+        twin.set_ylabel("accuracy on the step's pairs")
+        lines, twin_lines = ax_loss.get_legend_handles_labels(), twin.get_legend_handles_labels()
+        ax_loss.legend(lines[0] + twin_lines[0], lines[1] + twin_lines[1], fontsize=8)
+    else:
+        ax_loss.legend(fontsize=8)
+    ax_loss.set_title("training")
+    sets = sorted({key.split("/")[1] for r in rows for key in r
+                   if key.startswith("eval/") and key.count("/") == 2 and key.endswith(f"/{eval_figure}")})
+    for name in sets:
+        ax_eval.plot(*_series(rows, f"eval/{name}/{eval_figure}"), marker="o", label=name)
+    ax_eval.set_title(f"evaluation: {eval_figure}" + (" (step 0: before training)" if sets else " (no evaluation sets)"))
+    if sets:
+        ax_eval.legend(fontsize=8)
+    throughput = next((k for k in ("throughput/tokens_per_s", "throughput/pairs_per_s") if any(k in r for r in rows)),
+                      None)
+    ax_time.bar(*_series(rows, "time/step"), color="tab:gray", label="seconds per step")
+    ax_time.set_ylabel("seconds")
+    if throughput:
+        twin = ax_time.twinx()
+        twin.plot(*_series(rows, throughput), color="tab:green", marker=".", label=throughput)
+        twin.set_ylabel(throughput.split("/")[1].replace("_", " "))
+        lines, twin_lines = ax_time.get_legend_handles_labels(), twin.get_legend_handles_labels()
+        ax_time.legend(lines[0] + twin_lines[0], lines[1] + twin_lines[1], fontsize=8)
+    ax_time.set_title("step time and throughput")
+    for ax in (ax_loss, ax_eval, ax_time):
+        ax.set_xlabel(f"{kind} step")
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(f"rlhf-ray {kind}: {label}", fontsize=12)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Draw the report of one or more runs (their output_dir).")
     parser.add_argument("runs", nargs="+", help="run output directories (each with metrics.jsonl)")
@@ -181,6 +247,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     out = args.out or (Path(args.runs[0]) / "report.png" if len(args.runs) == 1 else Path("report_compare.png"))
+    learning = [label for label, rows in runs.items() if learning_kind(rows)]
+    if learning:
+        if len(runs) > 1:
+            print(f"error: {', '.join(learning)}: an SFT, DPO or reward-model run is drawn on its own", file=sys.stderr)
+            return 2
+        print(f"report: {draw_learning(*runs.values(), out, labels[0])}")
+        return 0
     draw(runs, out)
     for label, rows in runs.items():
         print(summary(rows, label))

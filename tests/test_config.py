@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -111,3 +112,34 @@ def test_old_logprobs_come_from_the_sampler_only_where_they_are_the_learners(ove
 def test_sampler_old_logprobs_with_overlap_is_refused():
     with pytest.raises(ConfigError, match="ppo.old_logprobs"):
         load_config(ROOT / "configs" / "tiny_cpu.yaml", ["ppo.old_logprobs=sampler", "ppo.async_steps=1"])
+
+
+def test_the_tulu_suite_configs_validate_with_their_model_cards_values():
+    from rlhf_ray.config import DPOConfig, SFTConfig
+
+    sft = load_config(ROOT / "configs" / "tulu2_sft_13b.yaml", schema=SFTConfig)
+    assert (sft.optimizer.lr, sft.training.batch_size, sft.optimizer.schedule, sft.optimizer.warmup_ratio,
+            sft.training.epochs, sft.data.max_length) == (2e-5, 128, "linear", 0.03, 2, 8192)
+    dpo = load_config(ROOT / "configs" / "tulu2_dpo_70b.yaml", schema=DPOConfig)
+    assert (dpo.optimizer.lr, dpo.dpo.batch_size, dpo.optimizer.schedule, dpo.optimizer.warmup_ratio, dpo.dpo.epochs,
+            dpo.dpo.beta, dpo.dpo.loss) == (5e-7, 32, "linear", 0.1, 3, 0.1, "sigmoid")
+    assert dpo.resources.reference.sharded and dpo.reference_path == dpo.model
+    for name, schema in [("sft_tiny_cpu", SFTConfig), ("sft_smollm2_cpu", SFTConfig), ("dpo_tiny_cpu", DPOConfig),
+                         ("dpo_smollm2_cpu", DPOConfig)]:
+        load_config(ROOT / "configs" / f"{name}.yaml", schema=schema)
+
+
+def test_dpo_and_sft_settings_that_cannot_run_are_refused_naming_the_key():
+    from rlhf_ray.config import DPOConfig, SFTConfig
+
+    dpo = ROOT / "configs" / "dpo_tiny_cpu.yaml"
+    for overrides, message in [(["dpo.loss=kto"], "dpo.loss: 'kto' is not a registered loss; known: sigmoid"),
+                               (["dpo.loss=hinge", "dpo.label_smoothing=0.1"], "dpo.label_smoothing: dpo.loss='hinge' "
+                                                                               "has no label smoothing"),
+                               (["data.max_prompt_length=128"], "data.max_prompt_length: 128 leaves no room"),
+                               (["dpo.micro_batch_size=5"], "dpo.micro_batch_size: 5 does not divide")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(dpo, overrides, DPOConfig)
+    with pytest.raises(ConfigError, match=re.escape("training.batch_size: 16 is not divisible by "
+                                                    "resources.learner.num_actors=3")):
+        load_config(ROOT / "configs" / "sft_tiny_cpu.yaml", ["resources.learner.num_actors=3"], SFTConfig)

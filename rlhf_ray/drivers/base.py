@@ -171,6 +171,15 @@ class CheckpointedDriver:
             return f"the error came during step {self.step_count + 1}'s update, which leaves the learner between steps"
         return None
 
+    def drawn_report(self) -> list[str]:
+        """A learner run's report picture (logging.report; rlhf_ray.report.draw_learning), for the closing lines."""
+        from rlhf_ray.report import draw_learning, load_metrics
+
+        if not self.cfg.logging.report:
+            return []
+        out = Path(self.cfg.output_dir)
+        return [f"report: {draw_learning(load_metrics(out), out / 'report.png', out.resolve().name)}"]
+
     def shutdown(self) -> None:
         try:
             if hasattr(self, "metrics_log"):

@@ -29,14 +29,11 @@ from rlhf_ray.drivers.reward_model import accuracy_table
 from rlhf_ray.models.modeling import check_same_tokenizer
 from rlhf_ray.models.specs import resolve_model
 from rlhf_ray.objectives import LearnerSpec
-from rlhf_ray.objectives.dpo import loss_options
+from rlhf_ray.objectives.dpo import TIE, loss_options
 from rlhf_ray.preference_math import dpo_needs_reference, get_dpo_loss
 
 log = logging.getLogger(__name__)
 REFERENCE_FILE = "reference_logps.safetensors"
-# implicit rewards this close count as a tie (half right): at the start the policy is the reference, and their
-# margins are rounding noise (fp32 sums over a response: ~1e-6), not preferences
-TIE = 1e-4
 
 
 @dataclass
@@ -270,7 +267,7 @@ class DPOTrainer(CheckpointedDriver):
     def closing(self) -> list[str]:
         rows = [json.loads(line) for line in (Path(self.cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
         steps = [r for r in rows if "loss/dpo" in r]
-        lines = [describe({name: t}) for name, t in self.final_eval.items()]
+        lines = self.drawn_report() + [describe({name: t}) for name, t in self.final_eval.items()]
         if steps:
             seconds = sum(r["time/step"] for r in steps)
             lines.append(f"{len(steps)} steps in {seconds:.0f} s; loss {steps[0]['loss/dpo']:.3f} → "

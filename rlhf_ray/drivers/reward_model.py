@@ -213,7 +213,7 @@ class RewardModelTrainer(CheckpointedDriver):
     def closing(self) -> list[str]:
         rows = [json.loads(line) for line in (Path(self.cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
         steps = [r for r in rows if "throughput/pairs_per_s" in r]
-        lines = [f"{name}: accuracy {t['accuracy']:.3f} on {t['pairs']} pairs" + (
+        lines = self.drawn_report() + [f"{name}: accuracy {t['accuracy']:.3f} on {t['pairs']} pairs" + (
                  " (" + ", ".join(f"{s} {r['accuracy']:.3f}/{r['pairs']}" for s, r in t["per_source"].items()) + ")"
                  if len(t["per_source"]) > 1 else "") for name, t in self.final_eval.items()]
         if steps:

@@ -171,7 +171,7 @@ class SFTTrainer(CheckpointedDriver):
     def closing(self) -> list[str]:
         rows = [json.loads(line) for line in (Path(self.cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
         steps = [r for r in rows if "loss/sft" in r]
-        lines = [describe({name: t}) for name, t in self.final_eval.items()]
+        lines = self.drawn_report() + [describe({name: t}) for name, t in self.final_eval.items()]
         if steps:
             seconds = sum(r["time/step"] for r in steps)
             lines.append(f"{len(steps)} steps in {seconds:.0f} s; loss {steps[0]['loss/sft']:.3f} → "

@@ -10,6 +10,10 @@ from rlhf_ray.models.modeling import load_causal_lm, response_logits, token_logp
 from rlhf_ray.objectives import Objective, register
 from rlhf_ray.preference_math import dpo_loss, dpo_needs_reference
 
+# implicit rewards this close count as a tie (half right): while the policy is the reference, its margins are
+# rounding noise (fp32 sums over a response: ~1e-6), not preferences
+TIE = 1e-4
+
 
 def pair_logps(model: nn.Module, batch: ResponsePairBatch) -> torch.Tensor:
     """Σ_t log π(y_t | x, y_<t) over each response: [B, 2] (chosen, rejected), one forward pass over both sides."""
@@ -47,7 +51,7 @@ class DPOObjective(Objective):
             raise ValueError(f"dpo.loss={dpo.loss!r} needs the reference's log-probs, and the batch has none")
         loss, stats = dpo_loss(dpo.loss, logps[:, 0], logps[:, 1], *((ref[:, 0], ref[:, 1]) if ref is not None
                                                                      else (None, None)),
-                               lengths[:, 0], lengths[:, 1], beta=dpo.beta, num_units=num_units,
+                               lengths[:, 0], lengths[:, 1], beta=dpo.beta, num_units=num_units, tie=TIE,
                                **loss_options(dpo))
         return loss, {"loss/dpo": loss.item(), **{f"dpo/{key}": value for key, value in stats.items()}}
 
