@@ -42,6 +42,22 @@ def test_ray_job_submit_runs_a_two_step_job(tiny_cache, tmp_path):
         assert json.loads((rm_out / "eval.json").read_text())["sets"]["heldout"]["accuracy"] > 0.5
         assert (rm_out / "final_model" / "reward_stats.json").is_file()
 
+        chain = tmp_path / "chain"  # SFT, then DPO from the SFT model: one job, as a user chains them
+        chain_job = subprocess.run([RAY, "job", "submit", "--address", address, "--working-dir", ".", "--",
+                                    "python", "-m", "rlhf_ray.train_sft", f"cache_dir={tiny_cache}",
+                                    f"output_dir={chain / 'sft'}", "training.epochs=1", "training.batch_size=32",
+                                    "logging.progress_bar=false", "&&",
+                                    "python", "-m", "rlhf_ray.train_dpo", f"model={chain / 'sft' / 'final_model'}",
+                                    f"output_dir={chain / 'dpo'}", "dpo.epochs=1", "dpo.batch_size=32",
+                                    "logging.progress_bar=false"],
+                                   cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert chain_job.returncode == 0 and "succeeded" in chain_job.stdout, chain_job.stdout[-4000:]
+        sft_eval = json.loads((chain / "sft" / "eval.json").read_text())["sets"]["heldout"]
+        dpo_eval = json.loads((chain / "dpo" / "eval.json").read_text())["sets"]["heldout"]
+        assert sft_eval["tokens"] > 0 and dpo_eval["pairs"] == 64
+        assert (chain / "dpo" / "final_model" / "model.safetensors").is_file() and (chain / "dpo" / "report.png").is_file()
+        assert f"model: {chain / 'sft' / 'final_model'}" in (chain / "dpo" / "config.yaml").read_text()
+
         sweep_out = tmp_path / "sweep_job"  # the sweep's points join the job's cluster (RAY_ADDRESS)
         sweep_job = subprocess.run([RAY, "job", "submit", "--address", address, "--working-dir", ".", "--", "python",
                                     "-m", "rlhf_ray.sweep", "--grid", "ppo.async_steps=1", "--steps", "1", "--warmup",

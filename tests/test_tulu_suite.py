@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-pytestmark = pytest.mark.e2e
+
 
 TWO_RANKS_ZERO3 = ["resources.learner.num_actors=2", "resources.learner.num_cpus=0.5", "deepspeed.zero_stage=3",
                    "logging.progress_bar=false", "checkpoint.keep_last=4"]
@@ -17,6 +17,7 @@ def rows(out) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.e2e
 def test_sft_learns_the_assistant_turns_and_resumes_exactly(ray_session, tiny_cache, tmp_path):
     from rlhf_ray.train_sft import main
 
@@ -38,6 +39,7 @@ def test_sft_learns_the_assistant_turns_and_resumes_exactly(ray_session, tiny_ca
     assert json.loads((resumed / "eval.json").read_text()) == json.loads((out / "eval.json").read_text())
 
 
+@pytest.mark.e2e
 def test_dpo_learns_held_out_preferences_with_each_pairs_reference_logprobs_once(ray_session, tiny_cache, tmp_path):
     from rlhf_ray.train_dpo import main
 
@@ -62,3 +64,39 @@ def test_dpo_learns_held_out_preferences_with_each_pairs_reference_logprobs_once
         (r["step"], r["loss/dpo"], r["optim/lr"]) for r in steps[6:]]
     assert sum(r["reference/pairs_computed"] for r in again) == 0
     assert json.loads((resumed / "eval.json").read_text()) == json.loads((out / "eval.json").read_text())
+
+
+BAD_INPUTS = [
+    ("sft", "empty data file", lambda t: [f"data.train={write(t / 'empty.jsonl', '')}"],
+     "data file {t}/empty.jsonl has no rows (it is empty)"),
+    ("sft", "no usable conversation", lambda t: [f"data.train={write(t / 'bad.jsonl', BROKEN_SFT)}"],
+     "no usable SFT conversation in {t}/bad.jsonl"),
+    ("sft", "a column that is not there", lambda t: ["data.messages_field=chat"],
+     "messages_field='chat' is not a column of configs/data/tiny_sft.jsonl"),
+    ("dpo", "no usable pair", lambda t: [f"data.train={write(t / 'bad.jsonl', BROKEN_SFT)}"],
+     "no usable preference pair in data.train="),
+    ("dpo", "a missing reference model", lambda t: [f"reference={t}/no-such-model"],
+     "reference="),
+    ("dpo", "a bad setting", lambda t: ["dpo.beta=-1"], "dpo.beta: Input should be greater than 0"),
+]
+BROKEN_SFT = '{"messages": []}\nnot json\n{"messages": [{"role": "user", "content": "no answer"}]}\n'
+
+
+def write(path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("entry, case, overrides, message", BAD_INPUTS, ids=[f"{c[0]}: {c[1]}" for c in BAD_INPUTS])
+def test_a_bad_sft_or_dpo_input_is_one_line_before_anything_starts(tiny_cache, tmp_path, capsys, entry, case,
+                                                                   overrides, message):
+    from rlhf_ray import train_dpo, train_sft
+
+    main = {"sft": train_sft.main, "dpo": train_dpo.main}[entry]
+    code = main([f"cache_dir={tiny_cache}", f"output_dir={tmp_path / 'run'}", "logging.progress_bar=false",
+                 *overrides(tmp_path)])
+    output = capsys.readouterr()
+    lines = [line for line in (output.out + output.err).splitlines() if "error" in line.lower()]
+    assert code in (1, 2) and len(lines) == 1 and "Traceback" not in output.err, output.err[-3000:]
+    assert message.format(t=tmp_path) in lines[0], lines[0]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
