@@ -22,20 +22,20 @@ def test_sft_learns_the_assistant_turns_and_resumes_exactly(ray_session, tiny_ca
     from rlhf_ray.train_sft import main
 
     args = [f"cache_dir={tiny_cache}", *TWO_RANKS_ZERO3, "data.packing=true", "training.batch_size=16",
-            "training.micro_batch_size=4", "training.epochs=1", "training.eval_every_steps=0", "checkpoint.every_steps=4"]
+            "training.micro_batch_size=4", "training.epochs=3", "training.eval_every_steps=0", "checkpoint.every_steps=6"]
     out = tmp_path / "sft"
     assert main([*args, f"output_dir={out}"]) == 0
     metrics = rows(out)
     start, end = metrics[0]["eval/heldout/loss"], json.loads((out / "eval.json").read_text())["sets"]["heldout"]
     assert metrics[0]["step"] == 0 and end["loss"] < 0.7 * start, (start, end)
     steps = [(r["step"], r["loss/sft"], r["optim/lr"]) for r in metrics if "loss/sft" in r]
-    assert len(steps) >= 8 and metrics[1]["data/padding_fraction"] < 0.2  # packed rows: little padding
+    assert len(steps) == 18 and metrics[1]["data/padding_fraction"] < 0.2  # packed rows: little padding
     assert (out / "final_model" / "model.safetensors").is_file()
 
     resumed = tmp_path / "resumed"
-    assert main([*args, f"output_dir={resumed}", f"resume={out}/checkpoints/step-000004"]) == 0
+    assert main([*args, f"output_dir={resumed}", f"resume={out}/checkpoints/step-000012"]) == 0
     again = [(r["step"], r["loss/sft"], r["optim/lr"]) for r in rows(resumed) if "loss/sft" in r]
-    assert again == steps[4:]
+    assert again == steps[12:] and len(again) == 6
     assert json.loads((resumed / "eval.json").read_text()) == json.loads((out / "eval.json").read_text())
 
 
