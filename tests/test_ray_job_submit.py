@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -43,13 +44,12 @@ def test_ray_job_submit_runs_a_two_step_job(tiny_cache, tmp_path):
         assert (rm_out / "final_model" / "reward_stats.json").is_file()
 
         chain = tmp_path / "chain"  # SFT, then DPO from the SFT model: one job, as a user chains them
-        chain_job = subprocess.run([RAY, "job", "submit", "--address", address, "--working-dir", ".", "--",
-                                    "python", "-m", "rlhf_ray.train_sft", f"cache_dir={tiny_cache}",
-                                    f"output_dir={chain / 'sft'}", "training.epochs=1", "training.batch_size=32",
-                                    "logging.progress_bar=false", "&&",
-                                    "python", "-m", "rlhf_ray.train_dpo", f"model={chain / 'sft' / 'final_model'}",
-                                    f"output_dir={chain / 'dpo'}", "dpo.epochs=1", "dpo.batch_size=32",
-                                    "logging.progress_bar=false"],
+        sft = ["python", "-m", "rlhf_ray.train_sft", f"cache_dir={tiny_cache}", f"output_dir={chain / 'sft'}",
+               "training.epochs=1", "training.batch_size=32", "logging.progress_bar=false"]
+        dpo = ["python", "-m", "rlhf_ray.train_dpo", f"model={chain / 'sft' / 'final_model'}",
+               f"output_dir={chain / 'dpo'}", "dpo.epochs=1", "dpo.batch_size=32", "logging.progress_bar=false"]
+        chain_job = subprocess.run([RAY, "job", "submit", "--address", address, "--working-dir", ".", "--", "bash", "-c",
+                                    f"{shlex.join(sft)} && {shlex.join(dpo)}"],
                                    cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert chain_job.returncode == 0 and "succeeded" in chain_job.stdout, chain_job.stdout[-4000:]
         sft_eval = json.loads((chain / "sft" / "eval.json").read_text())["sets"]["heldout"]
