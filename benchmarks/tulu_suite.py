@@ -94,6 +94,41 @@ def evaluate(out: Path, policies: dict[str, str], rm: Path) -> dict:
     return {"wall_s": wall, "evaluation": json.loads((out / "evaluation.json").read_text())}
 
 
+def markdown(results: dict) -> str:
+    """The stage table and the comparison table of benchmarks/results/tulu_suite.md."""
+    lines = ["# The Tulu suite on SmolLM2-135M (benchmarks/tulu_suite.py)", "",
+             f"Machine: {results.get('machine', {})}.", "", "| stage | wall time | result |", "|---|---:|---|"]
+    describe = {
+        "sft": lambda r: f"{r['steps']} steps; held-out loss on assistant tokens {r['heldout_before']:.3f} → "
+                         f"{r['heldout_after']['loss']:.3f}",
+        "rm": lambda r: f"held-out pairwise accuracy {r['heldout_accuracy_before']:.3f} → "
+                        f"{r['heldout_accuracy_after']:.3f} ({r['heldout_pairs']} pairs)",
+        "ppo": lambda r: f"{r['steps']} steps, {r['seconds_per_step']:.0f} s each; RM score per step "
+                         f"{', '.join(f'{x:.2f}' for x in r['score_per_step'])}",
+        "dpo": lambda r: f"{r['steps']} steps; held-out implicit-reward accuracy {r['heldout_accuracy_before']:.3f} → "
+                         f"{r['heldout_after']['accuracy']:.3f} ({r['heldout_after']['pairs']} pairs), margin "
+                         f"{r['heldout_after']['margin']:+.3f}",
+        "evaluate": lambda r: f"{len(r['evaluation']['policies'])} policies on "
+                              f"{next(iter(r['evaluation']['policies'].values()))['groups']['all']['prompts']} "
+                              "held-out prompts",
+    }
+    for stage in STAGES:
+        if stage in results:
+            lines.append(f"| {stage} | {results[stage]['wall_s'] / 60:.1f} min | {describe[stage](results[stage])} |")
+    if "evaluate" in results:
+        evaluation = results["evaluate"]["evaluation"]
+        lines += ["", f"Held-out prompts (AlpacaEval prompts of prefs_eval_alpacaeval), judged by the suite's RM; "
+                      f"baseline **{evaluation['baseline']}**; greedy, at most "
+                      f"{evaluation['settings']['max_new_tokens']} new tokens.", "",
+                  "| policy | mean RM score | win rate vs SFT (RM-judged) | mean tokens | EOS rate |",
+                  "|---|---:|---:|---:|---:|"]
+        for name, policy in evaluation["policies"].items():
+            g = policy["groups"]["all"]
+            lines.append(f"| {name} | {g['mean_score']:.3f} | {g['win_rate']:.3f} | {g['mean_tokens']:.1f} | "
+                         f"{g['eos_rate']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated, in order: " + ",".join(STAGES))
@@ -126,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                               "cpus": __import__("os").cpu_count()}
         RESULTS.mkdir(parents=True, exist_ok=True)
         results_file.write_text(json.dumps(results, indent=2) + "\n")  # after every stage: a later failure keeps it
-    print(f"\nresults: {results_file}")
+        (RESULTS / "tulu_suite.md").write_text(markdown(results))
+    print("\n" + markdown(results) + f"\nresults: {results_file}")
     return 0
 
 
