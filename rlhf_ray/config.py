@@ -483,7 +483,8 @@ class ExperimentConfig(RunConfig):
         return "sampler", "synced fp32 weights, untruncated sampling"
 
 
-class PreferenceDataConfig(_Strict):
+class PreferenceSourcesConfig(_Strict):
+    """Where a preference run's pairs come from (reward-model training, DPO)."""
     train: str = Field(description="Preference pairs in the Tulu 2.5 schema (chosen/rejected message lists sharing the "
                                    "prompt turns, optional source): a local .jsonl/.json/.parquet file or a hub dataset.")
     split: str = Field("train", description="Split of a hub dataset to read.")
@@ -491,14 +492,17 @@ class PreferenceDataConfig(_Strict):
                                                                "reported on its own (overall and per source).")
     holdout_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of each source of `train` held out for "
                                     "evaluation ('heldout' in the reports) and never trained on.")
+    limit: Optional[int] = Field(None, gt=0, description="Train on N pairs drawn at random (seeded) from all of `train` "
+                                 "after the hold-out (a quicker run; the hold-out stays as it is).")
+
+
+class PreferenceDataConfig(PreferenceSourcesConfig):
     template: Literal["tulu", "tokenizer"] = Field(
         "tulu", description="How a conversation is rendered for the RM: Tulu chat format or the tokenizer's chat template "
                             "(the reward backends must use the same: models.reward.template).")
     max_length: int = Field(512, gt=0, description="Tokens per conversation; longer ones keep their end (the response).")
     margin_field: Optional[str] = Field(
         None, description="Column with a per-pair margin m: loss −log σ(r_chosen − r_rejected − m) (Llama 2); null: m = 0.")
-    limit: Optional[int] = Field(None, gt=0, description="Train on N pairs drawn at random (seeded) from all of `train` "
-                                 "after the hold-out (a quicker run; the hold-out stays as it is).")
 
 
 class RMTrainingConfig(_Strict):
@@ -544,20 +548,12 @@ class SFTTrainingConfig(_Strict):
     eval_at_start: bool = Field(True, description="Evaluate before training too (step 0 in metrics.jsonl).")
 
 
-class PreferencePairsConfig(_Strict):
-    train: str = Field(description="Preference pairs in the Tulu 2.5 schema (chosen/rejected message lists sharing the "
-                                   "prompt turns, optional source): a local .jsonl/.json/.parquet file or a hub dataset.")
-    split: str = Field("train", description="Split of a hub dataset to read.")
-    eval: list[str] = Field(default_factory=list, description="Further preference files/datasets, each evaluated and "
-                                                               "reported on its own (overall and per source).")
-    holdout_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of each source of `train` held out for "
-                                    "evaluation ('heldout' in the reports) and never trained on.")
+class PreferencePairsConfig(PreferenceSourcesConfig):
     template: Literal["tulu", "tokenizer"] = Field(
         "tulu", description="How the prompt turns are rendered: the Tulu chat format or the tokenizer's chat template; "
                             "each response follows as the assistant's turn, end-of-turn marker included.")
     max_prompt_length: int = Field(512, gt=0, description="Prompt tokens kept (its end, next to the response).")
     max_length: int = Field(1024, gt=0, description="Prompt + response tokens; a longer response is cut at its end.")
-    limit: Optional[int] = Field(None, gt=0, description="Train on N pairs drawn at random (seeded) after the hold-out.")
 
 
 class DPOTrainingConfig(_Strict):
