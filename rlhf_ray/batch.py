@@ -218,7 +218,7 @@ class ResponsePairBatch(Rows):
 
     def sides(self) -> RolloutBatch:
         """Both sides as 2B sequences (chosen, rejected, chosen, …): what the policy and the reference forward."""
-        B, n = len(self), 2 * len(self)
+        n = 2 * len(self)
         return RolloutBatch(input_ids=self.input_ids.reshape(n, -1), attention_mask=self.attention_mask.reshape(n, -1),
                             response_mask=self.response_mask.reshape(n, -1), prompt_length=self.prompt_length,
                             pad_token_id=self.pad_token_id, prompt_messages=[[]] * n, prompt_texts=[""] * n,

@@ -1,16 +1,12 @@
-"""The DPO driver (and its variants: rlhf_ray.preference_math.DPO_LOSSES). One step:
-
-    pairs of step s (a pure function of seed and s) → reference log-probs of the pairs not seen before
-    (the reference role, once per pair for the whole run) → learner update → metrics → evaluation / checkpoint when due
-
-The learner is the generic one (rlhf_ray.objectives.dpo); the reference is the same role PPO uses, so a large one
+"""The DPO driver (and its variants: rlhf_ray.preference_math.DPO_LOSSES): a run of the learner over a dataset
+(rlhf_ray.drivers.dataset) whose step first asks the reference role for the log-probs of the pairs it has not seen
+before (once per pair for the whole run), then updates the policy (rlhf_ray.objectives.dpo). The reference is the same role PPO uses, so a large one
 can be sharded (resources.reference.sharded). Its log-probs are kept per pair in the driver, saved with every
 checkpoint: later epochs and a resumed run do not compute them again. <output_dir>/final_model is the policy;
 eval.json holds the implicit-reward preference accuracy per evaluation set, overall and per source.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -20,11 +16,10 @@ import torch
 
 from rlhf_ray import preflight
 from rlhf_ray.batch import ResponsePairBatch
-from rlhf_ray.cluster.roles import ActorLost, ModelPaths, Roles
-from rlhf_ray.cluster.signals import STOP_SIGNALS
-from rlhf_ray.config import DPOConfig
+from rlhf_ray.cluster.roles import ModelPaths, Roles
 from rlhf_ray.data import PreferencePair, PromptSampler, preference_sets, render_messages
-from rlhf_ray.drivers.base import CheckpointedDriver, evaluate_rows
+from rlhf_ray.drivers.base import evaluate_rows
+from rlhf_ray.drivers.dataset import DatasetDriver
 from rlhf_ray.drivers.reward_model import accuracy_table
 from rlhf_ray.models.modeling import check_same_tokenizer
 from rlhf_ray.models.specs import resolve_model
@@ -86,18 +81,10 @@ def encode_response_pairs(tokenizer, pairs: list[PreferencePair], template: str,
     return out
 
 
-class DPOTrainer(CheckpointedDriver):
+class DPOTrainer(DatasetDriver):
     unit, exported = "DPO", "policy"  # for the console (rlhf_ray.train.run)
-
-    def __init__(self, cfg: DPOConfig):
-        self.cfg = cfg
-        self.reference_pairs_computed = 0  # over the run (this process): each pair's once
-        self.start_up()  # rlhf_ray.drivers.base: the steps below, in the order every driver starts in
-        self.final_eval: dict = {}
-        if cfg.dpo.eval_at_start and self.step_count == 0 and self.eval_sets:
-            tables = self.evaluate()
-            self.metrics_log.log({"step": 0, **self._eval_metrics(tables)})
-            log.info("before training: %s", describe(tables))
+    schedule, loss_key, eval_figures = "dpo", "loss/dpo", ("accuracy", "loss", "margin")
+    reference_pairs_computed = 0  # over the run (this process): each pair's once
 
     # ------------------------------------------------------------------------------------ startup
     def resolve_models(self) -> None:
@@ -149,40 +136,17 @@ class DPOTrainer(CheckpointedDriver):
                            dpo=cfg.dpo)
 
     # ------------------------------------------------------------------------------------------ a step
-    def step(self) -> dict[str, float]:
-        try:
-            return self._step()
-        except ActorLost as lost:
-            if lost.role != "learner":
-                raise
-            self.recover_learner(lost)
-            return {}
-
-    def _step(self) -> dict[str, float]:
-        started = time.perf_counter()
-        indices = self.sampler.batch(self.step_count)
+    def batch(self, indices: list[int]) -> ResponsePairBatch:
         batch = self.train_pairs.batch(indices, self.tokenizer.pad_token_id)
-        computed = self.reference_pairs_computed
-        reference_start = time.perf_counter()
+        computed, start = self.reference_pairs_computed, time.perf_counter()
         if self.needs_reference:
             batch = batch.with_(ref_logps=self.reference_for("train", indices))
-        reference_s = time.perf_counter() - reference_start
-        with STOP_SIGNALS.deferred():
-            self.updating = True  # until the step is recorded: an error here leaves no checkpointable state
-            stats, learn_s = self.roles.learn(batch)
-            self.step_count += 1
-            seconds = time.perf_counter() - started
-            metrics = {"step": self.step_count, "epoch": self.sampler.position(self.step_count - 1)[0], **stats,
-                       "time/step": seconds, "time/learn": learn_s, "time/reference": reference_s,
-                       "reference/pairs_computed": float(self.reference_pairs_computed - computed),
-                       "throughput/pairs_per_s": len(indices) / seconds}
-            if self.due(self.cfg.dpo.eval_every_steps):
-                metrics.update(self._eval_metrics(self.evaluate()))
-            self.metrics_log.log(metrics)
-            self.updating = False
-            if self.due(self.cfg.checkpoint.every_steps):
-                self.save_checkpoint()
-        return metrics
+        self._reference_figures = {"time/reference": time.perf_counter() - start,
+                                   "reference/pairs_computed": float(self.reference_pairs_computed - computed)}
+        return batch
+
+    def step_metrics(self, indices: list[int], batch: ResponsePairBatch, seconds: float) -> dict[str, float]:
+        return {**self._reference_figures, "throughput/pairs_per_s": len(indices) / seconds}
 
     def reference_for(self, name: str, indices: list[int]) -> torch.Tensor:
         """[len(indices), 2] the reference's log-probs of these pairs of set ``name``: computed by the reference role
@@ -224,15 +188,8 @@ class DPOTrainer(CheckpointedDriver):
                             "margin": float((reward_chosen - reward_rejected).mean())}
         return tables
 
-    @staticmethod
-    def _eval_metrics(tables: dict) -> dict[str, float]:
-        metrics = {}
-        for name, table in tables.items():
-            metrics.update({f"eval/{name}/accuracy": table["accuracy"], f"eval/{name}/loss": table["loss"],
-                            f"eval/{name}/margin": table["margin"]})
-            metrics.update({f"eval/{name}/accuracy/{source}": row["accuracy"]
-                            for source, row in table["per_source"].items()})
-        return metrics
+    def describe_set(self, name: str, table: dict) -> str:
+        return f"{name} accuracy {table['accuracy']:.3f} (margin {table['margin']:+.3f}) on {table['pairs']} pairs"
 
     # ----------------------------------------------------------------------------------- durability
     def save_driver_files(self, directory: Path) -> None:
@@ -241,41 +198,17 @@ class DPOTrainer(CheckpointedDriver):
 
         save_file({name: cache.contiguous() for name, cache in self.reference_logps.items()}, directory / REFERENCE_FILE)
 
-    def restore(self, path) -> None:
+    def restore_driver_files(self, directory: Path) -> None:
         from safetensors.torch import load_file
 
-        self.restore_learners(path)
-        saved = Path(path) / REFERENCE_FILE
+        saved = directory / REFERENCE_FILE
         if saved.is_file():
             for name, cache in load_file(saved).items():
                 if name in self.reference_logps and cache.shape == self.reference_logps[name].shape:
                     known = ~torch.isnan(cache[:, 0])
                     self.reference_logps[name][known] = cache[known]
-        log.info("resumed from %s: %d of %d steps done; reference log-probs of %d pairs kept", path, self.step_count,
-                 self.num_steps, sum(int((~torch.isnan(c[:, 0])).sum()) for c in self.reference_logps.values()))
+        log.info("reference log-probs of %d pairs kept from %s", sum(int((~torch.isnan(c[:, 0])).sum())
+                                                                   for c in self.reference_logps.values()), directory)
 
-    def finish(self) -> str:
-        """Checkpoint (checkpoint.at_end), final evaluation (eval.json), the policy (final_model)."""
-        self.checkpoint_at_end()
-        out = Path(self.cfg.output_dir).resolve()
-        tables = self.evaluate()
-        self.final_eval = tables
-        (out / "eval.json").write_text(json.dumps({"step": self.step_count, "sets": tables}, indent=2))
-        self.metrics_log.log({"step": self.step_count, **self._eval_metrics(tables)})
-        return self.roles.save(str(out / "final_model"))
-
-    def closing(self) -> list[str]:
-        rows = [json.loads(line) for line in (Path(self.cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
-        steps = [r for r in rows if "loss/dpo" in r]
-        lines = self.drawn_report() + [describe({name: t}) for name, t in self.final_eval.items()]
-        if steps:
-            seconds = sum(r["time/step"] for r in steps)
-            lines.append(f"{len(steps)} steps in {seconds:.0f} s; loss {steps[0]['loss/dpo']:.3f} → "
-                         f"{steps[-1]['loss/dpo']:.3f}; reference log-probs of {self.reference_pairs_computed} pairs "
-                         "computed (once each)")
-        return lines
-
-
-def describe(tables: dict) -> str:
-    return ", ".join(f"{name} accuracy {t['accuracy']:.3f} (margin {t['margin']:+.3f}) on {t['pairs']} pairs"
-                     for name, t in tables.items())
+    def closing_extra(self, steps: list[dict], seconds: float) -> str:
+        return f"; reference log-probs of {self.reference_pairs_computed} pairs computed (once each)"

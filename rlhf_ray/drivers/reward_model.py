@@ -1,6 +1,5 @@
-"""The reward-model training driver (Bradley–Terry). One step:
-
-    pairs of step s (a pure function of seed and s) → learner update → metrics → evaluation / checkpoint when due
+"""The reward-model training driver (Bradley–Terry): a run of the learner over a dataset (rlhf_ray.drivers.dataset:
+one step is the pairs of step s, an update, metrics, evaluation and checkpoint when due).
 
 The learner group is the same generic learner PPO uses, running the ``bradley_terry`` objective
 (rlhf_ray.objectives). The result, <output_dir>/final_model, is an HF sequence-classification model
@@ -9,26 +8,22 @@ The learner group is the same generic learner PPO uses, running the ``bradley_te
 """
 from __future__ import annotations
 
-import json
 import logging
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from rlhf_ray import preflight
 from rlhf_ray.batch import PairBatch
-from rlhf_ray.config import RewardTrainingConfig
 from rlhf_ray.data import PreferencePair, PromptSampler, preference_sets
-from rlhf_ray.drivers.base import CheckpointedDriver, evaluate_rows
+from rlhf_ray.drivers.base import evaluate_rows
+from rlhf_ray.drivers.dataset import DatasetDriver
 from rlhf_ray.models.specs import resolve_model
 from rlhf_ray.models.modeling import encode_conversations, load_reward_tokenizer
 from rlhf_ray.objectives import LearnerSpec
 from rlhf_ray.preference_math import pairwise_accuracy
 from rlhf_ray.rewards.base import write_reward_stats
-from rlhf_ray.cluster.roles import ActorLost, Roles
-from rlhf_ray.cluster.signals import STOP_SIGNALS
+from rlhf_ray.cluster.roles import Roles
 
 log = logging.getLogger(__name__)
 
@@ -78,17 +73,9 @@ def accuracy_table(scores: torch.Tensor, sources: list[str], tie: float | None =
             "per_source": per_source}
 
 
-class RewardModelTrainer(CheckpointedDriver):
+class RewardModelTrainer(DatasetDriver):
     unit, exported = "RM", "reward model"  # for the console (rlhf_ray.train.run)
-
-    def __init__(self, cfg: RewardTrainingConfig):
-        self.cfg = cfg
-        self.start_up()  # rlhf_ray.drivers.base: the steps below, in the order every driver starts in
-        self.final_eval: dict = {}
-        if cfg.training.eval_at_start and self.step_count == 0 and self.eval_sets:
-            tables = self.evaluate()
-            self.metrics_log.log({"step": 0, **self._eval_metrics(tables)})
-            log.info("before training: %s", ", ".join(f"{name} accuracy {t['accuracy']:.3f}" for name, t in tables.items()))
+    loss_key, eval_figures = "loss/bradley_terry", ("accuracy",)
 
     def resolve_models(self) -> None:
         cfg = self.cfg
@@ -130,32 +117,12 @@ class RewardModelTrainer(CheckpointedDriver):
                            pad_token_id=self.tokenizer.pad_token_id)
 
     # ------------------------------------------------------------------------------------------ a step
-    def step(self) -> dict[str, float]:
-        try:
-            return self._step()
-        except ActorLost as lost:
-            self.recover_learner(lost)
-            return {}
+    def batch(self, indices: list[int]) -> PairBatch:
+        return self.train_pairs.batch(indices, self.tokenizer.pad_token_id)
 
-    def _step(self) -> dict[str, float]:
-        started = time.perf_counter()
-        indices = self.sampler.batch(self.step_count)
-        batch = self.train_pairs.batch(indices, self.tokenizer.pad_token_id)
-        with STOP_SIGNALS.deferred():
-            self.updating = True  # until the step is recorded: an error here leaves no checkpointable state
-            stats, learn_s = self.roles.learn(batch)
-            self.step_count += 1
-            seconds = time.perf_counter() - started
-            metrics = {"step": self.step_count, "epoch": self.sampler.position(self.step_count - 1)[0], **stats,
-                       "time/step": seconds, "time/learn": learn_s, "throughput/pairs_per_s": len(indices) / seconds,
-                       "throughput/tokens_per_s": self.train_pairs.tokens(indices) / seconds}
-            if self.due(self.cfg.training.eval_every_steps):
-                metrics.update(self._eval_metrics(self.evaluate()))
-            self.metrics_log.log(metrics)
-            self.updating = False
-            if self.due(self.cfg.checkpoint.every_steps):
-                self.save_checkpoint()
-        return metrics
+    def step_metrics(self, indices: list[int], batch: PairBatch, seconds: float) -> dict[str, float]:
+        return {"throughput/pairs_per_s": len(indices) / seconds,
+                "throughput/tokens_per_s": self.train_pairs.tokens(indices) / seconds}
 
     @staticmethod
     def progress(metrics: dict) -> dict:
@@ -170,54 +137,32 @@ class RewardModelTrainer(CheckpointedDriver):
                              self.cfg.training.micro_batch_size)
 
     def evaluate(self) -> dict[str, dict]:
-        """Accuracy tables of every evaluation set, with the scores (for normalisation statistics)."""
-        return {name: {**accuracy_table(scores := self.scores(pairs), pairs.sources), "scores": scores}
+        """Accuracy tables of every evaluation set, with the scores (``_scores``: for the normalisation statistics,
+        not in eval.json)."""
+        return {name: {**accuracy_table(scores := self.scores(pairs), pairs.sources), "_scores": scores}
                 for name, pairs in self.eval_sets.items()}
 
-    @staticmethod
-    def _eval_metrics(tables: dict) -> dict[str, float]:
-        metrics = {}
-        for name, table in tables.items():
-            metrics[f"eval/{name}/accuracy"] = table["accuracy"]
-            metrics.update({f"eval/{name}/accuracy/{source}": row["accuracy"]
-                            for source, row in table["per_source"].items()})
-        return metrics
+    def describe_set(self, name: str, table: dict) -> str:
+        sources = table["per_source"]
+        return f"{name}: accuracy {table['accuracy']:.3f} on {table['pairs']} pairs" + (
+            " (" + ", ".join(f"{s} {r['accuracy']:.3f}/{r['pairs']}" for s, r in sources.items()) + ")"
+            if len(sources) > 1 else "")
 
     # ----------------------------------------------------------------------------------- durability
-    def restore(self, path) -> None:
-        self.restore_learners(path)
-        log.info("resumed from %s: %d of %d steps done", path, self.step_count, self.num_steps)
-
-    def finish(self) -> str:
-        """Checkpoint (checkpoint.at_end), final evaluation (eval.json), the RM with its statistics (final_model)."""
-        self.checkpoint_at_end()
-        out = Path(self.cfg.output_dir).resolve()
-        tables = self.evaluate()
-        self.final_eval = {name: {k: v for k, v in t.items() if k != "scores"} for name, t in tables.items()}
-        (out / "eval.json").write_text(json.dumps({"step": self.step_count, "sets": self.final_eval}, indent=2))
-        self.metrics_log.log({"step": self.step_count, **self._eval_metrics(tables)})
-        final = self.roles.save(str(out / "final_model"))
+    def after_final(self, final: str, tables: dict) -> None:
+        """The RM's score statistics beside it (reward_stats.json)."""
         write_reward_stats(final, *self._scores_for_statistics(tables))
-        return final
 
     def _scores_for_statistics(self, tables: dict) -> tuple[torch.Tensor, str]:
         """The RM's scores over the responses of the held-out pairs (else the first evaluation set, else up to
         256 training pairs) and what they are: what ``normalize: stored`` shifts and scales by."""
         name = "heldout" if "heldout" in tables else next(iter(tables), None)
         if name:
-            return tables[name]["scores"], f"{name}: {2 * len(tables[name]['scores'])} responses"
+            return tables[name]["_scores"], f"{name}: {2 * len(tables[name]['_scores'])} responses"
         sample = EncodedPairs(*(x[:256] for x in (self.train_pairs.chosen, self.train_pairs.rejected,
                                                   self.train_pairs.margins, self.train_pairs.sources)), 0)
         return self.scores(sample), f"train: {2 * len(sample)} responses"
 
-    def closing(self) -> list[str]:
-        rows = [json.loads(line) for line in (Path(self.cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
-        steps = [r for r in rows if "throughput/pairs_per_s" in r]
-        lines = self.drawn_report() + [f"{name}: accuracy {t['accuracy']:.3f} on {t['pairs']} pairs" + (
-                 " (" + ", ".join(f"{s} {r['accuracy']:.3f}/{r['pairs']}" for s, r in t["per_source"].items()) + ")"
-                 if len(t["per_source"]) > 1 else "") for name, t in self.final_eval.items()]
-        if steps:
-            seconds = sum(r["time/step"] for r in steps)
-            lines.append(f"{len(steps)} steps in {seconds:.0f} s, {sum(r['throughput/pairs_per_s'] * r['time/step'] for r in steps) / seconds:.2f} "
-                         f"pairs/s; loss {steps[0]['loss/bradley_terry']:.3f} → {steps[-1]['loss/bradley_terry']:.3f}")
-        return lines
+    def closing_extra(self, steps: list[dict], seconds: float) -> str:
+        pairs = sum(r["throughput/pairs_per_s"] * r["time/step"] for r in steps)
+        return f"; {pairs / seconds:.2f} pairs/s"

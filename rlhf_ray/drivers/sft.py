@@ -1,30 +1,22 @@
-"""The SFT driver. One step:
-
-    rows of step s (a pure function of seed and s) → learner update (the loss on assistant tokens) → metrics
-    → evaluation / checkpoint when due
-
-The learner is the generic one (rlhf_ray.objectives.sft). Conversations are encoded with a loss mask found by
+"""The SFT driver: a run of the learner over a dataset (rlhf_ray.drivers.dataset) whose objective is the loss on
+assistant tokens (rlhf_ray.objectives.sft). Conversations are encoded with a loss mask found by
 rendering (rlhf_ray.conversations); with data.packing several go in a row, each attending only to itself.
 <output_dir>/final_model is the fine-tuned policy; eval.json holds the loss and perplexity on assistant tokens per
 evaluation set.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
-import time
-from pathlib import Path
 
 from rlhf_ray import preflight
 from rlhf_ray.batch import SequenceBatch
-from rlhf_ray.cluster.roles import ActorLost, Roles
-from rlhf_ray.cluster.signals import STOP_SIGNALS
-from rlhf_ray.config import SFTConfig
+from rlhf_ray.cluster.roles import Roles
 from rlhf_ray.conversations import EncodedConversation, PackedRow, load_sft_conversations, pack
 from rlhf_ray.data import PromptSampler, dataset_names
-from rlhf_ray.drivers.base import CheckpointedDriver, evaluate_rows
+from rlhf_ray.drivers.base import evaluate_rows
+from rlhf_ray.drivers.dataset import DatasetDriver
 from rlhf_ray.models.specs import resolve_model
 from rlhf_ray.objectives import LearnerSpec
 
@@ -42,17 +34,9 @@ def sequence_batch(rows: list[PackedRow], indices: list[int], pad_token_id: int)
                                    pad_token_id)
 
 
-class SFTTrainer(CheckpointedDriver):
+class SFTTrainer(DatasetDriver):
     unit, exported = "SFT", "policy"  # for the console (rlhf_ray.train.run)
-
-    def __init__(self, cfg: SFTConfig):
-        self.cfg = cfg
-        self.start_up()  # rlhf_ray.drivers.base: the steps below, in the order every driver starts in
-        self.final_eval: dict = {}
-        if cfg.training.eval_at_start and self.step_count == 0 and self.eval_sets:
-            tables = self.evaluate()
-            self.metrics_log.log({"step": 0, **self._eval_metrics(tables)})
-            log.info("before training: %s", describe(tables))
+    loss_key, eval_figures = "loss/sft", ("loss", "perplexity")
 
     # ------------------------------------------------------------------------------------ startup
     def resolve_models(self) -> None:
@@ -103,33 +87,13 @@ class SFTTrainer(CheckpointedDriver):
                            pad_token_id=self.tokenizer.pad_token_id, sft_loss_mean=cfg.training.loss_mean)
 
     # ------------------------------------------------------------------------------------------ a step
-    def step(self) -> dict[str, float]:
-        try:
-            return self._step()
-        except ActorLost as lost:
-            self.recover_learner(lost)
-            return {}
+    def batch(self, indices: list[int]) -> SequenceBatch:
+        return sequence_batch(self.train_rows, indices, self.tokenizer.pad_token_id)
 
-    def _step(self) -> dict[str, float]:
-        started = time.perf_counter()
-        indices = self.sampler.batch(self.step_count)
-        batch = sequence_batch(self.train_rows, indices, self.tokenizer.pad_token_id)
-        with STOP_SIGNALS.deferred():
-            self.updating = True  # until the step is recorded: an error here leaves no checkpointable state
-            stats, learn_s = self.roles.learn(batch)
-            self.step_count += 1
-            seconds = time.perf_counter() - started
-            tokens = sum(len(self.train_rows[i].input_ids) for i in indices)
-            metrics = {"step": self.step_count, "epoch": self.sampler.position(self.step_count - 1)[0], **stats,
-                       "time/step": seconds, "time/learn": learn_s, "throughput/tokens_per_s": tokens / seconds,
-                       "data/padding_fraction": 1.0 - tokens / batch.input_ids.numel()}
-            if self.due(self.cfg.training.eval_every_steps):
-                metrics.update(self._eval_metrics(self.evaluate()))
-            self.metrics_log.log(metrics)
-            self.updating = False
-            if self.due(self.cfg.checkpoint.every_steps):
-                self.save_checkpoint()
-        return metrics
+    def step_metrics(self, indices: list[int], batch: SequenceBatch, seconds: float) -> dict[str, float]:
+        tokens = sum(len(self.train_rows[i].input_ids) for i in indices)
+        return {"throughput/tokens_per_s": tokens / seconds,
+                "data/padding_fraction": 1.0 - tokens / batch.input_ids.numel()}
 
     @staticmethod
     def progress(metrics: dict) -> dict:
@@ -149,36 +113,6 @@ class SFTTrainer(CheckpointedDriver):
                             "perplexity": math.exp(min(loss, 50.0))}
         return tables
 
-    @staticmethod
-    def _eval_metrics(tables: dict) -> dict[str, float]:
-        return {f"eval/{name}/{key}": table[key] for name, table in tables.items() for key in ("loss", "perplexity")}
-
-    # ----------------------------------------------------------------------------------- durability
-    def restore(self, path) -> None:
-        self.restore_learners(path)
-        log.info("resumed from %s: %d of %d steps done", path, self.step_count, self.num_steps)
-
-    def finish(self) -> str:
-        """Checkpoint (checkpoint.at_end), final evaluation (eval.json), the policy (final_model)."""
-        self.checkpoint_at_end()
-        out = Path(self.cfg.output_dir).resolve()
-        tables = self.evaluate()
-        self.final_eval = tables
-        (out / "eval.json").write_text(json.dumps({"step": self.step_count, "sets": tables}, indent=2))
-        self.metrics_log.log({"step": self.step_count, **self._eval_metrics(tables)})
-        return self.roles.save(str(out / "final_model"))
-
-    def closing(self) -> list[str]:
-        rows = [json.loads(line) for line in (Path(self.cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
-        steps = [r for r in rows if "loss/sft" in r]
-        lines = self.drawn_report() + [describe({name: t}) for name, t in self.final_eval.items()]
-        if steps:
-            seconds = sum(r["time/step"] for r in steps)
-            lines.append(f"{len(steps)} steps in {seconds:.0f} s; loss {steps[0]['loss/sft']:.3f} → "
-                         f"{steps[-1]['loss/sft']:.3f}")
-        return lines
-
-
-def describe(tables: dict) -> str:
-    return ", ".join(f"{name} loss {t['loss']:.3f} (perplexity {t['perplexity']:.2f}) on {t['tokens']} assistant tokens"
-                     for name, t in tables.items())
+    def describe_set(self, name: str, table: dict) -> str:
+        return (f"{name} loss {table['loss']:.3f} (perplexity {table['perplexity']:.2f}) on {table['tokens']} assistant "
+                "tokens")
