@@ -18,6 +18,7 @@ from pathlib import Path
 from rlhf_ray.cluster.roles import ActorLost
 from rlhf_ray.cluster.signals import STOP_SIGNALS
 from rlhf_ray.drivers.base import CheckpointedDriver
+from rlhf_ray.objectives import LearnerSpec
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,15 @@ class DatasetDriver(CheckpointedDriver):
     @property
     def section(self):
         return getattr(self.cfg, self.schedule)
+
+    def learner_spec(self, objective: str, model: str, **extra) -> LearnerSpec:
+        """The learner group: ``objective`` on ``model``, batches and epochs from the run's schedule section."""
+        cfg, learner = self.cfg, self.cfg.resources.learner
+        return LearnerSpec(objective=objective, model=model, world_size=learner.num_actors, num_cpus=learner.num_cpus,
+                           num_gpus=learner.num_gpus, mini_batch_size=self.section.batch_size,
+                           micro_batch_size=self.section.micro_batch_size, epochs=1, optimizer_steps=self.num_steps,
+                           optimizer=cfg.optimizer, deepspeed=cfg.deepspeed, timeout_s=cfg.timeouts.learn_s,
+                           seed=cfg.seed, export_dtype=cfg.dtype, pad_token_id=self.tokenizer.pad_token_id, **extra)
 
     # ------------------------------------------------------------------------------------------ a step
     def step(self) -> dict[str, float]:

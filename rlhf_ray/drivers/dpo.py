@@ -1,9 +1,10 @@
 """The DPO driver (and its variants: rlhf_ray.preference_math.DPO_LOSSES): a run of the learner over a dataset
 (rlhf_ray.drivers.dataset) whose step first asks the reference role for the log-probs of the pairs it has not seen
-before (once per pair for the whole run), then updates the policy (rlhf_ray.objectives.dpo). The reference is the same role PPO uses, so a large one
-can be sharded (resources.reference.sharded). Its log-probs are kept per pair in the driver, saved with every
-checkpoint: later epochs and a resumed run do not compute them again. <output_dir>/final_model is the policy;
-eval.json holds the implicit-reward preference accuracy per evaluation set, overall and per source.
+before (once per pair for the whole run), then updates the policy (rlhf_ray.objectives.dpo). The reference is the
+same role PPO uses, so a large one can be sharded (resources.reference.sharded). Its log-probs are kept per pair in
+the driver, saved with every checkpoint: later epochs and a resumed run do not compute them again.
+<output_dir>/final_model is the policy; eval.json holds the implicit-reward preference accuracy per evaluation set,
+overall and per source.
 """
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ from rlhf_ray.drivers.dataset import DatasetDriver
 from rlhf_ray.drivers.reward_model import accuracy_table
 from rlhf_ray.models.modeling import check_same_tokenizer
 from rlhf_ray.models.specs import resolve_model
-from rlhf_ray.objectives import LearnerSpec
 from rlhf_ray.objectives.dpo import TIE, loss_options
 from rlhf_ray.preference_math import dpo_needs_reference, get_dpo_loss
 
@@ -124,16 +124,7 @@ class DPOTrainer(DatasetDriver):
 
     def start_roles(self) -> Roles:
         roles = ("learner", "reference") if self.needs_reference else ("learner",)
-        return Roles(self.cfg, self.paths, self._learner(), roles=roles)
-
-    def _learner(self) -> LearnerSpec:
-        cfg, learner = self.cfg, self.cfg.resources.learner
-        return LearnerSpec(objective="dpo", model=self.paths.policy, world_size=learner.num_actors,
-                           num_cpus=learner.num_cpus, num_gpus=learner.num_gpus, mini_batch_size=cfg.dpo.batch_size,
-                           micro_batch_size=cfg.dpo.micro_batch_size, epochs=1, optimizer_steps=self.num_steps,
-                           optimizer=cfg.optimizer, deepspeed=cfg.deepspeed, timeout_s=cfg.timeouts.learn_s,
-                           seed=cfg.seed, export_dtype=cfg.dtype, pad_token_id=self.tokenizer.pad_token_id,
-                           dpo=cfg.dpo)
+        return Roles(self.cfg, self.paths, self.learner_spec("dpo", self.paths.policy, dpo=self.cfg.dpo), roles=roles)
 
     # ------------------------------------------------------------------------------------------ a step
     def batch(self, indices: list[int]) -> ResponsePairBatch:
@@ -179,7 +170,8 @@ class DPOTrainer(DatasetDriver):
             logps = evaluate_rows(self.roles, pairs.lengths(), lambda rows, p=pairs: p.batch(
                 rows, self.tokenizer.pad_token_id), dpo.micro_batch_size)
             ref = self.reference_for(name, list(range(len(pairs)))) if self.needs_reference else None
-            lengths = torch.tensor([[len(c), len(r)] for c, r in zip(pairs.chosen, pairs.rejected)], dtype=torch.float32)
+            lengths = torch.tensor([[len(c), len(r)] for c, r in zip(pairs.chosen, pairs.rejected)],
+                                   dtype=torch.float32)
             losses, reward_chosen, reward_rejected = variant(
                 logps[:, 0], logps[:, 1], *((ref[:, 0], ref[:, 1]) if ref is not None else (None, None)),
                 lengths[:, 0], lengths[:, 1], beta=dpo.beta, **loss_options(dpo))
@@ -196,7 +188,8 @@ class DPOTrainer(DatasetDriver):
         """The reference log-probs computed so far: a resumed run does not compute them again."""
         from safetensors.torch import save_file
 
-        save_file({name: cache.contiguous() for name, cache in self.reference_logps.items()}, directory / REFERENCE_FILE)
+        save_file({name: cache.contiguous() for name, cache in self.reference_logps.items()},
+                  directory / REFERENCE_FILE)
 
     def restore_driver_files(self, directory: Path) -> None:
         from safetensors.torch import load_file

@@ -20,7 +20,6 @@ from rlhf_ray.drivers.base import evaluate_rows
 from rlhf_ray.drivers.dataset import DatasetDriver
 from rlhf_ray.models.specs import resolve_model
 from rlhf_ray.models.modeling import encode_conversations, load_reward_tokenizer
-from rlhf_ray.objectives import LearnerSpec
 from rlhf_ray.preference_math import pairwise_accuracy
 from rlhf_ray.rewards.base import write_reward_stats
 from rlhf_ray.cluster.roles import Roles
@@ -91,7 +90,7 @@ class RewardModelTrainer(DatasetDriver):
         self.num_steps = cfg.training.epochs * self.sampler.batches_per_epoch
 
     def start_roles(self) -> Roles:
-        return Roles(self.cfg, None, self._learner(), roles=("learner",))
+        return Roles(self.cfg, None, self.learner_spec("bradley_terry", self.model_path), roles=("learner",))
 
     def _load_data(self) -> tuple[EncodedPairs, dict[str, EncodedPairs]]:
         data = self.cfg.data
@@ -106,15 +105,6 @@ class RewardModelTrainer(DatasetDriver):
                      "changes every epoch)", len(train_pairs) // self.cfg.training.batch_size
                      * self.cfg.training.batch_size, len(train_pairs), self.cfg.training.batch_size)
         return train_pairs, eval_sets
-
-    def _learner(self) -> LearnerSpec:
-        cfg, learner = self.cfg, self.cfg.resources.learner
-        return LearnerSpec(objective="bradley_terry", model=self.model_path, world_size=learner.num_actors,
-                           num_cpus=learner.num_cpus, num_gpus=learner.num_gpus,
-                           mini_batch_size=cfg.training.batch_size, micro_batch_size=cfg.training.micro_batch_size,
-                           epochs=1, optimizer_steps=self.num_steps, optimizer=cfg.optimizer, deepspeed=cfg.deepspeed,
-                           timeout_s=cfg.timeouts.learn_s, seed=cfg.seed, export_dtype=cfg.dtype,
-                           pad_token_id=self.tokenizer.pad_token_id)
 
     # ------------------------------------------------------------------------------------------ a step
     def batch(self, indices: list[int]) -> PairBatch:

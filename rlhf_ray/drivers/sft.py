@@ -18,7 +18,6 @@ from rlhf_ray.data import PromptSampler, dataset_names
 from rlhf_ray.drivers.base import evaluate_rows
 from rlhf_ray.drivers.dataset import DatasetDriver
 from rlhf_ray.models.specs import resolve_model
-from rlhf_ray.objectives import LearnerSpec
 
 log = logging.getLogger(__name__)
 
@@ -69,22 +68,15 @@ class SFTTrainer(DatasetDriver):
         log.info("train: %d conversations in %d rows (%s), %d tokens, %d of them learned; %s", len(train),
                  len(self.train_rows), "packed" if data.packing else "one per row", tokens,
                  sum(sum(r.loss_mask) for r in self.train_rows),
-                 ", ".join(f"{name}: {len(rows)} conversations" for name, rows in self.eval_sets.items()) or "no eval sets")
+                 ", ".join(f"{name}: {len(rows)} conversations" for name, rows in self.eval_sets.items())
+                 or "no eval sets")
         self.sampler = PromptSampler(len(self.train_rows), cfg.training.batch_size, cfg.seed, what="training rows",
                                      key="training.batch_size")
         self.num_steps = cfg.training.epochs * self.sampler.batches_per_epoch
 
     def start_roles(self) -> Roles:
-        return Roles(self.cfg, None, self._learner(), roles=("learner",))
-
-    def _learner(self) -> LearnerSpec:
-        cfg, learner = self.cfg, self.cfg.resources.learner
-        return LearnerSpec(objective="sft", model=self.model_path, world_size=learner.num_actors,
-                           num_cpus=learner.num_cpus, num_gpus=learner.num_gpus,
-                           mini_batch_size=cfg.training.batch_size, micro_batch_size=cfg.training.micro_batch_size,
-                           epochs=1, optimizer_steps=self.num_steps, optimizer=cfg.optimizer, deepspeed=cfg.deepspeed,
-                           timeout_s=cfg.timeouts.learn_s, seed=cfg.seed, export_dtype=cfg.dtype,
-                           pad_token_id=self.tokenizer.pad_token_id, sft_loss_mean=cfg.training.loss_mean)
+        learner = self.learner_spec("sft", self.model_path, sft_loss_mean=self.cfg.training.loss_mean)
+        return Roles(self.cfg, None, learner, roles=("learner",))
 
     # ------------------------------------------------------------------------------------------ a step
     def batch(self, indices: list[int]) -> SequenceBatch:
