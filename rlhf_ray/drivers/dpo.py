@@ -141,17 +141,18 @@ class DPOTrainer(DatasetDriver):
 
     def reference_for(self, name: str, indices: list[int]) -> torch.Tensor:
         """[len(indices), 2] the reference's log-probs of these pairs of set ``name``: computed by the reference role
-        for the pairs that have none yet, and kept."""
+        for the pairs that have none yet, and kept. An evaluation set goes in calls of a training step's size (each
+        call must end within timeouts.score_s, which a whole set on a CPU need not)."""
         cache = self.reference_logps[name]
         missing = sorted({i for i in indices if torch.isnan(cache[i, 0])})
-        if missing:
-            pairs = self.train_pairs if name == "train" else self.eval_sets[name]
-            ranks = len(self.roles.references)
-            padded = missing + [missing[-1]] * (-len(missing) % ranks)  # equal shares (a sharded model's collectives)
-            sides = pairs.batch(padded, self.tokenizer.pad_token_id).sides()
-            scored, _ = self.roles.score(sides, roles=("reference",))
-            cache[missing] = scored["ref_logprobs"].sum(-1).view(-1, 2)[:len(missing)]
-            self.reference_pairs_computed += len(missing)
+        pairs = self.train_pairs if name == "train" else self.eval_sets[name]
+        ranks, size = len(self.roles.references), self.cfg.dpo.batch_size
+        for start in range(0, len(missing), size):
+            part = missing[start:start + size]
+            padded = part + [part[-1]] * (-len(part) % ranks)  # equal shares (a sharded model's collectives)
+            scored, _ = self.roles.score(pairs.batch(padded, self.tokenizer.pad_token_id).sides(), roles=("reference",))
+            cache[part] = scored["ref_logprobs"].sum(-1).view(-1, 2)[:len(part)]
+            self.reference_pairs_computed += len(part)
         return cache[indices]
 
     @staticmethod
