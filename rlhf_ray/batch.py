@@ -230,6 +230,14 @@ class ResponsePairBatch(Rows):
         return self.response_mask.sum(-1)
 
 
+def segment_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """[..., T] segment ids -> [..., T, T] bool, True where query q may attend to key k: k ≤ q and both in the same
+    segment (one packed conversation). Padding is one more segment, so no query row is all False (NaN in softmax)."""
+    T = segment_ids.shape[-1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
+    return causal & (segment_ids.unsqueeze(-1) == segment_ids.unsqueeze(-2))
+
+
 @dataclass
 class SequenceBatch(Rows):
     """Token sequences with a per-token loss mask (SFT), right-padded to T; with packing a row holds several
@@ -244,14 +252,9 @@ class SequenceBatch(Rows):
     segment_ids: torch.Tensor
 
     def attention_mask(self) -> torch.Tensor:
-        """[B, 1, T, T] bool: causal within each conversation, nothing across conversations or into padding — the 4-D
-        mask Hugging Face models take as is. Without packing it is the plain causal mask with the padding cut out."""
-        T = self.input_ids.shape[1]
-        same = self.segment_ids.unsqueeze(-1) == self.segment_ids.unsqueeze(-2)          # [B, T, T]
-        causal = torch.ones(T, T, dtype=torch.bool, device=self.input_ids.device).tril()
-        real = (self.segment_ids > 0).unsqueeze(-1)
-        itself = torch.eye(T, dtype=torch.bool, device=self.input_ids.device)  # padding attends to itself: no empty row
-        return ((same & causal & real) | itself).unsqueeze(1)
+        """[B, 1, T, T] bool: causal within each conversation, nothing across conversations — the 4-D mask Hugging Face
+        models take as is. Without packing it is the plain causal mask with the padding cut out."""
+        return segment_causal_mask(self.segment_ids).unsqueeze(1)
 
     @property
     def packed(self) -> bool:

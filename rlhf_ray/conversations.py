@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rlhf_ray.batch import segment_causal_mask
 from rlhf_ray.data import load_rows, render_messages, validate_messages
 
 log = logging.getLogger(__name__)
@@ -228,5 +229,4 @@ def packed_attention_mask(sequence_lengths: list[int], total_length: int) -> tor
     segment = torch.full((total_length,), -1)  # [T] conversation index of each token, -1 for padding
     segment[:used] = torch.repeat_interleave(torch.arange(len(sequence_lengths)), torch.tensor(sequence_lengths,
                                                                                                 dtype=torch.long))
-    causal = torch.ones(total_length, total_length, dtype=torch.bool).tril()
-    return causal & (segment[:, None] == segment[None, :])
+    return segment_causal_mask(segment)

@@ -131,8 +131,7 @@ def draw(runs: dict[str, list[dict]], out: str | Path) -> Path:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_reward.legend(fontsize=8)
     for ax, twin in ((ax_kl, ax_sync), (ax_len, ax_eos)):
-        lines, twin_lines = ax.get_legend_handles_labels(), twin.get_legend_handles_labels()
-        ax.legend(lines[0] + twin_lines[0], lines[1] + twin_lines[1], fontsize=8)
+        _legend(ax, twin)
     _draw_time(ax_time, runs, colors)
     title = "  vs  ".join(runs) if several else next(iter(runs))
     fig.suptitle(f"rlhf-ray: {title}", fontsize=12)
@@ -141,6 +140,12 @@ def draw(runs: dict[str, list[dict]], out: str | Path) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def _legend(ax, twin) -> None:
+    """One legend for an axis and its twin (the right-hand scale)."""
+    lines, twin_lines = ax.get_legend_handles_labels(), twin.get_legend_handles_labels()
+    ax.legend(lines[0] + twin_lines[0], lines[1] + twin_lines[1], fontsize=8)
 
 
 def _draw_time(ax, runs: dict[str, list[dict]], colors: list[str]) -> None:
@@ -198,8 +203,7 @@ def draw_learning(rows: list[dict], out: str | Path, label: str) -> Path:
         twin.plot(*_series(rows, train_key), color="tab:orange", linestyle="--", label=f"training {train_key}")
         twin.set_ylim(-0.05, 1.05)
         twin.set_ylabel("accuracy on the step's pairs")
-        lines, twin_lines = ax_loss.get_legend_handles_labels(), twin.get_legend_handles_labels()
-        ax_loss.legend(lines[0] + twin_lines[0], lines[1] + twin_lines[1], fontsize=8)
+        _legend(ax_loss, twin)
     else:
         ax_loss.legend(fontsize=8)
     ax_loss.set_title("training")
@@ -218,8 +222,7 @@ def draw_learning(rows: list[dict], out: str | Path, label: str) -> Path:
         twin = ax_time.twinx()
         twin.plot(*_series(rows, throughput), color="tab:green", marker=".", label=throughput)
         twin.set_ylabel(throughput.split("/")[1].replace("_", " "))
-        lines, twin_lines = ax_time.get_legend_handles_labels(), twin.get_legend_handles_labels()
-        ax_time.legend(lines[0] + twin_lines[0], lines[1] + twin_lines[1], fontsize=8)
+        _legend(ax_time, twin)
     ax_time.set_title("step time and throughput")
     for ax in (ax_loss, ax_eval, ax_time):
         ax.set_xlabel(f"{kind} step")
