@@ -154,9 +154,16 @@ def saved_config(path: str | Path) -> dict:
     return yaml.safe_load((Path(path) / "config.yaml").read_text())
 
 
-def latest_valid(output_dir: str | Path) -> Path | None:
-    """The newest checkpoint in ``output_dir`` that verifies; damaged newer ones are skipped with a warning."""
-    for candidate in sorted(checkpoints_dir(output_dir).glob("step-*"), reverse=True):
+def step_of(path: str | Path) -> int:
+    """The step a checkpoint directory ``…/step-000012`` holds."""
+    return int(Path(path).name.removeprefix("step-"))
+
+
+def latest_valid(output_dir: str | Path, at_most_step: int | None = None) -> Path | None:
+    """The newest checkpoint in ``output_dir`` (of at most ``at_most_step`` steps) that verifies; damaged newer ones
+    are skipped with a warning."""
+    found = sorted(checkpoints_dir(output_dir).glob("step-*"), reverse=True)
+    for candidate in [path for path in found if at_most_step is None or step_of(path) <= at_most_step]:
         try:
             verify(candidate)
             return candidate

@@ -87,6 +87,26 @@ def test_partial_saves_of_a_crashed_run_are_removed(tmp_path, caplog):
     assert checkpoint.latest_valid(tmp_path).name == "step-000002"
 
 
+def test_a_restarted_learner_continues_from_the_newest_checkpoint_of_the_steps_done(tmp_path):
+    """Recovery: a run resumed from another run's checkpoint continues from that one until it saves its own; a stale
+    checkpoint of more steps than the run has done (an earlier run in the same directory) is never taken."""
+    from types import SimpleNamespace
+
+    from rlhf_ray.drivers.base import CheckpointedDriver
+
+    other = save(tmp_path / "other", 6)
+    out = tmp_path / "run"
+    driver = CheckpointedDriver()
+    driver.cfg, driver.resume_from, driver.step_count = SimpleNamespace(output_dir=out), other, 8
+    assert driver.recovery_checkpoint() == other
+    own = save(out, 7, keep_last=3)
+    stale = save(out, 12, keep_last=3)
+    assert driver.recovery_checkpoint() == own and checkpoint.latest_valid(out) == stale
+    driver.resume_from = None
+    assert driver.recovery_checkpoint() == own
+    assert checkpoint.step_of(stale) == 12
+
+
 def test_config_differences_split_into_blocking_and_merely_changed():
     saved = {"seed": 0, "output_dir": "a", "models": {"policy": "x", "cache_dir": "c1"},
              "ppo": {"rollout_batch_size": 16, "kl_coef": 0.05}, "timeouts": {"learn_s": 10}}

@@ -1,12 +1,18 @@
 """SFT and DPO end to end on tiny models, as a user runs them (the entry points), on two learner ranks under ZeRO-3:
-they learn, they resume exactly, and DPO computes each pair's reference log-probs once for the whole run (resumes
-included)."""
+they learn, they resume exactly, a killed learner rank restarts from the last checkpoint, and DPO computes each pair's
+reference log-probs once for the whole run (resumes and restarts included)."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import threading
+import time
 
 import pytest
 
+from tests.conftest import process_table
 
 
 TWO_RANKS_ZERO3 = ["resources.learner.num_actors=2", "resources.learner.num_cpus=0.5", "deepspeed.zero_stage=3",
@@ -15,6 +21,27 @@ TWO_RANKS_ZERO3 = ["resources.learner.num_actors=2", "resources.learner.num_cpus
 
 def rows(out) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def kill_a_learner_rank_after(out, steps: int) -> threading.Thread:
+    """A thread that SIGKILLs one learner rank (a worker of the shared session) once the run in ``out`` has recorded
+    step ``steps``; ``.killed`` says whether it did."""
+    def watch():
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            path = out / "metrics.jsonl"
+            recorded = re.findall(r'"step": (\d+)', path.read_text()) if path.is_file() else []
+            if recorded and int(recorded[-1]) >= steps:
+                ranks = [pid for pid, _, command in process_table() if command.startswith("ray::LearnerActor")]
+                os.kill(ranks[0], signal.SIGKILL)
+                thread.killed = True
+                return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.killed = False
+    thread.start()
+    return thread
 
 
 @pytest.mark.e2e
@@ -57,11 +84,16 @@ def test_dpo_learns_held_out_preferences_with_each_pairs_reference_logprobs_once
     assert sum(r["reference/pairs_computed"] for r in steps[:6]) == 192
     assert sum(r["reference/pairs_computed"] for r in steps[6:]) == 0
 
-    resumed = tmp_path / "resumed"  # from the end of the first epoch: the checkpoint has every pair's log-probs
+    # Resumed from the end of the first epoch (its checkpoint has every pair's log-probs), and a learner rank killed
+    # after step 8: the group restarts from that other run's checkpoint, as it has none of its own yet.
+    resumed = tmp_path / "resumed"
+    killer = kill_a_learner_rank_after(resumed, steps=8)
     assert main([*args, f"output_dir={resumed}", f"resume={out}/checkpoints/step-000006"]) == 0
+    killer.join(timeout=1)
     again = [r for r in rows(resumed) if "loss/dpo" in r]
     assert [(r["step"], r["loss/dpo"], r["optim/lr"]) for r in again] == [
-        (r["step"], r["loss/dpo"], r["optim/lr"]) for r in steps[6:]]
+        (r["step"], r["loss/dpo"], r["optim/lr"]) for r in steps[6:]]  # each step once, as without the loss
+    assert again[-1]["recovery/learner_restarts"] == 1 and killer.killed
     assert sum(r["reference/pairs_computed"] for r in again) == 0
     assert json.loads((resumed / "eval.json").read_text()) == json.loads((out / "eval.json").read_text())
 

@@ -134,7 +134,7 @@ class CheckpointedDriver:
         """A learner rank died: the whole group restarts from the last valid checkpoint (or from the start)."""
         if self.roles.restarts["learner"] >= self.cfg.recovery.max_learner_restarts:
             raise lost
-        latest = checkpoint.latest_valid(self.cfg.output_dir)
+        latest = self.recovery_checkpoint()
         log.warning("recovery: %s; restarting the learner group from %s (restart %d of at most %d)", lost,
                     latest or "the beginning (no checkpoint yet)", self.roles.restarts["learner"] + 1,
                     self.cfg.recovery.max_learner_restarts)
@@ -146,6 +146,12 @@ class CheckpointedDriver:
             self.reset_to_start()
         self.updating = False  # the learners hold a recorded step again
         self.metrics_log.rewind(self.step_count)
+
+    def recovery_checkpoint(self) -> Path | None:
+        """Where a restarted learner group continues: the newest valid checkpoint of the steps finished so far, in
+        ``output_dir`` or the one this run resumed from (which may be another run's; None: from the beginning)."""
+        saved = checkpoint.latest_valid(self.cfg.output_dir, at_most_step=self.step_count)
+        return max((path for path in (saved, self.resume_from) if path), key=checkpoint.step_of, default=None)
 
     def due(self, every: int) -> bool:
         """Something done every ``every`` steps (0: never) is due after this step — but not after the last one,

@@ -70,7 +70,8 @@ class DatasetDriver(CheckpointedDriver):
             self.step_count += 1
             seconds = time.perf_counter() - started
             metrics = {"step": self.step_count, "epoch": self.sampler.position(self.step_count - 1)[0], **stats,
-                       "time/step": seconds, "time/learn": learn_s, **self.step_metrics(indices, batch, seconds)}
+                       "time/step": seconds, "time/learn": learn_s, **self.step_metrics(indices, batch, seconds),
+                       "recovery/learner_restarts": float(self.roles.restarts["learner"])}
             if self.due(self.section.eval_every_steps):
                 metrics.update(self.eval_metrics(self.evaluate()))
             self.metrics_log.log(metrics)
