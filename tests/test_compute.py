@@ -63,3 +63,13 @@ def test_a_role_override_fixes_its_threads_and_nice_is_passed_on():
     plans = plan_compute(sites("learner", "generation"), False, {**NO_OVERRIDE, "learner": 3}, nice=5)
     assert plans[("learner", 0)].threads == {"score": 3, "learn": 3}
     assert plans[("generation", 0)].nice == 5
+
+
+def test_in_a_solo_phase_each_role_has_the_node_to_its_ranks_alone():
+    """DPO: the reference's log-probs, then the policy's evaluation pass — never both at once."""
+    plans = plan_compute(sites("learner", "learner", "reference", cpus=(0, 1)), False, NO_OVERRIDE,
+                         solo_phases=("score",))
+    assert plans[("reference", 0)].threads == {"score": 2}
+    assert plans[("learner", 0)].threads == {"score": 1, "learn": 1}      # two ranks share the node
+    shared = plan_compute(sites("learner", "reference", cpus=(0, 1)), False, NO_OVERRIDE)
+    assert shared[("reference", 0)].threads == {"score": 1}

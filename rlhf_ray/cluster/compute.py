@@ -6,7 +6,7 @@ thirds of every step. Here threads follow the phase instead of the reservation:
 
 - phases that do not overlap (``ppo.async_steps: 0``): the roles computing in a phase share their node's
   cores — generation alone during ``generate``; reward, reference and the learner's values/old-logprob pass
-  together during ``score``; the learner ranks alone during ``learn``;
+  together during ``score`` (in DPO they take turns: a solo phase); the learner ranks alone during ``learn``;
 - rollout overlapped with learning (``ppo.async_steps: 1``): on a node that hosts both sides the rollout roles
   (generation, reward, reference) get ``resources.rollout_cores`` of its cores (default half) and the learner
   the rest, as disjoint CPU sets (affinity), so neither side slows the other down.
@@ -42,12 +42,14 @@ class ActorPlan:
 
 
 def plan_compute(sites: list[ActorSite], overlapped: bool, threads: dict[str, int | None],
-                 rollout_cores: int | None = None, nice: int | None = 0) -> dict[tuple[str, int], ActorPlan]:
+                 rollout_cores: int | None = None, nice: int | None = 0,
+                 solo_phases: tuple[str, ...] = ()) -> dict[tuple[str, int], ActorPlan]:
     """Threads per phase (and CPU sets when rollout and learning overlap) for every actor.
 
     ``threads``: the per-role override (None: decide). Each phase's roles on a node share its cores evenly
     (at least one thread each); with ``overlapped`` the rollout roles and the learner split a node that hosts
-    both into two disjoint CPU sets first.
+    both into two disjoint CPU sets first. In ``solo_phases`` the roles take turns (DPO's ``score``: the
+    reference, then the policy), so each shares the cores only with its own ranks.
     """
     by_node: dict[str, list[ActorSite]] = defaultdict(list)
     for site in sites:
@@ -68,7 +70,8 @@ def plan_compute(sites: list[ActorSite], overlapped: bool, threads: dict[str, in
             for site in side_sites:
                 phase_threads = {}
                 for phase in PHASES[site.role]:
-                    sharing = [s for s in (side_sites if split else node_sites) if phase in PHASES[s.role]]
+                    sharing = [s for s in (side_sites if split else node_sites) if phase in PHASES[s.role]
+                               and (phase not in solo_phases or s.role == site.role)]
                     phase_threads[phase] = threads.get(site.role) or max(1, len(pool) // max(1, len(sharing)))
                 plans[(site.role, site.index)] = ActorPlan(phase_threads, list(pool) if split else None, nice)
     return plans

@@ -100,13 +100,14 @@ class Roles:
     """All actors of one experiment and the coarse calls the driver makes on them.
 
     ``cfg`` is the experiment's config (its resources, timeouts, recovery, logging, output_dir sections);
-    ``learner`` what the learner group runs; ``roles`` which roles the experiment has.
+    ``learner`` what the learner group runs; ``roles`` which roles the experiment has; ``solo_phases`` the
+    phases whose roles the driver calls one at a time (rlhf_ray.cluster.compute.plan_compute).
     """
 
     def __init__(self, cfg: ExperimentConfig, paths: ModelPaths | None, learner: LearnerSpec,
-                 roles: tuple[str, ...] = ROLE_ORDER, overlapped: bool = False):
+                 roles: tuple[str, ...] = ROLE_ORDER, overlapped: bool = False, solo_phases: tuple[str, ...] = ()):
         self.cfg, self.timeouts, self.paths, self.learner_spec = cfg, cfg.timeouts, paths, learner
-        self.role_names, self.overlapped = roles, overlapped
+        self.role_names, self.overlapped, self.solo_phases = roles, overlapped, solo_phases
         self.closing = False  # set when the run ends: a call failing now is not worth replacing actors for
         # overlapped: the weights the engines hold, for a replacement engine (the learner is busy with the next ones)
         self.engine_weights: list | None = None
@@ -264,7 +265,7 @@ class Roles:
         self._record_placement(sites)
         res = self.cfg.resources
         self.compute_plans = plan_compute(sites, self.overlapped, {role: getattr(res, role).threads for role in self.groups},
-                                          getattr(res, "rollout_cores", None), res.nice)
+                                          getattr(res, "rollout_cores", None), res.nice, self.solo_phases)
         self._configure([(role, i) for role, i, _ in actors])
         for line in describe(self.compute_plans, sites):
             log.info("%s", line)

@@ -124,7 +124,9 @@ class DPOTrainer(DatasetDriver):
 
     def start_roles(self) -> Roles:
         roles = ("learner", "reference") if self.needs_reference else ("learner",)
-        return Roles(self.cfg, self.paths, self.learner_spec("dpo", self.paths.policy, dpo=self.cfg.dpo), roles=roles)
+        # the reference's log-probs and the policy's evaluation passes are never computed at the same time
+        return Roles(self.cfg, self.paths, self.learner_spec("dpo", self.paths.policy, dpo=self.cfg.dpo), roles=roles,
+                     solo_phases=("score",))
 
     # ------------------------------------------------------------------------------------------ a step
     def batch(self, indices: list[int]) -> ResponsePairBatch:
