@@ -269,10 +269,13 @@ def win_rate(scores: list[float], baseline: list[float]) -> float:
 
 
 def summarize(records: list[dict], baseline: list[dict]) -> dict:
+    """``same_as_baseline``: the share of prompts answered word for word as the baseline did (ties by construction:
+    a policy close to its baseline, e.g. a short DPO run from it, wins or loses only on the rest)."""
     n = len(records)
     return {"prompts": n, "win_rate": win_rate([r["score"] for r in records], [r["score"] for r in baseline]),
             "mean_score": sum(r["score"] for r in records) / n, "mean_tokens": sum(r["tokens"] for r in records) / n,
-            "eos_rate": sum(r["finish_reason"] == "stop" for r in records) / n}
+            "eos_rate": sum(r["finish_reason"] == "stop" for r in records) / n,
+            "same_as_baseline": sum(r["response"] == b["response"] for r, b in zip(records, baseline)) / n}
 
 
 def group_keys(prompts: list[EvalPrompt]) -> dict[str, list[int]]:
@@ -285,15 +288,23 @@ def group_keys(prompts: list[EvalPrompt]) -> dict[str, list[int]]:
     return groups
 
 
+def spread(indices: list[int], count: int) -> list[int]:
+    """``count`` of ``indices`` evenly spaced from first to last (all of them when there are fewer)."""
+    if count <= 0 or not indices:
+        return []
+    return sorted({indices[round(i * (len(indices) - 1) / max(1, count - 1))] for i in range(min(count, len(indices)))})
+
+
 def compare(records: dict[str, list[dict]], prompts: list[EvalPrompt], baseline: str, samples: int) -> dict:
-    """Per policy and group: win rate against ``baseline``, mean score, tokens and EOS rate; a few side-by-sides."""
+    """Per policy and group: win rate against ``baseline``, mean score, tokens, EOS rate and the share of answers equal
+    to the baseline's; a few side-by-sides, from the prompts where the two answered differently."""
     groups = group_keys(prompts)
     base = records[baseline]
-    picked = sorted({round(i * (len(prompts) - 1) / max(1, samples - 1)) for i in range(samples)}) if samples else []
     out = {"policies": {}, "samples": {}}
     for name, rows in records.items():
         out["policies"][name] = {g: summarize([rows[i] for i in idx], [base[i] for i in idx])
                                  for g, idx in groups.items()}
+        picked = spread([i for i in range(len(prompts)) if rows[i]["response"] != base[i]["response"]], samples)
         out["samples"][name] = [{"group": prompts[i].group, "row": prompts[i].row, "prompt": prompts[i].messages,
                                  "baseline_response": base[i]["response"], "baseline_score": base[i]["score"],
                                  "response": rows[i]["response"], "score": rows[i]["score"]} for i in picked]
@@ -312,17 +323,20 @@ def markdown(report: dict) -> str:
              + f". Generation: temperature {report['settings']['temperature']:g}, at most "
                f"{report['settings']['max_new_tokens']} new tokens, seed {report['settings']['seed']}.", ""]
     shown = shown_groups(next(iter(policies.values()))["groups"], list(files))
-    lines += [f"| group | policy | prompts | win rate vs {base} | mean score | mean tokens | EOS rate |",
-              "|---|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| group | policy | prompts | win rate vs {base} | mean score | mean tokens | EOS rate | "
+              f"same answer as {base} |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for g in shown:
         for name, p in policies.items():
             s = p["groups"][g]
             lines.append(f"| {g} | {name} | {s['prompts']} | {s['win_rate']:.3f} | {s['mean_score']:.4f} | "
-                         f"{s['mean_tokens']:.1f} | {s['eos_rate']:.2f} |")
+                         f"{s['mean_tokens']:.1f} | {s['eos_rate']:.2f} | {s['same_as_baseline']:.2f} |")
+    lines += ["", f"A win rate counts a tie as half, and an answer equal to {base}'s is a tie."]
     for name, items in report["samples"].items():
         if name == base:
             continue
         lines += ["", f"## {name} vs {base}: samples"]
+        if not items:
+            lines += ["", f"{name} answered every prompt as {base} did."]
         for s in items:
             lines += ["", f"**{s['group']} row {s['row']}** — {cell(s['prompt'][-1]['content'])}", "",
                       "| policy | score | response |", "|---|---:|---|",

@@ -32,15 +32,18 @@ def test_win_rate_counts_ties_as_half():
     assert ev.win_rate([0.3, 0.1], [0.3, 0.1]) == 0.5  # against itself
     with pytest.raises(ValueError):
         ev.win_rate([1.0], [1.0, 2.0])
-    record = lambda score, tokens, finish: {"score": score, "tokens": tokens, "finish_reason": finish,  # noqa: E731
-                                            "response": "r"}
+    record = lambda score, tokens, finish, response="r": {"score": score, "tokens": tokens,  # noqa: E731
+                                                          "finish_reason": finish, "response": response}
     records = {"a": [record(1.0, 4, "stop"), record(0.0, 8, "length")],
-               "b": [record(2.0, 2, "stop"), record(0.0, 2, "stop")]}
+               "b": [record(2.0, 2, "stop", "other"), record(0.0, 2, "stop")]}
     prompts = [ev.EvalPrompt([{"role": "user", "content": "x"}], "f", 0, "s1"),
                ev.EvalPrompt([{"role": "user", "content": "y"}], "f", 1, "s2")]
-    out = ev.compare(records, prompts, "a", samples=1)
+    out = ev.compare(records, prompts, "a", samples=2)
     assert out["policies"]["b"]["all"] == {"prompts": 2, "win_rate": 0.75, "mean_score": 1.0, "mean_tokens": 2.0,
-                                           "eos_rate": 1.0}
+                                           "eos_rate": 1.0, "same_as_baseline": 0.5}
+    # side by side only where the answers differ: b's first; the baseline itself has none
+    assert [s["row"] for s in out["samples"]["b"]] == [0] and out["samples"]["a"] == []
+    assert ev.spread([3, 5, 8, 9, 12], 3) == [3, 8, 12] and ev.spread([4], 3) == [4] and ev.spread([], 2) == []
     assert out["policies"]["a"]["all"]["win_rate"] == 0.5 and out["policies"]["a"]["all"]["eos_rate"] == 0.5
     assert out["policies"]["b"]["f/s1"]["win_rate"] == 1.0 and out["policies"]["b"]["f/s2"]["win_rate"] == 0.5
     assert list(out["policies"]["b"]) == ["all", "f", "f/s1", "f/s2"]
@@ -140,7 +143,7 @@ def test_report_files_from_synthetic_results(tmp_path):
     written = ev.write(tmp_path / "out", report, [r for rows in records.values() for r in rows])
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in written)
     text = (tmp_path / "out" / "evaluation.md").read_text()
-    assert "| f | new | 3 | 0.500 | 0.1667 | 3.0 | 1.00 |" in text and "## new vs base: samples" in text
+    assert "| f | new | 3 | 0.500 | 0.1667 | 3.0 | 1.00 | 0.00 |" in text and "## new vs base: samples" in text
     assert "q0 \\| with a pipe" in text and "new says<br>line 2" in text
 
 
