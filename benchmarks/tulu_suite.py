@@ -78,7 +78,8 @@ def ppo(out: Path, sft_model: Path, rm: Path) -> dict:
 
 def dpo(out: Path, sft_model: Path) -> dict:
     wall = run_cli("rlhf_ray.train_dpo", ["--config", "configs/dpo_smollm2_cpu.yaml", f"model={sft_model}",
-                                          f"output_dir={out}", "overwrite=true", "data.limit=192", "data.eval=[]",
+                                          f"output_dir={out}", "overwrite=true", "data.limit=128",
+                                          "data.holdout_fraction=0.05", "data.eval=[]",
                                           *QUIET])
     rows = metric_rows(out)
     return {"wall_s": wall, "heldout_accuracy_before": rows[0].get("eval/heldout/accuracy"),
@@ -120,12 +121,13 @@ def markdown(results: dict) -> str:
         lines += ["", f"Held-out prompts (AlpacaEval prompts of prefs_eval_alpacaeval), judged by the suite's RM; "
                       f"baseline **{evaluation['baseline']}**; greedy, at most "
                       f"{evaluation['settings']['max_new_tokens']} new tokens.", "",
-                  "| policy | mean RM score | win rate vs SFT (RM-judged) | mean tokens | EOS rate |",
-                  "|---|---:|---:|---:|---:|"]
+                  "| policy | mean RM score | win rate vs SFT (RM-judged) | same answer as SFT | mean tokens | EOS rate |",
+                  "|---|---:|---:|---:|---:|---:|"]
         for name, policy in evaluation["policies"].items():
             g = policy["groups"]["all"]
-            lines.append(f"| {name} | {g['mean_score']:.3f} | {g['win_rate']:.3f} | {g['mean_tokens']:.1f} | "
-                         f"{g['eos_rate']:.2f} |")
+            lines.append(f"| {name} | {g['mean_score']:.3f} | {g['win_rate']:.3f} | {g['same_as_baseline']:.2f} | "
+                         f"{g['mean_tokens']:.1f} | {g['eos_rate']:.2f} |")
+        lines += ["", "A tie (an equal score; an answer equal to SFT's is one) counts half."]
     return "\n".join(lines) + "\n"
 
 

@@ -220,7 +220,8 @@ def draw_learning(rows: list[dict], out: str | Path, label: str) -> Path:
     ax_time.set_ylabel("seconds")
     if throughput:
         twin = ax_time.twinx()
-        twin.plot(*_series(rows, throughput), color="tab:green", marker=".", label=throughput)
+        twin.plot(*_series(rows, throughput), color="tab:green", marker=".",
+                  label=throughput.split("/")[1].replace("_per_s", "/s"))
         twin.set_ylabel(throughput.split("/")[1].replace("_", " "))
         _legend(ax_time, twin)
     ax_time.set_title("step time and throughput")
