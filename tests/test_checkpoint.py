@@ -104,6 +104,9 @@ def test_a_restarted_learner_continues_from_the_newest_checkpoint_of_the_steps_d
     assert driver.recovery_checkpoint() == own and checkpoint.latest_valid(out) == stale
     driver.resume_from = None
     assert driver.recovery_checkpoint() == own
+    renamed = other.rename(tmp_path / "backup-of-step-six")  # resume= may name any checkpoint directory
+    driver.resume_from, driver.step_count = renamed, 6
+    assert driver.recovery_checkpoint() == renamed
     assert checkpoint.step_of(stale) == 12
 
 

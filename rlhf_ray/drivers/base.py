@@ -151,7 +151,9 @@ class CheckpointedDriver:
         """Where a restarted learner group continues: the newest valid checkpoint of the steps finished so far, in
         ``output_dir`` or the one this run resumed from (which may be another run's; None: from the beginning)."""
         saved = checkpoint.latest_valid(self.cfg.output_dir, at_most_step=self.step_count)
-        return max((path for path in (saved, self.resume_from) if path), key=checkpoint.step_of, default=None)
+        # by the step each holds (its state), not its name: ``resume=`` may name a copied or renamed checkpoint
+        candidates = [path for path in (saved, self.resume_from) if path]
+        return max(candidates, key=lambda path: checkpoint.read_state(path)["step"], default=None)
 
     def due(self, every: int) -> bool:
         """Something done every ``every`` steps (0: never) is due after this step — but not after the last one,
