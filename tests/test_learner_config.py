@@ -1,10 +1,16 @@
-"""The learner's DeepSpeed config: communication buckets sized from the model, not DeepSpeed's fixed 5e8."""
+"""The learner's DeepSpeed set-up: communication buckets sized from the model, not DeepSpeed's fixed 5e8; no JIT build
+that training does not need, and no wait on a dead build's lock."""
 from __future__ import annotations
 
 from types import SimpleNamespace
 
+import importlib
+import os
+import time
+
 import torch
 
+from actors.common import clear_stale_build_locks, skip_cpu_shm_comm_op
 from actors.learner import communication_buckets, deepspeed_config
 from rlhf_ray.cluster.roles import ModelPaths
 from rlhf_ray.drivers.ppo import ppo_learner
@@ -31,3 +37,21 @@ def test_zero_config_carries_the_buckets_only_when_zero_is_on(tmp_path, tiny_cac
 
     assert zero(2)["stage"] == 2 and zero(2)["reduce_bucket_size"] == 9 * 1024  # hidden² = 10,000, rounded to 1024s
     assert zero(0) == {"stage": 0}
+
+
+def test_a_dead_builds_lock_is_removed_and_a_live_ones_kept(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    dead, live = tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "cpu_adam" / "lock"
+    for lock in (dead, live):
+        lock.parent.mkdir()
+        lock.touch()
+    an_hour_ago = time.time() - 3600
+    os.utime(dead, (an_hour_ago, an_hour_ago))
+    assert clear_stale_build_locks() == [str(dead)]
+    assert not dead.exists() and live.exists()
+    assert "deepspeed_shm_comm/lock, left by a JIT build killed half-way" in capsys.readouterr().err
+
+
+def test_deepspeed_builds_no_shared_memory_op_for_training_on_cpu():
+    skip_cpu_shm_comm_op()
+    assert importlib.import_module("deepspeed.comm.torch").build_shm_op() is None  # no C++ build, no lock to wait on
