@@ -1,7 +1,9 @@
 """One typed, validated config tree for a whole experiment.
 
 Loaded from YAML (``configs/*.yaml``) with ``key=value`` overrides (dotted paths, values parsed as
-YAML: ``ppo.kl_coef=0.1``, ``generation.stop=['\\n\\n']``). Every field is documented once, here.
+YAML: ``ppo.kl_coef=0.1``, ``generation.stop=['\\n\\n']``). A dotted path changes one key and keeps the rest of
+its section; a mapping value replaces the whole mapping (``models.reward.function_kwargs={}`` drops the YAML's
+arguments; ``models.reward.function_kwargs.max_words=40`` changes one). Every field is documented once, here.
 Unknown keys, wrong types and impossible combinations fail before anything starts, with a one-line
 message naming the key. Nothing is silently rewritten.
 
@@ -701,8 +703,14 @@ def _require(ok, key: str, why: str) -> None:
 
 # ---------------------------------------------------------------------------------------- loading
 
+class Replacing(dict):
+    """A mapping given whole on the command line (``key={…}``): it replaces the YAML's mapping at that key rather
+    than merging into it, so ``models.reward.function_kwargs={}`` drops the old function's arguments."""
+
+
 def parse_overrides(overrides: list[str]) -> dict:
-    """['a.b=1', 'c=x'] -> {'a': {'b': 1}, 'c': 'x'}; values are parsed as YAML."""
+    """['a.b=1', 'c=x', 'd={k: 1}'] -> {'a': {'b': 1}, 'c': 'x', 'd': Replacing({'k': 1})}; values are parsed as
+    YAML. A dotted path merges into the YAML's tree; a mapping value replaces the one there (``Replacing``)."""
     tree: dict = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -718,14 +726,16 @@ def parse_overrides(overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{item}' conflicts with another override of '{part}'")
-        node[parts[-1]] = value
+        node[parts[-1]] = Replacing(value) if isinstance(value, dict) else value
     return tree
 
 
 def _deep_merge(base: dict, update: dict) -> dict:
     merged = dict(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+        if isinstance(value, Replacing):
+            merged[key] = dict(value)
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = _deep_merge(merged[key], value)
         else:
             merged[key] = value
@@ -796,7 +806,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print("usage: python -m rlhf_ray.config [--rm | --sft | --dpo] [CONFIG.yaml] [key=value ...]\n\n"
               "--rm, --sft, --dpo: a reward-model training, SFT or DPO config (python -m rlhf_ray.train_rm, "
-              "train_sft, train_dpo); none: PPO (python -m rlhf_ray.train)\n\nkeys:")
+              "train_sft, train_dpo); none: PPO (python -m rlhf_ray.train)\n\n"
+              "key=value: the value is YAML. A dotted key changes one entry and keeps the rest of its section; a "
+              "mapping value replaces the whole mapping (models.reward.function_kwargs={} drops the file's "
+              "arguments, models.reward.function_kwargs.max_words=40 changes one).\n\nkeys:")
         print("\n".join(_describe(schema)))
         return 0
     path = argv[0] if argv and "=" not in argv[0] else None

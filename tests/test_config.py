@@ -37,6 +37,21 @@ def test_overrides_are_typed_and_nested():
     assert parse_overrides(["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
 
 
+def test_a_mapping_override_replaces_and_a_dotted_one_merges():
+    """Swapping the reward function on the command line can drop the YAML's function_kwargs."""
+    smollm2 = ROOT / "configs" / "smollm2_cpu.yaml"
+    assert load_config(smollm2).models.reward.function_kwargs == {"max_words": 25}
+    swapped = load_config(smollm2, ["models.reward.function=rlhf_ray.rewards:char_frequency",
+                                    "models.reward.function_kwargs={}"])
+    assert swapped.models.reward.function_kwargs == {}
+    assert load_config(smollm2, ["models.reward.function_kwargs.limit=3"]).models.reward.function_kwargs == {
+        "max_words": 25, "limit": 3}
+    assert load_config(smollm2, ["models.reward.function_kwargs={limit: 3}"]).models.reward.function_kwargs == {
+        "limit": 3}
+    # a whole section given as a mapping replaces it too: the keys it leaves out take their defaults
+    assert load_config(TINY, ["ppo={kl_coef: 0.3}"]).ppo.total_episodes == 64 != load_config(TINY).ppo.total_episodes
+
+
 @pytest.mark.parametrize("override, key, words", [
     (["ppo.kl_coeff=0.1"], "ppo.kl_coeff", "unknown key"),
     (["ppo.kl_coef=lots"], "ppo.kl_coef", "valid number"),
