@@ -730,13 +730,14 @@ def parse_overrides(overrides: list[str]) -> dict:
     return tree
 
 
-def _deep_merge(base: dict, update: dict) -> dict:
+def merge_tree(base: dict, update: dict) -> dict:
+    """``base`` with ``update`` (parse_overrides' tree) applied: dotted keys merge, ``Replacing`` mappings replace."""
     merged = dict(base)
     for key, value in update.items():
         if isinstance(value, Replacing):
             merged[key] = dict(value)
         elif isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+            merged[key] = merge_tree(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -779,7 +780,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path} must contain a mapping of config sections, got {type(tree).__name__}")
-    return build_config(_deep_merge(tree, parse_overrides(overrides or [])), schema)
+    return build_config(merge_tree(tree, parse_overrides(overrides or [])), schema)
 
 
 def dump_config(cfg: BaseModel) -> str:
