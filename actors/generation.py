@@ -63,7 +63,7 @@ class GenerationActor(Role):
 
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p.token_ids) for p in prompts],
                                     [self._sampling_params(seed=seed) for seed in seeds], use_tqdm=False)
-        rows = {k: [] for k in ("prompts", "responses", "logprobs", "finish", "messages", "ptexts", "rtexts")}
+        rows = {k: [] for k in ("prompts", "responses", "logprobs", "finish", "messages", "ptexts", "rtexts", "labels")}
         for prompt, out in zip(prompts, outputs):
             for sample in out.outputs:
                 ids = list(sample.token_ids)
@@ -74,8 +74,10 @@ class GenerationActor(Role):
                 rows["messages"].append(prompt.messages)
                 rows["ptexts"].append(prompt.text)
                 rows["rtexts"].append(sample.text)
+                rows["labels"].append(prompt.label)
         return RolloutBatch.from_samples(rows["prompts"], rows["responses"], rows["logprobs"], rows["finish"],
-                                         rows["messages"], rows["ptexts"], rows["rtexts"], self.pad_token_id)
+                                         rows["messages"], rows["ptexts"], rows["rtexts"], self.pad_token_id,
+                                         labels=rows["labels"])
 
     @computes("generate")
     def load_weights(self, payload, timeout_s: float, transport: str | None = None) -> dict:

@@ -54,5 +54,6 @@ class RewardActor(Role):
 
 
 def samples_of(batch: RolloutBatch) -> list[RewardSample]:
-    return [RewardSample.of(messages, prompt, response)
-            for messages, prompt, response in zip(batch.prompt_messages, batch.prompt_texts, batch.response_texts)]
+    labels = batch.labels or [None] * len(batch)
+    return [RewardSample.of(messages, prompt, response, label) for messages, prompt, response, label
+            in zip(batch.prompt_messages, batch.prompt_texts, batch.response_texts, labels)]

@@ -34,7 +34,7 @@ class Rows:
             value = getattr(self, f.name)
             if isinstance(value, torch.Tensor):
                 out[f.name] = value[index]
-            elif f.name in self.PER_ROW:
+            elif f.name in self.PER_ROW and value is not None:
                 out[f.name] = [value[i] for i in index.tolist()]
             else:
                 out[f.name] = value
@@ -59,7 +59,7 @@ class Rows:
 
 @dataclass
 class RolloutBatch(Rows):
-    PER_ROW = ("prompt_messages", "prompt_texts", "response_texts", "finish_reasons")
+    PER_ROW = ("prompt_messages", "prompt_texts", "response_texts", "finish_reasons", "labels")
 
     input_ids: torch.Tensor               # [B, P+R] long
     attention_mask: torch.Tensor          # [B, P+R] long
@@ -78,6 +78,9 @@ class RolloutBatch(Rows):
     rewards: Optional[torch.Tensor] = None        # [B, R] shaped per-token rewards
     advantages: Optional[torch.Tensor] = None     # [B, R]
     returns: Optional[torch.Tensor] = None        # [B, R]
+    group_ids: Optional[torch.Tensor] = None      # [B] long: the samples of one prompt share an id
+    is_weights: Optional[torch.Tensor] = None     # [B, R] off-policy correction of the policy loss (ppo.is_correction)
+    labels: Optional[list[str]] = None            # each prompt's reference answer (data.label_field), for the reward
 
     @property
     def response_length(self) -> int:
@@ -100,7 +103,8 @@ class RolloutBatch(Rows):
     @staticmethod
     def from_samples(prompts: list[list[int]], responses: list[list[int]], logprobs: list[list[float]],
                      finish_reasons: list[str], prompt_messages: list[list[dict]], prompt_texts: list[str],
-                     response_texts: list[str], pad_token_id: int) -> "RolloutBatch":
+                     response_texts: list[str], pad_token_id: int,
+                     labels: Optional[list[Optional[str]]] = None) -> "RolloutBatch":
         """Pad raw samples into the layout above."""
         P = max(len(p) for p in prompts)
         R = max(1, max(len(r) for r in responses))
@@ -119,7 +123,8 @@ class RolloutBatch(Rows):
         return RolloutBatch(input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask,
                             prompt_length=P, pad_token_id=pad_token_id, finish_reasons=list(finish_reasons),
                             prompt_messages=prompt_messages, prompt_texts=prompt_texts,
-                            response_texts=response_texts, gen_logprobs=gen_logprobs)
+                            response_texts=response_texts, gen_logprobs=gen_logprobs,
+                            labels=list(labels) if labels is not None and any(x is not None for x in labels) else None)
 
     @staticmethod
     def concat(batches: list["RolloutBatch"]) -> "RolloutBatch":

@@ -113,6 +113,9 @@ class DataConfig(_Strict):
     messages_field: str = Field("messages", description="Column with a list of {role, content} messages.")
     prompt_field: Optional[str] = Field(
         None, description="Column with a plain user prompt string, used instead of messages_field when set.")
+    label_field: Optional[str] = Field(
+        None, description="Column with each prompt's reference answer (verifiable tasks, e.g. 'answer'): it reaches "
+                          "models.reward.function as label=… (as text); a row without one is skipped and counted.")
     template: Literal["tulu", "tokenizer"] = Field(
         "tulu", description="Render with the Tulu chat format (<|user|>\\n…\\n<|assistant|>\\n) or the tokenizer's chat template.")
     max_prompt_tokens: int = Field(512, gt=0, description="Longest prompt in tokens.")
@@ -145,19 +148,78 @@ class PPOConfig(_Strict):
     async_steps: Literal[0, 1] = Field(
         0, description="1: the engines generate batch k+1 while the learner trains on batch k (one step off-policy; "
                        "README: overlapped rollout and learning); 0: one phase after another.")
+    advantage: str = Field(
+        "gae", description="Advantage estimator (rlhf_ray.advantages, formulas there): 'gae' (a critic: PPO), or "
+                           "critic-free — no value model is built and no values pass runs: 'grpo', 'dr_grpo', 'rloo', "
+                           "'reinforce_pp_baseline' (compare the samples of one prompt: generation.n_samples_per_prompt "
+                           "≥ 2) and 'reinforce_pp'.")
     gamma: float = Field(1.0, ge=0.0, le=1.0, description="Discount γ.")
     lam: float = Field(0.95, ge=0.0, le=1.0, description="GAE λ.")
-    clip_range: float = Field(0.2, gt=0.0, description="Policy ratio clip ε.")
+    clip_range: float = Field(0.2, gt=0.0, description="Policy ratio clip ε: the ratio is kept in [1−ε, 1+ε_high].")
+    clip_range_high: Optional[float] = Field(
+        None, gt=0.0, description="ε_high, the upper clip (DAPO's clip-higher: e.g. 0.28 with clip_range 0.2, so rare "
+                                  "tokens can gain probability); null: clip_range.")
+    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = Field(
+        "token_mean", description="How per-token losses become the loss: 'token_mean' (every token of the mini-batch "
+                                  "weighs the same; DAPO), 'seq_mean_token_mean' (each sequence's token mean, then the "
+                                  "mean over sequences; GRPO), 'seq_mean_token_sum' (each sequence's token sum divided by "
+                                  "generation.max_new_tokens, then the mean over sequences; Dr. GRPO: no length bias).")
     value_clip_range: Optional[float] = Field(0.2, gt=0.0, description="Value clip around old values; null disables.")
     vf_coef: float = Field(0.1, ge=0.0, description="Value-loss coefficient.")
     entropy_coef: float = Field(0.0, ge=0.0, description="Entropy bonus coefficient.")
-    kl_coef: float = Field(0.05, ge=0.0, description="KL penalty coefficient β.")
-    kl_estimator: Literal["k1", "k2", "k3"] = Field("k1", description="Per-token KL estimator.")
+    kl_coef: float = Field(0.05, ge=0.0, description="KL coefficient β (where ppo.kl_in says).")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k1", description="Per-token KL estimator (rlhf_ray.ppo_math.kl_penalty).")
+    kl_in: Literal["reward", "loss"] = Field(
+        "reward", description="'reward': −β·KL is added to each token's reward (PPO, REINFORCE++); 'loss': β·KL is a "
+                              "term of the loss, the rewards carry no KL (GRPO, with kl_estimator k3).")
     reward_clip: Optional[float] = Field(None, gt=0.0, description="Clamp RM scores to ±reward_clip; null disables.")
     non_eos_penalty: Optional[float] = Field(
-        -10.0, description="Score given to responses that do not end with EOS; null disables (open-instruct: -10).")
-    whiten_advantages: bool = Field(True, description="Whiten advantages over the whole batch (token-masked).")
+        -10.0, description="For responses that do not end with EOS (cut at generation.max_new_tokens); null disables. "
+                           "See non_eos_penalty_mode.")
+    non_eos_penalty_mode: Literal["replace", "subtract"] = Field(
+        "replace", description="'replace': a cut response's score becomes non_eos_penalty (open-instruct: −10; it must "
+                               "be below the scores of finished responses, or cutting pays: warned once); 'subtract': "
+                               "|non_eos_penalty| is taken off its score (TRL's missing_eos_penalty), whatever the "
+                               "reward's scale.")
+    overlong_buffer: Optional[int] = Field(
+        None, gt=0, description="DAPO's soft overlong punishment: a response longer than max_new_tokens − "
+                                "overlong_buffer tokens loses overlong_penalty × (its excess / overlong_buffer) of score, "
+                                "linearly up to overlong_penalty at max_new_tokens; null disables.")
+    overlong_penalty: float = Field(1.0, ge=0.0, description="The largest overlong score deduction (see overlong_buffer).")
+    dynamic_sampling: bool = Field(
+        False, description="DAPO's dynamic sampling: a prompt whose samples all score the same teaches a grouped "
+                           "estimator nothing; such groups are dropped and more prompts sampled until the batch is "
+                           "full again (at most dynamic_sampling_rounds extra rounds; then the batch is filled up with "
+                           "dropped groups, counted in sampling/filled_with_equal).")
+    dynamic_sampling_rounds: int = Field(3, ge=1, description="Extra generation rounds a step may take to refill.")
+    is_correction: Literal["auto", "none", "tis", "mis"] = Field(
+        "auto", description="Off-policy correction of the policy loss by w = π_learner(old) / π_sampler per token: "
+                            "'tis' multiplies each token's loss by min(w, is_cap), 'mis' by w where w ≤ is_cap and 0 "
+                            "elsewhere, 'none' by 1; 'auto': 'tis' where the sampler's log-probs can differ from the "
+                            "learner's (ppo.async_steps=1, bf16, truncated sampling: ppo.old_logprobs resolves to "
+                            "'learner'), else 'none' (w is 1 up to rounding).")
+    is_cap: float = Field(2.0, gt=1.0, description="The importance weight's cap C for 'tis' / 'mis'.")
+    whiten_advantages: bool = Field(
+        True, description="Whiten GAE's advantages over the whole batch (token-masked); the critic-free estimators set "
+                          "their own scale (rlhf_ray.advantages) and are not whitened again.")
     whiten_rewards: bool = Field(False, description="Whiten shaped per-token rewards before GAE.")
+
+    @model_validator(mode="after")
+    def _check_ppo(self) -> "PPOConfig":
+        from rlhf_ray.advantages import ADVANTAGE_ESTIMATORS
+
+        _require(self.advantage in ADVANTAGE_ESTIMATORS, "ppo.advantage",
+                 f"unknown estimator {self.advantage!r}; known: {', '.join(ADVANTAGE_ESTIMATORS)}")
+        _require(not (self.kl_in == "loss" and self.kl_estimator == "k1" and self.kl_coef > 0), "ppo.kl_estimator",
+                 "k1 as a loss term has an expected gradient of 0 (E_π[∇ log π] = 0), so it would not hold the policy "
+                 "near the reference: use k3 (GRPO's low-variance estimator) or k2 with ppo.kl_in=loss")
+        return self
+
+    @property
+    def needs_critic(self) -> bool:
+        from rlhf_ray.advantages import ADVANTAGE_ESTIMATORS
+
+        return ADVANTAGE_ESTIMATORS[self.advantage].needs_critic
 
 
 class OptimizerConfig(_Strict):
@@ -384,6 +446,20 @@ class ExperimentConfig(RunConfig):
         _require(self.models.value_init != "reward" or reward.kind == "model" or self.models.value_model,
                  "models.value_init", "'reward' needs a reward model (models.reward.kind='model') or "
                  f"models.value_model; use 'policy' with a {reward.kind} reward")
+        from rlhf_ray.advantages import ADVANTAGE_ESTIMATORS
+
+        _require(not ADVANTAGE_ESTIMATORS[ppo.advantage].grouped or self.generation.n_samples_per_prompt >= 2,
+                 "generation.n_samples_per_prompt", f"ppo.advantage={ppo.advantage} compares the samples of one prompt: "
+                 "it needs at least 2 per prompt (GRPO papers use 4–16)")
+        _require(not ppo.dynamic_sampling or ADVANTAGE_ESTIMATORS[ppo.advantage].grouped, "ppo.dynamic_sampling",
+                 f"drops groups whose samples score the same, which only a grouped estimator (grpo, dr_grpo, rloo, "
+                 f"reinforce_pp_baseline) learns nothing from; ppo.advantage is {ppo.advantage}")
+        _require(ppo.overlong_buffer is None or ppo.overlong_buffer < self.generation.max_new_tokens,
+                 "ppo.overlong_buffer", f"{ppo.overlong_buffer} must be below generation.max_new_tokens="
+                 f"{self.generation.max_new_tokens}")
+        _require(ppo.is_correction in ("auto", "none") or self.old_logprobs_source()[0] == "learner",
+                 "ppo.is_correction", f"'{ppo.is_correction}' weighs the learner's old log-probs against the sampler's, "
+                 "but ppo.old_logprobs=sampler makes them the same: set ppo.old_logprobs=learner (or auto)")
         _check_learner(self.deepspeed, self.resources.learner)
         gen = self.resources.generation
         _require(gen.num_gpus == 0 or gen.num_gpus >= gen.tensor_parallel_size, "resources.generation.num_gpus",
@@ -472,17 +548,33 @@ class ExperimentConfig(RunConfig):
         """('sampler' | 'learner', why): the sampler's logprobs serve as the ratio's old logprobs only where they are
         the learner's own up to rounding — the engine holds exactly the learner's weights (weight sync is exact and
         nothing overlaps), samples from the full softmax at the same temperature, and both compute in fp32."""
+        if self.ppo.old_logprobs != "auto":
+            return self.ppo.old_logprobs, "ppo.old_logprobs"
+        reasons = self._sampler_differs()
+        if reasons:
+            return "learner", "; ".join(reasons)
+        return "sampler", "synced fp32 weights, untruncated sampling"
+
+    def is_correction(self) -> tuple[str, str]:
+        """('none' | 'tis' | 'mis', why): ppo.is_correction, 'auto' resolved — 'tis' where the sampler's log-probs can
+        differ from the learner's, 'none' where they are equal up to rounding (the weights would all be 1)."""
+        if self.ppo.is_correction != "auto":
+            return self.ppo.is_correction, "ppo.is_correction"
+        if self.old_logprobs_source()[0] == "sampler":
+            return "none", "the sampler's log-probs serve as the old ones (ppo.old_logprobs): there is nothing to weigh"
+        reasons = self._sampler_differs()
+        if reasons:
+            return "tis", "; ".join(reasons)
+        return "none", "the sampler's log-probs are the learner's: synced fp32 weights, untruncated sampling"
+
+    def _sampler_differs(self) -> list[str]:
+        """Why the engine's log-probs of a sample may differ from the learner's before the update (none: they do not)."""
         ppo, gen = self.ppo, self.generation
-        if ppo.old_logprobs != "auto":
-            return ppo.old_logprobs, "ppo.old_logprobs"
-        reasons = [why for broken, why in (
+        return [why for broken, why in (
             (ppo.async_steps > 0, "the engines sample one update behind (ppo.async_steps=1)"),
             (gen.top_p < 1.0, "sampling is truncated (generation.top_p<1)"),
             (self.models.dtype != "float32" or self.deepspeed.precision != "fp32",
              "engine or learner is not fp32 (models.dtype, deepspeed.precision)")) if broken]
-        if reasons:
-            return "learner", "; ".join(reasons)
-        return "sampler", "synced fp32 weights, untruncated sampling"
 
 
 class PreferenceSourcesConfig(_Strict):

@@ -13,7 +13,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from rlhf_ray.config import DataConfig
 
@@ -124,6 +124,7 @@ class Prompt:
     text: str
     token_ids: list[int]
     messages: list[dict]
+    label: Optional[str] = None  # the reference answer of a verifiable task (data.label_field)
 
 
 @dataclass
@@ -149,9 +150,10 @@ def load_prompts(cfg: DataConfig, tokenizer) -> PromptDataset:
                          "template: use data.template=tulu, or a tokenizer that has one")
     source = load_rows(cfg.prompts, cfg.split)
     column = cfg.prompt_field or cfg.messages_field
-    if column not in source.columns:
-        raise ValueError(f"data.{'prompt_field' if cfg.prompt_field else 'messages_field'}='{column}' "
-                         f"is not a column of {cfg.prompts}; columns: {sorted(source.columns)}")
+    for key, name in ((f"data.{'prompt_field' if cfg.prompt_field else 'messages_field'}", column),
+                      ("data.label_field", cfg.label_field)):
+        if name is not None and name not in source.columns:
+            raise ValueError(f"{key}='{name}' is not a column of {cfg.prompts}; columns: {sorted(source.columns)}")
     out = PromptDataset(prompts=[], total_rows=len(source) + sum(source.skipped.values()),
                         skipped=Counter(source.skipped))
     for row in source.rows:
@@ -162,6 +164,9 @@ def load_prompts(cfg: DataConfig, tokenizer) -> PromptDataset:
         messages = value if reason else _prompt_turns(value)
         if not reason and messages[-1]["role"] != "user":
             reason = "does_not_end_with_user_turn"
+        label = row.get(cfg.label_field) if cfg.label_field else None
+        if not reason and cfg.label_field and (label is None or isinstance(label, (dict, list)) or str(label) == ""):
+            reason = "no_label"
         if reason:
             out.skipped[reason] += 1
             continue
@@ -175,7 +180,8 @@ def load_prompts(cfg: DataConfig, tokenizer) -> PromptDataset:
             ids = ids[-cfg.max_prompt_tokens:]  # keep the end: the generation prompt must survive
             text = tokenizer.decode(ids)
             out.truncated += 1
-        out.prompts.append(Prompt(text=text, token_ids=ids, messages=messages))
+        out.prompts.append(Prompt(text=text, token_ids=ids, messages=messages,
+                                  label=None if label is None else str(label)))
         if cfg.limit and len(out.prompts) >= cfg.limit:
             break
     log.info("prompts %s: %s", cfg.prompts, out.summary())

@@ -453,7 +453,8 @@ class Roles:
         if "reference" in results:
             out["ref_logprobs"] = torch.cat([logprobs for logprobs, _ in results["reference"]])
         if "learner" in results:
-            out["values"] = torch.cat([values for (_, values), _ in results["learner"]])
+            if results["learner"][0][0][1] is not None:  # a critic-free learner has no values
+                out["values"] = torch.cat([values for (_, values), _ in results["learner"]])
             if old_logprobs:
                 out["old_logprobs"] = torch.cat([old for (old, _), _ in results["learner"]])
         seconds = {("values" if role == "learner" else role): max(s for _, s in parts) for role, parts in results.items()}

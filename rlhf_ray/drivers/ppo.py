@@ -3,6 +3,10 @@
     prompts → generate → score (reward ‖ reference ‖ values, concurrently) → advantages → learn
             → weight sync → metrics → checkpoint (every checkpoint.every_steps)
 
+With a critic-free estimator (ppo.advantage: grpo, rloo, …) there are no values: the learner joins the scoring only
+for old logprobs, when the sampler's cannot serve. With ppo.dynamic_sampling, generate → reward repeats on more
+prompts until every kept group of samples differs in score; reference and learner score the kept batch.
+
 With ``ppo.async_steps: 1`` the next step's rollout (generate → reward ‖ reference) runs in the background
 while this step's values and update run, from the weights the engines hold (one update behind):
 
@@ -20,7 +24,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -32,7 +36,9 @@ from rlhf_ray.config import ExperimentConfig, PPOConfig
 from rlhf_ray.data import PromptSampler, load_prompts
 from rlhf_ray.drivers.base import CheckpointedDriver
 from rlhf_ray.models.modeling import check_same_tokenizer
-from rlhf_ray.ppo_math import gae, kl_penalty, masked_mean, masked_whiten, shape_rewards
+from rlhf_ray.advantages import AdvantageInputs, get_advantage_estimator
+from rlhf_ray.ppo_math import (importance_weights, kl_penalty, masked_mean, masked_whiten, overlong_penalty,
+                               shape_rewards)
 from rlhf_ray.objectives import LearnerSpec
 from rlhf_ray.rewards.normalize import ScoreNormalizer
 from rlhf_ray.rewards.outage import OutageWatch
@@ -96,7 +102,12 @@ class PPOTrainer(CheckpointedDriver):
         self.normalizer = self._score_normalizer()
         self.old_logprobs, why = cfg.old_logprobs_source()
         log.info("old logprobs for the PPO ratio: %s (%s)", self.old_logprobs, why)
-        self.engine_version = 0  # the learner update whose weights the engines hold
+        self.is_correction, why = cfg.is_correction()
+        log.info("off-policy correction of the policy loss: %s (%s)", self.is_correction, why)
+        if not cfg.ppo.needs_critic:
+            log.info("advantages: %s, critic-free: the learner holds the policy alone and runs no values pass",
+                     cfg.ppo.advantage)
+        self.warned_non_eos = False  # the console hears once that cutting responses pays        self.engine_version = 0  # the learner update whose weights the engines hold
         self.next_rollout: Future | None = None  # ppo.async_steps=1: the next step's rollout, under way
         self._cancel_prefetch = threading.Event()  # set: the rollout under way stops after its current call
         self.in_hand: Rollout | None = None       # the rollout of the step under way, until the step is recorded
@@ -153,14 +164,19 @@ class PPOTrainer(CheckpointedDriver):
         if overlapped:
             if self.next_rollout is None:  # (a retried step may still have the next one under way)
                 self._prefetch(self.step_count + 1)
-            with phase(times, "values"):  # the learner's own pass: its weights are newer than the sampler's
-                scored, seconds = self.roles.score(batch, roles=("learner",))
-            batch, role_seconds = batch.with_(**scored), {**role_seconds, **seconds}
+            if self.cfg.ppo.needs_critic or self.old_logprobs == "learner":
+                with phase(times, "values"):  # the learner's own pass: its weights are newer than the sampler's
+                    scored, seconds = self.roles.score(batch, roles=("learner",))
+                batch, role_seconds = batch.with_(**scored), {**role_seconds, **seconds}
+            else:
+                batch = batch.with_(old_logprobs=batch.gen_logprobs)
         elif self.old_logprobs == "sampler":
             batch = batch.with_(old_logprobs=batch.gen_logprobs)
         raw_scores = batch.scores
         batch, rollout_stats = with_advantages(batch.with_(scores=self.normalizer(raw_scores)),  # normalize / clip
-                                               self.cfg.ppo)
+                                               self.cfg.ppo, self.is_correction, self.cfg.generation.max_new_tokens)
+        rollout_stats.update(rollout.stats)
+        self._warn_if_cutting_pays(batch)
         rollout_stats["async/staleness"] = float(self.step_count - rollout.policy_version)
         if self.normalizer.mode != "none" or self.normalizer.clip is not None:
             rollout_stats.update({"score/raw_mean": float(raw_scores.mean()),
@@ -192,18 +208,78 @@ class PPOTrainer(CheckpointedDriver):
     # ------------------------------------------------------------------------------------ rollouts
     def _rollout(self, step: int, cancel: threading.Event | None = None) -> "Rollout":
         """Step ``step``'s prompts sampled by the engines' current weights and scored: by reward and reference,
-        and — when nothing overlaps — by the learner (values; old logprobs unless the sampler's serve), all at once.
-        A prefetch stops after generating once ``cancel`` is set."""
-        times, version = {}, self.engine_version
+        and — when nothing overlaps — by the learner (values, and old logprobs unless the sampler's serve), all at
+        once. With ppo.dynamic_sampling the reward scores first and groups of equal scores are replaced
+        (``_informative_groups``). A prefetch stops after generating once ``cancel`` is set."""
+        times, version, stats = {}, self.engine_version, {}
         prompts = [self.dataset.prompts[i] for i in self.sampler.batch(step)]
         with phase(times, "generate"):
             batch, generate_s = self.roles.generate(prompts, sampling_seeds(self.cfg.seed, step, len(prompts)))
+        batch = batch.with_(group_ids=group_ids(len(prompts), self.cfg.generation.n_samples_per_prompt))
         if cancel is not None and cancel.is_set():
             raise RolloutCancelled()
         roles = ("reward", "reference") if self.prefetcher is not None else ("reward", "reference", "learner")
+        if self.prefetcher is None and not self.cfg.ppo.needs_critic and self.old_logprobs == "sampler":
+            roles = ("reward", "reference")  # the learner would have nothing to compute
+        seconds = {}
+        if self.cfg.ppo.dynamic_sampling:
+            batch, seconds, stats, extra_generate_s = self._informative_groups(step, batch, times, cancel)
+            generate_s += extra_generate_s
+            roles = tuple(r for r in roles if r != "reward")
         with phase(times, "score_wall"):
-            scored, seconds = self.roles.score(batch, roles=roles, old_logprobs=self.old_logprobs == "learner")
-        return Rollout(step, batch.with_(**scored), times, seconds, generate_s, version)
+            scored, more = self.roles.score(batch, roles=roles, old_logprobs=self.old_logprobs == "learner")
+        seconds = {role: seconds.get(role, 0.0) + more.get(role, 0.0) for role in {*seconds, *more}}
+        return Rollout(step, batch.with_(**scored), times, seconds, generate_s, version, stats)
+
+    def _informative_groups(self, step: int, batch: RolloutBatch, times: dict, cancel: threading.Event | None):
+        """ppo.dynamic_sampling: score ``batch`` by the reward, drop the groups (one prompt's samples) whose scores are
+        all equal — their grouped advantages are 0 — and sample groups of further prompts (drawn from the step and
+        round alone, for exact resumes) until ``rollout_batch_size`` groups differ or ppo.dynamic_sampling_rounds extra
+        rounds are spent; then dropped groups fill the batch up, so its size never changes.
+        Returns (batch with scores, the reward's seconds, sampling/* stats, extra generation seconds)."""
+        ppo, n = self.cfg.ppo, self.cfg.generation.n_samples_per_prompt
+        wanted, kept, dropped, reward_s, generate_s, rounds = ppo.rollout_batch_size, [], [], 0.0, 0.0, 0
+        while True:
+            with phase(times, "score_wall"):
+                scored, seconds = self.roles.score(batch, roles=("reward",))
+            batch, reward_s = batch.with_(**scored), reward_s + seconds["reward"]
+            for group in batch.group_ids.unique(sorted=True).tolist():
+                rows = (batch.group_ids == group).nonzero().flatten()
+                (dropped if bool((batch.scores[rows] == batch.scores[rows[0]]).all()) else kept).append(
+                    batch.select(rows))
+            if len(kept) >= wanted or rounds == ppo.dynamic_sampling_rounds:
+                break
+            if cancel is not None and cancel.is_set():
+                raise RolloutCancelled()
+            rounds += 1
+            count = min(len(self.dataset.prompts), wanted - len(kept))
+            prompts = [self.dataset.prompts[i] for i in refill_prompts(self.cfg.seed, step, rounds, count,
+                                                                        len(self.dataset.prompts))]
+            with phase(times, "generate"):
+                batch, seconds = self.roles.generate(prompts, sampling_seeds(self.cfg.seed, step, count,
+                                                                             start=rounds * wanted))
+            generate_s += seconds
+            batch = batch.with_(group_ids=group_ids(count, n, start=rounds * wanted))
+        filled = max(0, wanted - len(kept))
+        groups = kept[:wanted] + dropped[:filled]
+        stats = {"sampling/rounds": float(rounds), "sampling/equal_groups": float(len(dropped)),
+                 "sampling/filled_with_equal": float(filled),
+                 "sampling/kept_fraction": len(kept) / max(len(kept) + len(dropped), 1)}
+        return RolloutBatch.concat(groups), {"reward": reward_s}, stats, generate_s
+
+    def _warn_if_cutting_pays(self, batch: RolloutBatch) -> None:
+        """ppo.non_eos_penalty in 'replace' mode above most finished responses' scores: the policy learns to stop
+        finishing. Said once, on the console."""
+        ppo = self.cfg.ppo
+        if self.warned_non_eos or ppo.non_eos_penalty is None or ppo.non_eos_penalty_mode != "replace":
+            return
+        finished = batch.scores[batch.ended_with_eos]
+        if len(finished) and ppo.non_eos_penalty > float(finished.median()):
+            self.warned_non_eos = True
+            log.warning("ppo.non_eos_penalty=%g is above the median score of finished responses (%.3g): a response "
+                        "cut at generation.max_new_tokens earns more than most finished ones, so the policy learns to "
+                        "ramble. Lower the penalty below the reward's range, or set ppo.non_eos_penalty_mode=subtract "
+                        "(the penalty is taken off the response's own score)", ppo.non_eos_penalty, float(finished.median()))
 
     def _take_rollout(self) -> tuple["Rollout", bool]:
         """This step's rollout: the one in hand from an unrecorded try of this step, the one prefetched during the
@@ -330,12 +406,13 @@ class Rollout:
     seconds: dict[str, float]      # each scoring role's own compute seconds
     generate_s: float
     policy_version: int            # the learner update whose weights sampled it
+    stats: dict[str, float] = field(default_factory=dict)  # how it was sampled (dynamic sampling: sampling/*)
 
     def state_dict(self) -> dict:
         """Tensors, numbers, strings and lists only: loadable with ``torch.load(weights_only=True)``."""
         batch = {f.name: getattr(self.batch, f.name) for f in fields(self.batch)}
         return {"step": self.step, "batch": batch, "times": self.times, "seconds": self.seconds,
-                "generate_s": self.generate_s, "policy_version": self.policy_version}
+                "generate_s": self.generate_s, "policy_version": self.policy_version, "stats": self.stats}
 
     @staticmethod
     def from_state(state: dict) -> "Rollout":
@@ -343,54 +420,88 @@ class Rollout:
 
 
 def ppo_learner(cfg: ExperimentConfig, paths: ModelPaths) -> LearnerSpec:
-    """The learner group of a PPO experiment: policy + critic, the ``ppo`` objective."""
+    """The learner group of a PPO experiment: the ``ppo`` objective on policy + critic (the policy alone under a
+    critic-free ppo.advantage)."""
     learner = cfg.resources.learner
     return LearnerSpec(objective="ppo", model=paths.policy, value_model=paths.value, value_init=cfg.models.value_init,
                        world_size=learner.num_actors, num_cpus=learner.num_cpus, num_gpus=learner.num_gpus,
                        mini_batch_size=cfg.ppo.mini_batch_size, micro_batch_size=cfg.ppo.micro_batch_size,
                        epochs=cfg.ppo.epochs, optimizer_steps=cfg.optimizer_steps, optimizer=cfg.optimizer,
                        deepspeed=cfg.deepspeed, timeout_s=cfg.timeouts.learn_s, seed=cfg.seed,
-                       export_dtype=cfg.models.dtype, ppo=cfg.ppo, temperature=cfg.generation.temperature)
+                       export_dtype=cfg.models.dtype, ppo=cfg.ppo, temperature=cfg.generation.temperature,
+                       critic=cfg.ppo.needs_critic, max_new_tokens=cfg.generation.max_new_tokens)
 
 
-def sampling_seeds(seed: int, step: int, count: int) -> list[int]:
+def sampling_seeds(seed: int, step: int, count: int, start: int = 0) -> list[int]:
     """One vLLM sampling seed per prompt of step ``step``, from the run's seed and the step alone (a prompt's
-    samples use seed, seed+1, …: leave room for n_samples_per_prompt)."""
+    samples use seed, seed+1, …: leave room for n_samples_per_prompt); ``start``: the first prompt's place in the
+    step (dynamic sampling's later rounds)."""
     base = (seed * 1_000_003 + step) * 2**20
-    return [(base + i * 1024) % 2**63 for i in range(count)]
+    return [(base + i * 1024) % 2**63 for i in range(start, start + count)]
+
+
+def group_ids(prompts: int, samples_per_prompt: int, start: int = 0) -> torch.Tensor:
+    """[prompts × samples] long: the generation role returns a prompt's samples next to each other, so row r belongs
+    to prompt ``start + r // samples_per_prompt``."""
+    return torch.arange(start, start + prompts).repeat_interleave(samples_per_prompt)
+
+
+def refill_prompts(seed: int, step: int, round_: int, count: int, available: int) -> list[int]:
+    """Dynamic sampling's ``count`` further prompts for round ``round_`` of step ``step``: drawn without replacement
+    from all ``available``, from the seed, step and round alone (a resumed run draws the same)."""
+    import random
+
+    return random.Random((seed * 1_000_003 + step) * 1_009 + round_).sample(range(available), count)
 
 
 @contextmanager
 def phase(times: dict, name: str):
+    """Adds the wall time of the block to ``times[name]`` (a phase may run in parts: dynamic sampling's rounds)."""
     start = time.perf_counter()
     yield
-    times[name] = time.perf_counter() - start
+    times[name] = times.get(name, 0.0) + time.perf_counter() - start
 
 
-def with_advantages(batch: RolloutBatch, ppo: PPOConfig) -> tuple[RolloutBatch, dict[str, float]]:
-    """Shape per-token rewards (score at the last token − β·KL), then GAE and whitening."""
+def with_advantages(batch: RolloutBatch, ppo: PPOConfig, is_correction: str = "none",
+                    max_new_tokens: int | None = None) -> tuple[RolloutBatch, dict[str, float]]:
+    """Scores → effective scores (clip, cut responses, overlong shaping) → token rewards (−β·KL per token where
+    ppo.kl_in=reward) → advantages by ppo.advantage (rlhf_ray.advantages; GAE's whitened) → importance weights
+    between the learner's old logprobs and the sampler's (``is_correction``: none, tis, mis)."""
+    estimator = get_advantage_estimator(ppo.advantage)
     mask = batch.response_mask
+    lengths = mask.sum(-1)
     kl = kl_penalty(batch.old_logprobs, batch.ref_logprobs, ppo.kl_estimator) * mask
-    rewards, scores = shape_rewards(batch.scores, kl, mask, ppo.kl_coef, batch.ended_with_eos,
-                                    ppo.non_eos_penalty, ppo.reward_clip)
+    scores = batch.scores
+    if ppo.overlong_buffer:
+        scores = scores + overlong_penalty(lengths, max_new_tokens, ppo.overlong_buffer, ppo.overlong_penalty)
+    rewards, effective = shape_rewards(scores, kl, mask, ppo.kl_coef if ppo.kl_in == "reward" else 0.0,
+                                       batch.ended_with_eos, ppo.non_eos_penalty, ppo.reward_clip,
+                                       ppo.non_eos_penalty_mode)
     if ppo.whiten_rewards:
         rewards = masked_whiten(rewards, mask, shift_mean=False)
-    advantages, returns = gae(rewards, batch.values, mask, ppo.gamma, ppo.lam)
-    if ppo.whiten_advantages:
+    advantages, returns = estimator.compute(AdvantageInputs(rewards, mask, batch.group_ids, batch.values,
+                                                            ppo.gamma, ppo.lam))
+    if estimator.needs_critic and ppo.whiten_advantages:
         advantages = masked_whiten(advantages, mask)
     per_sequence = rewards.sum(-1)
-    lengths = mask.sum(-1)
     stats = {
         "reward/mean": float(per_sequence.mean()), "reward/std": float(per_sequence.std()),
         "score/mean": float(batch.scores.mean()), "score/std": float(batch.scores.std()),
-        "score/effective_mean": float(scores.mean()),
+        "score/effective_mean": float(effective.mean()),
         "kl/mean": float(kl.sum(-1).mean()),
-        "value/mean": float(masked_mean(batch.values, mask)),
+        "advantage/zero_fraction": float((advantages.abs().sum(-1) == 0).float().mean()),
         "response/length_mean": float(lengths.mean()),
         "response/eos_fraction": float(batch.ended_with_eos.float().mean()),
         "response/tokens": float(lengths.sum()),
     }
-    return batch.with_(rewards=rewards, advantages=advantages, returns=returns), stats
+    if batch.values is not None:
+        stats["value/mean"] = float(masked_mean(batch.values, mask))
+    is_weights = None
+    if is_correction != "none":
+        is_weights, is_stats = importance_weights(batch.old_logprobs, batch.gen_logprobs, mask, is_correction,
+                                                  ppo.is_cap)
+        stats.update({f"is/{key}": float(value) for key, value in is_stats.items()})
+    return batch.with_(rewards=rewards, advantages=advantages, returns=returns, is_weights=is_weights), stats
 
 
 def sampler_gap(batch: RolloutBatch, learn_stats: dict, old_logprobs: str) -> float:
@@ -425,16 +536,16 @@ def step_timing(times: dict, role_seconds: dict, generate_s: float, learn_s: flo
     """
     step = times["step"]  # the whole step, driver work (sampling prompts, advantages) included
     if overlapped:
-        compute = role_seconds["values"] + learn_s + times["rollout_wait"] + sync["publish"] + sync["load"]
+        compute = role_seconds.get("values", 0.0) + learn_s + times["rollout_wait"] + sync["publish"] + sync["load"]
     else:
         compute = generate_s + max(role_seconds.values()) + learn_s + sync["publish"] + sync["load"]
     tokens = float(batch.response_mask.sum())
     return {
         "time/generate": times["generate"], "time/reward": role_seconds["reward"],
-        "time/reference": role_seconds["reference"], "time/values": role_seconds["values"],
+        "time/reference": role_seconds["reference"], "time/values": role_seconds.get("values", 0.0),
         "time/score_wall": times["score_wall"], "time/learn": times["learn"],
         "time/rollout_wait": times["rollout_wait"],
-        **({"time/values_wall": times["values"]} if overlapped else {}),
+        **({"time/values_wall": times.get("values", 0.0)} if overlapped else {}),
         "time/weight_sync": times["weight_sync"], "time/step": step,
         "time/compute_generate": generate_s, "time/compute_learn": learn_s,
         "time/weight_publish": sync["publish"], "time/weight_load": sync["load"],

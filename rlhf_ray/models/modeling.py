@@ -65,6 +65,17 @@ class PolicyAndValue(nn.Module):
         return response_logits(self.policy, batch), self.value(batch)
 
 
+class PolicyOnly(nn.Module):
+    """The learner's module under a critic-free estimator: the policy, with PolicyAndValue's interface (no values)."""
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, batch: RolloutBatch) -> tuple[torch.Tensor, None]:
+        return response_logits(self.policy, batch), None
+
+
 def _placement(num_gpus: float) -> dict:
     """Frozen models on several GPUs of one actor are sharded layer-wise (accelerate's device_map)."""
     return {"device_map": "auto"} if num_gpus > 1 and torch.cuda.is_available() else {}

@@ -48,6 +48,8 @@ class LearnerSpec(BaseModel):
     pad_token_id: Optional[int] = None        # bradley_terry: where the RM pools (its last non-pad token)
     ppo: Optional[PPOConfig] = None
     temperature: float = 1.0                  # ppo: the sampling temperature the logprobs are taken at
+    critic: bool = True                       # ppo: a value model (ppo.advantage=gae) or the policy alone
+    max_new_tokens: Optional[int] = None      # ppo: the response length cap (loss_aggregation=seq_mean_token_sum)
     dpo: Optional[DPOTrainingConfig] = None   # dpo: the loss and its options
     sft_loss_mean: str = "token"              # sft: 'token' or 'sequence' (SFTTrainingConfig.loss_mean)
 

@@ -129,25 +129,26 @@ def logits_bytes(micro: int, seq: int, vocab: int) -> float:
     return 2 * micro * seq * vocab * 4
 
 
-def learner_memory(policy: Architecture, critic: Architecture, cfg, seq: int) -> RoleMemory:
-    """One learner rank: policy and value model in one DeepSpeed engine (rlhf_ray.objectives.ppo.PPOObjective)."""
+def learner_memory(policy: Architecture, critic: Architecture | None, cfg, seq: int) -> RoleMemory:
+    """One learner rank: policy and value model in one DeepSpeed engine (rlhf_ray.objectives.ppo.PPOObjective); the
+    policy alone under a critic-free estimator (``critic`` None)."""
     ds, res = cfg.deepspeed, cfg.resources.learner
     world, micro = res.num_actors, cfg.ppo.micro_batch_size
-    n_policy, n_critic = policy.parameters("lm"), critic.parameters("score")
-    items = (model_states(n_policy, "policy", ds.precision, ds.zero_stage, world, ds.offload_optimizer, ds.offload_params)
-             + model_states(n_critic, "critic", ds.precision, ds.zero_stage, world, ds.offload_optimizer,
-                            ds.offload_params)
-             + zero_buffers(n_policy + n_critic, policy.hidden, ds.precision, ds.zero_stage))
+    n_policy, n_critic = policy.parameters("lm"), critic.parameters("score") if critic else 0
+    items = model_states(n_policy, "policy", ds.precision, ds.zero_stage, world, ds.offload_optimizer,
+                         ds.offload_params)
+    if critic:
+        items += model_states(n_critic, "critic", ds.precision, ds.zero_stage, world, ds.offload_optimizer,
+                              ds.offload_params)
+    items += zero_buffers(n_policy + n_critic, policy.hidden, ds.precision, ds.zero_stage)
     scores = "" if ATTENTION_STORES_SCORES else " without the a·s² scores (SDPA)"
     act_formula = ("2·s·b·h per layer + one layer (checkpointing)" if ds.gradient_checkpointing
                    else f"s·b·h·(34 + 5·a·s/h) per layer{scores}")
-    items += [
-        MemoryItem("policy activations (one micro-batch)", training_activation_bytes(
-            policy, micro, seq, ds.precision, ds.gradient_checkpointing), "device", act_formula),
-        MemoryItem("critic activations (one micro-batch)", training_activation_bytes(
-            critic, micro, seq, ds.precision, ds.gradient_checkpointing), "device", act_formula),
-        MemoryItem("logits + log-softmax", logits_bytes(micro, seq, policy.vocab), "device", "2·b·s·vocab·4"),
-    ]
+    for name, arch in (("policy", policy), ("critic", critic)):
+        if arch:
+            items.append(MemoryItem(f"{name} activations (one micro-batch)", training_activation_bytes(
+                arch, micro, seq, ds.precision, ds.gradient_checkpointing), "device", act_formula))
+    items.append(MemoryItem("logits + log-softmax", logits_bytes(micro, seq, policy.vocab), "device", "2·b·s·vocab·4"))
     items += published_weights(policy, cfg)
     role = RoleMemory("learner", cfg.models.policy, world, res.num_gpus, items)
     if ds.offload_params:

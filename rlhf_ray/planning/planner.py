@@ -119,12 +119,13 @@ def requested_gpus(roles: list[RoleMemory]) -> int:
 
 
 def resolve_models(cfg) -> dict[str, Architecture]:
-    """Architectures by role: policy, critic (value model), reference and reward (when it is a model)."""
+    """Architectures by role: policy, critic (value model; None under a critic-free ppo.advantage), reference and
+    reward (when it is a model)."""
     models, seen = cfg.models, {}
     resolve = lambda spec: seen.setdefault(spec, resolve_architecture(spec, models.cache_dir, cfg.seed))  # noqa: E731
     archs = {"policy": resolve(models.policy), "reference": resolve(models.reference_path)}
     critic = models.value_model_path if models.value_init == "reward" else models.policy
-    archs["critic"] = resolve(critic)
+    archs["critic"] = resolve(critic) if cfg.ppo.needs_critic else None
     if models.reward.kind == "model":
         archs["reward"] = resolve(models.reward.model)
     return archs

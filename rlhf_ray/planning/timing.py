@@ -184,7 +184,7 @@ def frozen_forward_time(role: str, cfg, arch: Architecture, hw: Hardware, crosse
     return seconds + ROLE_CALL_OVERHEAD_S
 
 
-def values_time(cfg, policy: Architecture, critic: Architecture, hw: Hardware, placement: Placement) -> float:
+def values_time(cfg, policy: Architecture, critic: Architecture | None, hw: Hardware, placement: Placement) -> float:
     """The learner's pass before the update: values (critic), and old logprobs (policy) unless the sampler's
     serve; ZeRO-3 gathers the weights for every micro-batch."""
     world = cfg.resources.learner.num_actors
@@ -192,8 +192,10 @@ def values_time(cfg, policy: Architecture, critic: Architecture, hw: Hardware, p
     seq = prompt + response
     with_logprobs = cfg.old_logprobs_source()[0] == "learner"
     seqs = cfg.rollout_sequences / world
-    per_token = critic.forward_flops_per_token("score", seq)
-    params = critic.parameters("score")
+    if critic is None and not with_logprobs:  # critic-free, the sampler's logprobs: no such pass
+        return 0.0
+    per_token = critic.forward_flops_per_token("score", seq) if critic else 0.0
+    params = critic.parameters("score") if critic else 0
     if with_logprobs:
         per_token += policy.forward_flops_per_token("lm", seq)
         params += policy.parameters("lm")
@@ -221,18 +223,19 @@ def score_time(cfg, archs: dict, hw: Hardware, placement: Placement) -> PhaseTim
 
 # ---------------------------------------------------------------------------------------------- learn
 
-def learn_time(cfg, policy: Architecture, critic: Architecture, hw: Hardware, placement: Placement) -> PhaseTime:
+def learn_time(cfg, policy: Architecture, critic: Architecture | None, hw: Hardware, placement: Placement) -> PhaseTime:
     ds, world = cfg.deepspeed, cfg.resources.learner.num_actors
     prompt, response = lengths(cfg)
     seq = prompt + response
     epochs = cfg.ppo.epochs
     seqs_per_rank = cfg.rollout_sequences / world
     passes = 4 if ds.gradient_checkpointing else 3      # forward + backward (2×) (+ recomputed forward)
-    per_token = passes * (policy.forward_flops_per_token("lm", seq) + critic.forward_flops_per_token("score", seq))
+    per_token = passes * (policy.forward_flops_per_token("lm", seq)
+                          + (critic.forward_flops_per_token("score", seq) if critic else 0.0))
     seqs_per_device = seqs_per_rank if hw.is_gpu else cfg.rollout_sequences   # CPU ranks share one machine
     compute = epochs * seqs_per_device * seq * per_token / _peak(hw, ds.precision, "train")
 
-    params = policy.parameters("lm") + critic.parameters("score")
+    params = policy.parameters("lm") + (critic.parameters("score") if critic else 0)
     width = DTYPE_BYTES[ds.precision]
     micro_steps = epochs * math.ceil(seqs_per_rank / cfg.ppo.micro_batch_size)
     optimizer_steps = epochs * (cfg.rollout_sequences // cfg.ppo.mini_batch_size)

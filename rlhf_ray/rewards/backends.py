@@ -28,7 +28,8 @@ from rlhf_ray.rewards.base import (REWARD_STATS_FILE, RewardBackend, RewardSampl
 # ----------------------------------------------------------------------------------------------- function
 
 class FunctionBackend(RewardBackend):
-    """``fn(prompt, response, **function_kwargs)`` per sample; each result must be one finite number."""
+    """``fn(prompt, response, **function_kwargs)`` per sample — with ``label=`` the prompt's reference answer where the
+    data has labels (data.label_field); each result must be one finite number."""
 
     def __init__(self, cfg: RewardConfig, **resources):
         super().__init__(cfg, **resources)
@@ -40,7 +41,8 @@ class FunctionBackend(RewardBackend):
 
     def _score_one(self, i: int, sample: RewardSample) -> float:
         try:
-            result = self.function(sample.prompt, sample.response)
+            labelled = {} if sample.label is None else {"label": sample.label}
+            result = self.function(sample.prompt, sample.response, **labelled)
         except Exception as err:
             raise ValueError(f"{self.name} raised {type(err).__name__}: {err} for sample {i} "
                              f"(response {sample.response[:80]!r})") from err

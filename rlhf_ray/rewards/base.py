@@ -8,6 +8,7 @@ import json
 import math
 import numbers
 from dataclasses import asdict, dataclass
+from typing import Optional
 from pathlib import Path
 
 import torch
@@ -20,18 +21,24 @@ REWARD_STATS_FILE = "reward_stats.json"  # {"mean", "std", "count", "source"}, s
 @dataclass(frozen=True)
 class RewardSample:
     """One (prompt, response) to score. ``messages``: the prompt's turns + ``{"role": "assistant", "content":
-    response}``; ``prompt``: the prompt text as the policy saw it; ``response``: the generated text."""
+    response}``; ``prompt``: the prompt text as the policy saw it; ``response``: the generated text; ``label``: the
+    prompt's reference answer where the data has one (data.label_field)."""
     messages: list[dict]
     prompt: str
     response: str
+    label: Optional[str] = None
 
     @classmethod
-    def of(cls, prompt_messages: list[dict], prompt: str, response: str) -> "RewardSample":
+    def of(cls, prompt_messages: list[dict], prompt: str, response: str, label: Optional[str] = None) -> "RewardSample":
         return cls(messages=[*prompt_messages, {"role": "assistant", "content": response}], prompt=prompt,
-                   response=response)
+                   response=response, label=label)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """The sample as a v1 request carries it (rlhf_ray.rewards.http): ``label`` only where there is one."""
+        out = asdict(self)
+        if self.label is None:
+            del out["label"]
+        return out
 
 
 class RewardBackend:

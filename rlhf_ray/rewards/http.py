@@ -15,6 +15,8 @@ Request: ``POST <url>`` with ``Content-Type: application/json``::
   A reward model renders it with its own tokenizer and chat template (it need not share the policy's).
 - ``prompt``: the prompt text exactly as the policy saw it (rendered with ``data.template``).
 - ``response``: the generated text.
+- ``label`` (only where the prompt data has one: ``data.label_field``): the prompt's reference answer, as text —
+  what a remote verifier checks the response against.
 
 Response: HTTP 2xx with a JSON body::
 
