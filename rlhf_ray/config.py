@@ -443,7 +443,8 @@ class ExperimentConfig(RunConfig):
         _require(reward.normalize != "stored" or reward.kind in ("model", "serve"), "models.reward.normalize",
                  f"'stored' needs an RM with saved statistics (models.reward.kind='model' or 'serve', not "
                  f"'{reward.kind}'); use 'running' or 'none'")
-        _require(self.models.value_init != "reward" or reward.kind == "model" or self.models.value_model,
+        _require(not ppo.needs_critic or self.models.value_init != "reward" or reward.kind == "model"
+                 or self.models.value_model,
                  "models.value_init", "'reward' needs a reward model (models.reward.kind='model') or "
                  f"models.value_model; use 'policy' with a {reward.kind} reward")
         from rlhf_ray.advantages import ADVANTAGE_ESTIMATORS

@@ -13,6 +13,12 @@ A policy is ``NAME=SPEC``; SPEC is a local HF model directory, a hub name, a ``t
 column splits the report further. The judge is any reward backend PPO uses (rlhf_ray.rewards.backends):
 ``--reward model=SPEC|function=module:fn|http=URL|serve=APP`` (or rlhf_ray.rm_eval's ``function:module:fn``,
 ``http://…``, ``serve:APP``, bare model spec), refined with ``--reward-option key=value`` (models.reward keys).
+On a verifiable task the judge checks answers against each prompt's label (``--label-field``); its mean score is then
+the accuracy, e.g. on the shipped arithmetic test set::
+
+    python -m rlhf_ray.evaluate --policy sft=real:smollm2-135m --policy grpo=runs/grpo_smollm2_cpu \
+        --prompts configs/data/arithmetic_test.jsonl --label-field answer --template tokenizer \
+        --reward function=rlhf_ray.tasks.arithmetic:reward --reward-option function_kwargs.format_bonus=0
 
 Each policy gets its own vLLM engine in a Ray actor (actors.generation.GenerationActor, the PPO generation
 role), one after another; the judge runs in this process, as in rlhf_ray.rm_eval. Writes evaluation.md,
@@ -54,6 +60,7 @@ class EvalPrompt:
     file: str            # the prompt file's report name (rlhf_ray.data.dataset_name)
     row: int             # the row's position in its file
     source: str | None   # the row's own ``source`` column, if any
+    label: str | None = None  # the row's reference answer (--label-field), for a verifying judge
 
     @property
     def group(self) -> str:
@@ -176,8 +183,10 @@ def prompt_turns(row: dict) -> list[dict] | str:
     return messages if messages and messages[-1]["role"] == "user" else "does_not_end_with_user_turn"
 
 
-def load_eval_prompts(paths: list[str], limit: int | None) -> tuple[list[EvalPrompt], dict[str, PromptFile]]:
-    """Every usable prompt of every file (the first ``limit`` of each), skips counted by reason."""
+def load_eval_prompts(paths: list[str], limit: int | None,
+                      label_field: str | None = None) -> tuple[list[EvalPrompt], dict[str, PromptFile]]:
+    """Every usable prompt of every file (the first ``limit`` of each), skips counted by reason; with ``label_field``
+    each keeps that column as its reference answer (a row without one is skipped: 'no_label')."""
     from rlhf_ray.data import dataset_names, load_rows
 
     prompts, files = [], {}
@@ -188,16 +197,23 @@ def load_eval_prompts(paths: list[str], limit: int | None) -> tuple[list[EvalPro
         if not set(PROMPT_COLUMNS) & rows.columns:
             raise ValueError(f"{path} has none of the columns {', '.join(PROMPT_COLUMNS)}; "
                              f"its columns: {sorted(rows.columns)}")
+        if label_field and label_field not in rows.columns:
+            raise ValueError(f"--label-field {label_field} is not a column of {path}; its columns: "
+                             f"{sorted(rows.columns)}")
         info = files[name] = PromptFile(path, len(rows) + sum(rows.skipped.values()), skipped=Counter(rows.skipped))
         for index, row in enumerate(rows.rows):
             if limit and info.used >= limit:
                 break
             turns = prompt_turns(row)
+            label = row.get(label_field) if label_field else None
+            if not isinstance(turns, str) and label_field and (label is None or str(label) == ""):
+                turns = "no_label"
             if isinstance(turns, str):
                 info.skipped[turns] += 1
                 continue
             source = row.get("source")
-            prompts.append(EvalPrompt(turns, name, index, None if source is None else str(source)))
+            prompts.append(EvalPrompt(turns, name, index, None if source is None else str(source),
+                                      None if label is None else str(label)))
             info.used += 1
         if not info.used:
             raise ValueError(f"no usable prompt in {path} ({info.rows} rows; skipped: {dict(info.skipped)})")
@@ -220,7 +236,7 @@ def encode_prompts(prompts: list[EvalPrompt], model_path: str, template: str, ma
         if len(ids) > max_prompt_tokens:
             ids, truncated = ids[-max_prompt_tokens:], truncated + 1
             text = tokenizer.decode(ids)
-        out.append(Prompt(text=text, token_ids=ids, messages=p.messages))
+        out.append(Prompt(text=text, token_ids=ids, messages=p.messages, label=p.label))
     return out, truncated
 
 
@@ -255,7 +271,7 @@ def score(judge, policy: Policy, responses: list[str]) -> list[float]:
     """The judge's score of each (prompt as this policy saw it, response), as PPO's reward role scores them."""
     from rlhf_ray.rewards.base import RewardSample
 
-    samples = [RewardSample.of(p.messages, p.text, response) for p, response in zip(policy.prompts, responses)]
+    samples = [RewardSample.of(p.messages, p.text, response, p.label) for p, response in zip(policy.prompts, responses)]
     return [float(s) for s in judge.score(samples)]
 
 
@@ -427,6 +443,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompts", action="append", required=True, metavar="FILE",
                         help="held-out prompts (repeatable): rows with messages, a prompt string or Tulu 2.5 pairs")
     parser.add_argument("--limit", type=int, metavar="N", help="use the first N usable prompts of each file")
+    parser.add_argument("--label-field", metavar="COLUMN", help="each prompt's reference answer (verifiable tasks, "
+                                                                "e.g. answer): passed to a function judge as label=…")
     parser.add_argument("--reward", required=True, metavar="SPEC",
                         help="the judge: model=PATH_OR_SPEC, function=module:fn, http=URL or serve=APP")
     parser.add_argument("--reward-option", action="append", default=[], metavar="KEY=VALUE",
@@ -464,7 +482,7 @@ def prepare(args):
     baseline = args.baseline or policies[0].name
     if baseline not in {p.name for p in policies}:
         raise ValueError(f"--baseline {baseline!r} is none of the policies ({', '.join(p.name for p in policies)})")
-    prompts, files = load_eval_prompts(args.prompts, args.limit)
+    prompts, files = load_eval_prompts(args.prompts, args.limit, args.label_field)
     judge_cfg = reward_config(args.reward, args.reward_option, args.template)
     for policy in policies:
         try:

@@ -118,7 +118,7 @@ class FakeRoles:
     """Generation and reward: prompt p's samples all score the same when p is even, differ when p is odd."""
 
     def __init__(self, n: int):
-        self.n, self.generated = n, []
+        self.n, self.generated, self.rewards = n, [], ["reward-0", "reward-1"]
 
     def generate(self, prompts, seeds):
         self.generated.append(list(prompts))
@@ -154,6 +154,7 @@ def test_dynamic_sampling_keeps_the_batch_size_and_only_informative_groups():
     assert stats["sampling/filled_with_equal"] == 0 and stats["sampling/rounds"] >= 1
     assert seconds["reward"] == 0.25 * (1 + stats["sampling/rounds"]) and extra_s == 0.5 * stats["sampling/rounds"]
     assert batch.scores is not None and len(batch.scores) == 8
+    assert all(len(prompts) % 2 == 0 for prompts in driver.roles.generated)  # equal shares for the 2 reward actors
 
 
 def test_dynamic_sampling_fills_up_with_equal_groups_when_the_rounds_run_out():

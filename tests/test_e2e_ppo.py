@@ -116,6 +116,9 @@ def test_overlapped_rollout_and_learning_learn_the_same_reward(ray_session, tiny
     assert [m["async/staleness"] for m in metrics] == [0.0] + [1.0] * (LEARN_STEPS - 1)
     assert trainer.old_logprobs == "learner"  # the ratio is against the learner's weights, not the sampler's
     assert metrics[0]["kl/sampler_vs_learner"] < SYNC_ATOL < max(m["kl/sampler_vs_learner"] for m in metrics[1:])
+    # and the samples of an update behind are re-weighted to the learner's (TIS, on by default when overlapped)
+    assert trainer.is_correction == "tis" and abs(metrics[0]["is/weight_mean"] - 1) < SYNC_ATOL
+    assert max(m["is/mismatch_kl"] for m in metrics[1:]) > 100 * metrics[0]["is/mismatch_kl"]
     learner, generation = plans[("learner", 0)], plans[("generation", 0)]
     if learner.cpus:  # a node with ≥ 2 CPUs: the two sides compute on disjoint CPU sets
         assert set(learner.applied["cpus"]).isdisjoint(generation.applied["cpus"])

@@ -105,6 +105,16 @@ def test_prompt_files_messages_strings_and_preference_pairs(tmp_path):
     assert files["prefs"].used == 1
 
 
+def test_labels_of_a_verifiable_task_are_kept_and_rows_without_one_skipped(tmp_path):
+    user = lambda text: [{"role": "user", "content": text}]  # noqa: E731
+    rows = write_jsonl(tmp_path / "arith.jsonl", [{"messages": user("2+2?"), "answer": 4}, {"messages": user("3+3?")}])
+    prompts, files = ev.load_eval_prompts([str(rows)], limit=None, label_field="answer")
+    assert [(p.messages[0]["content"], p.label) for p in prompts] == [("2+2?", "4")]
+    assert files["arith"].skipped == {"no_label": 1}
+    with pytest.raises(ValueError, match="--label-field solution is not a column"):
+        ev.load_eval_prompts([str(rows)], limit=None, label_field="solution")
+
+
 def test_bad_inputs_exit_2_and_write_nothing(tmp_path, capsys):
     model = fake_model(tmp_path / "model")
     empty = write_jsonl(tmp_path / "empty.jsonl", [{"messages": [{"role": "assistant", "content": "no user"}]}])

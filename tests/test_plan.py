@@ -127,6 +127,20 @@ def test_more_learner_ranks_learn_faster():
     assert fast.phases["learn"].seconds < slow.phases["learn"].seconds
 
 
+def test_a_critic_free_learner_is_planned_without_the_critic():
+    def learner(*overrides):
+        plan = plan_experiment(tulu("generation.n_samples_per_prompt=2", "ppo.mini_batch_size=128", *overrides), H100,
+                               gpus=32, nodes=4, search=False)
+        return next(r for r in plan.roles if r.role == "learner"), plan
+    (gae, gae_plan), (grpo, grpo_plan) = learner(), learner("ppo.advantage=grpo")
+    assert any("critic" in i.what for i in gae.items) and not any("critic" in i.what for i in grpo.items)
+    # a 13B policy without its 13B critic: the model states halve, the learn phase is about half as long
+    assert grpo.device_bytes < 0.6 * gae.device_bytes
+    assert grpo_plan.phases["learn"].seconds < 0.6 * gae_plan.phases["learn"].seconds
+    assert "critic" in gae_plan.models and "critic" not in grpo_plan.models
+    assert "critic" not in "\n".join(format_plan(grpo_plan))
+
+
 def test_planning_a_hub_config_is_fast_and_prints_every_section():
     started = time.perf_counter()
     plan = plan_experiment(tulu(), "h100-80gb", gpus=16, nodes=2)

@@ -423,12 +423,14 @@ class Roles:
 
     # ---------------------------------------------------------------------------------- the calls
     def generate(self, prompts, seeds: list[int]) -> tuple[RolloutBatch, float]:
-        """Prompts (each with its sampling seed) split evenly over the generation actors; returns the joined
-        batch and compute seconds."""
-        size = len(prompts) // len(self.generators)
+        """Prompts (each with its sampling seed) split over the generation actors in order, as evenly as they go (an
+        actor may get one more); returns the joined batch, rows in the order of the prompts, and compute seconds."""
+        share, extra = divmod(len(prompts), len(self.generators))
+        bounds = [i * share + min(i, extra) for i in range(len(self.generators) + 1)]
+        # self.generators is read at each call: a retry after a lost actor goes to its replacement
         results = self._recoverable("generation", "sampling a rollout", "generate_s", lambda: [
-            g.generate.remote(prompts[i * size:(i + 1) * size], seeds[i * size:(i + 1) * size])
-            for i, g in enumerate(self.generators)])
+            g.generate.remote(prompts[bounds[i]:bounds[i + 1]], seeds[bounds[i]:bounds[i + 1]])
+            for i, g in enumerate(self.generators) if bounds[i + 1] > bounds[i]])
         return RolloutBatch.concat([b for b, _ in results]), max(s for _, s in results)
 
     def score(self, batch: RolloutBatch, roles: tuple[str, ...] = ("reward", "reference", "learner"),

@@ -20,6 +20,7 @@ A lost learner rank takes the learner group back to the last checkpoint (rlhf_ra
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -62,7 +63,8 @@ class PPOTrainer(CheckpointedDriver):
         resolve = lambda spec: resolve_model(spec, models.cache_dir, cfg.seed)  # noqa: E731
         reward = resolve(models.reward.model) if models.reward.kind == "model" else None
         self.paths = ModelPaths(policy=resolve(models.policy), reference=resolve(models.reference_path), reward=reward,
-                                value=resolve(models.value_model_path) if models.value_init == "reward" else None)
+                                value=resolve(models.value_model_path)
+                                if models.value_init == "reward" and cfg.ppo.needs_critic else None)
         preflight.check_experiment(cfg, {"models.policy": self.paths.policy, "models.reference": self.paths.reference,
                                          "models.reward.model": self.paths.reward,
                                          "models.value_model": self.paths.value})
@@ -104,9 +106,9 @@ class PPOTrainer(CheckpointedDriver):
         log.info("old logprobs for the PPO ratio: %s (%s)", self.old_logprobs, why)
         self.is_correction, why = cfg.is_correction()
         log.info("off-policy correction of the policy loss: %s (%s)", self.is_correction, why)
-        if not cfg.ppo.needs_critic:
-            log.info("advantages: %s, critic-free: the learner holds the policy alone and runs no values pass",
-                     cfg.ppo.advantage)
+        log.info("advantages: %s — the learner trains %s (%.1f M parameters)%s", cfg.ppo.advantage,
+                 "the policy and its critic" if cfg.ppo.needs_critic else "the policy alone, no critic",
+                 self.roles.learner_parameters() / 1e6, "" if cfg.ppo.needs_critic else ", and runs no values pass")
         self.warned_non_eos = False  # the console hears once that cutting responses pays        self.engine_version = 0  # the learner update whose weights the engines hold
         self.next_rollout: Future | None = None  # ppo.async_steps=1: the next step's rollout, under way
         self._cancel_prefetch = threading.Event()  # set: the rollout under way stops after its current call
@@ -252,7 +254,12 @@ class PPOTrainer(CheckpointedDriver):
             if cancel is not None and cancel.is_set():
                 raise RolloutCancelled()
             rounds += 1
-            count = min(len(self.dataset.prompts), wanted - len(kept))
+            # as many prompts as the groups seen so far say it takes to fill the batch, at most a batch, in equal
+            # shares for the reward actors (a sharded RM's ranks forward equal shares)
+            informative, missing = len(kept) / (len(kept) + len(dropped)), wanted - len(kept)
+            count = min(wanted, math.ceil(missing / informative) if informative else wanted)
+            actors = len(self.roles.rewards)
+            count = min(math.ceil(count / actors) * actors, len(self.dataset.prompts) // actors * actors)
             prompts = [self.dataset.prompts[i] for i in refill_prompts(self.cfg.seed, step, rounds, count,
                                                                         len(self.dataset.prompts))]
             with phase(times, "generate"):

@@ -125,7 +125,8 @@ def resolve_models(cfg) -> dict[str, Architecture]:
     resolve = lambda spec: seen.setdefault(spec, resolve_architecture(spec, models.cache_dir, cfg.seed))  # noqa: E731
     archs = {"policy": resolve(models.policy), "reference": resolve(models.reference_path)}
     critic = models.value_model_path if models.value_init == "reward" else models.policy
-    archs["critic"] = resolve(critic) if cfg.ppo.needs_critic else None
+    if cfg.ppo.needs_critic:
+        archs["critic"] = resolve(critic)
     if models.reward.kind == "model":
         archs["reward"] = resolve(models.reward.model)
     return archs
@@ -142,7 +143,7 @@ def _evaluate(cfg, hw: Hardware, gpus: int, nodes: int, archs: dict, config_path
     placement = _placement(layout, cfg)
     phases = {"generate": generate_time(cfg, archs["policy"], hw, kv["concurrent"]),
               "score": score_time(cfg, archs, hw, placement),
-              "learn": learn_time(cfg, archs["policy"], archs["critic"], hw, placement),
+              "learn": learn_time(cfg, archs["policy"], archs.get("critic"), hw, placement),
               "weight_sync": weight_sync_time(cfg, archs["policy"], hw, placement)}
     plan = Plan(config_path, hw, gpus, nodes, archs, roles, layout, kv, phases,
                 step_seconds(phases, cfg.ppo.async_steps), cfg.num_steps, problems, assumptions=assumptions)
@@ -154,7 +155,7 @@ def _role_memories(cfg, archs: dict, hw: Hardware) -> tuple[list[RoleMemory], di
     """Each role's memory per device of one actor, and the generation engine's KV-cache room."""
     prompt, response = lengths(cfg)
     seq = prompt + response
-    roles = [learner_memory(archs["policy"], archs["critic"], cfg, seq)]
+    roles = [learner_memory(archs["policy"], archs.get("critic"), cfg, seq)]
     generation, kv = generation_memory(archs["policy"], cfg, hw.is_gpu, hw.memory_bytes)
     roles.append(generation)
     for role in (r for r in FROZEN_ROLES if r in archs):

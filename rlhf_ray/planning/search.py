@@ -72,7 +72,7 @@ def _learner_options(cfg, hw, spare, archs, valid) -> list[Option]:
             if changed is None or changed.deepspeed in seen:
                 continue
             seen.append(changed.deepspeed)
-            memory = learner_memory(archs["policy"], archs["critic"], changed, prompt + response)
+            memory = learner_memory(archs["policy"], archs.get("critic"), changed, prompt + response)
             ranks_per_node = min(world, hw.devices_per_node)
             host = (memory.actor_bytes(0, "host") + memory.actor_bytes(1, "host") * (ranks_per_node - 1)
                     + PROCESS_BASELINE_BYTES * ranks_per_node)
@@ -80,8 +80,8 @@ def _learner_options(cfg, hw, spare, archs, valid) -> list[Option]:
                 continue
             placement = Placement(learner_crosses_nodes=world > hw.devices_per_node, learner_ranks_per_node=ranks_per_node)
             options.append(Option("learner", overrides, world, {
-                "learn": learn_time(changed, archs["policy"], archs["critic"], hw, placement).seconds,
-                "values": values_time(changed, archs["policy"], archs["critic"], hw, placement),
+                "learn": learn_time(changed, archs["policy"], archs.get("critic"), hw, placement).seconds,
+                "values": values_time(changed, archs["policy"], archs.get("critic"), hw, placement),
                 "sync_same_node": weight_sync_time(changed, archs["policy"], hw, placement).seconds,
                 "sync_other_node": weight_sync_time(changed, archs["policy"], hw, Placement(
                     learner_crosses_nodes=placement.learner_crosses_nodes, engines_off_learner_node=True)).seconds}))

@@ -212,7 +212,7 @@ def score_time(cfg, archs: dict, hw: Hardware, placement: Placement) -> PhaseTim
              if archs.get("reward") else ROLE_CALL_OVERHEAD_S,
              "reference": frozen_forward_time("reference", cfg, archs["reference"], hw,
                                               placement.reference_crosses_nodes),
-             "values": values_time(cfg, archs["policy"], archs["critic"], hw, placement)}
+             "values": values_time(cfg, archs["policy"], archs.get("critic"), hw, placement)}
     if hw.is_gpu:
         slowest = max(parts, key=parts.get)
         return PhaseTime("score", parts[slowest], parts, f"concurrent on their own GPUs; slowest: {slowest}")
