@@ -163,3 +163,23 @@ def test_dynamic_sampling_fills_up_with_equal_groups_when_the_rounds_run_out():
     batch, _, stats, _ = driver._informative_groups(3, first, {}, None)
     assert len(batch) == 4 and stats["sampling/rounds"] == 2 and stats["sampling/filled_with_equal"] == 2
     assert stats["sampling/kept_fraction"] == 0.0
+
+
+def test_a_replacing_non_eos_penalty_above_most_finished_scores_is_warned_once(caplog):
+    from types import SimpleNamespace
+
+    driver = PPOTrainer.__new__(PPOTrainer)
+    driver.warned_non_eos = False
+    driver.cfg = SimpleNamespace(ppo=PPOConfig(non_eos_penalty=-1.0))  # the SmolLM2 trap: scores in [−5, 0]
+    finished_low = rollout([-3.5, -3.2, -4.0, -0.5], [0, 0, 1, 1], eos=[True, True, True, False])
+    with caplog.at_level("WARNING", logger="rlhf_ray.drivers.ppo"):
+        driver._warn_if_cutting_pays(finished_low)
+        driver._warn_if_cutting_pays(finished_low)
+    warnings = [r.getMessage() for r in caplog.records if "non_eos_penalty=-1 is above the median" in r.getMessage()]
+    assert len(warnings) == 1 and "non_eos_penalty_mode=subtract" in warnings[0]
+    for ppo, batch in ((PPOConfig(non_eos_penalty=-1.0), rollout([0.5, 0.9], [0, 0])),        # finished score higher
+                       (PPOConfig(non_eos_penalty=-1.0, non_eos_penalty_mode="subtract"), finished_low)):
+        quiet = PPOTrainer.__new__(PPOTrainer)
+        quiet.warned_non_eos, quiet.cfg = False, SimpleNamespace(ppo=ppo)
+        quiet._warn_if_cutting_pays(batch)
+        assert not quiet.warned_non_eos
