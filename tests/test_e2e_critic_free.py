@@ -13,7 +13,8 @@ CRITIC_FREE = ["models.policy=tiny:policy-tied", "models.reward.kind=function",
                "models.reward.function=rlhf_ray.rewards:char_frequency", "models.reward.function_kwargs={char: e}",
                f"ppo.total_episodes={8 * (LEARN_STEPS + 2)}", "ppo.rollout_batch_size=8",
                "generation.n_samples_per_prompt=4", "ppo.mini_batch_size=16", "ppo.micro_batch_size=8",
-               "ppo.epochs=2", "optimizer.lr=2e-3", "optimizer.schedule=constant", "optimizer.warmup_ratio=0"]
+               "ppo.epochs=2", "ppo.kl_coef=0.01", "optimizer.lr=2e-3", "optimizer.schedule=constant",
+               "optimizer.warmup_ratio=0"]
 # every option the issue adds, at once: clip-higher, sequence-mean loss, KL as a k3 loss term, TIS between the
 # learner's old logprobs and the sampler's, DAPO's overlong shaping, the subtracting non-EOS penalty, dynamic sampling
 EVERY_OPTION = ["ppo.advantage=grpo", "ppo.clip_range_high=0.28", "ppo.loss_aggregation=seq_mean_token_mean",

@@ -109,7 +109,8 @@ class PPOTrainer(CheckpointedDriver):
         log.info("advantages: %s — the learner trains %s (%.1f M parameters)%s", cfg.ppo.advantage,
                  "the policy and its critic" if cfg.ppo.needs_critic else "the policy alone, no critic",
                  self.roles.learner_parameters() / 1e6, "" if cfg.ppo.needs_critic else ", and runs no values pass")
-        self.warned_non_eos = False  # the console hears once that cutting responses pays        self.engine_version = 0  # the learner update whose weights the engines hold
+        self.warned_non_eos = False  # the console hears once that cutting responses pays
+        self.engine_version = 0  # the learner update whose weights the engines hold
         self.next_rollout: Future | None = None  # ppo.async_steps=1: the next step's rollout, under way
         self._cancel_prefetch = threading.Event()  # set: the rollout under way stops after its current call
         self.in_hand: Rollout | None = None       # the rollout of the step under way, until the step is recorded
