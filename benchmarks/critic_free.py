@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this checkout's rlhf_ray (the planner), not another one the venv may point at
 RESULTS = ROOT / "benchmarks" / "results"
 CONFIG = ROOT / "configs" / "grpo_smollm2_cpu.yaml"
 TEST = ROOT / "configs" / "data" / "arithmetic_test.jsonl"
@@ -48,10 +49,14 @@ def expected_learner_gb(overrides: list[str]) -> float:
     return next(r for r in plan.roles if r.role == "learner").device_bytes / 1e9
 
 
-def train(estimator: str, steps: int, out: Path) -> dict:
+def train(estimator: str, steps: int, out: Path, reuse: bool = False) -> dict:
+    """One run (``reuse``: summarise the finished run already in ``out`` instead)."""
     overrides = [f"ppo.advantage={estimator}", f"ppo.total_episodes={8 * steps}", f"output_dir={out}",
                  "overwrite=true", "models.value_init=policy", *QUIET]
-    wall = run_cli("rlhf_ray.train", ["--config", str(CONFIG.relative_to(ROOT)), *overrides])
+    if reuse and (out / "final_model").is_dir():
+        wall = None
+    else:
+        wall = run_cli("rlhf_ray.train", ["--config", str(CONFIG.relative_to(ROOT)), *overrides])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "score/mean" in r]
     mean = lambda key: sum(r.get(key, 0.0) for r in rows[1:]) / max(len(rows) - 1, 1)  # noqa: E731 (step 1 warms up)
@@ -144,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--out", default=str(ROOT / "runs" / "critic_free"))
     parser.add_argument("--skip-evaluate", action="store_true")
+    parser.add_argument("--reuse", action="store_true", help="summarise finished runs in --out instead of training")
     args = parser.parse_args(argv)
     estimators, out = args.estimators.split(","), Path(args.out).resolve()
     results_file = RESULTS / "critic_free.json"
@@ -159,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         draw(results, RESULTS / "critic_free.png")
 
     for estimator in estimators:
-        results["runs"][estimator] = train(estimator, args.steps, out / estimator)
+        results["runs"][estimator] = train(estimator, args.steps, out / estimator, args.reuse)
         save()
     if not args.skip_evaluate:
         policies = {"base": "real:smollm2-135m", **{e: str(out / e / "final_model") for e in results["runs"]

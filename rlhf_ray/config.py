@@ -561,12 +561,13 @@ class ExperimentConfig(RunConfig):
         differ from the learner's, 'none' where they are equal up to rounding (the weights would all be 1)."""
         if self.ppo.is_correction != "auto":
             return self.ppo.is_correction, "ppo.is_correction"
-        if self.old_logprobs_source()[0] == "sampler":
-            return "none", "the sampler's log-probs serve as the old ones (ppo.old_logprobs): there is nothing to weigh"
         reasons = self._sampler_differs()
-        if reasons:
-            return "tis", "; ".join(reasons)
-        return "none", "the sampler's log-probs are the learner's: synced fp32 weights, untruncated sampling"
+        if not reasons:
+            return "none", "the sampler's log-probs are the learner's: synced fp32 weights, untruncated sampling"
+        if self.old_logprobs_source()[0] == "sampler":
+            return "none", ("ppo.old_logprobs=sampler makes the learner's old log-probs the sampler's, so there is "
+                            "nothing to weigh, though " + "; ".join(reasons))
+        return "tis", "; ".join(reasons)
 
     def _sampler_differs(self) -> list[str]:
         """Why the engine's log-probs of a sample may differ from the learner's before the update (none: they do not)."""

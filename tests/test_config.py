@@ -78,6 +78,13 @@ def test_a_mapping_override_replaces_and_a_dotted_one_merges():
     (["ppo.total_episodes=4"], "ppo.total_episodes", "no step would run"),
     (["nonsense"], "nonsense", "key=value"),
     (["resources.rollout_cores=1"], "resources.rollout_cores", "only applies when rollout and learning overlap"),
+    (["ppo.advantage=ppo2"], "ppo.advantage", "unknown estimator 'ppo2'; known: gae, grpo"),
+    (["ppo.advantage=rloo", "generation.n_samples_per_prompt=1"], "generation.n_samples_per_prompt", "at least 2"),
+    (["ppo.dynamic_sampling=true"], "ppo.dynamic_sampling", "only a grouped estimator"),
+    (["ppo.kl_in=loss"], "ppo.kl_estimator", "expected gradient of 0"),
+    (["ppo.is_correction=tis", "ppo.old_logprobs=sampler"], "ppo.is_correction", "makes them the same"),
+    (["ppo.overlong_buffer=100000"], "ppo.overlong_buffer", "must be below generation.max_new_tokens"),
+    (["ppo.loss_aggregation=seq_sum"], "ppo.loss_aggregation", "'token_mean', 'seq_mean_token_mean' or"),
 ])
 def test_bad_values_fail_with_a_message_naming_the_key(override, key, words):
     with pytest.raises(ConfigError) as err:
@@ -158,3 +165,9 @@ def test_dpo_and_sft_settings_that_cannot_run_are_refused_naming_the_key():
     with pytest.raises(ConfigError, match=re.escape("training.batch_size: 16 is not divisible by "
                                                     "resources.learner.num_actors=3")):
         load_config(ROOT / "configs" / "sft_tiny_cpu.yaml", ["resources.learner.num_actors=3"], SFTConfig)
+
+
+def test_a_critic_free_run_needs_no_value_model_source():
+    cfg = load_config(TINY, ["models.reward.kind=function", "models.reward.function=m:f", "ppo.advantage=grpo",
+                             "generation.n_samples_per_prompt=2"])
+    assert not cfg.ppo.needs_critic and cfg.models.value_init == "reward"  # not refused: no critic is built
