@@ -107,7 +107,8 @@ def draw(runs: dict[str, list[dict]], out: str | Path) -> Path:
     for i, (label, rows) in enumerate(runs.items()):
         color = colors[i % len(colors)]
         tag = f"{label}: " if several else ""
-        ax_reward.plot(*_series(rows, "reward/mean"), color=color, marker=".", label=f"{tag}shaped reward (score, penalties, KL)")
+        ax_reward.plot(*_series(rows, "reward/mean"), color=color, marker=".",
+                       label=f"{tag}shaped reward (score, penalties, KL)")
         ax_reward.plot(*_series(rows, "score/mean"), color=color, linestyle="--", label=f"{tag}score (RM / function)")
         ax_kl.plot(*_series(rows, "kl/mean"), color=color, marker=".", label=f"{tag}KL to reference (per sequence)")
         steps, gaps = _series(rows, "kl/sampler_vs_learner")
