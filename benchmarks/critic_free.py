@@ -49,10 +49,10 @@ def expected_learner_gb(overrides: list[str]) -> float:
     return next(r for r in plan.roles if r.role == "learner").device_bytes / 1e9
 
 
-def train(estimator: str, steps: int, out: Path, reuse: bool = False) -> dict:
-    """One run (``reuse``: summarise the finished run already in ``out`` instead)."""
+def train(estimator: str, steps: int, out: Path, reuse: bool = False, extra: tuple[str, ...] = ()) -> dict:
+    """One run (``reuse``: summarise the finished run already in ``out`` instead); ``extra``: further overrides."""
     overrides = [f"ppo.advantage={estimator}", f"ppo.total_episodes={8 * steps}", f"output_dir={out}",
-                 "overwrite=true", "models.value_init=policy", *QUIET]
+                 "overwrite=true", "models.value_init=policy", *QUIET, *extra]
     if reuse and (out / "final_model").is_dir():
         wall = None
     else:
@@ -60,7 +60,7 @@ def train(estimator: str, steps: int, out: Path, reuse: bool = False) -> dict:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "score/mean" in r]
     mean = lambda key: sum(r.get(key, 0.0) for r in rows[1:]) / max(len(rows) - 1, 1)  # noqa: E731 (step 1 warms up)
-    return {"wall_s": wall, "steps": len(rows), "seconds_per_step": mean("time/step"),
+    return {"wall_s": wall, "estimator": estimator, "overrides": list(extra), "steps": len(rows), "seconds_per_step": mean("time/step"),
             "learn_s_per_step": mean("time/learn"), "values_s_per_step": mean("time/values"),
             "learner_peak_gb": max(r["memory/learner_peak_gb"] for r in rows),
             "learner_expected_gb": expected_learner_gb(overrides),
@@ -80,7 +80,7 @@ def evaluate(policies: dict[str, str], out: Path) -> dict:
 
 
 def markdown(results: dict) -> str:
-    runs = {e: results["runs"][e] for e in ESTIMATORS if e in results.get("runs", {})}
+    runs = results.get("runs", {})
     accuracy = results.get("evaluate", {}).get("accuracy", {})
     lines = ["# Critic-free RL on SmolLM2-135M: GAE vs GRPO vs RLOO (benchmarks/critic_free.py)", "",
              f"Machine: {results.get('machine', {})}. Config: configs/grpo_smollm2_cpu.yaml, "
@@ -94,11 +94,14 @@ def markdown(results: dict) -> str:
     for name, r in runs.items():
         ratio = f"{r['learner_peak_gb'] / gae_peak:.0%}" if gae_peak else "–"
         acc = f"{accuracy[name]:.3f}" if name in accuracy else "–"
-        lines.append(f"| {name} | {r['seconds_per_step']:.1f} | {r['learn_s_per_step']:.1f} | {r['values_s_per_step']:.1f}"
+        label = name + "".join(f" `{o}`" for o in r.get("overrides", []))
+        lines.append(f"| {label} | {r['seconds_per_step']:.1f} | {r['learn_s_per_step']:.1f} | {r['values_s_per_step']:.1f}"
                      f" | {r['learner_peak_gb']:.2f} | {r['learner_expected_gb']:.2f} | {ratio} | {acc} |")
     if runs:
         lines += ["", "Training score (mean reward, 0.9·correct + 0.1·format) per step:", ""]
         lines += [f"- {name}: {', '.join(f'{s:.2f}' for s in r['score_per_step'])}" for name, r in runs.items()]
+    if results.get("note"):
+        lines += ["", results["note"]]
     if "evaluate" in results:
         lines += ["", f"Held-out accuracy: {results['evaluate']['prompts']} problems of configs/data/arithmetic_test.jsonl, "
                       "greedy, at most 64 new tokens, the final answer checked against the label."]
@@ -111,7 +114,7 @@ def draw(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = {e: results["runs"][e] for e in ESTIMATORS if e in results.get("runs", {})}
+    runs = results.get("runs", {})
     accuracy = results.get("evaluate", {}).get("accuracy", {})
     fig, (ax_score, ax_time, ax_memory, ax_acc) = plt.subplots(1, 4, figsize=(18, 4.2))
     for name, r in runs.items():
@@ -137,6 +140,8 @@ def draw(results: dict, path: Path) -> None:
     bars = ax_acc.bar(acc_names, [accuracy[n] for n in acc_names], color=["grey"] + ["C0"] * (len(acc_names) - 1))
     ax_acc.bar_label(bars, fmt="%.3f")
     ax_acc.set(title="held-out accuracy (128 problems)", ylim=(0, max([0.1, *accuracy.values()]) * 1.25))
+    for ax in (ax_time, ax_memory, ax_acc):
+        ax.tick_params(axis="x", labelrotation=15)
     fig.suptitle("SmolLM2-135M on the arithmetic task: GAE vs critic-free estimators, same steps and prompts")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -150,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "runs" / "critic_free"))
     parser.add_argument("--skip-evaluate", action="store_true")
     parser.add_argument("--reuse", action="store_true", help="summarise finished runs in --out instead of training")
+    parser.add_argument("--name", help="with one estimator: the run's name (default: the estimator)")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="with --name: a config override of that run (repeatable)")
     args = parser.parse_args(argv)
     estimators, out = args.estimators.split(","), Path(args.out).resolve()
     results_file = RESULTS / "critic_free.json"
@@ -164,12 +172,15 @@ def main(argv: list[str] | None = None) -> int:
         (RESULTS / "critic_free.md").write_text(markdown(results))
         draw(results, RESULTS / "critic_free.png")
 
+    if (args.name or args.override) and len(estimators) != 1:
+        sys.exit("--name and --override go with a single --estimators value")
     for estimator in estimators:
-        results["runs"][estimator] = train(estimator, args.steps, out / estimator, args.reuse)
+        name = args.name or estimator
+        results["runs"][name] = train(estimator, args.steps, out / name, args.reuse, tuple(args.override))
         save()
     if not args.skip_evaluate:
-        policies = {"base": "real:smollm2-135m", **{e: str(out / e / "final_model") for e in results["runs"]
-                                                     if (out / e / "final_model").is_dir()}}
+        policies = {"base": "real:smollm2-135m", **{name: str(out / name / "final_model") for name in results["runs"]
+                                                     if (out / name / "final_model").is_dir()}}
         results["evaluate"] = evaluate(policies, out / "evaluate")
         save()
     print("\n" + markdown(results) + f"\nresults: {results_file}, {RESULTS / 'critic_free.png'}")
