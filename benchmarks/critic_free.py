@@ -16,28 +16,17 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's rlhf_ray (the planner), not another one the venv may point at
+from cli import run_cli  # noqa: E402 (benchmarks/ is on sys.path when a script runs)
 RESULTS = ROOT / "benchmarks" / "results"
 CONFIG = ROOT / "configs" / "grpo_smollm2_cpu.yaml"
 TEST = ROOT / "configs" / "data" / "arithmetic_test.jsonl"
 ESTIMATORS = ("gae", "grpo", "rloo")
 QUIET = ["logging.progress_bar=false", "checkpoint.every_steps=0", "checkpoint.at_end=false"]
-
-
-def run_cli(module: str, args: list[str]) -> float:
-    """``python -m module args`` as a user runs it, its console passed through; the wall seconds."""
-    print(f"\n$ python -m {module} {' '.join(args)}", flush=True)
-    start = time.perf_counter()
-    code = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT).returncode
-    if code != 0:
-        sys.exit(f"{module} exited with {code}")
-    return time.perf_counter() - start
 
 
 def expected_learner_gb(overrides: list[str]) -> float:

@@ -18,24 +18,13 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
+from cli import run_cli  # noqa: E402 (benchmarks/ is on sys.path when a script runs)
 from rlhf_ray.config import RewardTrainingConfig, load_config  # noqa: E402
-
-
-def run_cli(module: str, args: list[str]) -> float:
-    """``python -m module args`` as a user runs it, its console passed through; the wall seconds."""
-    start = time.perf_counter()
-    code = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT).returncode
-    if code != 0:
-        sys.exit(f"{module} exited with {code}")
-    return time.perf_counter() - start
 
 
 def read_rows(out: Path) -> list[dict]:
@@ -49,7 +38,7 @@ def train_rm(config: str, overrides: list[str]) -> dict:
         sys.exit(f"skipped: {', '.join(missing)} not present (../shared/data is optional)")
     out = ROOT / "runs" / f"bench_{Path(config).stem}"
     wall = run_cli("rlhf_ray.train_rm", ["--config", config, *overrides, f"output_dir={out}", "overwrite=true",
-                                         "logging.progress_bar=false"])
+                                         "logging.progress_bar=false"], echo=False)
     rows = read_rows(out)
     steps = [r for r in rows if "loss/bradley_terry" in r]
     before = next((r for r in rows if r["step"] == 0 and "loss/bradley_terry" not in r), {})
@@ -75,7 +64,7 @@ def ppo_with_rm(rm_dir: str, steps: int, template: str, max_length: int) -> dict
                                       f"ppo.total_episodes={steps * batch}", "models.reward.kind=model",
                                       f"models.reward.model={rm_dir}", f"models.reward.template={template}",
                                       f"models.reward.max_length={max_length}", "models.value_init=reward",
-                                      "checkpoint.every_steps=0", "logging.progress_bar=false"])
+                                      "checkpoint.every_steps=0", "logging.progress_bar=false"], echo=False)
     rows = [r for r in read_rows(out) if "score/mean" in r]
     return {"config": config, "steps": len(rows), "wall_s": wall, "output_dir": str(out),
             "score_mean": [r["score/mean"] for r in rows], "reward_mean": [r["reward/mean"] for r in rows],

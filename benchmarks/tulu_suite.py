@@ -18,27 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+from cli import run_cli  # noqa: E402 (benchmarks/ is on sys.path when a script runs)
 RESULTS = ROOT / "benchmarks" / "results"
 STARTER = ROOT.parent / "shared" / "data" / "starter"
 HELD_OUT_PROMPTS = STARTER / "prefs_eval_alpacaeval.tulu25.jsonl"
 STAGES = ("sft", "rm", "ppo", "dpo", "evaluate")
 QUIET = ["logging.progress_bar=false"]
-
-
-def run_cli(module: str, args: list[str]) -> float:
-    """``python -m module args`` as a user runs it, its console passed through; the wall seconds."""
-    print(f"\n$ python -m {module} {' '.join(args)}", flush=True)
-    start = time.perf_counter()
-    code = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT).returncode
-    if code != 0:
-        sys.exit(f"{module} exited with {code}")
-    return time.perf_counter() - start
 
 
 def metric_rows(out: Path) -> list[dict]:

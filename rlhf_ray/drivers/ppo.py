@@ -117,6 +117,11 @@ class PPOTrainer(CheckpointedDriver):
         self.prefetcher = ThreadPoolExecutor(1, thread_name_prefix="rollout") if cfg.ppo.async_steps else None
 
     @property
+    def learner_scores(self) -> bool:
+        """Whether the learner has a pass before its update: values (a critic) or old logprobs (not the sampler's)."""
+        return self.cfg.ppo.needs_critic or self.old_logprobs == "learner"
+
+    @property
     def num_steps(self) -> int:
         return self.cfg.num_steps
 
@@ -167,7 +172,7 @@ class PPOTrainer(CheckpointedDriver):
         if overlapped:
             if self.next_rollout is None:  # (a retried step may still have the next one under way)
                 self._prefetch(self.step_count + 1)
-            if self.cfg.ppo.needs_critic or self.old_logprobs == "learner":
+            if self.learner_scores:
                 with phase(times, "values"):  # the learner's own pass: its weights are newer than the sampler's
                     scored, seconds = self.roles.score(batch, roles=("learner",))
                 batch, role_seconds = batch.with_(**scored), {**role_seconds, **seconds}
@@ -221,9 +226,9 @@ class PPOTrainer(CheckpointedDriver):
         batch = batch.with_(group_ids=group_ids(len(prompts), self.cfg.generation.n_samples_per_prompt))
         if cancel is not None and cancel.is_set():
             raise RolloutCancelled()
-        roles = ("reward", "reference") if self.prefetcher is not None else ("reward", "reference", "learner")
-        if self.prefetcher is None and not self.cfg.ppo.needs_critic and self.old_logprobs == "sampler":
-            roles = ("reward", "reference")  # the learner would have nothing to compute
+        # overlapped, the learner scores later with its newer weights (_run_step)
+        overlapped = self.prefetcher is not None
+        roles = ("reward", "reference") + (("learner",) if self.learner_scores and not overlapped else ())
         seconds = {}
         if self.cfg.ppo.dynamic_sampling:
             batch, seconds, stats, extra_generate_s = self._informative_groups(step, batch, times, cancel)
