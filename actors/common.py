@@ -54,6 +54,33 @@ def skip_cpu_shm_comm_op() -> None:
     deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
 
 
+def cpu_bf16() -> tuple[bool, str]:
+    """(whether this CPU multiplies bf16 matrices natively, what it has): AMX or AVX512-BF16 on x86, BF16 on Arm.
+    Without them torch still runs bf16, emulated in fp32 arithmetic, slower than fp32 itself."""
+    import platform
+
+    if torch.cpu._is_amx_tile_supported():
+        return True, "AMX (and AVX512-BF16)" if torch.cpu._is_avx512_bf16_supported() else "AMX"
+    if torch.cpu._is_avx512_bf16_supported():
+        return True, "AVX512-BF16"
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        try:
+            flags = open("/proc/cpuinfo").read().split()
+        except OSError:
+            flags = []
+        if "bf16" in flags:
+            return True, "Arm BF16"
+    return False, f"no AVX512-BF16, AMX or Arm BF16 ({platform.machine()} {platform.processor() or ''})".strip()
+
+
+def require_cpu_bf16(what: str, key: str) -> None:
+    """Refuse bf16 on a CPU that only emulates it, naming the setting to change."""
+    native, has = cpu_bf16()
+    if not native:
+        raise RuntimeError(f"{what} is set to bf16 ({key}) and runs on this CPU, which has {has}: torch would emulate "
+                           f"bf16 there, slower than fp32 and less exact. Set {key} to fp32 / float32 on this machine.")
+
+
 class Role:
     """What every role actor does besides its job: keep its chatter in a log file and report memory.
 

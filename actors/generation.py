@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from actors.common import Role, computes
+from actors.common import Role, computes, require_cpu_bf16
 from rlhf_ray.batch import RolloutBatch
 from rlhf_ray.config import GenerationConfig
 from rlhf_ray.data import Prompt
@@ -20,6 +20,8 @@ class GenerationActor(Role):
         super().__init__(log_file)
         import torch
         if num_gpus == 0 or not torch.cuda.is_available():
+            if dtype == "bfloat16":
+                require_cpu_bf16("the generation engine", "models.dtype")
             for key, value in CPU_ENV.items():
                 os.environ.setdefault(key, value)
             if tensor_parallel_size > 1:  # vLLM binds each CPU worker to NUMA nodes, which one machine may lack

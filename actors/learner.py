@@ -12,9 +12,9 @@ from collections import defaultdict
 
 import torch
 
-from actors.common import Role, computes, device_for, release_free_memory, set_threads, timed
+from actors.common import Role, computes, device_for, release_free_memory, require_cpu_bf16, set_threads, timed
 from rlhf_ray.batch import RolloutBatch
-from rlhf_ray.models.modeling import DTYPES, token_logprobs
+from rlhf_ray.models.modeling import DTYPES
 from rlhf_ray.objectives import LearnerSpec, make_objective
 
 
@@ -96,8 +96,10 @@ class LearnerActor(Role):
         import deepspeed
         from transformers import get_scheduler
 
-        self.join_process_group(master_addr, master_port, self.rank, self.world_size, self.spec.timeout_s, self.device)
         spec, opt = self.spec, self.spec.optimizer
+        if self.device == "cpu" and spec.deepspeed.precision == "bf16":
+            require_cpu_bf16("the learner", "deepspeed.precision")
+        self.join_process_group(master_addr, master_port, self.rank, self.world_size, self.spec.timeout_s, self.device)
         torch.manual_seed(spec.seed)  # new weights (an RM's score head) are the same on every rank and every run
         model = self.objective.build()
         if spec.deepspeed.gradient_checkpointing:
@@ -270,8 +272,8 @@ class LearnerActor(Role):
             batch = RolloutBatch.from_samples([prompt_ids], [response_ids], [[0.0] * len(response_ids)], ["stop"],
                                               [[]], [""], [""], pad_token_id=0).to(self.device)
             self.engine.eval()
-            logits, _ = self.engine(batch)  # a PPO learner: (policy logits, values)
-            return token_logprobs(logits, batch.response_ids)[0].tolist()
+            logprobs, _, _ = self.engine(batch)  # a policy learner (PolicyAndValue): (logprobs, entropies, values)
+            return logprobs[0].tolist()
 
     def save(self, path: str) -> str | None:
         """Save the exported model (PPO: the policy; RM: the sequence-classification model) in HF format

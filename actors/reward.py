@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from actors.common import Role, computes, device_for, timed
+from actors.common import Role, computes, device_for, require_cpu_bf16, timed
 from rlhf_ray.batch import RolloutBatch
 from rlhf_ray.config import RewardConfig
 from rlhf_ray.rewards.backends import build_backend
@@ -23,6 +23,8 @@ class RewardActor(Role):
         self.cfg = RewardConfig(**reward)
         self.model_path, self.dtype, self.num_gpus = model_path, dtype, num_gpus
         self.shard, self.timeout_s = shard, timeout_s
+        if device_for(num_gpus) == "cpu" and dtype == "bfloat16" and self.cfg.kind == "model":
+            require_cpu_bf16("the reward model", "models.dtype")
         if shard is None:
             self.backend = build_backend(self.cfg, model_path=model_path, dtype=dtype, num_gpus=num_gpus)
 

@@ -240,6 +240,20 @@ class DeepSpeedConfig(_Strict):
     offload_optimizer: bool = Field(False, description="Optimizer states in host memory (ZeRO ≥ 1).")
     offload_params: bool = Field(False, description="Parameters in host memory (ZeRO-3 only).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
+    padding_free: bool = Field(
+        True, description="Forward passes on real tokens only: each micro-batch's sequences packed into one row, "
+                          "attention kept within each sequence (Hugging Face's packed position ids: a block-diagonal "
+                          "mask on CPU, variable-length kernels with FlashAttention). Results equal the padded rows'. "
+                          "Applies to the learner and the reference; a model that does not keep packed sequences "
+                          "apart is run padded, with a warning.")
+    logits_chunk_tokens: Optional[int] = Field(
+        None, ge=0, description="Log-probs and entropies from the LM head this many tokens at a time (recomputed in "
+                                "backward), so full-vocabulary logits never exist for a whole micro-batch. null: "
+                                "2^24 / vocabulary size tokens (64 MiB of fp32 logits); 0: all at once.")
+
+    def forward_options(self) -> dict:
+        """rlhf_ray.models.forward.ForwardOptions' fields: how the learner's and the reference's forwards run."""
+        return {"padding_free": self.padding_free, "logits_chunk_tokens": self.logits_chunk_tokens}
 
 
 class ActorResources(_Strict):
@@ -541,9 +555,10 @@ class ExperimentConfig(RunConfig):
     def optimizer_steps(self) -> int:
         return self.num_steps * self.ppo.epochs * (self.rollout_sequences // self.ppo.mini_batch_size)
 
-    def reference_forward(self) -> tuple[str, int, float]:
-        """The reference role's forward passes: (dtype, sequences per micro-batch, the temperature of its logprobs)."""
-        return self.models.dtype, self.ppo.micro_batch_size, self.generation.temperature
+    def reference_forward(self) -> tuple[str, int, float, dict]:
+        """The reference role's forward passes: (dtype, sequences per micro-batch, the temperature of its logprobs,
+        ForwardOptions' fields)."""
+        return self.models.dtype, self.ppo.micro_batch_size, self.generation.temperature, self.deepspeed.forward_options()
 
     def old_logprobs_source(self) -> tuple[str, str]:
         """('sampler' | 'learner', why): the sampler's logprobs serve as the ratio's old logprobs only where they are
@@ -757,10 +772,10 @@ class DPOConfig(LearnerRunConfig):
     def reference_path(self) -> str:
         return self.reference or self.model
 
-    def reference_forward(self) -> tuple[str, int, float]:
+    def reference_forward(self) -> tuple[str, int, float, dict]:
         """The reference role's forward passes: (dtype, sequences per micro-batch: both sides of the pairs, the
-        temperature of its logprobs: 1, the model's own distribution)."""
-        return self.dtype, 2 * self.dpo.micro_batch_size, 1.0
+        temperature of its logprobs: 1, the model's own distribution, ForwardOptions' fields)."""
+        return self.dtype, 2 * self.dpo.micro_batch_size, 1.0, self.deepspeed.forward_options()
 
 
 class RewardTrainingConfig(LearnerRunConfig):

@@ -8,6 +8,7 @@ import importlib
 import os
 import time
 
+import pytest
 import torch
 
 from actors.common import clear_stale_build_locks, skip_cpu_shm_comm_op
@@ -55,3 +56,23 @@ def test_a_dead_builds_lock_is_removed_and_a_live_ones_kept(tmp_path, monkeypatc
 def test_deepspeed_builds_no_shared_memory_op_for_training_on_cpu():
     skip_cpu_shm_comm_op()
     assert importlib.import_module("deepspeed.comm.torch").build_shm_op() is None  # no C++ build, no lock to wait on
+
+
+def test_bf16_is_chosen_where_the_cpu_multiplies_bf16_natively_and_refused_where_it_would_be_emulated(monkeypatch):
+    import torch
+
+    from actors import common
+
+    for amx, avx512, expected in ((True, True, "AMX (and AVX512-BF16)"), (False, True, "AVX512-BF16")):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda avx512=avx512: avx512)
+        assert common.cpu_bf16() == (True, expected)
+        common.require_cpu_bf16("the learner", "deepspeed.precision")  # allowed
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    native, has = common.cpu_bf16()
+    assert not native and has.startswith("no AVX512-BF16, AMX or Arm BF16")
+    with pytest.raises(RuntimeError, match=r"the learner is set to bf16 \(deepspeed.precision\).*emulate.*"
+                                           r"Set deepspeed.precision to fp32"):
+        common.require_cpu_bf16("the learner", "deepspeed.precision")

@@ -46,6 +46,7 @@ def test_the_sft_loss_is_the_mean_nll_of_the_learned_tokens_packed_or_not(tiny_p
 
     path, model = tiny_policy
     objective = make_objective(spec(path, "sft", sft_loss_mean=loss_mean))
+    module = objective.build().eval()  # what the learner trains: the policy with its chunked LM head
     by_hand = [by_hand_nll(model, ids, mask) for ids, mask in SEQUENCES]
     expected = (sum(n for n, _ in by_hand) / sum(c for _, c in by_hand) if loss_mean == "token"
                 else sum(n / c for n, c in by_hand) / len(by_hand))
@@ -58,9 +59,9 @@ def test_the_sft_loss_is_the_mean_nll_of_the_learned_tokens_packed_or_not(tiny_p
         units = float(objective.units(batch))
         with torch.no_grad():
             # two micro-batches of the mini-batch: their shares add up to the mean over all of it
-            loss = sum(objective.loss(model, micro, units)[0] for micro in batch.chunks(2))
+            loss = sum(objective.loss(module, micro, units)[0] for micro in batch.chunks(2))
         assert float(loss) == pytest.approx(expected, rel=1e-5)
-    sums = objective.evaluate(model, rows)
+    sums = objective.evaluate(module, rows)
     assert sums[:, 0].tolist() == pytest.approx([n for n, _ in by_hand], rel=1e-5)
     assert sums[:, 1].tolist() == [c for _, c in by_hand]
 
@@ -94,6 +95,7 @@ def test_the_dpo_loss_is_its_formula_on_the_policys_own_logprobs(tiny_policy):
              for p, c, rj in zip(prompts, chosen, rejected)]
     ref = torch.tensor([[-20.0, -5.0], [-9.0, -30.0]])
     objective = make_objective(spec(path, "dpo", dpo=DPOTrainingConfig(loss="sigmoid", beta=0.5)))
+    model = objective.build().eval()  # what the learner trains: the policy, packed, with its chunked LM head
     assert objective.evaluate(model, batch).flatten().tolist() == pytest.approx(sum(logps, []), rel=1e-5)
     with torch.no_grad():
         loss, stats = objective.loss(model, batch.with_(ref_logps=ref), 2.0)

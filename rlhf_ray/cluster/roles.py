@@ -162,9 +162,9 @@ class Roles:
         if role == "reward":
             return self._spawn(RewardActor, role, index, cfg.models.reward.model_dump(), paths.reward, cfg.models.dtype,
                                res.reward.num_gpus, shard, self.timeouts.score_s)
-        dtype, micro_batch_size, temperature = cfg.reference_forward()
+        dtype, micro_batch_size, temperature, forward = cfg.reference_forward()
         return self._spawn(ReferenceActor, role, index, paths.reference, dtype, micro_batch_size, temperature,
-                           res.reference.num_gpus, shard, self.timeouts.score_s)
+                           res.reference.num_gpus, shard, self.timeouts.score_s, forward)
 
     def _sharded(self, role: str) -> bool:
         """The role's actors hold one model between them (ZeRO-3 inference): built together in ``setup``."""

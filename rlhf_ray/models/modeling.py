@@ -5,19 +5,10 @@ import torch
 from torch import nn
 
 from rlhf_ray.batch import RolloutBatch
+from rlhf_ray.models.forward import ForwardOptions, response_hidden, response_token_stats, scatter_response
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def response_logits(model: nn.Module, batch: RolloutBatch) -> torch.Tensor:
-    """Logits that predict each response token: columns P-1 … P+R-2 of the output. [B, R, V]
-
-    ``logits_to_keep`` skips the LM head on prompt positions (the largest activation on long prompts).
-    """
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                position_ids=batch.position_ids, use_cache=False, logits_to_keep=batch.response_length + 1)
-    return out.logits[:, :-1]
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -30,50 +21,42 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
 
 @torch.no_grad()
 def batched_response_logprobs(model: nn.Module, batch: RolloutBatch, micro_batch_size: int,
-                              temperature: float = 1.0) -> torch.Tensor:
-    """Per-token logprobs of the response tokens under ``model``, micro-batch by micro-batch. [B, R]"""
+                              temperature: float = 1.0, options: ForwardOptions = ForwardOptions()) -> torch.Tensor:
+    """Per-token logprobs of the response tokens under ``model``, micro-batch by micro-batch, 0 on padding. [B, R]"""
     parts = []
     for start in range(0, len(batch), micro_batch_size):
         mb = batch.select(range(start, min(start + micro_batch_size, len(batch))))
-        parts.append(token_logprobs(response_logits(model, mb), mb.response_ids, temperature))
-    return torch.cat(parts) * batch.response_mask
+        parts.append(response_token_stats(model, mb, temperature, options=options)[0])
+    return torch.cat(parts)
 
 
 class ValueModel(nn.Module):
     """Critic: a transformer backbone plus a scalar head applied at every position."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Linear):
+    def __init__(self, backbone: nn.Module, head: nn.Linear, padding_free: bool = False):
         super().__init__()
-        self.backbone, self.head = backbone, head
+        self.backbone, self.head, self.padding_free = backbone, head, padding_free
 
     def forward(self, batch: RolloutBatch) -> torch.Tensor:
-        """V(s_t) for each response token t: the hidden state *before* the token. [B, R]"""
-        hidden = self.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                               position_ids=batch.position_ids, use_cache=False).last_hidden_state
-        P, R = batch.prompt_length, batch.response_length
-        return self.head(hidden[:, P - 1:P + R - 1]).squeeze(-1).float()
+        """V(s_t) for each response token t: the hidden state *before* the token; 0 on padding. [B, R]"""
+        hidden = response_hidden(self.backbone, batch, self.padding_free)
+        return scatter_response(self.head(hidden).squeeze(-1), batch)
 
 
 class PolicyAndValue(nn.Module):
-    """The learner's trainable module: one optimizer and one DeepSpeed engine for both networks."""
+    """The learner's trainable module: one optimizer and one DeepSpeed engine for both networks (under a critic-free
+    estimator the policy alone: ``value`` None)."""
 
-    def __init__(self, policy: nn.Module, value: ValueModel):
+    def __init__(self, policy: nn.Module, value: ValueModel | None, options: ForwardOptions = ForwardOptions()):
         super().__init__()
-        self.policy, self.value = policy, value
+        self.policy, self.value, self.options = policy, value, options
 
-    def forward(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        return response_logits(self.policy, batch), self.value(batch)
-
-
-class PolicyOnly(nn.Module):
-    """The learner's module under a critic-free estimator: the policy, with PolicyAndValue's interface (no values)."""
-
-    def __init__(self, policy: nn.Module):
-        super().__init__()
-        self.policy = policy
-
-    def forward(self, batch: RolloutBatch) -> tuple[torch.Tensor, None]:
-        return response_logits(self.policy, batch), None
+    def forward(self, batch: RolloutBatch, temperature: float = 1.0, entropy: bool = False,
+                entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(the policy's response log-probs at ``temperature``, their entropies when asked (differentiable under
+        ``entropy_grad``), the critic's values when there is one), each [B, R] and 0 on padding."""
+        logprobs, entropies = response_token_stats(self.policy, batch, temperature, entropy, self.options, entropy_grad)
+        return logprobs, entropies, (self.value(batch) if self.value is not None else None)
 
 
 def _placement(num_gpus: float) -> dict:
@@ -120,7 +103,8 @@ def encode_conversations(tokenizer, conversations: list[list[dict]], template: s
                      add_special_tokens=template == "tulu")
 
 
-def load_value_model(init: str, policy_path: str, value_path: str | None, dtype: str) -> ValueModel:
+def load_value_model(init: str, policy_path: str, value_path: str | None, dtype: str,
+                     options: ForwardOptions = ForwardOptions(padding_free=False)) -> ValueModel:
     """Critic initialised from a reward model (backbone + its score head) or from the policy (new zero head)."""
     if init == "reward":
         rm = load_reward_model(value_path, dtype)
@@ -128,11 +112,11 @@ def load_value_model(init: str, policy_path: str, value_path: str | None, dtype:
         if not isinstance(head, nn.Linear):
             raise ValueError(f"cannot find the linear score head of reward model {value_path} "
                              f"(looked for .score / .classifier); use models.value_init=policy")
-        return ValueModel(rm.base_model, head)
+        return ValueModel(rm.base_model, head, options.checked(rm.base_model, f"critic {value_path}").padding_free)
     lm = load_causal_lm(policy_path, dtype)
     head = nn.Linear(lm.config.hidden_size, 1, bias=False, dtype=DTYPES[dtype])
     nn.init.zeros_(head.weight)
-    return ValueModel(lm.base_model, head)
+    return ValueModel(lm.base_model, head, options.checked(lm.base_model, f"critic {policy_path}").padding_free)
 
 
 def check_same_tokenizer(policy_path: str, other_path: str, role: str) -> None:

@@ -53,6 +53,12 @@ class LearnerSpec(BaseModel):
     dpo: Optional[DPOTrainingConfig] = None   # dpo: the loss and its options
     sft_loss_mean: str = "token"              # sft: 'token' or 'sequence' (SFTTrainingConfig.loss_mean)
 
+    def forward_options(self):
+        """How the objective's forward passes run (deepspeed.padding_free, deepspeed.logits_chunk_tokens)."""
+        from rlhf_ray.models.forward import ForwardOptions
+
+        return ForwardOptions(**self.deepspeed.forward_options())
+
 
 OBJECTIVES: dict[str, type["Objective"]] = {}
 

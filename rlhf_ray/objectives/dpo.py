@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from rlhf_ray.batch import ResponsePairBatch
-from rlhf_ray.models.modeling import load_causal_lm, response_logits, token_logprobs
+from rlhf_ray.models.modeling import PolicyAndValue, load_causal_lm
 from rlhf_ray.objectives import Objective, register
 from rlhf_ray.preference_math import dpo_loss, dpo_needs_reference
 
@@ -15,10 +15,10 @@ from rlhf_ray.preference_math import dpo_loss, dpo_needs_reference
 TIE = 1e-4
 
 
-def pair_logps(model: nn.Module, batch: ResponsePairBatch) -> torch.Tensor:
-    """Σ_t log π(y_t | x, y_<t) over each response: [B, 2] (chosen, rejected), one forward pass over both sides."""
-    sides = batch.sides()
-    logprobs = token_logprobs(response_logits(model, sides), sides.response_ids) * sides.response_mask
+def pair_logps(module: nn.Module, batch: ResponsePairBatch) -> torch.Tensor:
+    """Σ_t log π(y_t | x, y_<t) over each response: [B, 2] (chosen, rejected), one forward pass over both sides
+    (``module``: a PolicyAndValue without critic, or the DeepSpeed engine around one)."""
+    logprobs, _, _ = module(batch.sides())
     return logprobs.sum(-1).view(len(batch), 2)
 
 
@@ -39,7 +39,8 @@ class DPOObjective(Objective):
     export_name = "policy"
 
     def build(self) -> nn.Module:
-        return load_causal_lm(self.spec.model)
+        policy = load_causal_lm(self.spec.model)
+        return PolicyAndValue(policy, None, self.spec.forward_options().checked(policy, f"policy {self.spec.model}"))
 
     def units(self, batch: ResponsePairBatch) -> torch.Tensor:
         return torch.tensor(float(len(batch)))
@@ -63,4 +64,4 @@ class DPOObjective(Objective):
                           for i in range(0, len(batch), size)])
 
     def exported(self, module: nn.Module) -> nn.Module:
-        return module
+        return module.policy

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from rlhf_ray.batch import RolloutBatch
-from rlhf_ray.models.modeling import PolicyAndValue, PolicyOnly, load_causal_lm, load_value_model, token_logprobs
+from rlhf_ray.models.modeling import PolicyAndValue, load_causal_lm, load_value_model
 from rlhf_ray.objectives import Objective, register
-from rlhf_ray.ppo_math import aggregate_loss, entropy_from_logits, kl_penalty, policy_loss, value_loss
+from rlhf_ray.ppo_math import aggregate_loss, kl_penalty, policy_loss, value_loss
 
 
 @register("ppo")
@@ -19,10 +19,11 @@ class PPOObjective(Objective):
 
     def build(self) -> nn.Module:
         spec = self.spec
-        if not spec.critic:
-            return PolicyOnly(load_causal_lm(spec.model))
-        return PolicyAndValue(load_causal_lm(spec.model),
-                              load_value_model(spec.value_init, spec.model, spec.value_model, "float32"))
+        policy = load_causal_lm(spec.model)
+        options = spec.forward_options().checked(policy, f"policy {spec.model}")
+        value = load_value_model(spec.value_init, spec.model, spec.value_model, "float32",
+                                 spec.forward_options()) if spec.critic else None
+        return PolicyAndValue(policy, value, options)
 
     def units(self, batch: RolloutBatch) -> torch.Tensor:
         """Response tokens (token_mean), or sequences (the sequence-mean aggregations)."""
@@ -35,8 +36,9 @@ class PPOObjective(Objective):
         their gap to the sampler's is the weight-sync check — also when the sampler's serve as old logprobs."""
         ppo, mask, temperature = self.spec.ppo, micro.response_mask, self.spec.temperature
         aggregate = dict(aggregation=ppo.loss_aggregation, max_tokens=self.spec.max_new_tokens)
-        logits, values = module(micro)
-        logprobs = token_logprobs(logits, micro.response_ids, temperature)
+        # entropy is a metric unless ppo.entropy_coef > 0: without a bonus it is kept out of the gradient
+        logprobs, entropy, values = module(micro, temperature=temperature, entropy=True,
+                                           entropy_grad=ppo.entropy_coef > 0)
         pg_loss, pg_stats = policy_loss(logprobs, micro.old_logprobs, micro.advantages, mask, ppo.clip_range,
                                         num_units, clip_range_high=ppo.clip_range_high, is_weights=micro.is_weights,
                                         **aggregate)
@@ -50,9 +52,7 @@ class PPOObjective(Objective):
             kl = aggregate_loss(kl_penalty(logprobs, micro.ref_logprobs, ppo.kl_estimator), mask,
                                 ppo.loss_aggregation, num_units, self.spec.max_new_tokens)
             loss, stats["loss/kl"] = loss + ppo.kl_coef * kl, kl.item()
-        with torch.set_grad_enabled(ppo.entropy_coef > 0):  # a metric only: keep [B, R, V] out of the graph
-            entropy = aggregate_loss(entropy_from_logits(logits / temperature), mask, ppo.loss_aggregation, num_units,
-                                     self.spec.max_new_tokens)
+        entropy = aggregate_loss(entropy, mask, ppo.loss_aggregation, num_units, self.spec.max_new_tokens)
         loss = loss - ppo.entropy_coef * entropy
         share = float(self.units(micro)) / max(num_units, 1.0)  # this micro-batch's share of the global mean
         stats.update({"entropy": entropy.item(), **{f"ppo/{key}": float(value) * share for key, value in pg_stats.items()}})
@@ -72,15 +72,15 @@ class PPOObjective(Objective):
         old, values = [], []
         for micro in batch.chunks(max(1, len(batch) // self.spec.micro_batch_size)):
             if logprobs:
-                logits, v = module(micro)
-                old.append(token_logprobs(logits, micro.response_ids, self.spec.temperature))
-                del logits
+                lp, _, v = module(micro, temperature=self.spec.temperature)
+                old.append(lp)
             else:
                 v = net.value(micro)
             values.append(v)
         mask = batch.response_mask
         return ((torch.cat(old) * mask).cpu() if logprobs else None,
                 (torch.cat(values) * mask).cpu() if self.spec.critic else None)
+
 
     def exported(self, module: nn.Module) -> nn.Module:
         return module.policy

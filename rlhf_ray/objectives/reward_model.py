@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from rlhf_ray.batch import PairBatch
+from rlhf_ray.models.forward import sequence_scores
 from rlhf_ray.models.modeling import load_reward_model
 from rlhf_ray.objectives import Objective, register
 from rlhf_ray.preference_math import bradley_terry_loss
@@ -13,17 +14,16 @@ from rlhf_ray.preference_math import bradley_terry_loss
 class PairScorer(nn.Module):
     """A sequence-classification RM scoring both sides of each pair in one forward pass."""
 
-    def __init__(self, reward_model: nn.Module):
+    def __init__(self, reward_model: nn.Module, padding_free: bool = False):
         super().__init__()
-        self.reward_model = reward_model
+        self.reward_model, self.padding_free = reward_model, padding_free
         self.config = reward_model.config
 
     def forward(self, batch: PairBatch) -> torch.Tensor:
         """[B, 2] scores (chosen, rejected)."""
         B, _, T = batch.input_ids.shape
-        logits = self.reward_model(input_ids=batch.input_ids.view(2 * B, T),
-                                   attention_mask=batch.attention_mask.view(2 * B, T), use_cache=False).logits
-        return logits[:, 0].float().view(B, 2)
+        return sequence_scores(self.reward_model, batch.input_ids.view(2 * B, T), batch.attention_mask.view(2 * B, T),
+                               self.padding_free).view(B, 2)
 
 
 @register("bradley_terry")
@@ -35,7 +35,8 @@ class BradleyTerryObjective(Objective):
     def build(self) -> nn.Module:
         model = load_reward_model(self.spec.model)
         model.config.pad_token_id = self.spec.pad_token_id  # HF pools each sequence at its last non-pad token
-        return PairScorer(model)
+        options = self.spec.forward_options().checked(model, f"reward model {self.spec.model}")
+        return PairScorer(model, options.padding_free)
 
     def units(self, batch: PairBatch) -> torch.Tensor:
         return torch.tensor(float(len(batch)))

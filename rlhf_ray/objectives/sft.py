@@ -5,23 +5,41 @@ import torch
 from torch import nn
 
 from rlhf_ray.batch import SequenceBatch
+from rlhf_ray.models.forward import ForwardOptions, backbone_of, token_stats
 from rlhf_ray.models.modeling import load_causal_lm
 from rlhf_ray.objectives import Objective, register
 
 
-def token_nll(model: nn.Module, batch: SequenceBatch) -> torch.Tensor:
-    """−log p(x_t | x_<t) of every token after the first, 0 where the loss mask is 0. [B, T-1] float32
+class SequenceScorer(nn.Module):
+    """The policy reading packed conversations (SequenceBatch): −log p(x_t | x_<t) of the learned tokens."""
 
-    The mask of token t says whether x_t is learned, so it is taken at t (labels shifted by one, as in HF)."""
+    def __init__(self, policy: nn.Module, options: ForwardOptions = ForwardOptions()):
+        super().__init__()
+        self.policy, self.options = policy, options
+
+    def forward(self, batch: SequenceBatch) -> torch.Tensor:
+        return token_nll(self.policy, batch, self.options)
+
+
+def token_nll(model: nn.Module, batch: SequenceBatch, options: ForwardOptions = ForwardOptions()) -> torch.Tensor:
+    """−log p(x_t | x_<t) of every token after the first, 0 where the loss mask is 0. [B, T-1] float32
+    The mask of token t says whether x_t is learned, so it is taken at t (labels shifted by one, as in HF).
+    Only the learned tokens go through the LM head, ``options.chunk_tokens`` at a time (rlhf_ray.models.forward)."""
     (B, T), dtype = batch.input_ids.shape, next(model.parameters()).dtype
     # additive: eager attention adds the mask to the scores (a boolean one would be wrong there); SDPA takes it too
     mask = torch.zeros(B, 1, T, T, dtype=dtype, device=batch.input_ids.device).masked_fill(
         ~batch.attention_mask(), torch.finfo(dtype).min)
-    logits = model(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids,
-                   use_cache=False).logits[:, :-1]
-    labels = batch.input_ids[:, 1:]
-    nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")
-    return nll * batch.loss_mask[:, 1:]
+    if options.logits_chunk_tokens == 0:
+        logits = model(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids,
+                       use_cache=False).logits[:, :-1]
+        nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), batch.input_ids[:, 1:], reduction="none")
+        return nll * batch.loss_mask[:, 1:]
+    hidden = backbone_of(model)(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids,
+                                use_cache=False).last_hidden_state[:, :-1]
+    learned = batch.loss_mask[:, 1:].bool()
+    logprobs, _ = token_stats(model, hidden[learned], batch.input_ids[:, 1:][learned],
+                              chunk=options.chunk_tokens(model.config.vocab_size))
+    return torch.zeros(learned.shape, dtype=torch.float32, device=hidden.device).masked_scatter(learned, -logprobs)
 
 
 def sequence_token_counts(batch: SequenceBatch) -> torch.Tensor:
@@ -39,7 +57,10 @@ class SFTObjective(Objective):
     export_name = "policy"
 
     def build(self) -> nn.Module:
-        return load_causal_lm(self.spec.model)
+        policy = load_causal_lm(self.spec.model)
+        # conversations arrive packed by the data pipeline (rlhf_ray.conversations), with their own block mask
+        options = ForwardOptions(padding_free=False, logits_chunk_tokens=self.spec.deepspeed.logits_chunk_tokens)
+        return SequenceScorer(policy, options.checked(policy, f"policy {self.spec.model}"))
 
     def units(self, batch: SequenceBatch) -> torch.Tensor:
         if self.spec.sft_loss_mean == "token":
@@ -47,7 +68,7 @@ class SFTObjective(Objective):
         return (sequence_token_counts(batch) > 0).sum().float()
 
     def loss(self, module, micro: SequenceBatch, num_units: float, fresh: bool = False):
-        nll = token_nll(module, micro)
+        nll = module(micro)
         tokens = micro.loss_mask[:, 1:].sum()
         if self.spec.sft_loss_mean == "token":
             loss = nll.sum() / max(num_units, 1.0)
@@ -66,9 +87,9 @@ class SFTObjective(Objective):
         parts = []
         for start in range(0, len(batch), size):
             micro = batch.select(range(start, min(start + size, len(batch))))
-            nll = token_nll(module, micro)
+            nll = module(micro)
             parts.append(torch.stack([nll.sum(-1), micro.loss_mask[:, 1:].sum(-1)], dim=-1).cpu())
         return torch.cat(parts)
 
     def exported(self, module: nn.Module) -> nn.Module:
-        return module
+        return module.policy

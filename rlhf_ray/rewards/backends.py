@@ -65,6 +65,7 @@ class ModelBackend(RewardBackend):
 
     def __init__(self, cfg: RewardConfig, *, model_path: str, dtype: str = "float32", num_gpus: float = 0.0,
                  sharded: bool = False):
+        from rlhf_ray.models.forward import ForwardOptions
         from actors.common import device_for
         from rlhf_ray.models.modeling import load_reward_model, load_reward_tokenizer
         from rlhf_ray.models.sharding import load_sharded
@@ -81,8 +82,11 @@ class ModelBackend(RewardBackend):
             if num_gpus <= 1:
                 self.model.to(device_for(num_gpus))
         self.model.config.pad_token_id = self.tokenizer.pad_token_id  # HF pools at the last non-pad token
+        # scored on real tokens only (rlhf_ray.models.forward), where the load-time check shows the RM allows it
+        self.padding_free = ForwardOptions().checked(self.model, f"reward model {cfg.model}").padding_free
 
     def score(self, samples: list[RewardSample]) -> torch.Tensor:
+        from rlhf_ray.models.forward import sequence_scores
         from rlhf_ray.models.modeling import encode_conversations
         from rlhf_ray.models.sharding import release_gathered
 
@@ -91,7 +95,7 @@ class ModelBackend(RewardBackend):
             for start in range(0, len(samples), cfg.batch_size):
                 chunk = [s.messages for s in samples[start:start + cfg.batch_size]]
                 enc = encode_conversations(self.tokenizer, chunk, cfg.template, cfg.max_length).to(self.model.device)
-                scores.append(self.model(**enc).logits[:, 0].float().cpu())
+                scores.append(sequence_scores(self.model, enc.input_ids, enc.attention_mask, self.padding_free).cpu())
         release_gathered(self.model)
         scores = torch.cat(scores) if scores else torch.zeros(0)
         bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()

@@ -1,0 +1,254 @@
+"""Forward passes that compute only on real tokens and never hold full-vocabulary logits for a whole micro-batch.
+
+Padding-free: a micro-batch's sequences (prompts left-padded, responses right-padded, rlhf_ray.batch) are packed into
+one row of their real tokens, with position ids restarting at 0 for each sequence and no 2-D attention mask, which is
+how Hugging Face models take packed sequences: a block-diagonal causal mask with SDPA/eager attention, variable-length
+kernels with FlashAttention. Hidden states are then taken back at the columns the caller wants.
+
+Chunked log-probs: the LM head runs on the response tokens' hidden states ``chunk`` tokens at a time, each chunk's
+logits reduced at once to one log-prob and one entropy per token; under autograd every chunk is checkpointed (its
+logits are recomputed in backward), so at most one chunk's [chunk, V] logits are alive at a time instead of the
+micro-batch's [B, R, V].
+
+Both paths are checked on each model when it is loaded (``ForwardOptions.checked``): a model whose forward they do not
+reproduce (an architecture that ignores packed position ids, an unknown transform after its LM head) falls back to the
+plain padded, full-logits forward, and the log says why.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from rlhf_ray.batch import RolloutBatch
+from rlhf_ray.ppo_math import entropy_from_logits
+
+log = logging.getLogger(__name__)
+
+# fp32 logits per chunk when the chunk is sized automatically: 2^24 elements = 64 MiB (341 tokens of a 49k vocabulary)
+AUTO_CHUNK_LOGITS = 2**24
+CHECK_TOLERANCE = 1e-4  # max |Δ log-prob| (fp32) between the fast path and the plain forward on the check sequences
+
+
+@dataclass(frozen=True)
+class ForwardOptions:
+    """How the forward passes run (config: deepspeed.padding_free, deepspeed.logits_chunk_tokens)."""
+    padding_free: bool = True
+    logits_chunk_tokens: int | None = None   # None: sized from the vocabulary (AUTO_CHUNK_LOGITS); 0: no chunking
+
+    def chunk_tokens(self, vocab_size: int) -> int | None:
+        """Tokens per LM-head chunk, or None for the whole micro-batch at once."""
+        if self.logits_chunk_tokens is None:
+            return max(1, AUTO_CHUNK_LOGITS // max(1, vocab_size))
+        return self.logits_chunk_tokens or None
+
+    @property
+    def plain(self) -> bool:
+        return not self.padding_free and self.logits_chunk_tokens == 0
+
+    @torch.no_grad()
+    def checked(self, model: nn.Module, name: str = "model") -> "ForwardOptions":
+        """These options as far as ``model`` (a causal LM, or a backbone returning ``last_hidden_state``) reproduces
+        its plain forward with them on two sequences of different lengths; what it does not is switched off, logged."""
+        if self.plain:
+            return self
+        was_training = model.training
+        if was_training:  # (a ZeRO-3 inference model, which loops back to itself, is never in training mode)
+            model.eval()  # dropout would make the two passes differ
+        try:
+            options = self
+            batch = _check_batch(model)
+            if score_head(model) is not None:  # a sequence classifier (reward model): its pooled scores
+                rows = [ids[real.bool()][:n] for ids, real, n in zip(batch.input_ids, batch.attention_mask, (7, 4))]
+                alone = torch.cat([model(input_ids=row[None]).logits[:, 0] for row in rows])
+                ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=model.config.pad_token_id
+                                                      if model.config.pad_token_id is not None else 0)
+                mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(r) for r in rows], batch_first=True)
+                if options.padding_free and not _same(alone, sequence_scores(model, ids, mask, padding_free=True)):
+                    log.warning("%s does not keep packed sequences apart: it scores padded rows", name)
+                    options = replace(options, padding_free=False)
+                return options
+            if options.padding_free and not _same(_hidden_reference(model, batch), _hidden_fast(model, batch)):
+                log.warning("%s does not keep packed sequences apart (its attention ignores position-id boundaries): "
+                            "its forward passes use padded rows (deepspeed.padding_free has no effect on it)", name)
+                options = replace(options, padding_free=False)
+            if _is_causal_lm(model) and options.logits_chunk_tokens != 0:
+                expected = _token_logprobs(_plain_response_logits(model, batch), batch)
+                got, _ = response_token_stats(model, batch, options=replace(options, logits_chunk_tokens=1))
+                if not _same(expected * batch.response_mask, got):
+                    log.warning("%s's logits are not its LM head's output as rlhf_ray.models.forward.output_logits "
+                                "computes them: its log-probs come from full logits (deepspeed.logits_chunk_tokens "
+                                "has no effect on it)", name)
+                    options = replace(options, logits_chunk_tokens=0)
+            return options
+        finally:
+            if was_training:
+                model.train()
+
+
+def backbone_of(model: nn.Module) -> nn.Module:
+    """The transformer under a causal LM's head (or ``model`` itself when it is one)."""
+    return model.base_model if _is_causal_lm(model) else model
+
+
+def hidden_at(backbone: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+              wanted: torch.Tensor, padding_free: bool) -> torch.Tensor:
+    """The last layer's hidden states at the padded layout's flat positions ``wanted`` (row · T + column, real tokens
+    only) of a [B, T] batch. -> [len(wanted), H]"""
+    if not padding_free:
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False).last_hidden_state
+        return hidden.flatten(0, 1)[wanted]
+    real = attention_mask.bool()
+    packed_index = attention_mask.flatten().cumsum(0) - 1   # where each real token lands in the packed row
+    hidden = backbone(input_ids=input_ids[real].unsqueeze(0), position_ids=position_ids[real].unsqueeze(0),
+                      use_cache=False).last_hidden_state[0]
+    return hidden[packed_index[wanted]]
+
+
+def score_head(model: nn.Module) -> nn.Linear | None:
+    """A sequence-classification model's head on the pooled hidden state (``score``, or ``classifier``)."""
+    head = getattr(model, "score", None) or getattr(model, "classifier", None)
+    return head if isinstance(head, nn.Linear) else None
+
+
+def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    padding_free: bool) -> torch.Tensor:
+    """A sequence-classification model's first output at each row's pooled token — as Hugging Face pools: the
+    rightmost token that is not its pad token — from only that token's hidden state. [B, T] right-padded -> [B]"""
+    if score_head(model) is None:  # a head we do not know: the model's own forward
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+    B, T = input_ids.shape
+    pad = model.config.pad_token_id
+    columns = torch.arange(T, device=input_ids.device)
+    last = (columns * (input_ids != pad)).argmax(-1) if pad is not None else attention_mask.sum(-1) - 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    wanted = torch.arange(B, device=input_ids.device) * T + last
+    hidden = hidden_at(model.base_model, input_ids, attention_mask, position_ids, wanted, padding_free)
+    return score_head(model)(hidden)[:, 0].float()
+
+
+def response_positions(batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, columns) of the real response tokens in the [B, R] layout, row by row."""
+    return batch.response_mask.bool().nonzero(as_tuple=True)
+
+
+def response_hidden(backbone: nn.Module, batch: RolloutBatch, padding_free: bool) -> torch.Tensor:
+    """Hidden states that predict each real response token (the state *before* it), row by row. -> [M, H]"""
+    rows, cols = response_positions(batch)
+    wanted = rows * batch.input_ids.shape[1] + batch.prompt_length - 1 + cols
+    return hidden_at(backbone, batch.input_ids, batch.attention_mask, batch.position_ids, wanted, padding_free)
+
+
+def scatter_response(values: torch.Tensor, batch: RolloutBatch) -> torch.Tensor:
+    """[M] per real response token -> [B, R], 0 on padding (float32)."""
+    rows, cols = response_positions(batch)
+    out = values.new_zeros(batch.response_mask.shape, dtype=torch.float32)
+    return out.index_put((rows, cols), values.float())
+
+
+def output_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """A causal LM's logits from its last hidden states: the LM head, then the scalings some architectures apply
+    after it (Cohere's logit_scale, Granite's logits_scaling, Gemma's final soft cap)."""
+    logits = model.get_output_embeddings()(hidden)
+    config = model.config
+    if getattr(config, "logit_scale", None):
+        logits = logits * config.logit_scale
+    if getattr(config, "logits_scaling", None):
+        logits = logits / config.logits_scaling
+    if getattr(config, "final_logit_softcapping", None):
+        cap = config.final_logit_softcapping
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def _chunk_stats(model, hidden, tokens, temperature: float, with_entropy: bool):
+    z = output_logits(model, hidden).float()
+    if temperature != 1.0:
+        z = z / temperature
+    logprobs = torch.log_softmax(z, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return logprobs, (entropy_from_logits(z) if with_entropy else torch.zeros_like(logprobs))
+
+
+def token_stats(model: nn.Module, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                entropy: bool = False, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log softmax(logits / T)[token] and (``entropy``) H(softmax(logits / T)) of each row of ``hidden`` [M, H] with
+    its ``tokens`` [M], ``chunk`` rows at a time; with gradients each chunk is checkpointed. -> ([M], [M] | None)"""
+    step = chunk or max(1, hidden.shape[0])
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in model.parameters()))
+    logprobs, entropies = [], []
+    for start in range(0, hidden.shape[0], step):
+        args = (model, hidden[start:start + step], tokens[start:start + step], temperature, entropy)
+        lp, h = checkpoint(_chunk_stats, *args, use_reentrant=False) if grad and chunk else _chunk_stats(*args)
+        logprobs.append(lp)
+        entropies.append(h)
+    if not logprobs:  # no response tokens at all
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, (empty if entropy else None)
+    return torch.cat(logprobs), (torch.cat(entropies) if entropy else None)
+
+
+def response_token_stats(model: nn.Module, batch: RolloutBatch, temperature: float = 1.0, entropy: bool = False,
+                         options: ForwardOptions = ForwardOptions(),
+                         entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A causal LM's log-probs (and, with ``entropy``, entropies: with a gradient only under ``entropy_grad``) of the
+    response tokens at ``temperature``, 0 on padding. -> ([B, R], [B, R] | None), float32"""
+    if options.plain:
+        logits = _plain_response_logits(model, batch)
+        logprobs = _token_logprobs(logits, batch, temperature) * batch.response_mask
+        if not entropy:
+            return logprobs, None
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):  # no [B, R, V] graph for a metric
+            return logprobs, entropy_from_logits(logits.float() / temperature) * batch.response_mask
+    hidden = response_hidden(backbone_of(model), batch, options.padding_free)
+    rows, cols = response_positions(batch)
+    lp, ent = token_stats(model, hidden, batch.response_ids[rows, cols], temperature, entropy,
+                          options.chunk_tokens(model.config.vocab_size))
+    if ent is not None and not entropy_grad:
+        ent = ent.detach()
+    return scatter_response(lp, batch), (scatter_response(ent, batch) if entropy else None)
+
+
+def _plain_response_logits(model: nn.Module, batch: RolloutBatch) -> torch.Tensor:
+    """Logits that predict each response token from one padded forward: [B, R, V] (``logits_to_keep`` skips the LM
+    head on prompt positions)."""
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                use_cache=False, logits_to_keep=batch.response_length + 1)
+    return out.logits[:, :-1]
+
+
+def _token_logprobs(logits: torch.Tensor, batch: RolloutBatch, temperature: float = 1.0) -> torch.Tensor:
+    z = logits.float() / temperature if temperature != 1.0 else logits.float()
+    return torch.log_softmax(z, dim=-1).gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1)
+
+
+def _is_causal_lm(model: nn.Module) -> bool:
+    return hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None
+
+
+def _check_batch(model: nn.Module) -> RolloutBatch:
+    """Two sequences of different prompt and response lengths from a fixed generator (not the global RNG), without
+    the model's pad token (a reward model pools at the last token that is not one)."""
+    vocab, pad = model.config.vocab_size, model.config.pad_token_id
+    generator = torch.Generator().manual_seed(0)
+    ids = lambda n: [t if t != pad else 1 + t % (vocab - 1)  # noqa: E731
+                     for t in torch.randint(1, vocab, (n,), generator=generator).tolist()]
+    device = next(model.parameters()).device
+    return RolloutBatch.from_samples([ids(5), ids(2)], [ids(3), ids(6)], [[0.0] * 3, [0.0] * 6], ["stop", "stop"],
+                                     [[], []], ["", ""], ["", ""], pad_token_id=0).to(device)
+
+
+def _hidden_reference(model, batch):
+    return response_hidden(backbone_of(model), batch, padding_free=False)
+
+
+def _hidden_fast(model, batch):
+    return response_hidden(backbone_of(model), batch, padding_free=True)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and bool(torch.isfinite(b).all()) and float((a.float() - b.float()).abs().max()) <= \
+        CHECK_TOLERANCE * max(1.0, float(a.float().abs().max()))
