@@ -75,6 +75,8 @@ def deepspeed_config(spec: LearnerSpec, model: torch.nn.Module) -> dict:
         "zero_optimization": zero,
         "bf16": {"enabled": ds.precision == "bf16"},
         "fp16": {"enabled": ds.precision == "fp16"},
+        # bf16 under ZeRO-1: DeepSpeed's BF16_Optimizer, gradients accumulated over micro-batches in fp32
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if ds.precision == "bf16" and ds.zero_stage == 1 else {}),
         "zero_allow_untested_optimizer": True,   # we pass torch AdamW: no JIT-built fused optimizer
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 2**31,

@@ -236,7 +236,13 @@ class DeepSpeedConfig(_Strict):
     zero_stage: Literal[0, 1, 2, 3] = Field(
         2, description="ZeRO stage of the learner. Use 0 with one learner rank: ZeRO 1-2 keep an extra fp32 copy of "
                        "weights and gradients and partition nothing. Communication buckets are sized from the model.")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Learner training precision.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Learner training precision. bf16: weights and activations in bf16, fp32 master weights and "
+                            "Adam states in DeepSpeed's optimizer; with zero_stage 1 gradients also accumulate in fp32 "
+                            "(BF16_Optimizer), with 0 in bf16. On CPU it needs AMX, AVX512-BF16 or Arm BF16 (refused "
+                            "where torch would only emulate it); pair it with models.dtype=bfloat16 for the frozen "
+                            "roles and the engine (the sampler-vs-learner gap is then logged as is/mismatch_kl and "
+                            "corrected by ppo.is_correction=auto).")
     offload_optimizer: bool = Field(False, description="Optimizer states in host memory (ZeRO ≥ 1).")
     offload_params: bool = Field(False, description="Parameters in host memory (ZeRO-3 only).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")

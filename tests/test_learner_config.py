@@ -76,3 +76,17 @@ def test_bf16_is_chosen_where_the_cpu_multiplies_bf16_natively_and_refused_where
     with pytest.raises(RuntimeError, match=r"the learner is set to bf16 \(deepspeed.precision\).*emulate.*"
                                            r"Set deepspeed.precision to fp32"):
         common.require_cpu_bf16("the learner", "deepspeed.precision")
+
+
+def test_bf16_accumulates_gradients_in_fp32_under_zero_1(tmp_path, tiny_cache):
+    model = torch.nn.Linear(100, 100)
+    model.config = SimpleNamespace(hidden_size=100)
+    paths = ModelPaths(policy="p", reference="p", reward=None, value=None)
+
+    def config(*overrides) -> dict:
+        return deepspeed_config(ppo_learner(tiny_config(tmp_path, tiny_cache, *overrides), paths), model)
+
+    bf16 = config("deepspeed.precision=bf16", "deepspeed.zero_stage=1")
+    assert bf16["bf16"] == {"enabled": True} and bf16["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert "data_types" not in config("deepspeed.precision=bf16", "deepspeed.zero_stage=0")
+    assert config()["bf16"] == {"enabled": False} and "data_types" not in config()
