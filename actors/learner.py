@@ -13,7 +13,7 @@ from collections import defaultdict
 import torch
 
 from actors.common import Role, computes, device_for, release_free_memory, require_cpu_bf16, set_threads, timed
-from rlhf_ray.batch import RolloutBatch
+from rlhf_ray.batch import RolloutBatch, token_budget_groups
 from rlhf_ray.models.modeling import DTYPES
 from rlhf_ray.objectives import LearnerSpec, make_objective
 
@@ -157,6 +157,7 @@ class LearnerActor(Role):
         per_rank_mini = spec.mini_batch_size // self.world_size
         generator = torch.Generator().manual_seed(spec.seed * 7919 + self.updates * 31 + self.rank)
         sums, minibatches, grad_norm = defaultdict(float), 0, None
+        positions = torch.zeros(2)  # token positions the forwards computed: all, padding
         # DeepSpeed records the (unscaled) global gradient norm under ZeRO >= 1 or mixed precision only
         deepspeed_has_norm = spec.deepspeed.zero_stage > 0 or spec.deepspeed.precision != "fp32"
         for epoch in range(spec.epochs):
@@ -167,7 +168,11 @@ class LearnerActor(Role):
                 units = self.objective.units(mini).to(self.device, torch.float32)
                 if self.world_size > 1:
                     dist.all_reduce(units)  # a sync point: every rank's share of the mini-batch
-                for micro in mini.chunks(per_rank_mini // spec.micro_batch_size):
+                micros = self.micro_batches(mini)
+                for index, micro in enumerate(micros):
+                    if spec.deepspeed.micro_batch_tokens:  # as many micro-batches as the tokens need
+                        self.engine.set_gradient_accumulation_boundary(index == len(micros) - 1)
+                    positions += self._computed_positions(micro)
                     loss, stats = self.objective.loss(self.engine, micro, float(units), fresh=fresh)
                     self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
                     if not deepspeed_has_norm and self.engine.is_gradient_accumulation_boundary():
@@ -178,11 +183,43 @@ class LearnerActor(Role):
                 minibatches += 1
         self.updates += 1
         stats = {k: v / minibatches for k, v in sums.items()}
+        stats.update(self._padding_stats(positions, minibatches))
         if deepspeed_has_norm:
             grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
         stats.update({"optim/lr": self.engine.get_lr()[0], "optim/grad_norm": grad_norm})
         release_free_memory()  # gradients and activations are gone until the next update
         return stats
+
+    def micro_batches(self, mini) -> list:
+        """A mini-batch's micro-batches: ``micro_batch_size`` rows each, or with ``deepspeed.micro_batch_tokens`` rows
+        grouped to that many real tokens (rlhf_ray.batch.token_budget_groups), as many groups on every rank."""
+        import torch.distributed as dist
+
+        budget = self.spec.deepspeed.micro_batch_tokens
+        if not budget:
+            return mini.chunks(len(mini) // self.spec.micro_batch_size)
+        tokens = mini.row_tokens().tolist()
+        count = torch.tensor([len(token_budget_groups(tokens, budget))], device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(count, op=dist.ReduceOp.MAX)  # ZeRO's forwards and gradient reductions are collectives
+        return [mini.select(rows) for rows in token_budget_groups(tokens, budget, int(count))]
+
+    def _computed_positions(self, micro) -> torch.Tensor:
+        """(token positions this micro-batch's forward computes, how many of them are padding)."""
+        real = float(micro.row_tokens().sum())
+        computed = real if getattr(self.engine.module, "padding_free", False) else float(micro.padded_positions())
+        return torch.tensor([computed, computed - real])
+
+    def _padding_stats(self, positions: torch.Tensor, minibatches: int) -> dict[str, float]:
+        """learn/tokens: real tokens per mini-batch (summed over ranks by the driver); learn/padding_share: the
+        share of computed positions that were padding, as this rank's part of the global share."""
+        import torch.distributed as dist
+
+        total = positions.clone()
+        if self.world_size > 1:
+            dist.all_reduce(total)
+        return {"learn/tokens": float(positions[0] - positions[1]) / minibatches,
+                "learn/padding_share": float(positions[1] / total[0].clamp(min=1.0))}
 
     def _grad_norm(self) -> float:
         """The global gradient norm before clipping, of the optimizer step about to be taken: in plain fp32

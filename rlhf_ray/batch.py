@@ -56,6 +56,15 @@ class Rows:
     def with_(self, **changes):
         return replace(self, **changes)
 
+    def row_tokens(self) -> torch.Tensor:
+        """[B] real (non-padding) tokens of each row, all its sequences together."""
+        mask = self.attention_mask
+        return mask.flatten(1).sum(-1)
+
+    def padded_positions(self) -> int:
+        """Token positions of the padded layout: what a forward over the padded rows computes."""
+        return self.input_ids.numel()
+
 
 @dataclass
 class RolloutBatch(Rows):
@@ -261,6 +270,9 @@ class SequenceBatch(Rows):
         models take as is. Without packing it is the plain causal mask with the padding cut out."""
         return segment_causal_mask(self.segment_ids).unsqueeze(1)
 
+    def row_tokens(self) -> torch.Tensor:
+        return (self.segment_ids > 0).sum(-1)
+
     @property
     def packed(self) -> bool:
         return bool((self.segment_ids.max(-1).values > 1).any())
@@ -283,3 +295,31 @@ class SequenceBatch(Rows):
                 segment_ids[i, start:start + length] = k
                 start += length
         return SequenceBatch(input_ids, loss_mask, position_ids, segment_ids)
+
+
+def token_budget_groups(tokens: list[int], budget: int, count: int | None = None) -> list[list[int]]:
+    """Rows (their token counts) grouped into micro-batches of at most ``budget`` tokens each — fewest groups first,
+    then as even as longest-first greedy assignment makes them; a row longer than the budget is a group alone.
+    ``count`` forces the number of groups (every data-parallel rank must run as many; at most len(tokens)).
+    Each group lists its row numbers in increasing order. -> list of groups"""
+    n = len(tokens)
+    if n == 0:
+        return []
+    order = sorted(range(n), key=lambda i: (-tokens[i], i))
+
+    def assign(k: int) -> list[list[int]]:
+        groups, loads = [[] for _ in range(k)], [0] * k
+        for i in order:
+            g = min(range(k), key=lambda j: (loads[j], j))
+            groups[g].append(i)
+            loads[g] += tokens[i]
+        return [sorted(g) for g in groups]
+
+    if count is not None:
+        return assign(min(count, n))
+    k = max(1, -(-sum(min(t, budget) for t in tokens) // budget))  # a lower bound: no group holds more
+    while True:
+        groups = assign(min(k, n))
+        if k >= n or all(len(g) == 1 or sum(tokens[i] for i in g) <= budget for g in groups):
+            return groups
+        k += 1

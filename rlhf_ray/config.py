@@ -252,6 +252,10 @@ class DeepSpeedConfig(_Strict):
                           "mask on CPU, variable-length kernels with FlashAttention). Results equal the padded rows'. "
                           "Applies to the learner and the reference; a model that does not keep packed sequences "
                           "apart is run padded, with a warning.")
+    micro_batch_tokens: Optional[int] = Field(
+        None, gt=0, description="Micro-batches by tokens: each mini-batch's rows grouped into as few micro-batches of at "
+                                "most this many real tokens as fit (a longer row alone), instead of the objective's "
+                                "micro_batch_size rows; results are the same, memory follows the tokens. null: rows.")
     logits_chunk_tokens: Optional[int] = Field(
         None, ge=0, description="Log-probs and entropies from the LM head this many tokens at a time (recomputed in "
                                 "backward), so full-vocabulary logits never exist for a whole micro-batch. null: "

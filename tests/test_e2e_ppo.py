@@ -126,14 +126,15 @@ def test_overlapped_rollout_and_learning_learn_the_same_reward(ray_session, tiny
 
 def test_two_learner_ranks_zero3_and_two_generation_actors(ray_session, tiny_cache, tmp_path):
     """Reward model + RM-initialised critic, ZeRO-3 over 2 gloo ranks, rollouts split over 2 engines that
-    take new weights through files (the path used when the engine runs in other processes)."""
+    take new weights through files (the path used when the engine runs in other processes); micro-batches by a token
+    budget (the ranks agree on their number), padding-free forwards, the LM head in chunks under ZeRO-3."""
     from transformers import AutoModelForCausalLM
 
     from rlhf_ray.drivers.ppo import PPOTrainer
 
     cfg = tiny_config(tmp_path, tiny_cache, "resources.learner.num_actors=2", "resources.generation.num_actors=2",
                       "deepspeed.zero_stage=3", "weights.transport=files", "ppo.total_episodes=48",
-                      "ppo.rollout_batch_size=16")
+                      "ppo.rollout_batch_size=16", "deepspeed.micro_batch_tokens=90", "deepspeed.logits_chunk_tokens=7")
     trainer = PPOTrainer(cfg)
     try:
         prompt, response = fixed_response(trainer)
@@ -144,6 +145,7 @@ def test_two_learner_ranks_zero3_and_two_generation_actors(ray_session, tiny_cac
         for m in metrics:
             assert all(math.isfinite(v) for v in m.values()), m
             assert m["response/tokens"] > 0 and m["time/step"] > 0
+            assert m["learn/tokens"] > 0 and m["learn/padding_share"] == 0.0
         assert_checkpoint_round_trip(trainer)  # ZeRO-3: each rank saves and loads its own partition
         after = trainer.roles.learner_logprobs(prompt, response)
         saved = trainer.save(str(tmp_path / "final_model"))
@@ -156,12 +158,19 @@ def test_two_learner_ranks_zero3_and_two_generation_actors(ray_session, tiny_cac
     torch.testing.assert_close(hf_lp, torch.tensor(after), atol=2e-4, rtol=0)
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_checkpoints_restore_the_learner_exactly_under_zero(ray_session, tiny_cache, tmp_path, stage):
-    """ZeRO-0 is the resume test's (tests/test_durability.py), ZeRO-3 the two-rank test's above."""
+@pytest.mark.parametrize("stage,precision", [(1, "bf16"), (2, "fp32")])
+def test_checkpoints_restore_the_learner_exactly_under_zero(ray_session, tiny_cache, tmp_path, stage, precision):
+    """ZeRO-0 is the resume test's (tests/test_durability.py), ZeRO-3 the two-rank test's above. ZeRO-1 runs in bf16
+    (DeepSpeed's BF16_Optimizer, fp32 master weights and gradient accumulation) with the engine and frozen roles in
+    bf16 too."""
+    from actors.common import cpu_bf16
     from rlhf_ray.drivers.ppo import PPOTrainer
 
-    trainer = PPOTrainer(tiny_config(tmp_path, tiny_cache, f"deepspeed.zero_stage={stage}", "ppo.total_episodes=48"))
+    if precision == "bf16" and not cpu_bf16()[0]:
+        pytest.skip(f"this CPU has {cpu_bf16()[1]}: bf16 is refused here")
+    dtype = "bfloat16" if precision == "bf16" else "float32"
+    trainer = PPOTrainer(tiny_config(tmp_path, tiny_cache, f"deepspeed.zero_stage={stage}", "ppo.total_episodes=48",
+                                     f"deepspeed.precision={precision}", f"models.dtype={dtype}"))
     try:
         trainer.step()
         assert_checkpoint_round_trip(trainer)

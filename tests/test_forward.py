@@ -206,3 +206,50 @@ def test_reward_model_scores_packed_equal_its_own_forward(name):
         expected = model(input_ids=ids, attention_mask=mask).logits[:, 0]
         for padding_free in (False, True):
             torch.testing.assert_close(sequence_scores(model, ids, mask, padding_free), expected, atol=2e-5, rtol=1e-5)
+
+
+def test_token_budget_groups_are_few_even_and_complete():
+    from rlhf_ray.batch import token_budget_groups
+
+    assert token_budget_groups([10, 20, 30, 40, 5], 50) == [[3], [2, 4], [0, 1]]
+    assert token_budget_groups([100, 3, 3], 50) == [[0], [1, 2]]   # an over-long row alone, the rest together
+    assert token_budget_groups([10] * 8, 35) == [[0, 3, 6], [1, 4, 7], [2, 5]]
+    assert token_budget_groups([7], 1) == [[0]] and token_budget_groups([], 10) == []
+    assert len(token_budget_groups([10, 20, 30, 40, 5], 50, count=4)) == 4   # a count the other ranks need
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        tokens = torch.randint(1, 60, (int(torch.randint(1, 30, (1,), generator=g)),), generator=g).tolist()
+        budget = int(torch.randint(20, 120, (1,), generator=g))
+        groups = token_budget_groups(tokens, budget)
+        assert sorted(i for grp in groups for i in grp) == list(range(len(tokens)))
+        assert all(len(grp) == 1 or sum(tokens[i] for i in grp) <= budget for grp in groups)
+        assert len(groups) >= -(-sum(min(t, budget) for t in tokens) // budget)
+
+
+def test_ppo_gradients_do_not_depend_on_how_rows_are_grouped_into_micro_batches(tiny_tokenizer):
+    """The learner may group a mini-batch's rows by rows or by tokens: each micro-batch's loss is its share of the
+    mini-batch mean, so the accumulated gradient is the same."""
+    from rlhf_ray.batch import token_budget_groups
+    from rlhf_ray.config import DeepSpeedConfig, OptimizerConfig, PPOConfig
+    from rlhf_ray.objectives import LearnerSpec, make_objective
+
+    spec = LearnerSpec(objective="ppo", model="unused", mini_batch_size=5, micro_batch_size=5, optimizer_steps=1,
+                       optimizer=OptimizerConfig(), deepspeed=DeepSpeedConfig(zero_stage=0), critic=False,
+                       ppo=PPOConfig(advantage="grpo", loss_aggregation="token_mean"))
+    objective = make_objective(spec)
+    module = PolicyAndValue(build("llama-tied", tiny_tokenizer), None, FAST)
+    batch = rollout(ROWS, vocab=module.policy.config.vocab_size, seed=7)
+    g = torch.Generator().manual_seed(8)
+    batch = batch.with_(old_logprobs=-torch.rand(batch.response_mask.shape, generator=g) * batch.response_mask,
+                        ref_logprobs=-torch.rand(batch.response_mask.shape, generator=g) * batch.response_mask,
+                        advantages=torch.randn(batch.response_mask.shape, generator=g) * batch.response_mask)
+    units = float(objective.units(batch))
+    grads = []
+    for groups in ([list(range(5))], token_budget_groups(batch.row_tokens().tolist(), 12)):
+        assert len(groups) == 1 or len(groups) > 2
+        module.zero_grad()
+        for rows in groups:
+            objective.loss(module, batch.select(rows), units)[0].backward()
+        grads.append({n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None})
+    for key, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][key], grad, atol=1e-6, rtol=1e-4)

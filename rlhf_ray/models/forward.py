@@ -179,16 +179,35 @@ def token_stats(model: nn.Module, hidden: torch.Tensor, tokens: torch.Tensor, te
     its ``tokens`` [M], ``chunk`` rows at a time; with gradients each chunk is checkpointed. -> ([M], [M] | None)"""
     step = chunk or max(1, hidden.shape[0])
     grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in model.parameters()))
+    run = (lambda *args: checkpoint(_chunk_stats, *args, use_reentrant=False)) if grad and chunk else _chunk_stats
     logprobs, entropies = [], []
     for start in range(0, hidden.shape[0], step):
-        args = (model, hidden[start:start + step], tokens[start:start + step], temperature, entropy)
-        lp, h = checkpoint(_chunk_stats, *args, use_reentrant=False) if grad and chunk else _chunk_stats(*args)
+        lp, h = run(model, hidden[start:start + step], tokens[start:start + step], temperature, entropy)
         logprobs.append(lp)
         entropies.append(h)
-    if not logprobs:  # no response tokens at all
+    # ZeRO-3 over several ranks gathers the head's weight at each call (and again in backward): a collective, so every
+    # rank calls it as often as the rank with the most chunks; the extra calls see one zero row and add exactly 0
+    padding = [run(model, hidden.new_zeros(1, hidden.shape[-1]), tokens.new_zeros(1), temperature, entropy)
+               for _ in range(_head_calls_short(model, len(logprobs), hidden.device))]
+    zero = sum((lp.sum() + h.sum()) * 0.0 for lp, h in padding) if padding else None
+    if not logprobs:  # no response tokens here
         empty = hidden.new_zeros(0, dtype=torch.float32)
-        return empty, (empty if entropy else None)
-    return torch.cat(logprobs), (torch.cat(entropies) if entropy else None)
+        logprobs, entropies = [empty], [empty]
+    logprobs = torch.cat(logprobs) + zero if zero is not None else torch.cat(logprobs)
+    return logprobs, (torch.cat(entropies) if entropy else None)
+
+
+def _head_calls_short(model: nn.Module, calls: int, device) -> int:
+    """How many fewer LM-head calls this rank makes than the rank with the most, where the head's weight is
+    partitioned by ZeRO-3 over several processes (each call gathers it); else 0."""
+    import torch.distributed as dist
+
+    weight = model.get_output_embeddings().weight
+    if not (hasattr(weight, "ds_id") and dist.is_initialized() and dist.get_world_size() > 1):
+        return 0
+    most = torch.tensor([calls], device=device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    return int(most) - calls
 
 
 def response_token_stats(model: nn.Module, batch: RolloutBatch, temperature: float = 1.0, entropy: bool = False,

@@ -51,6 +51,10 @@ class PolicyAndValue(nn.Module):
         super().__init__()
         self.policy, self.value, self.options = policy, value, options
 
+    @property
+    def padding_free(self) -> bool:
+        return self.options.padding_free
+
     def forward(self, batch: RolloutBatch, temperature: float = 1.0, entropy: bool = False,
                 entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(the policy's response log-probs at ``temperature``, their entropies when asked (differentiable under

@@ -17,6 +17,8 @@ class SequenceScorer(nn.Module):
         super().__init__()
         self.policy, self.options = policy, options
 
+    padding_free = False  # rows come packed from the data pipeline, padded at their ends
+
     def forward(self, batch: SequenceBatch) -> torch.Tensor:
         return token_nll(self.policy, batch, self.options)
 
