@@ -206,8 +206,12 @@ class LearnerActor(Role):
 
     def _computed_positions(self, micro) -> torch.Tensor:
         """(token positions this micro-batch's forward computes, how many of them are padding)."""
+        from rlhf_ray.models.forward import packed_positions
+
         real = float(micro.row_tokens().sum())
-        computed = real if getattr(self.engine.module, "padding_free", False) else float(micro.padded_positions())
+        padding_free = getattr(self.engine.module, "padding_free", False)
+        computed = float(packed_positions(micro.attention_mask, self._exported()) if padding_free
+                         else micro.padded_positions())
         return torch.tensor([computed, computed - real])
 
     def _padding_stats(self, positions: torch.Tensor, minibatches: int) -> dict[str, float]:

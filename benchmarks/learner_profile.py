@@ -1,14 +1,24 @@
-"""Where a PPO learner step's time goes: torch.profiler over the real learner (DeepSpeed engine, AdamW, PPO loss).
+"""How close the PPO learner runs to this CPU's limit, and where its time goes: padded vs padding-free, full vs chunked
+logits, fp32 vs bf16 — the real learner role (DeepSpeed engine, AdamW, PPO loss) on the same ragged rollout.
 
-    python benchmarks/learner_profile.py [--model scaled:llama-20m] [--threads 1,2] [--zero 0] [--steps 3]
-                                         [--batch 16 --mini 8 --micro 4 --prompt 40 --response 32]
+    python benchmarks/learner_profile.py [--model scaled:llama-20m] [--settings before,after,after-bf16]
+                                         [--steps 3] [--batch 16 --mini 8 --micro 4 --prompt 48 --response 48]
 
-Runs the learner role's own class in this process (no Ray: nothing else competes for the cores) on a
-synthetic rollout of the given shape — a values/old-logprobs pass (``evaluate``) and an update (``train``) per
-step — for each thread count and ZeRO stage asked for. Reports the mean seconds of both after a warm-up step,
-and for the last setting the top operators by self CPU time, grouped into forward/backward compute, the
-optimizer, and what is not compute (copies, fills, DeepSpeed bookkeeping). Writes JSON (default
-benchmarks/results/learner_profile_<model>.json).
+Measures first this CPU's matrix-multiply peak (a 2048³ torch.mm on the learner's threads, fp32 and bf16), then runs
+each setting in its own process (DeepSpeed sets up once per process):
+
+    before       padded rows, full-vocabulary logits, fp32      (deepspeed.padding_free=false, logits_chunk_tokens=0)
+    after        padding-free rows, chunked logits, fp32        (the defaults)
+    after-bf16   the same in bf16 (deepspeed.precision=bf16, ZeRO-1: fp32 master weights and gradient accumulation)
+
+For each: the values pass and the update's seconds (mean after a warm-up step), the peak memory of the update, the
+learner's achieved GFLOP/s — useful model FLOPs only (6 · parameters · real tokens for an update, 2 · … for a forward;
+the LM head counted on response tokens only, attention scores not counted) — and its share of the matmul peak in the
+same precision, and one profiled step's time by kind of work: matmuls, the LM head and log-softmax ("logits"),
+attention, optimizer, communication, copies, elementwise; "padding" is the compute spent on padded positions (their
+share of the positions computed × the compute time). Rollout rows have prompts of prompt/2…prompt and responses of
+response/4…response tokens (uniform, seeded), as PPO's responses vary. Writes JSON and a Markdown table
+(default benchmarks/results/learner_profile_<model>.{json,md}).
 """
 from __future__ import annotations
 
@@ -17,148 +27,237 @@ import json
 import os
 import socket
 import statistics
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-GROUPS = {  # operator name fragments -> what kind of work it is
-    "matmul / linear": ("addmm", "mm", "bmm", "linear", "matmul", "baddbmm"),
-    "attention": ("scaled_dot_product", "flash_attention", "_efficient_attention", "softmax"),
-    "optimizer": ("adam", "_fused_adamw", "lerp", "_foreach"),
-    "copies / fills": ("copy_", "to", "_to_copy", "clone", "contiguous", "fill_", "zero_", "zeros", "empty", "cat",
-                       "index", "gather", "scatter", "new_zeros"),
-    "elementwise": ("mul", "add", "sub", "div", "exp", "log", "silu", "rsqrt", "pow", "mean", "sum", "neg", "sigmoid",
-                    "where", "clamp", "max", "min", "abs", "embedding"),
+SETTINGS = {
+    "before": {"padding_free": False, "logits_chunk_tokens": 0, "precision": "fp32", "zero_stage": 0},
+    "after": {"padding_free": True, "logits_chunk_tokens": None, "precision": "fp32", "zero_stage": 0},
+    "after-bf16": {"padding_free": True, "logits_chunk_tokens": None, "precision": "bf16", "zero_stage": 1},
 }
+GROUPS = {  # operator name fragments -> what kind of work it is (the first match wins; "logits" is found by shape)
+    "communication": ("all_reduce", "allreduce", "all_gather", "allgather", "reduce_scatter", "broadcast", "gloo",
+                      "c10d", "record_param_comms"),
+    "optimizer": ("adam", "_fused_adamw", "lerp", "_foreach"),
+    "attention": ("scaled_dot_product", "flash_attention", "_efficient_attention"),
+    "matmul / linear": ("addmm", "mm", "bmm", "linear", "matmul", "baddbmm"),
+    "logits": ("log_softmax", "_log_softmax", "logsumexp", "softmax"),
+    "copies / fills": ("copy_", "to", "_to_copy", "clone", "contiguous", "fill_", "zero_", "zeros", "empty", "cat",
+                       "index", "gather", "scatter", "new_zeros", "masked_scatter", "nonzero"),
+    "elementwise": ("mul", "add", "sub", "div", "exp", "log", "silu", "rsqrt", "pow", "mean", "sum", "neg", "sigmoid",
+                    "where", "clamp", "max", "min", "abs", "embedding", "tanh"),
+}
+COMPUTE = ("matmul / linear", "logits", "attention", "elementwise")
 
 
-def synthetic_batch(vocab: int, batch: int, prompt: int, response: int, pad: int, seed: int = 0):
+def matmul_peak(threads: int, dtype: str, n: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of an n³ matrix product on ``threads`` threads (best of ``repeats``, after a warm-up)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best / 1e9
+
+
+def ragged_batch(vocab: int, batch: int, prompt: int, response: int, pad: int, seed: int = 0):
+    """A rollout with prompts of prompt/2…prompt and responses of response/4…response tokens, PPO's fields filled."""
     import torch
 
     from rlhf_ray.batch import RolloutBatch
 
     g = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(3, vocab, (prompt - (i % 4),), generator=g).tolist() for i in range(batch)]
-    responses = [torch.randint(3, vocab, (response,), generator=g).tolist() for _ in range(batch)]
-    logprobs = [[-3.0] * response for _ in range(batch)]
-    b = RolloutBatch.from_samples(prompts, responses, logprobs, ["length"] * batch, [[]] * batch, [""] * batch,
-                                  [""] * batch, pad)
-    shape = b.response_mask.shape
-    return b.with_(old_logprobs=b.gen_logprobs, ref_logprobs=b.gen_logprobs, values=torch.zeros(shape),
-                   advantages=torch.randn(shape, generator=g), returns=torch.randn(shape, generator=g))
+    length = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))  # noqa: E731
+    prompts = [torch.randint(3, vocab, (length(prompt // 2, prompt),), generator=g).tolist() for _ in range(batch)]
+    responses = [torch.randint(3, vocab, (length(max(1, response // 4), response),), generator=g).tolist()
+                 for _ in range(batch)]
+    b = RolloutBatch.from_samples(prompts, responses, [[-3.0] * len(r) for r in responses], ["length"] * batch,
+                                  [[]] * batch, [""] * batch, [""] * batch, pad)
+    mask = b.response_mask
+    return b.with_(old_logprobs=b.gen_logprobs, ref_logprobs=b.gen_logprobs, values=torch.zeros_like(mask),
+                   advantages=torch.randn(mask.shape, generator=g) * mask, returns=torch.randn(mask.shape, generator=g) * mask)
 
 
-def make_learner(model_path: str, reward_path: str, zero: int, args):
+def make_learner(model_path: str, reward_path: str, setting: dict, args):
     from actors.learner import LearnerActor
     from rlhf_ray.config import DeepSpeedConfig, OptimizerConfig, PPOConfig
     from rlhf_ray.objectives import LearnerSpec
 
+    ds = DeepSpeedConfig(zero_stage=setting["zero_stage"], precision=setting["precision"],
+                         padding_free=setting["padding_free"], logits_chunk_tokens=setting["logits_chunk_tokens"])
     spec = LearnerSpec(objective="ppo", model=model_path, value_model=reward_path, value_init="reward",
                        mini_batch_size=args.mini, micro_batch_size=args.micro, epochs=1, optimizer_steps=1000,
-                       optimizer=OptimizerConfig(lr=1e-6), deepspeed=DeepSpeedConfig(zero_stage=zero, precision="fp32"),
+                       optimizer=OptimizerConfig(lr=1e-6), deepspeed=ds,
+                       export_dtype="bfloat16" if setting["precision"] == "bf16" else "float32",
                        ppo=PPOConfig(rollout_batch_size=args.batch, mini_batch_size=args.mini,
-                                     micro_batch_size=args.micro), num_cpus=1)
+                                     micro_batch_size=args.micro), num_cpus=args.threads)
     learner = LearnerActor(spec, 0)
     with socket.socket() as s:  # rank 0 of a group of one: a free local port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     learner._rendezvous = socket.create_server(("127.0.0.1", port))
     learner.setup("127.0.0.1", port)
+    learner.configure_compute(threads={"score": args.threads, "learn": args.threads})
     return learner
 
 
-def group_of(name: str) -> str:
+def useful_gflop(module, batch) -> dict[str, float]:
+    """Model GFLOPs the values pass and the update need on this batch's real tokens (see the module docstring)."""
+    def body(model) -> int:  # parameters a token passes through, less the input embedding (a lookup)
+        return sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+
+    policy, critic = module.policy, module.value.backbone
+    tokens, response = float(batch.attention_mask.sum()), float(batch.response_mask.sum())
+    head = policy.get_output_embeddings().weight.numel()
+    policy_flops = 2 * (body(policy.base_model) * tokens + head * response)
+    critic_flops = 2 * body(critic) * tokens
+    return {"values_pass": critic_flops / 1e9, "update": 3 * (policy_flops + critic_flops) / 1e9}
+
+
+def group_of(name: str, shapes, vocab: int) -> str:
     low = name.lower().removeprefix("aten::")
     for group, fragments in GROUPS.items():
-        if any(low == f or low.startswith(f + "_") or f in low for f in fragments if len(f) > 3 or low == f):
+        if any(low == f or low.startswith(f + "_") or (len(f) > 3 and f in low) for f in fragments):
+            if group == "matmul / linear" and any(vocab in (s or []) for s in shapes or []):
+                return "logits"  # the LM head's product: one of its operands spans the vocabulary
             return group
     return "other"
 
 
-def profile_step(learner, batch) -> dict:
+def profile_step(learner, batch, vocab: int, padding_share: float) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         learner.evaluate(batch, logprobs=False)
         learner.train(batch)
-    events = prof.key_averages()
+    events = prof.key_averages(group_by_input_shape=True)
     total = sum(e.self_cpu_time_total for e in events) / 1e6
-    top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:25]
     groups: dict[str, float] = {}
     for e in events:
-        groups[group_of(e.key)] = groups.get(group_of(e.key), 0.0) + e.self_cpu_time_total / 1e6
-    return {"self_cpu_s_total": total,
-            "groups_s": dict(sorted(groups.items(), key=lambda kv: -kv[1])),
-            "top_ops": [{"op": e.key, "self_cpu_s": e.self_cpu_time_total / 1e6, "calls": e.count} for e in top]}
+        key = group_of(e.key, e.input_shapes, vocab)
+        groups[key] = groups.get(key, 0.0) + e.self_cpu_time_total / 1e6
+    groups["padding (estimated)"] = padding_share * sum(groups.get(g, 0.0) for g in COMPUTE)
+    return {"self_cpu_s_total": total, "groups_s": dict(sorted(groups.items(), key=lambda kv: -kv[1])),
+            "shares": {k: v / total for k, v in groups.items()}}
+
+
+def run_setting(name: str, args) -> dict:
+    """One setting in this process: timings, memory, FLOPs, profile."""
+    import torch
+    from transformers import AutoConfig
+
+    from actors.common import process_memory
+    from rlhf_ray.models.specs import resolve_model
+
+    setting = SETTINGS[name]
+    model_path, reward_path = resolve_model(args.model), resolve_model(args.critic)
+    config = AutoConfig.from_pretrained(model_path)
+    batch = ragged_batch(config.vocab_size, args.batch, args.prompt, args.response, config.pad_token_id or 0)
+    learner = make_learner(model_path, reward_path, setting, args)
+    module = learner.engine.module
+    evaluate, train, peaks = [], [], []
+    for i in range(args.steps + 1):
+        _, e = learner.evaluate(batch, logprobs=False)
+        before = process_memory(reset_peak=True)["rss_gb"]
+        stats, t = learner.train(batch)
+        peaks.append(process_memory()["peak_gb"] - before)
+        if i:  # the first is a warm-up
+            evaluate.append(e)
+            train.append(t)
+    real = float(batch.attention_mask.sum())
+    padding_share = stats["learn/padding_share"]
+    flops = useful_gflop(module, batch)
+    row = {"setting": name, **setting, "values_pass_s": statistics.fmean(evaluate), "update_s": statistics.fmean(train),
+           "update_peak_gb_above_start": max(peaks[1:]), "real_tokens": real, "padding_share": padding_share,
+           "useful_gflop": flops, "parameters": sum(p.numel() for p in module.parameters()),
+           "entropy": stats.get("entropy"), "loss_policy": stats.get("loss/policy")}
+    row["gflops"] = {"values_pass": flops["values_pass"] / row["values_pass_s"],
+                     "update": flops["update"] / row["update_s"]}
+    row["profile"] = profile_step(learner, batch, config.vocab_size, padding_share)
+    learner.shutdown()
+    del torch
+    return row
+
+
+def table(rows: list[dict], peaks: dict) -> str:
+    lines = ["| setting | values pass s | update s | update GFLOP/s | of matmul peak | update peak GB | padding share "
+             "| time: logits | padding | optimizer | communication |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        s = r["profile"]["shares"]
+        lines.append(f"| {r['setting']} | {r['values_pass_s']:.3f} | {r['update_s']:.3f} | {r['gflops']['update']:.1f} | "
+                     f"{r['gflops']['update'] / peaks[r['precision']]:.1%} | {r['update_peak_gb_above_start']:.2f} | "
+                     f"{r['padding_share']:.1%} | {s.get('logits', 0):.1%} | {s.get('padding (estimated)', 0):.1%} | "
+                     f"{s.get('optimizer', 0):.1%} | {s.get('communication', 0):.1%} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="scaled:llama-20m")
-    parser.add_argument("--reward", default=None, help="critic source (default: the model's -reward twin for scaled:, "
-                                                       "tiny:reward for tiny:)")
-    parser.add_argument("--threads", default="1,2")
-    parser.add_argument("--zero", type=int, default=0, help="ZeRO stage (one per run: DeepSpeed sets up once a process)")
+    parser.add_argument("--critic", default=None, help="critic source (default: the model's -reward twin for scaled:, "
+                                                       "tiny:reward for tiny:, else the model itself)")
+    parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--mini", type=int, default=8)
     parser.add_argument("--micro", type=int, default=4)
-    parser.add_argument("--prompt", type=int, default=40)
-    parser.add_argument("--response", type=int, default=32)
+    parser.add_argument("--prompt", type=int, default=48)
+    parser.add_argument("--response", type=int, default=48)
     parser.add_argument("--out", default=None)
-    parser.add_argument("--release-freed-memory", action="store_true",
-                        help="as resources.keep_freed_memory=false (default: keep it, as the roles do)")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.critic = args.critic or (args.model + "-reward" if args.model.startswith("scaled:") else
+                                  "tiny:reward" if args.model.startswith("tiny:") else args.model)
+    if args.child:
+        print("RESULT" + json.dumps(run_setting(args.child, args)), flush=True)
+        return
     from actors.common import KEEP_FREED_MEMORY_ENV
-
-    keeps = all(os.environ.get(k) == v for k, v in KEEP_FREED_MEMORY_ENV.items())
-    if not args.release_freed_memory and not keeps:  # glibc reads its settings at process start: start again
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **KEEP_FREED_MEMORY_ENV})
-    from transformers import AutoConfig
-
     from rlhf_ray.cluster.machine import describe, machine_info
-    from rlhf_ray.models.specs import resolve_model
 
-    reward = args.reward or (args.model + "-reward" if args.model.startswith("scaled:") else "tiny:reward")
-    model_path, reward_path = resolve_model(args.model), resolve_model(reward)
-    config = AutoConfig.from_pretrained(model_path)
-    batch = synthetic_batch(config.vocab_size, args.batch, args.prompt, args.response, config.pad_token_id or 0)
-    results = []
-    learner = make_learner(model_path, reward_path, args.zero, args)  # one DeepSpeed engine per process
-    thread_counts = [int(t) for t in args.threads.split(",")]
-    for threads in thread_counts:
-        learner.configure_compute(threads={"score": threads, "learn": threads})
-        evaluate, train = [], []
-        for i in range(args.steps + 1):
-            _, e = learner.evaluate(batch, logprobs=False)
-            _, t = learner.train(batch)
-            if i:  # the first is a warm-up
-                evaluate.append(e)
-                train.append(t)
-        row = {"zero": args.zero, "threads": threads, "values_pass_s": statistics.fmean(evaluate),
-               "update_s": statistics.fmean(train)}
-        results.append(row)
-        print(f"ZeRO-{args.zero}, {threads} thread(s): values pass {row['values_pass_s']:.3f} s, "
-              f"update {row['update_s']:.3f} s", flush=True)
-    threads = thread_counts[-1]
-    profiled = profile_step(learner, batch)
-    learner.shutdown()
-    print(f"\nprofile (ZeRO-{args.zero}, {threads} threads), self CPU seconds by kind of work:")
-    for group, seconds in profiled["groups_s"].items():
-        print(f"  {group:16s} {seconds:7.3f}  {seconds / profiled['self_cpu_s_total']:6.1%}")
-    print("top operators:")
-    for op in profiled["top_ops"][:15]:
-        print(f"  {op['op']:40s} {op['self_cpu_s']:7.3f} s  {op['calls']:6d} calls")
+    peaks = {dtype: matmul_peak(args.threads, dtype) for dtype in ("fp32", "bf16")}
+    print(f"matmul peak on {args.threads} threads: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s",
+          flush=True)
+    rows = []
+    for name in args.settings.split(","):
+        cmd = [sys.executable, *sys.argv, "--child", name]
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **KEEP_FREED_MEMORY_ENV})
+        results = [line[len("RESULT"):] for line in done.stdout.splitlines() if line.startswith("RESULT")]
+        if done.returncode or not results:
+            raise SystemExit(f"setting {name} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+        row = json.loads(results[-1])
+        rows.append(row)
+        print(f"{name}: values pass {row['values_pass_s']:.3f} s, update {row['update_s']:.3f} s "
+              f"({row['gflops']['update']:.1f} GFLOP/s = {row['gflops']['update'] / peaks[row['precision']]:.1%} of "
+              f"the {row['precision']} peak), update peak +{row['update_peak_gb_above_start']:.2f} GB, padding "
+              f"{row['padding_share']:.1%} of computed positions", flush=True)
+        for group, seconds in row["profile"]["groups_s"].items():
+            print(f"    {group:22s} {seconds:7.3f} s  {row['profile']['shares'][group]:6.1%}")
     machine = machine_info()
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"learner_profile_{args.model.split(':')[-1]}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": args.model, "critic": reward, "keep_freed_memory": not args.release_freed_memory,
-                               "shape": {k: getattr(args, k) for k in (
-        "batch", "mini", "micro", "prompt", "response")}, "settings": results, "profile": profiled,
-        "machine": machine}, indent=2) + "\n")
-    print(f"machine: {describe(machine)}\nwrote {out}")
+    shape = {k: getattr(args, k) for k in ("batch", "mini", "micro", "prompt", "response", "threads", "steps")}
+    out.write_text(json.dumps({"model": args.model, "critic": args.critic, "shape": shape, "matmul_peak_gflops": peaks,
+                               "settings": rows, "machine": machine}, indent=2) + "\n")
+    md = table(rows, peaks)
+    out.with_suffix(".md").write_text(
+        f"# Learner profile: {args.model} (critic {args.critic})\n\n{md}\n\nMatmul peak ({args.threads} threads, "
+        f"2048³): fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s. Shape: {shape}.\n\n"
+        f"Machine: {describe(machine)}\n")
+    print(md)
+    print(f"machine: {describe(machine)}\nwrote {out} and {out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

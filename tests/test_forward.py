@@ -33,7 +33,19 @@ def rollout(rows: list[tuple[int, int]], vocab: int = 1000, seed: int = 0) -> Ro
                                      [[]] * len(rows), [""] * len(rows), [""] * len(rows), pad_token_id=0)
 
 
-ROWS = [(5, 4), (1, 7), (9, 1), (3, 0), (2, 6)]
+ROWS = [(8, 4), (5, 4), (1, 7), (3, 0), (2, 1), (1, 2)]  # lengths 12, 9, 8, 3, 3, 3: packed into 4 rows of 12
+
+
+def test_short_sequences_share_packed_rows_no_wider_than_the_longest():
+    from rlhf_ray.models.forward import pack_sequences, packed_layout
+
+    lengths = [p + r for p, r in ROWS]
+    rows, width = pack_sequences(lengths)
+    assert width == 12 and rows == [[0], [1, 3], [2, 4], [5]]
+    assert pack_sequences(lengths, 24) == ([[0, 1, 3], [2, 4, 5]], 24)
+    # where attention is cheap, wider rows waste less; where it is dear, rows stay as wide as the longest sequence
+    assert packed_layout(lengths, attention_width=1e6) == ([[0, 1, 2, 3, 4, 5]], 38)
+    assert packed_layout(lengths, attention_width=1.0) == (rows, 12)
 
 
 def model_named(name: str, tiny_tokenizer) -> torch.nn.Module:
@@ -238,7 +250,7 @@ def test_ppo_gradients_do_not_depend_on_how_rows_are_grouped_into_micro_batches(
                        ppo=PPOConfig(advantage="grpo", loss_aggregation="token_mean"))
     objective = make_objective(spec)
     module = PolicyAndValue(build("llama-tied", tiny_tokenizer), None, FAST)
-    batch = rollout(ROWS, vocab=module.policy.config.vocab_size, seed=7)
+    batch = rollout(ROWS[:5], vocab=module.policy.config.vocab_size, seed=7)
     g = torch.Generator().manual_seed(8)
     batch = batch.with_(old_logprobs=-torch.rand(batch.response_mask.shape, generator=g) * batch.response_mask,
                         ref_logprobs=-torch.rand(batch.response_mask.shape, generator=g) * batch.response_mask,

@@ -1,9 +1,11 @@
 """Forward passes that compute only on real tokens and never hold full-vocabulary logits for a whole micro-batch.
 
-Padding-free: a micro-batch's sequences (prompts left-padded, responses right-padded, rlhf_ray.batch) are packed into
-one row of their real tokens, with position ids restarting at 0 for each sequence and no 2-D attention mask, which is
-how Hugging Face models take packed sequences: a block-diagonal causal mask with SDPA/eager attention, variable-length
-kernels with FlashAttention. Hidden states are then taken back at the columns the caller wants.
+Padding-free: a micro-batch's sequences (prompts left-padded, responses right-padded, rlhf_ray.batch) are repacked,
+their real tokens only, several to a row, with position ids restarting at 0 for each sequence and no 2-D attention
+mask, which is how Hugging Face models take packed sequences: a block-diagonal causal mask with SDPA/eager attention,
+variable-length kernels with FlashAttention. The rows' width is chosen by cost (``packed_layout``): a wider row wastes
+less on padding, but its masked attention, computed in full, grows with the width squared. Hidden states are then
+taken back at the columns the caller wants.
 
 Chunked log-probs: the LM head runs on the response tokens' hidden states ``chunk`` tokens at a time, each chunk's
 logits reduced at once to one log-prob and one entropy per token; under autograd every chunk is checkpointed (its
@@ -62,7 +64,7 @@ class ForwardOptions:
             options = self
             batch = _check_batch(model)
             if score_head(model) is not None:  # a sequence classifier (reward model): its pooled scores
-                rows = [ids[real.bool()][:n] for ids, real, n in zip(batch.input_ids, batch.attention_mask, (7, 4))]
+                rows = [ids[real.bool()][:n] for ids, real, n in zip(batch.input_ids, batch.attention_mask, (7, 3, 4))]
                 alone = torch.cat([model(input_ids=row[None]).logits[:, 0] for row in rows])
                 ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=model.config.pad_token_id
                                                       if model.config.pad_token_id is not None else 0)
@@ -94,19 +96,87 @@ def backbone_of(model: nn.Module) -> nn.Module:
     return model.base_model if _is_causal_lm(model) else model
 
 
+def pack_sequences(lengths: list[int], width: int | None = None) -> tuple[list[list[int]], int]:
+    """Sequences into as few rows of ``width`` (default: the longest sequence) as first-fit-decreasing finds.
+    -> (the sequences of each row, the width)"""
+    width = max(max(lengths, default=0), width or 0)
+    rows, loads = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        fit = next((r for r, load in enumerate(loads) if load + lengths[i] <= width), None)
+        if fit is None:
+            rows.append([])
+            loads.append(0)
+            fit = len(rows) - 1
+        rows[fit].append(i)
+        loads[fit] += lengths[i]
+    return rows, width
+
+
+def packed_layout(lengths: list[int], attention_width: float) -> tuple[list[list[int]], int]:
+    """The packing that costs least: rows × width × (1 + width / attention_width) over widths of 1, 2, 4, … times the
+    longest sequence. A row's attention (under a block-diagonal mask, computed in full) grows with its width squared;
+    ``attention_width`` is the width at which it equals the rest of the model's work (``attention_width(model)``)."""
+    longest, total = max(lengths, default=0), sum(lengths)
+    best, width = None, longest
+    while True:
+        rows, _ = pack_sequences(lengths, width)
+        cost = len(rows) * width * (1 + width / attention_width)
+        if best is None or cost < best[0]:
+            best = (cost, rows, width)
+        if width >= total or width == 0:
+            return best[1], best[2]
+        width = min(total, 2 * width)
+
+
+def attention_width(model: nn.Module) -> float:
+    """The row width at which a transformer's attention FLOPs equal its other FLOPs per token: 2·N per token for N
+    parameters against 4·width·hidden per layer for the scores and the weighted sum -> N / (2 · hidden · layers)."""
+    cached = getattr(model, "_attention_width", None)
+    if cached is None:
+        config = model.config
+        hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 1)
+        layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 1)
+        params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        cached = max(1.0, params / (2 * hidden * layers))
+        object.__setattr__(model, "_attention_width", cached)
+    return cached
+
+
 def hidden_at(backbone: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
               wanted: torch.Tensor, padding_free: bool) -> torch.Tensor:
     """The last layer's hidden states at the padded layout's flat positions ``wanted`` (row · T + column, real tokens
-    only) of a [B, T] batch. -> [len(wanted), H]"""
+    only) of a [B, T] batch. -> [len(wanted), H]
+
+    Padding-free, the real tokens are repacked into rows of several sequences (``pack_sequences``), position ids
+    restarting at 0 for each and no 2-D mask; a row's unused tail is one more sequence, of padding."""
     if not padding_free:
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           use_cache=False).last_hidden_state
         return hidden.flatten(0, 1)[wanted]
-    real = attention_mask.bool()
-    packed_index = attention_mask.flatten().cumsum(0) - 1   # where each real token lands in the packed row
-    hidden = backbone(input_ids=input_ids[real].unsqueeze(0), position_ids=position_ids[real].unsqueeze(0),
-                      use_cache=False).last_hidden_state[0]
-    return hidden[packed_index[wanted]]
+    B, T = input_ids.shape
+    real = [row.nonzero().flatten() for row in attention_mask]   # each sequence's columns, in order
+    rows, width = packed_layout([len(cols) for cols in real], attention_width(backbone))
+    ids = input_ids.new_zeros(len(rows), width)
+    positions = torch.arange(width, device=input_ids.device).repeat(len(rows), 1)
+    destination = torch.zeros(B * T, dtype=torch.long, device=input_ids.device)  # padded flat -> packed flat
+    for r, sequences in enumerate(rows):
+        offset = 0
+        for i in sequences:
+            cols, n = real[i], len(real[i])
+            ids[r, offset:offset + n] = input_ids[i, cols]
+            positions[r, offset:offset + n] = position_ids[i, cols]
+            destination[i * T + cols] = r * width + offset + torch.arange(n, device=input_ids.device)
+            offset += n
+        positions[r, offset:] = torch.arange(width - offset, device=input_ids.device)  # the tail: its own sequence
+    hidden = backbone(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
+    return hidden.flatten(0, 1)[destination[wanted]]
+
+
+def packed_positions(attention_mask: torch.Tensor, model: nn.Module) -> int:
+    """Token positions a padding-free forward of ``model`` computes for this [..., T] mask (``packed_layout``)."""
+    lengths = attention_mask.reshape(-1, attention_mask.shape[-1]).sum(-1).tolist()
+    rows, width = packed_layout(lengths, attention_width(backbone_of(model)))
+    return len(rows) * width
 
 
 def score_head(model: nn.Module) -> nn.Linear | None:
@@ -249,15 +319,16 @@ def _is_causal_lm(model: nn.Module) -> bool:
 
 
 def _check_batch(model: nn.Module) -> RolloutBatch:
-    """Two sequences of different prompt and response lengths from a fixed generator (not the global RNG), without
+    """Three sequences of different prompt and response lengths from a fixed generator (not the global RNG), without
     the model's pad token (a reward model pools at the last token that is not one)."""
     vocab, pad = model.config.vocab_size, model.config.pad_token_id
     generator = torch.Generator().manual_seed(0)
     ids = lambda n: [t if t != pad else 1 + t % (vocab - 1)  # noqa: E731
                      for t in torch.randint(1, vocab, (n,), generator=generator).tolist()]
     device = next(model.parameters()).device
-    return RolloutBatch.from_samples([ids(5), ids(2)], [ids(3), ids(6)], [[0.0] * 3, [0.0] * 6], ["stop", "stop"],
-                                     [[], []], ["", ""], ["", ""], pad_token_id=0).to(device)
+    # lengths 8, 3 and 4: the two short ones share a packed row
+    return RolloutBatch.from_samples([ids(5), ids(1), ids(2)], [ids(3), ids(2), ids(2)], [[0.0] * 3, [0.0] * 2, [0.0] * 2],
+                                     ["stop"] * 3, [[]] * 3, [""] * 3, [""] * 3, pad_token_id=0).to(device)
 
 
 def _hidden_reference(model, batch):
