@@ -55,7 +55,7 @@ GROUPS = {  # operator name fragments -> what kind of work it is (the first matc
 COMPUTE = ("matmul / linear", "logits", "attention", "elementwise")
 
 
-def matmul_peak(threads: int, dtype: str, n: int = 2048, repeats: int = 5) -> float:
+def matmul_peak(threads: int, dtype: str, n: int = 2048, repeats: int = 10) -> float:
     """GFLOP/s of an n³ matrix product on ``threads`` threads (best of ``repeats``, after a warm-up)."""
     import torch
 

@@ -107,8 +107,10 @@ def test_policy_and_value_module_returns_logprobs_entropy_values(tiny_tokenizer)
     value = ValueModel(build("llama", tiny_tokenizer).base_model, torch.nn.Linear(128, 1), True)
     batch = rollout(ROWS, vocab=lm.config.vocab_size, seed=3)
     logprobs, entropy, values = PolicyAndValue(lm, value, FAST)(batch, temperature=1.0, entropy=True)
-    expected, _ = response_token_stats(lm, batch, options=PLAIN)
+    expected, expected_entropy = response_token_stats(lm, batch, entropy=True, options=PLAIN)
     torch.testing.assert_close(logprobs, expected, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy, expected_entropy, atol=2e-5, rtol=1e-5)  # the metric, as computed in grad mode
+    logprobs.sum().backward()  # a metric entropy is not recomputed in backward, and the backward still works
     assert entropy.shape == values.shape == batch.response_mask.shape
     assert not entropy.requires_grad  # a metric unless entropy_grad
     assert PolicyAndValue(lm, None, FAST)(batch)[1:] == (None, None)

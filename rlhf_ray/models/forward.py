@@ -235,29 +235,42 @@ def output_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def _chunk_stats(model, hidden, tokens, temperature: float, with_entropy: bool):
+def _chunk_stats(model, hidden, tokens, temperature: float, entropy: bool, entropy_grad: bool, state: dict):
     z = output_logits(model, hidden).float()
     if temperature != 1.0:
         z = z / temperature
-    logprobs = torch.log_softmax(z, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    return logprobs, (entropy_from_logits(z) if with_entropy else torch.zeros_like(logprobs))
+    log_p = torch.log_softmax(z, dim=-1)
+    logprobs = log_p.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    if not entropy or (state.get("done") and not entropy_grad):  # a metric is not recomputed for backward
+        return logprobs, torch.zeros_like(logprobs)
+    state["done"] = True
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        # H = −Σ p log p from the log-softmax already computed; a −inf log-prob has p = 0 and adds 0
+        return logprobs, -(log_p.exp() * log_p.clamp(min=torch.finfo(log_p.dtype).min)).sum(-1)
 
 
 def token_stats(model: nn.Module, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
-                entropy: bool = False, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                entropy: bool = False, chunk: int | None = None,
+                entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log softmax(logits / T)[token] and (``entropy``) H(softmax(logits / T)) of each row of ``hidden`` [M, H] with
-    its ``tokens`` [M], ``chunk`` rows at a time; with gradients each chunk is checkpointed. -> ([M], [M] | None)"""
+    its ``tokens`` [M], ``chunk`` rows at a time; with gradients each chunk is checkpointed. Entropies have a gradient
+    only under ``entropy_grad`` (else they are a metric, not recomputed in backward). -> ([M], [M] | None)"""
     step = chunk or max(1, hidden.shape[0])
     grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in model.parameters()))
-    run = (lambda *args: checkpoint(_chunk_stats, *args, use_reentrant=False)) if grad and chunk else _chunk_stats
+    checkpointed = grad and chunk
+
+    def run(hidden_chunk, token_chunk):
+        args = (model, hidden_chunk, token_chunk, temperature, entropy, entropy_grad, {})
+        return checkpoint(_chunk_stats, *args, use_reentrant=False) if checkpointed else _chunk_stats(*args)
+
     logprobs, entropies = [], []
     for start in range(0, hidden.shape[0], step):
-        lp, h = run(model, hidden[start:start + step], tokens[start:start + step], temperature, entropy)
+        lp, h = run(hidden[start:start + step], tokens[start:start + step])
         logprobs.append(lp)
         entropies.append(h)
     # ZeRO-3 over several ranks gathers the head's weight at each call (and again in backward): a collective, so every
     # rank calls it as often as the rank with the most chunks; the extra calls see one zero row and add exactly 0
-    padding = [run(model, hidden.new_zeros(1, hidden.shape[-1]), tokens.new_zeros(1), temperature, entropy)
+    padding = [run(hidden.new_zeros(1, hidden.shape[-1]), tokens.new_zeros(1))
                for _ in range(_head_calls_short(model, len(logprobs), hidden.device))]
     zero = sum((lp.sum() + h.sum()) * 0.0 for lp, h in padding) if padding else None
     if not logprobs:  # no response tokens here
@@ -295,9 +308,7 @@ def response_token_stats(model: nn.Module, batch: RolloutBatch, temperature: flo
     hidden = response_hidden(backbone_of(model), batch, options.padding_free)
     rows, cols = response_positions(batch)
     lp, ent = token_stats(model, hidden, batch.response_ids[rows, cols], temperature, entropy,
-                          options.chunk_tokens(model.config.vocab_size))
-    if ent is not None and not entropy_grad:
-        ent = ent.detach()
+                          options.chunk_tokens(model.config.vocab_size), entropy_grad)
     return scatter_response(lp, batch), (scatter_response(ent, batch) if entropy else None)
 
 
