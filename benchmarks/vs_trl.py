@@ -6,11 +6,13 @@
 Models (built offline once, through rlhf_ray.models.specs.resolve_model):
   tiny     policy tiny:policy, reward tiny:reward; the tiny prompts in the Tulu format
   20m      policy scaled:llama-20m, reward scaled:llama-20m-reward; the chat prompts in SmolLM2's chat template
+  20m-v1k  policy scaled:llama-20m-v1k, reward scaled:llama-20m-v1k-reward (the same size with the tiny 656-token
+           vocabulary: where the vocabulary is not the work); the chat prompts in the Tulu format
   smollm2  policy real:smollm2-135m, reward SmolLM2-135M with a seeded random score head (built once into
            <cache>/bench-smollm2-135m-reward-seed<seed>); the chat prompts in SmolLM2's chat template
 On both sides: the same policy, reference (= the initial policy), reward model and critic (initialised from the
 reward model: its score head is the value head), the same prompt token ids in the same order (rlhf-ray's loader
-and its seeded prompt sampler), fp32, the same PPO geometry (rollout of --batch prompts x 1 sample,
+and its seeded prompt sampler), the same precision (--precision: fp32, or bf16 on both sides), the same PPO geometry (rollout of --batch prompts x 1 sample,
 --response-length new tokens at temperature 1, one PPO epoch, mini-batch --mini-batch, micro-batch
 --micro-batch; TRL: per_device_train_batch_size=micro, gradient_accumulation_steps=batch/micro (TRL's rollout
 is per_device x accumulation), num_mini_batches=batch/mini, and its Accelerator set to accumulate mini/micro
@@ -61,6 +63,8 @@ MODELS = {
              "template": "tulu", "max_prompt_tokens": 64},
     "20m": {"policy": "scaled:llama-20m", "reward": "scaled:llama-20m-reward",
             "prompts": "configs/data/chat_prompts.jsonl", "template": "tokenizer", "max_prompt_tokens": 128},
+    "20m-v1k": {"policy": "scaled:llama-20m-v1k", "reward": "scaled:llama-20m-v1k-reward",
+                "prompts": "configs/data/chat_prompts.jsonl", "template": "tulu", "max_prompt_tokens": 128},
     "smollm2": {"policy": "real:smollm2-135m", "reward": "bench:smollm2-135m-reward",
                 "prompts": "configs/data/chat_prompts.jsonl", "template": "tokenizer", "max_prompt_tokens": 128},
 }
@@ -151,7 +155,8 @@ def workload_overrides(entry: dict, args, total_steps: int, output_dir: str) -> 
         f"output_dir={output_dir}", f"seed={args.seed}",
         f"models.policy={entry['policy']}", "models.reference=null", "models.reward.kind=model",
         f"models.reward.model={entry['reward']}", f"models.reward.template={entry['template']}",
-        "models.value_init=reward", "models.value_model=null", "models.dtype=float32",
+        "models.value_init=reward", "models.value_model=null",
+        f"models.dtype={'bfloat16' if args.precision == 'bf16' else 'float32'}",
         f"data.prompts={ROOT / entry['prompts']}", f"data.template={entry['template']}",
         f"data.max_prompt_tokens={entry['max_prompt_tokens']}",
         f"generation.max_new_tokens={args.response_length}", f"generation.temperature={args.temperature}",
@@ -163,7 +168,9 @@ def workload_overrides(entry: dict, args, total_steps: int, output_dir: str) -> 
         "ppo.clip_range=0.2", "ppo.value_clip_range=0.2", "ppo.vf_coef=0.1", "ppo.entropy_coef=0.0",
         f"optimizer.lr={args.lr}", "optimizer.schedule=constant", "optimizer.warmup_ratio=0.0",
         "optimizer.weight_decay=0.0", "optimizer.max_grad_norm=null",
-        "deepspeed.precision=fp32", "deepspeed.zero_stage=0", "deepspeed.gradient_checkpointing=false",
+        # bf16: ZeRO-1 is DeepSpeed's BF16_Optimizer (fp32 master weights and gradient accumulation) on one rank
+        f"deepspeed.precision={args.precision}", f"deepspeed.zero_stage={1 if args.precision == 'bf16' else 0}",
+        "deepspeed.gradient_checkpointing=false",
         "checkpoint.every_steps=0", "checkpoint.at_end=false", "checkpoint.on_signal=false",
         "logging.progress_bar=false", "logging.tensorboard=false", "logging.samples_per_step=0",
         "logging.report=false", "logging.save_final_model=false",
@@ -244,7 +251,9 @@ def run_trl(spec: dict, no_gc: bool) -> dict:
     config = PPOConfig(
         output_dir=output_dir, seed=cfg.seed, report_to=[], save_strategy="no", eval_strategy="no",
         push_to_hub=False, num_sample_generations=0, logging_steps=1, disable_tqdm=True,
-        bf16=False, fp16=False, use_cpu=not torch.cuda.is_available(), gradient_checkpointing=False,
+        # bf16: Accelerate's bf16 mixed precision (autocast; fp32 weights and optimizer), as TRL users run it
+        bf16=cfg.deepspeed.precision == "bf16", fp16=False, use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=False,
         dataloader_num_workers=0,
         # TRL's rollout (its local batch) is per_device_train_batch_size x gradient_accumulation_steps
         per_device_train_batch_size=ppo.micro_batch_size,
@@ -408,7 +417,8 @@ def markdown(result: dict) -> str:
                         + f" | {s['measured_steps']} ({s['failed']}) |")
     w = result["workload"]
     notes = [f"Rollout {w['rollout_batch']} prompts × 1 sample, {w['response_length']} new tokens, temperature "
-             f"{w['temperature']}, 1 PPO epoch, mini-batch {w['mini_batch']}, micro-batch {w['micro_batch']}, fp32, "
+             f"{w['temperature']}, 1 PPO epoch, mini-batch {w['mini_batch']}, micro-batch {w['micro_batch']}, "
+             f"{w.get('precision', 'fp32')}, "
              f"lr {w['lr']}, KL coef {w['kl_coef']}; {w['warmup']} warm-up step(s) dropped, {w['steps']} measured × "
              f"{w['reps']} rep(s). TRL torch threads: {result.get('trl_torch_threads')}. "
              f"rlhf-ray overrides: {' '.join(w['ours']) or 'none'}.",
@@ -453,6 +463,9 @@ def main() -> None:
     parser.add_argument("--mini-batch", type=int, default=8, help="sequences per optimizer step")
     parser.add_argument("--micro-batch", type=int, default=4, help="sequences per forward/backward")
     parser.add_argument("--lr", type=float, default=1e-6)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="both sides: rlhf-ray's learner in DeepSpeed bf16 (ZeRO-1) with the engine and frozen "
+                             "models in bf16; TRL with bf16=True (Accelerate's autocast)")
     parser.add_argument("--kl-coef", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ours", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
@@ -549,6 +562,7 @@ def main() -> None:
                      "rollout_batch": args.batch, "samples_per_prompt": 1, "response_length": args.response_length,
                      "temperature": args.temperature, "mini_batch": args.mini_batch, "micro_batch": args.micro_batch,
                      "ppo_epochs": 1, "lr": args.lr, "kl_coef": args.kl_coef, "seed": args.seed,
+                     "precision": args.precision,
                      "warmup": args.warmup, "steps": args.steps, "reps": args.reps, "ours": args.ours,
                      "trl": {"per_device_train_batch_size": args.micro_batch,
                              "gradient_accumulation_steps": args.batch // args.micro_batch,
