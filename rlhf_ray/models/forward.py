@@ -53,42 +53,48 @@ class ForwardOptions:
 
     @torch.no_grad()
     def checked(self, model: nn.Module, name: str = "model") -> "ForwardOptions":
-        """These options as far as ``model`` (a causal LM, or a backbone returning ``last_hidden_state``) reproduces
-        its plain forward with them on two sequences of different lengths; what it does not is switched off, logged."""
+        """These options as far as ``model`` (a causal LM, a sequence classifier, or a backbone returning
+        ``last_hidden_state``) reproduces its plain forward with them on three sequences, two of them sharing a packed
+        row; what it does not is switched off, with a warning naming the model."""
         if self.plain:
             return self
         was_training = model.training
         if was_training:  # (a ZeRO-3 inference model, which loops back to itself, is never in training mode)
             model.eval()  # dropout would make the two passes differ
         try:
-            options = self
-            batch = _check_batch(model)
-            if score_head(model) is not None:  # a sequence classifier (reward model): its pooled scores
-                rows = [ids[real.bool()][:n] for ids, real, n in zip(batch.input_ids, batch.attention_mask, (7, 3, 4))]
-                alone = torch.cat([model(input_ids=row[None]).logits[:, 0] for row in rows])
-                ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=model.config.pad_token_id
-                                                      if model.config.pad_token_id is not None else 0)
-                mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(r) for r in rows], batch_first=True)
-                if options.padding_free and not _same(alone, sequence_scores(model, ids, mask, padding_free=True)):
-                    log.warning("%s does not keep packed sequences apart: it scores padded rows", name)
-                    options = replace(options, padding_free=False)
-                return options
-            if options.padding_free and not _same(_hidden_reference(model, batch), _hidden_fast(model, batch)):
+            options, batch = self, _check_batch(model)
+            if options.padding_free and not _packing_holds(model, batch):
                 log.warning("%s does not keep packed sequences apart (its attention ignores position-id boundaries): "
-                            "its forward passes use padded rows (deepspeed.padding_free has no effect on it)", name)
+                            "it runs on padded rows (deepspeed.padding_free has no effect on it)", name)
                 options = replace(options, padding_free=False)
-            if _is_causal_lm(model) and options.logits_chunk_tokens != 0:
-                expected = _token_logprobs(_plain_response_logits(model, batch), batch)
-                got, _ = response_token_stats(model, batch, options=replace(options, logits_chunk_tokens=1))
-                if not _same(expected * batch.response_mask, got):
-                    log.warning("%s's logits are not its LM head's output as rlhf_ray.models.forward.output_logits "
-                                "computes them: its log-probs come from full logits (deepspeed.logits_chunk_tokens "
-                                "has no effect on it)", name)
-                    options = replace(options, logits_chunk_tokens=0)
+            if _is_causal_lm(model) and options.logits_chunk_tokens != 0 and not _chunking_holds(model, batch, options):
+                log.warning("%s's logits are not its LM head's output as rlhf_ray.models.forward.output_logits "
+                            "computes them: its log-probs come from full logits (deepspeed.logits_chunk_tokens "
+                            "has no effect on it)", name)
+                options = replace(options, logits_chunk_tokens=0)
             return options
         finally:
             if was_training:
                 model.train()
+
+
+def _packing_holds(model: nn.Module, batch: RolloutBatch) -> bool:
+    if score_head(model) is None:  # a causal LM or a backbone: the hidden states before each response token
+        return _same(response_hidden(backbone_of(model), batch, padding_free=False),
+                     response_hidden(backbone_of(model), batch, padding_free=True))
+    # a sequence classifier (reward model): its pooled scores, against each sequence scored alone
+    rows = [ids[real.bool()][:n] for ids, real, n in zip(batch.input_ids, batch.attention_mask, (7, 3, 4))]
+    alone = torch.cat([model(input_ids=row[None]).logits[:, 0] for row in rows])
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad)
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(r) for r in rows], batch_first=True)
+    return _same(alone, sequence_scores(model, ids, mask, padding_free=True))
+
+
+def _chunking_holds(model: nn.Module, batch: RolloutBatch, options: "ForwardOptions") -> bool:
+    expected = _token_logprobs(_plain_response_logits(model, batch), batch) * batch.response_mask
+    got, _ = response_token_stats(model, batch, options=replace(options, logits_chunk_tokens=1))
+    return _same(expected, got)
 
 
 def backbone_of(model: nn.Module) -> nn.Module:
@@ -340,14 +346,6 @@ def _check_batch(model: nn.Module) -> RolloutBatch:
     # lengths 8, 3 and 4: the two short ones share a packed row
     return RolloutBatch.from_samples([ids(5), ids(1), ids(2)], [ids(3), ids(2), ids(2)], [[0.0] * 3, [0.0] * 2, [0.0] * 2],
                                      ["stop"] * 3, [[]] * 3, [""] * 3, [""] * 3, pad_token_id=0).to(device)
-
-
-def _hidden_reference(model, batch):
-    return response_hidden(backbone_of(model), batch, padding_free=False)
-
-
-def _hidden_fast(model, batch):
-    return response_hidden(backbone_of(model), batch, padding_free=True)
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
