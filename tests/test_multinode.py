@@ -46,9 +46,12 @@ def test_metrics_across_nodes_and_a_lost_node_equal_the_one_node_run(cluster_run
     rows = three["rows"]
     assert len(rows) >= 4 and [r["step"] for r in rows] == list(range(1, len(rows) + 1))  # every step once
     assert rows[-1]["recovery/generation_restarts"] == 1.0  # the engine's node went, the spare took over
+    # The learner computes with 3 threads on the solo node and 1 on its own node: its gradients' reductions split
+    # differently, so the runs agree to float rounding (~1e-6 relative in a step's losses, growing slowly), not bit
+    # for bit. Weights that did not cross nodes would differ in the first digits.
     for a, b in zip(one["rows"], rows):  # weights crossed nodes by the collective; the replacement got them too
         for key in COMPARED:
-            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), (a["step"], key)
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), (a["step"], key)
     assert max(r["kl/sampler_vs_learner"] for r in rows) < 1e-4
 
 
