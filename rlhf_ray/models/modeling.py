@@ -11,14 +11,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(logits / T)[token], in float32. logits [B, R, V], tokens [B, R] -> [B, R]"""
-    logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-
-
 @torch.no_grad()
 def batched_response_logprobs(model: nn.Module, batch: RolloutBatch, micro_batch_size: int,
                               temperature: float = 1.0, options: ForwardOptions = ForwardOptions()) -> torch.Tensor:
