@@ -16,7 +16,7 @@ CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 class GenerationActor(Role):
     def __init__(self, model_path: str, generation: dict, max_model_len: int, seed: int,
                  tensor_parallel_size: int = 1, dtype: str = "float32", num_gpus: float = 0.0,
-                 weight_transport: str = "object_store", log_file: str | None = None):
+                 weight_transport: str = "object_store", lora_rank: int | None = None, log_file: str | None = None):
         super().__init__(log_file)
         import torch
         if num_gpus == 0 or not torch.cuda.is_available():
@@ -40,9 +40,16 @@ class GenerationActor(Role):
         self.llm = LLM(model=model_path, tensor_parallel_size=tensor_parallel_size, dtype=dtype, seed=seed,
                        max_model_len=max_model_len, enforce_eager=True, gpu_memory_utilization=0.85,
                        logprobs_mode="processed_logprobs",  # after temperature: the distribution PPO trains
-                       **backend)
+                       **backend, **lora_options(lora_rank, weight_transport))
         tokenizer = self.llm.get_tokenizer()
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    @property
+    def adapter(self):
+        """The vLLM LoRA adapter the engine samples with (weights.transport=adapter), None for the base weights (before
+        the first update the adapters are zero: the base is the policy)."""
+        transport = self.transports.get("adapter")
+        return transport.request if transport is not None else None
 
     def _sampling_params(self, **overrides):
         from vllm import SamplingParams
@@ -64,7 +71,8 @@ class GenerationActor(Role):
         from vllm.inputs import TokensPrompt
 
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p.token_ids) for p in prompts],
-                                    [self._sampling_params(seed=seed) for seed in seeds], use_tqdm=False)
+                                    [self._sampling_params(seed=seed) for seed in seeds], use_tqdm=False,
+                                    lora_request=self.adapter)
         rows = {k: [] for k in ("prompts", "responses", "logprobs", "finish", "messages", "ptexts", "rtexts", "labels")}
         for prompt, out in zip(prompts, outputs):
             for sample in out.outputs:
@@ -121,9 +129,23 @@ class GenerationActor(Role):
 
         out = self.llm.generate([TokensPrompt(prompt_token_ids=prompt_ids + response_ids)],
                                 self._sampling_params(n=1, max_tokens=1, prompt_logprobs=0, logprobs=None),
-                                use_tqdm=False)[0]
+                                use_tqdm=False, lora_request=self.adapter)[0]
         tail = out.prompt_logprobs[len(prompt_ids):]
         return [lp[t].logprob for lp, t in zip(tail, response_ids)]
+
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
+
+
+def lora_options(rank: int | None, weight_transport: str) -> dict:
+    """vLLM's LoRA settings for an engine that is sent a policy's LoRA adapters (weights.transport=adapter): one
+    adapter at a time, of up to ``rank`` rounded up to a rank vLLM allows."""
+    if weight_transport != "adapter":
+        return {}
+    if rank is None or rank > VLLM_LORA_RANKS[-1]:
+        raise ValueError(f"weights.transport=adapter needs a LoRA rank of at most {VLLM_LORA_RANKS[-1]} (vLLM's "
+                         f"largest); got {rank}")
+    return {"enable_lora": True, "max_loras": 1, "max_lora_rank": next(r for r in VLLM_LORA_RANKS if r >= rank)}
 
 
 def cpu_bind(cpus: list[int], workers: int) -> str:

@@ -56,6 +56,20 @@ def communication_buckets(num_params: int, hidden_size: int) -> dict:
             "stage3_max_reuse_distance": bucket, "stage3_param_persistence_threshold": 10 * hidden_size}
 
 
+def without_tied_frozen(module_state_dict, module: torch.nn.Module):
+    """DeepSpeed's ``module_state_dict`` whose ``exclude_frozen_parameters`` also drops a frozen weight's second name:
+    DeepSpeed walks ``named_parameters()``, which lists a tied weight once, so a LoRA checkpoint would still hold the
+    output head tied to the embeddings (SmolLM2: 28 M parameters)."""
+    def state_dict(*args, exclude_frozen_parameters: bool = False, **kwargs):
+        state = module_state_dict(*args, exclude_frozen_parameters=exclude_frozen_parameters, **kwargs)
+        if exclude_frozen_parameters:
+            for name, param in module.named_parameters(remove_duplicate=False):
+                if not param.requires_grad:
+                    state.pop(name, None)
+        return state
+    return state_dict
+
+
 def deepspeed_config(spec: LearnerSpec, model: torch.nn.Module) -> dict:
     ds, world = spec.deepspeed, spec.world_size
     per_rank_mini = spec.mini_batch_size // world
@@ -110,7 +124,8 @@ class LearnerActor(Role):
                     module.gradient_checkpointing_enable()
         # fused: one kernel per parameter, without the per-parameter temporaries of the for-loop version
         # (two embedding-sized buffers at a time on SmolLM2); CPU and CUDA have it
-        optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=opt.betas, eps=opt.eps,
+        trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters (and a critic) alone
+        optimizer = torch.optim.AdamW(trainable, lr=opt.lr, betas=opt.betas, eps=opt.eps,
                                       weight_decay=opt.weight_decay, fused=self.device in ("cpu", "cuda"))
         total = spec.optimizer_steps
         # transformers' 'constant' ignores warmup; 'constant_with_warmup' honours optimizer.warmup_ratio
@@ -124,6 +139,7 @@ class LearnerActor(Role):
             # buffer per optimizer step to all-reduce it with itself: a transient copy of all gradients.
             self.engine.enable_backward_allreduce = False
         self.engine.checkpoint_engine = weights_only_checkpoint_engine()
+        self.engine.module_state_dict = without_tied_frozen(self.engine.module_state_dict, self.engine.module)
 
     @computes("score")
     @torch.no_grad()
@@ -232,47 +248,65 @@ class LearnerActor(Role):
         return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
     def num_parameters(self) -> int:
-        """Trainable parameters (PPO: policy + critic), full counts also under ZeRO-3 partitioning."""
-        return sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())
+        """Trainable parameters (PPO: policy + critic; with LoRA its adapters + critic), full counts also under ZeRO-3
+        partitioning."""
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters() if p.requires_grad)
 
     def _exported(self):
         return self.objective.exported(self.engine.module)
 
-    def _exported_params(self, device: str = "cpu"):
+    def _exported_params(self, device: str = "cpu", adapter: bool = False):
         """(name, full tensor on ``device``) per parameter of the exported model (PPO: the policy), in its export
-        dtype; under ZeRO-3 gathered one parameter at a time (every rank must iterate; rank 0 gets the tensors)."""
+        dtype; under ZeRO-3 gathered one parameter at a time (every rank must iterate; rank 0 gets the tensors).
+        A LoRA policy exports its adapters merged (rlhf_ray.models.lora), or with ``adapter`` the adapters alone."""
         import deepspeed
 
-        dtype = DTYPES[self.spec.export_dtype]
+        from rlhf_ray.models import lora
+
+        dtype, model = DTYPES[self.spec.export_dtype], self._exported()
+        if lora.is_adapted(model):  # (never ZeRO-3: the config refuses it) tensors computed here are new: no copy
+            for name, tensor in lora.adapter_tensors(model) if adapter else lora.merged_tensors(model):
+                yield name, tensor.detach().to(device, dtype) if self.rank == 0 else None
+            return
         gathered = self.spec.deepspeed.zero_stage == 3  # the full tensor lives only inside the context: copy it
-        for name, param in self._exported().named_parameters():
+        for name, param in model.named_parameters():
             with deepspeed.zero.GatheredParameters([param]):  # no-op below ZeRO-3
                 # below ZeRO-3 a tensor already on ``device`` in the right dtype is passed as is: it is copied on
                 full = param.detach().to(device, dtype, copy=gathered) if self.rank == 0 else None
             yield name, full
 
-    def weight_layout(self, bucket_mb: float) -> list:
-        """The buckets one weight update is sent in (rlhf_ray.weights.buckets): names, shapes, the export dtype."""
+    def weight_layout(self, bucket_mb: float, adapter: bool = False) -> list:
+        """The buckets one weight update is sent in (rlhf_ray.weights.buckets): names, shapes, the export dtype
+        (``adapter``: a LoRA policy's adapters alone)."""
+        from rlhf_ray.models import lora
         from rlhf_ray.weights.buckets import plan_buckets
 
-        return plan_buckets(((name, self.spec.export_dtype, tuple(getattr(param, "ds_shape", param.shape)))
-                             for name, param in self._exported().named_parameters()), int(bucket_mb * 2**20))
+        model = self._exported()
+        if lora.is_adapted(model):
+            shapes = lora.adapter_shapes(model) if adapter else lora.merged_shapes(model)
+        else:
+            shapes = [(name, tuple(getattr(param, "ds_shape", param.shape))) for name, param in model.named_parameters()]
+        return plan_buckets(((name, self.spec.export_dtype, shape) for name, shape in shapes), int(bucket_mb * 2**20))
 
     @computes("learn")
     def publish_weights(self, transport: str = "object_store", bucket_mb: float = 256):
         """Send the policy weights by ``transport`` (rlhf_ray.weights). Every rank takes part (ZeRO-3 gathers);
         rank 0 sends and returns what the engines' ``load_weights`` gets (object refs; None for a broadcast)."""
+        from rlhf_ray.models import lora
         from rlhf_ray.weights import make_transport
 
-        buckets = self.weight_layout(bucket_mb)
+        sender = make_transport(transport)
+        buckets = self.weight_layout(bucket_mb, adapter=sender.adapter)
         device = self.device if transport == "collective" else "cpu"  # a broadcast goes from where the weights are
-        tensors = (tensor for _, tensor in self._exported_params(device))
+        tensors = (tensor for _, tensor in self._exported_params(device, adapter=sender.adapter))
         if self.rank != 0:
             for _ in tensors:  # the gathers are collectives: every rank walks the parameters
                 pass
             return None
         try:
-            return make_transport(transport).publish(buckets, tensors, group=getattr(self, "_weight_group", None))
+            if sender.adapter:
+                return sender.publish(buckets, tensors, config=lora.adapter_config(self._exported()))
+            return sender.publish(buckets, tensors, group=getattr(self, "_weight_group", None))
         except BaseException:
             for _ in tensors:  # the other ranks are in the gathers of the parameters still to come: finish them
                 pass
@@ -320,26 +354,41 @@ class LearnerActor(Role):
 
     def save(self, path: str) -> str | None:
         """Save the exported model (PPO: the policy; RM: the sequence-classification model) in HF format
-        (safetensors) with its tokenizer; rank 0 writes."""
+        (safetensors) with its tokenizer; rank 0 writes. A LoRA policy is saved merged, its adapter (PEFT's format)
+        in ``<path>/adapter``."""
         from transformers import AutoTokenizer
+
+        from rlhf_ray.models import lora
 
         state = {name: tensor for name, tensor in self._exported_params()}
         if self.rank != 0:
             return None
-        self._exported().save_pretrained(path, state_dict=state, safe_serialization=True)
+        model = self._exported()
+        lora.causal_lm(model).save_pretrained(path, state_dict=state, safe_serialization=True)
+        if lora.is_adapted(model):
+            model.save_pretrained(os.path.join(path, "adapter"), safe_serialization=True)
         tokenizer = AutoTokenizer.from_pretrained(self.spec.model)
         if tokenizer.pad_token is None and self.spec.pad_token_id is not None:
             tokenizer.pad_token = tokenizer.convert_ids_to_tokens(self.spec.pad_token_id)  # what the RM pools by
         tokenizer.save_pretrained(path)
         return path
 
+    @property
+    def _frozen_base(self) -> bool:
+        """A LoRA policy: its frozen base is rebuilt from the model path, the checkpoint holds what trains."""
+        from rlhf_ray.models import lora
+
+        return lora.is_adapted(self._exported())
+
     def save_state(self, directory: str) -> None:
         """Everything this rank needs to continue exactly: the HF model (rank 0), the DeepSpeed checkpoint
-        (weights, optimizer, LR schedule; each rank its ZeRO partition), this rank's RNG and update count."""
+        (weights — with LoRA the trainable ones alone —, optimizer, LR schedule; each rank its ZeRO partition),
+        this rank's RNG and update count."""
         from safetensors.torch import save_file
 
         self.save(os.path.join(directory, self.objective.export_name))
-        self.engine.save_checkpoint(os.path.join(directory, "learner"), tag="state", save_latest=False)
+        self.engine.save_checkpoint(os.path.join(directory, "learner"), tag="state", save_latest=False,
+                                    exclude_frozen_parameters=self._frozen_base)
         save_file({"torch_rng": torch.get_rng_state()}, os.path.join(directory, "learner", f"rank-{self.rank}.safetensors"),
                   metadata={"updates": str(self.updates)})
         release_free_memory()
@@ -349,8 +398,9 @@ class LearnerActor(Role):
         from safetensors import safe_open
 
         learner_dir = os.path.join(directory, "learner")
+        # LoRA: the checkpoint has no frozen weights; those in the engine are the model path's, as when it was saved
         loaded, _ = self.engine.load_checkpoint(learner_dir, tag="state", load_optimizer_states=True,
-                                                load_lr_scheduler_states=True)
+                                                load_lr_scheduler_states=True, load_module_strict=not self._frozen_base)
         if loaded is None:
             raise RuntimeError(f"DeepSpeed found no learner state in {learner_dir}")
         with safe_open(os.path.join(learner_dir, f"rank-{self.rank}.safetensors"), "pt") as f:

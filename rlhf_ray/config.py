@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -82,6 +82,17 @@ class RewardConfig(_Strict):
                                 "ppo.reward_clip, which clamps what comes out of here).")
 
 
+class LoRAConfig(_Strict):
+    """The policy trained as low-rank adapters on its frozen weights (PEFT): W x + (alpha / rank) · B A x."""
+    rank: int = Field(16, gt=0, description="The adapters' rank r.")
+    alpha: float = Field(32.0, gt=0.0, description="Scale numerator: the adapters' output is multiplied by alpha / rank.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapters' input while training. Above 0 the "
+                                                            "learner's log-probs in training differ from the sampler's.")
+    target_modules: Union[str, list[str]] = Field(
+        "all-linear", description="Layers that get adapters: 'all-linear' (every linear layer but the output head) or "
+                                  "module names such as [q_proj, v_proj].")
+
+
 class ModelsConfig(_Strict):
     policy: str = Field(description="Policy (SFT) model: hub name, local path, or 'tiny:policy' (built offline).")
     reference: Optional[str] = Field(
@@ -97,6 +108,12 @@ class ModelsConfig(_Strict):
         "float32", description="Weights dtype of the frozen roles (reference, reward) and of generation.")
     cache_dir: Optional[str] = Field(
         None, description="Where 'tiny:*' models are built; default ~/.cache/rlhf_ray.")
+    lora: Optional[LoRAConfig] = Field(
+        None, description="Train the policy as LoRA adapters (rlhf_ray.models.lora). The reference is then the policy "
+                          "with its adapters off, computed in the learner: no reference actors (resources.reference is "
+                          "unused). The engines get the adapters alone (weights.transport 'auto' or 'adapter'; vLLM's "
+                          "LoRA support) or merged weights (any other transport). Checkpoints hold the adapters; saved "
+                          "models are the merged weights (and the adapter in <model>/adapter). null: full fine-tuning.")
 
     @property
     def reference_path(self) -> str:
@@ -321,13 +338,15 @@ class ResourcesConfig(LearnerResourcesConfig):
 
 
 class WeightsConfig(_Strict):
-    transport: Literal["auto", "object_store", "collective", "files"] = Field(
+    transport: Literal["auto", "object_store", "collective", "files", "adapter"] = Field(
         "auto", description="How new policy weights go from the learner to the engines after each update "
                             "(rlhf_ray.weights): 'object_store': buckets put once into Ray's object store, read in "
                             "place by every engine on the node; 'collective': a bucketed, pipelined broadcast from learner rank "
                             "0 to every engine over a process group of their own (gloo on CPU, NCCL on GPU); 'files': "
                             "buckets written as safetensors (in /dev/shm) and reloaded by path — for engines that run "
-                            "in other processes (tensor_parallel_size > 1, vLLM multiprocessing). 'auto': 'object_store' "
+                            "in other processes (tensor_parallel_size > 1, vLLM multiprocessing); 'adapter': with models.lora, the "
+                            "LoRA adapters alone through the object store, loaded as a vLLM LoRA adapter. 'auto': "
+                            "'adapter' with models.lora, else 'object_store' "
                             "for in-process engines (fastest on one node: benchmarks/results/weight_sync.md), "
                             "'collective' for engines in other processes ('files' with ppo.async_steps=1); logged.")
     bucket_mb: float = Field(
@@ -521,10 +540,24 @@ class ExperimentConfig(RunConfig):
         _require(self.resources.rollout_cores is None or ppo.async_steps, "resources.rollout_cores",
                  "only applies when rollout and learning overlap (ppo.async_steps=1); without overlap each phase's "
                  "roles share all of a node's cores")
+        self._check_lora()
         _require(not (ppo.old_logprobs == "sampler" and ppo.async_steps), "ppo.old_logprobs",
                  "'sampler' with ppo.async_steps=1 would take the ratio against the policy one update behind; use "
                  "'learner' or 'auto'")
         return self
+
+    def _check_lora(self) -> None:
+        lora = self.models.lora
+        _require(lora is not None or self.weights.transport != "adapter", "weights.transport",
+                 "'adapter' sends LoRA adapters: it needs models.lora")
+        if lora is None:
+            return
+        _require(self.models.reference in (None, self.models.policy), "models.reference",
+                 "with models.lora the reference is the policy's base weights (its adapters off); leave "
+                 "models.reference unset")
+        _require(self.deepspeed.zero_stage < 3, "deepspeed.zero_stage",
+                 "3 is not supported with models.lora: the frozen base would be partitioned and gathered for every "
+                 "forward while only the adapters train; use 0–2 (ZeRO-1/2 partition the adapters' optimizer state)")
 
     @property
     def in_process_engines(self) -> bool:
@@ -540,6 +573,8 @@ class ExperimentConfig(RunConfig):
         fast path there."""
         if self.weights.transport != "auto":
             return self.weights.transport, "weights.transport"
+        if self.models.lora:
+            return "adapter", "models.lora: the adapters alone, a vLLM LoRA adapter in the engines"
         if self.in_process_engines:
             return "object_store", "in-process engines: the object store, read in place"
         if self.ppo.async_steps:

@@ -157,7 +157,8 @@ class Roles:
             max_model_len = cfg.data.max_prompt_tokens + cfg.generation.max_new_tokens
             return self._spawn(GenerationActor, role, index, paths.policy, cfg.generation.model_dump(), max_model_len,
                                cfg.seed + index, res.generation.tensor_parallel_size, cfg.models.dtype,
-                               res.generation.num_gpus, self.transport)
+                               res.generation.num_gpus, self.transport,
+                               cfg.models.lora.rank if cfg.models.lora else None)
         shard = (index, getattr(res, role).num_actors) if self._sharded(role) else None
         if role == "reward":
             return self._spawn(RewardActor, role, index, cfg.models.reward.model_dump(), paths.reward, cfg.models.dtype,
@@ -436,16 +437,25 @@ class Roles:
     def score(self, batch: RolloutBatch, roles: tuple[str, ...] = ("reward", "reference", "learner"),
               old_logprobs: bool = True) -> tuple[dict, dict]:
         """Of ``roles``, concurrently: reward scores, reference logprobs, the learner's values (and its old logprobs
-        unless the sampler's serve: ``old_logprobs=False``). Returns the tensors and each role's compute seconds."""
+        unless the sampler's serve: ``old_logprobs=False``). Without reference actors (models.lora) the learner
+        computes the reference logprobs, in the same call. Returns the tensors and each role's compute seconds."""
+        reference_in_learner = "reference" in roles and "reference" not in self.groups
+        learner = "learner" in roles
+
         def submit(role: str, method: str, **options):
             return lambda: [getattr(a, method).remote(part, **options)
                             for a, part in zip(self.groups[role], batch.chunks(len(self.groups[role])))]
 
+        learner_work = ", ".join(what for what, asked in (("values", learner), ("old logprobs", learner and old_logprobs),
+                                                         ("reference logprobs", reference_in_learner)) if asked)
         calls = {"reward": (submit("reward", "score"), "scoring a rollout", "score_s"),
                  "reference": (submit("reference", "logprobs"), "computing logprobs", "score_s"),
-                 "learner": (submit("learner", "evaluate", logprobs=old_logprobs),
-                             "computing values" + (" and old logprobs" if old_logprobs else ""), "learn_s")}
-        calls = {role: call for role, call in calls.items() if role in roles}
+                 "learner": (submit("learner", "evaluate", logprobs=learner and old_logprobs, values=learner,
+                                    reference=reference_in_learner), f"computing {learner_work}", "learn_s")}
+        wanted = set(roles)
+        if reference_in_learner:
+            wanted = (wanted - {"reference"}) | {"learner"}
+        calls = {role: call for role, call in calls.items() if role in wanted}
         pending = {role: call[0]() for role, call in calls.items()}  # all at the same time
         results = {role: self._recoverable(role, doing, timeout, again, pending[role])
                    for role, (again, doing, timeout) in calls.items()}
@@ -454,11 +464,9 @@ class Roles:
             out["scores"] = torch.cat([scores for scores, _ in results["reward"]])
         if "reference" in results:
             out["ref_logprobs"] = torch.cat([logprobs for logprobs, _ in results["reference"]])
-        if "learner" in results:
-            if results["learner"][0][0][1] is not None:  # a critic-free learner has no values
-                out["values"] = torch.cat([values for (_, values), _ in results["learner"]])
-            if old_logprobs:
-                out["old_logprobs"] = torch.cat([old for (old, _), _ in results["learner"]])
+        if "learner" in results:  # the objective's evaluate: a dict of what it computed
+            for key in results["learner"][0][0]:
+                out[key] = torch.cat([part[key] for part, _ in results["learner"]])
         seconds = {("values" if role == "learner" else role): max(s for _, s in parts) for role, parts in results.items()}
         return out, seconds
 

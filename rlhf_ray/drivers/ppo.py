@@ -44,7 +44,7 @@ from rlhf_ray.objectives import LearnerSpec
 from rlhf_ray.rewards.normalize import ScoreNormalizer
 from rlhf_ray.rewards.outage import OutageWatch
 from rlhf_ray.cluster.connection import local_ray_down
-from rlhf_ray.cluster.roles import ActorLost, ModelPaths, Roles
+from rlhf_ray.cluster.roles import ROLE_ORDER, ActorLost, ModelPaths, Roles
 from rlhf_ray.cluster.signals import STOP_SIGNALS
 from rlhf_ray.models.specs import resolve_model
 
@@ -95,7 +95,10 @@ class PPOTrainer(CheckpointedDriver):
             plan_at_startup(cfg)
 
     def start_roles(self) -> Roles:
-        return Roles(self.cfg, self.paths, ppo_learner(self.cfg, self.paths), overlapped=self.cfg.ppo.async_steps > 0)
+        # LoRA: the reference is the learner's own base (adapters off), so there are no reference actors
+        roles = tuple(r for r in ROLE_ORDER if r != "reference" or self.cfg.models.lora is None)
+        return Roles(self.cfg, self.paths, ppo_learner(self.cfg, self.paths), roles=roles,
+                     overlapped=self.cfg.ppo.async_steps > 0)
 
     def after_roles(self) -> None:
         cfg = self.cfg
@@ -109,6 +112,12 @@ class PPOTrainer(CheckpointedDriver):
         log.info("advantages: %s — the learner trains %s (%.1f M parameters)%s", cfg.ppo.advantage,
                  "the policy and its critic" if cfg.ppo.needs_critic else "the policy alone, no critic",
                  self.roles.learner_parameters() / 1e6, "" if cfg.ppo.needs_critic else ", and runs no values pass")
+        # LoRA (models.lora): the learner's base with the adapters off is the reference; overlapped, it runs beside
+        # the values pass (the learner is busy with the update while the next rollout is sampled)
+        self.reference_in_learner = cfg.models.lora is not None
+        if self.reference_in_learner:
+            log.info("models.lora: the policy trains as rank-%d adapters; the reference is its base with the adapters "
+                     "off, computed in the learner (no reference actors)", cfg.models.lora.rank)
         self.warned_non_eos = False  # the console hears once that cutting responses pays
         self.engine_version = 0  # the learner update whose weights the engines hold
         self.next_rollout: Future | None = None  # ppo.async_steps=1: the next step's rollout, under way
@@ -172,11 +181,12 @@ class PPOTrainer(CheckpointedDriver):
         if overlapped:
             if self.next_rollout is None:  # (a retried step may still have the next one under way)
                 self._prefetch(self.step_count + 1)
-            if self.learner_scores:
+            roles = (("learner",) if self.learner_scores else ()) + (("reference",) if self.reference_in_learner else ())
+            if roles:
                 with phase(times, "values"):  # the learner's own pass: its weights are newer than the sampler's
-                    scored, seconds = self.roles.score(batch, roles=("learner",))
+                    scored, seconds = self.roles.score(batch, roles=roles)
                 batch, role_seconds = batch.with_(**scored), {**role_seconds, **seconds}
-            else:
+            if not self.learner_scores:
                 batch = batch.with_(old_logprobs=batch.gen_logprobs)
         elif self.old_logprobs == "sampler":
             batch = batch.with_(old_logprobs=batch.gen_logprobs)
@@ -228,7 +238,8 @@ class PPOTrainer(CheckpointedDriver):
             raise RolloutCancelled()
         # overlapped, the learner scores later with its newer weights (_run_step)
         overlapped = self.prefetcher is not None
-        roles = ("reward", "reference") + (("learner",) if self.learner_scores and not overlapped else ())
+        roles = ("reward",) + (() if overlapped and self.reference_in_learner else ("reference",))
+        roles += ("learner",) if self.learner_scores and not overlapped else ()
         seconds = {}
         if self.cfg.ppo.dynamic_sampling:
             batch, seconds, stats, extra_generate_s = self._informative_groups(step, batch, times, cancel)
@@ -442,7 +453,8 @@ def ppo_learner(cfg: ExperimentConfig, paths: ModelPaths) -> LearnerSpec:
                        epochs=cfg.ppo.epochs, optimizer_steps=cfg.optimizer_steps, optimizer=cfg.optimizer,
                        deepspeed=cfg.deepspeed, timeout_s=cfg.timeouts.learn_s, seed=cfg.seed,
                        export_dtype=cfg.models.dtype, ppo=cfg.ppo, temperature=cfg.generation.temperature,
-                       critic=cfg.ppo.needs_critic, max_new_tokens=cfg.generation.max_new_tokens)
+                       critic=cfg.ppo.needs_critic, max_new_tokens=cfg.generation.max_new_tokens,
+                       lora=cfg.models.lora)
 
 
 def sampling_seeds(seed: int, step: int, count: int, start: int = 0) -> list[int]:
@@ -555,7 +567,7 @@ def step_timing(times: dict, role_seconds: dict, generate_s: float, learn_s: flo
     tokens = float(batch.response_mask.sum())
     return {
         "time/generate": times["generate"], "time/reward": role_seconds["reward"],
-        "time/reference": role_seconds["reference"], "time/values": role_seconds.get("values", 0.0),
+        "time/reference": role_seconds.get("reference", 0.0), "time/values": role_seconds.get("values", 0.0),
         "time/score_wall": times["score_wall"], "time/learn": times["learn"],
         "time/rollout_wait": times["rollout_wait"],
         **({"time/values_wall": times.get("values", 0.0)} if overlapped else {}),

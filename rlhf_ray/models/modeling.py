@@ -6,6 +6,7 @@ from torch import nn
 
 from rlhf_ray.batch import RolloutBatch
 from rlhf_ray.models.forward import ForwardOptions, response_hidden, response_token_stats, scatter_response
+from rlhf_ray.models.lora import causal_lm, is_adapted
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -37,7 +38,8 @@ class ValueModel(nn.Module):
 
 class PolicyAndValue(nn.Module):
     """The learner's trainable module: one optimizer and one DeepSpeed engine for both networks (under a critic-free
-    estimator the policy alone: ``value`` None)."""
+    estimator the policy alone: ``value`` None). The policy may be a PEFT model (LoRA, rlhf_ray.models.lora): its
+    forwards run with the adapters, and with the adapters off it is the reference policy."""
 
     def __init__(self, policy: nn.Module, value: ValueModel | None, options: ForwardOptions = ForwardOptions()):
         super().__init__()
@@ -51,8 +53,17 @@ class PolicyAndValue(nn.Module):
                 entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(the policy's response log-probs at ``temperature``, their entropies when asked (differentiable under
         ``entropy_grad``), the critic's values when there is one), each [B, R] and 0 on padding."""
-        logprobs, entropies = response_token_stats(self.policy, batch, temperature, entropy, self.options, entropy_grad)
+        logprobs, entropies = response_token_stats(causal_lm(self.policy), batch, temperature, entropy, self.options,
+                                                   entropy_grad)
         return logprobs, entropies, (self.value(batch) if self.value is not None else None)
+
+    @torch.no_grad()
+    def reference_logprobs(self, batch: RolloutBatch, temperature: float = 1.0) -> torch.Tensor:
+        """A LoRA policy's base, its adapters off: the reference policy's response log-probs. [B, R]"""
+        if not is_adapted(self.policy):
+            raise RuntimeError("only a LoRA policy holds its reference (the base with the adapters off)")
+        with self.policy.disable_adapter():
+            return response_token_stats(causal_lm(self.policy), batch, temperature, options=self.options)[0]
 
 
 def _placement(num_gpus: float) -> dict:

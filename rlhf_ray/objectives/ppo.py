@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from rlhf_ray.batch import RolloutBatch
+from rlhf_ray.models.lora import add_adapters
 from rlhf_ray.models.modeling import PolicyAndValue, load_causal_lm, load_value_model
 from rlhf_ray.objectives import Objective, register
 from rlhf_ray.ppo_math import aggregate_loss, kl_penalty, policy_loss, value_loss
@@ -14,13 +15,17 @@ from rlhf_ray.ppo_math import aggregate_loss, kl_penalty, policy_loss, value_los
 @register("ppo")
 class PPOObjective(Objective):
     """Clipped policy loss (× importance weights) + clipped value loss (with a critic) + β·KL (ppo.kl_in=loss)
-    − entropy bonus, each aggregated over response tokens as ppo.loss_aggregation says (rlhf_ray.ppo_math)."""
+    − entropy bonus, each aggregated over response tokens as ppo.loss_aggregation says (rlhf_ray.ppo_math).
+    With ``spec.lora`` the policy is LoRA adapters on its frozen weights, and the learner also serves the reference
+    (the base, adapters off)."""
     export_name = "policy"
 
     def build(self) -> nn.Module:
         spec = self.spec
         policy = load_causal_lm(spec.model)
         options = spec.forward_options().checked(policy, f"policy {spec.model}")
+        if spec.lora is not None:
+            policy = add_adapters(policy, spec.lora)
         value = load_value_model(spec.value_init, spec.model, spec.value_model, "float32",
                                  spec.forward_options()) if spec.critic else None
         return PolicyAndValue(policy, value, options)
@@ -62,25 +67,25 @@ class PPOObjective(Objective):
         return loss, stats
 
     @torch.no_grad()
-    def evaluate(self, module, batch: RolloutBatch,
-                 logprobs: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Old logprobs (None without ``logprobs``: the sampler's serve) and values (None without a critic) before
-        the update. ([B, R], [B, R])"""
-        if not (logprobs or self.spec.critic):
-            return None, None
-        net = getattr(module, "module", module)  # the DeepSpeed engine's module: the critic alone, when that is all
-        old, values = [], []
-        for micro in batch.chunks(max(1, len(batch) // self.spec.micro_batch_size)):
+    def evaluate(self, module, batch: RolloutBatch, logprobs: bool = True, values: bool = True,
+                 reference: bool = False) -> dict[str, torch.Tensor]:
+        """Before the update, each when asked: ``old_logprobs`` (else the sampler's serve), ``values`` (with a critic),
+        ``ref_logprobs`` (a LoRA policy's base, its adapters off). Each [B, R], 0 on padding."""
+        net = getattr(module, "module", module)  # the DeepSpeed engine's module
+        values = values and self.spec.critic
+        parts = {key: [] for key, wanted in (("old_logprobs", logprobs), ("values", values),
+                                              ("ref_logprobs", reference)) if wanted}
+        for micro in batch.chunks(max(1, len(batch) // self.spec.micro_batch_size)) if parts else ():
             if logprobs:
                 lp, _, v = module(micro, temperature=self.spec.temperature)
-                old.append(lp)
-            else:
+                parts["old_logprobs"].append(lp)
+            elif values:
                 v = net.value(micro)
-            values.append(v)
-        mask = batch.response_mask
-        return ((torch.cat(old) * mask).cpu() if logprobs else None,
-                (torch.cat(values) * mask).cpu() if self.spec.critic else None)
-
+            if values:
+                parts["values"].append(v)
+            if reference:
+                parts["ref_logprobs"].append(net.reference_logprobs(micro, temperature=self.spec.temperature))
+        return {key: (torch.cat(tensors) * batch.response_mask).cpu() for key, tensors in parts.items()}
 
     def exported(self, module: nn.Module) -> nn.Module:
         return module.policy

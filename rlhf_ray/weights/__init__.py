@@ -3,6 +3,7 @@
     buckets       the layout every transport moves: whole tensors in the engine's dtype, ~weights.bucket_mb each
     object_store  buckets put once into Ray's object store, read in place by the engines
     collective    a pipelined broadcast over a process group of learner rank 0 and the engines (gloo / NCCL)
+    adapter       a LoRA policy's adapters alone (megabytes) through the object store, loaded as a vLLM LoRA adapter
     engine        loading into vLLM exactly (every weight arrives; tied embeddings re-processed)
 
 A transport is a small class with the learner's half (``publish``, in learner rank 0, given the buckets and the
@@ -27,6 +28,7 @@ from rlhf_ray.weights.buckets import Bucket
 class Transport:
     name = ""
     broadcast = False  # True: learner and engines take part in one collective (called together, a group first)
+    adapter = False    # True: it carries a LoRA policy's adapters (and their config), not the weights
 
     def publish(self, buckets: list[Bucket], tensors: Iterable[torch.Tensor], group=None):
         """Learner rank 0: send one update; returns what every engine's ``load`` gets (None: the layout)."""
@@ -125,8 +127,56 @@ class CollectiveTransport(Transport):
         return llm.collective_rpc(worker_receive, kwargs={"buckets": payload})[0]
 
 
+class AdapterTransport(Transport):
+    """A LoRA policy's adapters through the object store; each engine writes them as a PEFT adapter directory (in
+    /dev/shm where it has room) and vLLM loads it as a new LoRA adapter, which the engine samples with from then on
+    (``request``). The old adapter is dropped: each update gets a new adapter id, so no cached KV block of the old
+    one is reused."""
+    name = "adapter"
+    adapter = True
+
+    def __init__(self):
+        self.request = None  # the vLLM LoRARequest of the adapter loaded last (None: the base model)
+
+    def publish(self, buckets, tensors, group=None, config: dict | None = None):
+        from rlhf_ray.weights.object_store import put_bucket
+
+        if config is None:
+            raise ValueError("weights.transport=adapter sends a LoRA adapter: its config is missing")
+        stream = iter(tensors)
+        return {"buckets": [put_bucket(bucket, [next(stream) for _ in bucket.slots]) for bucket in buckets],
+                "config": config}
+
+    def load(self, llm, payload, timeout_s):
+        import json
+
+        from safetensors.torch import save_file
+        from vllm.lora.request import LoRARequest
+
+        from rlhf_ray.weights.object_store import read_buckets
+
+        tensors = {name: tensor.contiguous() for name, tensor in read_buckets(payload["buckets"], timeout_s)}
+        if not hasattr(self, "directory"):
+            self.directory = weight_dir(sum(t.numel() * t.element_size() for t in tensors.values()))
+        save_file(tensors, os.path.join(self.directory, "adapter_model.safetensors"))
+        with open(os.path.join(self.directory, "adapter_config.json"), "w") as f:
+            json.dump(payload["config"], f)
+        engine, version = llm.llm_engine, (self.request.lora_int_id + 1 if self.request is not None else 1)
+        request = LoRARequest(lora_name=f"policy-{version}", lora_int_id=version, lora_path=self.directory)
+        if not engine.add_lora(request):  # vLLM reads the files now: they may be overwritten by the next update
+            raise RuntimeError(f"vLLM did not load the policy's LoRA adapter from {self.directory}")
+        if self.request is not None:
+            engine.remove_lora(self.request.lora_int_id)
+        self.request = request
+        return {"received": len(tensors), "loaded": len(tensors), "reprocessed": [], "adapter": request.lora_name}
+
+    def close(self):
+        if hasattr(self, "directory"):
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
 TRANSPORTS: dict[str, type[Transport]] = {t.name: t for t in (ObjectStoreTransport, FilesTransport,
-                                                               CollectiveTransport)}
+                                                               CollectiveTransport, AdapterTransport)}
 
 
 def make_transport(name: str) -> Transport:

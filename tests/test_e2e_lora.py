@@ -1,0 +1,66 @@
+"""LoRA end to end on the real engines: PEFT adapters in the DeepSpeed learner, the reference computed by the learner's
+base with the adapters off (no reference actors), the adapters alone sent to vLLM's LoRA support."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import tiny_config
+from tests.test_e2e_ppo import (FUNCTION_REWARD, LEARN_STEPS, SYNC_ATOL, assert_checkpoint_round_trip,
+                                assert_generators_match_learner, assert_learns, fixed_response)
+
+pytestmark = pytest.mark.e2e
+
+LORA = [*FUNCTION_REWARD, "models.lora.rank=8", "optimizer.lr=2e-2"]  # adapters start at zero: a larger step
+
+
+def hf_logprobs(model, prompt: list[int], response: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1]
+    return torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(response)[:, None]).squeeze(-1)
+
+
+def test_lora_trains_adapters_only_syncs_them_exactly_and_resumes_exactly(ray_session, tiny_cache, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_ray.batch import RolloutBatch
+    from rlhf_ray.drivers.ppo import PPOTrainer
+
+    trainer = PPOTrainer(tiny_config(tmp_path, tiny_cache, *LORA))
+    try:
+        assert "reference" not in trainer.roles.groups and trainer.roles.transport == "adapter"
+        base = AutoModelForCausalLM.from_pretrained(trainer.paths.policy)
+        prompt, response = fixed_response(trainer)
+        assert trainer.roles.learner_logprobs(prompt, response) == pytest.approx(
+            hf_logprobs(base, prompt, response).tolist(), abs=1e-5)  # B = 0: the adapted policy starts as the base
+        metrics = [trainer.step() for _ in range(LEARN_STEPS)]
+        assert_generators_match_learner(trainer, prompt, response)  # the engines sample with the adapter
+        # the reference is the base: the learner's base with its adapters off, after many updates
+        row = RolloutBatch.from_samples([prompt], [response], [[0.0] * len(response)], ["stop"], [[]], [""], [""],
+                                        pad_token_id=0)
+        scored, _ = trainer.roles.score(row, roles=("reference",))
+        torch.testing.assert_close(scored["ref_logprobs"][0], hf_logprobs(base, prompt, response), atol=1e-5, rtol=0)
+        first = assert_checkpoint_round_trip(trainer)
+        state = torch.load(next(Path(tmp_path, "checkpoints").glob("step-*/learner/state/mp_rank_00_model_states.pt")),
+                           weights_only=False)["module"]
+        saved = Path(trainer.save(str(tmp_path / "final_model")))
+        after = trainer.roles.learner_logprobs(prompt, response)
+        trainable = trainer.roles.learner_parameters()
+    finally:
+        trainer.shutdown()
+    assert_learns([m["score/mean"] for m in metrics])
+    assert max(m["kl/sampler_vs_learner"] for m in metrics) < SYNC_ATOL
+    assert all(m["kl/mean"] != 0 for m in metrics[1:]) and first["kl/mean"] != 0
+    # only the adapters (and the critic) train, and only they are in the learner's checkpoint
+    policy_lora = {k for k in state if k.startswith("policy.")}
+    assert policy_lora and all("lora_" in k for k in policy_lora), sorted(policy_lora)[:5]
+    assert sum(state[k].numel() for k in state) == trainable
+    # the saved model is the merged policy; its adapter, loaded by PEFT on the base, is the same policy
+    merged = AutoModelForCausalLM.from_pretrained(saved)
+    torch.testing.assert_close(hf_logprobs(merged, prompt, response), torch.tensor(after), atol=2e-4, rtol=0)
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(trainer.paths.policy), saved / "adapter")
+    torch.testing.assert_close(hf_logprobs(adapted, prompt, response), torch.tensor(after), atol=2e-4, rtol=0)
+    assert (hf_logprobs(merged, prompt, response) - hf_logprobs(base, prompt, response)).abs().max() > 1e-3
