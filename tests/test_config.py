@@ -85,6 +85,11 @@ def test_a_mapping_override_replaces_and_a_dotted_one_merges():
     (["ppo.is_correction=tis", "ppo.old_logprobs=sampler"], "ppo.is_correction", "makes them the same"),
     (["ppo.overlong_buffer=100000"], "ppo.overlong_buffer", "must be below generation.max_new_tokens"),
     (["ppo.loss_aggregation=seq_sum"], "ppo.loss_aggregation", "'token_mean', 'seq_mean_token_mean' or"),
+    (["weights.transport=adapter"], "weights.transport", "needs models.lora"),
+    (["models.lora.rank=8", "deepspeed.zero_stage=3"], "deepspeed.zero_stage", "not supported with models.lora"),
+    (["models.lora.rank=8", "models.reference=tiny:reward"], "models.reference", "leave models.reference unset"),
+    (["models.lora.rank=0"], "models.lora.rank", "greater than 0"),
+    (["models.lora.dropout=1"], "models.lora.dropout", "less than 1"),
 ])
 def test_bad_values_fail_with_a_message_naming_the_key(override, key, words):
     with pytest.raises(ConfigError) as err:

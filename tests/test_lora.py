@@ -1,0 +1,104 @@
+"""LoRA's pieces without Ray: merged weights equal PEFT's merge, adapters named as PEFT saves them, only adapters get
+gradients, the reference is the base with the adapters off, and the config's choices (rlhf_ray.models.lora)."""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+from actors.generation import lora_options
+from rlhf_ray.batch import RolloutBatch
+from rlhf_ray.config import LoRAConfig, load_config
+from rlhf_ray.models import lora
+from rlhf_ray.models.modeling import PolicyAndValue
+from tests.conftest import ROOT, tiny_config
+
+
+@pytest.fixture(params=["policy", "policy-tied"])
+def adapted(request, tiny_cache):
+    """A tiny policy with rank-4 adapters whose B is no longer zero (as after some training)."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_ray.models.tiny import resolve_tiny
+
+    path = resolve_tiny(request.param, tiny_cache)
+    model = lora.add_adapters(AutoModelForCausalLM.from_pretrained(path), LoRAConfig(rank=4))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    return path, model
+
+
+def rows(count: int = 3) -> RolloutBatch:
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(6, 200, (4 + i,), generator=generator).tolist() for i in range(count)]
+    responses = [torch.randint(6, 200, (3 + 2 * i,), generator=generator).tolist() for i in range(count)]
+    return RolloutBatch.from_samples(prompts, responses, [[0.0] * len(r) for r in responses], ["stop"] * count,
+                                     [[]] * count, [""] * count, [""] * count, pad_token_id=0)
+
+
+def test_merged_weights_are_pefts_merge_under_the_plain_models_names(adapted):
+    _, model = adapted
+    merged = dict(lora.merged_tensors(model))
+    reference = dict(copy.deepcopy(model).merge_and_unload().named_parameters())
+    assert list(merged) == list(reference) and [(n, tuple(t.shape)) for n, t in merged.items()] == lora.merged_shapes(model)
+    assert all(torch.equal(merged[name], reference[name]) for name in merged)
+    assert any("lora_" in name for name, _ in model.named_parameters())  # the model itself is left as it was
+
+
+def test_adapters_are_named_and_configured_as_peft_saves_them(adapted, tmp_path):
+    from safetensors.torch import load_file
+
+    _, model = adapted
+    model.save_pretrained(tmp_path)
+    saved = load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
+    tensors = dict(lora.adapter_tensors(model))
+    assert set(saved) == set(tensors) and all(torch.equal(saved[k], tensors[k]) for k in saved)
+    assert [(n, tuple(t.shape)) for n, t in tensors.items()] == lora.adapter_shapes(model)
+    config = lora.adapter_config(model)
+    assert config["r"] == 4 and config["lora_alpha"] == 32.0 and isinstance(config["target_modules"], list)
+
+
+def test_only_adapters_get_gradients_and_the_reference_is_the_base(adapted):
+    from transformers import AutoModelForCausalLM
+
+    path, model = adapted
+    module, batch = PolicyAndValue(model, None), rows()
+    logprobs, _, _ = module(batch)
+    (-logprobs.sum()).backward()
+    with_grad = {name for name, p in module.named_parameters() if p.grad is not None}
+    assert with_grad and all("lora_" in name for name in with_grad)
+    assert all(not p.requires_grad for name, p in module.named_parameters() if "lora_" not in name)
+    base = PolicyAndValue(AutoModelForCausalLM.from_pretrained(path), None)
+    with torch.no_grad():
+        expected = base(batch)[0]
+        assert torch.equal(module.reference_logprobs(batch), expected)  # adapters off: the base, bit for bit
+        assert (module(batch)[0] - expected).abs().max() > 1e-3         # adapters on: another policy
+    with pytest.raises(RuntimeError, match="only a LoRA policy"):
+        base.reference_logprobs(batch)
+
+
+def test_target_modules_matching_nothing_is_an_error_naming_the_key(tiny_cache):
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_ray.models.tiny import resolve_tiny
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_tiny("policy", tiny_cache))
+    with pytest.raises(ValueError, match="models.lora.target_modules"):
+        lora.add_adapters(model, LoRAConfig(target_modules=["no_such_proj"]))
+
+
+def test_lora_chooses_the_adapter_transport_and_vllm_rank(tmp_path, tiny_cache):
+    cfg = tiny_config(tmp_path, tiny_cache, "models.lora.rank=12")
+    assert cfg.weight_transport()[0] == "adapter"
+    assert tiny_config(tmp_path, tiny_cache, "models.lora.rank=12", "weights.transport=object_store"
+                       ).weight_transport()[0] == "object_store"  # merged weights, the engine without LoRA
+    assert load_config(ROOT / "configs" / "tiny_cpu.yaml", []).weight_transport()[0] == "object_store"
+    assert lora_options(12, "adapter") == {"enable_lora": True, "max_loras": 1, "max_lora_rank": 16}
+    assert lora_options(8, "adapter")["max_lora_rank"] == 8 and lora_options(8, "object_store") == {}
+    with pytest.raises(ValueError, match="at most 512"):
+        lora_options(1024, "adapter")
