@@ -247,10 +247,30 @@ class LearnerActor(Role):
         grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
         return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
-    def num_parameters(self) -> int:
-        """Trainable parameters (PPO: policy + critic; with LoRA its adapters + critic), full counts also under ZeRO-3
-        partitioning."""
-        return sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters() if p.requires_grad)
+    def num_parameters(self, trainable: bool = True) -> int:
+        """Trainable parameters (PPO: policy + critic; with LoRA its adapters + critic), or with ``trainable=False``
+        the frozen ones (a LoRA policy's base); full counts also under ZeRO-3 partitioning."""
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters()
+                   if p.requires_grad == trainable)
+
+    def activation_bytes(self, micro) -> int:
+        """Bytes autograd keeps for the backward of the objective's loss on one micro-batch (its activations), each
+        storage once and the parameters left out; nothing is updated (benchmarks: the learner's memory budget)."""
+        params = {p.untyped_storage().data_ptr() for p in self.engine.module.parameters()}
+        saved: dict[int, int] = {}
+
+        def keep(tensor):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in params and storage.device.type != "meta":
+                saved[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        self.engine.train()
+        micro = micro.to(self.device)
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            loss, _ = self.objective.loss(self.engine, micro, float(self.objective.units(micro)))
+        del loss
+        return sum(saved.values())
 
     def _exported(self):
         return self.objective.exported(self.engine.module)

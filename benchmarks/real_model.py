@@ -6,7 +6,10 @@ Runs a real job (all roles as Ray actors, the real engines) for ``--steps`` PPO 
 - the mean seconds of each phase (the first step, which includes warm-up, is left out of the means);
 - each role's peak resident memory (max over steps; the shared object-store pages a role had mapped are
   reported beside it, they count in every process that touched them), next to what the learner's state must take:
-  fp32 weights + gradients + Adam moments of policy and critic (16 bytes per parameter);
+  fp32 weights + gradients + Adam moments of what trains (16 bytes per parameter; with models.lora the adapters and
+  the critic) plus the frozen weights (a LoRA policy's base: 4 bytes per parameter), and the activations autograd
+  keeps for one micro-batch of the longest rows (ppo.micro_batch_size × (data.max_prompt_tokens +
+  generation.max_new_tokens) tokens, measured by the learner: LearnerActor.activation_bytes);
 - the largest ``kl/sampler_vs_learner`` over all steps (mean |vLLM − learner| logprob of the sampled
   tokens before each update), and the engine-vs-learner logprob gap on a fixed chat response before the
   first and after the last update (the weight-sync check on a model with tied embeddings);
@@ -47,6 +50,24 @@ def sync_gap(trainer) -> float:
                for a, b in zip(engine, learner))
 
 
+def longest_micro_batch(trainer):
+    """ppo.micro_batch_size rows of the longest prompt and response the run allows, random tokens, with the fields the
+    PPO loss reads (zeros): the largest micro-batch the learner can get."""
+    import torch
+
+    from rlhf_ray.batch import RolloutBatch
+
+    cfg, rows = trainer.cfg, trainer.cfg.ppo.micro_batch_size
+    prompt_len, response_len = cfg.data.max_prompt_tokens, cfg.generation.max_new_tokens
+    ids = torch.randint(100, len(trainer.tokenizer) - 1, (rows, prompt_len + response_len),
+                        generator=torch.Generator().manual_seed(0)).tolist()
+    batch = RolloutBatch.from_samples([r[:prompt_len] for r in ids], [r[prompt_len:] for r in ids],
+                                      [[0.0] * response_len] * rows, ["length"] * rows, [[]] * rows, [""] * rows,
+                                      [""] * rows, pad_token_id=trainer.tokenizer.pad_token_id or 0)
+    zeros = torch.zeros(rows, response_len)
+    return batch.with_(old_logprobs=zeros, ref_logprobs=zeros, values=zeros, returns=zeros, advantages=zeros)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "smollm2_cpu.yaml"))
@@ -60,6 +81,8 @@ def main() -> None:
     batch = load_config(args.config, args.overrides).ppo.rollout_batch_size
     cfg = load_config(args.config, [*args.overrides, f"ppo.total_episodes={args.steps * batch}",
                                     f"output_dir={run_dir}", "logging.progress_bar=false"])
+    import ray
+
     from rlhf_ray.console import setup_console
     from rlhf_ray.report import draw, summary
     from rlhf_ray.drivers.ppo import PPOTrainer
@@ -78,6 +101,8 @@ def main() -> None:
                   flush=True)
         gap_after = sync_gap(trainer)
         learner_params = trainer.roles.learner_parameters()
+        frozen_params = ray.get(trainer.roles.learners[0].num_parameters.remote(trainable=False))
+        activations_gb = ray.get(trainer.roles.learners[0].activation_bytes.remote(longest_micro_batch(trainer))) / 2**30
     finally:
         trainer.shutdown()
     measured = steps[1:] if len(steps) > 1 else steps
@@ -86,7 +111,7 @@ def main() -> None:
              for k in steps[0] if k.startswith("memory/") and k.endswith("_peak_gb")}
     shared = {k.split("/")[1].removesuffix("_shared_gb"): max(s[k] for s in steps)
               for k in steps[0] if k.startswith("memory/") and k.endswith("_shared_gb")}
-    state_gb = learner_params * 16 / 2**30
+    state_gb = (learner_params * 16 + frozen_params * 4) / 2**30
     window = min(3, len(steps))
     first_last = {key: {"first": steps[0][key], "last": steps[-1][key],
                         f"first_{window}_mean": statistics.fmean(s[key] for s in steps[:window]),
@@ -98,8 +123,11 @@ def main() -> None:
         "peak_memory_gb": peaks,
         "shared_memory_gb_max": shared,  # object-store pages in a role's resident size (part of its peak)
         "learner_parameters": learner_params,
+        "learner_frozen_parameters": frozen_params,
         "learner_state_gb_fp32_weights_grads_adam": state_gb,
         "learner_peak_over_state": peaks["learner"] / state_gb,
+        "learner_activations_gb_one_longest_micro_batch": activations_gb,
+        "learner_peak_over_state_plus_activations": peaks["learner"] / (state_gb + activations_gb),
         "max_kl_sampler_vs_learner": max(s["kl/sampler_vs_learner"] for s in steps),
         "sync_gap_fixed_response": {"before_first_update": gap_before, "after_last_update": gap_after},
         "first_vs_last": first_last,
@@ -112,8 +140,9 @@ def main() -> None:
         print(f"{key:<22}{mean[key]:>10.3f}{mean[key] / mean['time/step']:>15.1%}")
     print("peak memory GB: " + ", ".join(f"{role} {gb:.2f} (shared {shared[role]:.2f})" for role, gb in peaks.items()
                                          if role in shared)
-          + f" (learner state, fp32 weights + grads + Adam: {state_gb:.2f} GB; peak/state "
-            f"{result['learner_peak_over_state']:.2f})")
+          + f" (learner state, fp32 weights + grads + Adam of what trains + frozen weights: {state_gb:.2f} GB; "
+            f"one longest micro-batch's activations {activations_gb:.2f} GB; peak / (state + activations) "
+            f"{result['learner_peak_over_state_plus_activations']:.2f}, peak / state {result['learner_peak_over_state']:.2f})")
     print(f"max kl/sampler_vs_learner {result['max_kl_sampler_vs_learner']:.2e}; fixed-response engine-vs-learner "
           f"gap before {gap_before:.2e}, after {len(steps)} updates {gap_after:.2e}")
     print(summary(steps))

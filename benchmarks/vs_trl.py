@@ -27,6 +27,9 @@ Three variants per model, each measurement in a fresh Python process (its own th
              on this side only (meant for resources/thread settings).
   trl        TRL's experimental PPOTrainer as shipped (its loop calls gc.collect() twice per update);
   trl-nogc   the same with gc.collect patched to a no-op in trl.experimental.ppo.ppo_trainer.
+With --lora RANK both sides train the policy as LoRA adapters (PEFT, alpha 2×RANK, every linear layer) and take the
+reference from the base with the adapters off (TRL: peft_config and no ref_model; rlhf-ray: models.lora, the
+adapters alone synced to vLLM's LoRA support); the critics stay fully trained.
 TRL runs with torch's default thread count (reported). A TRL step's time is the interval between successive
 ``on_step_end`` callbacks (the first from ``on_train_begin``): one whole iteration of its update loop.
 TRL's sample generations, evaluation, checkpoints and reporting are off.
@@ -174,6 +177,9 @@ def workload_overrides(entry: dict, args, total_steps: int, output_dir: str) -> 
         "checkpoint.every_steps=0", "checkpoint.at_end=false", "checkpoint.on_signal=false",
         "logging.progress_bar=false", "logging.tensorboard=false", "logging.samples_per_step=0",
         "logging.report=false", "logging.save_final_model=false",
+        # --lora: the policy as LoRA adapters on both sides (TRL: peft_config, its reference = adapters off)
+        *([f"models.lora.rank={args.lora}", f"models.lora.alpha={2 * args.lora}", "models.lora.target_modules=all-linear"]
+          if args.lora else []),
     ]
 
 
@@ -307,8 +313,15 @@ def run_trl(spec: dict, no_gc: bool) -> dict:
 
     ppo_module.batch_generation = timed_generation
 
+    peft = {}
+    if cfg.models.lora is not None:  # TRL wraps the policy itself and disables the adapters for its reference
+        from peft import LoraConfig
+
+        lora = cfg.models.lora
+        reference, peft = None, {"peft_config": LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                            target_modules=lora.target_modules, task_type="CAUSAL_LM")}
     trainer = PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=reference,
-                         reward_model=reward, train_dataset=dataset, value_model=value, callbacks=[StepClock()])
+                         reward_model=reward, train_dataset=dataset, value_model=value, callbacks=[StepClock()], **peft)
     # rlhf-ray's prompt order instead of TRL's shuffled loader (same ids, same batches, same steps)
     trainer.dataloader = DataLoader(dataset, batch_size=ppo.rollout_batch_size, shuffle=False,
                                     collate_fn=trainer.data_collator, drop_last=True)
@@ -419,6 +432,8 @@ def markdown(result: dict) -> str:
     notes = [f"Rollout {w['rollout_batch']} prompts × 1 sample, {w['response_length']} new tokens, temperature "
              f"{w['temperature']}, 1 PPO epoch, mini-batch {w['mini_batch']}, micro-batch {w['micro_batch']}, "
              f"{w.get('precision', 'fp32')}, "
+             + (f"LoRA rank {w['lora_rank']} (alpha {2 * w['lora_rank']}, all linear layers) on both sides, "
+                if w.get("lora_rank") else "") +
              f"lr {w['lr']}, KL coef {w['kl_coef']}; {w['warmup']} warm-up step(s) dropped, {w['steps']} measured × "
              f"{w['reps']} rep(s). TRL torch threads: {result.get('trl_torch_threads')}. "
              f"rlhf-ray overrides: {' '.join(w['ours']) or 'none'}.",
@@ -467,6 +482,9 @@ def main() -> None:
                         help="both sides: rlhf-ray's learner in DeepSpeed bf16 (ZeRO-1) with the engine and frozen "
                              "models in bf16; TRL with bf16=True (Accelerate's autocast)")
     parser.add_argument("--kl-coef", type=float, default=0.05)
+    parser.add_argument("--lora", type=int, default=0, metavar="RANK",
+                        help="train the policy as LoRA adapters of this rank (alpha 2×rank, every linear layer) on "
+                             "both sides; the critic stays fully trained on both; 0: full fine-tuning")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ours", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="extra config overrides for the rlhf-ray side only (e.g. resources.learner.num_cpus=1)")
@@ -562,7 +580,7 @@ def main() -> None:
                      "rollout_batch": args.batch, "samples_per_prompt": 1, "response_length": args.response_length,
                      "temperature": args.temperature, "mini_batch": args.mini_batch, "micro_batch": args.micro_batch,
                      "ppo_epochs": 1, "lr": args.lr, "kl_coef": args.kl_coef, "seed": args.seed,
-                     "precision": args.precision,
+                     "precision": args.precision, "lora_rank": args.lora,
                      "warmup": args.warmup, "steps": args.steps, "reps": args.reps, "ours": args.ours,
                      "trl": {"per_device_train_batch_size": args.micro_batch,
                              "gradient_accumulation_steps": args.batch // args.micro_batch,
