@@ -111,8 +111,8 @@ class ModelsConfig(_Strict):
     lora: Optional[LoRAConfig] = Field(
         None, description="Train the policy as LoRA adapters (rlhf_ray.models.lora). The reference is then the policy "
                           "with its adapters off, computed in the learner: no reference actors (resources.reference is "
-                          "unused). The engines get the adapters alone (weights.transport 'auto' or 'adapter'; vLLM's "
-                          "LoRA support) or merged weights (any other transport). Checkpoints hold the adapters; saved "
+                          "unused). The engines get merged weights (any full-weight transport; 'auto' picks one as "
+                          "without LoRA) or the adapters alone (weights.transport=adapter: vLLM's LoRA support). Checkpoints hold the adapters; saved "
                           "models are the merged weights (and the adapter in <model>/adapter). null: full fine-tuning.")
 
     @property
@@ -345,8 +345,9 @@ class WeightsConfig(_Strict):
                             "0 to every engine over a process group of their own (gloo on CPU, NCCL on GPU); 'files': "
                             "buckets written as safetensors (in /dev/shm) and reloaded by path — for engines that run "
                             "in other processes (tensor_parallel_size > 1, vLLM multiprocessing); 'adapter': with models.lora, the "
-                            "LoRA adapters alone through the object store, loaded as a vLLM LoRA adapter. 'auto': "
-                            "'adapter' with models.lora, else 'object_store' "
+                            "LoRA adapters alone through the object store, loaded as a vLLM LoRA adapter (its kernels "
+                            "tripled SmolLM2's generation time on CPU, so 'auto' sends a LoRA policy merged). 'auto': "
+                            "'object_store' "
                             "for in-process engines (fastest on one node: benchmarks/results/weight_sync.md), "
                             "'collective' for engines in other processes ('files' with ppo.async_steps=1); logged.")
     bucket_mb: float = Field(
@@ -573,8 +574,6 @@ class ExperimentConfig(RunConfig):
         fast path there."""
         if self.weights.transport != "auto":
             return self.weights.transport, "weights.transport"
-        if self.models.lora:
-            return "adapter", "models.lora: the adapters alone, a vLLM LoRA adapter in the engines"
         if self.in_process_engines:
             return "object_store", "in-process engines: the object store, read in place"
         if self.ppo.async_steps:

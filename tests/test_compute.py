@@ -26,6 +26,12 @@ def test_phases_one_after_another_share_the_node_among_the_roles_of_each_phase()
     assert all(p.cpus is None for p in plans.values())                   # nothing overlaps: no CPU sets
 
 
+def test_a_reward_without_torch_leaves_the_scoring_cores_to_the_others():
+    plans = plan_compute(sites("learner", "generation", "reward"), False, NO_OVERRIDE, light_roles=("reward",))
+    assert plans[("learner", 0)].threads == {"score": 4, "learn": 4}     # LoRA: the learner scores alone
+    assert plans[("reward", 0)].threads == {"score": 1}
+
+
 def test_two_learner_ranks_and_two_engines_split_their_phases():
     plans = plan_compute(sites("learner", "learner", "generation", "generation", "reward", "reference"), False,
                          NO_OVERRIDE)

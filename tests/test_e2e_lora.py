@@ -29,7 +29,7 @@ def test_lora_trains_adapters_only_syncs_them_exactly_and_resumes_exactly(ray_se
     from rlhf_ray.batch import RolloutBatch
     from rlhf_ray.drivers.ppo import PPOTrainer
 
-    trainer = PPOTrainer(tiny_config(tmp_path, tiny_cache, *LORA))
+    trainer = PPOTrainer(tiny_config(tmp_path, tiny_cache, *LORA, "weights.transport=adapter"))
     try:
         assert "reference" not in trainer.roles.groups and trainer.roles.transport == "adapter"
         base = AutoModelForCausalLM.from_pretrained(trainer.paths.policy)
@@ -64,3 +64,20 @@ def test_lora_trains_adapters_only_syncs_them_exactly_and_resumes_exactly(ray_se
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(trainer.paths.policy), saved / "adapter")
     torch.testing.assert_close(hf_logprobs(adapted, prompt, response), torch.tensor(after), atol=2e-4, rtol=0)
     assert (hf_logprobs(merged, prompt, response) - hf_logprobs(base, prompt, response)).abs().max() > 1e-3
+
+
+def test_lora_sent_merged_keeps_the_engine_equal_to_the_learner(ray_session, tiny_cache, tmp_path):
+    """weights.transport=auto: the merged policy (tied embeddings) through the object store; the learner scores alone
+    in the scoring phase (the function reward computes no torch), the reference in the same call."""
+    from rlhf_ray.drivers.ppo import PPOTrainer
+
+    trainer = PPOTrainer(tiny_config(tmp_path, tiny_cache, *LORA, "ppo.total_episodes=48"))
+    try:
+        assert trainer.roles.transport == "object_store"
+        metrics = [trainer.step() for _ in range(2)]
+        assert_generators_match_learner(trainer, *fixed_response(trainer))
+        plans = trainer.roles.compute_plans
+    finally:
+        trainer.shutdown()
+    assert max(m["kl/sampler_vs_learner"] for m in metrics) < SYNC_ATOL and metrics[1]["kl/mean"] != 0
+    assert plans[("learner", 0)].threads["score"] == plans[("learner", 0)].threads["learn"]

@@ -43,13 +43,15 @@ class ActorPlan:
 
 def plan_compute(sites: list[ActorSite], overlapped: bool, threads: dict[str, int | None],
                  rollout_cores: int | None = None, nice: int | None = 0,
-                 solo_phases: tuple[str, ...] = ()) -> dict[tuple[str, int], ActorPlan]:
+                 solo_phases: tuple[str, ...] = (), light_roles: tuple[str, ...] = ()) -> dict[tuple[str, int], ActorPlan]:
     """Threads per phase (and CPU sets when rollout and learning overlap) for every actor.
 
     ``threads``: the per-role override (None: decide). Each phase's roles on a node share its cores evenly
     (at least one thread each); with ``overlapped`` the rollout roles and the learner split a node that hosts
     both into two disjoint CPU sets first. In ``solo_phases`` the roles take turns (DPO's ``score``: the
-    reference, then the policy), so each shares the cores only with its own ranks.
+    reference, then the policy), so each shares the cores only with its own ranks. ``light_roles`` compute
+    without torch (a function, HTTP or Serve reward: Python or another process does the work): one thread each,
+    and the others in their phase do not share the cores with them.
     """
     by_node: dict[str, list[ActorSite]] = defaultdict(list)
     for site in sites:
@@ -71,8 +73,9 @@ def plan_compute(sites: list[ActorSite], overlapped: bool, threads: dict[str, in
                 phase_threads = {}
                 for phase in PHASES[site.role]:
                     sharing = [s for s in (side_sites if split else node_sites) if phase in PHASES[s.role]
-                               and (phase not in solo_phases or s.role == site.role)]
-                    phase_threads[phase] = threads.get(site.role) or max(1, len(pool) // max(1, len(sharing)))
+                               and (phase not in solo_phases or s.role == site.role) and s.role not in light_roles]
+                    fair = 1 if site.role in light_roles else max(1, len(pool) // max(1, len(sharing)))
+                    phase_threads[phase] = threads.get(site.role) or fair
                 plans[(site.role, site.index)] = ActorPlan(phase_threads, list(pool) if split else None, nice)
     return plans
 

@@ -265,8 +265,10 @@ class Roles:
         sites = [ActorSite(role, i, p["node"], tuple(p["cpus"])) for (role, i, _), p in zip(actors, places)]
         self._record_placement(sites)
         res = self.cfg.resources
+        reward = getattr(getattr(self.cfg, "models", None), "reward", None)
+        light = ("reward",) if reward is not None and reward.kind != "model" else ()  # no torch in the reward actor
         self.compute_plans = plan_compute(sites, self.overlapped, {role: getattr(res, role).threads for role in self.groups},
-                                          getattr(res, "rollout_cores", None), res.nice, self.solo_phases)
+                                          getattr(res, "rollout_cores", None), res.nice, self.solo_phases, light)
         self._configure([(role, i) for role, i, _ in actors])
         for line in describe(self.compute_plans, sites):
             log.info("%s", line)
