@@ -102,3 +102,27 @@ def test_lora_sends_merged_weights_unless_asked_for_the_adapter_and_vllm_rank(tm
     assert lora_options(8, "adapter")["max_lora_rank"] == 8 and lora_options(8, "object_store") == {}
     with pytest.raises(ValueError, match="at most 512"):
         lora_options(1024, "adapter")
+
+
+@pytest.mark.parametrize("name", ["llama-tied", "qwen3-tied", "phi3", "gemma-tied", "gpt2", "gemma2"])
+def test_every_architecture_merges_exactly_and_its_packed_adapted_forward_is_the_merged_model(name, tiny_tokenizer):
+    """Fused projections (Phi-3), q/k norms (Qwen3), GPT-2's transposed Conv1D layers, a soft-capped head (Gemma 2)."""
+    from tests.test_forward import FAST, model_named, rollout
+
+    base = model_named(name, tiny_tokenizer)
+    model = lora.add_adapters(copy.deepcopy(base), LoRAConfig(rank=4))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            if "lora_B" in param_name:
+                param.normal_(0, 0.05)
+    merged = copy.deepcopy(base)
+    merged.load_state_dict(dict(lora.merged_tensors(model)), strict=False)
+    pefts = dict(copy.deepcopy(model).merge_and_unload().named_parameters())
+    assert all(torch.equal(tensor, pefts[n]) for n, tensor in lora.merged_tensors(model))
+    batch = rollout([(6, 4), (3, 5), (2, 2)], vocab=len(tiny_tokenizer))
+    with torch.no_grad():
+        adapted = PolicyAndValue(model, None, FAST)
+        torch.testing.assert_close(adapted(batch)[0], PolicyAndValue(merged, None)(batch)[0], atol=2e-5, rtol=0)
+        torch.testing.assert_close(adapted.reference_logprobs(batch), PolicyAndValue(base, None)(batch)[0],
+                                   atol=2e-5, rtol=0)

@@ -383,8 +383,11 @@ def plan_at_startup(cfg) -> Plan | None:
         return None
     path = write_plan(plan, Path(cfg.output_dir) / "plan.json")
     split = ", ".join(f"{name} {phase.seconds / plan.step_seconds:.0%}" for name, phase in plan.phases.items())
-    log.info("plan: predicted step %.3g s (%s) on %s; %s (%s)", plan.step_seconds, split, plan.hardware.name,
-             "fits" if plan.fits else f"{len(plan.problems)} problem(s)", path)
+    log.info("plan: predicted step %.3g s (%s) on %s; %s (%s)%s", plan.step_seconds, split, plan.hardware.name,
+             "fits" if plan.fits else f"{len(plan.problems)} problem(s)", path,
+             # not modelled yet: the planner sizes a fully trained policy and a reference role of its own
+             "; planned as full fine-tuning (models.lora is not modelled: its learner needs less)"
+             if getattr(cfg.models, "lora", None) else "")
     for problem in plan.problems:
         log.warning("plan: %s: %s%s", problem.role, problem.message,
                     f"; fix: {' '.join(problem.fix.overrides)}" if problem.fix else "")
