@@ -135,8 +135,16 @@ def learner_memory(policy: Architecture, critic: Architecture | None, cfg, seq: 
     ds, res = cfg.deepspeed, cfg.resources.learner
     world, micro = res.num_actors, cfg.ppo.micro_batch_size
     n_policy, n_critic = policy.parameters("lm"), critic.parameters("score") if critic else 0
-    items = model_states(n_policy, "policy", ds.precision, ds.zero_stage, world, ds.offload_optimizer,
-                         ds.offload_params)
+    if cfg.models.lora:  # the frozen base in the engine's precision; weights, gradients and Adam of the adapters
+        n_adapters = policy.lora_params(cfg.models.lora.rank)
+        items = [MemoryItem("policy frozen weights", n_policy * DTYPE_BYTES[ds.precision], "device",
+                            "N · precision bytes (models.lora)")]
+        items += model_states(n_adapters, "policy LoRA adapters", ds.precision, ds.zero_stage, world,
+                              ds.offload_optimizer, ds.offload_params)
+        n_policy = n_adapters  # what ZeRO's buckets carry
+    else:
+        items = model_states(n_policy, "policy", ds.precision, ds.zero_stage, world, ds.offload_optimizer,
+                             ds.offload_params)
     if critic:
         items += model_states(n_critic, "critic", ds.precision, ds.zero_stage, world, ds.offload_optimizer,
                               ds.offload_params)
@@ -156,11 +164,19 @@ def learner_memory(policy: Architecture, critic: Architecture | None, cfg, seq: 
     return role
 
 
+def published_bytes(policy: Architecture, cfg) -> float:
+    """What one weight update sends: the policy in the engines' dtype, or with weights.transport=adapter its LoRA
+    adapters alone."""
+    transport, _ = cfg.weight_transport()
+    params = policy.lora_params(cfg.models.lora.rank) if transport == "adapter" else policy.parameters("lm")
+    return params * DTYPE_BYTES[cfg.models.dtype]
+
+
 def published_weights(policy: Architecture, cfg) -> list[MemoryItem]:
     """What rank 0 holds while it publishes new weights: two buckets in flight on the collective path, a full
     host copy (engine dtype) in the object store or in /dev/shm files."""
     transport, _ = cfg.weight_transport()
-    full = policy.parameters("lm") * DTYPE_BYTES[cfg.models.dtype]
+    full = published_bytes(policy, cfg)
     if transport == "collective":
         return [MemoryItem("weight-sync buckets (2 in flight, rank 0)", min(full, 2 * cfg.weights.bucket_mb * 2**20),
                            "device", "2 · weights.bucket_mb", first_actor_only=True)]

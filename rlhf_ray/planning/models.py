@@ -50,6 +50,13 @@ class Architecture:
             return attention + mlp + 2 * h                              # two RMSNorms
         return attention + mlp + (q + 2 * kv + h) + (self.intermediate + h) + 4 * h  # biases, two LayerNorms
 
+    def lora_params(self, rank: int) -> int:
+        """LoRA adapters of rank r on every linear layer of the body (PEFT's 'all-linear'): r·(in + out) each."""
+        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
+        attention = (h + q) + 2 * (h + kv) + (q + h)
+        mlp = (3 if self.gated_mlp else 2) * (h + i)
+        return rank * self.layers * (attention + mlp)
+
     @property
     def body_params(self) -> int:
         """All layers and the final norm, without embeddings or heads."""

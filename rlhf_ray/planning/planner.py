@@ -110,7 +110,8 @@ def _hardware(cfg, hardware) -> Hardware:
 
 def requested_gpus_of(cfg) -> int:
     res = cfg.resources
-    roles = [res.learner, res.generation, res.reference] + ([res.reward] if cfg.models.reward.kind == "model" else [])
+    roles = [res.learner, res.generation] + ([res.reference] if cfg.models.lora is None else []) \
+        + ([res.reward] if cfg.models.reward.kind == "model" else [])
     return math.ceil(sum(r.num_actors * r.num_gpus for r in roles) - 1e-9)
 
 
@@ -123,7 +124,9 @@ def resolve_models(cfg) -> dict[str, Architecture]:
     reward (when it is a model)."""
     models, seen = cfg.models, {}
     resolve = lambda spec: seen.setdefault(spec, resolve_architecture(spec, models.cache_dir, cfg.seed))  # noqa: E731
-    archs = {"policy": resolve(models.policy), "reference": resolve(models.reference_path)}
+    archs = {"policy": resolve(models.policy)}
+    if models.lora is None:  # LoRA: the learner's base with the adapters off is the reference
+        archs["reference"] = resolve(models.reference_path)
     critic = models.value_model_path if models.value_init == "reward" else models.policy
     if cfg.ppo.needs_critic:
         archs["critic"] = resolve(critic)
@@ -172,7 +175,8 @@ def _role_memories(cfg, archs: dict, hw: Hardware) -> tuple[list[RoleMemory], di
 def _gpu_for_cpu_roles(cfg, problems: list[Problem]):
     """On GPU hardware a role reserving no GPU would run on CPUs: say so, and plan it with one GPU per actor."""
     changes = []
-    for role in ("learner", "generation", "reference") + (("reward",) if cfg.models.reward.kind == "model" else ()):
+    for role in ("learner", "generation") + (("reference",) if cfg.models.lora is None else ()) \
+            + (("reward",) if cfg.models.reward.kind == "model" else ()):
         res = getattr(cfg.resources, role)
         if res.num_gpus == 0:
             problems.append(Problem("layout", f"resources.{role}.num_gpus is 0: it would run on CPUs; planned with "
@@ -383,11 +387,8 @@ def plan_at_startup(cfg) -> Plan | None:
         return None
     path = write_plan(plan, Path(cfg.output_dir) / "plan.json")
     split = ", ".join(f"{name} {phase.seconds / plan.step_seconds:.0%}" for name, phase in plan.phases.items())
-    log.info("plan: predicted step %.3g s (%s) on %s; %s (%s)%s", plan.step_seconds, split, plan.hardware.name,
-             "fits" if plan.fits else f"{len(plan.problems)} problem(s)", path,
-             # not modelled yet: the planner sizes a fully trained policy and a reference role of its own
-             "; planned as full fine-tuning (models.lora is not modelled: its learner needs less)"
-             if getattr(cfg.models, "lora", None) else "")
+    log.info("plan: predicted step %.3g s (%s) on %s; %s (%s)", plan.step_seconds, split, plan.hardware.name,
+             "fits" if plan.fits else f"{len(plan.problems)} problem(s)", path)
     for problem in plan.problems:
         log.warning("plan: %s: %s%s", problem.role, problem.message,
                     f"; fix: {' '.join(problem.fix.overrides)}" if problem.fix else "")

@@ -39,11 +39,10 @@ def role_options(cfg, hw: Hardware, gpus: int, archs: dict) -> dict[str, list[Op
     spare = gpus - 2 - (1 if "reward" in archs else 0)   # room for this role when each other takes one GPU
     options = {"learner": _learner_options(cfg, hw, spare, archs, valid),
                "generation": _generation_options(cfg, hw, spare, archs, valid),
-               "reference": _frozen_options("reference", cfg, hw, spare, archs, valid)}
-    if "reward" in archs:
-        options["reward"] = _frozen_options("reward", cfg, hw, spare, archs, valid)
-    else:
-        options["reward"] = [Option("reward", [], 0, {"score": 0.0})]
+               }
+    for role in ("reference", "reward"):  # no reward model, or a LoRA run's reference in the learner: no actors
+        options[role] = (_frozen_options(role, cfg, hw, spare, archs, valid) if role in archs
+                         else [Option(role, [], 0, {"score": 0.0})])
     return options
 
 

@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass, field
 
 from rlhf_ray.planning.hardware import Hardware
-from rlhf_ray.planning.memory import DTYPE_BYTES
+from rlhf_ray.planning.memory import DTYPE_BYTES, published_bytes
 from rlhf_ray.planning.models import Architecture
 
 # --- share of the dense peak each kind of work reaches --------------------------------------------------------
@@ -185,19 +185,20 @@ def frozen_forward_time(role: str, cfg, arch: Architecture, hw: Hardware, crosse
 
 
 def values_time(cfg, policy: Architecture, critic: Architecture | None, hw: Hardware, placement: Placement) -> float:
-    """The learner's pass before the update: values (critic), and old logprobs (policy) unless the sampler's
-    serve; ZeRO-3 gathers the weights for every micro-batch."""
+    """The learner's pass before the update: values (critic), old logprobs (policy) unless the sampler's serve, and
+    with LoRA the reference's (the policy with its adapters off); ZeRO-3 gathers the weights for every micro-batch."""
     world = cfg.resources.learner.num_actors
     prompt, response = lengths(cfg)
     seq = prompt + response
     with_logprobs = cfg.old_logprobs_source()[0] == "learner"
     seqs = cfg.rollout_sequences / world
-    if critic is None and not with_logprobs:  # critic-free, the sampler's logprobs: no such pass
+    policy_passes = int(with_logprobs) + int(cfg.models.lora is not None)
+    if critic is None and not policy_passes:  # critic-free, the sampler's logprobs: no such pass
         return 0.0
     per_token = critic.forward_flops_per_token("score", seq) if critic else 0.0
     params = critic.parameters("score") if critic else 0
-    if with_logprobs:
-        per_token += policy.forward_flops_per_token("lm", seq)
+    if policy_passes:
+        per_token += policy_passes * policy.forward_flops_per_token("lm", seq)
         params += policy.parameters("lm")
     seconds = seqs * seq * per_token / _peak(hw, cfg.deepspeed.precision, "forward")
     if cfg.deepspeed.zero_stage == 3 and world > 1:
@@ -211,7 +212,8 @@ def score_time(cfg, archs: dict, hw: Hardware, placement: Placement) -> PhaseTim
     parts = {"reward": frozen_forward_time("reward", cfg, archs["reward"], hw, placement.reward_crosses_nodes)
              if archs.get("reward") else ROLE_CALL_OVERHEAD_S,
              "reference": frozen_forward_time("reference", cfg, archs["reference"], hw,
-                                              placement.reference_crosses_nodes),
+                                              placement.reference_crosses_nodes)
+             if archs.get("reference") else ROLE_CALL_OVERHEAD_S,   # LoRA: in the learner's values pass
              "values": values_time(cfg, archs["policy"], archs.get("critic"), hw, placement)}
     if hw.is_gpu:
         slowest = max(parts, key=parts.get)
@@ -230,12 +232,15 @@ def learn_time(cfg, policy: Architecture, critic: Architecture | None, hw: Hardw
     epochs = cfg.ppo.epochs
     seqs_per_rank = cfg.rollout_sequences / world
     passes = 4 if ds.gradient_checkpointing else 3      # forward + backward (2×) (+ recomputed forward)
-    per_token = passes * (policy.forward_flops_per_token("lm", seq)
-                          + (critic.forward_flops_per_token("score", seq) if critic else 0.0))
+    lora = cfg.models.lora
+    policy_passes = passes - 1 if lora else passes      # LoRA: no weight gradients for the frozen base
+    per_token = (policy_passes * policy.forward_flops_per_token("lm", seq)
+                 + (passes * critic.forward_flops_per_token("score", seq) if critic else 0.0))
     seqs_per_device = seqs_per_rank if hw.is_gpu else cfg.rollout_sequences   # CPU ranks share one machine
     compute = epochs * seqs_per_device * seq * per_token / _peak(hw, ds.precision, "train")
 
-    params = policy.parameters("lm") + (critic.parameters("score") if critic else 0)
+    trained = policy.lora_params(lora.rank) if lora else policy.parameters("lm")
+    params = trained + (critic.parameters("score") if critic else 0)
     width = DTYPE_BYTES[ds.precision]
     micro_steps = epochs * math.ceil(seqs_per_rank / cfg.ppo.micro_batch_size)
     optimizer_steps = epochs * (cfg.rollout_sequences // cfg.ppo.mini_batch_size)
@@ -289,7 +294,7 @@ def weight_sync_time(cfg, policy: Architecture, hw: Hardware, placement: Placeme
     'files' is the object store plus each engine writing and reading safetensors in /dev/shm. On GPUs the
     non-collective paths also copy device → host and host → device."""
     transport, _ = cfg.weight_transport()
-    full = policy.parameters("lm") * DTYPE_BYTES[cfg.models.dtype]
+    full = published_bytes(policy, cfg)
     world, ds = cfg.resources.learner.num_actors, cfg.deepspeed
     parts = {"gather": 0.0}
     if ds.zero_stage == 3 and world > 1:
