@@ -32,13 +32,6 @@ def test_a_reward_without_torch_leaves_the_scoring_cores_to_the_others():
     assert plans[("reward", 0)].threads == {"score": 1}
 
 
-def test_a_lora_learner_scoring_for_two_gets_the_larger_share_rounded_up():
-    two = plan_compute(sites("learner", "generation", "reward", cpus=(0, 1)), False, NO_OVERRIDE, work={"learner": 2})
-    assert two[("learner", 0)].threads == {"score": 2, "learn": 2} and two[("reward", 0)].threads == {"score": 1}
-    four = plan_compute(sites("learner", "generation", "reward"), False, NO_OVERRIDE, work={"learner": 2})
-    assert four[("learner", 0)].threads["score"] == 3 and four[("reward", 0)].threads == {"score": 1}
-
-
 def test_two_learner_ranks_and_two_engines_split_their_phases():
     plans = plan_compute(sites("learner", "learner", "generation", "generation", "reward", "reference"), False,
                          NO_OVERRIDE)

@@ -17,7 +17,6 @@ The plan is logged at startup.
 """
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -44,8 +43,7 @@ class ActorPlan:
 
 def plan_compute(sites: list[ActorSite], overlapped: bool, threads: dict[str, int | None],
                  rollout_cores: int | None = None, nice: int | None = 0,
-                 solo_phases: tuple[str, ...] = (), light_roles: tuple[str, ...] = (),
-                 work: dict[str, int] | None = None) -> dict[tuple[str, int], ActorPlan]:
+                 solo_phases: tuple[str, ...] = (), light_roles: tuple[str, ...] = ()) -> dict[tuple[str, int], ActorPlan]:
     """Threads per phase (and CPU sets when rollout and learning overlap) for every actor.
 
     ``threads``: the per-role override (None: decide). Each phase's roles on a node share its cores evenly
@@ -53,9 +51,7 @@ def plan_compute(sites: list[ActorSite], overlapped: bool, threads: dict[str, in
     both into two disjoint CPU sets first. In ``solo_phases`` the roles take turns (DPO's ``score``: the
     reference, then the policy), so each shares the cores only with its own ranks. ``light_roles`` compute
     without torch (a function, HTTP or Serve reward: Python or another process does the work): one thread each,
-    and the others in their phase do not share the cores with them. ``work``: how many roles' passes a role computes
-    (2 for a LoRA learner, which also computes the reference's); such a role's share is weighted by it and rounded
-    up, so that it has the cores once the others in its phase are done.
+    and the others in their phase do not share the cores with them.
     """
     by_node: dict[str, list[ActorSite]] = defaultdict(list)
     for site in sites:
@@ -78,10 +74,8 @@ def plan_compute(sites: list[ActorSite], overlapped: bool, threads: dict[str, in
                 for phase in PHASES[site.role]:
                     sharing = [s for s in (side_sites if split else node_sites) if phase in PHASES[s.role]
                                and (phase not in solo_phases or s.role == site.role) and s.role not in light_roles]
-                    weight = {s.role: (work or {}).get(s.role, 1) for s in sharing}
-                    share = len(pool) * weight.get(site.role, 1) / max(1, sum(weight[s.role] for s in sharing))
-                    fair = math.ceil(share) if weight.get(site.role, 1) > 1 else int(share)
-                    phase_threads[phase] = threads.get(site.role) or (1 if site.role in light_roles else max(1, fair))
+                    fair = 1 if site.role in light_roles else max(1, len(pool) // max(1, len(sharing)))
+                    phase_threads[phase] = threads.get(site.role) or fair
                 plans[(site.role, site.index)] = ActorPlan(phase_threads, list(pool) if split else None, nice)
     return plans
 

@@ -267,10 +267,8 @@ class Roles:
         res = self.cfg.resources
         reward = getattr(getattr(self.cfg, "models", None), "reward", None)
         light = ("reward",) if reward is not None and reward.kind != "model" else ()  # no torch in the reward actor
-        # LoRA: the learner computes the reference's pass too
-        work = {"learner": 2} if getattr(getattr(self.cfg, "models", None), "lora", None) else {}
         self.compute_plans = plan_compute(sites, self.overlapped, {role: getattr(res, role).threads for role in self.groups},
-                                          getattr(res, "rollout_cores", None), res.nice, self.solo_phases, light, work)
+                                          getattr(res, "rollout_cores", None), res.nice, self.solo_phases, light)
         self._configure([(role, i) for role, i, _ in actors])
         for line in describe(self.compute_plans, sites):
             log.info("%s", line)
