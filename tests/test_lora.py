@@ -24,13 +24,18 @@ def adapted(request, tiny_cache):
     from rlhf_ray.models.tiny import resolve_tiny
 
     path = resolve_tiny(request.param, tiny_cache)
-    model = lora.add_adapters(AutoModelForCausalLM.from_pretrained(path), LoRAConfig(rank=4))
-    torch.manual_seed(0)
+    return path, trained_adapters(AutoModelForCausalLM.from_pretrained(path), seed=0)
+
+
+def trained_adapters(model, seed: int):
+    """``model`` with rank-4 adapters whose B is random (seeded), as after some training: no longer the base."""
+    model = lora.add_adapters(model, LoRAConfig(rank=4))
+    torch.manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.05)
-    return path, model
+    return model
 
 
 def rows(count: int = 3) -> RolloutBatch:
@@ -110,12 +115,7 @@ def test_every_architecture_merges_exactly_and_its_packed_adapted_forward_is_the
     from tests.test_forward import FAST, model_named, rollout
 
     base = model_named(name, tiny_tokenizer)
-    model = lora.add_adapters(copy.deepcopy(base), LoRAConfig(rank=4))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for param_name, param in model.named_parameters():
-            if "lora_B" in param_name:
-                param.normal_(0, 0.05)
+    model = trained_adapters(copy.deepcopy(base), seed=1)
     merged = copy.deepcopy(base)
     merged.load_state_dict(dict(lora.merged_tensors(model)), strict=False)
     pefts = dict(copy.deepcopy(model).merge_and_unload().named_parameters())
