@@ -134,7 +134,7 @@ class LearnerActor(Role):
                                   num_training_steps=total)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=deepspeed_config(spec, model))
-        if self.world_size == 1 and spec.deepspeed.zero_stage == 0:
+        if self.world_size == 1 and spec.deepspeed.zero_stage <= 1:
             # Nothing to average over, but DeepSpeed would still flatten every gradient into one 5e8-element
             # buffer per optimizer step to all-reduce it with itself: a transient copy of all gradients.
             self.engine.enable_backward_allreduce = False
