@@ -70,6 +70,16 @@ def without_tied_frozen(module_state_dict, module: torch.nn.Module):
     return state_dict
 
 
+def reduction_moves_gradients(engine) -> bool:
+    """Whether DeepSpeed's gradient reduction also hands the gradients to its optimizer, so that it must run even
+    with nothing to average: true for ZeRO's own optimizers (their reduction fills the partitions they step), false
+    for a plain optimizer (ZeRO-0) and for the BF16_Optimizer, which accumulates each backward's gradients into its
+    fp32 buffers before any reduction."""
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+
+    return engine.zero_optimization_stage() > 0 and not isinstance(engine.optimizer, BF16_Optimizer)
+
+
 def deepspeed_config(spec: LearnerSpec, model: torch.nn.Module) -> dict:
     ds, world = spec.deepspeed, spec.world_size
     per_rank_mini = spec.mini_batch_size // world
@@ -134,9 +144,9 @@ class LearnerActor(Role):
                                   num_training_steps=total)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=deepspeed_config(spec, model))
-        if self.world_size == 1 and spec.deepspeed.zero_stage <= 1:
-            # Nothing to average over, but DeepSpeed would still flatten every gradient into one 5e8-element
-            # buffer per optimizer step to all-reduce it with itself: a transient copy of all gradients.
+        if self.world_size == 1 and not reduction_moves_gradients(self.engine):
+            # Nothing to average over, but DeepSpeed would still flatten every gradient into one bucket per optimizer
+            # step to all-reduce it with itself and copy it back (SmolLM2 in bf16: 2 x 1 GB copies per step).
             self.engine.enable_backward_allreduce = False
         self.engine.checkpoint_engine = weights_only_checkpoint_engine()
         self.engine.module_state_dict = without_tied_frozen(self.engine.module_state_dict, self.engine.module)

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import importlib
 import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,3 +91,55 @@ def test_bf16_accumulates_gradients_in_fp32_under_zero_1(tmp_path, tiny_cache):
     assert bf16["bf16"] == {"enabled": True} and bf16["data_types"] == {"grad_accum_dtype": "fp32"}
     assert "data_types" not in config("deepspeed.precision=bf16", "deepspeed.zero_stage=0")
     assert config()["bf16"] == {"enabled": False} and "data_types" not in config()
+
+
+ONE_UPDATE = r"""
+import sys, types
+import torch
+root, policy, critic, stage, precision, out = sys.argv[1:]
+sys.path[:0] = [root, root + "/benchmarks"]
+from learner_profile import make_learner, ragged_batch
+from transformers import AutoConfig
+
+setting = {"zero_stage": int(stage), "precision": precision, "padding_free": True, "logits_chunk_tokens": None}
+learner = make_learner(policy, critic, setting, types.SimpleNamespace(mini=4, micro=2, batch=8, threads=1))
+for group in learner.engine.optimizer.param_groups:
+    group["lr"] = 1e-3  # a step the weights show in fp32
+before = torch.cat([p.detach().float().flatten() for p in learner.engine.module.parameters()])
+learner.train(ragged_batch(AutoConfig.from_pretrained(policy).vocab_size, 8, 12, 8, 0))
+after = torch.cat([p.detach().float().flatten() for p in learner.engine.module.parameters()])
+torch.save({"before": before, "after": after}, out)
+"""
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_zero_1_on_one_rank_updates_the_weights_as_zero_0_does(tiny_cache, tmp_path, precision):
+    """At world size 1 the learner skips DeepSpeed's gradient all-reduce where it only averages (ZeRO-0, the
+    BF16_Optimizer), and must keep it where it hands the gradients to ZeRO's optimizer: a skipped reduction there
+    would leave ZeRO-1's fp32 optimizer stepping with no gradients. Each update runs in a fresh process, as DeepSpeed
+    sets up once per process."""
+    import subprocess
+    import sys
+
+    from actors.common import cpu_bf16
+    from rlhf_ray.models.specs import resolve_model
+
+    if precision == "bf16" and not cpu_bf16()[0]:
+        pytest.skip(f"this CPU has {cpu_bf16()[1]}: bf16 is refused here")
+    root = str(Path(__file__).resolve().parent.parent)
+    policy, critic = resolve_model("tiny:policy", tiny_cache), resolve_model("tiny:reward", tiny_cache)
+    weights = {}
+    for stage in (0, 1):
+        out = tmp_path / f"zero{stage}.pt"
+        subprocess.run([sys.executable, "-c", ONE_UPDATE, root, policy, critic, str(stage), precision, str(out)],
+                       check=True, timeout=600)
+        weights[stage] = torch.load(out)
+    zero0, zero1 = weights[0], weights[1]
+    assert torch.equal(zero0["before"], zero1["before"])
+    moved = (zero1["after"] - zero1["before"]).abs()
+    assert moved.max() > 1e-4, "ZeRO-1 did not update the weights"
+    if precision == "fp32":
+        torch.testing.assert_close(zero1["after"], zero0["after"], rtol=0, atol=1e-6)
+    else:  # ZeRO-0 in bf16 accumulates in bf16, ZeRO-1 in fp32: the same step up to bf16 rounding
+        step0, step1 = zero0["after"] - zero0["before"], zero1["after"] - zero1["before"]
+        assert torch.nn.functional.cosine_similarity(step0, step1, dim=0) > 0.9
