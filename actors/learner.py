@@ -157,13 +157,23 @@ class LearnerActor(Role):
         """The objective's forward passes over this rank's shard, without gradients (PPO: old logprobs and
         values before the update; reward modelling: scores). ``options`` go to the objective's evaluate."""
         self.engine.eval()
-        out = self.objective.evaluate(self.engine, batch.to(self.device), **options)
+        out = self.objective.evaluate(self.engine, batch.to(self.device), side_by_side=self.side_by_side(), **options)
         if self.spec.deepspeed.zero_stage == 3:
             # ZeRO-3 may have prefetched parameters for a next forward that does not come: a gather (saving,
             # publishing) would then fail with "Cannot partition a param in flight"; wait for and release them
             self.engine.empty_partition_cache()
         release_free_memory()  # the micro-batches' activations: an update may come next
         return out
+
+    def side_by_side(self) -> bool:
+        """Whether the scoring passes of independent networks (PPO's policy and critic) run at once, one torch thread
+        each: when the compute plan gave this learner one thread to score beside other roles but more to learn with.
+        Its peers in the score phase (reward, reference) run one pass each and it runs two, so one after the other
+        they would leave a core idle at the end. On CPU only, and not under ZeRO-3, whose parameter gathers are
+        collectives taken in one order."""
+        threads = getattr(self, "_phase_threads", {})
+        return (self.device == "cpu" and self.spec.deepspeed.zero_stage < 3 and threads.get("score") == 1
+                and threads.get("learn", 1) > 1)
 
     @computes("learn")
     def train(self, batch) -> dict[str, float]:

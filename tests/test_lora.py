@@ -126,3 +126,35 @@ def test_every_architecture_merges_exactly_and_its_packed_adapted_forward_is_the
         torch.testing.assert_close(adapted(batch)[0], PolicyAndValue(merged, None)(batch)[0], atol=2e-5, rtol=0)
         torch.testing.assert_close(adapted.reference_logprobs(batch), PolicyAndValue(base, None)(batch)[0],
                                    atol=2e-5, rtol=0)
+
+
+def test_the_critics_scoring_pass_beside_the_policys_gives_what_one_after_the_other_gives(tmp_path, tiny_cache):
+    """PPO's scoring before an update (old log-probs, the reference as the base with the adapters off, values) with
+    the critic's pass in a second thread (``side_by_side``, on CPU when the learner scores on one thread beside
+    other roles): the same tensors as the passes one after the other, and as the module's own forward."""
+    from rlhf_ray.cluster.roles import ModelPaths
+    from rlhf_ray.drivers.ppo import ppo_learner
+    from rlhf_ray.models.tiny import resolve_tiny
+    from rlhf_ray.objectives import make_objective
+
+    policy, reward = resolve_tiny("policy", tiny_cache), resolve_tiny("reward", tiny_cache)
+    spec = ppo_learner(tiny_config(tmp_path, tiny_cache, "models.lora.rank=4", "ppo.micro_batch_size=2"),
+                       ModelPaths(policy=policy, reference=policy, reward=reward, value=reward))
+    objective = make_objective(spec)
+    module = objective.build()
+    torch.manual_seed(0)
+    with torch.no_grad():  # adapters as after some training (trained_adapters adds its own)
+        for name, param in module.policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    batch = rows(6)
+    together = objective.evaluate(module, batch, reference=True, side_by_side=True)
+    apart = objective.evaluate(module, batch, reference=True, side_by_side=False)
+    assert set(together) == set(apart) == {"old_logprobs", "ref_logprobs", "values"}
+    assert all(torch.equal(together[key], apart[key]) for key in apart)
+    with torch.no_grad():  # the module's forward on the same micro-batches (micro_batch_size 2)
+        outputs = [module(micro) for micro in batch.chunks(3)]
+    logprobs, values = (torch.cat([out[i] for out in outputs]) for i in (0, 2))
+    mask = batch.response_mask
+    assert torch.equal(together["old_logprobs"], logprobs * mask) and torch.equal(together["values"], values * mask)
+    assert (together["old_logprobs"] - together["ref_logprobs"]).abs().max() > 1e-3  # the adapters were on, then off

@@ -58,6 +58,11 @@ class PolicyAndValue(nn.Module):
         return logprobs, entropies, (self.value(batch) if self.value is not None else None)
 
     @torch.no_grad()
+    def logprobs(self, batch: RolloutBatch, temperature: float = 1.0) -> torch.Tensor:
+        """The policy's response log-probs alone, without the critic's pass. [B, R]"""
+        return response_token_stats(causal_lm(self.policy), batch, temperature, options=self.options)[0]
+
+    @torch.no_grad()
     def reference_logprobs(self, batch: RolloutBatch, temperature: float = 1.0) -> torch.Tensor:
         """A LoRA policy's base, its adapters off: the reference policy's response log-probs. [B, R]"""
         if not is_adapted(self.policy):

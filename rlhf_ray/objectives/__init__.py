@@ -94,7 +94,9 @@ class Objective:
     def loss(self, module, micro, num_units: float, fresh: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
-    def evaluate(self, module, batch, **options):
+    def evaluate(self, module, batch, side_by_side: bool = False, **options):
+        """Forward passes without gradients. ``side_by_side``: independent networks' passes may run at once, in two
+        threads (the learner's decision, LearnerActor.side_by_side); an objective with one network ignores it."""
         raise NotImplementedError
 
     def exported(self, module: nn.Module) -> nn.Module:

@@ -57,7 +57,7 @@ class DPOObjective(Objective):
         return loss, {"loss/dpo": loss.item(), **{f"dpo/{key}": value for key, value in stats.items()}}
 
     @torch.no_grad()
-    def evaluate(self, module, batch: ResponsePairBatch) -> torch.Tensor:
+    def evaluate(self, module, batch: ResponsePairBatch, side_by_side: bool = False) -> torch.Tensor:
         """[B, 2] summed response log-probs of (chosen, rejected) under the current policy."""
         size = self.spec.micro_batch_size
         return torch.cat([pair_logps(module, batch.select(range(i, min(i + size, len(batch))))).cpu()

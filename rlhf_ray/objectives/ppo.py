@@ -2,6 +2,8 @@
 (ppo.advantage: grpo, rloo, …) the policy alone."""
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 from torch import nn
 
@@ -68,24 +70,29 @@ class PPOObjective(Objective):
 
     @torch.no_grad()
     def evaluate(self, module, batch: RolloutBatch, logprobs: bool = True, values: bool = True,
-                 reference: bool = False) -> dict[str, torch.Tensor]:
+                 reference: bool = False, side_by_side: bool = False) -> dict[str, torch.Tensor]:
         """Before the update, each when asked: ``old_logprobs`` (else the sampler's serve), ``values`` (with a critic),
-        ``ref_logprobs`` (a LoRA policy's base, its adapters off). Each [B, R], 0 on padding."""
+        ``ref_logprobs`` (a LoRA policy's base, its adapters off). Each [B, R], 0 on padding.
+
+        The policy's passes and the critic's share no weights; with ``side_by_side`` the critic's run in a second
+        thread meanwhile. The policy's stay in one thread: the reference pass switches the adapters off."""
         net = getattr(module, "module", module)  # the DeepSpeed engine's module
-        values = values and self.spec.critic
-        parts = {key: [] for key, wanted in (("old_logprobs", logprobs), ("values", values),
-                                              ("ref_logprobs", reference)) if wanted}
-        for micro in batch.chunks(max(1, len(batch) // self.spec.micro_batch_size)) if parts else ():
-            if logprobs:
-                lp, _, v = module(micro, temperature=self.spec.temperature)
-                parts["old_logprobs"].append(lp)
-            elif values:
-                v = net.value(micro)
-            if values:
-                parts["values"].append(v)
-            if reference:
-                parts["ref_logprobs"].append(net.reference_logprobs(micro, temperature=self.spec.temperature))
-        return {key: (torch.cat(tensors) * batch.response_mask).cpu() for key, tensors in parts.items()}
+        temperature = self.spec.temperature
+        policy_passes = {key: fn for key, fn, wanted in (
+            ("old_logprobs", lambda micro: net.logprobs(micro, temperature), logprobs),
+            ("ref_logprobs", lambda micro: net.reference_logprobs(micro, temperature), reference)) if wanted}
+        critic_passes = {"values": net.value} if values and self.spec.critic else {}
+        micros = batch.chunks(max(1, len(batch) // self.spec.micro_batch_size))
+
+        def run(passes: dict) -> dict[str, torch.Tensor]:
+            return {key: (torch.cat([fn(micro) for micro in micros]) * batch.response_mask).cpu()
+                    for key, fn in passes.items()}
+
+        if side_by_side and policy_passes and critic_passes:
+            with ThreadPoolExecutor(1) as critic_thread:
+                critic = critic_thread.submit(run, critic_passes)
+                return {**run(policy_passes), **critic.result()}
+        return {**run(policy_passes), **run(critic_passes)}
 
     def exported(self, module: nn.Module) -> nn.Module:
         return module.policy

@@ -47,7 +47,7 @@ class BradleyTerryObjective(Objective):
         return loss, {"loss/bradley_terry": loss.item(), **{f"rm/{k}": float(v) for k, v in stats.items()}}
 
     @torch.no_grad()
-    def evaluate(self, module, batch: PairBatch) -> torch.Tensor:
+    def evaluate(self, module, batch: PairBatch, side_by_side: bool = False) -> torch.Tensor:
         """[B, 2] scores of (chosen, rejected), micro-batch by micro-batch."""
         size = self.spec.micro_batch_size
         return torch.cat([module(batch.select(range(i, min(i + size, len(batch))))).cpu()

@@ -83,7 +83,7 @@ class SFTObjective(Objective):
         return loss, {"loss/sft": loss.item(), "sft/tokens_per_step": float(tokens)}
 
     @torch.no_grad()
-    def evaluate(self, module, batch: SequenceBatch) -> torch.Tensor:
+    def evaluate(self, module, batch: SequenceBatch, side_by_side: bool = False) -> torch.Tensor:
         """[B, 2]: each row's summed NLL of its learned tokens and their count (a loss and a perplexity over a set)."""
         size = self.spec.micro_batch_size
         parts = []
