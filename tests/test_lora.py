@@ -152,6 +152,7 @@ def test_the_critics_scoring_pass_beside_the_policys_gives_what_one_after_the_ot
     apart = objective.evaluate(module, batch, reference=True, side_by_side=False)
     assert set(together) == set(apart) == {"old_logprobs", "ref_logprobs", "values"}
     assert all(torch.equal(together[key], apart[key]) for key in apart)
+    assert not any(t.requires_grad for t in together.values())  # no graph from the critic's thread either
     with torch.no_grad():  # the module's forward on the same micro-batches (micro_batch_size 2)
         outputs = [module(micro) for micro in batch.chunks(3)]
     logprobs, values = (torch.cat([out[i] for out in outputs]) for i in (0, 2))

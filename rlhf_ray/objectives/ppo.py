@@ -84,6 +84,7 @@ class PPOObjective(Objective):
         critic_passes = {"values": net.value} if values and self.spec.critic else {}
         micros = batch.chunks(max(1, len(batch) // self.spec.micro_batch_size))
 
+        @torch.no_grad()  # in the thread that runs it: grad mode is per thread
         def run(passes: dict) -> dict[str, torch.Tensor]:
             return {key: (torch.cat([fn(micro) for micro in micros]) * batch.response_mask).cpu()
                     for key, fn in passes.items()}
