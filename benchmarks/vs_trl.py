@@ -90,8 +90,9 @@ DIFFERENCES = [
     "Padding: SmolLM2's tokenizer pads with its EOS (<|im_end|>), which also ends every chat turn; TRL masks by the "
     "pad id, so its side gets a separate [PAD] token, as TRL's own PPO example does (ids masked to 0 before any "
     "model call, the embeddings are not resized).",
-    "Optimizer: both torch AdamW (fused); rlhf-ray's inside a DeepSpeed engine (ZeRO stage 0), TRL's through "
-    "Accelerate. rlhf-ray still computes the gradient norm for its metrics (no clipping on either side).",
+    "Optimizer: both torch AdamW (fused); rlhf-ray's inside a DeepSpeed engine (ZeRO stage 0; in bf16 ZeRO-1, "
+    "DeepSpeed's BF16_Optimizer with fp32 master weights), TRL's through Accelerate. rlhf-ray still computes the "
+    "gradient norm for its metrics (no clipping on either side).",
     "Bookkeeping: rlhf-ray writes metrics.jsonl each step (samples and TensorBoard off); TRL logs its metrics "
     "through its callbacks (no reporting integrations).",
 ]
