@@ -29,7 +29,11 @@ def adapted(request, tiny_cache):
 
 def trained_adapters(model, seed: int):
     """``model`` with rank-4 adapters whose B is random (seeded), as after some training: no longer the base."""
-    model = lora.add_adapters(model, LoRAConfig(rank=4))
+    return as_if_trained(lora.add_adapters(model, LoRAConfig(rank=4)), seed)
+
+
+def as_if_trained(model, seed: int):
+    """``model``'s adapters with a random (seeded) B, as after some training, instead of PEFT's zeros."""
     torch.manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -142,11 +146,7 @@ def test_the_critics_scoring_pass_beside_the_policys_gives_what_one_after_the_ot
                        ModelPaths(policy=policy, reference=policy, reward=reward, value=reward))
     objective = make_objective(spec)
     module = objective.build()
-    torch.manual_seed(0)
-    with torch.no_grad():  # adapters as after some training (trained_adapters adds its own)
-        for name, param in module.policy.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
+    as_if_trained(module.policy, seed=0)
     batch = rows(6)
     together = objective.evaluate(module, batch, reference=True, side_by_side=True)
     apart = objective.evaluate(module, batch, reference=True, side_by_side=False)

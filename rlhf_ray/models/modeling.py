@@ -68,7 +68,7 @@ class PolicyAndValue(nn.Module):
         if not is_adapted(self.policy):
             raise RuntimeError("only a LoRA policy holds its reference (the base with the adapters off)")
         with self.policy.disable_adapter():
-            return response_token_stats(causal_lm(self.policy), batch, temperature, options=self.options)[0]
+            return self.logprobs(batch, temperature)
 
 
 def _placement(num_gpus: float) -> dict:
