@@ -97,8 +97,9 @@ DIFFERENCES = [
     "through its callbacks (no reporting integrations).",
 ]
 
+
 TRL_SETUP = [
-    "trl.experimental.ppo.PPOTrainer (TRL 1.12.0), models loaded with from_pretrained in fp32 (bf16=False), "
+    "trl.experimental.ppo.PPOTrainer (TRL 1.12.0), models loaded with from_pretrained in fp32 ({precision}), "
     "gradient_checkpointing=False, optim=adamw_torch_fused, lr_scheduler_type=constant, stop_token='eos', "
     "missing_eos_penalty=None, local_rollout_forward_batch_size=rollout batch, num_sample_generations=0, "
     "save_strategy='no', eval_strategy='no', report_to=[], disable_tqdm=True.",
@@ -108,6 +109,13 @@ TRL_SETUP = [
     "accelerator.gradient_accumulation_steps = mini-batch / micro-batch after construction: one optimizer step per "
     "mini-batch (TRL as configured would take one per rollout). optimizer_steps_per_update in each run checks it.",
 ]
+TRL_PRECISION = {"fp32": "bf16=False",
+                 "bf16": "bf16=True: Accelerate's bf16 autocast, with fp32 weights, gradients and optimizer"}
+
+
+def trl_setup(precision: str) -> list[str]:
+    """How the TRL side is built (TRL_SETUP in this precision), as recorded with each result."""
+    return [TRL_SETUP[0].format(precision=TRL_PRECISION[precision])] + TRL_SETUP[1:]
 
 
 # ------------------------------------------------------------------------------------------- models
@@ -587,7 +595,7 @@ def main() -> None:
                              "gradient_accumulation_steps": args.batch // args.micro_batch,
                              "accelerator_gradient_accumulation_steps": args.mini_batch // args.micro_batch,
                              "num_mini_batches": args.batch // args.mini_batch, "num_ppo_epochs": 1,
-                             "setup": TRL_SETUP}},
+                             "setup": trl_setup(args.precision)}},
         "trl_torch_threads": threads[0] if len(threads) == 1 else threads or None,
         "summary": summary, "differences": DIFFERENCES, "runs": runs,
     }
