@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-exec "${RLHF_RAY_VENV:-.venv}/bin/python" -m pytest -q -p no:cacheprovider "$@"
+# --durations: the slowest tests in every run's summary (the suite's time budget is kept by looking at them)
+exec "${RLHF_RAY_VENV:-.venv}/bin/python" -m pytest -q -p no:cacheprovider --durations=25 "$@"
