@@ -93,8 +93,10 @@ def start_run(out: Path, ray_tmp: str, tiny_cache: Path, *overrides: str) -> sub
 
 
 def metric_rows(out: Path) -> list[dict]:
+    """The steps a run has recorded so far: its complete lines (a live run may be halfway through writing one)."""
     path = out / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    written = path.read_text() if path.is_file() else ""
+    return [json.loads(line) for line in written[:written.rfind("\n") + 1].splitlines()]
 
 
 def wait_for_steps(run: subprocess.Popen, out: Path, steps: int, timeout_s: float = 300) -> None:
