@@ -73,8 +73,11 @@ def test_sharded_rm_and_reference_equal_the_whole_models_with_half_the_parameter
 
 
 def assert_same(got: dict, expected: dict) -> None:
+    """The step's figures agree as far as their inputs do: sharded scores and reference logprobs may differ from the
+    whole models' in the last float32 bits (up to 1e-6 above), and loss/policy, a mean of whitened advantages of
+    either sign, keeps that absolute error while the figure itself is near 0 (2e-3 here)."""
     for key in ("reward/mean", "score/mean", "kl/mean", "loss/policy", "loss/value", "optim/grad_norm"):
-        assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), key
+        assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
 
 
 def test_a_ppo_step_with_sharded_frozen_roles_is_the_unsharded_step(plain_trainer, tiny_cache, tmp_path):
