@@ -9,7 +9,7 @@ import torch
 
 from tests.conftest import tiny_config
 from tests.test_e2e_ppo import (FUNCTION_REWARD, LEARN_STEPS, SYNC_ATOL, assert_checkpoint_round_trip,
-                                assert_generators_match_learner, assert_learns, fixed_response)
+                                assert_generators_match_learner, fixed_response)
 
 pytestmark = pytest.mark.e2e
 
@@ -20,6 +20,15 @@ def hf_logprobs(model, prompt: list[int], response: list[int]) -> torch.Tensor:
     with torch.no_grad():
         logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1]
     return torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(response)[:, None]).squeeze(-1)
+
+
+def held_out_e_frequency(trainer, prompts: int = 64) -> float:
+    """The policy's mean 'e' frequency on the same prompts with the same sampling seeds, whenever it is asked: a
+    paired measure of learning (the training steps' scores also move with their prompts)."""
+    from rlhf_ray.rewards.functions import char_frequency
+
+    batch, _ = trainer.roles.generate(trainer.dataset.prompts[:prompts], list(range(0, prompts * 1024, 1024)))
+    return sum(char_frequency("", text) for text in batch.response_texts) / len(batch.response_texts)
 
 
 def test_lora_trains_adapters_only_syncs_them_exactly_and_resumes_exactly(ray_session, tiny_cache, tmp_path):
@@ -36,7 +45,9 @@ def test_lora_trains_adapters_only_syncs_them_exactly_and_resumes_exactly(ray_se
         prompt, response = fixed_response(trainer)
         assert trainer.roles.learner_logprobs(prompt, response) == pytest.approx(
             hf_logprobs(base, prompt, response).tolist(), abs=1e-5)  # B = 0: the adapted policy starts as the base
+        untrained = held_out_e_frequency(trainer)
         metrics = [trainer.step() for _ in range(LEARN_STEPS)]
+        trained = held_out_e_frequency(trainer)
         assert_generators_match_learner(trainer, prompt, response)  # the engines sample with the adapter
         # the reference is the base: the learner's base with its adapters off, after many updates
         row = RolloutBatch.from_samples([prompt], [response], [[0.0] * len(response)], ["stop"], [[]], [""], [""],
@@ -51,7 +62,10 @@ def test_lora_trains_adapters_only_syncs_them_exactly_and_resumes_exactly(ray_se
         trainable = trainer.roles.learner_parameters()
     finally:
         trainer.shutdown()
-    assert_learns([m["score/mean"] for m in metrics])
+    # the same prompts and seeds before and after: adapters that never reached the engines leave it unchanged, a sign
+    # error lowers it. LoRA on the tiny model learns slowly here (+4.7 % after 20 steps on an AMD EPYC; the steps'
+    # own scores rose 10 % by step 12 and fell back with the last steps' prompts, so a window of them is no measure)
+    assert trained > 1.02 * untrained, (untrained, trained, [round(m["score/mean"], 3) for m in metrics])
     assert max(m["kl/sampler_vs_learner"] for m in metrics) < SYNC_ATOL
     assert all(m["kl/mean"] != 0 for m in metrics[1:]) and first["kl/mean"] != 0
     # only the adapters (and the critic) train, and only they are in the learner's checkpoint
