@@ -197,9 +197,7 @@ def redirect_output(log_file: str) -> None:
 # fault per 4 KiB on first touch, every step), and never trims the heap: the memory a phase freed is there, already
 # mapped, for the next phase. A threshold cannot do it: glibc caps M_MMAP_THRESHOLD at 32 MiB, below an embedding's
 # gradient (20M Llama: 50 MB, SmolLM2: 113 MB), so mmap is off (M_MMAP_MAX=0); glibc still mmaps what its heap
-# cannot hold (another thread's arena: 64 MiB at most). The 20M Llama's update on 2 cores: 1.43 s returning memory,
-# 1.12 s keeping tensors up to 32 MiB (Intel, earlier); then on an AMD EPYC, interleaved, 32 MiB vs all: 20M
-# 2.3-2.8 vs 2.0-2.3 s, SmolLM2 16.2-16.4 vs 14.2-15.6 s, and 170k page faults (0.7 GB) vs none per SmolLM2 update.
+# cannot hold (another thread's arena: 64 MiB at most). What it saves: README, "No work twice".
 KEEP_FREED_MEMORY_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**62)}
 
 

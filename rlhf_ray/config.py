@@ -320,8 +320,9 @@ class LearnerResourcesConfig(_Strict):
     keep_freed_memory: bool = Field(
         True, description="Role processes keep the memory a phase freed for the next one (glibc: every tensor from "
                           "the heap, which is never trimmed): no page faults on fresh memory every step (SmolLM2's "
-                          "fp32 update faulted in 0.7 GB a step without it, 5-12 % of its time); false: each phase returns it to the OS, so "
-                          "resident memory drops between phases (SmolLM2's learner: ~2.4 GB), at that cost.")
+                          "fp32 update faulted in 0.7 GB a step without it, 5-12 % of its time); false: each phase "
+                          "returns it to the OS, so resident memory drops between phases (SmolLM2's learner: ~2.4 GB), "
+                          "at that cost.")
     nice: Optional[int] = Field(
         0, ge=-20, le=19, description="Scheduling priority of the role processes (Ray starts workers at nice 15, behind "
                                       "every plain process; lowering it needs the privilege to); null: leave Ray's.")
