@@ -256,3 +256,16 @@ def test_train_plans_at_startup_and_an_unknown_model_is_only_a_note(tmp_path, ca
     with caplog.at_level(logging.INFO, logger="rlhf_ray.plan"):
         assert plan_at_startup(unknown) is None
     assert any(r.message.startswith("no plan for this config") for r in caplog.records)
+
+
+def test_a_dtype_the_cpu_only_emulates_is_timed_on_small_matrices(monkeypatch):
+    """Every product "takes" 50 ms on this clock: long enough at the first size, so no 1024² product of an
+    emulated dtype (~1 GFLOP/s: ~2 s each) is run at every startup."""
+    from rlhf_ray.planning import hardware
+
+    clock = iter(range(1000))
+    monkeypatch.setattr(hardware.time, "perf_counter", lambda: next(clock) * 0.05)
+    assert hardware.measure_matmul_flops("bfloat16", threads=1) == pytest.approx(2 * 256**3 / 0.05)
+    clock = iter(range(1000))
+    monkeypatch.setattr(hardware.time, "perf_counter", lambda: next(clock) * 1e-3)  # fast: doubles up to 1024
+    assert hardware.measure_matmul_flops("float32", threads=1) == pytest.approx(2 * 1024**3 / 1e-3)

@@ -2,7 +2,7 @@
 
 The GPU catalogue holds vendor figures (dense, no sparsity); the planner applies its own efficiencies
 (rlhf_ray.planning.timing) on top. ``cpu`` is this machine: its memory from /proc/meminfo, its peak and
-memory bandwidth measured with a short matmul and a copy (≈0.3 s), unless given.
+memory bandwidth measured with short matmuls and a copy (≈0.3 s), unless given.
 
 Units: bytes, FLOP/s, bytes/s. Link bandwidths are per device and per direction.
 """
@@ -125,7 +125,7 @@ def this_machine(peak_flops_fp32: float | None = None, peak_flops_16bit: float |
                  memory_bandwidth: float | None = None, cores: int | None = None) -> Hardware:
     """This host as one device: all roles share its RAM and cores (the CPU configs run that way).
 
-    Figures not given are measured: fp32 and bf16 peaks from 1024×1024 matmuls on all usable cores,
+    Figures not given are measured: fp32 and bf16 peaks from matmuls of up to 1024×1024 on all usable cores,
     memory bandwidth from copying a 64 MiB tensor (read + write counted). Transfers between roles go
     through shared memory, so every link runs at the memory bandwidth."""
     cores = cores or usable_cores()
@@ -155,16 +155,26 @@ def host_memory_bytes() -> float:
     return 16.0 * GiB
 
 
-def measure_matmul_flops(dtype: str, threads: int, size: int = 1024, repeats: int = 4) -> float:
-    """Best of ``repeats`` timed ``size``×``size`` matmuls: 2·size³ FLOP each."""
+def measure_matmul_flops(dtype: str, threads: int, max_size: int = 1024, repeats: int = 4,
+                         long_enough_s: float = 0.02) -> float:
+    """Best of ``repeats`` timed n×n matmuls, 2·n³ FLOP each. n starts at 256 and doubles, up to ``max_size``,
+    while one product takes under ``long_enough_s``. A dtype the CPU runs natively is timed on 1024×1024;
+    one it only emulates is timed on small matrices, e.g. bf16 without AVX512-BF16 or AMX, at ~1 GFLOP/s. At
+    1024 that dtype alone took ~11 s of every run's startup."""
     import torch
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        a = torch.randn(size, size, dtype=getattr(torch, dtype))
-        b = torch.randn(size, size, dtype=getattr(torch, dtype))
-        a @ b  # warm-up: thread pool and kernel selection
+        size = 256
+        while True:
+            a = torch.randn(size, size, dtype=getattr(torch, dtype))
+            b = torch.randn(size, size, dtype=getattr(torch, dtype))
+            start = time.perf_counter()
+            a @ b  # also the warm-up: thread pool and kernel selection
+            if size >= max_size or time.perf_counter() - start >= long_enough_s:
+                break
+            size *= 2
         best = float("inf")
         for _ in range(repeats):
             start = time.perf_counter()
