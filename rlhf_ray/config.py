@@ -142,13 +142,17 @@ class DataConfig(_Strict):
     limit: Optional[int] = Field(None, gt=0, description="Use only the first N valid prompts (debugging).")
 
 
+MAX_SAMPLES_PER_PROMPT = 1024  # the sampling seeds a prompt's samples take (rlhf_ray.drivers.ppo.sampling_seeds)
+
+
 class GenerationConfig(_Strict):
     max_new_tokens: int = Field(256, gt=0, description="Response length cap in tokens.")
     temperature: float = Field(1.0, ge=0.0, description="Sampling temperature (PPO needs > 0 for on-policy samples).")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling. Below 1 the samples come from a truncated "
                          "distribution while PPO's ratio and KL use the full softmax: slightly off-policy.")
     stop: list[str] = Field(default_factory=list, description="Extra stop strings (EOS always stops).")
-    n_samples_per_prompt: int = Field(1, gt=0, description="Responses sampled per prompt.")
+    n_samples_per_prompt: int = Field(1, gt=0, le=MAX_SAMPLES_PER_PROMPT, description="Responses sampled per prompt "
+                                      "(at most 1024: a prompt's samples take seeds seed, seed+1, …).")
 
 
 class PPOConfig(_Strict):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rlhf_ray.batch import RolloutBatch
-from rlhf_ray.config import PPOConfig
+from rlhf_ray.config import MAX_SAMPLES_PER_PROMPT, PPOConfig
 from rlhf_ray.drivers.ppo import PPOTrainer, group_ids, refill_prompts, sampling_seeds, with_advantages
 from rlhf_ray.ppo_math import aggregate_loss, importance_weights, overlong_penalty, policy_loss, shape_rewards
 
@@ -111,7 +111,16 @@ def test_group_ids_follow_the_generation_order_and_refills_are_seeded():
     assert refill_prompts(1, 5, 1, 4, 50) == refill_prompts(1, 5, 1, 4, 50) != refill_prompts(1, 5, 2, 4, 50)
     assert len(set(refill_prompts(1, 5, 1, 10, 10))) == 10
     first, later = sampling_seeds(0, 3, 4), sampling_seeds(0, 3, 4, start=4)
-    assert not set(first) & set(later)
+    assert not set(first) & set(later) and first + later == sampling_seeds(0, 3, 8)
+
+
+def test_sampling_seeds_leave_room_for_each_prompts_samples_across_large_steps():
+    """Prompt seeds are 1024 apart or more over 3 steps of 3000 prompts and two run seeds (seeds laid out as
+    step·2^20 + prompt·1024 repeated from the 1025th prompt of a step on), and every one is a valid torch seed."""
+    seeds = sorted(s for run_seed in (0, 1) for step in (1, 2, 3) for s in sampling_seeds(run_seed, step, 3000))
+    assert min(b - a for a, b in zip(seeds, seeds[1:])) >= MAX_SAMPLES_PER_PROMPT
+    assert 0 <= seeds[0] and seeds[-1] + MAX_SAMPLES_PER_PROMPT <= 2**63
+    assert sampling_seeds(0, 1, 5) == sampling_seeds(0, 1, 5) != sampling_seeds(1, 1, 5)
 
 
 class FakeRoles:

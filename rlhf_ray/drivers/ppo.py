@@ -33,7 +33,7 @@ import torch
 from actors.common import process_memory
 from rlhf_ray import preflight
 from rlhf_ray.batch import RolloutBatch
-from rlhf_ray.config import ExperimentConfig, PPOConfig
+from rlhf_ray.config import MAX_SAMPLES_PER_PROMPT, ExperimentConfig, PPOConfig
 from rlhf_ray.data import PromptSampler, load_prompts
 from rlhf_ray.drivers.base import CheckpointedDriver
 from rlhf_ray.models.modeling import check_same_tokenizer
@@ -458,11 +458,19 @@ def ppo_learner(cfg: ExperimentConfig, paths: ModelPaths) -> LearnerSpec:
 
 
 def sampling_seeds(seed: int, step: int, count: int, start: int = 0) -> list[int]:
-    """One vLLM sampling seed per prompt of step ``step``, from the run's seed and the step alone (a prompt's
-    samples use seed, seed+1, …: leave room for n_samples_per_prompt); ``start``: the first prompt's place in the
-    step (dynamic sampling's later rounds)."""
-    base = (seed * 1_000_003 + step) * 2**20
-    return [(base + i * 1024) % 2**63 for i in range(start, start + count)]
+    """One vLLM sampling seed per prompt of step ``step``, from the run's seed and the step alone; ``start``: the
+    first prompt's place in the step (dynamic sampling's later rounds).
+
+    Prompt i's seed is a 53-bit hash of (seed, step, i) times MAX_SAMPLES_PER_PROMPT (1024): its samples use seed,
+    seed+1, …, and no two prompts of any steps share one, however many prompts a step has (two hashes meet by
+    chance only, 2^-53 a pair; seeds laid out as step·2^20 + i·1024 repeated past 1024 prompts a step)."""
+    import hashlib
+
+    def one(i: int) -> int:
+        digest = hashlib.blake2b(f"{seed}/{step}/{i}".encode(), digest_size=8).digest()
+        return (int.from_bytes(digest, "little") >> 11) * MAX_SAMPLES_PER_PROMPT  # < 2**63: a torch seed
+
+    return [one(i) for i in range(start, start + count)]
 
 
 def group_ids(prompts: int, samples_per_prompt: int, start: int = 0) -> torch.Tensor:
