@@ -556,14 +556,8 @@ class ExperimentConfig(RunConfig):
         lora = self.models.lora
         _require(lora is not None or self.weights.transport != "adapter", "weights.transport",
                  "'adapter' sends LoRA adapters: it needs models.lora")
-        if lora is None:
-            return
-        _require(self.models.reference in (None, self.models.policy), "models.reference",
-                 "with models.lora the reference is the policy's base weights (its adapters off); leave "
-                 "models.reference unset")
-        _require(self.deepspeed.zero_stage < 3, "deepspeed.zero_stage",
-                 "3 is not supported with models.lora: the frozen base would be partitioned and gathered for every "
-                 "forward while only the adapters train; use 0–2 (ZeRO-1/2 partition the adapters' optimizer state)")
+        if lora is not None:
+            _check_lora(self.deepspeed, "models.lora", ("models.reference", self.models.reference, self.models.policy))
 
     @property
     def in_process_engines(self) -> bool:
@@ -787,10 +781,16 @@ class SFTConfig(LearnerRunConfig):
     data: ConversationDataConfig
     training: SFTTrainingConfig = Field(default_factory=SFTTrainingConfig)
     optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(lr=2e-5, warmup_ratio=0.03))
+    lora: Optional[LoRAConfig] = Field(
+        None, description="Train the model as LoRA adapters on its frozen weights (rlhf_ray.models.lora). Checkpoints "
+                          "hold the adapters; final_model is the merged weights, the adapter in final_model/adapter. "
+                          "null: full fine-tuning.")
 
     @model_validator(mode="after")
     def _check_combinations(self) -> "SFTConfig":
         self._check_run("training.batch_size", self.training.batch_size, self.training.micro_batch_size)
+        if self.lora is not None:
+            _check_lora(self.deepspeed, "lora")
         return self
 
 
@@ -808,10 +808,17 @@ class DPOConfig(LearnerRunConfig):
     optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(lr=5e-7, warmup_ratio=0.1))
     resources: LearnerAndReferenceResources = Field(default_factory=LearnerAndReferenceResources)
     timeouts: ReferenceTimeouts = Field(default_factory=ReferenceTimeouts)
+    lora: Optional[LoRAConfig] = Field(
+        None, description="Train the policy as LoRA adapters on its frozen weights (rlhf_ray.models.lora). The reference "
+                          "is then the policy with its adapters off, computed in the learner: no reference actors "
+                          "(resources.reference is unused). Checkpoints hold the adapters; final_model is the merged "
+                          "weights, the adapter in final_model/adapter. null: full fine-tuning.")
 
     @model_validator(mode="after")
     def _check_combinations(self) -> "DPOConfig":
         self._check_run("dpo.batch_size", self.dpo.batch_size, self.dpo.micro_batch_size)
+        if self.lora is not None:
+            _check_lora(self.deepspeed, "lora", ("reference", self.reference, self.model))
         _require(self.data.max_prompt_length < self.data.max_length, "data.max_prompt_length",
                  f"{self.data.max_prompt_length} leaves no room for a response within data.max_length="
                  f"{self.data.max_length}")
@@ -852,6 +859,18 @@ def _check_learner(ds: DeepSpeedConfig, learner: ActorResources) -> None:
              "optimizer offload needs deepspeed.zero_stage >= 1")
     _require(learner.num_gpus in (0, 1), "resources.learner.num_gpus",
              f"{learner.num_gpus}: a learner rank uses 0 or 1 whole GPU (scale with resources.learner.num_actors)")
+
+
+def _check_lora(ds: DeepSpeedConfig, lora_key: str, reference: tuple[str, str | None, str] | None = None) -> None:
+    """A LoRA learner (``lora_key`` set): no ZeRO-3; ``reference`` (its key, its value, the policy), where the run has
+    one, is the base with the adapters off: left unset."""
+    if reference is not None:
+        key, value, policy = reference
+        _require(value in (None, policy), key, f"with {lora_key} the reference is the policy's base weights (its "
+                                               f"adapters off); leave {key} unset")
+    _require(ds.zero_stage < 3, "deepspeed.zero_stage",
+             f"3 is not supported with {lora_key}: the frozen base would be partitioned and gathered for every "
+             "forward while only the adapters train; use 0–2 (ZeRO-1/2 partition the adapters' optimizer state)")
 
 
 def _require(ok, key: str, why: str) -> None:

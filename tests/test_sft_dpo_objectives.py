@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from rlhf_ray.batch import ResponsePairBatch, SequenceBatch
+from tests.test_lora import as_if_trained
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +127,42 @@ def test_dpo_pairs_are_the_rendered_prompt_and_each_rendered_assistant_turn(tiny
     cut = encode_response_pairs(tiny_tokenizer, pairs, "tulu", max_prompt_length=4, max_length=6)
     assert len(cut.prompts[0]) == 4 and cut.prompts[0] == encoded.prompts[0][-4:]   # the prompt keeps its end
     assert cut.chosen[0] == encoded.chosen[0][:2] and cut.truncated == 1            # a response keeps its start
+
+
+def test_sft_with_lora_trains_the_adapters_alone_from_the_models_own_loss(tiny_policy):
+    from rlhf_ray.config import LoRAConfig
+    from rlhf_ray.models import lora
+    from rlhf_ray.objectives import make_objective
+
+    path, _ = tiny_policy
+    rows = SequenceBatch.from_rows([(ids, mask, [len(ids)]) for ids, mask in SEQUENCES], pad_token_id=0)
+    full, adapted = (make_objective(spec(path, "sft", lora=lora)) for lora in (None, LoRAConfig(rank=4)))
+    plain, module = full.build().eval(), adapted.build().eval()
+    units = float(adapted.units(rows))
+    with torch.no_grad():  # B = 0: the adapted model starts as the model
+        assert float(adapted.loss(module, rows, units)[0]) == pytest.approx(float(full.loss(plain, rows, units)[0]),
+                                                                            rel=1e-6)
+    adapted.loss(module, rows, units)[0].backward()
+    with_grad = {name for name, p in module.named_parameters() if p.grad is not None}
+    assert with_grad and all("lora_" in name for name in with_grad)
+    assert lora.is_adapted(adapted.exported(module))  # the learner saves it merged, its adapter beside
+
+
+def test_dpo_with_lora_takes_the_reference_from_the_base_with_its_adapters_off(tiny_policy):
+    """What the learner gives rlhf_ray.cluster.roles in place of reference actors: the sides' per-token log-probs of
+    the model without its adapters, 0 on padding, however far the adapters have moved."""
+    from rlhf_ray.config import DPOTrainingConfig, LoRAConfig
+    from rlhf_ray.objectives import make_objective
+
+    path, model = tiny_policy
+    prompts, chosen, rejected, batch = pair_batch()
+    objective = make_objective(spec(path, "dpo", dpo=DPOTrainingConfig(), lora=LoRAConfig(rank=4)))
+    module = as_if_trained(objective.build().eval(), seed=0)
+    sides = batch.sides()
+    ref = objective.evaluate(module, sides, reference=True, logprobs=False, values=False)["ref_logprobs"]
+    assert ref.shape == sides.response_mask.shape and torch.all(ref[sides.response_mask == 0] == 0)
+    by_hand = [-by_hand_nll(model, p + r, [0] * len(p) + [1] * len(r))[0]
+               for p, c, rj in zip(prompts, chosen, rejected) for r in (c, rj)]
+    assert ref.sum(-1).tolist() == pytest.approx(by_hand, rel=1e-5)
+    policy = objective.evaluate(module, batch).flatten()  # adapters on: another policy
+    assert (policy - ref.sum(-1)).abs().max() > 1e-3

@@ -615,8 +615,10 @@ class Roles:
         return self._wait([g.sequence_logprobs.remote(prompt_ids, response_ids) for g in self.generators],
                           "generation", "computing logprobs of a response", "generate_s")
 
-    def learner_parameters(self) -> int:
-        return self._wait(self.learners[0].num_parameters.remote(), "learner", "counting parameters", "learn_s")
+    def learner_parameters(self, trainable: bool = True) -> int:
+        """The learner's trainable parameters, or with ``trainable=False`` its frozen ones (a LoRA policy's base)."""
+        return self._wait(self.learners[0].num_parameters.remote(trainable=trainable), "learner", "counting parameters",
+                          "learn_s")
 
     def memory(self) -> dict[str, float]:
         """Each role's peak resident memory since the last call and the shared (object-store) part of its

@@ -50,6 +50,15 @@ class DatasetDriver(CheckpointedDriver):
                            optimizer=cfg.optimizer, deepspeed=cfg.deepspeed, timeout_s=cfg.timeouts.learn_s,
                            seed=cfg.seed, export_dtype=cfg.dtype, pad_token_id=self.tokenizer.pad_token_id, **extra)
 
+    def say_lora(self, lora, reference: bool = False) -> None:
+        """The console's line on a LoRA learner (SFT, DPO): what trains and what stays frozen."""
+        if lora is None:
+            return
+        trainable, frozen = self.roles.learner_parameters(), self.roles.learner_parameters(trainable=False)
+        log.info("lora: the model trains as rank-%d adapters, %.2f M parameters, on its frozen %.1f M%s",
+                 lora.rank, trainable / 1e6, frozen / 1e6, "; the reference is that base with the adapters off, "
+                 "computed in the learner (no reference actors)" if reference else "")
+
     # ------------------------------------------------------------------------------------------ a step
     def step(self) -> dict[str, float]:
         try:

@@ -2,7 +2,8 @@
 (rlhf_ray.drivers.dataset) whose step first asks the reference role for the log-probs of the pairs it has not seen
 before (once per pair for the whole run), then updates the policy (rlhf_ray.objectives.dpo). The reference is the
 same role PPO uses, so a large one can be sharded (resources.reference.sharded). Its log-probs are kept per pair in
-the driver, saved with every checkpoint: later epochs and a resumed run do not compute them again.
+the driver, saved with every checkpoint: later epochs and a resumed run do not compute them again. With ``lora`` the
+policy trains as adapters and the learner computes the reference log-probs itself, its adapters off.
 <output_dir>/final_model is the policy; eval.json holds the implicit-reward preference accuracy per evaluation set,
 overall and per source.
 """
@@ -123,10 +124,14 @@ class DPOTrainer(DatasetDriver):
                                 for name, pairs in [("train", self.train_pairs), *self.eval_sets.items()]}
 
     def start_roles(self) -> Roles:
-        roles = ("learner", "reference") if self.needs_reference else ("learner",)
+        # with lora the learner's base, its adapters off, is the reference: no reference actors
+        roles = ("learner", "reference") if self.needs_reference and self.cfg.lora is None else ("learner",)
         # the reference's log-probs and the policy's evaluation passes are never computed at the same time
-        return Roles(self.cfg, self.paths, self.learner_spec("dpo", self.paths.policy, dpo=self.cfg.dpo), roles=roles,
-                     solo_phases=("score",))
+        spec = self.learner_spec("dpo", self.paths.policy, dpo=self.cfg.dpo, lora=self.cfg.lora)
+        return Roles(self.cfg, self.paths, spec, roles=roles, solo_phases=("score",))
+
+    def after_roles(self) -> None:
+        self.say_lora(self.cfg.lora, reference=self.needs_reference)
 
     # ------------------------------------------------------------------------------------------ a step
     def batch(self, indices: list[int]) -> ResponsePairBatch:
@@ -143,12 +148,12 @@ class DPOTrainer(DatasetDriver):
 
     def reference_for(self, name: str, indices: list[int]) -> torch.Tensor:
         """[len(indices), 2] the reference's log-probs of these pairs of set ``name``: computed by the reference role
-        for the pairs that have none yet, and kept. An evaluation set goes in calls of a training step's size (each
+        (with lora: by the learner, adapters off) for the pairs that have none yet, and kept. An evaluation set goes in calls of a training step's size (each
         call must end within timeouts.score_s, which a whole set on a CPU need not)."""
         cache = self.reference_logps[name]
         missing = sorted({i for i in indices if torch.isnan(cache[i, 0])})
         pairs = self.train_pairs if name == "train" else self.eval_sets[name]
-        ranks, size = len(self.roles.references), self.cfg.dpo.batch_size
+        ranks, size = len(self.roles.references or self.roles.learners), self.cfg.dpo.batch_size
         for start in range(0, len(missing), size):
             part = missing[start:start + size]
             padded = part + [part[-1]] * (-len(part) % ranks)  # equal shares (a sharded model's collectives)

@@ -75,8 +75,12 @@ class SFTTrainer(DatasetDriver):
         self.num_steps = cfg.training.epochs * self.sampler.batches_per_epoch
 
     def start_roles(self) -> Roles:
-        learner = self.learner_spec("sft", self.model_path, sft_loss_mean=self.cfg.training.loss_mean)
+        learner = self.learner_spec("sft", self.model_path, sft_loss_mean=self.cfg.training.loss_mean,
+                                    lora=self.cfg.lora)
         return Roles(self.cfg, None, learner, roles=("learner",))
+
+    def after_roles(self) -> None:
+        self.say_lora(self.cfg.lora)
 
     # ------------------------------------------------------------------------------------------ a step
     def batch(self, indices: list[int]) -> SequenceBatch:

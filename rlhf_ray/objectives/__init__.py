@@ -47,7 +47,7 @@ class LearnerSpec(BaseModel):
     export_dtype: str = "float32"             # dtype of published / saved weights
     pad_token_id: Optional[int] = None        # bradley_terry: where the RM pools (its last non-pad token)
     ppo: Optional[PPOConfig] = None
-    lora: Optional[LoRAConfig] = None         # ppo: the policy as LoRA adapters (models.lora)
+    lora: Optional[LoRAConfig] = None         # ppo, sft, dpo: the policy as LoRA adapters
     temperature: float = 1.0                  # ppo: the sampling temperature the logprobs are taken at
     critic: bool = True                       # ppo: a value model (ppo.advantage=gae) or the policy alone
     max_new_tokens: Optional[int] = None      # ppo: the response length cap (loss_aggregation=seq_mean_token_sum)

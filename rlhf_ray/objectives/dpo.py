@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from rlhf_ray.batch import ResponsePairBatch
+from rlhf_ray.models.lora import add_adapters
 from rlhf_ray.models.modeling import PolicyAndValue, load_causal_lm
 from rlhf_ray.objectives import Objective, register
 from rlhf_ray.preference_math import dpo_loss, dpo_needs_reference
@@ -40,7 +41,8 @@ class DPOObjective(Objective):
 
     def build(self) -> nn.Module:
         policy = load_causal_lm(self.spec.model)
-        return PolicyAndValue(policy, None, self.spec.forward_options().checked(policy, f"policy {self.spec.model}"))
+        options = self.spec.forward_options().checked(policy, f"policy {self.spec.model}")
+        return PolicyAndValue(add_adapters(policy, self.spec.lora) if self.spec.lora else policy, None, options)
 
     def units(self, batch: ResponsePairBatch) -> torch.Tensor:
         return torch.tensor(float(len(batch)))
@@ -57,8 +59,18 @@ class DPOObjective(Objective):
         return loss, {"loss/dpo": loss.item(), **{f"dpo/{key}": value for key, value in stats.items()}}
 
     @torch.no_grad()
-    def evaluate(self, module, batch: ResponsePairBatch, side_by_side: bool = False) -> torch.Tensor:
-        """[B, 2] summed response log-probs of (chosen, rejected) under the current policy."""
+    def evaluate(self, module, batch, side_by_side: bool = False, reference: bool = False, **_):
+        """[B, 2] summed response log-probs of (chosen, rejected) under the current policy (``batch``: pairs).
+
+        ``reference`` (a LoRA policy, whose base with the adapters off is the reference; rlhf_ray.cluster.roles
+        asks for it in place of reference actors): {"ref_logprobs": [2B, R]} of ``batch``, both sides of pairs
+        (ResponsePairBatch.sides()), 0 on padding, as a reference actor gives them."""
+        net = getattr(module, "module", module)  # the DeepSpeed engine's module
+        if reference:
+            size = 2 * self.spec.micro_batch_size
+            logprobs = torch.cat([net.reference_logprobs(batch.select(range(i, min(i + size, len(batch)))))
+                                  for i in range(0, len(batch), size)])
+            return {"ref_logprobs": (logprobs * batch.response_mask).cpu()}
         size = self.spec.micro_batch_size
         return torch.cat([pair_logps(module, batch.select(range(i, min(i + size, len(batch))))).cpu()
                           for i in range(0, len(batch), size)])

@@ -6,6 +6,7 @@ from torch import nn
 
 from rlhf_ray.batch import SequenceBatch
 from rlhf_ray.models.forward import ForwardOptions, backbone_of, token_stats
+from rlhf_ray.models.lora import add_adapters, causal_lm
 from rlhf_ray.models.modeling import load_causal_lm
 from rlhf_ray.objectives import Objective, register
 
@@ -20,7 +21,7 @@ class SequenceScorer(nn.Module):
     padding_free = False  # rows come packed from the data pipeline, padded at their ends
 
     def forward(self, batch: SequenceBatch) -> torch.Tensor:
-        return token_nll(self.policy, batch, self.options)
+        return token_nll(causal_lm(self.policy), batch, self.options)
 
 
 def token_nll(model: nn.Module, batch: SequenceBatch, options: ForwardOptions = ForwardOptions()) -> torch.Tensor:
@@ -55,14 +56,16 @@ def sequence_token_counts(batch: SequenceBatch) -> torch.Tensor:
 @register("sft")
 class SFTObjective(Objective):
     """L = Σ_t m_t · −log p(x_t | x_<t) / N, with N the learned tokens of the global mini-batch (loss_mean='token'),
-    or each conversation's token mean summed over conversations / N conversations (loss_mean='sequence')."""
+    or each conversation's token mean summed over conversations / N conversations (loss_mean='sequence').
+    With ``spec.lora`` the policy trains as LoRA adapters on its frozen weights."""
     export_name = "policy"
 
     def build(self) -> nn.Module:
         policy = load_causal_lm(self.spec.model)
         # conversations arrive packed by the data pipeline (rlhf_ray.conversations), with their own block mask
         options = ForwardOptions(padding_free=False, logits_chunk_tokens=self.spec.deepspeed.logits_chunk_tokens)
-        return SequenceScorer(policy, options.checked(policy, f"policy {self.spec.model}"))
+        options = options.checked(policy, f"policy {self.spec.model}")
+        return SequenceScorer(add_adapters(policy, self.spec.lora) if self.spec.lora else policy, options)
 
     def units(self, batch: SequenceBatch) -> torch.Tensor:
         if self.spec.sft_loss_mean == "token":
