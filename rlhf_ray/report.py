@@ -65,6 +65,14 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def peak_memory(rows: list[dict]) -> str:
+    """'learner 6.2, generation 3.5': each role's peak resident GB over the steps (memory/<role>_peak_gb), largest
+    first; '' when the rows have none."""
+    peaks = {key.split("/")[1].removesuffix("_peak_gb"): max(r.get(key) or 0.0 for r in rows)
+             for key in rows[-1] if key.startswith("memory/") and key.endswith("_peak_gb")} if rows else {}
+    return ", ".join(f"{role} {gb:.1f}" for role, gb in sorted(peaks.items(), key=lambda kv: -kv[1]))
+
+
 def summary(rows: list[dict], label: str = "") -> str:
     """One line: steps, first → last reward and score, tokens/s, where the time went, peak memory."""
     n = len(rows)
@@ -81,9 +89,7 @@ def summary(rows: list[dict], label: str = "") -> str:
     shares["other"] = 1.0 - sum(shares.values()) if shares else 0.0
     time_text = ", ".join(f"{SHORT[name]} {share:.0%}" for name, share in
                           sorted(shares.items(), key=lambda kv: -kv[1]))
-    peaks = {key.split("/")[1].removesuffix("_peak_gb"): max(r.get(key) or 0.0 for r in rows)
-             for key in rows[-1] if key.startswith("memory/") and key.endswith("_peak_gb")}
-    memory_text = ", ".join(f"{role} {gb:.1f}" for role, gb in sorted(peaks.items(), key=lambda kv: -kv[1]))
+    memory_text = peak_memory(rows)
     averaged = f" (mean of the first/last {window} steps)" if window > 1 else ""
     return (f"{label + ': ' if label else ''}{n} steps in {total:.0f} s; reward {first('reward/mean'):.3f} → "
             f"{last('reward/mean'):.3f}, score {first('score/mean'):.3f} → {last('score/mean'):.3f}{averaged}; "

@@ -146,6 +146,7 @@ def test_lora_sft_then_lora_dpo_train_adapters_and_dpo_takes_its_reference_from_
     metrics = rows(dpo)
     steps = [r for r in metrics if "loss/dpo" in r]
     assert len(steps) == 12 and sum(r["reference/pairs_computed"] for r in steps) == 192
+    assert all(r["memory/learner_peak_gb"] > 0 for r in steps)  # the closing line's peak GB
     end = json.loads((dpo / "eval.json").read_text())["sets"]["heldout"]
     assert end["accuracy"] > metrics[0]["eval/heldout/accuracy"] + 0.2 and end["margin"] > 0, (metrics[0], end)
     kept = load_file(dpo / "checkpoints" / "step-000012" / "reference_logps.safetensors")["train"]

@@ -627,7 +627,8 @@ class Roles:
         out = {}
         for role, role_refs in refs.items():
             try:
-                readings = self._wait(role_refs, role, "reading its memory", "score_s")
+                timeout = "learn_s" if role == "learner" else "score_s"  # a learner-only run has no score_s
+                readings = self._wait(role_refs, role, "reading its memory", timeout)
             except ActorLost as lost:  # the next phase that needs the role replaces it
                 log.warning("%s", lost)
                 continue

@@ -19,6 +19,7 @@ from rlhf_ray.cluster.roles import ActorLost
 from rlhf_ray.cluster.signals import STOP_SIGNALS
 from rlhf_ray.drivers.base import CheckpointedDriver
 from rlhf_ray.objectives import LearnerSpec
+from rlhf_ray.report import peak_memory
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class DatasetDriver(CheckpointedDriver):
             seconds = time.perf_counter() - started
             metrics = {"step": self.step_count, "epoch": self.sampler.position(self.step_count - 1)[0], **stats,
                        "time/step": seconds, "time/learn": learn_s, **self.step_metrics(indices, batch, seconds),
+                       **self.roles.memory(),
                        "recovery/learner_restarts": float(self.roles.restarts["learner"])}
             if self.due(self.section.eval_every_steps):
                 metrics.update(self.eval_metrics(self.evaluate()))
@@ -144,8 +146,10 @@ class DatasetDriver(CheckpointedDriver):
         lines = self.drawn_report() + [self.describe_set(n, t) for n, t in self.final_eval.items()]
         if steps:
             seconds = sum(r["time/step"] for r in steps)
+            memory = peak_memory(steps)
             lines.append(f"{len(steps)} steps in {seconds:.0f} s; loss {steps[0][self.loss_key]:.3f} → "
-                         f"{steps[-1][self.loss_key]:.3f}{self.closing_extra(steps, seconds)}")
+                         f"{steps[-1][self.loss_key]:.3f}{self.closing_extra(steps, seconds)}"
+                         + (f"; peak GB: {memory}" if memory else ""))
         return lines
 
     def closing_extra(self, steps: list[dict], seconds: float) -> str:
