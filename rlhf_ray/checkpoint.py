@@ -37,7 +37,9 @@ FORMAT_VERSION = 1
 # Settings a checkpoint cannot be continued under: other models, data, seed or batch geometry would make
 # the run a different one (or the DeepSpeed state unloadable); everything else may change on resume.
 MUST_MATCH = ("seed", "model", "data.", "generation.n_samples_per_prompt",  # "model": models.* (PPO), model (RM)
-              "ppo.rollout_batch_size", "ppo.mini_batch_size", "ppo.advantage",  # advantage: with or without a critic "training.batch_size", "resources.learner.num_actors",
+              "ppo.rollout_batch_size", "ppo.mini_batch_size", "ppo.advantage",  # advantage: with or without a critic
+              "training.batch_size", "dpo.batch_size", "resources.learner.num_actors",
+              "lora", "reference",  # SFT/DPO: what trains, and which reference log-probs the checkpoint keeps
               "deepspeed.zero_stage", "deepspeed.precision")
 NEVER_COMPARED = ("output_dir", "resume", "overwrite", "models.cache_dir")
 # how the reward is reached or shaped, not which model it is: a resume may change these (logged)

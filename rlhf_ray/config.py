@@ -557,7 +557,8 @@ class ExperimentConfig(RunConfig):
         _require(lora is not None or self.weights.transport != "adapter", "weights.transport",
                  "'adapter' sends LoRA adapters: it needs models.lora")
         if lora is not None:
-            _check_lora(self.deepspeed, "models.lora", ("models.reference", self.models.reference, self.models.policy))
+            _check_lora(self.deepspeed, "models.lora", reference_key="models.reference", reference=self.models.reference,
+                        policy=self.models.policy)
 
     @property
     def in_process_engines(self) -> bool:
@@ -802,7 +803,8 @@ class DPOConfig(LearnerRunConfig):
                                    "or 'real:smollm2-135m'.")
     reference: Optional[str] = Field(None, description="The frozen reference policy; null: the starting policy.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="dtype of the saved policy and of the frozen reference.")
+        "float32", description="dtype of the saved policy and of the frozen reference (with lora the reference is the "
+                               "learner's own base, in deepspeed.precision).")
     data: PreferencePairsConfig
     dpo: DPOTrainingConfig = Field(default_factory=DPOTrainingConfig)
     optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(lr=5e-7, warmup_ratio=0.1))
@@ -818,7 +820,7 @@ class DPOConfig(LearnerRunConfig):
     def _check_combinations(self) -> "DPOConfig":
         self._check_run("dpo.batch_size", self.dpo.batch_size, self.dpo.micro_batch_size)
         if self.lora is not None:
-            _check_lora(self.deepspeed, "lora", ("reference", self.reference, self.model))
+            _check_lora(self.deepspeed, "lora", reference_key="reference", reference=self.reference, policy=self.model)
         _require(self.data.max_prompt_length < self.data.max_length, "data.max_prompt_length",
                  f"{self.data.max_prompt_length} leaves no room for a response within data.max_length="
                  f"{self.data.max_length}")
@@ -861,13 +863,13 @@ def _check_learner(ds: DeepSpeedConfig, learner: ActorResources) -> None:
              f"{learner.num_gpus}: a learner rank uses 0 or 1 whole GPU (scale with resources.learner.num_actors)")
 
 
-def _check_lora(ds: DeepSpeedConfig, lora_key: str, reference: tuple[str, str | None, str] | None = None) -> None:
-    """A LoRA learner (``lora_key`` set): no ZeRO-3; ``reference`` (its key, its value, the policy), where the run has
-    one, is the base with the adapters off: left unset."""
-    if reference is not None:
-        key, value, policy = reference
-        _require(value in (None, policy), key, f"with {lora_key} the reference is the policy's base weights (its "
-                                               f"adapters off); leave {key} unset")
+def _check_lora(ds: DeepSpeedConfig, lora_key: str, reference_key: str | None = None, reference: str | None = None,
+                policy: str | None = None) -> None:
+    """A LoRA learner (``lora_key`` set): no ZeRO-3; a run with a reference (at ``reference_key``) takes the base with
+    the adapters off for it, so ``reference`` is left unset (or names ``policy``)."""
+    if reference_key is not None:
+        _require(reference in (None, policy), reference_key, f"with {lora_key} the reference is the policy's base "
+                                                             f"weights (its adapters off); leave {reference_key} unset")
     _require(ds.zero_stage < 3, "deepspeed.zero_stage",
              f"3 is not supported with {lora_key}: the frozen base would be partitioned and gathered for every "
              "forward while only the adapters train; use 0–2 (ZeRO-1/2 partition the adapters' optimizer state)")

@@ -63,16 +63,6 @@ def finish(run: subprocess.Popen, out: Path, before: dict) -> dict:
             "placement_after": placement(out)}
 
 
-def forget_cluster_address(address: str) -> None:
-    """Cluster() writes its address to /tmp/ray/ray_current_cluster for a later ray.init() to join, and its
-    shutdown leaves it there: this machine's next ray.init() without an address would look for a stopped cluster."""
-    from ray._common.utils import get_ray_address_file
-
-    path = Path(get_ray_address_file(None))
-    if path.is_file() and path.read_text().strip() == address:
-        path.unlink()
-
-
 def main(out_root: str, cache: str) -> None:
     from ray.cluster_utils import Cluster
 
@@ -108,7 +98,6 @@ def main(out_root: str, cache: str) -> None:
         result["removed"] = removed
     finally:
         cluster.shutdown()
-        forget_cluster_address(cluster.address)
     print("RESULT" + json.dumps(result))
 
 

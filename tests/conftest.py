@@ -41,8 +41,9 @@ def shared_file(relative: str) -> Path:
 @pytest.fixture(scope="session")
 def ray_session():
     """One real local Ray session shared by every end-to-end test of the run. address="local": a new Ray of its own,
-    never the cluster a RAY_ADDRESS or a left-over /tmp/ray/ray_current_cluster names (ray.cluster_utils.Cluster
-    writes that file and leaves it; ray.init() without an address would join it, and refuse num_cpus)."""
+    never the cluster a RAY_ADDRESS or a left-over /tmp/ray/ray_current_cluster names (a `ray start` or a
+    ray.cluster_utils.Cluster killed before its shutdown leaves that file; ray.init() without an address would join
+    that cluster, and refuse num_cpus)."""
     import ray
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)

@@ -120,6 +120,15 @@ def test_config_differences_split_into_blocking_and_merely_changed():
     blocking, changed = checkpoint.differences(saved, other)
     assert blocking == ["models.policy: 'x' -> 'y'", "ppo.rollout_batch_size: 16 -> 32"]
     assert changed == ["ppo.kl_coef: 0.05 -> 0.1", "timeouts.learn_s: 10 -> 20"]
+    # SFT / DPO: the batch geometry, the learner's ranks, LoRA and the reference whose log-probs the checkpoint keeps
+    dpo = {"model": "m", "reference": None, "lora": None, "dpo": {"batch_size": 16, "beta": 0.1},
+           "resources": {"learner": {"num_actors": 1, "num_cpus": 1}}}
+    other = {**dpo, "reference": "r", "lora": {"rank": 8}, "dpo": {"batch_size": 32, "beta": 0.2},
+             "resources": {"learner": {"num_actors": 2, "num_cpus": 2}}}
+    blocking, changed = checkpoint.differences(dpo, other)
+    assert sorted(line.split(":")[0] for line in blocking) == ["dpo.batch_size", "lora.rank", "reference",
+                                                               "resources.learner.num_actors"]
+    assert [line.split(":")[0] for line in changed] == ["dpo.beta", "resources.learner.num_cpus"]
 
 
 def test_rewind_keeps_each_step_once(tmp_path):

@@ -156,7 +156,9 @@ def test_dpo_with_lora_takes_the_reference_from_the_base_with_its_adapters_off(t
 
     path, model = tiny_policy
     prompts, chosen, rejected, batch = pair_batch()
-    objective = make_objective(spec(path, "dpo", dpo=DPOTrainingConfig(), lora=LoRAConfig(rank=4)))
+    # one pair a micro-batch: the two sides of each pair in a forward of their own, joined in order
+    objective = make_objective(spec(path, "dpo", dpo=DPOTrainingConfig(), lora=LoRAConfig(rank=4)).model_copy(
+        update={"micro_batch_size": 1}))
     module = as_if_trained(objective.build().eval(), seed=0)
     sides = batch.sides()
     ref = objective.evaluate(module, sides, reference=True, logprobs=False, values=False)["ref_logprobs"]
@@ -166,3 +168,5 @@ def test_dpo_with_lora_takes_the_reference_from_the_base_with_its_adapters_off(t
     assert ref.sum(-1).tolist() == pytest.approx(by_hand, rel=1e-5)
     policy = objective.evaluate(module, batch).flatten()  # adapters on: another policy
     assert (policy - ref.sum(-1)).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="the reference's log-probs alone"):
+        objective.evaluate(module, sides, reference=True)  # old log-probs asked as well: not a DPO learner's work

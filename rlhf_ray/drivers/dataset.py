@@ -17,6 +17,7 @@ from pathlib import Path
 
 from rlhf_ray.cluster.roles import ActorLost
 from rlhf_ray.cluster.signals import STOP_SIGNALS
+from rlhf_ray.config import LoRAConfig
 from rlhf_ray.drivers.base import CheckpointedDriver
 from rlhf_ray.objectives import LearnerSpec
 from rlhf_ray.report import peak_memory
@@ -51,7 +52,7 @@ class DatasetDriver(CheckpointedDriver):
                            optimizer=cfg.optimizer, deepspeed=cfg.deepspeed, timeout_s=cfg.timeouts.learn_s,
                            seed=cfg.seed, export_dtype=cfg.dtype, pad_token_id=self.tokenizer.pad_token_id, **extra)
 
-    def say_lora(self, lora, reference: bool = False) -> None:
+    def say_lora(self, lora: LoRAConfig | None, reference: bool = False) -> None:
         """The console's line on a LoRA learner (SFT, DPO): what trains and what stays frozen."""
         if lora is None:
             return

@@ -148,8 +148,9 @@ class DPOTrainer(DatasetDriver):
 
     def reference_for(self, name: str, indices: list[int]) -> torch.Tensor:
         """[len(indices), 2] the reference's log-probs of these pairs of set ``name``: computed by the reference role
-        (with lora: by the learner, adapters off) for the pairs that have none yet, and kept. An evaluation set goes in calls of a training step's size (each
-        call must end within timeouts.score_s, which a whole set on a CPU need not)."""
+        (with lora: by the learner, its adapters off) for the pairs that have none yet, and kept. An evaluation set goes
+        in calls of a training step's size: each call must end within timeouts.score_s (with lora: timeouts.learn_s),
+        which a whole set on a CPU need not."""
         cache = self.reference_logps[name]
         missing = sorted({i for i in indices if torch.isnan(cache[i, 0])})
         pairs = self.train_pairs if name == "train" else self.eval_sets[name]

@@ -19,9 +19,9 @@ from torch import nn
 ADAPTER = "default"  # PEFT's name for a model's one adapter
 
 
-def add_adapters(model: nn.Module, lora) -> nn.Module:
-    """``model`` (a causal LM) with LoRA adapters from ``lora`` (rlhf_ray.config.LoRAConfig); only they train.
-    B starts at zero, so the adapted model starts equal to ``model``."""
+def add_adapters(model: nn.Module, lora, key: str = "models.lora") -> nn.Module:
+    """``model`` (a causal LM) with LoRA adapters from ``lora`` (rlhf_ray.config.LoRAConfig, at ``key`` in the run's
+    config); only they train. B starts at zero, so the adapted model starts equal to ``model``."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
@@ -29,7 +29,7 @@ def add_adapters(model: nn.Module, lora) -> nn.Module:
     try:
         return get_peft_model(model, config)
     except ValueError as err:  # PEFT names no layer for target_modules that match nothing
-        raise ValueError(f"models.lora.target_modules={lora.target_modules!r} on {type(model).__name__}: {err}") from None
+        raise ValueError(f"{key}.target_modules={lora.target_modules!r} on {type(model).__name__}: {err}") from None
 
 
 def is_adapted(model: nn.Module) -> bool:

@@ -42,7 +42,8 @@ class DPOObjective(Objective):
     def build(self) -> nn.Module:
         policy = load_causal_lm(self.spec.model)
         options = self.spec.forward_options().checked(policy, f"policy {self.spec.model}")
-        return PolicyAndValue(add_adapters(policy, self.spec.lora) if self.spec.lora else policy, None, options)
+        return PolicyAndValue(add_adapters(policy, self.spec.lora, key="lora") if self.spec.lora else policy, None,
+                              options)
 
     def units(self, batch: ResponsePairBatch) -> torch.Tensor:
         return torch.tensor(float(len(batch)))
@@ -59,12 +60,15 @@ class DPOObjective(Objective):
         return loss, {"loss/dpo": loss.item(), **{f"dpo/{key}": value for key, value in stats.items()}}
 
     @torch.no_grad()
-    def evaluate(self, module, batch, side_by_side: bool = False, reference: bool = False, **_):
+    def evaluate(self, module, batch, side_by_side: bool = False, reference: bool = False, logprobs: bool = True,
+                 values: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
         """[B, 2] summed response log-probs of (chosen, rejected) under the current policy (``batch``: pairs).
 
         ``reference`` (a LoRA policy, whose base with the adapters off is the reference; rlhf_ray.cluster.roles
-        asks for it in place of reference actors): {"ref_logprobs": [2B, R]} of ``batch``, both sides of pairs
-        (ResponsePairBatch.sides()), 0 on padding, as a reference actor gives them."""
+        asks for it in place of reference actors, with ``logprobs`` and ``values`` off): {"ref_logprobs": [2B, R]}
+        of ``batch``, both sides of pairs (ResponsePairBatch.sides()), 0 on padding, as a reference actor gives them."""
+        if reference and (logprobs or values):
+            raise ValueError("the DPO objective computes the reference's log-probs alone (no old log-probs, no critic)")
         net = getattr(module, "module", module)  # the DeepSpeed engine's module
         if reference:
             size = 2 * self.spec.micro_batch_size

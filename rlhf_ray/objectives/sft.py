@@ -65,7 +65,7 @@ class SFTObjective(Objective):
         # conversations arrive packed by the data pipeline (rlhf_ray.conversations), with their own block mask
         options = ForwardOptions(padding_free=False, logits_chunk_tokens=self.spec.deepspeed.logits_chunk_tokens)
         options = options.checked(policy, f"policy {self.spec.model}")
-        return SequenceScorer(add_adapters(policy, self.spec.lora) if self.spec.lora else policy, options)
+        return SequenceScorer(add_adapters(policy, self.spec.lora, key="lora") if self.spec.lora else policy, options)
 
     def units(self, batch: SequenceBatch) -> torch.Tensor:
         if self.spec.sft_loss_mean == "token":
