@@ -65,12 +65,15 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def role_peaks(rows: list[dict]) -> dict[str, float]:
+    """Each role's peak resident GB over the steps (memory/<role>_peak_gb); {} when the rows have none."""
+    return {key.split("/")[1].removesuffix("_peak_gb"): max(r.get(key) or 0.0 for r in rows)
+            for key in rows[-1] if key.startswith("memory/") and key.endswith("_peak_gb")} if rows else {}
+
+
 def peak_memory(rows: list[dict]) -> str:
-    """'learner 6.2, generation 3.5': each role's peak resident GB over the steps (memory/<role>_peak_gb), largest
-    first; '' when the rows have none."""
-    peaks = {key.split("/")[1].removesuffix("_peak_gb"): max(r.get(key) or 0.0 for r in rows)
-             for key in rows[-1] if key.startswith("memory/") and key.endswith("_peak_gb")} if rows else {}
-    return ", ".join(f"{role} {gb:.1f}" for role, gb in sorted(peaks.items(), key=lambda kv: -kv[1]))
+    """'learner 6.2, generation 3.5': role_peaks, largest first; '' when the rows have none."""
+    return ", ".join(f"{role} {gb:.1f}" for role, gb in sorted(role_peaks(rows).items(), key=lambda kv: -kv[1]))
 
 
 def summary(rows: list[dict], label: str = "") -> str:

@@ -32,6 +32,7 @@ from pathlib import Path
 import yaml
 
 from rlhf_ray.config import DEFAULT_CONFIG, ConfigError, load_config
+from rlhf_ray.report import role_peaks
 
 ROOT = DEFAULT_CONFIG.parent.parent
 
@@ -112,8 +113,7 @@ def measure(rows: list[dict], sequences: int, epochs: int) -> dict:
     phases = {key.removeprefix("time/"): mean(key) for key in rows[-1]
               if key.startswith("time/") and not key.endswith("_fraction")}
     idle = {role: max(0.0, 1.0 - sum(mean(k) for k in keys) / mean("time/step")) for role, keys in ROLE_BUSY.items()}
-    memory = {key.removeprefix("memory/").removesuffix("_peak_gb"): max(r.get(key, 0.0) for r in rows)
-              for key in rows[-1] if key.startswith("memory/") and key.endswith("_peak_gb")}
+    memory = role_peaks(rows)
     return {"step_s": step, "samples_per_s": sequences / step, "generated_tokens_per_s": tokens / step,
             "trained_tokens_per_s": tokens * epochs / step, "phases_s": phases, "idle_share": idle,
             "rollout_learn_ratio": rollout / learner if learner else float("inf"),
