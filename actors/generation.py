@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import os
 
-from actors.common import Role, computes, require_cpu_bf16
+from rlhf_ray.actors.role import Role, computes
+
+from rlhf_ray.runtime.devices import require_cpu_bf16
 from rlhf_ray.batch import RolloutBatch
 from rlhf_ray.config import GenerationConfig
 from rlhf_ray.data import Prompt

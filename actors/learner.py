@@ -12,7 +12,11 @@ from collections import defaultdict
 
 import torch
 
-from actors.common import Role, computes, device_for, release_free_memory, require_cpu_bf16, set_threads, timed
+from rlhf_ray.actors.role import Role, computes, timed
+
+from rlhf_ray.runtime.devices import device_for, require_cpu_bf16, set_threads
+
+from rlhf_ray.runtime.memory import release_free_memory
 from rlhf_ray.batch import RolloutBatch, token_budget_groups
 from rlhf_ray.models.modeling import DTYPES
 from rlhf_ray.objectives import LearnerSpec, make_objective

@@ -156,7 +156,7 @@ def run_worker(args) -> None:
 
 
 def setup_vllm(path, tokenizer, cfg, max_model_len, args, result):
-    from actors.generation import CPU_ENV
+    from rlhf_ray.actors.generation import CPU_ENV
 
     for key, value in CPU_ENV.items():
         os.environ.setdefault(key, value)

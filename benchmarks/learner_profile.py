@@ -90,7 +90,7 @@ def ragged_batch(vocab: int, batch: int, prompt: int, response: int, pad: int, s
 
 
 def make_learner(model_path: str, reward_path: str, setting: dict, args):
-    from actors.learner import LearnerActor
+    from rlhf_ray.actors.learner import LearnerActor
     from rlhf_ray.config import DeepSpeedConfig, OptimizerConfig, PPOConfig
     from rlhf_ray.objectives import LearnerSpec
 
@@ -157,7 +157,7 @@ def run_setting(name: str, args) -> dict:
     import torch
     from transformers import AutoConfig
 
-    from actors.common import process_memory
+    from rlhf_ray.runtime.memory import process_memory
     from rlhf_ray.models.specs import resolve_model
 
     setting = SETTINGS[name]
@@ -224,7 +224,7 @@ def main() -> None:
     if args.child:
         print("RESULT" + json.dumps(run_setting(args.child, args)), flush=True)
         return
-    from actors.common import KEEP_FREED_MEMORY_ENV
+    from rlhf_ray.runtime.memory import KEEP_FREED_MEMORY_ENV
     from rlhf_ray.cluster.machine import describe, machine_info
 
     peaks = {dtype: matmul_peak(args.threads, dtype) for dtype in ("fp32", "bf16")}

@@ -231,7 +231,7 @@ def main() -> None:
 
     from rlhf_ray.cluster.machine import describe, machine_info
     from rlhf_ray.models.specs import resolve_model
-    from actors.generation import CPU_ENV
+    from rlhf_ray.actors.generation import CPU_ENV
 
     os.environ.update(CPU_ENV)
     models = args.models.split(",")

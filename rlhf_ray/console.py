@@ -3,7 +3,7 @@
 quiet (default): the console gets this project's milestones (INFO and up from ``rlhf_ray.*``) and any
 library's errors; every record, libraries' INFO and warnings included, goes to
 ``<output_dir>/logs/driver.log``. The actors write their own output to ``logs/<role>-<i>.log``
-(``actors.common.Role``). verbose: everything on the console, as the libraries configure it.
+(``rlhf_ray.actors.role.Role``). verbose: everything on the console, as the libraries configure it.
 
 Quiet, some records go to driver.log only (``FILE_ONLY``): the traceback of a full disk (the console has its one
 line), and those of uncaught errors in other threads (one line each on the console; none for a full disk, which the

@@ -244,7 +244,7 @@ def generate(policy: Policy, args) -> dict:
     """One vLLM engine for this policy in a Ray actor: every prompt answered, then the engine freed."""
     import ray
 
-    from actors.generation import GenerationActor
+    from rlhf_ray.actors.generation import GenerationActor
     from rlhf_ray.cluster.roles import wait
 
     generation = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}

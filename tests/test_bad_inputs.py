@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from actors.reward import RewardActor
+from rlhf_ray.actors.reward import RewardActor
 from rlhf_ray import checkpoint
 from rlhf_ray.config import dump_config
 from rlhf_ray.data import load_prompts

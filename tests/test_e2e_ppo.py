@@ -163,7 +163,7 @@ def test_checkpoints_restore_the_learner_exactly_under_zero(ray_session, tiny_ca
     """ZeRO-0 is the resume test's (tests/test_durability.py), ZeRO-3 the two-rank test's above. ZeRO-1 runs in bf16
     (DeepSpeed's BF16_Optimizer, fp32 master weights and gradient accumulation) with the engine and frozen roles in
     bf16 too."""
-    from actors.common import cpu_bf16
+    from rlhf_ray.runtime.devices import cpu_bf16
     from rlhf_ray.drivers.ppo import PPOTrainer
 
     if precision == "bf16" and not cpu_bf16()[0]:

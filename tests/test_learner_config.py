@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from actors.common import clear_stale_build_locks, skip_cpu_shm_comm_op
-from actors.learner import communication_buckets, deepspeed_config
+from rlhf_ray.runtime.builds import clear_stale_build_locks, skip_cpu_shm_comm_op
+from rlhf_ray.actors.learner import communication_buckets, deepspeed_config
 from rlhf_ray.cluster.roles import ModelPaths
 from rlhf_ray.drivers.ppo import ppo_learner
 from tests.conftest import tiny_config
@@ -62,21 +62,21 @@ def test_deepspeed_builds_no_shared_memory_op_for_training_on_cpu():
 def test_bf16_is_chosen_where_the_cpu_multiplies_bf16_natively_and_refused_where_it_would_be_emulated(monkeypatch):
     import torch
 
-    from actors import common
+    from rlhf_ray.runtime import devices
 
     for amx, avx512, expected in ((True, True, "AMX (and AVX512-BF16)"), (False, True, "AVX512-BF16")):
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda avx512=avx512: avx512)
-        assert common.cpu_bf16() == (True, expected)
-        common.require_cpu_bf16("the learner", "deepspeed.precision")  # allowed
+        assert devices.cpu_bf16() == (True, expected)
+        devices.require_cpu_bf16("the learner", "deepspeed.precision")  # allowed
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setattr("platform.machine", lambda: "x86_64")
-    native, has = common.cpu_bf16()
+    native, has = devices.cpu_bf16()
     assert not native and has.startswith("no AVX512-BF16, AMX or Arm BF16")
     with pytest.raises(RuntimeError, match=r"the learner is set to bf16 \(deepspeed.precision\).*emulate.*"
                                            r"Set deepspeed.precision to fp32"):
-        common.require_cpu_bf16("the learner", "deepspeed.precision")
+        devices.require_cpu_bf16("the learner", "deepspeed.precision")
 
 
 def test_bf16_accumulates_gradients_in_fp32_under_zero_1(tmp_path, tiny_cache):
@@ -121,7 +121,7 @@ def test_zero_1_on_one_rank_updates_the_weights_as_zero_0_does(tiny_cache, tmp_p
     import subprocess
     import sys
 
-    from actors.common import cpu_bf16
+    from rlhf_ray.runtime.devices import cpu_bf16
     from rlhf_ray.models.specs import resolve_model
 
     if precision == "bf16" and not cpu_bf16()[0]:

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from actors.generation import lora_options
+from rlhf_ray.actors.generation import lora_options
 from rlhf_ray.batch import RolloutBatch
 from rlhf_ray.config import LoRAConfig, load_config
 from rlhf_ray.models import lora

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from actors.reward import RewardActor
+from rlhf_ray.actors.reward import RewardActor
 from rlhf_ray.batch import RolloutBatch
 from rlhf_ray.rewards.backends import BACKENDS, FunctionBackend, ModelBackend
 from rlhf_ray.rewards.base import load_function, write_reward_stats

@@ -49,8 +49,8 @@ def plain_trainer(ray_session, tiny_cache, tmp_path_factory):
 def test_sharded_rm_and_reference_equal_the_whole_models_with_half_the_parameters_each(plain_trainer):
     import ray
 
-    from actors.reference import ReferenceActor
-    from actors.reward import RewardActor
+    from rlhf_ray.actors.reference import ReferenceActor
+    from rlhf_ray.actors.reward import RewardActor
 
     cfg, paths = plain_trainer.cfg, plain_trainer.paths
     batch = rollout(plain_trainer)

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from actors.reward import RewardActor
+from rlhf_ray.actors.reward import RewardActor
 from rlhf_ray.batch import RolloutBatch
 from rlhf_ray.config import DataConfig
 from rlhf_ray.data import load_prompts

@@ -17,11 +17,11 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.common import KEEP_FREED_MEMORY_ENV
-from actors.generation import GenerationActor
-from actors.learner import LearnerActor
-from actors.reference import ReferenceActor
-from actors.reward import RewardActor
+from rlhf_ray.runtime.memory import KEEP_FREED_MEMORY_ENV
+from rlhf_ray.actors.generation import GenerationActor
+from rlhf_ray.actors.learner import LearnerActor
+from rlhf_ray.actors.reference import ReferenceActor
+from rlhf_ray.actors.reward import RewardActor
 from rlhf_ray.batch import RolloutBatch
 from rlhf_ray.cluster.compute import ActorPlan, ActorSite, describe, plan_compute
 from rlhf_ray.cluster.connection import local_ray_down, own_local_ray

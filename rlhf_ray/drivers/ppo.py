@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from actors.common import process_memory
+from rlhf_ray.runtime.memory import process_memory
 from rlhf_ray import preflight
 from rlhf_ray.batch import RolloutBatch
 from rlhf_ray.config import MAX_SAMPLES_PER_PROMPT, ExperimentConfig, PPOConfig

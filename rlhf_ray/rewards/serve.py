@@ -18,7 +18,7 @@ class RewardModelServer:
 
     def __init__(self, *, app: str, model: str, model_path: str, template: str, max_length: int, max_batch_size: int,
                  batch_wait_s: float, dtype: str, num_cpus: float, num_gpus: float, url: str):
-        from actors.common import set_threads
+        from rlhf_ray.runtime.devices import set_threads
         from rlhf_ray.config import RewardConfig
         from rlhf_ray.rewards.backends import ModelBackend
 
