@@ -6,9 +6,9 @@ import os
 from rlhf_ray.actors.role import Role, computes
 
 from rlhf_ray.runtime.devices import require_cpu_bf16
-from rlhf_ray.batch import RolloutBatch
+from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.config import GenerationConfig
-from rlhf_ray.data import Prompt
+from rlhf_ray.data.sources import Prompt
 
 # vLLM on CPU (verified, shared DESIGN notes): 1 GiB KV cache instead of ~9; the in-process engine
 # starts in ~4 s instead of ~20 and accepts tensors (the weight iterator) in collective_rpc directly.

@@ -17,7 +17,7 @@ from rlhf_ray.actors.role import Role, computes, timed
 from rlhf_ray.runtime.devices import device_for, require_cpu_bf16, set_threads
 
 from rlhf_ray.runtime.memory import release_free_memory
-from rlhf_ray.batch import RolloutBatch, token_budget_groups
+from rlhf_ray.data.batch import RolloutBatch, token_budget_groups
 from rlhf_ray.models.modeling import DTYPES
 from rlhf_ray.objectives import LearnerSpec, make_objective
 
@@ -232,7 +232,7 @@ class LearnerActor(Role):
 
     def micro_batches(self, mini) -> list:
         """A mini-batch's micro-batches: ``micro_batch_size`` rows each, or with ``deepspeed.micro_batch_tokens`` rows
-        grouped to that many real tokens (rlhf_ray.batch.token_budget_groups), as many groups on every rank."""
+        grouped to that many real tokens (rlhf_ray.data.batch.token_budget_groups), as many groups on every rank."""
         import torch.distributed as dist
 
         budget = self.spec.deepspeed.micro_batch_tokens

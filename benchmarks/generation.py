@@ -9,7 +9,7 @@ Generated tokens per second for the same prompt token ids at each (batch, new to
 - ``tiny`` = ``tiny:policy`` with the prompts and data settings of configs/tiny_cpu.yaml;
 - ``20m`` = ``scaled:llama-20m`` and ``smollm2`` = ``real:smollm2-135m``, both with those of
   configs/smollm2_cpu.yaml (chat prompts rendered with the tokenizer's chat template);
-  prompts go through ``rlhf_ray.data.load_prompts``, so the ids are exactly what PPO generates from. A batch of
+  prompts go through ``rlhf_ray.data.sources.load_prompts``, so the ids are exactly what PPO generates from. A batch of
   B prompts is the first B of the file (repeated when B exceeds it).
 - vLLM: ``LLM(...)`` with the generation role's arguments and CPU environment (actors/generation.py: in-process
   V1 engine, 1 GiB KV cache, fp32, eager, processed logprobs, max_model_len = max_prompt_tokens + the largest
@@ -76,7 +76,7 @@ def load_batch_prompts(model: str, batch_sizes: list[int]):
     from transformers import AutoTokenizer
 
     from rlhf_ray.config import load_config
-    from rlhf_ray.data import load_prompts
+    from rlhf_ray.data.sources import load_prompts
     from rlhf_ray.models.specs import resolve_model
 
     spec, config = MODELS[model]

@@ -75,7 +75,7 @@ def ragged_batch(vocab: int, batch: int, prompt: int, response: int, pad: int, s
     """A rollout with prompts of prompt/2…prompt and responses of response/4…response tokens, PPO's fields filled."""
     import torch
 
-    from rlhf_ray.batch import RolloutBatch
+    from rlhf_ray.data.batch import RolloutBatch
 
     g = torch.Generator().manual_seed(seed)
     length = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))  # noqa: E731

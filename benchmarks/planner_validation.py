@@ -69,7 +69,7 @@ def padded_prompt_tokens(cfg) -> int:
     """Mean over seeded random rollout batches of the longest prompt in the batch: what the learner pads to."""
     from transformers import AutoTokenizer
 
-    from rlhf_ray.data import load_prompts
+    from rlhf_ray.data.sources import load_prompts
     from rlhf_ray.models.specs import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.models.policy, cfg.models.cache_dir, cfg.seed))

@@ -55,7 +55,7 @@ def longest_micro_batch(trainer):
     PPO loss reads (zeros): the largest micro-batch the learner can get."""
     import torch
 
-    from rlhf_ray.batch import RolloutBatch
+    from rlhf_ray.data.batch import RolloutBatch
 
     cfg, rows = trainer.cfg, trainer.cfg.ppo.micro_batch_size
     prompt_len, response_len = cfg.data.max_prompt_tokens, cfg.generation.max_new_tokens
@@ -83,8 +83,8 @@ def main() -> None:
                                     f"output_dir={run_dir}", "logging.progress_bar=false"])
     import ray
 
-    from rlhf_ray.console import setup_console
-    from rlhf_ray.report import draw, summary
+    from rlhf_ray.run.console import setup_console
+    from rlhf_ray.run.report import draw, summary
     from rlhf_ray.drivers.ppo import PPOTrainer
 
     setup_console(cfg.logging.console, run_dir)

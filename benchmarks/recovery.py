@@ -49,8 +49,8 @@ def du(path: Path) -> int:
 
 
 def checkpoint_costs(config: str, overrides: list[str]) -> dict:
-    from rlhf_ray import checkpoint
-    from rlhf_ray.console import setup_console
+    from rlhf_ray.run import checkpoint
+    from rlhf_ray.run.console import setup_console
     from rlhf_ray.cluster.connection import stop_ray
     from rlhf_ray.drivers.ppo import PPOTrainer
 

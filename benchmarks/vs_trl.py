@@ -233,7 +233,7 @@ def run_trl(spec: dict, no_gc: bool) -> dict:
     from trl.experimental.ppo import ppo_trainer as ppo_module
 
     from rlhf_ray.config import load_config
-    from rlhf_ray.data import PromptSampler, load_prompts
+    from rlhf_ray.data.sources import PromptSampler, load_prompts
     from rlhf_ray.models.specs import resolve_model
 
     cfg = load_config(BASE_CONFIG, spec["overrides"])

@@ -170,7 +170,7 @@ class PPOConfig(_Strict):
         0, description="1: the engines generate batch k+1 while the learner trains on batch k (one step off-policy; "
                        "README: overlapped rollout and learning); 0: one phase after another.")
     advantage: str = Field(
-        "gae", description="Advantage estimator (rlhf_ray.advantages, formulas there): 'gae' (a critic: PPO), or "
+        "gae", description="Advantage estimator (rlhf_ray.algorithms.advantages, formulas there): 'gae' (a critic: PPO), or "
                            "critic-free — no value model is built and no values pass runs: 'grpo', 'dr_grpo', 'rloo', "
                            "'reinforce_pp_baseline' (compare the samples of one prompt: generation.n_samples_per_prompt "
                            "≥ 2) and 'reinforce_pp'.")
@@ -189,7 +189,7 @@ class PPOConfig(_Strict):
     vf_coef: float = Field(0.1, ge=0.0, description="Value-loss coefficient.")
     entropy_coef: float = Field(0.0, ge=0.0, description="Entropy bonus coefficient.")
     kl_coef: float = Field(0.05, ge=0.0, description="KL coefficient β (where ppo.kl_in says).")
-    kl_estimator: Literal["k1", "k2", "k3"] = Field("k1", description="Per-token KL estimator (rlhf_ray.ppo_math.kl_penalty).")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k1", description="Per-token KL estimator (rlhf_ray.algorithms.ppo_math.kl_penalty).")
     kl_in: Literal["reward", "loss"] = Field(
         "reward", description="'reward': −β·KL is added to each token's reward (PPO, REINFORCE++); 'loss': β·KL is a "
                               "term of the loss, the rewards carry no KL (GRPO, with kl_estimator k3).")
@@ -222,12 +222,12 @@ class PPOConfig(_Strict):
     is_cap: float = Field(2.0, gt=1.0, description="The importance weight's cap C for 'tis' / 'mis'.")
     whiten_advantages: bool = Field(
         True, description="Whiten GAE's advantages over the whole batch (token-masked); the critic-free estimators set "
-                          "their own scale (rlhf_ray.advantages) and are not whitened again.")
+                          "their own scale (rlhf_ray.algorithms.advantages) and are not whitened again.")
     whiten_rewards: bool = Field(False, description="Whiten shaped per-token rewards before GAE.")
 
     @model_validator(mode="after")
     def _check_ppo(self) -> "PPOConfig":
-        from rlhf_ray.advantages import ADVANTAGE_ESTIMATORS
+        from rlhf_ray.algorithms.advantages import ADVANTAGE_ESTIMATORS
 
         _require(self.advantage in ADVANTAGE_ESTIMATORS, "ppo.advantage",
                  f"unknown estimator {self.advantage!r}; known: {', '.join(ADVANTAGE_ESTIMATORS)}")
@@ -238,7 +238,7 @@ class PPOConfig(_Strict):
 
     @property
     def needs_critic(self) -> bool:
-        from rlhf_ray.advantages import ADVANTAGE_ESTIMATORS
+        from rlhf_ray.algorithms.advantages import ADVANTAGE_ESTIMATORS
 
         return ADVANTAGE_ESTIMATORS[self.advantage].needs_critic
 
@@ -496,7 +496,7 @@ class ExperimentConfig(RunConfig):
                  or self.models.value_model,
                  "models.value_init", "'reward' needs a reward model (models.reward.kind='model') or "
                  f"models.value_model; use 'policy' with a {reward.kind} reward")
-        from rlhf_ray.advantages import ADVANTAGE_ESTIMATORS
+        from rlhf_ray.algorithms.advantages import ADVANTAGE_ESTIMATORS
 
         _require(not ADVANTAGE_ESTIMATORS[ppo.advantage].grouped or self.generation.n_samples_per_prompt >= 2,
                  "generation.n_samples_per_prompt", f"ppo.advantage={ppo.advantage} compares the samples of one prompt: "
@@ -683,7 +683,7 @@ class ConversationDataConfig(_Strict):
     template: Literal["tulu", "tokenizer"] = Field(
         "tulu", description="How a conversation is rendered: the Tulu chat format or the tokenizer's chat template "
                             "(ChatML, Llama-3, …). The loss covers the assistant turns only, end-of-turn marker "
-                            "included; which tokens those are is found by rendering (rlhf_ray.conversations).")
+                            "included; which tokens those are is found by rendering (rlhf_ray.data.conversations).")
     max_length: int = Field(2048, gt=0, description="Tokens per conversation; longer ones keep their start.")
     packing: bool = Field(False, description="Several conversations per row up to max_length, each attending only to "
                                              "itself (position ids restart): less padding, the same loss.")
@@ -712,7 +712,7 @@ class PreferencePairsConfig(PreferenceSourcesConfig):
 
 
 class DPOTrainingConfig(_Strict):
-    loss: str = Field("sigmoid", description="The preference loss (rlhf_ray.preference_math.DPO_LOSSES): 'sigmoid' "
+    loss: str = Field("sigmoid", description="The preference loss (rlhf_ray.algorithms.preference_math.DPO_LOSSES): 'sigmoid' "
                                              "(DPO), 'ipo', 'length_normalized' (Tulu 3), 'simpo' (no reference), "
                                              "'hinge'.")
     beta: float = Field(0.1, gt=0.0, description="β: how far the policy may move from the reference (Zephyr, Tulu 2 "
@@ -731,7 +731,7 @@ class DPOTrainingConfig(_Strict):
     def _known_loss(self) -> "DPOTrainingConfig":
         import inspect
 
-        from rlhf_ray.preference_math import DPO_LOSSES
+        from rlhf_ray.algorithms.preference_math import DPO_LOSSES
 
         _require(self.loss in DPO_LOSSES, "dpo.loss", f"{self.loss!r} is not a registered loss; known: "
                                                       f"{', '.join(DPO_LOSSES)}")

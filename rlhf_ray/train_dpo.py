@@ -7,22 +7,12 @@ Keys: ``python -m rlhf_ray.config --dpo --help``.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
-from rlhf_ray.config import DPOConfig
-from rlhf_ray.train import exit_with, entry_point
-
-DEFAULT_DPO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "dpo_tiny_cpu.yaml"
+from rlhf_ray.cli import training
+from rlhf_ray.run.harness import exit_with
 
 
 def main(argv: list[str] | None = None) -> int:
-    def make_trainer(cfg):
-        from rlhf_ray.drivers.dpo import DPOTrainer
-
-        return DPOTrainer(cfg)
-
-    return entry_point(argv, DPOConfig, DEFAULT_DPO_CONFIG, "Train a policy by DPO (or a variant) on Ray.",
-                            "rlhf-ray DPO", make_trainer)
+    return training.main("train_dpo", argv)
 
 
 if __name__ == "__main__":

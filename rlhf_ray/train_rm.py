@@ -7,22 +7,12 @@ Keys: ``python -m rlhf_ray.config --rm --help``.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
-from rlhf_ray.config import RewardTrainingConfig
-from rlhf_ray.train import exit_with, entry_point
-
-DEFAULT_RM_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "rm_tiny_cpu.yaml"
+from rlhf_ray.cli import training
+from rlhf_ray.run.harness import exit_with
 
 
 def main(argv: list[str] | None = None) -> int:
-    def make_trainer(cfg):
-        from rlhf_ray.drivers.reward_model import RewardModelTrainer
-
-        return RewardModelTrainer(cfg)
-
-    return entry_point(argv, RewardTrainingConfig, DEFAULT_RM_CONFIG, "Train a reward model (Bradley–Terry) on Ray.",
-                            "rlhf-ray reward model", make_trainer)
+    return training.main("train_rm", argv)
 
 
 if __name__ == "__main__":

@@ -6,22 +6,12 @@ checkpoints/, eval.json and final_model/ (the policy, HF safetensors). Keys: ``p
 """
 from __future__ import annotations
 
-from pathlib import Path
-
-from rlhf_ray.config import SFTConfig
-from rlhf_ray.train import exit_with, entry_point
-
-DEFAULT_SFT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "sft_tiny_cpu.yaml"
+from rlhf_ray.cli import training
+from rlhf_ray.run.harness import exit_with
 
 
 def main(argv: list[str] | None = None) -> int:
-    def make_trainer(cfg):
-        from rlhf_ray.drivers.sft import SFTTrainer
-
-        return SFTTrainer(cfg)
-
-    return entry_point(argv, SFTConfig, DEFAULT_SFT_CONFIG, "Supervised fine-tuning of a policy on Ray.",
-                            "rlhf-ray SFT", make_trainer)
+    return training.main("train_sft", argv)
 
 
 if __name__ == "__main__":

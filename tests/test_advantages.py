@@ -1,4 +1,4 @@
-"""Advantage estimators (rlhf_ray.advantages) against hand-computed examples."""
+"""Advantage estimators (rlhf_ray.algorithms.advantages) against hand-computed examples."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from rlhf_ray.advantages import (ADVANTAGE_ESTIMATORS, AdvantageInputs, discounted_returns, get_advantage_estimator,
+from rlhf_ray.algorithms.advantages import (ADVANTAGE_ESTIMATORS, AdvantageInputs, discounted_returns, get_advantage_estimator,
                                  group_mean_std)
 
 # two prompts × 3 samples; sequence rewards 1, 2, 6 | 0, 0, 3 (placed at the last valid token)

@@ -1,7 +1,7 @@
 """The bad-input matrix (issue 7): each bad input gives one clear error line — or a counted, logged skip —
 and leaves what an earlier run wrote (metrics, checkpoints, config) as it was.
 
-Whole runs are started as a user starts them (``rlhf_ray.train.main``) on an output dir that holds an
+Whole runs are started as a user starts them (``python -m rlhf_ray.train``) on an output dir that holds an
 earlier run and asks to resume it; every one of these fails before a cluster starts. Inputs that only
 show up inside a role (a reward model's NaN, a reward function that raises) are fed to that role."""
 from __future__ import annotations
@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from rlhf_ray.actors.reward import RewardActor
-from rlhf_ray import checkpoint
+from rlhf_ray.run import checkpoint
 from rlhf_ray.config import dump_config
-from rlhf_ray.data import load_prompts
+from rlhf_ray.data.sources import load_prompts
 from tests.conftest import ROOT, tiny_config
 from tests.test_reward import batch_of
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf_ray.batch import RolloutBatch
+from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.config import PPOConfig
 from rlhf_ray.drivers.ppo import with_advantages
 

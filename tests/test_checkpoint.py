@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from rlhf_ray import checkpoint
-from rlhf_ray.metrics import MetricsLogger
-from rlhf_ray.preflight import PreflightError, claim_output_dir
+from rlhf_ray.run import checkpoint
+from rlhf_ray.run.metrics import MetricsLogger
+from rlhf_ray.run.preflight import PreflightError, claim_output_dir
 
 
 def save(out, step: int, keep_last: int = 2, payload: bytes = b"weights"):

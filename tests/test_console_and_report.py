@@ -22,7 +22,7 @@ def fake_steps(n: int) -> list[dict]:
 
 
 def test_summary_line_says_what_happened():
-    from rlhf_ray.report import summary
+    from rlhf_ray.run.report import summary
 
     line = summary(fake_steps(10))
     assert line.startswith("10 steps in 40 s; reward 0.200 → 0.900, score 0.400 → 1.800 (mean of the first/last 3")
@@ -33,7 +33,7 @@ def test_summary_line_says_what_happened():
 
 def test_overlapped_steps_are_shown_by_their_critical_path(tmp_path):
     """ppo.async_steps=1: generation and scoring ran beside the update; the step is values + learn + wait + sync."""
-    from rlhf_ray.report import draw, summary
+    from rlhf_ray.run.report import draw, summary
 
     rows = [{**r, "time/values_wall": 0.5, "time/learn": 2.5, "time/rollout_wait": 0.5, "time/weight_sync": 0.25}
             for r in fake_steps(4)]
@@ -43,7 +43,7 @@ def test_overlapped_steps_are_shown_by_their_critical_path(tmp_path):
 
 
 def test_report_reads_the_latest_series_and_draws_four_panels(tmp_path):
-    from rlhf_ray.report import load_metrics, main
+    from rlhf_ray.run.report import load_metrics, main
 
     run = tmp_path / "run_a"
     run.mkdir()

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 import torch
 
-from rlhf_ray.conversations import (EncodedConversation, encode_for_sft, first_fit, load_sft_conversations, pack,
+from rlhf_ray.data.conversations import (EncodedConversation, encode_for_sft, first_fit, load_sft_conversations, pack,
                                     packed_attention_mask)
 from tests.conftest import shared_file
 
@@ -173,7 +173,7 @@ def test_unusable_rows_are_skipped_and_counted(tmp_path, gpt2, caplog):
         {"messages": [user, answer, user]},
         {"messages": [answer, user, answer]},
     ])
-    with caplog.at_level(logging.INFO, logger="rlhf_ray.conversations"):
+    with caplog.at_level(logging.INFO, logger="rlhf_ray.data.conversations"):
         data = load_sft_conversations(path, "train", "tulu", gpt2, max_length=40)
     assert data.skipped == Counter(nothing_to_learn_after_truncation=1, malformed_json=1, not_an_object=1,
                                    missing_messages=1, empty_or_not_a_list=1, malformed_message=1, empty_content=1,
@@ -181,7 +181,7 @@ def test_unusable_rows_are_skipped_and_counted(tmp_path, gpt2, caplog):
                                    assistant_turn_before_any_user_turn=1)
     assert (len(data), data.total_rows, data.truncated) == (2, 12, 1)
     assert [r.truncated for r in data.rows] == [False, True] and len(data.rows[1].input_ids) == 40
-    warnings = [r for r in caplog.records if r.name == "rlhf_ray.conversations" and r.levelno == logging.WARNING]
+    warnings = [r for r in caplog.records if r.name == "rlhf_ray.data.conversations" and r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "no_assistant_turn=1" in warnings[0].getMessage()
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from rlhf_ray.config import DataConfig
-from rlhf_ray.data import PromptSampler, load_preferences, load_prompts, render_tulu
+from rlhf_ray.data.sources import PromptSampler, load_preferences, load_prompts, render_tulu
 from tests.conftest import shared_file
 
 GOOD = {"messages": [{"role": "user", "content": "Name a red fruit."}]}

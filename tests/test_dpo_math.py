@@ -1,4 +1,4 @@
-"""Hand-checked unit tests for the DPO family in rlhf_ray.preference_math (CPU, fast)."""
+"""Hand-checked unit tests for the DPO family in rlhf_ray.algorithms.preference_math (CPU, fast)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rlhf_ray.preference_math import (
+from rlhf_ray.algorithms.preference_math import (
     DPO_LOSSES,
     DPO_STATS,
     dpo_loss,

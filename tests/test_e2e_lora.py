@@ -35,7 +35,7 @@ def test_lora_trains_adapters_only_syncs_them_exactly_and_resumes_exactly(ray_se
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from rlhf_ray.batch import RolloutBatch
+    from rlhf_ray.data.batch import RolloutBatch
     from rlhf_ray.drivers.ppo import PPOTrainer
 
     trainer = PPOTrainer(tiny_config(tmp_path, tiny_cache, *LORA, "weights.transport=adapter"))

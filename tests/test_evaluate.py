@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_ray import evaluate as ev
+from rlhf_ray.cli import evaluate as ev
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_PROMPTS = ROOT / "configs" / "data" / "tiny_prompts.jsonl"

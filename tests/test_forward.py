@@ -9,7 +9,7 @@ import torch
 import transformers as T
 
 from architectures import ARCHITECTURES, build
-from rlhf_ray.batch import RolloutBatch, SequenceBatch
+from rlhf_ray.data.batch import RolloutBatch, SequenceBatch
 from rlhf_ray.models.forward import ForwardOptions, response_token_stats
 from rlhf_ray.models.modeling import PolicyAndValue, ValueModel
 
@@ -223,7 +223,7 @@ def test_reward_model_scores_packed_equal_its_own_forward(name):
 
 
 def test_token_budget_groups_are_few_even_and_complete():
-    from rlhf_ray.batch import token_budget_groups
+    from rlhf_ray.data.batch import token_budget_groups
 
     assert token_budget_groups([10, 20, 30, 40, 5], 50) == [[3], [2, 4], [0, 1]]
     assert token_budget_groups([100, 3, 3], 50) == [[0], [1, 2]]   # an over-long row alone, the rest together
@@ -243,7 +243,7 @@ def test_token_budget_groups_are_few_even_and_complete():
 def test_ppo_gradients_do_not_depend_on_how_rows_are_grouped_into_micro_batches(tiny_tokenizer):
     """The learner may group a mini-batch's rows by rows or by tokens: each micro-batch's loss is its share of the
     mini-batch mean, so the accumulated gradient is the same."""
-    from rlhf_ray.batch import token_budget_groups
+    from rlhf_ray.data.batch import token_budget_groups
     from rlhf_ray.config import DeepSpeedConfig, OptimizerConfig, PPOConfig
     from rlhf_ray.objectives import LearnerSpec, make_objective
 

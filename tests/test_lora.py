@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rlhf_ray.actors.generation import lora_options
-from rlhf_ray.batch import RolloutBatch
+from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.config import LoRAConfig, load_config
 from rlhf_ray.models import lora
 from rlhf_ray.models.modeling import PolicyAndValue

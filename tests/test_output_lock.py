@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import pytest
 
-from rlhf_ray.output_lock import (LOCK_NAME, Here, Holder, OutputDirBusy, OutputDirLock, OutputDirLost, pid_space,
+from rlhf_ray.run.output_lock import (LOCK_NAME, Here, Holder, OutputDirBusy, OutputDirLock, OutputDirLost, pid_space,
                                   process_start, why_gone)
 from tests.conftest import ROOT
 
@@ -174,7 +174,7 @@ def test_process_start_tells_a_running_process_from_a_gone_one():
 
 CONTENDER = """
 import sys, time
-from rlhf_ray.output_lock import OutputDirBusy, OutputDirLock
+from rlhf_ray.run.output_lock import OutputDirBusy, OutputDirLock
 lock = OutputDirLock(sys.argv[1], "contender")
 try:
     lock.acquire()

@@ -220,7 +220,7 @@ def test_a_hub_name_in_the_local_hf_cache_is_read_from_there(tmp_path, monkeypat
 # ------------------------------------------------------------------------------------------------ CLI
 
 def test_cli_prints_the_plan_and_writes_json(tmp_path, capsys):
-    from rlhf_ray.plan import main
+    from rlhf_ray.cli.plan import main
 
     out = tmp_path / "plan.json"
     code = main([str(TULU), "--gpus", "16", "--gpu", "h100-80gb", "--nodes", "2", "--json", str(out)])
@@ -233,7 +233,7 @@ def test_cli_prints_the_plan_and_writes_json(tmp_path, capsys):
 
 
 def test_cli_unknown_model_exits_2_with_one_line(capsys):
-    from rlhf_ray.plan import main
+    from rlhf_ray.cli.plan import main
 
     code = main([str(TULU), "models.policy=nobody/no-such-model-7b", "--gpu", "h100-80gb"])
     err = capsys.readouterr().err.strip().splitlines()

@@ -1,4 +1,4 @@
-"""Hand-checked unit tests for rlhf_ray.ppo_math (CPU, fast)."""
+"""Hand-checked unit tests for rlhf_ray.algorithms.ppo_math (CPU, fast)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rlhf_ray.ppo_math import (
+from rlhf_ray.algorithms.ppo_math import (
     entropy_from_logits,
     gae,
     kl_penalty,

@@ -11,8 +11,8 @@ import time
 import pytest
 
 from rlhf_ray.config import RewardConfig
-from rlhf_ray.data import load_rows
-from rlhf_ray.preflight import (PreflightError, check_model_path, check_output_dir, check_reward_function,
+from rlhf_ray.data.sources import load_rows
+from rlhf_ray.run.preflight import (PreflightError, check_model_path, check_output_dir, check_reward_function,
                                 check_reward_template)
 from tests.conftest import ROOT
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from rlhf_ray.config import RewardConfig
-from rlhf_ray.preflight import PreflightError, check_experiment
+from rlhf_ray.run.preflight import PreflightError, check_experiment
 from rlhf_ray.rewards.backends import HttpBackend, build_backend
 from rlhf_ray.rewards.base import RewardSample, read_reward_stats
 from rlhf_ray.rewards.normalize import ScoreNormalizer

@@ -105,7 +105,7 @@ def serve_experiments(tmp_path: Path, tiny_cache: Path, address: str, env: dict,
 
 
 def test_model_then_a_shared_serve_rm_across_two_experiments(tiny_cache, tiny_tokenizer, tmp_path, monkeypatch):
-    from rlhf_ray.data import load_prompts
+    from rlhf_ray.data.sources import load_prompts
     from rlhf_ray.models.specs import resolve_model
     from rlhf_ray.rewards.base import RewardSample
 

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from rlhf_ray.preference_math import bradley_terry_loss, pairwise_accuracy
+from rlhf_ray.algorithms.preference_math import bradley_terry_loss, pairwise_accuracy
 from tests.conftest import ROOT
 
 
@@ -26,7 +26,7 @@ def test_bradley_terry_loss_matches_its_formula_and_margin():
 
 
 def test_hold_out_is_per_source_and_seeded():
-    from rlhf_ray.data import PreferencePair, hold_out
+    from rlhf_ray.data.sources import PreferencePair, hold_out
 
     pairs = [PreferencePair([], f"c{i}", f"r{i}", source="a" if i < 40 else "b") for i in range(60)]
     train, held = hold_out(pairs, 0.25, seed=3)
@@ -36,7 +36,7 @@ def test_hold_out_is_per_source_and_seeded():
 
 
 def test_preference_margins_are_read_and_bad_ones_counted(tmp_path):
-    from rlhf_ray.data import load_preferences
+    from rlhf_ray.data.sources import load_preferences
 
     row = {"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
            "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]}
@@ -101,7 +101,7 @@ def test_tiny_rm_learns_held_out_preferences_and_loads_everywhere(ray_session, t
     assert stats["count"] == 80 and stats["std"] > 0 and "heldout" in stats["source"]
 
     # the evaluation command compares it with another reward (a function) through the reward backends
-    from rlhf_ray.rm_eval import main as rm_eval
+    from rlhf_ray.cli.rm_eval import main as rm_eval
 
     assert rm_eval(["--data", str(prefs), "--rm", f"trained={final}", "--rm",
                     "e_share=function:rlhf_ray.rewards:char_frequency", "--out", str(tmp_path / "cmp")]) == 0

@@ -1,4 +1,4 @@
-"""How a run ends, through the real entry point (rlhf_ray.train.run) with a trainer that needs no cluster: the
+"""How a run ends, through the real entry point (rlhf_ray.run.harness.run) with a trainer that needs no cluster: the
 output-dir lock held for the whole run and released on every path, a checkpoint of the finished steps on an error
 (only when the learner holds exactly them), a full disk told in one line with its traceback in driver.log."""
 from __future__ import annotations
@@ -9,10 +9,10 @@ import signal
 
 import pytest
 
-from rlhf_ray import checkpoint
+from rlhf_ray.run import checkpoint
 from rlhf_ray.cluster.roles import ActorLost, RoleError
 from rlhf_ray.drivers.base import CheckpointedDriver
-from rlhf_ray.output_lock import LOCK_NAME, Holder, OutputDirLock
+from rlhf_ray.run.output_lock import LOCK_NAME, Holder, OutputDirLock
 from tests.conftest import tiny_config
 
 
@@ -95,8 +95,8 @@ def raising(err: Exception, during_update: bool = False):
 
 
 def start(tmp_path, *overrides, **trainer):
-    """Run the fake trainer through rlhf_ray.train.run; -> (exit code, trainer)."""
-    from rlhf_ray.train import run
+    """Run the fake trainer through rlhf_ray.run.harness.run; -> (exit code, trainer)."""
+    from rlhf_ray.run.harness import run
 
     cfg = tiny_config(tmp_path / "run", None, "logging.tensorboard=false", *overrides)
     made = []
@@ -176,8 +176,8 @@ def test_a_full_disk_is_one_line_naming_the_path_and_what_is_still_valid(tmp_pat
 def test_a_failed_checkpoint_save_on_a_full_disk_keeps_the_earlier_ones(tmp_path, monkeypatch):
     """torch.save says nothing of the disk ("unexpected pos …"): the free space left, looked at before the partial
     save is removed, tells it; the save becomes DiskFull naming the checkpoint, and the earlier one stays valid."""
-    from rlhf_ray import disk_full
-    from rlhf_ray.disk_full import DiskFull, disk_full_message, is_disk_full
+    from rlhf_ray.run import disk_full
+    from rlhf_ray.run.disk_full import DiskFull, disk_full_message, is_disk_full
 
     class Roles:
         restarts = {}
@@ -224,7 +224,7 @@ def test_a_second_run_is_refused_while_the_first_holds_the_dir(tmp_path, capsys,
 
 
 def test_a_run_whose_lock_is_taken_stops_without_writing_more(tmp_path, capsys, monkeypatch):
-    from rlhf_ray import output_lock
+    from rlhf_ray.run import output_lock
 
     monkeypatch.setattr(output_lock, "HEARTBEAT_S", 0.05)
     out = tmp_path / "run"

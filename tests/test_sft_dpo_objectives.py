@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from rlhf_ray.batch import ResponsePairBatch, SequenceBatch
+from rlhf_ray.data.batch import ResponsePairBatch, SequenceBatch
 from tests.test_lora import as_if_trained
 
 
@@ -112,7 +112,7 @@ def test_the_dpo_loss_is_its_formula_on_the_policys_own_logprobs(tiny_policy):
 
 
 def test_dpo_pairs_are_the_rendered_prompt_and_each_rendered_assistant_turn(tiny_tokenizer):
-    from rlhf_ray.data import PreferencePair, render_messages
+    from rlhf_ray.data.sources import PreferencePair, render_messages
     from rlhf_ray.drivers.dpo import encode_response_pairs
 
     prompt = [{"role": "user", "content": "Name a colour."}]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from rlhf_ray import sweep
+from rlhf_ray.cli import sweep
 
 
 def test_grid_points_are_every_combination_with_readable_labels():

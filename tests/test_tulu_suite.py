@@ -105,7 +105,7 @@ def base_reference_logps(run_dir, pairs: list[int]) -> "torch.Tensor":
     from transformers import AutoTokenizer
 
     from rlhf_ray.config import DPOConfig, load_config
-    from rlhf_ray.data import preference_sets
+    from rlhf_ray.data.sources import preference_sets
     from rlhf_ray.drivers.dpo import encode_response_pairs
     from rlhf_ray.models.modeling import PolicyAndValue, load_causal_lm
 
@@ -125,7 +125,9 @@ def test_lora_sft_then_lora_dpo_train_adapters_and_dpo_takes_its_reference_from_
     learner computed with the adapters off (pairs first met after updates, too) are the SFT model's own."""
     from safetensors.torch import load_file
 
-    from rlhf_ray import train_dpo, train_sft
+    from rlhf_ray import train_dpo
+
+    from rlhf_ray import train_sft
 
     common = [f"cache_dir={tiny_cache}", "lora.rank=8", "logging.progress_bar=false", "logging.report=false"]
     sft = tmp_path / "sft"
@@ -182,7 +184,8 @@ def write(path, text: str) -> str:
 @pytest.mark.parametrize("entry, case, overrides, message", BAD_INPUTS, ids=[f"{c[0]}: {c[1]}" for c in BAD_INPUTS])
 def test_a_bad_sft_or_dpo_input_is_one_line_before_anything_starts(tiny_cache, tmp_path, capsys, entry, case,
                                                                    overrides, message):
-    from rlhf_ray import train_dpo, train_sft
+    from rlhf_ray import train_dpo
+    from rlhf_ray import train_sft
 
     main = {"sft": train_sft.main, "dpo": train_dpo.main}[entry]
     code = main([f"cache_dir={tiny_cache}", f"output_dir={tmp_path / 'run'}", "logging.progress_bar=false",

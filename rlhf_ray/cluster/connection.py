@@ -23,7 +23,7 @@ def connect(cfg: ExperimentConfig) -> None:
         return
     _LOCAL_RAY["connected"] = True
     # quiet: the actors write their output to <output_dir>/logs/ and Ray's own records go through the
-    # driver's logging (rlhf_ray.console), not straight to the terminal
+    # driver's logging (rlhf_ray.run.console), not straight to the terminal
     quiet = {"log_to_driver": False, "configure_logging": False} if cfg.logging.console == "quiet" else {}
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:

@@ -22,7 +22,7 @@ from rlhf_ray.actors.generation import GenerationActor
 from rlhf_ray.actors.learner import LearnerActor
 from rlhf_ray.actors.reference import ReferenceActor
 from rlhf_ray.actors.reward import RewardActor
-from rlhf_ray.batch import RolloutBatch
+from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.cluster.compute import ActorPlan, ActorSite, describe, plan_compute
 from rlhf_ray.cluster.connection import local_ray_down, own_local_ray
 from rlhf_ray.cluster.signals import STOP_SIGNALS

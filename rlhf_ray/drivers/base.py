@@ -12,12 +12,12 @@ import logging
 import time
 from pathlib import Path
 
-from rlhf_ray import checkpoint
+from rlhf_ray.run import checkpoint
 from rlhf_ray.config import dump_config
 from rlhf_ray.cluster.connection import connect
 from rlhf_ray.cluster.roles import ActorLost
-from rlhf_ray.disk_full import DiskFull, is_disk_full
-from rlhf_ray.metrics import MetricsLogger
+from rlhf_ray.run.disk_full import DiskFull, is_disk_full
+from rlhf_ray.run.metrics import MetricsLogger
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class CheckpointedDriver:
 
     # ------------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> str:
-        """Checkpoint the finished steps (atomically; see rlhf_ray.checkpoint). Returns its path."""
+        """Checkpoint the finished steps (atomically; see rlhf_ray.run.checkpoint). Returns its path."""
         start = time.perf_counter()
         staging = checkpoint.begin(self.cfg.output_dir, self.step_count)
         try:
@@ -180,8 +180,8 @@ class CheckpointedDriver:
         return None
 
     def drawn_report(self) -> list[str]:
-        """A learner run's report picture (logging.report; rlhf_ray.report.draw_learning), for the closing lines."""
-        from rlhf_ray.report import draw_learning, load_metrics
+        """A learner run's report picture (logging.report; rlhf_ray.run.report.draw_learning), for the closing lines."""
+        from rlhf_ray.run.report import draw_learning, load_metrics
 
         if not self.cfg.logging.report:
             return []

@@ -20,7 +20,7 @@ from rlhf_ray.cluster.signals import STOP_SIGNALS
 from rlhf_ray.config import LoRAConfig
 from rlhf_ray.drivers.base import CheckpointedDriver
 from rlhf_ray.objectives import LearnerSpec
-from rlhf_ray.report import peak_memory
+from rlhf_ray.run.report import peak_memory
 
 log = logging.getLogger(__name__)
 

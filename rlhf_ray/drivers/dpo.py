@@ -1,4 +1,4 @@
-"""The DPO driver (and its variants: rlhf_ray.preference_math.DPO_LOSSES): a run of the learner over a dataset
+"""The DPO driver (and its variants: rlhf_ray.algorithms.preference_math.DPO_LOSSES): a run of the learner over a dataset
 (rlhf_ray.drivers.dataset) whose step first asks the reference role for the log-probs of the pairs it has not seen
 before (once per pair for the whole run), then updates the policy (rlhf_ray.objectives.dpo). The reference is the
 same role PPO uses, so a large one can be sharded (resources.reference.sharded). Its log-probs are kept per pair in
@@ -16,17 +16,17 @@ from pathlib import Path
 
 import torch
 
-from rlhf_ray import preflight
-from rlhf_ray.batch import ResponsePairBatch
+from rlhf_ray.run import preflight
+from rlhf_ray.data.batch import ResponsePairBatch
 from rlhf_ray.cluster.roles import ModelPaths, Roles
-from rlhf_ray.data import PreferencePair, PromptSampler, preference_sets, render_messages
+from rlhf_ray.data.sources import PreferencePair, PromptSampler, preference_sets, render_messages
 from rlhf_ray.drivers.base import evaluate_rows
 from rlhf_ray.drivers.dataset import DatasetDriver
 from rlhf_ray.drivers.reward_model import accuracy_table
 from rlhf_ray.models.modeling import check_same_tokenizer
 from rlhf_ray.models.specs import resolve_model
 from rlhf_ray.objectives.dpo import TIE, loss_options
-from rlhf_ray.preference_math import dpo_needs_reference, get_dpo_loss
+from rlhf_ray.algorithms.preference_math import dpo_needs_reference, get_dpo_loss
 
 log = logging.getLogger(__name__)
 REFERENCE_FILE = "reference_logps.safetensors"
@@ -83,7 +83,7 @@ def encode_response_pairs(tokenizer, pairs: list[PreferencePair], template: str,
 
 
 class DPOTrainer(DatasetDriver):
-    unit, exported = "DPO", "policy"  # for the console (rlhf_ray.train.run)
+    unit, exported = "DPO", "policy"  # for the console (rlhf_ray.run.harness.run)
     schedule, loss_key, eval_figures = "dpo", "loss/dpo", ("accuracy", "loss", "margin")
     reference_pairs_computed = 0  # over the run (this process): each pair's once
 

@@ -31,14 +31,14 @@ from pathlib import Path
 import torch
 
 from rlhf_ray.runtime.memory import process_memory
-from rlhf_ray import preflight
-from rlhf_ray.batch import RolloutBatch
+from rlhf_ray.run import preflight
+from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.config import MAX_SAMPLES_PER_PROMPT, ExperimentConfig, PPOConfig
-from rlhf_ray.data import PromptSampler, load_prompts
+from rlhf_ray.data.sources import PromptSampler, load_prompts
 from rlhf_ray.drivers.base import CheckpointedDriver
 from rlhf_ray.models.modeling import check_same_tokenizer
-from rlhf_ray.advantages import AdvantageInputs, get_advantage_estimator
-from rlhf_ray.ppo_math import (importance_weights, kl_penalty, masked_mean, masked_whiten, overlong_penalty,
+from rlhf_ray.algorithms.advantages import AdvantageInputs, get_advantage_estimator
+from rlhf_ray.algorithms.ppo_math import (importance_weights, kl_penalty, masked_mean, masked_whiten, overlong_penalty,
                                shape_rewards)
 from rlhf_ray.objectives import LearnerSpec
 from rlhf_ray.rewards.normalize import ScoreNormalizer
@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 
 class PPOTrainer(CheckpointedDriver):
-    unit, exported = "PPO", "policy"  # for the console (rlhf_ray.train.run)
+    unit, exported = "PPO", "policy"  # for the console (rlhf_ray.run.harness.run)
 
     def __init__(self, cfg: ExperimentConfig):
         self.cfg = cfg
@@ -142,7 +142,7 @@ class PPOTrainer(CheckpointedDriver):
 
     def closing(self) -> list[str]:
         """The report picture (logging.report) and the one-line summary of the run, for the console."""
-        from rlhf_ray.report import draw, load_metrics, summary
+        from rlhf_ray.run.report import draw, load_metrics, summary
 
         out = Path(self.cfg.output_dir)
         rows = load_metrics(out)
@@ -498,7 +498,7 @@ def phase(times: dict, name: str):
 def with_advantages(batch: RolloutBatch, ppo: PPOConfig, is_correction: str = "none",
                     max_new_tokens: int | None = None) -> tuple[RolloutBatch, dict[str, float]]:
     """Scores → effective scores (clip, cut responses, overlong shaping) → token rewards (−β·KL per token where
-    ppo.kl_in=reward) → advantages by ppo.advantage (rlhf_ray.advantages; GAE's whitened) → importance weights
+    ppo.kl_in=reward) → advantages by ppo.advantage (rlhf_ray.algorithms.advantages; GAE's whitened) → importance weights
     between the learner's old logprobs and the sampler's (``is_correction``: none, tis, mis)."""
     estimator = get_advantage_estimator(ppo.advantage)
     mask = batch.response_mask

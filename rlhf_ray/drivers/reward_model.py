@@ -13,14 +13,14 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf_ray import preflight
-from rlhf_ray.batch import PairBatch
-from rlhf_ray.data import PreferencePair, PromptSampler, preference_sets
+from rlhf_ray.run import preflight
+from rlhf_ray.data.batch import PairBatch
+from rlhf_ray.data.sources import PreferencePair, PromptSampler, preference_sets
 from rlhf_ray.drivers.base import evaluate_rows
 from rlhf_ray.drivers.dataset import DatasetDriver
 from rlhf_ray.models.specs import resolve_model
 from rlhf_ray.models.modeling import encode_conversations, load_reward_tokenizer
-from rlhf_ray.preference_math import pairwise_accuracy
+from rlhf_ray.algorithms.preference_math import pairwise_accuracy
 from rlhf_ray.rewards.base import write_reward_stats
 from rlhf_ray.cluster.roles import Roles
 
@@ -61,7 +61,7 @@ def encode_pairs(tokenizer, pairs: list[PreferencePair], template: str, max_leng
 
 
 def accuracy_table(scores: torch.Tensor, sources: list[str], tie: float | None = None) -> dict:
-    """Pairwise accuracy overall and per source (``tie``: rlhf_ray.preference_math.pairwise_accuracy). scores: [N, 2]
+    """Pairwise accuracy overall and per source (``tie``: rlhf_ray.algorithms.preference_math.pairwise_accuracy). scores: [N, 2]
     (chosen, rejected)."""
     per_source = {}
     for source in sorted(set(sources)):
@@ -73,7 +73,7 @@ def accuracy_table(scores: torch.Tensor, sources: list[str], tie: float | None =
 
 
 class RewardModelTrainer(DatasetDriver):
-    unit, exported = "RM", "reward model"  # for the console (rlhf_ray.train.run)
+    unit, exported = "RM", "reward model"  # for the console (rlhf_ray.run.harness.run)
     loss_key, eval_figures = "loss/bradley_terry", ("accuracy",)
 
     def resolve_models(self) -> None:

@@ -1,6 +1,6 @@
 """The SFT driver: a run of the learner over a dataset (rlhf_ray.drivers.dataset) whose objective is the loss on
 assistant tokens (rlhf_ray.objectives.sft). Conversations are encoded with a loss mask found by
-rendering (rlhf_ray.conversations); with data.packing several go in a row, each attending only to itself.
+rendering (rlhf_ray.data.conversations); with data.packing several go in a row, each attending only to itself.
 <output_dir>/final_model is the fine-tuned policy; eval.json holds the loss and perplexity on assistant tokens per
 evaluation set.
 """
@@ -10,11 +10,11 @@ import logging
 import math
 import random
 
-from rlhf_ray import preflight
-from rlhf_ray.batch import SequenceBatch
+from rlhf_ray.run import preflight
+from rlhf_ray.data.batch import SequenceBatch
 from rlhf_ray.cluster.roles import Roles
-from rlhf_ray.conversations import EncodedConversation, PackedRow, load_sft_conversations, pack
-from rlhf_ray.data import PromptSampler, dataset_names
+from rlhf_ray.data.conversations import EncodedConversation, PackedRow, load_sft_conversations, pack
+from rlhf_ray.data.sources import PromptSampler, dataset_names
 from rlhf_ray.drivers.base import evaluate_rows
 from rlhf_ray.drivers.dataset import DatasetDriver
 from rlhf_ray.models.specs import resolve_model
@@ -34,7 +34,7 @@ def sequence_batch(rows: list[PackedRow], indices: list[int], pad_token_id: int)
 
 
 class SFTTrainer(DatasetDriver):
-    unit, exported = "SFT", "policy"  # for the console (rlhf_ray.train.run)
+    unit, exported = "SFT", "policy"  # for the console (rlhf_ray.run.harness.run)
     loss_key, eval_figures = "loss/sft", ("loss", "perplexity")
 
     # ------------------------------------------------------------------------------------ startup

@@ -1,6 +1,6 @@
 """Forward passes that compute only on real tokens and never hold full-vocabulary logits for a whole micro-batch.
 
-Padding-free: a micro-batch's sequences (prompts left-padded, responses right-padded, rlhf_ray.batch) are repacked,
+Padding-free: a micro-batch's sequences (prompts left-padded, responses right-padded, rlhf_ray.data.batch) are repacked,
 their real tokens only, several to a row, with position ids restarting at 0 for each sequence and no 2-D attention
 mask, which is how Hugging Face models take packed sequences: a block-diagonal causal mask with SDPA/eager attention,
 variable-length kernels with FlashAttention. The rows' width is chosen by cost (``packed_layout``): a wider row wastes
@@ -25,8 +25,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from rlhf_ray.batch import RolloutBatch
-from rlhf_ray.ppo_math import entropy_from_logits
+from rlhf_ray.data.batch import RolloutBatch
+from rlhf_ray.algorithms.ppo_math import entropy_from_logits
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rlhf_ray.batch import RolloutBatch
+from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.models.forward import ForwardOptions, response_hidden, response_token_stats, scatter_response
 from rlhf_ray.models.lora import causal_lm, is_adapted
 
@@ -107,7 +107,7 @@ def encode_conversations(tokenizer, conversations: list[list[dict]], template: s
     """Whole conversations (ending with the assistant's response) as a reward model reads them: rendered in
     ``template`` ('tulu' or the tokenizer's chat template), right-padded, keeping the last ``max_length``
     tokens. The one encoding used to train, evaluate and serve reward models. -> BatchEncoding [N, T]"""
-    from rlhf_ray.data import render_messages
+    from rlhf_ray.data.sources import render_messages
 
     texts = [render_messages(c, template, tokenizer, add_generation_prompt=False) for c in conversations]
     # Tulu text has no BOS: the tokenizer adds its own (Llama <s>); chat templates write theirs into the text

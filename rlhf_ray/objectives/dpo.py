@@ -1,15 +1,15 @@
-"""Direct preference optimisation and its variants (rlhf_ray.preference_math.DPO_LOSSES) on the policy alone; the
+"""Direct preference optimisation and its variants (rlhf_ray.algorithms.preference_math.DPO_LOSSES) on the policy alone; the
 reference's log-probs come with the batch, computed once per pair by the reference role (rlhf_ray.drivers.dpo)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from rlhf_ray.batch import ResponsePairBatch
+from rlhf_ray.data.batch import ResponsePairBatch
 from rlhf_ray.models.lora import add_adapters
 from rlhf_ray.models.modeling import PolicyAndValue, load_causal_lm
 from rlhf_ray.objectives import Objective, register
-from rlhf_ray.preference_math import dpo_loss, dpo_needs_reference
+from rlhf_ray.algorithms.preference_math import dpo_loss, dpo_needs_reference
 
 # implicit rewards this close count as a tie (half right): while the policy is the reference, its margins are
 # rounding noise (fp32 sums over a response: ~1e-6), not preferences
@@ -27,7 +27,7 @@ def loss_options(dpo) -> dict:
     """The config's options that the chosen variant takes (its keyword parameters name them)."""
     import inspect
 
-    from rlhf_ray.preference_math import get_dpo_loss
+    from rlhf_ray.algorithms.preference_math import get_dpo_loss
 
     accepted = inspect.signature(get_dpo_loss(dpo.loss)).parameters
     offered = {"label_smoothing": dpo.label_smoothing, "gamma": dpo.simpo_gamma}

@@ -7,17 +7,17 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import nn
 
-from rlhf_ray.batch import RolloutBatch
+from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.models.lora import add_adapters
 from rlhf_ray.models.modeling import PolicyAndValue, load_causal_lm, load_value_model
 from rlhf_ray.objectives import Objective, register
-from rlhf_ray.ppo_math import aggregate_loss, kl_penalty, policy_loss, value_loss
+from rlhf_ray.algorithms.ppo_math import aggregate_loss, kl_penalty, policy_loss, value_loss
 
 
 @register("ppo")
 class PPOObjective(Objective):
     """Clipped policy loss (× importance weights) + clipped value loss (with a critic) + β·KL (ppo.kl_in=loss)
-    − entropy bonus, each aggregated over response tokens as ppo.loss_aggregation says (rlhf_ray.ppo_math).
+    − entropy bonus, each aggregated over response tokens as ppo.loss_aggregation says (rlhf_ray.algorithms.ppo_math).
     With ``spec.lora`` the policy is LoRA adapters on its frozen weights, and the learner also serves the reference
     (the base, adapters off)."""
     export_name = "policy"

@@ -4,11 +4,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rlhf_ray.batch import PairBatch
+from rlhf_ray.data.batch import PairBatch
 from rlhf_ray.models.forward import sequence_scores
 from rlhf_ray.models.modeling import load_reward_model
 from rlhf_ray.objectives import Objective, register
-from rlhf_ray.preference_math import bradley_terry_loss
+from rlhf_ray.algorithms.preference_math import bradley_terry_loss
 
 
 class PairScorer(nn.Module):
@@ -28,7 +28,7 @@ class PairScorer(nn.Module):
 
 @register("bradley_terry")
 class BradleyTerryObjective(Objective):
-    """Reward modelling: −log σ(r_chosen − r_rejected − margin), mean over pairs (rlhf_ray.preference_math).
+    """Reward modelling: −log σ(r_chosen − r_rejected − margin), mean over pairs (rlhf_ray.algorithms.preference_math).
     The RM is the backbone with a new scalar head (or an existing RM, trained further)."""
     export_name = "reward_model"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rlhf_ray.batch import SequenceBatch
+from rlhf_ray.data.batch import SequenceBatch
 from rlhf_ray.models.forward import ForwardOptions, backbone_of, token_stats
 from rlhf_ray.models.lora import add_adapters, causal_lm
 from rlhf_ray.models.modeling import load_causal_lm
@@ -62,7 +62,7 @@ class SFTObjective(Objective):
 
     def build(self) -> nn.Module:
         policy = load_causal_lm(self.spec.model)
-        # conversations arrive packed by the data pipeline (rlhf_ray.conversations), with their own block mask
+        # conversations arrive packed by the data pipeline (rlhf_ray.data.conversations), with their own block mask
         options = ForwardOptions(padding_free=False, logits_chunk_tokens=self.spec.deepspeed.logits_chunk_tokens)
         options = options.checked(policy, f"policy {self.spec.model}")
         return SequenceScorer(add_adapters(policy, self.spec.lora, key="lora") if self.spec.lora else policy, options)

@@ -77,16 +77,16 @@ def setup_console(mode: str, output_dir: str | Path) -> Path | None:
 def _thread_error_to_log(args: threading.ExceptHookArgs) -> None:
     """An uncaught error in a thread (TensorBoard's writer on a full disk, say): its traceback to driver.log, one line
     on the console — none for a full disk, which the driver reports itself when its next write fails."""
-    from rlhf_ray.disk_full import is_disk_full
+    from rlhf_ray.run.disk_full import is_disk_full
 
     if args.exc_type is SystemExit:
         return
     name = args.thread.name if args.thread else "?"
     error = args.exc_value if args.exc_value is not None else args.exc_type()
-    logging.getLogger("rlhf_ray.console").error("thread %s failed: %s", name, error,
+    logging.getLogger("rlhf_ray.run.console").error("thread %s failed: %s", name, error,
                                                 exc_info=(args.exc_type, error, args.exc_traceback), extra=FILE_ONLY)
     if not is_disk_full(error):
-        logging.getLogger("rlhf_ray.console").error("thread %s failed: %s: %s (traceback in driver.log)", name,
+        logging.getLogger("rlhf_ray.run.console").error("thread %s failed: %s: %s (traceback in driver.log)", name,
                                                     args.exc_type.__name__, error)
 
 

@@ -117,7 +117,7 @@ def check_reward_template(reward: RewardConfig, rm_path: str, messages: list[dic
     """The RM's tokenizer can render a (prompt, response) conversation in ``models.reward.template``."""
     from transformers import AutoTokenizer
 
-    from rlhf_ray.data import render_messages
+    from rlhf_ray.data.sources import render_messages
 
     tokenizer = AutoTokenizer.from_pretrained(rm_path)
     try:

@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from rlhf_ray.ppo_math import gae, masked_whiten
+from rlhf_ray.algorithms.ppo_math import gae, masked_whiten
 
 GROUP_EPS = 1e-6
 
@@ -100,7 +100,7 @@ def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
 
 @register_advantage("gae", needs_critic=True)
 def gae_advantages(x: AdvantageInputs) -> tuple[Tensor, Tensor]:
-    """Generalised advantage estimation with the critic's values (rlhf_ray.ppo_math.gae); returns = A + V."""
+    """Generalised advantage estimation with the critic's values (rlhf_ray.algorithms.ppo_math.gae); returns = A + V."""
     if x.values is None:
         raise ValueError("gae needs the critic's values")
     return gae(x.rewards, x.values, x.mask, x.gamma, x.lam)

@@ -7,7 +7,7 @@ model is shown before it answers) to the end of ``render(turns[:i + 1])``. That 
 loss, so the model learns to stop. It needs each shorter render to be a prefix of the whole render; a template
 that rewrites earlier turns once later ones follow is refused with an error, never guessed around.
 
-Rows that cannot be used are skipped *and counted* by reason, as in ``rlhf_ray.data``.
+Rows that cannot be used are skipped *and counted* by reason, as in ``rlhf_ray.data.sources``.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlhf_ray.batch import segment_causal_mask
-from rlhf_ray.data import load_rows, render_messages, validate_messages
+from rlhf_ray.data.batch import segment_causal_mask
+from rlhf_ray.data.sources import load_rows, render_messages, validate_messages
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import os
 import re
 from pathlib import Path
 
-from rlhf_ray import checkpoint
+from rlhf_ray.run import checkpoint
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "StorageFull", "os error 28", "os error 122")

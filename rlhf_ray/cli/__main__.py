@@ -1,0 +1,3 @@
+from rlhf_ray.cli import table
+
+print(table())
