@@ -93,15 +93,18 @@ def make_learner(model_path: str, reward_path: str, setting: dict, args):
     from rlhf_ray.actors.learner import LearnerActor
     from rlhf_ray.config import DeepSpeedConfig, OptimizerConfig, PPOConfig
     from rlhf_ray.objectives import LearnerSpec
+    from rlhf_ray.objectives.ppo import PPOOptions
 
     ds = DeepSpeedConfig(zero_stage=setting["zero_stage"], precision=setting["precision"],
                          padding_free=setting["padding_free"], logits_chunk_tokens=setting["logits_chunk_tokens"])
-    spec = LearnerSpec(objective="ppo", model=model_path, value_model=reward_path, value_init="reward",
+    spec = LearnerSpec(objective="ppo", model=model_path,
                        mini_batch_size=args.mini, micro_batch_size=args.micro, epochs=1, optimizer_steps=1000,
                        optimizer=OptimizerConfig(lr=1e-6), deepspeed=ds,
                        export_dtype="bfloat16" if setting["precision"] == "bf16" else "float32",
-                       ppo=PPOConfig(rollout_batch_size=args.batch, mini_batch_size=args.mini,
-                                     micro_batch_size=args.micro), num_cpus=args.threads)
+                       options=PPOOptions(value_model=reward_path, value_init="reward",
+                                          ppo=PPOConfig(rollout_batch_size=args.batch, mini_batch_size=args.mini,
+                                                        micro_batch_size=args.micro)),
+                       num_cpus=args.threads)
     learner = LearnerActor(spec, 0)
     with socket.socket() as s:  # rank 0 of a group of one: a free local port for the rendezvous
         s.bind(("127.0.0.1", 0))

@@ -246,10 +246,11 @@ def test_ppo_gradients_do_not_depend_on_how_rows_are_grouped_into_micro_batches(
     from rlhf_ray.data.batch import token_budget_groups
     from rlhf_ray.config import DeepSpeedConfig, OptimizerConfig, PPOConfig
     from rlhf_ray.objectives import LearnerSpec, make_objective
+    from rlhf_ray.objectives.ppo import PPOOptions
 
     spec = LearnerSpec(objective="ppo", model="unused", mini_batch_size=5, micro_batch_size=5, optimizer_steps=1,
-                       optimizer=OptimizerConfig(), deepspeed=DeepSpeedConfig(zero_stage=0), critic=False,
-                       ppo=PPOConfig(advantage="grpo", loss_aggregation="token_mean"))
+                       optimizer=OptimizerConfig(), deepspeed=DeepSpeedConfig(zero_stage=0),
+                       options=PPOOptions(critic=False, ppo=PPOConfig(advantage="grpo", loss_aggregation="token_mean")))
     objective = make_objective(spec)
     module = PolicyAndValue(build("llama-tied", tiny_tokenizer), None, FAST)
     batch = rollout(ROWS[:5], vocab=module.policy.config.vocab_size, seed=7)

@@ -6,7 +6,8 @@ import torch
 
 from rlhf_ray.actors.reward import RewardActor
 from rlhf_ray.data.batch import RolloutBatch
-from rlhf_ray.rewards.backends import BACKENDS, FunctionBackend, ModelBackend
+from rlhf_ray.rewards.backends import BACKENDS, FunctionBackend
+from rlhf_ray.rewards.model import ModelBackend
 from rlhf_ray.rewards.base import load_function, write_reward_stats
 from rlhf_ray.rewards import char_frequency
 

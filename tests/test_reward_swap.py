@@ -77,7 +77,7 @@ def as_samples(rows: list[dict], messages_of: dict[str, list[dict]]):
 def direct_scores(rm_path: str, samples) -> list[float]:
     """What the RM at ``rm_path`` gives ``samples``, scored here by the model backend."""
     from rlhf_ray.config import RewardConfig
-    from rlhf_ray.rewards.backends import ModelBackend
+    from rlhf_ray.rewards.model import ModelBackend
 
     backend = ModelBackend(RewardConfig(kind="model", model=rm_path, max_length=256, batch_size=16), model_path=rm_path)
     return backend.score(samples).tolist()

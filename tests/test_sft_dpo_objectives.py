@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from rlhf_ray.data.batch import ResponsePairBatch, SequenceBatch
+from rlhf_ray.objectives.dpo import DPOOptions
+from rlhf_ray.objectives.sft import SFTOptions
 from tests.test_lora import as_if_trained
 
 
@@ -24,6 +26,9 @@ def tiny_policy(tiny_cache):
 def spec(path, objective, **extra):
     from rlhf_ray.config import DeepSpeedConfig, OptimizerConfig
     from rlhf_ray.objectives import LearnerSpec
+
+    if objective == "sft" and "options" not in extra:
+        extra["options"] = SFTOptions()
 
     return LearnerSpec(objective=objective, model=path, mini_batch_size=4, micro_batch_size=2, optimizer_steps=1,
                        optimizer=OptimizerConfig(), deepspeed=DeepSpeedConfig(zero_stage=0), **extra)
@@ -46,7 +51,7 @@ def test_the_sft_loss_is_the_mean_nll_of_the_learned_tokens_packed_or_not(tiny_p
     from rlhf_ray.objectives import make_objective
 
     path, model = tiny_policy
-    objective = make_objective(spec(path, "sft", sft_loss_mean=loss_mean))
+    objective = make_objective(spec(path, "sft", options=SFTOptions(loss_mean=loss_mean)))
     module = objective.build().eval()  # what the learner trains: the policy with its chunked LM head
     by_hand = [by_hand_nll(model, ids, mask) for ids, mask in SEQUENCES]
     expected = (sum(n for n, _ in by_hand) / sum(c for _, c in by_hand) if loss_mean == "token"
@@ -95,7 +100,7 @@ def test_the_dpo_loss_is_its_formula_on_the_policys_own_logprobs(tiny_policy):
     logps = [[by_hand_nll(model, p + r, [0] * len(p) + [1] * len(r))[0] * -1 for r in (c, rj)]
              for p, c, rj in zip(prompts, chosen, rejected)]
     ref = torch.tensor([[-20.0, -5.0], [-9.0, -30.0]])
-    objective = make_objective(spec(path, "dpo", dpo=DPOTrainingConfig(loss="sigmoid", beta=0.5)))
+    objective = make_objective(spec(path, "dpo", options=DPOOptions(dpo=DPOTrainingConfig(loss="sigmoid", beta=0.5))))
     model = objective.build().eval()  # what the learner trains: the policy, packed, with its chunked LM head
     assert objective.evaluate(model, batch).flatten().tolist() == pytest.approx(sum(logps, []), rel=1e-5)
     with torch.no_grad():
@@ -157,7 +162,7 @@ def test_dpo_with_lora_takes_the_reference_from_the_base_with_its_adapters_off(t
     path, model = tiny_policy
     prompts, chosen, rejected, batch = pair_batch()
     # one pair a micro-batch: the two sides of each pair in a forward of their own, joined in order
-    objective = make_objective(spec(path, "dpo", dpo=DPOTrainingConfig(), lora=LoRAConfig(rank=4)).model_copy(
+    objective = make_objective(spec(path, "dpo", options=DPOOptions(dpo=DPOTrainingConfig()), lora=LoRAConfig(rank=4)).model_copy(
         update={"micro_batch_size": 1}))
     module = as_if_trained(objective.build().eval(), seed=0)
     sides = batch.sides()

@@ -8,7 +8,7 @@
     python -m rlhf_ray.rm remove my-rm
 
 An app (``RewardModelServer``) wraps the same ``model`` backend the reward actors use
-(``rlhf_ray.rewards.backends.ModelBackend``: the RM's own tokenizer and template, ``encode_conversations``), so a
+(``rlhf_ray.rewards.model.ModelBackend``: the RM's own tokenizer and template, ``encode_conversations``), so a
 sample scores the same in either. Single samples from every caller are gathered into model batches by Serve
 (``@serve.batch``: ``--max-batch-size``, ``--batch-wait-s``). It answers handle calls ``score(samples)`` (the
 ``serve`` backend) and HTTP POSTs in the rlhf-ray/reward/v1 schema (rlhf_ray.rewards.http) at ``/NAME`` on Serve's

@@ -25,7 +25,7 @@ from rlhf_ray.drivers.dataset import DatasetDriver
 from rlhf_ray.drivers.reward_model import accuracy_table
 from rlhf_ray.models.modeling import check_same_tokenizer
 from rlhf_ray.models.specs import resolve_model
-from rlhf_ray.objectives.dpo import TIE, loss_options
+from rlhf_ray.objectives.dpo import TIE, DPOOptions, loss_options
 from rlhf_ray.algorithms.preference_math import dpo_needs_reference, get_dpo_loss
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ class DPOTrainer(DatasetDriver):
         # with lora the learner's base, its adapters off, is the reference: no reference actors
         roles = ("learner", "reference") if self.needs_reference and self.cfg.lora is None else ("learner",)
         # the reference's log-probs and the policy's evaluation passes are never computed at the same time
-        spec = self.learner_spec("dpo", self.paths.policy, dpo=self.cfg.dpo, lora=self.cfg.lora)
+        spec = self.learner_spec("dpo", self.paths.policy, options=DPOOptions(dpo=self.cfg.dpo), lora=self.cfg.lora)
         return Roles(self.cfg, self.paths, spec, roles=roles, solo_phases=("score",))
 
     def after_roles(self) -> None:

@@ -41,6 +41,7 @@ from rlhf_ray.algorithms.advantages import AdvantageInputs, get_advantage_estima
 from rlhf_ray.algorithms.ppo_math import (importance_weights, kl_penalty, masked_mean, masked_whiten, overlong_penalty,
                                shape_rewards)
 from rlhf_ray.objectives import LearnerSpec
+from rlhf_ray.objectives.ppo import PPOOptions
 from rlhf_ray.rewards.normalize import ScoreNormalizer
 from rlhf_ray.rewards.outage import OutageWatch
 from rlhf_ray.cluster.connection import local_ray_down
@@ -447,14 +448,14 @@ def ppo_learner(cfg: ExperimentConfig, paths: ModelPaths) -> LearnerSpec:
     """The learner group of a PPO experiment: the ``ppo`` objective on policy + critic (the policy alone under a
     critic-free ppo.advantage)."""
     learner = cfg.resources.learner
-    return LearnerSpec(objective="ppo", model=paths.policy, value_model=paths.value, value_init=cfg.models.value_init,
-                       world_size=learner.num_actors, num_cpus=learner.num_cpus, num_gpus=learner.num_gpus,
+    options = PPOOptions(ppo=cfg.ppo, critic=cfg.ppo.needs_critic, value_init=cfg.models.value_init,
+                         value_model=paths.value, temperature=cfg.generation.temperature,
+                         max_new_tokens=cfg.generation.max_new_tokens)
+    return LearnerSpec(objective="ppo", model=paths.policy, options=options, world_size=learner.num_actors, num_cpus=learner.num_cpus, num_gpus=learner.num_gpus,
                        mini_batch_size=cfg.ppo.mini_batch_size, micro_batch_size=cfg.ppo.micro_batch_size,
                        epochs=cfg.ppo.epochs, optimizer_steps=cfg.optimizer_steps, optimizer=cfg.optimizer,
                        deepspeed=cfg.deepspeed, timeout_s=cfg.timeouts.learn_s, seed=cfg.seed,
-                       export_dtype=cfg.models.dtype, ppo=cfg.ppo, temperature=cfg.generation.temperature,
-                       critic=cfg.ppo.needs_critic, max_new_tokens=cfg.generation.max_new_tokens,
-                       lora=cfg.models.lora)
+                       export_dtype=cfg.models.dtype, lora=cfg.models.lora)
 
 
 def sampling_seeds(seed: int, step: int, count: int, start: int = 0) -> list[int]:

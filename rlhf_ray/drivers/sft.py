@@ -18,6 +18,7 @@ from rlhf_ray.data.sources import PromptSampler, dataset_names
 from rlhf_ray.drivers.base import evaluate_rows
 from rlhf_ray.drivers.dataset import DatasetDriver
 from rlhf_ray.models.specs import resolve_model
+from rlhf_ray.objectives.sft import SFTOptions
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class SFTTrainer(DatasetDriver):
         self.num_steps = cfg.training.epochs * self.sampler.batches_per_epoch
 
     def start_roles(self) -> Roles:
-        learner = self.learner_spec("sft", self.model_path, sft_loss_mean=self.cfg.training.loss_mean,
+        learner = self.learner_spec("sft", self.model_path, options=SFTOptions(loss_mean=self.cfg.training.loss_mean),
                                     lora=self.cfg.lora)
         return Roles(self.cfg, None, learner, roles=("learner",))
 

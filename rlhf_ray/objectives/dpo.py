@@ -3,12 +3,14 @@ reference's log-probs come with the batch, computed once per pair by the referen
 from __future__ import annotations
 
 import torch
+from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from rlhf_ray.config import DPOTrainingConfig
 from rlhf_ray.data.batch import ResponsePairBatch
 from rlhf_ray.models.lora import add_adapters
 from rlhf_ray.models.modeling import PolicyAndValue, load_causal_lm
-from rlhf_ray.objectives import Objective, register
+from rlhf_ray.objectives.base import Objective, register
 from rlhf_ray.algorithms.preference_math import dpo_loss, dpo_needs_reference
 
 # implicit rewards this close count as a tie (half right): while the policy is the reference, its margins are
@@ -34,9 +36,16 @@ def loss_options(dpo) -> dict:
     return {key: value for key, value in offered.items() if key in accepted}
 
 
+class DPOOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dpo: DPOTrainingConfig  # the loss and its options
+
+
 @register("dpo")
 class DPOObjective(Objective):
-    """The loss ``spec.dpo.loss`` over pairs, a mean over the global mini-batch's pairs."""
+    """The loss ``options.dpo.loss`` over pairs, a mean over the global mini-batch's pairs."""
+    Options = DPOOptions
     export_name = "policy"
 
     def build(self) -> nn.Module:
@@ -49,7 +58,7 @@ class DPOObjective(Objective):
         return torch.tensor(float(len(batch)))
 
     def loss(self, module, micro: ResponsePairBatch, num_units: float, fresh: bool = False):
-        dpo = self.spec.dpo
+        dpo = self.options.dpo
         logps, ref, lengths = pair_logps(module, micro), micro.ref_logps, micro.response_tokens
         if ref is None and dpo_needs_reference(dpo.loss):
             raise ValueError(f"dpo.loss={dpo.loss!r} needs the reference's log-probs, and the batch has none")

@@ -1,14 +1,17 @@
 """Supervised fine-tuning: next-token cross-entropy on the tokens a loss mask selects (the assistant turns)."""
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from rlhf_ray.data.batch import SequenceBatch
 from rlhf_ray.models.forward import ForwardOptions, backbone_of, token_stats
 from rlhf_ray.models.lora import add_adapters, causal_lm
 from rlhf_ray.models.modeling import load_causal_lm
-from rlhf_ray.objectives import Objective, register
+from rlhf_ray.objectives.base import Objective, register
 
 
 class SequenceScorer(nn.Module):
@@ -53,11 +56,18 @@ def sequence_token_counts(batch: SequenceBatch) -> torch.Tensor:
     return torch.einsum("bt,bts->bs", batch.loss_mask[:, 1:], one_hot)
 
 
+class SFTOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    loss_mean: Literal["token", "sequence"] = "token"  # training.loss_mean: over all learned tokens, or per sequence
+
+
 @register("sft")
 class SFTObjective(Objective):
     """L = Σ_t m_t · −log p(x_t | x_<t) / N, with N the learned tokens of the global mini-batch (loss_mean='token'),
     or each conversation's token mean summed over conversations / N conversations (loss_mean='sequence').
     With ``spec.lora`` the policy trains as LoRA adapters on its frozen weights."""
+    Options = SFTOptions
     export_name = "policy"
 
     def build(self) -> nn.Module:
@@ -68,14 +78,14 @@ class SFTObjective(Objective):
         return SequenceScorer(add_adapters(policy, self.spec.lora, key="lora") if self.spec.lora else policy, options)
 
     def units(self, batch: SequenceBatch) -> torch.Tensor:
-        if self.spec.sft_loss_mean == "token":
+        if self.options.loss_mean == "token":
             return batch.loss_mask[:, 1:].sum()
         return (sequence_token_counts(batch) > 0).sum().float()
 
     def loss(self, module, micro: SequenceBatch, num_units: float, fresh: bool = False):
         nll = module(micro)
         tokens = micro.loss_mask[:, 1:].sum()
-        if self.spec.sft_loss_mean == "token":
+        if self.options.loss_mean == "token":
             loss = nll.sum() / max(num_units, 1.0)
         else:
             segments = torch.nn.functional.one_hot(micro.segment_ids[:, 1:], int(micro.segment_ids.max()) + 1)[..., 1:]

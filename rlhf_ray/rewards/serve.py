@@ -20,7 +20,7 @@ class RewardModelServer:
                  batch_wait_s: float, dtype: str, num_cpus: float, num_gpus: float, url: str):
         from rlhf_ray.runtime.devices import set_threads
         from rlhf_ray.config import RewardConfig
-        from rlhf_ray.rewards.backends import ModelBackend
+        from rlhf_ray.rewards.model import ModelBackend
 
         set_threads(num_cpus)
         cfg = RewardConfig(kind="model", model=model, template=template, max_length=max_length,
