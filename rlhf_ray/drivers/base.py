@@ -130,6 +130,21 @@ class CheckpointedDriver:
         self.step_count = state["step"]
         return state
 
+    def step(self) -> dict[str, float]:
+        """One step (the driver's ``_step``), recorded and checkpointed when due; returns its metrics. A lost learner
+        rank restarts the group from the last valid checkpoint (``recover_learner``), which drops the step under way:
+        then it returns no metrics, and the loop goes on from the restored step."""
+        try:
+            return self._step()
+        except ActorLost as lost:
+            if lost.role != "learner":
+                raise
+            self.recover_learner(lost)
+            return {}
+
+    def _step(self) -> dict[str, float]:
+        raise NotImplementedError
+
     def recover_learner(self, lost: ActorLost) -> None:
         """A learner rank died: the whole group restarts from the last valid checkpoint (or from the start)."""
         if self.roles.restarts["learner"] >= self.cfg.recovery.max_learner_restarts:

@@ -15,11 +15,12 @@ import logging
 import time
 from pathlib import Path
 
-from rlhf_ray.cluster.roles import ActorLost
 from rlhf_ray.cluster.signals import STOP_SIGNALS
 from rlhf_ray.config import LoRAConfig
 from rlhf_ray.drivers.base import CheckpointedDriver
+from rlhf_ray.models.specs import resolve_model
 from rlhf_ray.objectives import LearnerSpec
+from rlhf_ray.run import preflight
 from rlhf_ray.run.report import peak_memory
 
 log = logging.getLogger(__name__)
@@ -61,16 +62,13 @@ class DatasetDriver(CheckpointedDriver):
                  lora.rank, trainable / 1e6, frozen / 1e6, "; the reference is that base with the adapters off, "
                  "computed in the learner (no reference actors)" if reference else "")
 
-    # ------------------------------------------------------------------------------------------ a step
-    def step(self) -> dict[str, float]:
-        try:
-            return self._step()
-        except ActorLost as lost:
-            if lost.role != "learner":
-                raise
-            self.recover_learner(lost)
-            return {}
+    def resolve_models(self) -> None:
+        """The one model a run of this kind trains (``model``: a name or a path), resolved and checked."""
+        cfg = self.cfg
+        self.model_path = resolve_model(cfg.model, cfg.cache_dir, cfg.seed)
+        preflight.check_model_path(cfg.model, self.model_path, "model")
 
+    # ------------------------------------------------------------------------------------------ a step
     def _step(self) -> dict[str, float]:
         started = time.perf_counter()
         indices = self.sampler.batch(self.step_count)

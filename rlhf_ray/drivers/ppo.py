@@ -45,7 +45,7 @@ from rlhf_ray.objectives.ppo import PPOOptions
 from rlhf_ray.rewards.normalize import ScoreNormalizer
 from rlhf_ray.rewards.outage import OutageWatch
 from rlhf_ray.cluster.connection import local_ray_down
-from rlhf_ray.cluster.roles import ROLE_ORDER, ActorLost, ModelPaths, Roles
+from rlhf_ray.cluster.roles import ROLE_ORDER, ModelPaths, Roles
 from rlhf_ray.cluster.signals import STOP_SIGNALS
 from rlhf_ray.models.specs import resolve_model
 
@@ -151,21 +151,12 @@ class PPOTrainer(CheckpointedDriver):
         return lines + [summary(rows)]
 
     # ------------------------------------------------------------------------------------------ a step
-    def step(self) -> dict[str, float]:
-        """One PPO step, recorded (metrics.jsonl, samples.jsonl, TensorBoard) and checkpointed when due.
-
-        Returns its metrics. A stop signal during generation or scoring ends the step at once (nothing
-        has changed yet); from the update on, it waits until the step is recorded (rlhf_ray.cluster.roles.StopSignals).
-        """
-        try:
-            return self._step()
-        except ActorLost as lost:
-            if lost.role != "learner":
-                raise
-            self.recover_learner(lost)  # restore / reset_to_start drop a rollout under way
-            return {}
-
     def _step(self) -> dict[str, float]:
+        """One PPO step, recorded (metrics.jsonl, samples.jsonl, TensorBoard); a lost learner: ``step`` (drivers.base).
+
+        A stop signal during generation or scoring ends the step at once (nothing has changed yet); from the update
+        on, it waits until the step is recorded (rlhf_ray.cluster.signals).
+        """
         step, normalizer_state = self.step_count, self.normalizer.state_dict()
         try:
             return self._run_step()

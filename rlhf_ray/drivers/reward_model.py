@@ -13,12 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf_ray.run import preflight
 from rlhf_ray.data.batch import PairBatch
 from rlhf_ray.data.sources import PreferencePair, PromptSampler, preference_sets
 from rlhf_ray.drivers.base import evaluate_rows
 from rlhf_ray.drivers.dataset import DatasetDriver
-from rlhf_ray.models.specs import resolve_model
 from rlhf_ray.models.modeling import encode_conversations, load_reward_tokenizer
 from rlhf_ray.algorithms.preference_math import pairwise_accuracy
 from rlhf_ray.rewards.base import write_reward_stats
@@ -75,11 +73,6 @@ def accuracy_table(scores: torch.Tensor, sources: list[str], tie: float | None =
 class RewardModelTrainer(DatasetDriver):
     unit, exported = "RM", "reward model"  # for the console (rlhf_ray.run.harness.run)
     loss_key, eval_figures = "loss/bradley_terry", ("accuracy",)
-
-    def resolve_models(self) -> None:
-        cfg = self.cfg
-        self.model_path = resolve_model(cfg.model, cfg.cache_dir, cfg.seed)
-        preflight.check_model_path(cfg.model, self.model_path, "model")
 
     def load_data(self) -> None:
         cfg = self.cfg

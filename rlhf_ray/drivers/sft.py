@@ -10,14 +10,12 @@ import logging
 import math
 import random
 
-from rlhf_ray.run import preflight
 from rlhf_ray.data.batch import SequenceBatch
 from rlhf_ray.cluster.roles import Roles
 from rlhf_ray.data.conversations import EncodedConversation, PackedRow, load_sft_conversations, pack
 from rlhf_ray.data.sources import PromptSampler, dataset_names
 from rlhf_ray.drivers.base import evaluate_rows
 from rlhf_ray.drivers.dataset import DatasetDriver
-from rlhf_ray.models.specs import resolve_model
 from rlhf_ray.objectives.sft import SFTOptions
 
 log = logging.getLogger(__name__)
@@ -39,11 +37,6 @@ class SFTTrainer(DatasetDriver):
     loss_key, eval_figures = "loss/sft", ("loss", "perplexity")
 
     # ------------------------------------------------------------------------------------ startup
-    def resolve_models(self) -> None:
-        cfg = self.cfg
-        self.model_path = resolve_model(cfg.model, cfg.cache_dir, cfg.seed)
-        preflight.check_model_path(cfg.model, self.model_path, "model")
-
     def load_data(self) -> None:
         from transformers import AutoTokenizer
 

@@ -106,7 +106,6 @@ def draw(runs: dict[str, list[dict]], out: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
     (ax_reward, ax_kl), (ax_len, ax_time) = axes
@@ -135,21 +134,13 @@ def draw(runs: dict[str, list[dict]], out: str | Path) -> Path:
     ax_len.set_ylabel("tokens")
     ax_eos.set_ylabel("fraction ending with EOS")
     ax_eos.set_ylim(-0.05, 1.05)
-    for ax in (ax_reward, ax_kl, ax_len, ax_time):
-        ax.set_xlabel("PPO step")
-        ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _step_axes((ax_reward, ax_kl, ax_len, ax_time), "PPO step")
     ax_reward.legend(fontsize=8)
     for ax, twin in ((ax_kl, ax_sync), (ax_len, ax_eos)):
         _legend(ax, twin)
     _draw_time(ax_time, runs, colors)
     title = "  vs  ".join(runs) if several else next(iter(runs))
-    fig.suptitle(f"rlhf-ray: {title}", fontsize=12)
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, f"rlhf-ray: {title}", out)
 
 
 def _legend(ax, twin) -> None:
@@ -202,7 +193,6 @@ def draw_learning(rows: list[dict], out: str | Path, label: str) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     loss_key = learning_kind(rows)
     kind, train_key, eval_figure = LEARNING_RUNS[loss_key]
@@ -235,11 +225,25 @@ def draw_learning(rows: list[dict], out: str | Path, label: str) -> Path:
         twin.set_ylabel(throughput.split("/")[1].replace("_", " "))
         _legend(ax_time, twin)
     ax_time.set_title("step time and throughput")
-    for ax in (ax_loss, ax_eval, ax_time):
-        ax.set_xlabel(f"{kind} step")
+    _step_axes((ax_loss, ax_eval, ax_time), f"{kind} step")
+    return _save(fig, f"rlhf-ray {kind}: {label}", out)
+
+
+def _step_axes(axes, xlabel: str) -> None:
+    """Axes over steps: labelled, integer ticks, a grid."""
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
+        ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.suptitle(f"rlhf-ray {kind}: {label}", fontsize=12)
+
+
+def _save(fig, title: str, out: str | Path) -> Path:
+    """The tail every figure shares: its title, the PNG written, the figure closed."""
+    from matplotlib import pyplot as plt
+
+    fig.suptitle(title, fontsize=12)
     fig.tight_layout()
     out = Path(out)
     fig.savefig(out, dpi=110)
