@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from rlhf_ray.cli import evaluate as ev
+from rlhf_ray.evaluation import comparison
+from rlhf_ray.evaluation import prompts as eval_prompts
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_PROMPTS = ROOT / "configs" / "data" / "tiny_prompts.jsonl"
@@ -28,26 +30,26 @@ def write_jsonl(path: Path, rows: list) -> Path:
 # ------------------------------------------------------------------------------------------------ no Ray
 
 def test_win_rate_counts_ties_as_half():
-    assert ev.win_rate([1.0, 2.0, 3.0, 0.0], [1.0, 1.0, 4.0, 0.0]) == (0.5 + 1 + 0 + 0.5) / 4
-    assert ev.win_rate([0.3, 0.1], [0.3, 0.1]) == 0.5  # against itself
+    assert comparison.win_rate([1.0, 2.0, 3.0, 0.0], [1.0, 1.0, 4.0, 0.0]) == (0.5 + 1 + 0 + 0.5) / 4
+    assert comparison.win_rate([0.3, 0.1], [0.3, 0.1]) == 0.5  # against itself
     with pytest.raises(ValueError):
-        ev.win_rate([1.0], [1.0, 2.0])
+        comparison.win_rate([1.0], [1.0, 2.0])
     record = lambda score, tokens, finish, response="r": {"score": score, "tokens": tokens,  # noqa: E731
                                                           "finish_reason": finish, "response": response}
     records = {"a": [record(1.0, 4, "stop"), record(0.0, 8, "length")],
                "b": [record(2.0, 2, "stop", "other"), record(0.0, 2, "stop")]}
-    prompts = [ev.EvalPrompt([{"role": "user", "content": "x"}], "f", 0, "s1"),
-               ev.EvalPrompt([{"role": "user", "content": "y"}], "f", 1, "s2")]
-    out = ev.compare(records, prompts, "a", samples=2)
+    prompts = [eval_prompts.EvalPrompt([{"role": "user", "content": "x"}], "f", 0, "s1"),
+               eval_prompts.EvalPrompt([{"role": "user", "content": "y"}], "f", 1, "s2")]
+    out = comparison.compare(records, prompts, "a", samples=2)
     assert out["policies"]["b"]["all"] == {"prompts": 2, "win_rate": 0.75, "mean_score": 1.0, "mean_tokens": 2.0,
                                            "eos_rate": 1.0, "same_as_baseline": 0.5}
     # side by side only where the answers differ: b's first; the baseline itself has none
     assert [s["row"] for s in out["samples"]["b"]] == [0] and out["samples"]["a"] == []
-    assert ev.spread([3, 5, 8, 9, 12], 3) == [3, 8, 12] and ev.spread([4], 3) == [4] and ev.spread([], 2) == []
+    assert comparison.spread([3, 5, 8, 9, 12], 3) == [3, 8, 12] and comparison.spread([4], 3) == [4] and comparison.spread([], 2) == []
     assert out["policies"]["a"]["all"]["win_rate"] == 0.5 and out["policies"]["a"]["all"]["eos_rate"] == 0.5
     assert out["policies"]["b"]["f/s1"]["win_rate"] == 1.0 and out["policies"]["b"]["f/s2"]["win_rate"] == 0.5
     assert list(out["policies"]["b"]) == ["all", "f", "f/s1", "f/s2"]
-    assert ev.shown_groups(out["policies"]["b"], ["f"]) == ["f", "f/s1", "f/s2"]  # 'all' is the one file
+    assert comparison.shown_groups(out["policies"]["b"], ["f"]) == ["f", "f/s1", "f/s2"]  # 'all' is the one file
 
 
 def test_policy_specs_resolve_or_fail_in_one_line(tmp_path):
@@ -97,7 +99,7 @@ def test_prompt_files_messages_strings_and_preference_pairs(tmp_path):
     prefs = write_jsonl(tmp_path / "prefs.tulu25.jsonl", [
         {"chosen": [turn("user", "which?"), turn("assistant", "good")],
          "rejected": [turn("user", "which?"), turn("assistant", "bad")], "source": "uf"}])
-    prompts, files = ev.load_eval_prompts([str(chat), str(prefs)], limit=3)
+    prompts, files = eval_prompts.load_eval_prompts([str(chat), str(prefs)], limit=3)
     assert [(p.group, p.messages) for p in prompts] == [
         ("chat/a", [turn("user", "hi")]), ("chat/b", [turn("user", "plain")]), ("chat", [turn("user", "q")]),
         ("prefs/uf", [turn("user", "which?")])]
@@ -108,11 +110,11 @@ def test_prompt_files_messages_strings_and_preference_pairs(tmp_path):
 def test_labels_of_a_verifiable_task_are_kept_and_rows_without_one_skipped(tmp_path):
     user = lambda text: [{"role": "user", "content": text}]  # noqa: E731
     rows = write_jsonl(tmp_path / "arith.jsonl", [{"messages": user("2+2?"), "answer": 4}, {"messages": user("3+3?")}])
-    prompts, files = ev.load_eval_prompts([str(rows)], limit=None, label_field="answer")
+    prompts, files = eval_prompts.load_eval_prompts([str(rows)], limit=None, label_field="answer")
     assert [(p.messages[0]["content"], p.label) for p in prompts] == [("2+2?", "4")]
     assert files["arith"].skipped == {"no_label": 1}
     with pytest.raises(ValueError, match="--label-field solution is not a column"):
-        ev.load_eval_prompts([str(rows)], limit=None, label_field="solution")
+        eval_prompts.load_eval_prompts([str(rows)], limit=None, label_field="solution")
 
 
 def test_bad_inputs_exit_2_and_write_nothing(tmp_path, capsys):
@@ -141,16 +143,16 @@ def test_bad_inputs_exit_2_and_write_nothing(tmp_path, capsys):
 
 
 def test_report_files_from_synthetic_results(tmp_path):
-    prompts = [ev.EvalPrompt([{"role": "user", "content": f"q{i} | with a pipe"}], "f", i, None) for i in range(3)]
+    prompts = [eval_prompts.EvalPrompt([{"role": "user", "content": f"q{i} | with a pipe"}], "f", i, None) for i in range(3)]
     records = {name: [{"policy": name, "index": i, "score": s, "tokens": 3, "finish_reason": "stop",
                        "response": f"{name} says\nline {i}"} for i, s in enumerate(scores)]
                for name, scores in (("base", [0.1, 0.2, 0.3]), ("new", [0.2, 0.2, 0.1]))}
-    compared = ev.compare(records, prompts, "base", samples=2)
+    compared = comparison.compare(records, prompts, "base", samples=2)
     report = {"baseline": "base", "judge": {"kind": "function", "function": "m:f"},
               "settings": {"temperature": 0.0, "max_new_tokens": 8, "seed": 0},
               "prompt_files": {"f": {"path": "f.jsonl", "rows": 3, "used": 3, "skipped": {}}},
               "policies": {n: {"groups": g} for n, g in compared["policies"].items()}, "samples": compared["samples"]}
-    written = ev.write(tmp_path / "out", report, [r for rows in records.values() for r in rows])
+    written = comparison.write(tmp_path / "out", report, [r for rows in records.values() for r in rows])
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in written)
     text = (tmp_path / "out" / "evaluation.md").read_text()
     assert "| f | new | 3 | 0.500 | 0.1667 | 3.0 | 1.00 | 0.00 |" in text and "## new vs base: samples" in text
@@ -198,7 +200,7 @@ def test_two_tiny_policies_judged_by_a_function(ray_session, tiny_cache, tmp_pat
     assert [r["response"] for r in by_policy["base"]] != [r["response"] for r in by_policy["scaled"]]
     for name, mine in by_policy.items():  # the JSON's numbers are what the responses imply
         stats = report["policies"][name]["groups"]["all"]
-        assert stats["win_rate"] == ev.win_rate([r["score"] for r in mine], [r["score"] for r in by_policy["base"]])
+        assert stats["win_rate"] == comparison.win_rate([r["score"] for r in mine], [r["score"] for r in by_policy["base"]])
         assert stats["mean_score"] == pytest.approx(sum(r["score"] for r in mine) / 6)
         assert stats["mean_tokens"] == sum(r["tokens"] for r in mine) / 6
         assert stats["eos_rate"] == sum(r["finish_reason"] == "stop" for r in mine) / 6
