@@ -13,7 +13,7 @@ Generated tokens per second for the same prompt token ids at each (batch, new to
   B prompts is the first B of the file (repeated when B exceeds it).
 - vLLM: ``LLM(...)`` with the generation role's arguments and CPU environment (actors/generation.py: in-process
   V1 engine, 1 GiB KV cache, fp32, eager, processed logprobs, max_model_len = max_prompt_tokens + the largest
-  new-token count), one ``SamplingParams`` per prompt with its own seed (``rlhf_ray.drivers.ppo.sampling_seeds``),
+  new-token count), one ``SamplingParams`` per prompt with its own seed (``rlhf_ray.drivers.rollout.sampling_seeds``),
   ``logprobs=0``, temperature 1, top_p 1, ``ignore_eos=True, max_tokens=N``; the prefix cache is reset before
   every run (as after each weight load in PPO), so no run reuses an earlier run's prefill.
 - HF: ``AutoModelForCausalLM`` in fp32 on the CPU, all prompts of the batch in one left-padded ``generate``
@@ -166,7 +166,7 @@ def setup_vllm(path, tokenizer, cfg, max_model_len, args, result):
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from rlhf_ray.drivers.ppo import sampling_seeds
+    from rlhf_ray.drivers.rollout import sampling_seeds
 
     start = time.perf_counter()
     llm = LLM(model=path, seed=cfg.seed, max_model_len=max_model_len, **VLLM_ROLE_ARGS)

@@ -6,7 +6,7 @@ import torch
 
 from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.config import PPOConfig
-from rlhf_ray.drivers.ppo import with_advantages
+from rlhf_ray.drivers.rollout import with_advantages
 
 PAD = 0
 

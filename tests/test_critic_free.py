@@ -10,7 +10,8 @@ import torch
 
 from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.config import MAX_SAMPLES_PER_PROMPT, PPOConfig
-from rlhf_ray.drivers.ppo import PPOTrainer, group_ids, refill_prompts, sampling_seeds, with_advantages
+from rlhf_ray.drivers.ppo import PPOTrainer
+from rlhf_ray.drivers.rollout import group_ids, refill_prompts, sampling_seeds, with_advantages
 from rlhf_ray.algorithms.ppo_math import aggregate_loss, importance_weights, overlong_penalty, policy_loss, shape_rewards
 
 MASK = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.float32)
