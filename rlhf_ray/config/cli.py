@@ -17,7 +17,8 @@ key=value: the value is YAML. A dotted key changes one entry and keeps the rest 
 replaces the whole mapping (models.reward.function_kwargs={} drops the file's arguments, \
 models.reward.function_kwargs.max_words=40 changes one).
 
---reference: every key of every run kind with its type, default and description, as Markdown (docs/config-reference.md)."""
+--reference: every key of every run kind with its type, default and description, as Markdown \
+(docs/config-reference.md)."""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,31 +59,37 @@ def type_name(annotation) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
-def _default(field) -> str:
-    if field.default is PydanticUndefined and field.default_factory is None:
+def _default(value) -> str:
+    if value is PydanticUndefined:
         return "**required**"
-    value = field.get_default(call_default_factory=True)
-    if isinstance(value, BaseModel):
-        return "(section)"
     if isinstance(value, tuple):
         value = list(value)
     return f"`{json.dumps(value, ensure_ascii=False)}`"
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    return " ".join(text.split()).replace("|", "\\|")
 
 
-def reference_rows(model: type[BaseModel], prefix: str = "") -> list[str]:
+def reference_rows(model: type[BaseModel], prefix: str = "", defaults: BaseModel | None = None) -> list[str]:
+    """Table rows for every key of ``model``. ``defaults``: the section as its run kind creates it when the YAML
+    leaves it out (a learner run's deepspeed starts at ZeRO 0, SFT's optimizer at lr 2e-5), whose values are the
+    defaults shown; without it (a required section) each field's own default."""
     rows = []
     for name, field in model.model_fields.items():
         key, section = f"{prefix}{name}", _section_of(field.annotation)
+        if defaults is not None:
+            value = getattr(defaults, name)
+        elif field.is_required():
+            value = PydanticUndefined
+        else:
+            value = field.get_default(call_default_factory=True)
         if section is None or section is not field.annotation:  # a leaf, or a section that may be null (lora)
-            description = field.description or section and section.__doc__ or ""
-            rows.append(f"| `{key}` | {type_name(field.annotation)} | {_default(field)} | "
-                        f"{_cell(' '.join(description.split()))} |")
+            description = field.description or (section.__doc__ if section else "") or ""
+            shown = None if isinstance(value, BaseModel) else value  # an optional section: absent unless given
+            rows.append(f"| `{key}` | {type_name(field.annotation)} | {_default(shown)} | {_cell(description)} |")
         if section is not None:
-            rows += reference_rows(section, f"{key}.")
+            rows += reference_rows(section, f"{key}.", value if isinstance(value, BaseModel) else None)
     return rows
 
 
