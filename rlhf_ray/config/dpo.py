@@ -7,8 +7,8 @@ from pydantic import Field, model_validator
 
 from rlhf_ray.config import rules
 from rlhf_ray.config.errors import require
-from rlhf_ray.config.learner_run import LearnerRunConfig, ModelDtype, PreferenceSourcesConfig
-from rlhf_ray.config.sections import (LearnerResourcesConfig, LearnerTimeouts, LoRAConfig, OptimizerConfig,
+from rlhf_ray.config.learner_run import LearnerRunConfig, PreferenceSourcesConfig
+from rlhf_ray.config.sections import (LearnerResourcesConfig, LearnerTimeouts, LoRAConfig, ModelDtype, OptimizerConfig,
                                       RoleResources, StrictSection)
 
 

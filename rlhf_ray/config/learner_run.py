@@ -2,14 +2,12 @@
 preference sources RM training and DPO share."""
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Optional
 
 from pydantic import Field
 
 from rlhf_ray.config.sections import (CheckpointSection, DeepSpeedConfig, LearnerResourcesConfig, LearnerTimeouts,
-                                      RaySection, RecoverySection, RunConfig, RunLogging, StrictSection)
-
-ModelDtype = Literal["float32", "bfloat16", "float16"]
+                                      ModelDtype, RaySection, RecoverySection, RunConfig, RunLogging, StrictSection)
 
 
 class LearnerRunConfig(RunConfig):
@@ -18,7 +16,7 @@ class LearnerRunConfig(RunConfig):
     model: str = Field(description="The model the run trains.")
     dtype: ModelDtype = Field("float32", description="dtype of the saved model.")
     cache_dir: Optional[str] = Field(None, description="Where 'tiny:*'/'real:*' models are built.")
-    # one learner rank is the common case here, and ZeRO 1-2 only add copies there (see deepspeed.zero_stage)
+    # ZeRO 0 unless set: on one learner rank ZeRO 1-2 partition nothing and only add an fp32 copy (deepspeed.zero_stage)
     deepspeed: DeepSpeedConfig = Field(default_factory=lambda: DeepSpeedConfig(zero_stage=0))
     resources: LearnerResourcesConfig = Field(default_factory=LearnerResourcesConfig)
     timeouts: LearnerTimeouts = Field(default_factory=LearnerTimeouts)

@@ -7,7 +7,7 @@ from pydantic import Field, model_validator
 from rlhf_ray.config import rules
 from rlhf_ray.config.ppo_sections import (DataConfig, GenerationConfig, LoggingConfig, ModelsConfig, PPOConfig,
                                           ResourcesConfig, TimeoutsConfig, WeightsConfig)
-from rlhf_ray.config.sections import (CheckpointSection, DeepSpeedSection, OptimizerConfig, RaySection,
+from rlhf_ray.config.sections import (CheckpointSection, DeepSpeedConfig, OptimizerConfig, RaySection,
                                       RecoverySection, RunConfig)
 
 
@@ -18,7 +18,7 @@ class ExperimentConfig(RunConfig):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    deepspeed: DeepSpeedSection
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     weights: WeightsConfig = Field(default_factory=WeightsConfig)
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)

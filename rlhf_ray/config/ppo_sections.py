@@ -9,8 +9,8 @@ from pydantic import Field, field_validator, model_validator
 from rlhf_ray.config import rules
 from rlhf_ray.config.errors import require
 from rlhf_ray.config.reward import RewardConfig
-from rlhf_ray.config.sections import (LearnerResourcesConfig, LearnerTimeouts, LoRAConfig, RoleResources, RunLogging,
-                                      StrictSection)
+from rlhf_ray.config.sections import (LearnerResourcesConfig, LearnerTimeouts, LoRAConfig, ModelDtype, RoleResources,
+                                      RunLogging, StrictSection)
 
 
 class ModelsConfig(StrictSection):
@@ -24,7 +24,7 @@ class ModelsConfig(StrictSection):
     value_init: Literal["policy", "reward"] = Field(
         "reward", description="Initialise the value model from the policy or from the RM (Tulu 2.5: the RM). "
                               "'reward' needs reward.kind='model' with a tokenizer equal to the policy's.")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+    dtype: ModelDtype = Field(
         "float32", description="Weights dtype of the frozen roles (reference, reward) and of generation.")
     cache_dir: Optional[str] = Field(
         None, description="Where 'tiny:*' models are built; default ~/.cache/rlhf_ray.")

@@ -6,8 +6,8 @@ from typing import Literal, Optional
 from pydantic import Field, model_validator
 
 from rlhf_ray.config import rules
-from rlhf_ray.config.learner_run import LearnerRunConfig, ModelDtype, PreferenceSourcesConfig
-from rlhf_ray.config.sections import OptimizerConfig, StrictSection
+from rlhf_ray.config.learner_run import LearnerRunConfig, PreferenceSourcesConfig
+from rlhf_ray.config.sections import ModelDtype, OptimizerConfig, StrictSection
 
 
 class PreferenceDataConfig(PreferenceSourcesConfig):

@@ -2,7 +2,7 @@
 apply from their own validator; keys are full dotted paths (the run's top level is their root).
 
 Imports of the registries (estimators, transports) are deferred: they pull in torch, which reading a config must not
-need for a default value. None of them imports the config back, nor actors or the cluster.
+need for a default value. They import neither actors nor the cluster.
 """
 from __future__ import annotations
 

@@ -12,6 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from rlhf_ray.config.errors import require
 
 
+ModelDtype = Literal["float32", "bfloat16", "float16"]
+
+
 class StrictSection(BaseModel):
     """A config section: unknown keys are errors, and assigning a value validates it as loading does."""
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -209,8 +212,8 @@ class RunConfig(StrictSection):
         return self
 
 
-# The sections every run kind has, declared once (type, default) and composed by each kind's top-level config.
-DeepSpeedSection = Annotated[DeepSpeedConfig, Field(default_factory=DeepSpeedConfig)]
+# The sections every run kind has with the same defaults, declared once and composed by each kind's top level
+# (deepspeed, resources, timeouts and logging differ between PPO and the learner-only runs).
 CheckpointSection = Annotated[CheckpointConfig, Field(default_factory=CheckpointConfig)]
 RecoverySection = Annotated[RecoveryConfig, Field(default_factory=RecoveryConfig)]
 RaySection = Annotated[RayConfig, Field(default_factory=RayConfig)]

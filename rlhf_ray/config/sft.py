@@ -6,8 +6,8 @@ from typing import Literal, Optional
 from pydantic import Field, model_validator
 
 from rlhf_ray.config import rules
-from rlhf_ray.config.learner_run import LearnerRunConfig, ModelDtype
-from rlhf_ray.config.sections import LoRAConfig, OptimizerConfig, StrictSection
+from rlhf_ray.config.learner_run import LearnerRunConfig
+from rlhf_ray.config.sections import LoRAConfig, ModelDtype, OptimizerConfig, StrictSection
 
 
 class ConversationDataConfig(StrictSection):
