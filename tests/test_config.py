@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pickle
 import re
 import subprocess
 import sys
@@ -204,6 +205,7 @@ def test_a_broken_rule_carries_its_key_relative_to_the_section_that_checks_it():
         PPOConfig(advantage="ppo2")
     rule = err.value.errors()[0]["ctx"]["error"]
     assert isinstance(rule, ConfigKeyError) and rule.key == "advantage" and rule.why.startswith("unknown estimator")
+    assert str(pickle.loads(pickle.dumps(rule))) == str(rule) == f"advantage: {rule.why}"
     with pytest.raises(ConfigError, match=r"^invalid config: ppo\.advantage: unknown estimator 'ppo2'"):
         load_config(TINY, ["ppo.advantage=ppo2"])  # the section's place in the tree comes from pydantic's loc
 

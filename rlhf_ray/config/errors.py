@@ -22,6 +22,9 @@ class ConfigKeyError(ConfigError):
         self.key = key
         self.why = why
 
+    def __reduce__(self):  # pickled with both arguments (Ray ships exceptions between processes)
+        return type(self), (self.key, self.why)
+
 
 def require(ok, key: str, why: str) -> None:
     """Raise ``ConfigKeyError(key, why)`` unless ``ok``."""
