@@ -228,3 +228,20 @@ def test_the_committed_config_reference_is_current():
     assert "| `weights.transport` | str | `\"auto\"` |" in made and "| `dpo.beta` | float | `0.1` |" in made
     committed = (ROOT / "docs" / "config-reference.md").read_text()
     assert committed == made, f"docs/config-reference.md is stale: run {REFERENCE_COMMAND}"
+
+
+def test_reading_and_validating_configs_imports_no_actor_cluster_or_driver():
+    """rlhf_ray.config sits below the rest: its deferred imports (estimators, transports, losses) must not reach the
+    actors, the cluster or the drivers, which import the config themselves."""
+    probe = ("import sys\n"
+             "from rlhf_ray.config import DPOConfig, RewardTrainingConfig, SFTConfig, load_config\n"
+             "load_config('configs/tiny_cpu.yaml', ['weights.transport=files', 'ppo.advantage=grpo', "
+             "'generation.n_samples_per_prompt=2'])\n"
+             "for name, schema in [('rm_tiny_cpu', RewardTrainingConfig), ('sft_tiny_cpu', SFTConfig), "
+             "('dpo_tiny_cpu', DPOConfig)]:\n"
+             "    load_config(f'configs/{name}.yaml', schema=schema)\n"
+             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('actors', 'ray', 'vllm', 'deepspeed') "
+             "or m.startswith(('rlhf_ray.cluster', 'rlhf_ray.drivers'))))\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
