@@ -68,7 +68,9 @@ def _default(value) -> str:
 
 
 def _cell(text: str) -> str:
-    return " ".join(text.split()).replace("|", "\\|")
+    """Plain text as Markdown that shows it as written: one line; a pipe, an asterisk ('tiny:*') or a '<' starting
+    what looks like a tag ('<output_dir>') escaped."""
+    return " ".join(text.split()).replace("|", "\\|").replace("*", "\\*").replace("<", "&lt;")
 
 
 def reference_rows(model: type[BaseModel], prefix: str = "", defaults: BaseModel | None = None) -> list[str]:
@@ -102,7 +104,7 @@ def reference_markdown() -> str:
     parts += [f"- [{title}](#{title.lower().replace(' ', '-')}) (`{command}`)" for _, title, command, _ in RUN_KINDS]
     for flag, title, command, schema in RUN_KINDS:
         parts.append(f"\n## {title}\n\n`{command}`; `python -m rlhf_ray.config {flag + ' ' if flag else ''}CONFIG.yaml "
-                     f"[key=value ...]` prints a config's resolved tree. {' '.join((schema.__doc__ or '').split())}\n")
+                     f"[key=value ...]` prints a config's resolved tree. {_cell(schema.__doc__ or '')}\n")
         parts.append("| key | type | default | description |\n|---|---|---|---|")
         parts += reference_rows(schema)
     return "\n".join(parts) + "\n"
