@@ -37,7 +37,8 @@ class ModelsConfig(StrictSection):
 
     @model_validator(mode="after")
     def _check_reward_model(self) -> "ModelsConfig":
-        # here rather than in RewardConfig: its defaults (kind='model', no model) are a valid empty section
+        # here rather than in RewardConfig: RewardConfig() is the section's default when the YAML has none, and it
+        # has kind='model' with no model until one is given
         require(self.reward.kind != "model" or self.reward.model, "reward.model",
                 "is required when models.reward.kind='model'")
         return self

@@ -47,7 +47,8 @@ def _section_of(annotation) -> type[BaseModel] | None:
 
 
 def type_name(annotation) -> str:
-    """A field's type as a reader of YAML sees it: `'a' | 'b'`, `int or null`, `list[str]`."""
+    """A field's type as a reader of YAML sees it: `"a" \\| "b"` (a table cell's pipe escaped), `int or null`,
+    `list[str]`."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is Literal:
         return " \\| ".join(json.dumps(a) if isinstance(a, str) else str(a) for a in args)
