@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pickle
 import re
 import subprocess
 import sys
@@ -69,6 +70,7 @@ def test_a_mapping_override_replaces_and_a_dotted_one_merges():
     (["weights.transport=collective", "ppo.async_steps=1"], "weights.transport", "cannot be combined with ppo.async"),
     (["weights.transport=collective", "resources.learner.num_gpus=1"], "weights.transport", "same kind of device"),
     (["weights.bucket_mb=0"], "weights.bucket_mb", "greater than 0"),
+    (["weights.transport=carrier_pigeon"], "weights.transport", "unknown transport 'carrier_pigeon'; set 'auto' or"),
     (["resources.generation.sharded=true"], "resources.generation.sharded", "only the frozen roles"),
     (["resources.reward.sharded=true", "models.reward.kind=function", "models.reward.function=m:f",
       "models.value_init=policy"], "resources.reward.sharded", "only a reward model"),
@@ -176,3 +178,70 @@ def test_a_critic_free_run_needs_no_value_model_source():
     cfg = load_config(TINY, ["models.reward.kind=function", "models.reward.function=m:f", "ppo.advantage=grpo",
                              "generation.n_samples_per_prompt=2"])
     assert not cfg.ppo.needs_critic and cfg.models.value_init == "reward"  # not refused: no critic is built
+
+
+@pytest.mark.parametrize("config, schema", [("tiny_cpu", "ExperimentConfig"), ("rm_tiny_cpu", "RewardTrainingConfig"),
+                                            ("sft_tiny_cpu", "SFTConfig"), ("dpo_tiny_cpu", "DPOConfig")])
+def test_a_rule_shared_by_the_run_kinds_says_the_same_everywhere(config, schema):
+    import rlhf_ray.config
+
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "configs" / f"{config}.yaml", ["resume=auto", "overwrite=true"],
+                    getattr(rlhf_ray.config, schema))
+    assert str(err.value) == ("invalid config: overwrite: cannot be combined with resume: resume continues the run in "
+                              "output_dir, overwrite replaces it")
+    with pytest.raises(ConfigError, match=r"\.micro_batch_size: 3 does not divide the per-rank batch \d+ \(= "):
+        batch = {"ExperimentConfig": "ppo", "DPOConfig": "dpo"}.get(schema, "training")
+        load_config(ROOT / "configs" / f"{config}.yaml", [f"{batch}.micro_batch_size=3"],
+                    getattr(rlhf_ray.config, schema))
+
+
+def test_a_broken_rule_carries_its_key_relative_to_the_section_that_checks_it():
+    from pydantic import ValidationError
+
+    from rlhf_ray.config import ConfigKeyError, PPOConfig
+
+    with pytest.raises(ValidationError) as err:
+        PPOConfig(advantage="ppo2")
+    rule = err.value.errors()[0]["ctx"]["error"]
+    assert isinstance(rule, ConfigKeyError) and rule.key == "advantage" and rule.why.startswith("unknown estimator")
+    assert str(pickle.loads(pickle.dumps(rule))) == str(rule) == f"advantage: {rule.why}"
+    with pytest.raises(ConfigError, match=r"^invalid config: ppo\.advantage: unknown estimator 'ppo2'"):
+        load_config(TINY, ["ppo.advantage=ppo2"])  # the section's place in the tree comes from pydantic's loc
+
+
+def test_every_registered_weight_transport_is_accepted():
+    from rlhf_ray.config import check_transport_name
+    from rlhf_ray.weights import TRANSPORTS
+
+    assert [check_transport_name(name) for name in ["auto", *TRANSPORTS]] == ["auto", *TRANSPORTS]
+    assert load_config(TINY, ["weights.transport=files"]).weight_transport() == ("files", "weights.transport")
+    assert load_config(TINY).weight_transport()[0] == "object_store"
+
+
+def test_the_committed_config_reference_is_current():
+    """docs/config-reference.md is generated: a changed key, type, default or description must be regenerated."""
+    from rlhf_ray.config.reference import REFERENCE_COMMAND
+
+    made = subprocess.run([sys.executable, "-m", "rlhf_ray.config", "--reference"], capture_output=True, text=True,
+                          cwd=ROOT, check=True).stdout
+    assert "| `weights.transport` | str | `\"auto\"` |" in made and "| `dpo.beta` | float | `0.1` |" in made
+    committed = (ROOT / "docs" / "config-reference.md").read_text()
+    assert committed == made, f"docs/config-reference.md is stale: run {REFERENCE_COMMAND}"
+
+
+def test_reading_and_validating_configs_imports_no_actor_cluster_or_driver():
+    """rlhf_ray.config sits below the rest: its deferred imports (estimators, transports, losses) must not reach the
+    actors, the cluster or the drivers, which import the config themselves."""
+    probe = ("import sys\n"
+             "from rlhf_ray.config import DPOConfig, RewardTrainingConfig, SFTConfig, load_config\n"
+             "load_config('configs/tiny_cpu.yaml', ['weights.transport=files', 'ppo.advantage=grpo', "
+             "'generation.n_samples_per_prompt=2'])\n"
+             "for name, schema in [('rm_tiny_cpu', RewardTrainingConfig), ('sft_tiny_cpu', SFTConfig), "
+             "('dpo_tiny_cpu', DPOConfig)]:\n"
+             "    load_config(f'configs/{name}.yaml', schema=schema)\n"
+             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('actors', 'ray', 'vllm', 'deepspeed') "
+             "or m.startswith(('rlhf_ray.cluster', 'rlhf_ray.drivers'))))\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

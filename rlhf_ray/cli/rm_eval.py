@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_ray.config import RewardConfig
+from rlhf_ray.config import RewardConfig, build_config
 from rlhf_ray.data.sources import dataset_names, load_preferences, render_tulu
 from rlhf_ray.drivers.reward_model import accuracy_table
 
@@ -28,12 +28,14 @@ def reward_config(spec: str, template: str, max_length: int, batch_size: int) ->
     """An RM spec from the command line -> the reward config PPO would use for it."""
     common = {"template": template, "max_length": max_length, "batch_size": batch_size}
     if spec.startswith(("http://", "https://")):
-        return RewardConfig(kind="http", url=spec, **common)
-    if spec.startswith("serve:"):
-        return RewardConfig(kind="serve", app=spec[len("serve:"):], **common)
-    if spec.startswith("function:"):
-        return RewardConfig(kind="function", function=spec[len("function:"):], **common)
-    return RewardConfig(kind="model", model=spec, **common)
+        tree = {"kind": "http", "url": spec}
+    elif spec.startswith("serve:"):
+        tree = {"kind": "serve", "app": spec[len("serve:"):]}
+    elif spec.startswith("function:"):
+        tree = {"kind": "function", "function": spec[len("function:"):]}
+    else:
+        tree = {"kind": "model", "model": spec}
+    return build_config({**tree, **common}, RewardConfig)  # a bad spec: ConfigError, one line naming the key
 
 
 def score_pairs(backend, pairs) -> torch.Tensor:

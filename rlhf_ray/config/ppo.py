@@ -1,0 +1,122 @@
+"""PPO (python -m rlhf_ray.train): ExperimentConfig composes the shared sections with PPO's own, and the decisions
+derived from them ('auto' weight transport, where old log-probs come from, off-policy correction)."""
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from rlhf_ray.config import rules
+from rlhf_ray.config.ppo_sections import (DataConfig, GenerationConfig, LoggingConfig, ModelsConfig, PPOConfig,
+                                          ResourcesConfig, TimeoutsConfig, WeightsConfig)
+from rlhf_ray.config.sections import (CheckpointSection, DeepSpeedConfig, OptimizerConfig, RaySection,
+                                      RecoverySection, RunConfig)
+
+
+class ExperimentConfig(RunConfig):
+    """The whole PPO experiment. Top-level keys: see each section's class."""
+    models: ModelsConfig
+    data: DataConfig
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    weights: WeightsConfig = Field(default_factory=WeightsConfig)
+    timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    checkpoint: CheckpointSection
+    recovery: RecoverySection
+    ray: RaySection
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> "ExperimentConfig":
+        ppo = self.ppo
+        rules.check_batch_split("ppo.mini_batch_size", ppo.mini_batch_size, "ppo.micro_batch_size",
+                                ppo.micro_batch_size, self.resources.learner.num_actors)
+        rules.check_rollout_split(self)
+        rules.check_sampling(self)
+        rules.check_reward_use(self)
+        rules.check_weights_transport(self)
+        rules.check_overlap_resources(self)
+        if self.models.lora is not None:
+            rules.check_lora(self.deepspeed, "models.lora", reference_key="models.reference",
+                             reference=self.models.reference, policy=self.models.policy)
+        return self
+
+    @property
+    def in_process_engines(self) -> bool:
+        """vLLM runs inside each generation actor's own process (CPU, tensor_parallel_size 1): the actor can take
+        tensors from a transport directly."""
+        gen = self.resources.generation
+        return gen.num_gpus == 0 and gen.tensor_parallel_size == 1
+
+    def weight_transport(self) -> tuple[str, str]:
+        """(transport, why) with 'auto' decided by benchmarks/weight_sync.py: on one node the object store (one copy
+        into shared memory, read in place) beat the gloo broadcast (a socket copy each way plus packing); engines
+        whose workers are other processes cannot read the object store, and a broadcast (NCCL on GPUs) is the peers'
+        fast path there."""
+        if self.weights.transport != "auto":
+            return self.weights.transport, "weights.transport"
+        if self.in_process_engines:
+            return "object_store", "in-process engines: the object store, read in place"
+        if self.ppo.async_steps:
+            return "files", "engines in other processes, overlapped (a replaced engine reloads the published weights)"
+        if not self.same_devices_for_weights:
+            return "files", "learner and engines on different kinds of device (one group cannot mix gloo and NCCL)"
+        return "collective", "engines in other processes (GPUs or tensor_parallel_size > 1)"
+
+    @property
+    def same_devices_for_weights(self) -> bool:
+        """The learner and the engines both on GPUs or both on CPUs: a broadcast group is NCCL or gloo, not both."""
+        return (self.resources.learner.num_gpus > 0) == (self.resources.generation.num_gpus > 0)
+
+    @property
+    def num_steps(self) -> int:
+        return self.ppo.total_episodes // self.ppo.rollout_batch_size
+
+    @property
+    def rollout_sequences(self) -> int:
+        return self.ppo.rollout_batch_size * self.generation.n_samples_per_prompt
+
+    @property
+    def optimizer_steps(self) -> int:
+        return self.num_steps * self.ppo.epochs * (self.rollout_sequences // self.ppo.mini_batch_size)
+
+    def reference_forward(self) -> tuple[str, int, float, dict]:
+        """The reference role's forward passes: (dtype, sequences per micro-batch, the temperature of its logprobs,
+        ForwardOptions' fields)."""
+        return self.models.dtype, self.ppo.micro_batch_size, self.generation.temperature, self.deepspeed.forward_options()
+
+    def old_logprobs_source(self) -> tuple[str, str]:
+        """('sampler' | 'learner', why): the sampler's logprobs serve as the ratio's old logprobs only where they are
+        the learner's own up to rounding — the engine holds exactly the learner's weights (weight sync is exact and
+        nothing overlaps), samples from the full softmax at the same temperature, and both compute in fp32."""
+        if self.ppo.old_logprobs != "auto":
+            return self.ppo.old_logprobs, "ppo.old_logprobs"
+        reasons = self._sampler_differs()
+        if reasons:
+            return "learner", "; ".join(reasons)
+        return "sampler", "synced fp32 weights, untruncated sampling"
+
+    def is_correction(self) -> tuple[str, str]:
+        """('none' | 'tis' | 'mis', why): ppo.is_correction, 'auto' resolved — 'tis' where the sampler's log-probs can
+        differ from the learner's, 'none' where they are equal up to rounding (the weights would all be 1)."""
+        if self.ppo.is_correction != "auto":
+            return self.ppo.is_correction, "ppo.is_correction"
+        reasons = self._sampler_differs()
+        if not reasons:
+            return "none", "the sampler's log-probs are the learner's: synced fp32 weights, untruncated sampling"
+        if self.old_logprobs_source()[0] == "sampler":
+            return "none", ("ppo.old_logprobs=sampler makes the learner's old log-probs the sampler's, so there is "
+                            "nothing to weigh, though " + "; ".join(reasons))
+        return "tis", "; ".join(reasons)
+
+    def _sampler_differs(self) -> list[str]:
+        """Why the engine's log-probs of a sample may differ from the learner's before the update (none: they do not)."""
+        ppo, gen = self.ppo, self.generation
+        return [why for broken, why in (
+            (ppo.async_steps > 0, "the engines sample one update behind (ppo.async_steps=1)"),
+            (gen.top_p < 1.0, "sampling is truncated (generation.top_p<1)"),
+            (self.models.dtype != "float32" or self.deepspeed.precision != "fp32",
+             "engine or learner is not fp32 (models.dtype, deepspeed.precision)")) if broken]
+
+

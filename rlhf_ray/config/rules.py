@@ -1,0 +1,124 @@
+"""Rules that read more than one section, each written once, grouped by concern. The run kinds call the ones that
+apply from their own validator; keys are full dotted paths (the run's top level is their root).
+
+Imports of the registries (estimators, transports) are deferred: they pull in torch, which reading a config must not
+need for a default value. They import neither actors nor the cluster.
+"""
+from __future__ import annotations
+
+from rlhf_ray.config.errors import require
+
+
+# ------------------------------------------------------------------------------------------ batch split
+
+def check_batch_split(batch_key: str, batch_size: int, micro_key: str, micro_batch_size: int, learners: int) -> None:
+    """A global batch is split evenly over the learner ranks, and each rank's share into whole micro-batches."""
+    per_rank, rest = divmod(batch_size, learners)
+    require(rest == 0, batch_key, f"{batch_size} is not divisible by resources.learner.num_actors={learners}")
+    require(per_rank % micro_batch_size == 0, micro_key,
+            f"{micro_batch_size} does not divide the per-rank batch {per_rank} (= {batch_key} / "
+            "resources.learner.num_actors)")
+
+
+def check_rollout_split(cfg) -> None:
+    """PPO: a rollout splits evenly into mini-batches and over the actors of each rollout role."""
+    ppo, resources = cfg.ppo, cfg.resources
+    require(cfg.rollout_sequences % ppo.mini_batch_size == 0, "ppo.mini_batch_size",
+            f"{ppo.mini_batch_size} does not divide the rollout of {cfg.rollout_sequences} sequences "
+            "(= ppo.rollout_batch_size × generation.n_samples_per_prompt)")
+    require(ppo.rollout_batch_size % resources.generation.num_actors == 0, "resources.generation.num_actors",
+            f"{resources.generation.num_actors} does not divide ppo.rollout_batch_size={ppo.rollout_batch_size}")
+    for role in ("reward", "reference"):
+        actors = getattr(resources, role).num_actors
+        require(cfg.rollout_sequences % actors == 0, f"resources.{role}.num_actors",
+                f"{actors} does not divide the rollout of {cfg.rollout_sequences} sequences")
+
+
+# ------------------------------------------------------------------------------------------------ lora
+
+def check_lora(deepspeed, lora_key: str, reference_key: str | None = None, reference: str | None = None,
+               policy: str | None = None) -> None:
+    """A LoRA learner (``lora_key`` set): no ZeRO-3; a run with a reference (at ``reference_key``) takes the base with
+    the adapters off for it, so ``reference`` is left unset (or names ``policy``)."""
+    if reference_key is not None:
+        require(reference in (None, policy), reference_key, f"with {lora_key} the reference is the policy's base "
+                                                            f"weights (its adapters off); leave {reference_key} unset")
+    require(deepspeed.zero_stage < 3, "deepspeed.zero_stage",
+            f"3 is not supported with {lora_key}: the frozen base would be partitioned and gathered for every "
+            "forward while only the adapters train; use 0–2 (ZeRO-1/2 partition the adapters' optimizer state)")
+
+
+# ------------------------------------------------------------------------------------- weight transport
+
+def check_transport_name(name: str) -> str:
+    """weights.transport: 'auto' or a transport registered in rlhf_ray.weights.TRANSPORTS (a new transport needs no
+    config change). The only place the config knows how transports are looked up."""
+    if name == "auto":
+        return name
+    from rlhf_ray.weights import TRANSPORTS
+
+    require(name in TRANSPORTS, "", f"unknown transport {name!r}; set 'auto' or one of {', '.join(sorted(TRANSPORTS))}")
+    return name
+
+
+def check_weights_transport(cfg) -> None:
+    """PPO: the chosen transport can reach these engines from this learner."""
+    transport = cfg.weights.transport
+    require(cfg.in_process_engines or transport != "object_store", "weights.transport",
+            "'object_store' needs in-process CPU engines (no GPUs, tensor_parallel_size 1): its buckets are read "
+            "in the actor's own process; with engines in other processes use 'collective', 'files' or 'auto'")
+    require(transport != "collective" or cfg.same_devices_for_weights, "weights.transport",
+            "'collective' needs the learner and the engines on the same kind of device (both with GPUs: NCCL, or "
+            "both without: gloo); use 'files' or 'auto'")
+    require(not (cfg.ppo.async_steps and transport == "collective"), "weights.transport",
+            "'collective' cannot be combined with ppo.async_steps=1: an engine replaced during the overlapped "
+            "rollout needs the weights the others hold, which the learner is already changing (the object store "
+            "keeps them); use 'object_store' or 'auto'")
+    require(cfg.models.lora is not None or transport != "adapter", "weights.transport",
+            "'adapter' sends LoRA adapters: it needs models.lora")
+
+
+# ------------------------------------------------------------------------------------------ reward (PPO)
+
+def check_reward_use(cfg) -> None:
+    """PPO: what the run asks of its reward beyond the reward section itself (scoring time, the critic's start,
+    sharding)."""
+    reward = cfg.models.reward
+    require(reward.kind != "http" or reward.outage_s + reward.timeout_s <= cfg.timeouts.score_s,
+            "models.reward.outage_s", f"{reward.outage_s:g} s of riding out an outage plus one request "
+            f"(models.reward.timeout_s={reward.timeout_s:g}) must fit in timeouts.score_s={cfg.timeouts.score_s:g}, "
+            "or the reward actor would be replaced as stuck meanwhile: raise timeouts.score_s or lower outage_s")
+    require(not cfg.ppo.needs_critic or cfg.models.value_init != "reward" or reward.kind == "model"
+            or cfg.models.value_model,
+            "models.value_init", "'reward' needs a reward model (models.reward.kind='model') or "
+            f"models.value_model; use 'policy' with a {reward.kind} reward")
+    require(not cfg.resources.reward.sharded or reward.kind == "model", "resources.reward.sharded",
+            f"only a reward model in the reward actors can be sharded, not models.reward.kind='{reward.kind}'")
+
+
+# ----------------------------------------------------------------------------------- sampling (PPO)
+
+def check_sampling(cfg) -> None:
+    """PPO: the samples the engines draw suit the estimator and the loss."""
+    from rlhf_ray.algorithms.advantages import ADVANTAGE_ESTIMATORS
+
+    ppo, generation = cfg.ppo, cfg.generation
+    require(generation.temperature > 0, "generation.temperature", "must be > 0: PPO needs sampled (on-policy) responses")
+    require(not ADVANTAGE_ESTIMATORS[ppo.advantage].grouped or generation.n_samples_per_prompt >= 2,
+            "generation.n_samples_per_prompt", f"ppo.advantage={ppo.advantage} compares the samples of one prompt: "
+            "it needs at least 2 per prompt (GRPO papers use 4–16)")
+    require(ppo.overlong_buffer is None or ppo.overlong_buffer < generation.max_new_tokens,
+            "ppo.overlong_buffer", f"{ppo.overlong_buffer} must be below generation.max_new_tokens="
+            f"{generation.max_new_tokens}")
+    require(ppo.is_correction in ("auto", "none") or cfg.old_logprobs_source()[0] == "learner",
+            "ppo.is_correction", f"'{ppo.is_correction}' weighs the learner's old log-probs against the sampler's, "
+            "but ppo.old_logprobs=sampler makes them the same: set ppo.old_logprobs=learner (or auto)")
+
+
+# ------------------------------------------------------------------------------------- resources (PPO)
+
+def check_overlap_resources(cfg) -> None:
+    """PPO: resources.rollout_cores splits a node between overlapped phases, so it needs the overlap."""
+    require(cfg.resources.rollout_cores is None or cfg.ppo.async_steps, "resources.rollout_cores",
+            "only applies when rollout and learning overlap (ppo.async_steps=1); without overlap each phase's "
+            "roles share all of a node's cores")
