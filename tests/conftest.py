@@ -159,9 +159,10 @@ def short_tmp(prefix: str):
 
 
 @contextmanager
-def ray_head(ray_tmp: str, num_cpus: int = 2):
+def ray_head(ray_tmp: str, num_cpus: int = 2, extra_env: dict | None = None):
     """``ray start --head`` on free ports (the test session's own Ray holds the default ones), as a user starts
-    one; -> (GCS address, dashboard URL, client env). --block ties the head's processes to this Popen:
+    one (``extra_env``: the head's and its jobs' environment beside ours); -> (GCS address, dashboard URL, client
+    env). --block ties the head's processes to this Popen:
     terminating it stops this cluster only (`ray stop` would also stop the test session's own Ray)."""
     import os
     import time
@@ -171,7 +172,7 @@ def ray_head(ray_tmp: str, num_cpus: int = 2):
     # a head started after any local ray.init() on this machine uses token auth (~/.ray/auth_token): every client
     # must then send the token
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
-           "RAY_USAGE_STATS_ENABLED": "0"}
+           "RAY_USAGE_STATS_ENABLED": "0", **(extra_env or {})}
     env.pop("RAY_ADDRESS", None)
     gcs, dashboard = free_port(), free_port()
     ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",

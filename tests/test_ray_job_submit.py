@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -67,3 +68,40 @@ def test_ray_job_submit_runs_a_two_step_job(tiny_cache, tmp_path):
         point = json.loads((sweep_out / "sweep.json").read_text())["points"][0]
         assert point["status"] == "ok" and point["samples_per_s"] > 0
         assert "joined the Ray cluster" in (sweep_out / "points" / "async-1" / "logs" / "driver.log").read_text()
+
+
+def job_imports(output: str) -> dict:
+    lines = [line for line in output.splitlines() if line.startswith("IMPORTS")]
+    assert lines, output[-4000:]
+    return json.loads(lines[-1][len("IMPORTS"):])
+
+
+def test_role_classes_import_as_rlhf_ray_actors_from_the_uploaded_directory_and_from_an_installed_wheel(tmp_path):
+    """``ray job submit --working-dir .`` runs the uploaded tree's code (its rlhf_ray finds the actors/ beside it);
+    a cluster with the package installed as a wheel runs a job from any directory (the wheel maps actors/ to
+    rlhf_ray/actors). Either way the driver, a task and an actor import the role classes as rlhf_ray.actors; from the
+    wheel nothing named ``actors`` is importable."""
+    wheels, target = tmp_path / "wheels", tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels),
+                    str(ROOT)], check=True, capture_output=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+                    *map(str, wheels.glob("*.whl"))], check=True, capture_output=True, timeout=300)
+    assert not (target / "actors").exists() and (target / "rlhf_ray" / "actors" / "learner.py").is_file()
+    elsewhere = tmp_path / "experiment"  # a user's own directory: no rlhf_ray in it
+    elsewhere.mkdir()
+    shutil.copy(ROOT / "tests" / "job_imports.py", elsewhere)
+    with short_tmp("rj") as ray_tmp, ray_head(ray_tmp, extra_env={"PYTHONPATH": str(target)}) as (_, address, env):
+        uploaded = subprocess.run([RAY, "job", "submit", "--address", address, "--working-dir", ".", "--",
+                                   "python", "tests/job_imports.py"],
+                                  cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        installed = subprocess.run([RAY, "job", "submit", "--address", address, "--working-dir", str(elsewhere), "--",
+                                    "python", "job_imports.py"],
+                                   cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
+    for job in (uploaded, installed):
+        assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-4000:] + job.stderr[-2000:]
+    from_upload, from_wheel = job_imports(uploaded.stdout), job_imports(installed.stdout)
+    for where in ("driver", "worker"):
+        assert "runtime_resources" in from_upload[where]["role"] and from_upload[where]["role"].endswith("/actors/role.py")
+        assert from_wheel[where]["role"] == str(target / "rlhf_ray" / "actors" / "role.py")
+        assert not from_wheel[where]["bare_actors"]  # (an uploaded tree has actors/ at its top, as the repo has)
+    assert from_upload["actor_memory_gb"] > 0 and from_wheel["actor_memory_gb"] > 0
