@@ -1,5 +1,5 @@
 """The Tulu suite end to end on a real small model (SmolLM2-135M-Instruct), each stage the real CLI on the previous
-stage's output, as the README shows it:
+stage's output, as docs/tulu-suite.md shows it:
 
     SFT (train_sft) → reward model from the SFT model (train_rm) → PPO from the SFT model against that RM (train)
                     → DPO from the SFT model (train_dpo) → evaluate base, SFT, DPO and PPO (evaluate)

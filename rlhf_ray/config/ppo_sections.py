@@ -96,7 +96,7 @@ class PPOConfig(StrictSection):
                             "first mini-batch: kl/sampler_vs_learner); 'auto' picks 'sampler' exactly then (logged).")
     async_steps: Literal[0, 1] = Field(
         0, description="1: the engines generate batch k+1 while the learner trains on batch k (one step off-policy; "
-                       "README: overlapped rollout and learning); 0: one phase after another.")
+                       "docs/throughput.md: overlapped rollout and learning); 0: one phase after another.")
     advantage: str = Field(
         "gae", description="Advantage estimator (rlhf_ray.algorithms.advantages, formulas there): 'gae' (a critic: PPO), or "
                            "critic-free — no value model is built and no values pass runs: 'grpo', 'dr_grpo', 'rloo', "

@@ -1,6 +1,6 @@
 """Rewards over HTTP: the versioned JSON schema, its client (``models.reward.kind: http``) and a reference server.
 
-Schema ``rlhf-ray/reward/v1`` — the one definition; the README quotes it.
+Schema ``rlhf-ray/reward/v1`` — the one definition; docs/reward-models.md quotes it.
 
 Request: ``POST <url>`` with ``Content-Type: application/json``::
 

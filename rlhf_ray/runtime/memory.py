@@ -8,7 +8,7 @@ import os
 # fault per 4 KiB on first touch, every step), and never trims the heap: the memory a phase freed is there, already
 # mapped, for the next phase. A threshold cannot do it: glibc caps M_MMAP_THRESHOLD at 32 MiB, below an embedding's
 # gradient (20M Llama: 50 MB, SmolLM2: 113 MB), so mmap is off (M_MMAP_MAX=0); glibc still mmaps what its heap
-# cannot hold (another thread's arena: 64 MiB at most). What it saves: README, "No work twice".
+# cannot hold (another thread's arena: 64 MiB at most). What it saves: docs/throughput.md, "No work twice".
 KEEP_FREED_MEMORY_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**62)}
 
 
