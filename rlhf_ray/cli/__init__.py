@@ -16,7 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {  # python -m NAME -> (implementation, w
     "rlhf_ray.plan": ("rlhf_ray.cli.plan", "plan a run's layout, memory and step time on a cluster (no run)"),
     "rlhf_ray.sweep": ("rlhf_ray.cli.sweep", "short PPO runs over a grid of settings: the rollout:learn split"),
     "rlhf_ray.report": ("rlhf_ray.run.report", "the report figure and summary line of one or more runs"),
-    "rlhf_ray.config": ("rlhf_ray.config", "print, check or document the config tree of each run kind"),
+    "rlhf_ray.config": ("rlhf_ray.config.cli", "print, check or document the config tree of each run kind"),
     "rlhf_ray.rewards.http": ("rlhf_ray.rewards.http", "a reference HTTP reward server (the http backend's schema)"),
     "rlhf_ray.tasks.arithmetic": ("rlhf_ray.tasks.arithmetic", "write the verifiable arithmetic task's data"),
     "rlhf_ray.models.tiny": ("rlhf_ray.models.tiny", "build the tiny offline models the default config uses"),

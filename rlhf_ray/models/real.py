@@ -114,10 +114,10 @@ def _keep_rope_theta_on_top(config_path: Path) -> None:
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache-dir", default=None, help="default: $RLHF_RAY_CACHE or ~/.cache/rlhf_ray")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for name in REAL_MODELS:
         print(f"real:{name}: {resolve_real(name, args.cache_dir)}")

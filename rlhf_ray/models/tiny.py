@@ -126,11 +126,11 @@ def build_model(kind: str, tokenizer, seed: int):
     return model
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache-dir", default=None, help="default: $RLHF_RAY_CACHE or ~/.cache/rlhf_ray")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     for kind in TINY_KINDS:
         print(f"{TINY_PREFIX}{kind}: {resolve_tiny(kind, args.cache_dir, args.seed)}")
 
