@@ -1,0 +1,68 @@
+"""A new weight transport is one module: ``tests/toy_transport.py`` is named by ``module:Class`` and runs PPO with no
+other file changed (the learner, the engines, the driver and the planner ask the class, not its name)."""
+from __future__ import annotations
+
+import pytest
+
+TOY = "tests.toy_transport:ToyTransport"
+
+
+def test_transport_names_are_registered_names_or_importable_transport_classes():
+    from rlhf_ray.weights import TRANSPORTS, check_transport_name, transport_class
+    from rlhf_ray.weights.transport import Transport
+    from tests.toy_transport import ToyTransport
+
+    assert transport_class(TOY) is ToyTransport and check_transport_name(TOY) == TOY
+    assert check_transport_name("auto") == "auto"
+    assert all(issubclass(transport_class(name), Transport) and transport_class(name).name == name
+               for name in TRANSPORTS)
+    for bad, said in (("smoke_signals", "use one of"), ("tests.no_such_module:Toy", "cannot import"),
+                      ("tests.toy_transport:os", "not a rlhf_ray.weights.Transport")):
+        with pytest.raises(ValueError, match=f"weights.transport=.*{said}"):
+            check_transport_name(bad)
+
+
+def test_capabilities_not_names_tell_the_transports_apart():
+    from rlhf_ray.weights import transport_class
+    from rlhf_ray.weights.sync import BroadcastSync, WeightSync
+
+    collective, adapter, files = (transport_class(n) for n in ("collective", "adapter", "files"))
+    assert collective.broadcast and collective.from_device and not collective.replayable
+    assert collective.driver(None, "collective").__class__ is BroadcastSync
+    assert files.driver(None, "files").__class__ is WeightSync and files.replayable and not files.broadcast
+    assert adapter.adapter and adapter.engine_options(12)["max_lora_rank"] == 16 and files.engine_options(12) == {}
+
+
+def with_transport(cfg, name: str):
+    """``cfg`` with weights.transport=``name``. Set past validation while the config still checks the name against
+    a Literal of the built-in names (the config's check against rlhf_ray.weights.check_transport_name replaces it)."""
+    return cfg.model_copy(update={"weights": cfg.weights.model_copy(update={"transport": name})})
+
+
+@pytest.mark.e2e
+def test_a_transport_named_by_module_and_class_runs_a_ppo_step(ray_session, tiny_cache, tmp_path):
+    from rlhf_ray.drivers.ppo import PPOTrainer
+    from rlhf_ray.planning import plan_experiment
+    from tests.conftest import tiny_config
+    from tests.test_e2e_ppo import FUNCTION_REWARD, SYNC_ATOL, assert_generators_match_learner, fixed_response
+
+    cfg = with_transport(tiny_config(tmp_path, tiny_cache, *FUNCTION_REWARD), TOY)
+    assert "via tests.toy_transport:ToyTransport" in plan_experiment(cfg).phases["weight_sync"].bound
+    trainer = PPOTrainer(cfg)
+    try:
+        roles = trainer.roles
+        assert roles.transport == TOY
+        syncs, sync = [], roles.sync_weights
+        roles.sync_weights = lambda *args, **kw: syncs.append(sync(*args, **kw)) or syncs[-1]
+        prompt, response = fixed_response(trainer)
+        before = assert_generators_match_learner(trainer, prompt, response)
+        metrics = trainer.step()
+        after = assert_generators_match_learner(trainer, prompt, response)  # the engines hold the learner's weights
+        assert max(abs(a - b) for a, b in zip(before, after)) > 1e-3, "the update barely moved the policy"
+        assert metrics["kl/sampler_vs_learner"] < SYNC_ATOL and metrics["time/weight_sync"] > 0
+        assert len(syncs) == 1, "the step synced the weights once, through the toy transport"
+        toy = syncs[0]["report"]["toy"]  # what the toy's load returned, from what its publish sent
+        assert toy["published"] == syncs[0]["report"]["received"] > 0 and toy["loads"] == 1
+        assert toy["publisher"] != toy["loader"], "published in the learner's process, loaded in the engine's"
+    finally:
+        trainer.shutdown()
