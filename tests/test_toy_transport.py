@@ -66,3 +66,87 @@ def test_a_transport_named_by_module_and_class_runs_a_ppo_step(ray_session, tiny
         assert toy["publisher"] != toy["loader"], "published in the learner's process, loaded in the engine's"
     finally:
         trainer.shutdown()
+
+
+# ------------------------------------------------------------------ the driver's side (rlhf_ray.weights.sync), no Ray
+
+class _Method:
+    def __init__(self, actor, name):
+        self.actor, self.name = actor, name
+
+    def remote(self, *args, **kwargs):
+        self.actor.calls.append((self.name, args, kwargs))
+        return getattr(self.actor, self.name)(*args, **kwargs)
+
+
+class _Actor:
+    """Stands for an actor handle: ``actor.method.remote(...)`` runs ``method`` at once and records the call."""
+
+    def __init__(self):
+        self.calls, self.published = [], 0
+
+    def __getattr__(self, name):
+        if name.endswith("_weights") or name.endswith("_weight_group") or name == "weight_layout":
+            return _Method(self, "_" + name)
+        raise AttributeError(name)
+
+    def _publish_weights(self, transport, bucket_mb):
+        self.published += 1
+        return f"update {self.published} by {transport}", 0.1
+
+    def _load_weights(self, payload, timeout_s, transport):
+        return {"received": 1, "loaded": 1, "reprocessed": [], "payload": payload}, 0.2
+
+    def _open_weight_group(self):
+        return "host", 1
+
+    def _join_weight_group(self, **kwargs):
+        return 0
+
+    def _weight_layout(self, bucket_mb, adapter):
+        return "layout"
+
+
+class _Roles:
+    def __init__(self, overlapped: bool):
+        from types import SimpleNamespace
+
+        self.cfg = SimpleNamespace(weights=SimpleNamespace(bucket_mb=1.0),
+                                   resources=SimpleNamespace(generation=SimpleNamespace(tensor_parallel_size=1)))
+        self.timeouts = SimpleNamespace(weight_sync_s=5.0)
+        self.learners, self.generators, self.overlapped = [_Actor()], [_Actor(), _Actor()], overlapped
+
+    def _wait(self, refs, role, doing, timeout):
+        return refs
+
+    def _recoverable(self, role, doing, timeout, submit):
+        return submit()
+
+
+def test_a_replacement_engine_gets_the_kept_update_when_overlapped_and_a_new_one_otherwise():
+    from rlhf_ray.weights import transport_class
+
+    for overlapped in (True, False):
+        roles = _Roles(overlapped)
+        sync = transport_class("files").driver(roles, "files")
+        assert sync.sync()["report"]["payload"] == "update 1 by files"
+        new = _Actor()
+        sync.bring_up_to_date([new])
+        loaded = [call for call in new.calls if call[0] == "_load_weights"]
+        assert len(loaded) == 1 and all(not g.calls[1:] for g in roles.generators)  # the others are left alone
+        # overlapped: the update the others hold, not a new one from a learner that may be mid-update
+        assert loaded[0][1][0] == ("update 1 by files" if overlapped else "update 2 by files")
+        assert roles.learners[0].published == (1 if overlapped else 2)
+
+
+def test_a_broadcast_forms_its_group_once_and_again_after_a_replacement():
+    from rlhf_ray.weights import transport_class
+
+    roles = _Roles(False)
+    sync = transport_class("collective").driver(roles, "collective")
+    opened = lambda: sum(call[0] == "_open_weight_group" for call in roles.learners[0].calls)  # noqa: E731
+    sync.sync(), sync.sync()
+    assert opened() == 1 and [c[1][0] for c in roles.generators[0].calls if c[0] == "_load_weights"] == ["layout"] * 2
+    sync.engines_replaced()
+    sync.bring_up_to_date([roles.generators[1]])  # every engine takes part in the broadcast, in a group formed anew
+    assert opened() == 2 and sum(c[0] == "_load_weights" for c in roles.generators[0].calls) == 3

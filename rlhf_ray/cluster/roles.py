@@ -56,9 +56,7 @@ class Roles(RoleCalls, ActorSites):
         self.cfg, self.timeouts, self.paths, self.learner_spec = cfg, cfg.timeouts, paths, learner
         self.role_names, self.overlapped, self.solo_phases = roles, overlapped, solo_phases
         self.closing = False  # set when the run ends: a call failing now is not worth replacing actors for
-        self.compute_plans: dict[tuple[str, int], ActorPlan] = {}
-        self.actor_nodes: dict[tuple[str, int], str] = {}  # where each actor runs (Ray node id), from its own report
-        self.node_names: dict[str, str] = {}                # node id -> "address (labels)", for messages
+        self.compute_plans, self.actor_nodes, self.node_names = {}, {}, {}  # (rlhf_ray.cluster.sites)
         self.placement = self._reserve()
         self.groups: dict[str, list] = {role: [] for role in roles}
         self.restarts = {role: 0 for role in roles}
