@@ -34,7 +34,8 @@ class GenerationActor(Role):
         from rlhf_ray.weights import make_transport
 
         self.cfg = GenerationConfig(**generation)
-        self.transports = {weight_transport: make_transport(weight_transport)}  # one of each kind: they keep state
+        transport = make_transport(weight_transport)
+        self.transports = {weight_transport: transport}  # one of each kind: they keep state
         self.default_transport = weight_transport
         self.tensor_parallel_size = tensor_parallel_size
         # TP workers as processes inside this actor (it owns its GPUs), not as Ray tasks on other bundles.
@@ -42,7 +43,7 @@ class GenerationActor(Role):
         self.llm = LLM(model=model_path, tensor_parallel_size=tensor_parallel_size, dtype=dtype, seed=seed,
                        max_model_len=max_model_len, enforce_eager=True, gpu_memory_utilization=0.85,
                        logprobs_mode="processed_logprobs",  # after temperature: the distribution PPO trains
-                       **backend, **lora_options(lora_rank, weight_transport))
+                       **backend, **transport.engine_options(lora_rank))
         tokenizer = self.llm.get_tokenizer()
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -50,8 +51,7 @@ class GenerationActor(Role):
     def adapter(self):
         """The vLLM LoRA adapter the engine samples with (weights.transport=adapter), None for the base weights (before
         the first update the adapters are zero: the base is the policy)."""
-        transport = self.transports.get("adapter")
-        return transport.request if transport is not None else None
+        return next((t.lora_request for t in self.transports.values() if t.lora_request is not None), None)
 
     def _sampling_params(self, **overrides):
         from vllm import SamplingParams
@@ -136,18 +136,12 @@ class GenerationActor(Role):
         return [lp[t].logprob for lp, t in zip(tail, response_ids)]
 
 
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
-
-
 def lora_options(rank: int | None, weight_transport: str) -> dict:
     """vLLM's LoRA settings for an engine that is sent a policy's LoRA adapters (weights.transport=adapter): one
-    adapter at a time, of up to ``rank`` rounded up to a rank vLLM allows."""
-    if weight_transport != "adapter":
-        return {}
-    if rank is None or rank > VLLM_LORA_RANKS[-1]:
-        raise ValueError(f"weights.transport=adapter needs a LoRA rank of at most {VLLM_LORA_RANKS[-1]} (vLLM's "
-                         f"largest); got {rank}")
-    return {"enable_lora": True, "max_loras": 1, "max_lora_rank": next(r for r in VLLM_LORA_RANKS if r >= rank)}
+    adapter at a time, of up to ``rank`` rounded up to a rank vLLM allows (the transport's ``engine_options``)."""
+    from rlhf_ray.weights import transport_class
+
+    return transport_class(weight_transport).engine_options(rank)
 
 
 def cpu_bind(cpus: list[int], workers: int) -> str:

@@ -18,7 +18,7 @@ from rlhf_ray.runtime.devices import device_for, require_cpu_bf16, set_threads
 
 from rlhf_ray.runtime.memory import release_free_memory
 from rlhf_ray.data.batch import RolloutBatch, token_budget_groups
-from rlhf_ray.models.modeling import DTYPES
+from rlhf_ray.runtime.devices import DTYPES
 from rlhf_ray.objectives import LearnerSpec, make_objective
 
 
@@ -341,20 +341,19 @@ class LearnerActor(Role):
 
         sender = make_transport(transport)
         buckets = self.weight_layout(bucket_mb, adapter=sender.adapter)
-        device = self.device if transport == "collective" else "cpu"  # a broadcast goes from where the weights are
+        device = self.device if sender.from_device else "cpu"
         tensors = (tensor for _, tensor in self._exported_params(device, adapter=sender.adapter))
         if self.rank != 0:
             for _ in tensors:  # the gathers are collectives: every rank walks the parameters
                 pass
             return None
         try:
-            if sender.adapter:
-                return sender.publish(buckets, tensors, config=lora.adapter_config(self._exported()))
-            return sender.publish(buckets, tensors, group=getattr(self, "_weight_group", None))
+            return sender.publish(buckets, tensors, group=getattr(self, "_weight_group", None),
+                                  config=lora.adapter_config(self._exported()) if sender.adapter else None)
         except BaseException:
             for _ in tensors:  # the other ranks are in the gathers of the parameters still to come: finish them
                 pass
-            if transport == "collective":
+            if sender.broadcast:
                 self.leave_weight_group()  # its peers' pending transfers fail at once; the driver forms a new group
             raise
 

@@ -164,7 +164,7 @@ def test_weight_files_of_dead_engines_are_removed_and_live_ones_kept(tmp_path):
     import subprocess
     import sys
 
-    from rlhf_ray.weights import FILES_PREFIX, remove_orphaned_weight_dirs
+    from rlhf_ray.weights.files import FILES_PREFIX, remove_orphaned_weight_dirs
 
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead, live = tmp_path / f"{FILES_PREFIX}{gone.stdout.strip()}_x1", tmp_path / f"{FILES_PREFIX}{os.getpid()}_x2"

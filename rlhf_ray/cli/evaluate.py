@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     import signal
 
     from rlhf_ray.cluster.connection import stop_ray
-    from rlhf_ray.cluster.signals import RunStopped
+    from rlhf_ray.runtime.signals import RunStopped
 
     args = parse_args(argv)
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}

@@ -8,7 +8,7 @@ import os
 import ray
 
 from rlhf_ray.cluster import reaper
-from rlhf_ray.cluster.signals import STOP_SIGNALS
+from rlhf_ray.runtime.signals import STOP_SIGNALS
 from rlhf_ray.config import ExperimentConfig
 
 log = logging.getLogger("rlhf_ray.cluster.roles")

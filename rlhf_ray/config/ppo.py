@@ -50,19 +50,10 @@ class ExperimentConfig(RunConfig):
         return gen.num_gpus == 0 and gen.tensor_parallel_size == 1
 
     def weight_transport(self) -> tuple[str, str]:
-        """(transport, why) with 'auto' decided by benchmarks/weight_sync.py: on one node the object store (one copy
-        into shared memory, read in place) beat the gloo broadcast (a socket copy each way plus packing); engines
-        whose workers are other processes cannot read the object store, and a broadcast (NCCL on GPUs) is the peers'
-        fast path there."""
-        if self.weights.transport != "auto":
-            return self.weights.transport, "weights.transport"
-        if self.in_process_engines:
-            return "object_store", "in-process engines: the object store, read in place"
-        if self.ppo.async_steps:
-            return "files", "engines in other processes, overlapped (a replaced engine reloads the published weights)"
-        if not self.same_devices_for_weights:
-            return "files", "learner and engines on different kinds of device (one group cannot mix gloo and NCCL)"
-        return "collective", "engines in other processes (GPUs or tensor_parallel_size > 1)"
+        """(transport, why): the transport this run syncs weights with ('auto' decided by rlhf_ray.weights)."""
+        from rlhf_ray.weights import choose_transport
+
+        return choose_transport(self)
 
     @property
     def same_devices_for_weights(self) -> bool:

@@ -219,7 +219,9 @@ class WeightsConfig(StrictSection):
                             "models.lora, the LoRA adapters alone through the object store, loaded as a vLLM LoRA adapter (its kernels "
                             "tripled SmolLM2's generation time on CPU, so 'auto' sends a LoRA policy merged). 'auto': "
                             "'object_store' for in-process engines (fastest on one node: benchmarks/results/weight_sync.md), "
-                            "'collective' for engines in other processes ('files' with ppo.async_steps=1); logged.")
+                            "'collective' for engines in other processes ('files' with ppo.async_steps=1); logged. Or a "
+                            "transport of one's own: 'package.module:Class', a rlhf_ray.weights.Transport subclass "
+                            "every role can import.")
     bucket_mb: float = Field(
         256.0, gt=0, description="Size of one weight bucket in MiB: the unit that is sent, and loaded while the next "
                                  "one is in flight (a tensor larger than this goes alone).")

@@ -6,7 +6,7 @@ need for a default value. They import neither actors nor the cluster.
 """
 from __future__ import annotations
 
-from rlhf_ray.config.errors import require
+from rlhf_ray.config.errors import ConfigKeyError, require
 
 
 # ------------------------------------------------------------------------------------------ batch split
@@ -51,31 +51,23 @@ def check_lora(deepspeed, lora_key: str, reference_key: str | None = None, refer
 # ------------------------------------------------------------------------------------- weight transport
 
 def check_transport_name(name: str) -> str:
-    """weights.transport: 'auto' or a transport registered in rlhf_ray.weights.TRANSPORTS (a new transport needs no
-    config change). The only place the config knows how transports are looked up."""
-    if name == "auto":
-        return name
-    from rlhf_ray.weights import TRANSPORTS
+    """weights.transport: 'auto', a transport registered in rlhf_ray.weights.TRANSPORTS, or a Transport class of one's
+    own as 'module:Class' (a new transport needs no config change). The registry answers; registered names are checked
+    without importing their module."""
+    from rlhf_ray.weights import check_transport_name as registry_check
 
-    require(name in TRANSPORTS, "", f"unknown transport {name!r}; set 'auto' or one of {', '.join(sorted(TRANSPORTS))}")
-    return name
+    try:
+        return registry_check(name)
+    except ValueError as err:
+        raise ConfigKeyError("", str(err).removeprefix(f"weights.transport={name!r}: ")) from None
 
 
 def check_weights_transport(cfg) -> None:
-    """PPO: the chosen transport can reach these engines from this learner."""
-    transport = cfg.weights.transport
-    require(cfg.in_process_engines or transport != "object_store", "weights.transport",
-            "'object_store' needs in-process CPU engines (no GPUs, tensor_parallel_size 1): its buckets are read "
-            "in the actor's own process; with engines in other processes use 'collective', 'files' or 'auto'")
-    require(transport != "collective" or cfg.same_devices_for_weights, "weights.transport",
-            "'collective' needs the learner and the engines on the same kind of device (both with GPUs: NCCL, or "
-            "both without: gloo); use 'files' or 'auto'")
-    require(not (cfg.ppo.async_steps and transport == "collective"), "weights.transport",
-            "'collective' cannot be combined with ppo.async_steps=1: an engine replaced during the overlapped "
-            "rollout needs the weights the others hold, which the learner is already changing (the object store "
-            "keeps them); use 'object_store' or 'auto'")
-    require(cfg.models.lora is not None or transport != "adapter", "weights.transport",
-            "'adapter' sends LoRA adapters: it needs models.lora")
+    """PPO: the chosen transport can reach these engines from this learner (each transport says what it refuses)."""
+    from rlhf_ray.weights import transport_problem
+
+    problem = transport_problem(cfg)
+    require(problem is None, "weights.transport", problem)
 
 
 # ------------------------------------------------------------------------------------------ reward (PPO)

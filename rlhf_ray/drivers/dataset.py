@@ -15,7 +15,7 @@ import logging
 import time
 from pathlib import Path
 
-from rlhf_ray.cluster.signals import STOP_SIGNALS
+from rlhf_ray.runtime.signals import STOP_SIGNALS
 from rlhf_ray.config import LoRAConfig
 from rlhf_ray.drivers.base import CheckpointedDriver
 from rlhf_ray.models.specs import resolve_model

@@ -14,7 +14,7 @@ while this step's values and update run, from the weights the engines hold (one 
     values k → advantages → learn k (θ_k → θ_k+1) →  wait → weight sync θ_k+1 → metrics
 
 Only this file knows the order of a step; the roles (rlhf_ray.cluster.roles) know how to split work over their
-actors and replace a lost generation, reward or reference actor; the math lives in rlhf_ray.ppo_math.
+actors and replace a lost generation, reward or reference actor; the math lives in rlhf_ray.algorithms.ppo_math.
 A lost learner rank takes the learner group back to the last checkpoint (rlhf_ray.drivers.base).
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 
 from rlhf_ray.cluster.connection import local_ray_down
 from rlhf_ray.cluster.roles import ROLE_ORDER, ModelPaths, Roles
-from rlhf_ray.cluster.signals import STOP_SIGNALS
+from rlhf_ray.runtime.signals import STOP_SIGNALS
 from rlhf_ray.config import ExperimentConfig
 from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.data.sources import PromptSampler, load_prompts
@@ -152,7 +152,7 @@ class PPOTrainer(CheckpointedDriver):
         """One PPO step, recorded (metrics.jsonl, samples.jsonl, TensorBoard); a lost learner: ``step`` (drivers.base).
 
         A stop signal during generation or scoring ends the step at once (nothing has changed yet); from the update
-        on, it waits until the step is recorded (rlhf_ray.cluster.signals).
+        on, it waits until the step is recorded (rlhf_ray.runtime.signals).
         """
         step, normalizer_state = self.step_count, self.normalizer.state_dict()
         try:

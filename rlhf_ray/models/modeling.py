@@ -7,9 +7,8 @@ from torch import nn
 from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.models.forward import ForwardOptions, response_hidden, response_token_stats, scatter_response
 from rlhf_ray.models.lora import causal_lm, is_adapted
+from rlhf_ray.runtime.devices import DTYPES  # noqa: F401  (the names models are loaded in)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @torch.no_grad()

@@ -165,23 +165,20 @@ def learner_memory(policy: Architecture, critic: Architecture | None, cfg, seq: 
 
 
 def published_bytes(policy: Architecture, cfg) -> float:
-    """What one weight update sends: the policy in the engines' dtype, or with weights.transport=adapter its LoRA
-    adapters alone."""
-    transport, _ = cfg.weight_transport()
-    params = policy.lora_params(cfg.models.lora.rank) if transport == "adapter" else policy.parameters("lm")
-    return params * DTYPE_BYTES[cfg.models.dtype]
+    """What one weight update sends: the parameters weights.transport carries (the policy, or with
+    weights.transport=adapter its LoRA adapters alone) in the engines' dtype."""
+    from rlhf_ray.weights import chosen_class
+
+    return chosen_class(cfg).payload_parameters(policy, cfg) * DTYPE_BYTES[cfg.models.dtype]
 
 
 def published_weights(policy: Architecture, cfg) -> list[MemoryItem]:
-    """What rank 0 holds while it publishes new weights: two buckets in flight on the collective path, a full
-    host copy (engine dtype) in the object store or in /dev/shm files."""
-    transport, _ = cfg.weight_transport()
-    full = published_bytes(policy, cfg)
-    if transport == "collective":
-        return [MemoryItem("weight-sync buckets (2 in flight, rank 0)", min(full, 2 * cfg.weights.bucket_mb * 2**20),
-                           "device", "2 · weights.bucket_mb", first_actor_only=True)]
-    return [MemoryItem(f"published weights ({transport}, rank 0)", full, "host", "N · engine dtype bytes",
-                       first_actor_only=True)]
+    """What rank 0 holds while it publishes new weights, as weights.transport says (two buckets in flight on the
+    collective path, a full host copy (engine dtype) in the object store or in /dev/shm files)."""
+    from rlhf_ray.weights import chosen_class
+
+    return [MemoryItem(what, size, where, formula, first_actor_only=True)  # rank 0 publishes
+            for what, size, where, formula in chosen_class(cfg).learner_memory(published_bytes(policy, cfg), cfg)]
 
 
 # ----------------------------------------------------------------------------------------- generation

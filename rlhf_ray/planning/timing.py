@@ -114,10 +114,23 @@ def _rate(flops: float) -> str:
     return f"{flops / 1e12:.1f} TFLOP/s" if flops >= 1e12 else f"{flops / 1e9:.0f} GFLOP/s"
 
 
-def _collective_seconds(num_bytes: float, hw: Hardware, crosses_nodes: bool) -> float:
+def collective_seconds(num_bytes: float, hw: Hardware, crosses_nodes: bool) -> float:
     if not hw.is_gpu:
         return num_bytes / GLOO_LOOPBACK_BYTES_PER_S
     return num_bytes / (hw.link_bandwidth(crosses_nodes) * COLLECTIVE_EFFICIENCY)
+
+
+@dataclass(frozen=True)
+class TransferRates:
+    """What a transport prices its transfer with (rlhf_ray.weights.Transport.transfer_seconds): the rates above and the
+    collective model, handed to it by the planner (the weights package stays below the planner that prices it)."""
+    object_store_bytes_per_s: float = OBJECT_STORE_BYTES_PER_S
+    ray_object_transfer_bytes_per_s: float = RAY_OBJECT_TRANSFER_BYTES_PER_S
+    file_bytes_per_s: float = FILE_BYTES_PER_S
+
+    @staticmethod
+    def collective_seconds(num_bytes: float, hw: Hardware, crosses_nodes: bool) -> float:
+        return collective_seconds(num_bytes, hw, crosses_nodes)
 
 
 def lengths(cfg) -> tuple[int, int]:
@@ -180,7 +193,7 @@ def frozen_forward_time(role: str, cfg, arch: Architecture, hw: Hardware, crosse
         weights = arch.parameters(head) * DTYPE_BYTES[cfg.models.dtype]
         forwards = math.ceil(seqs / batch)
         gather = forwards * weights * (res.num_actors - 1) / res.num_actors
-        seconds += _collective_seconds(gather, hw, crosses_nodes) * (1 - COMM_OVERLAP)
+        seconds += collective_seconds(gather, hw, crosses_nodes) * (1 - COMM_OVERLAP)
     return seconds + ROLE_CALL_OVERHEAD_S
 
 
@@ -204,7 +217,7 @@ def values_time(cfg, policy: Architecture, critic: Architecture | None, hw: Hard
     if cfg.deepspeed.zero_stage == 3 and world > 1:
         micro_batches = math.ceil(seqs / cfg.ppo.micro_batch_size)
         gathered = micro_batches * params * DTYPE_BYTES[cfg.deepspeed.precision] * (world - 1) / world
-        seconds += _collective_seconds(gathered, hw, placement.learner_crosses_nodes) * (1 - COMM_OVERLAP)
+        seconds += collective_seconds(gathered, hw, placement.learner_crosses_nodes) * (1 - COMM_OVERLAP)
     return seconds + ROLE_CALL_OVERHEAD_S
 
 
@@ -244,8 +257,8 @@ def learn_time(cfg, policy: Architecture, critic: Architecture | None, hw: Hardw
     width = DTYPE_BYTES[ds.precision]
     micro_steps = epochs * math.ceil(seqs_per_rank / cfg.ppo.micro_batch_size)
     optimizer_steps = epochs * (cfg.rollout_sequences // cfg.ppo.mini_batch_size)
-    comm = _collective_seconds(zero_traffic_bytes(ds, params * width, world, micro_steps, optimizer_steps), hw,
-                               placement.learner_crosses_nodes) * (1 - COMM_OVERLAP)
+    comm = collective_seconds(zero_traffic_bytes(ds, params * width, world, micro_steps, optimizer_steps), hw,
+                              placement.learner_crosses_nodes) * (1 - COMM_OVERLAP)
     optimizer = optimizer_seconds(ds, params, world, optimizer_steps, micro_steps, hw, placement)
     return PhaseTime("learn", compute + comm + optimizer + ROLE_CALL_OVERHEAD_S,
                      {"compute": compute, "zero_collectives": comm, "optimizer": optimizer},
@@ -292,29 +305,24 @@ def weight_sync_time(cfg, policy: Architecture, hw: Hardware, placement: Placeme
     broadcasts it over the fabric (pipelined: one transfer's time whatever the number of engines);
     'object_store' puts it once and the engines read it (pulled across nodes by Ray's object manager);
     'files' is the object store plus each engine writing and reading safetensors in /dev/shm. On GPUs the
-    non-collective paths also copy device → host and host → device."""
-    transport, _ = cfg.weight_transport()
+    non-collective paths also copy device → host and host → device. The transport's own part is its class's
+    (``Transport.transfer_seconds``)."""
+    from rlhf_ray.weights import choose_transport, transport_class
+
+    name, _ = choose_transport(cfg)
+    transport = transport_class(name)
     full = published_bytes(policy, cfg)
     world, ds = cfg.resources.learner.num_actors, cfg.deepspeed
     parts = {"gather": 0.0}
     if ds.zero_stage == 3 and world > 1:
-        parts["gather"] = _collective_seconds(policy.parameters("lm") * DTYPE_BYTES[ds.precision] * (world - 1) / world,
-                                              hw, placement.learner_crosses_nodes)
-    if transport == "collective":
-        parts["broadcast"] = _collective_seconds(full, hw, placement.engines_off_learner_node)
-    else:
-        parts["object_store"] = full / OBJECT_STORE_BYTES_PER_S
-        if placement.engines_off_learner_node:
-            parts["cross_node_pull"] = full / RAY_OBJECT_TRANSFER_BYTES_PER_S
-        if transport == "files":
-            parts["files_write_read"] = 2 * full / FILE_BYTES_PER_S
-        if hw.is_gpu:
-            parts["host_device_copies"] = 2 * full / hw.host_link_bandwidth
+        parts["gather"] = collective_seconds(policy.parameters("lm") * DTYPE_BYTES[ds.precision] * (world - 1) / world,
+                                             hw, placement.learner_crosses_nodes)
+    parts.update(transport.transfer_seconds(full, hw, placement, rates=TransferRates()))
     seconds = sum(parts.values()) + 2 * ROLE_CALL_OVERHEAD_S
-    bound = f"{full / 2**30:.2f} GiB via {transport}"
+    bound = f"{full / 2**30:.2f} GiB via {name}"
     alternatives = {}
-    if hw.is_gpu and transport != "collective":
-        alternatives["nccl_broadcast"] = (parts["gather"] + _collective_seconds(full, hw, placement.engines_off_learner_node)
+    if hw.is_gpu and not transport.broadcast:
+        alternatives["nccl_broadcast"] = (parts["gather"] + collective_seconds(full, hw, placement.engines_off_learner_node)
                                           + 2 * ROLE_CALL_OVERHEAD_S)
         bound += f" (an NCCL broadcast would take ~{alternatives['nccl_broadcast']:.1f} s)"
     return PhaseTime("weight_sync", seconds, parts, bound, alternatives)

@@ -18,7 +18,7 @@ def run(cfg, title: str, make_trainer) -> int:
     """Hold the output dir for the whole run (rlhf_ray.run.output_lock: a second run into it is refused in one line
     naming the holder), then claim it, start the trainer and step it to the end (``_run_holding``). The lock is
     released however the run ends. Shared by every driver (PPO, reward-model training)."""
-    from rlhf_ray.cluster.signals import STOP_SIGNALS, RunStopped
+    from rlhf_ray.runtime.signals import STOP_SIGNALS, RunStopped
     from rlhf_ray.run.output_lock import LOCK_NAME, OutputDirBusy, OutputDirLock, default_command
     from rlhf_ray.run.preflight import PreflightError, check_output_dir
 
@@ -56,7 +56,7 @@ def _run_holding(cfg, title: str, make_trainer, out, lock) -> int:
 
     from rlhf_ray.run.console import setup_console
     from rlhf_ray.run.preflight import PreflightError, claim_output_dir
-    from rlhf_ray.cluster.signals import RunStopped
+    from rlhf_ray.runtime.signals import RunStopped
 
     try:
         claim_output_dir(out, cfg.resume, cfg.overwrite)
@@ -155,7 +155,7 @@ def _save_on_error(trainer, err: Exception, out) -> str:
 
 def _stop_in(err: BaseException):
     """The RunStopped/KeyboardInterrupt in ``err``'s chain of causes, if any."""
-    from rlhf_ray.cluster.signals import RunStopped
+    from rlhf_ray.runtime.signals import RunStopped
 
     seen = set()
     while err is not None and id(err) not in seen:

@@ -9,6 +9,10 @@ import torch
 # sets its threads per phase, through the function as it was before any engine started
 set_num_threads_as_before_vllm = torch.set_num_threads
 
+# dtype names as configs and checkpoints spell them
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 def cpu_bf16() -> tuple[bool, str]:
     """(whether this CPU multiplies bf16 matrices natively, what it has): AMX or AVX512-BF16 on x86, BF16 on Arm.

@@ -12,7 +12,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from rlhf_ray.models.modeling import DTYPES
+from rlhf_ray.runtime.devices import DTYPES
 
 ALIGN = 64  # bytes: every tensor starts on a cache line, so views into a bucket are aligned for the kernels
 

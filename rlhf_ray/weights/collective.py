@@ -10,7 +10,7 @@ under ZeRO-3, gathers) bucket k+1; each engine posts the receive of bucket k+1 b
 vLLM, so the wire and the engine's copy overlap. A receive gets a fresh buffer: vLLM's layer-wise reload keeps
 the tensors of a layer until the whole layer has arrived, so a buffer is never written while it may be read.
 Every wait is bounded by ``timeouts.weight_sync_s``; an engine that dies mid-broadcast fails the others'
-transfers, and the driver replaces it and forms a new group (rlhf_ray.cluster.roles).
+transfers, and the driver replaces it and forms a new group (rlhf_ray.weights.sync.BroadcastSync).
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from typing import Iterable, Iterator
 import torch
 
 from rlhf_ray.weights.buckets import Bucket, pack_into, unpack
+from rlhf_ray.weights.transport import Transport
 
 STORE_PREFIX = "rlhf_ray/weights"
 ABORT_KEY = "aborted"  # set in the group's store by a member that failed: the others stop waiting at once
@@ -199,3 +200,45 @@ def worker_receive(worker, buckets: list[Bucket]) -> dict:
         group.abort()  # rank 0 would otherwise wait for this worker until the timeout
         worker_leave(worker)  # and its pending transfers end now (NCCL's watchdog would kill the process later)
         raise
+
+
+class CollectiveTransport(Transport):
+    name = "collective"
+    broadcast = True
+    from_device = True  # a broadcast goes from where the weights are
+    replayable = False  # a replacement engine joins the next broadcast instead
+
+    def publish(self, buckets, tensors, group=None, config=None):
+        if group is None:
+            raise RuntimeError("weights.transport=collective: learner rank 0 has not joined the weight group")
+        send(group, buckets, tensors)
+        return None
+
+    def load(self, llm, payload, timeout_s):
+        return llm.collective_rpc(worker_receive, kwargs={"buckets": payload})[0]
+
+    @classmethod
+    def driver(cls, roles, name):
+        from rlhf_ray.weights.sync import BroadcastSync
+
+        return BroadcastSync(roles, cls, name)
+
+    @classmethod
+    def refuses(cls, cfg):
+        if not cfg.same_devices_for_weights:
+            return ("'collective' needs the learner and the engines on the same kind of device (both with GPUs: NCCL, "
+                    "or both without: gloo); use 'files' or 'auto'")
+        if cfg.ppo.async_steps:
+            return ("'collective' cannot be combined with ppo.async_steps=1: an engine replaced during the overlapped "
+                    "rollout needs the weights the others hold, which the learner is already changing (the object "
+                    "store keeps them); use 'object_store' or 'auto'")
+        return None
+
+    @classmethod
+    def learner_memory(cls, full, cfg):
+        return [("weight-sync buckets (2 in flight, rank 0)", min(full, 2 * cfg.weights.bucket_mb * 2**20), "device",
+                 "2 · weights.bucket_mb")]
+
+    @classmethod
+    def transfer_seconds(cls, full, hw, placement, rates):
+        return {"broadcast": rates.collective_seconds(full, hw, placement.engines_off_learner_node)}

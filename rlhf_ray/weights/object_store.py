@@ -15,7 +15,8 @@ from typing import Iterator
 import torch
 
 from rlhf_ray.weights.buckets import Bucket
-from rlhf_ray.models.modeling import DTYPES
+from rlhf_ray.weights.transport import Transport
+from rlhf_ray.runtime.devices import DTYPES
 
 
 def put_bucket(bucket: Bucket, tensors: list[torch.Tensor]):
@@ -42,3 +43,30 @@ def tensors_of(bucket: Bucket, arrays: list) -> Iterator[tuple[str, torch.Tensor
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         for slot, array in zip(bucket.slots, arrays, strict=True):
             yield slot.name, torch.from_numpy(array).view(DTYPES[slot.dtype]).view(slot.shape)
+
+
+def put_buckets(buckets: list[Bucket], tensors) -> list:
+    """Every bucket into the object store, taking ``tensors`` in the buckets' order; returns their refs."""
+    stream = iter(tensors)
+    return [put_bucket(bucket, [next(stream) for _ in bucket.slots]) for bucket in buckets]
+
+
+class ObjectStoreTransport(Transport):
+    name = "object_store"
+
+    def publish(self, buckets, tensors, group=None, config=None):
+        return put_buckets(buckets, tensors)
+
+    def load(self, llm, payload, timeout_s):
+        from rlhf_ray.weights.engine import load_into_engine
+
+        # an in-process engine: the generator of tensors goes to the worker as it is
+        return llm.collective_rpc(load_into_engine, kwargs={"weights": read_buckets(payload, timeout_s)})[0]
+
+    @classmethod
+    def refuses(cls, cfg):
+        if not cfg.in_process_engines:
+            return ("'object_store' needs in-process CPU engines (no GPUs, tensor_parallel_size 1): its buckets are "
+                    "read in the actor's own process; with engines in other processes use 'collective', 'files' or "
+                    "'auto'")
+        return None
