@@ -4,11 +4,10 @@ from __future__ import annotations
 import os
 
 from rlhf_ray.actors.role import Role, computes
-
-from rlhf_ray.runtime.devices import require_cpu_bf16
-from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.config import GenerationConfig
+from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.data.sources import Prompt
+from rlhf_ray.runtime.devices import require_cpu_bf16
 
 # vLLM on CPU (verified, shared DESIGN notes): 1 GiB KV cache instead of ~9; the in-process engine
 # starts in ~4 s instead of ~20 and accepts tensors (the weight iterator) in collective_rpc directly.

@@ -13,14 +13,10 @@ from collections import defaultdict
 import torch
 
 from rlhf_ray.actors.role import Role, computes, timed
-
-from rlhf_ray.runtime.devices import device_for, require_cpu_bf16, set_threads
-
-from rlhf_ray.runtime.memory import release_free_memory
 from rlhf_ray.data.batch import RolloutBatch, token_budget_groups
-from rlhf_ray.runtime.devices import DTYPES
 from rlhf_ray.objectives import LearnerSpec, make_objective
-
+from rlhf_ray.runtime.devices import DTYPES, device_for, require_cpu_bf16, set_threads
+from rlhf_ray.runtime.memory import release_free_memory
 
 ALIGN = 1024
 # DeepSpeed's own plain records inside its ZeRO optimizer states; allowed by weights_only loading

@@ -7,11 +7,10 @@ from __future__ import annotations
 import torch
 
 from rlhf_ray.actors.role import Role, computes, timed
-
-from rlhf_ray.runtime.devices import device_for, require_cpu_bf16
 from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.models.forward import ForwardOptions
 from rlhf_ray.models.modeling import batched_response_logprobs, load_causal_lm
+from rlhf_ray.runtime.devices import device_for, require_cpu_bf16
 
 
 class ReferenceActor(Role):

@@ -7,12 +7,11 @@ from __future__ import annotations
 import torch
 
 from rlhf_ray.actors.role import Role, computes, timed
-
-from rlhf_ray.runtime.devices import device_for, require_cpu_bf16
-from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.config import RewardConfig
+from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.rewards.backends import build_backend
 from rlhf_ray.rewards.base import RewardSample
+from rlhf_ray.runtime.devices import device_for, require_cpu_bf16
 
 
 class RewardActor(Role):

@@ -22,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's rlhf_ray (the planner), not another one the venv may point at
 from cli import run_cli  # noqa: E402 (benchmarks/ is on sys.path when a script runs)
+
 RESULTS = ROOT / "benchmarks" / "results"
 CONFIG = ROOT / "configs" / "grpo_smollm2_cpu.yaml"
 TEST = ROOT / "configs" / "data" / "arithmetic_test.jsonl"

@@ -160,8 +160,8 @@ def run_setting(name: str, args) -> dict:
     import torch
     from transformers import AutoConfig
 
-    from rlhf_ray.runtime.memory import process_memory
     from rlhf_ray.models.specs import resolve_model
+    from rlhf_ray.runtime.memory import process_memory
 
     setting = SETTINGS[name]
     model_path, reward_path = resolve_model(args.model), resolve_model(args.critic)
@@ -227,8 +227,8 @@ def main() -> None:
     if args.child:
         print("RESULT" + json.dumps(run_setting(args.child, args)), flush=True)
         return
-    from rlhf_ray.runtime.memory import KEEP_FREED_MEMORY_ENV
     from rlhf_ray.cluster.machine import describe, machine_info
+    from rlhf_ray.runtime.memory import KEEP_FREED_MEMORY_ENV
 
     peaks = {dtype: matmul_peak(args.threads, dtype) for dtype in ("fp32", "bf16")}
     print(f"matmul peak on {args.threads} threads: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s",

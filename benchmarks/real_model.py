@@ -83,9 +83,9 @@ def main() -> None:
                                     f"output_dir={run_dir}", "logging.progress_bar=false"])
     import ray
 
+    from rlhf_ray.drivers.ppo import PPOTrainer
     from rlhf_ray.run.console import setup_console
     from rlhf_ray.run.report import draw, summary
-    from rlhf_ray.drivers.ppo import PPOTrainer
 
     setup_console(cfg.logging.console, run_dir)
     started = time.perf_counter()

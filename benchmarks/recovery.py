@@ -49,10 +49,10 @@ def du(path: Path) -> int:
 
 
 def checkpoint_costs(config: str, overrides: list[str]) -> dict:
-    from rlhf_ray.run import checkpoint
-    from rlhf_ray.run.console import setup_console
     from rlhf_ray.cluster.connection import stop_ray
     from rlhf_ray.drivers.ppo import PPOTrainer
+    from rlhf_ray.run import checkpoint
+    from rlhf_ray.run.console import setup_console
 
     run_dir = Path(tempfile.mkdtemp(prefix="bench_ckpt_"))
     batch = load_config(config, overrides).ppo.rollout_batch_size

@@ -24,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from cli import run_cli  # noqa: E402 (benchmarks/ is on sys.path when a script runs)
+
 from rlhf_ray.config import RewardTrainingConfig, load_config  # noqa: E402
 
 

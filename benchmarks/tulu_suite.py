@@ -23,6 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 from cli import run_cli  # noqa: E402 (benchmarks/ is on sys.path when a script runs)
+
 RESULTS = ROOT / "benchmarks" / "results"
 STARTER = ROOT.parent / "shared" / "data" / "starter"
 HELD_OUT_PROMPTS = STARTER / "prefs_eval_alpacaeval.tulu25.jsonl"

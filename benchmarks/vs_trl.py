@@ -134,8 +134,8 @@ def build_smollm2_reward(seed: int, cache_dir=None) -> str:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from rlhf_ray.models.specs import resolve_model
     from rlhf_ray.models.real import save_model_dir
+    from rlhf_ray.models.specs import resolve_model
 
     source = resolve_model("real:smollm2-135m", cache_dir, seed)
     tokenizer = AutoTokenizer.from_pretrained(source)

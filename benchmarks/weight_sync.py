@@ -229,9 +229,9 @@ def main() -> None:
 
     import ray
 
+    from rlhf_ray.actors.generation import CPU_ENV
     from rlhf_ray.cluster.machine import describe, machine_info
     from rlhf_ray.models.specs import resolve_model
-    from rlhf_ray.actors.generation import CPU_ENV
 
     os.environ.update(CPU_ENV)
     models = args.models.split(",")

@@ -66,8 +66,8 @@ def resolve_policy(spec: str, cache_dir: str | None, seed: int) -> str:
 def model_location(spec: str, cache_dir: str | None, seed: int) -> str:
     """tiny:/real:/scaled: specs built; a model directory as it is; a checkpoint's policy/; a run's final_model/;
     a hub name checked against the local cache or the Hub (rlhf_ray.run.preflight)."""
-    from rlhf_ray.run.checkpoint import step_name
     from rlhf_ray.models.specs import BUILDERS, resolve_model
+    from rlhf_ray.run.checkpoint import step_name
     from rlhf_ray.run.preflight import check_model_path, looks_like_local_path
 
     if spec.partition(":")[0] in BUILDERS:

@@ -53,8 +53,8 @@ def evaluate(rms: dict[str, str], data: list[str], template: str = "tulu", max_l
              batch_size: int = 8, cache_dir: str | None = None, split: str = "train") -> dict:
     """{rm name: {data name: accuracy table (rlhf_ray.drivers.reward_model.accuracy_table) + seconds}}."""
     from rlhf_ray.models.specs import resolve_model
-    from rlhf_ray.run.preflight import check_model_path
     from rlhf_ray.rewards.backends import build_backend
+    from rlhf_ray.run.preflight import check_model_path
 
     sets = {name: load_preferences(source, split).pairs for name, source in zip(dataset_names(data), data)}
     empty = [name for name, pairs in sets.items() if not pairs]

@@ -8,8 +8,8 @@ import os
 import ray
 
 from rlhf_ray.cluster import reaper
-from rlhf_ray.runtime.signals import STOP_SIGNALS
 from rlhf_ray.config import ExperimentConfig
+from rlhf_ray.runtime.signals import STOP_SIGNALS
 
 log = logging.getLogger("rlhf_ray.cluster.roles")
 

@@ -23,12 +23,12 @@ from rlhf_ray.actors.reference import ReferenceActor
 from rlhf_ray.actors.reward import RewardActor
 from rlhf_ray.cluster.calls import RoleCalls
 from rlhf_ray.cluster.connection import local_ray_down, own_local_ray
-from rlhf_ray.runtime.signals import STOP_SIGNALS
 from rlhf_ray.cluster.sites import ActorSites
-from rlhf_ray.runtime.waiting import NOTICE_S, WAIT_SLICE_S, ActorLost, NoRoomError, RoleError, wait  # noqa: F401
 from rlhf_ray.config import ExperimentConfig, RoleResources
 from rlhf_ray.objectives import LearnerSpec
 from rlhf_ray.runtime.memory import KEEP_FREED_MEMORY_ENV
+from rlhf_ray.runtime.signals import STOP_SIGNALS
+from rlhf_ray.runtime.waiting import NOTICE_S, WAIT_SLICE_S, ActorLost, NoRoomError, RoleError, wait  # noqa: F401
 from rlhf_ray.weights import choose_transport, transport_class
 
 log = logging.getLogger(__name__)

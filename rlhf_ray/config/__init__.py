@@ -19,6 +19,7 @@ starts, with a one-line message naming the key. Nothing is silently rewritten.
     learner_run   the top level of RM training, SFT and DPO; rm, sft, dpo: each kind
     loading       YAML, overrides, validation; reference: --help and docs/config-reference.md; cli: __main__
 """
+from rlhf_ray.config.cli import main  # noqa: E402  (last: it imports the run kinds above)
 from rlhf_ray.config.dpo import (DPOConfig, DPOTrainingConfig, LearnerAndReferenceResources, PreferencePairsConfig,
                                  ReferenceTimeouts)
 from rlhf_ray.config.errors import ConfigError, ConfigKeyError
@@ -35,7 +36,6 @@ from rlhf_ray.config.sections import (ActorResources, CheckpointConfig, DeepSpee
                                       LearnerTimeouts, LoRAConfig, OptimizerConfig, RayConfig, RecoveryConfig,
                                       RoleResources, RunConfig, RunLogging)
 from rlhf_ray.config.sft import ConversationDataConfig, SFTConfig, SFTTrainingConfig
-from rlhf_ray.config.cli import main  # noqa: E402  (last: it imports the run kinds above)
 
 __all__ = [
     "ActorResources", "CheckpointConfig", "ConfigError", "ConfigKeyError", "ConversationDataConfig", "DEFAULT_CONFIG",

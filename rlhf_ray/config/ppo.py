@@ -7,8 +7,8 @@ from pydantic import Field, model_validator
 from rlhf_ray.config import rules
 from rlhf_ray.config.ppo_sections import (DataConfig, GenerationConfig, LoggingConfig, ModelsConfig, PPOConfig,
                                           ResourcesConfig, TimeoutsConfig, WeightsConfig)
-from rlhf_ray.config.sections import (CheckpointSection, DeepSpeedConfig, OptimizerConfig, RaySection,
-                                      RecoverySection, RunConfig)
+from rlhf_ray.config.sections import (CheckpointSection, DeepSpeedConfig, OptimizerConfig, RaySection, RecoverySection,
+                                      RunConfig)
 
 
 class ExperimentConfig(RunConfig):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from rlhf_ray.config.errors import ConfigKeyError, require
 
-
 # ------------------------------------------------------------------------------------------ batch split
 
 def check_batch_split(batch_key: str, batch_size: int, micro_key: str, micro_batch_size: int, learners: int) -> None:

@@ -11,7 +11,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rlhf_ray.config.errors import require
 
-
 ModelDtype = Literal["float32", "bfloat16", "float16"]
 
 

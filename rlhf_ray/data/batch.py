@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 
+
 class Rows:
     """Row selection, equal shards and device moves for a dataclass batch: tensor fields are indexed on
     their first dimension, the list fields named in ``PER_ROW`` row by row, anything else is kept."""

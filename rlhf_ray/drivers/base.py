@@ -12,10 +12,10 @@ import logging
 import time
 from pathlib import Path
 
-from rlhf_ray.run import checkpoint
-from rlhf_ray.config import dump_config
 from rlhf_ray.cluster.connection import connect
 from rlhf_ray.cluster.roles import ActorLost
+from rlhf_ray.config import dump_config
+from rlhf_ray.run import checkpoint
 from rlhf_ray.run.disk_full import DiskFull, is_disk_full
 from rlhf_ray.run.metrics import MetricsLogger
 

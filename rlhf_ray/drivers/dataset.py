@@ -15,13 +15,13 @@ import logging
 import time
 from pathlib import Path
 
-from rlhf_ray.runtime.signals import STOP_SIGNALS
 from rlhf_ray.config import LoRAConfig
 from rlhf_ray.drivers.base import CheckpointedDriver
 from rlhf_ray.models.specs import resolve_model
 from rlhf_ray.objectives import LearnerSpec
 from rlhf_ray.run import preflight
 from rlhf_ray.run.report import peak_memory
+from rlhf_ray.runtime.signals import STOP_SIGNALS
 
 log = logging.getLogger(__name__)
 

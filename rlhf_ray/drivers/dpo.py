@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from rlhf_ray.run import preflight
-from rlhf_ray.data.batch import ResponsePairBatch
+from rlhf_ray.algorithms.preference_math import dpo_needs_reference, get_dpo_loss
 from rlhf_ray.cluster.roles import ModelPaths, Roles
+from rlhf_ray.data.batch import ResponsePairBatch
 from rlhf_ray.data.sources import PreferencePair, PromptSampler, preference_sets, render_messages
 from rlhf_ray.drivers.base import evaluate_rows
 from rlhf_ray.drivers.dataset import DatasetDriver
@@ -26,7 +26,7 @@ from rlhf_ray.drivers.reward_model import accuracy_table
 from rlhf_ray.models.modeling import check_same_tokenizer
 from rlhf_ray.models.specs import resolve_model
 from rlhf_ray.objectives.dpo import TIE, DPOOptions, loss_options
-from rlhf_ray.algorithms.preference_math import dpo_needs_reference, get_dpo_loss
+from rlhf_ray.run import preflight
 
 log = logging.getLogger(__name__)
 REFERENCE_FILE = "reference_logps.safetensors"

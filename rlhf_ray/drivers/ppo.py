@@ -30,7 +30,6 @@ import torch
 
 from rlhf_ray.cluster.connection import local_ray_down
 from rlhf_ray.cluster.roles import ROLE_ORDER, ModelPaths, Roles
-from rlhf_ray.runtime.signals import STOP_SIGNALS
 from rlhf_ray.config import ExperimentConfig
 from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.data.sources import PromptSampler, load_prompts
@@ -45,6 +44,7 @@ from rlhf_ray.rewards.normalize import ScoreNormalizer
 from rlhf_ray.rewards.outage import OutageWatch
 from rlhf_ray.run import preflight
 from rlhf_ray.runtime.memory import process_memory
+from rlhf_ray.runtime.signals import STOP_SIGNALS
 
 log = logging.getLogger(__name__)
 

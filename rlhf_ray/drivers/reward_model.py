@@ -13,14 +13,14 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhf_ray.algorithms.preference_math import pairwise_accuracy
+from rlhf_ray.cluster.roles import Roles
 from rlhf_ray.data.batch import PairBatch
 from rlhf_ray.data.sources import PreferencePair, PromptSampler, preference_sets
 from rlhf_ray.drivers.base import evaluate_rows
 from rlhf_ray.drivers.dataset import DatasetDriver
 from rlhf_ray.models.modeling import encode_conversations, load_reward_tokenizer
-from rlhf_ray.algorithms.preference_math import pairwise_accuracy
 from rlhf_ray.rewards.base import write_reward_stats
-from rlhf_ray.cluster.roles import Roles
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ import logging
 import math
 import random
 
-from rlhf_ray.data.batch import SequenceBatch
 from rlhf_ray.cluster.roles import Roles
+from rlhf_ray.data.batch import SequenceBatch
 from rlhf_ray.data.conversations import EncodedConversation, PackedRow, load_sft_conversations, pack
 from rlhf_ray.data.sources import PromptSampler, dataset_names
 from rlhf_ray.drivers.base import evaluate_rows

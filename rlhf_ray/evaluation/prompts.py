@@ -6,7 +6,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 PROMPT_COLUMNS = ("messages", "prompt", "chosen")
 
 

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.algorithms.ppo_math import entropy_from_logits
+from rlhf_ray.data.batch import RolloutBatch
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,6 @@ from rlhf_ray.models.lora import causal_lm, is_adapted
 from rlhf_ray.runtime.devices import DTYPES  # noqa: F401  (the names models are loaded in)
 
 
-
 @torch.no_grad()
 def batched_response_logprobs(model: nn.Module, batch: RolloutBatch, micro_batch_size: int,
                               temperature: float = 1.0, options: ForwardOptions = ForwardOptions()) -> torch.Tensor:

@@ -14,9 +14,8 @@ model. An objective says only:
 A new objective is a new module here (ppo.py, reward_model.py, …) with a registered class and, where it has options,
 its ``Options`` class (LearnerSpec.options); no learner changes. The interface and registry: ``base``.
 """
-from rlhf_ray.objectives.base import OBJECTIVES, LearnerSpec, NoOptions, Objective, make_objective, register
-
 # the registered objectives (imported for their @register)
 from rlhf_ray.objectives import dpo, ppo, reward_model, sft  # noqa: E402,F401
+from rlhf_ray.objectives.base import OBJECTIVES, LearnerSpec, NoOptions, Objective, make_objective, register
 
 __all__ = ["OBJECTIVES", "LearnerSpec", "NoOptions", "Objective", "make_objective", "register"]

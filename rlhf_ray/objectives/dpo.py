@@ -6,12 +6,12 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from rlhf_ray.algorithms.preference_math import dpo_loss, dpo_needs_reference
 from rlhf_ray.config import DPOTrainingConfig
 from rlhf_ray.data.batch import ResponsePairBatch
 from rlhf_ray.models.lora import add_adapters
 from rlhf_ray.models.modeling import PolicyAndValue, load_causal_lm
 from rlhf_ray.objectives.base import Objective, register
-from rlhf_ray.algorithms.preference_math import dpo_loss, dpo_needs_reference
 
 # implicit rewards this close count as a tie (half right): while the policy is the reference, its margins are
 # rounding noise (fp32 sums over a response: ~1e-6), not preferences

@@ -9,12 +9,12 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from rlhf_ray.algorithms.ppo_math import aggregate_loss, kl_penalty, policy_loss, value_loss
 from rlhf_ray.config import PPOConfig
 from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.models.lora import add_adapters
 from rlhf_ray.models.modeling import PolicyAndValue, load_causal_lm, load_value_model
 from rlhf_ray.objectives.base import Objective, register
-from rlhf_ray.algorithms.ppo_math import aggregate_loss, kl_penalty, policy_loss, value_loss
 
 
 class PPOOptions(BaseModel):

@@ -4,11 +4,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rlhf_ray.algorithms.preference_math import bradley_terry_loss
 from rlhf_ray.data.batch import PairBatch
 from rlhf_ray.models.forward import sequence_scores
 from rlhf_ray.models.modeling import load_reward_model
 from rlhf_ray.objectives.base import Objective, register
-from rlhf_ray.algorithms.preference_math import bradley_terry_loss
 
 
 class PairScorer(nn.Module):

@@ -9,9 +9,9 @@ table), memory (bytes per role and device), placement (actors onto GPUs and node
 phase), changes (key=value config changes), search (layouts), planner (the plan, problems and fixes),
 render (console lines).
 """
+from rlhf_ray.planning.changes import with_overrides
 from rlhf_ray.planning.hardware import GPU_NAMES, Hardware, get_hardware
 from rlhf_ray.planning.models import Architecture, PlannerError, resolve_architecture
-from rlhf_ray.planning.changes import with_overrides
 from rlhf_ray.planning.planner import Fix, Plan, Problem, plan_experiment, write_plan
 from rlhf_ray.planning.render import format_plan
 

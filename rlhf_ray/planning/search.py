@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 from rlhf_ray.planning.changes import with_overrides
 from rlhf_ray.planning.hardware import Hardware
-from rlhf_ray.planning.memory import GPU_RESERVED_BYTES, PROCESS_BASELINE_BYTES, frozen_memory, generation_memory, \
-    learner_memory
+from rlhf_ray.planning.memory import (GPU_RESERVED_BYTES, PROCESS_BASELINE_BYTES, frozen_memory, generation_memory,
+                                      learner_memory)
 from rlhf_ray.planning.timing import (Placement, frozen_forward_time, generate_time, learn_time, lengths, values_time,
                                       weight_sync_time)
 

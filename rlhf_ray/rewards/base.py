@@ -8,8 +8,8 @@ import json
 import math
 import numbers
 from dataclasses import asdict, dataclass
-from typing import Optional
 from pathlib import Path
+from typing import Optional
 
 import torch
 

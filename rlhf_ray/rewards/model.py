@@ -15,9 +15,9 @@ class ModelBackend(RewardBackend):
     def __init__(self, cfg: RewardConfig, *, model_path: str, dtype: str = "float32", num_gpus: float = 0.0,
                  sharded: bool = False):
         from rlhf_ray.models.forward import ForwardOptions
-        from rlhf_ray.runtime.devices import device_for
         from rlhf_ray.models.modeling import load_reward_model, load_reward_tokenizer
         from rlhf_ray.models.sharding import load_sharded
+        from rlhf_ray.runtime.devices import device_for
 
         super().__init__(cfg)
         self.path = model_path

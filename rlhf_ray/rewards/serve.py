@@ -18,9 +18,9 @@ class RewardModelServer:
 
     def __init__(self, *, app: str, model: str, model_path: str, template: str, max_length: int, max_batch_size: int,
                  batch_wait_s: float, dtype: str, num_cpus: float, num_gpus: float, url: str):
-        from rlhf_ray.runtime.devices import set_threads
         from rlhf_ray.config import RewardConfig
         from rlhf_ray.rewards.model import ModelBackend
+        from rlhf_ray.runtime.devices import set_threads
 
         set_threads(num_cpus)
         cfg = RewardConfig(kind="model", model=model, template=template, max_length=max_length,

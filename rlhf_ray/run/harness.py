@@ -18,9 +18,9 @@ def run(cfg, title: str, make_trainer) -> int:
     """Hold the output dir for the whole run (rlhf_ray.run.output_lock: a second run into it is refused in one line
     naming the holder), then claim it, start the trainer and step it to the end (``_run_holding``). The lock is
     released however the run ends. Shared by every driver (PPO, reward-model training)."""
-    from rlhf_ray.runtime.signals import STOP_SIGNALS, RunStopped
     from rlhf_ray.run.output_lock import LOCK_NAME, OutputDirBusy, OutputDirLock, default_command
     from rlhf_ray.run.preflight import PreflightError, check_output_dir
+    from rlhf_ray.runtime.signals import STOP_SIGNALS, RunStopped
 
     try:
         out = check_output_dir(cfg.output_dir)

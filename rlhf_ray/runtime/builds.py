@@ -6,7 +6,6 @@ import os
 import sys
 import time
 
-
 # A JIT build of a torch extension takes about a minute; its lock file, older than this, is a dead build's
 STALE_BUILD_LOCK_S = 600
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 
-
 # resources.keep_freed_memory: glibc serves every tensor from its heap, never from a fresh mmap (which costs a page
 # fault per 4 KiB on first touch, every step), and never trims the heap: the memory a phase freed is there, already
 # mapped, for the next phase. A threshold cannot do it: glibc caps M_MMAP_THRESHOLD at 32 MiB, below an embedding's

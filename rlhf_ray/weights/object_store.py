@@ -14,9 +14,9 @@ from typing import Iterator
 
 import torch
 
+from rlhf_ray.runtime.devices import DTYPES
 from rlhf_ray.weights.buckets import Bucket
 from rlhf_ray.weights.transport import Transport
-from rlhf_ray.runtime.devices import DTYPES
 
 
 def put_bucket(bucket: Bucket, tensors: list[torch.Tensor]):
