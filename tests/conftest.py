@@ -1,4 +1,10 @@
-"""Shared fixtures: tiny models built once per run into a temporary cache."""
+"""Shared fixtures: tiny models built once per run into a temporary cache; the fast tier's guard.
+
+Two tiers (tests/README.md): ``scripts/test.sh --fast`` runs the tests not marked ``e2e`` (``-m "not e2e"``, a few
+minutes); ``scripts/test.sh`` runs them all. In a test not marked ``e2e`` the guard (tests/fast_guard.py) makes
+``ray.init``, a ``vllm.LLM``, ``deepspeed.initialize``, a subprocess and a multiprocessing start fail loudly, so a
+heavy test cannot slip into the fast tier unmarked.
+"""
 from __future__ import annotations
 
 import json
@@ -9,8 +15,31 @@ from pathlib import Path
 
 import pytest
 
+from tests import fast_guard
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+fast_guard.install()
+
+
+def _guarded_phase(item):
+    fast_guard.activate(None if item.get_closest_marker("e2e") else item.nodeid)
+    try:
+        yield
+    finally:
+        fast_guard.activate(None)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    yield from _guarded_phase(item)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    yield from _guarded_phase(item)
 
 
 @pytest.fixture(scope="session")

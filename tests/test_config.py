@@ -111,6 +111,7 @@ def test_missing_section_and_bad_file(tmp_path):
         load_config(bad)
 
 
+@pytest.mark.e2e
 def test_cli_prints_resolved_tree_or_one_line_error():
     ok = subprocess.run([sys.executable, "-m", "rlhf_ray.config", str(TULU), "ppo.kl_coef=0.1"],
                         capture_output=True, text=True, cwd=ROOT)

@@ -112,6 +112,7 @@ torch.save({"before": before, "after": after}, out)
 """
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_zero_1_on_one_rank_updates_the_weights_as_zero_0_does(tiny_cache, tmp_path, precision):
     """At world size 1 the learner skips DeepSpeed's gradient all-reduce where it only averages (ZeRO-0, the

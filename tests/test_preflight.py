@@ -85,6 +85,7 @@ def test_reward_template_the_rm_tokenizer_cannot_render(tmp_path, tiny_cache):
         check_reward_template(RewardConfig(model=str(rm), template="tokenizer"), str(rm), MESSAGES)
 
 
+@pytest.mark.e2e
 def test_a_bad_reward_function_is_reported_before_ray_starts(tiny_cache, tmp_path):
     started = time.perf_counter()
     run = subprocess.run([sys.executable, "-m", "rlhf_ray.train", "models.reward.kind=function",

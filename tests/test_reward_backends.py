@@ -259,6 +259,7 @@ def test_reference_server_speaks_v1_only_and_answers_health():
             RewardClient(failing.url, retries=0).score([s.to_json() for s in samples(1)])
 
 
+@pytest.mark.e2e
 def test_reference_server_command_line():
     server = subprocess.Popen([sys.executable, "-m", "rlhf_ray.rewards.http", "--function",
                                "rlhf_ray.rewards:char_frequency", "--kwargs", '{"char": "x"}', "--port", "0"],
