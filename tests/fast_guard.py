@@ -4,11 +4,11 @@ While a fast-tier test sets up and runs, these fail at once with an error that s
 ``ray.init``, constructing a ``vllm.LLM`` (however it was imported: the class's ``__init__`` is wrapped),
 ``deepspeed.initialize``, a ``subprocess`` (``Popen``, so also ``run``/``check_output``/``call``) and a
 ``multiprocessing`` process start. The one exception: a subprocess that runs a system tool of CHEAP_TOOLS (libraries
-ask ``fc-list`` for fonts, ``uname`` and ``file`` for the processor, ``git`` for the commit); a Python, a shell or anything else
-is refused. The wrappers are installed once and only check a flag, so an e2e test pays
-nothing; ray, vllm and deepspeed are never imported by the guard itself: a module already imported is wrapped at
-once, one imported later is wrapped as its import finishes (a meta-path hook). Teardown is not guarded: a module's
-e2e fixture may be torn down after its last (fast) test.
+ask ``fc-list`` for fonts, ``uname`` and ``file`` for the processor, ``git`` for the commit); a Python, a shell or
+anything else is refused. The wrappers are installed once and only check a flag, so an e2e test pays nothing; ray,
+vllm and deepspeed are never imported by the guard itself: a module already imported is wrapped at once, one imported
+later is wrapped as its import finishes (a meta-path hook). Teardown is not guarded: a module's e2e fixture may be
+torn down after its last (fast) test.
 """
 from __future__ import annotations
 
