@@ -4,11 +4,13 @@ Nodes (1 logical CPU each unless said): ``solo`` (3 CPUs, pool=solo), ``gen-a`` 
 (pool=learn), ``score`` (pool=score). Two runs of the tiny default through ``python -m rlhf_ray.train`` as a user
 starts them (``ray.address`` = the cluster):
 
-- ``one_node``: every role labelled pool=solo (weights through the object store);
 - ``three_nodes``: generation on pool=gen, the learner on pool=learn, reward and reference on pool=score, weights
   broadcast across nodes (``weights.transport=collective``). After
   its step 2 the node that holds the engine is removed (the spare gen node takes over); a few steps later the
-  other gen node is removed too (no room is left: the run must stop, saying so).
+  other gen node is removed too (no room is left: the run must stop, saying so);
+- ``one_node``, after it: every role labelled pool=solo (weights through the object store), to its end after as many
+  steps as ``three_nodes`` recorded (the steps compared; it used to run all 40). Both runs keep a constant LR (no
+  warmup, no decay), so that a step's update does not depend on how many steps the run has in all.
 
 Prints ``RESULT{json}``: each run's exit code, console tail, metrics rows, placement.json before and after.
 Usage: python tests/cluster_run.py OUT_DIR TINY_CACHE
@@ -37,14 +39,16 @@ def placement(out: Path) -> dict:
     return json.loads(path.read_text())["actors"] if path.is_file() else {}
 
 
-def start(address: str, out: Path, cache: str, labels: dict[str, str], *extra: str) -> subprocess.Popen:
+def start(address: str, out: Path, cache: str, labels: dict[str, str], *extra: str,
+          steps: int = STEPS) -> subprocess.Popen:
     overrides = [f"resources.{role}.labels={{pool: {pool}}}" for role, pool in labels.items()]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     return subprocess.Popen(
         [sys.executable, "-m", "rlhf_ray.train", f"ray.address={address}", f"output_dir={out}",
          f"models.cache_dir={cache}", "logging.progress_bar=false", "logging.report=false",
-         f"ppo.total_episodes={16 * STEPS}", "checkpoint.every_steps=0", "timeouts.placement_s=10", *overrides, *extra],
+         f"ppo.total_episodes={16 * steps}", "checkpoint.every_steps=0", "timeouts.placement_s=10",
+         "optimizer.schedule=constant", "optimizer.warmup_ratio=0", *overrides, *extra],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -74,11 +78,6 @@ def main(out_root: str, cache: str) -> None:
     ids = {node.node_id: name for name, node in nodes.items()}
     result = {"nodes": ids}
     try:
-        out = root / "one_node"
-        run = start(cluster.address, out, cache, {r: "solo" for r in ("generation", "learner", "reward", "reference")})
-        wait_for(run, out, 1)
-        result["one_node"] = finish(run, out, placement(out))
-
         out = root / "three_nodes"
         run = start(cluster.address, out, cache, {"generation": "gen", "learner": "learn", "reward": "score",
                                                   "reference": "score"}, "weights.transport=collective")
@@ -96,6 +95,12 @@ def main(out_root: str, cache: str) -> None:
             before = placement(out)
         result["three_nodes"] = finish(run, out, before)
         result["removed"] = removed
+
+        out = root / "one_node"  # on the solo node, which is still there
+        run = start(cluster.address, out, cache, {r: "solo" for r in ("generation", "learner", "reward", "reference")},
+                    steps=max(len(result["three_nodes"]["rows"]), 1))
+        wait_for(run, out, 1)
+        result["one_node"] = finish(run, out, placement(out))
     finally:
         cluster.shutdown()
     print("RESULT" + json.dumps(result))

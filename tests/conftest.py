@@ -1,4 +1,10 @@
-"""Shared fixtures: tiny models built once per run into a temporary cache."""
+"""Shared fixtures: tiny models built once per run into a temporary cache; the fast tier's guard.
+
+Two tiers (tests/README.md): ``scripts/test.sh --fast`` runs the tests not marked ``e2e`` (``-m "not e2e"``, a few
+minutes); ``scripts/test.sh`` runs them all. In a test not marked ``e2e`` the guard (tests/fast_guard.py) makes
+``ray.init``, a ``vllm.LLM``, ``deepspeed.initialize``, a subprocess and a multiprocessing start fail loudly, so a
+heavy test cannot slip into the fast tier unmarked.
+"""
 from __future__ import annotations
 
 import json
@@ -9,8 +15,31 @@ from pathlib import Path
 
 import pytest
 
+from tests import fast_guard
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+fast_guard.install()
+
+
+def _guarded_phase(item):
+    fast_guard.activate(None if item.get_closest_marker("e2e") else item.nodeid)
+    try:
+        yield
+    finally:
+        fast_guard.activate(None)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    yield from _guarded_phase(item)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    yield from _guarded_phase(item)
 
 
 @pytest.fixture(scope="session")
@@ -78,6 +107,24 @@ print("RESULT" + json.dumps(list(out[0].outputs[0].token_ids)))
     return json.loads(lines[0][len("RESULT"):])
 
 
+def base_reference_logps(run_dir, pairs: list[int]) -> "torch.Tensor":
+    """[len(pairs), 2] summed log-probs of (chosen, rejected) of these training pairs of the DPO run in ``run_dir``,
+    by its starting model (``model``) loaded plainly: what its reference must be."""
+    from transformers import AutoTokenizer
+
+    from rlhf_ray.config import DPOConfig, load_config
+    from rlhf_ray.data.sources import preference_sets
+    from rlhf_ray.drivers.dpo import encode_response_pairs
+    from rlhf_ray.models.modeling import PolicyAndValue, load_causal_lm
+
+    cfg = load_config(run_dir / "config.yaml", schema=DPOConfig)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    train, _ = preference_sets(cfg.data, cfg.seed)
+    encoded = encode_response_pairs(tokenizer, train, cfg.data.template, cfg.data.max_prompt_length, cfg.data.max_length)
+    sides = encoded.batch(pairs, tokenizer.pad_token_id).sides()
+    return PolicyAndValue(load_causal_lm(cfg.model).eval(), None).logprobs(sides).sum(-1).view(-1, 2)
+
+
 # ------------------------------------------------------------------------- runs as a user starts them
 
 def start_run(out: Path, ray_tmp: str, tiny_cache: Path, *overrides: str) -> subprocess.Popen:
@@ -124,6 +171,22 @@ def process_table() -> list[tuple[int, int, str]]:
 def ray_processes(ray_tmp: str) -> list[str]:
     """Processes of the Ray instance whose temp dir is ``ray_tmp`` (their command lines name it)."""
     return [args for _, _, args in process_table() if ray_tmp in args]
+
+
+def listening_addresses(pid: int) -> set[str]:
+    """Addresses the TCP servers of process ``pid`` and its descendants listen on (Ray, agents, rendezvous)."""
+    import psutil
+
+    driver = psutil.Process(pid)
+    addresses = set()
+    for proc in [driver, *driver.children(recursive=True)]:
+        try:
+            addresses |= {c.laddr.ip.removeprefix("::ffff:") for c in proc.net_connections(kind="tcp")
+                          if c.status == psutil.CONN_LISTEN}
+        except psutil.Error:
+            continue
+    assert addresses, "no listening socket found: the check would prove nothing"
+    return addresses
 
 
 def actor_pid(ray_tmp: str, actor_class: str) -> int:

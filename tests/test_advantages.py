@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from rlhf_ray.algorithms.advantages import (ADVANTAGE_ESTIMATORS, AdvantageInputs, discounted_returns, get_advantage_estimator,
-                                 group_mean_std)
+from rlhf_ray.algorithms.advantages import (ADVANTAGE_ESTIMATORS, AdvantageInputs, discounted_returns,
+                                            get_advantage_estimator, group_mean_std)
 
 # two prompts × 3 samples; sequence rewards 1, 2, 6 | 0, 0, 3 (placed at the last valid token)
 MASK = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 1], [1, 1, 0]], dtype=torch.float32)

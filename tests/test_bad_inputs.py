@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from rlhf_ray.actors.reward import RewardActor
-from rlhf_ray.run import checkpoint
 from rlhf_ray.config import dump_config
 from rlhf_ray.data.sources import load_prompts
+from rlhf_ray.run import checkpoint
 from tests.conftest import ROOT, tiny_config
 from tests.test_reward import batch_of
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.config import PPOConfig
+from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.drivers.rollout import with_advantages
 
 PAD = 0

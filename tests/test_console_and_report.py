@@ -59,17 +59,33 @@ def test_report_reads_the_latest_series_and_draws_four_panels(tmp_path):
 
 
 @pytest.mark.e2e
-def test_quiet_console_of_the_main_job(tiny_cache, tmp_path):
+def test_quiet_console_of_the_main_job_beside_another_run_each_in_its_own_cluster(tiny_cache, tmp_path, ray_session):
     """The README's main job on the tiny default: ≤ 30 console lines besides the progress bar, engine
-    chatter in logs/, samples and the report written, and the summary line last."""
-    out = tmp_path / "run"
+    chatter in logs/, samples and the report written, and the summary line last. It runs side by side with a second,
+    shorter run and with the test session's own Ray: neither run joins another cluster (one pair of runs for what
+    were two tests, a main job alone and two short runs side by side)."""
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    run = subprocess.run([sys.executable, "-m", "rlhf_ray.train", "--config", "configs/tiny_cpu.yaml",
-                          "ppo.total_episodes=64", f"models.cache_dir={tiny_cache}", f"output_dir={out}"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    console = run.stdout + run.stderr
-    assert run.returncode == 0, console[-4000:]
+    out = tmp_path / "run"
+    main_job = subprocess.Popen([sys.executable, "-m", "rlhf_ray.train", "--config", "configs/tiny_cpu.yaml",
+                                 "ppo.total_episodes=64", f"models.cache_dir={tiny_cache}", f"output_dir={out}"],
+                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    beside = subprocess.Popen([sys.executable, "-m", "rlhf_ray.train", "--config", "configs/tiny_cpu.yaml",
+                               "ppo.total_episodes=32", f"models.cache_dir={tiny_cache}", f"output_dir={tmp_path / 'b'}",
+                               "logging.progress_bar=false", "logging.report=false", "logging.save_final_model=false"],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        stdout, stderr = main_job.communicate(timeout=900)
+        beside_output = beside.communicate(timeout=600)[0]
+    finally:
+        for run in (main_job, beside):
+            if run.poll() is None:
+                run.kill()
+    console = stdout + stderr
+    assert main_job.returncode == 0, console[-4000:]
+    assert beside.returncode == 0, beside_output[-3000:]
+    for output in (console, beside_output):
+        assert "joined the Ray cluster" not in output
     lines = [line for line in re.split(r"[\r\n]+", console) if line.strip() and not line.startswith("ppo:")]
     assert len(lines) <= 30, "\n".join(lines)
     assert not [line for line in lines if re.search(r"\b(INFO|WARNING)\b", line)], "\n".join(lines)
@@ -80,7 +96,11 @@ def test_quiet_console_of_the_main_job(tiny_cache, tmp_path):
     assert len(samples) == 4 * 4 and {"prompt", "response", "score", "reward"} <= samples[0].keys()
     assert (out / "report.png").stat().st_size > 20_000
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     assert all(0.05 < m["memory/learner_peak_gb"] < 8 for m in metrics)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+    assert ray_session.is_initialized()  # the test session's cluster is still there
 
 
 @pytest.mark.e2e
@@ -101,23 +121,3 @@ def test_an_error_in_an_actor_reaches_the_console_with_its_traceback(ray_session
     assert message.startswith("reward failed while scoring a rollout: KeyError: 'missing_key'")
     assert "traceback in the reward actor (its output: runs/x/logs/reward-*.log)" in message
     assert 'return {"a": 1}["missing_key"]' in message  # the actor's own source line
-
-
-@pytest.mark.e2e
-def test_two_runs_on_one_machine_each_start_their_own_cluster(tiny_cache, tmp_path, ray_session):
-    """Side by side with each other and with the test session's own Ray: neither joins another cluster."""
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    runs = [subprocess.Popen([sys.executable, "-m", "rlhf_ray.train", "--config", "configs/tiny_cpu.yaml",
-                              "ppo.total_episodes=32", f"models.cache_dir={tiny_cache}", f"output_dir={tmp_path / name}",
-                              "logging.progress_bar=false", "logging.report=false", "logging.save_final_model=false"],
-                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for name in ("a", "b")]
-    outputs = [run.communicate(timeout=600)[0] for run in runs]
-    for run, output in zip(runs, outputs):
-        assert run.returncode == 0, output[-3000:]
-        assert "joined the Ray cluster" not in output
-    for name in ("a", "b"):
-        steps = [json.loads(line)["step"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        assert steps == [1, 2]
-    assert ray_session.is_initialized()  # the test session's cluster is still there

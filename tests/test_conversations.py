@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rlhf_ray.data.conversations import (EncodedConversation, encode_for_sft, first_fit, load_sft_conversations, pack,
-                                    packed_attention_mask)
+                                         packed_attention_mask)
 from tests.conftest import shared_file
 
 CONVERSATION = [{"role": "system", "content": "Be brief."},

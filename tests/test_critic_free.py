@@ -8,11 +8,12 @@ import threading
 import pytest
 import torch
 
-from rlhf_ray.data.batch import RolloutBatch
+from rlhf_ray.algorithms.ppo_math import (aggregate_loss, importance_weights, overlong_penalty, policy_loss,
+                                          shape_rewards)
 from rlhf_ray.config import MAX_SAMPLES_PER_PROMPT, PPOConfig
+from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.drivers.ppo import PPOTrainer
 from rlhf_ray.drivers.rollout import group_ids, refill_prompts, sampling_seeds, with_advantages
-from rlhf_ray.algorithms.ppo_math import aggregate_loss, importance_weights, overlong_penalty, policy_loss, shape_rewards
 
 MASK = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.float32)
 LOSS = torch.tensor([[1.0, 2.0, 3.0, 6.0], [4.0, 8.0, 99.0, 99.0]])  # 99: masked

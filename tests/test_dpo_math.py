@@ -7,14 +7,8 @@ import math
 import pytest
 import torch
 
-from rlhf_ray.algorithms.preference_math import (
-    DPO_LOSSES,
-    DPO_STATS,
-    dpo_loss,
-    dpo_needs_reference,
-    get_dpo_loss,
-    register_dpo_loss,
-)
+from rlhf_ray.algorithms.preference_math import (DPO_LOSSES, DPO_STATS, dpo_loss, dpo_needs_reference, get_dpo_loss,
+                                                 register_dpo_loss)
 
 NAMES = {"sigmoid", "ipo", "length_normalized", "simpo", "hinge"}
 

@@ -1,18 +1,22 @@
-"""Durable runs, end to end as a user meets them: a run stopped by SIGTERM resumes and reproduces the
-uninterrupted run (also from an older checkpoint when the latest is damaged); actors killed by PID are
+"""Durable runs, end to end as a user meets them: a run stopped by SIGTERM stops cleanly (test_signals.py's checks:
+one line, loopback only, every process gone, the lock released) and resumes and reproduces the uninterrupted run
+(also from an older checkpoint when the latest is damaged); actors killed by PID are
 replaced and the run finishes with every step recorded exactly once."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import actor_pid, metric_rows, ray_processes, start_run, vllm_greedy, wait_for_steps
+from tests.conftest import (actor_pid, listening_addresses, metric_rows, ray_processes, start_run, vllm_greedy,
+                            wait_for_steps)
 
 pytestmark = pytest.mark.e2e
 COMPARED = ("reward/mean", "score/mean", "kl/mean", "loss/policy", "loss/value", "response/tokens", "optim/lr")
@@ -39,14 +43,25 @@ def test_a_stopped_run_resumes_and_reproduces_the_uninterrupted_run(tiny_cache, 
     out = tmp_path / "stopped"
     run = start_run(out, ray_tmp, tiny_cache, *settings)
     wait_for_steps(run, out, 3)
+    # the stop is a scheduler's SIGTERM: test_signals.py's checks (its SIGINT run makes them for Ctrl-C)
+    assert listening_addresses(run.pid) <= {"127.0.0.1"}, listening_addresses(run.pid)
     run.send_signal(signal.SIGTERM)
     output = run.communicate(timeout=120)[0]
-    # saved now, or already by checkpoint.every_steps when the stop came right after an even step
-    assert run.returncode == 143 and ("checkpoint saved to" in output or "is current" in output), output[-3000:]
+    time.sleep(2)  # the raylet and the GCS exit right after the driver
     done = len(metric_rows(out))
+    last = output.strip().splitlines()[-1]
+    # saved now, or already by checkpoint.every_steps when the stop came right after an even step
+    assert run.returncode == 143 and (f"checkpoint saved to {out / 'checkpoints' / f'step-{done:06d}'}" in last
+                                      or f"the last checkpoint (step {done}) is current" in last), output[-3000:]
+    assert "Traceback" not in output and "SIGTERM received" not in output, output[-3000:]
+    assert f"stopped by SIGTERM after {done} of 12 steps" in last, last
+    assert ray_processes(ray_tmp) == [], ray_processes(ray_tmp)
+    assert not (out / "run.lock").exists()  # the output dir is free for the next run
+    assert [row["step"] for row in metric_rows(out)] == list(range(1, done + 1))
     assert 3 <= done < 12
     saved = sorted((out / "checkpoints").glob("step-*"))
     assert [p.name for p in saved][-1] == f"step-{done:06d}" and len(saved) == 2  # keep_last=2
+    assert json.loads((saved[-1] / "trainer.json").read_text())["step"] == done
 
     # damage the latest: resume must fall back to the one before and still reproduce the whole run
     policy = saved[-1] / "policy" / "model.safetensors"

@@ -7,8 +7,8 @@ import logging
 import pytest
 import torch
 import transformers as T
-
 from architectures import ARCHITECTURES, build
+
 from rlhf_ray.data.batch import RolloutBatch, SequenceBatch
 from rlhf_ray.models.forward import ForwardOptions, response_token_stats
 from rlhf_ray.models.modeling import PolicyAndValue, ValueModel
@@ -243,8 +243,8 @@ def test_token_budget_groups_are_few_even_and_complete():
 def test_ppo_gradients_do_not_depend_on_how_rows_are_grouped_into_micro_batches(tiny_tokenizer):
     """The learner may group a mini-batch's rows by rows or by tokens: each micro-batch's loss is its share of the
     mini-batch mean, so the accumulated gradient is the same."""
-    from rlhf_ray.data.batch import token_budget_groups
     from rlhf_ray.config import DeepSpeedConfig, OptimizerConfig, PPOConfig
+    from rlhf_ray.data.batch import token_budget_groups
     from rlhf_ray.objectives import LearnerSpec, make_objective
     from rlhf_ray.objectives.ppo import PPOOptions
 

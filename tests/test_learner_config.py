@@ -2,20 +2,19 @@
 that training does not need, and no wait on a dead build's lock."""
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import importlib
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from rlhf_ray.runtime.builds import clear_stale_build_locks, skip_cpu_shm_comm_op
 from rlhf_ray.actors.learner import communication_buckets, deepspeed_config
 from rlhf_ray.cluster.roles import ModelPaths
 from rlhf_ray.drivers.ppo import ppo_learner
+from rlhf_ray.runtime.builds import clear_stale_build_locks, skip_cpu_shm_comm_op
 from tests.conftest import tiny_config
 
 
@@ -112,6 +111,7 @@ torch.save({"before": before, "after": after}, out)
 """
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_zero_1_on_one_rank_updates_the_weights_as_zero_0_does(tiny_cache, tmp_path, precision):
     """At world size 1 the learner skips DeepSpeed's gradient all-reduce where it only averages (ZeRO-0, the
@@ -121,8 +121,8 @@ def test_zero_1_on_one_rank_updates_the_weights_as_zero_0_does(tiny_cache, tmp_p
     import subprocess
     import sys
 
-    from rlhf_ray.runtime.devices import cpu_bf16
     from rlhf_ray.models.specs import resolve_model
+    from rlhf_ray.runtime.devices import cpu_bf16
 
     if precision == "bf16" and not cpu_bf16()[0]:
         pytest.skip(f"this CPU has {cpu_bf16()[1]}: bf16 is refused here")

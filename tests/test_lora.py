@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from rlhf_ray.actors.generation import lora_options
-from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.config import LoRAConfig, load_config
+from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.models import lora
 from rlhf_ray.models.modeling import PolicyAndValue
 from tests.conftest import ROOT, tiny_config

@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 
 from rlhf_ray.run.output_lock import (LOCK_NAME, Here, Holder, OutputDirBusy, OutputDirLock, OutputDirLost, pid_space,
-                                  process_start, why_gone)
+                                      process_start, why_gone)
 from tests.conftest import ROOT
 
 NOW = 1_800_000_000.0
@@ -76,7 +76,7 @@ def test_without_flock_the_lock_file_alone_refuses_a_second_run(tmp_path, monkey
 
 
 def dead_pid() -> int:
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child = subprocess.Popen(["true"])
     child.wait()
     return child.pid
 
@@ -187,6 +187,7 @@ lock.release()
 """
 
 
+@pytest.mark.e2e
 def test_processes_started_together_exactly_one_holds(tmp_path):
     runs = [subprocess.Popen([sys.executable, "-c", CONTENDER, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
                              text=True) for _ in range(4)]

@@ -7,19 +7,8 @@ import math
 import pytest
 import torch
 
-from rlhf_ray.algorithms.ppo_math import (
-    entropy_from_logits,
-    gae,
-    kl_penalty,
-    masked_mean,
-    masked_sum,
-    masked_var,
-    masked_whiten,
-    policy_loss,
-    shape_rewards,
-    token_aggregate,
-    value_loss,
-)
+from rlhf_ray.algorithms.ppo_math import (entropy_from_logits, gae, kl_penalty, masked_mean, masked_sum, masked_var,
+                                          masked_whiten, policy_loss, shape_rewards, token_aggregate, value_loss)
 
 INF, NAN = float("inf"), float("nan")
 

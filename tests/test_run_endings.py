@@ -9,9 +9,9 @@ import signal
 
 import pytest
 
-from rlhf_ray.run import checkpoint
 from rlhf_ray.cluster.roles import ActorLost, RoleError
 from rlhf_ray.drivers.base import CheckpointedDriver
+from rlhf_ray.run import checkpoint
 from rlhf_ray.run.output_lock import LOCK_NAME, Holder, OutputDirLock
 from tests.conftest import tiny_config
 

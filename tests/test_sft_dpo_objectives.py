@@ -92,8 +92,8 @@ def test_a_response_pair_batch_keeps_each_pair_together():
 
 
 def test_the_dpo_loss_is_its_formula_on_the_policys_own_logprobs(tiny_policy):
-    from rlhf_ray.objectives import make_objective
     from rlhf_ray.config import DPOTrainingConfig
+    from rlhf_ray.objectives import make_objective
 
     path, model = tiny_policy
     prompts, chosen, rejected, batch = pair_batch()

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_ray.run.output_lock import LOCK_NAME
 from rlhf_ray.rewards.http import RewardServer
+from rlhf_ray.run.output_lock import LOCK_NAME
 from tests.conftest import metric_rows, short_tmp, start_run, wait_for_steps
 
 pytestmark = pytest.mark.e2e

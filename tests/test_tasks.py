@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from rlhf_ray.actors.reward import RewardActor
-from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.config import DataConfig
+from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.data.sources import load_prompts
 from rlhf_ray.rewards.base import RewardSample
 from rlhf_ray.tasks import arithmetic

@@ -45,6 +45,7 @@ def test_loads_in_transformers(tiny_cache):
     assert rm(**ids).logits.shape == (1, 1)
 
 
+@pytest.mark.e2e
 def test_loads_in_vllm_and_matches_hf_greedy(tiny_cache):
     """vLLM (in a subprocess: its CPU engine binds threads) decodes greedily exactly like HF generate."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

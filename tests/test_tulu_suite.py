@@ -1,6 +1,7 @@
 """SFT and DPO end to end on tiny models, as a user runs them (the entry points), on two learner ranks under ZeRO-3:
 they learn, they resume exactly, a killed learner rank restarts from the last checkpoint, and DPO computes each pair's
-reference log-probs once for the whole run (resumes and restarts included)."""
+reference log-probs once for the whole run (resumes and restarts included). The chain with LoRA adapters (SFT, then
+DPO from the SFT model) is checked on the ray job of tests/test_ray_job_submit.py, which runs it."""
 from __future__ import annotations
 
 import json
@@ -14,7 +15,6 @@ import pytest
 import torch
 
 from tests.conftest import process_table
-
 
 TWO_RANKS_ZERO3 = ["resources.learner.num_actors=2", "resources.learner.num_cpus=0.5", "deepspeed.zero_stage=3",
                    "logging.progress_bar=false", "checkpoint.keep_last=4"]
@@ -99,63 +99,6 @@ def test_dpo_learns_held_out_preferences_with_each_pairs_reference_logprobs_once
     assert json.loads((resumed / "eval.json").read_text()) == json.loads((out / "eval.json").read_text())
 
 
-def base_reference_logps(run_dir, pairs: list[int]) -> "torch.Tensor":
-    """[len(pairs), 2] summed log-probs of (chosen, rejected) of these training pairs of the DPO run in ``run_dir``,
-    by its starting model (``model``) loaded plainly: what its reference must be."""
-    from transformers import AutoTokenizer
-
-    from rlhf_ray.config import DPOConfig, load_config
-    from rlhf_ray.data.sources import preference_sets
-    from rlhf_ray.drivers.dpo import encode_response_pairs
-    from rlhf_ray.models.modeling import PolicyAndValue, load_causal_lm
-
-    cfg = load_config(run_dir / "config.yaml", schema=DPOConfig)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-    train, _ = preference_sets(cfg.data, cfg.seed)
-    encoded = encode_response_pairs(tokenizer, train, cfg.data.template, cfg.data.max_prompt_length, cfg.data.max_length)
-    sides = encoded.batch(pairs, tokenizer.pad_token_id).sides()
-    return PolicyAndValue(load_causal_lm(cfg.model).eval(), None).logprobs(sides).sum(-1).view(-1, 2)
-
-
-@pytest.mark.e2e
-def test_lora_sft_then_lora_dpo_train_adapters_and_dpo_takes_its_reference_from_the_base(ray_session, tiny_cache,
-                                                                                         tmp_path):
-    """The chain as a user runs it with adapters: SFT, then DPO from the SFT model. Each trains rank-8 adapters and
-    saves merged weights with the adapter beside them; DPO starts no reference actor, and the reference log-probs its
-    learner computed with the adapters off (pairs first met after updates, too) are the SFT model's own."""
-    from safetensors.torch import load_file
-
-    from rlhf_ray import train_dpo
-
-    from rlhf_ray import train_sft
-
-    common = [f"cache_dir={tiny_cache}", "lora.rank=8", "logging.progress_bar=false", "logging.report=false"]
-    sft = tmp_path / "sft"
-    assert train_sft.main([*common, f"output_dir={sft}", "training.epochs=1", "training.eval_every_steps=0",
-                           "checkpoint.every_steps=0", "optimizer.lr=1e-2"]) == 0
-    start, end = rows(sft)[0], json.loads((sft / "eval.json").read_text())["sets"]["heldout"]
-    assert end["loss"] < 0.9 * start["eval/heldout/loss"], (start, end)
-    model = sft / "final_model"
-    adapter = load_file(model / "adapter" / "adapter_model.safetensors")
-    assert adapter and all("lora_" in name for name in adapter)
-    assert "lora_" not in " ".join(load_file(model / "model.safetensors"))  # merged: the plain model's names
-
-    dpo = tmp_path / "dpo"
-    assert train_dpo.main([*common, f"model={model}", f"output_dir={dpo}", "dpo.epochs=1", "dpo.eval_every_steps=0",
-                           "checkpoint.every_steps=12", "optimizer.lr=1e-2"]) == 0
-    placed = json.loads((dpo / "placement.json").read_text())["actors"]
-    assert set(placed) == {"learner-0"}, placed
-    metrics = rows(dpo)
-    steps = [r for r in metrics if "loss/dpo" in r]
-    assert len(steps) == 12 and sum(r["reference/pairs_computed"] for r in steps) == 192
-    assert all(r["memory/learner_peak_gb"] > 0 for r in steps)  # the closing line's peak GB
-    end = json.loads((dpo / "eval.json").read_text())["sets"]["heldout"]
-    assert end["accuracy"] > metrics[0]["eval/heldout/accuracy"] + 0.2 and end["margin"] > 0, (metrics[0], end)
-    kept = load_file(dpo / "checkpoints" / "step-000012" / "reference_logps.safetensors")["train"]
-    assert torch.allclose(kept, base_reference_logps(dpo, list(range(len(kept)))), rtol=1e-5, atol=1e-4)
-    assert (dpo / "final_model" / "adapter" / "adapter_model.safetensors").is_file()
-
-
 BAD_INPUTS = [
     ("sft", "empty data file", lambda t: [f"data.train={write(t / 'empty.jsonl', '')}"],
      "data file {t}/empty.jsonl has no rows (it is empty)"),
@@ -184,8 +127,7 @@ def write(path, text: str) -> str:
 @pytest.mark.parametrize("entry, case, overrides, message", BAD_INPUTS, ids=[f"{c[0]}: {c[1]}" for c in BAD_INPUTS])
 def test_a_bad_sft_or_dpo_input_is_one_line_before_anything_starts(tiny_cache, tmp_path, capsys, entry, case,
                                                                    overrides, message):
-    from rlhf_ray import train_dpo
-    from rlhf_ray import train_sft
+    from rlhf_ray import train_dpo, train_sft
 
     main = {"sft": train_sft.main, "dpo": train_dpo.main}[entry]
     code = main([f"cache_dir={tiny_cache}", f"output_dir={tmp_path / 'run'}", "logging.progress_bar=false",

@@ -31,6 +31,7 @@ def test_pack_and_unpack_round_trip_every_dtype():
         assert out[name].dtype == tensor.dtype and torch.equal(out[name], tensor)
 
 
+@pytest.mark.e2e
 def test_object_store_buckets_are_read_in_place(ray_session):
     import ray
 
@@ -65,6 +66,7 @@ def _member(rank: int, port: int, world: int, buckets, results, die: bool) -> No
         results.put((rank, f"{type(err).__name__}: {err}", None, time.monotonic() - start))
 
 
+@pytest.mark.e2e
 def test_broadcast_group_sends_exact_buckets_and_a_lost_member_stops_the_others_at_once():
     from rlhf_ray.weights.collective import join, open_rendezvous, send
 
@@ -159,6 +161,7 @@ def test_a_tensor_parallel_cpu_engine_takes_weights_by_broadcast_and_by_files(ra
         trainer.shutdown()
 
 
+@pytest.mark.e2e
 def test_weight_files_of_dead_engines_are_removed_and_live_ones_kept(tmp_path):
     import os
     import subprocess

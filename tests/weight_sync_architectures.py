@@ -19,9 +19,9 @@ os.environ.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0"
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
+from architectures import ARCHITECTURES, build  # noqa: E402
 
 from rlhf_ray.models.tiny import build_tokenizer  # noqa: E402
-from architectures import ARCHITECTURES, build  # noqa: E402
 from rlhf_ray.weights.engine import load_into_engine  # noqa: E402
 
 TEXT = "<|user|>\nWrite a poem about the sea.\n<|assistant|>\nThe sea is wide and deep and blue.</s>"
