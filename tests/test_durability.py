@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import (actor_pid, listening_addresses, metric_rows, ray_processes, start_run, vllm_greedy,
-                            wait_for_steps)
+from tests.conftest import (actor_pid, listening_addresses, metric_rows, ray_processes, short_tmp, start_run,
+                            vllm_greedy, wait_for_steps)
 
 pytestmark = pytest.mark.e2e
 COMPARED = ("reward/mean", "score/mean", "kl/mean", "loss/policy", "loss/value", "response/tokens", "optim/lr")
@@ -97,13 +97,28 @@ def assert_policy_loads_unchanged(policy: Path, final_model: Path) -> None:
     assert len(vllm_greedy(str(policy), ids, 4)) == 4
 
 
-def test_killed_actors_are_replaced_and_a_killed_learner_restarts_from_its_checkpoint(tiny_cache, tmp_path, ray_tmp):
-    out = tmp_path / "run"
-    run = start_run(out, ray_tmp, tiny_cache, "ppo.total_episodes=320", "checkpoint.every_steps=5")  # 20 steps
-    for actor, after_step in (("GenerationActor", 2), ("RewardActor", 5), ("ReferenceActor", 8), ("LearnerActor", 12)):
-        wait_for_steps(run, out, after_step)
-        os.kill(actor_pid(ray_tmp, actor), signal.SIGKILL)
-    output = finish(run)
+def test_killed_actors_are_replaced_a_killed_learner_restarts_and_a_stuck_reward_actor_is_replaced(tiny_cache, tmp_path,
+                                                                                                     ray_tmp):
+    """Two runs side by side, each in a Ray of its own: in one, every role's actor is killed in turn (the learner
+    restarts from its checkpoint); in the other the reward actor is not dead, just not answering: after
+    timeouts.score_s it is killed and replaced, and the step is redone."""
+    out, stuck_out = tmp_path / "run", tmp_path / "stuck"
+    with short_tmp("rs") as stuck_tmp:
+        stuck = start_run(stuck_out, stuck_tmp, tiny_cache, "ppo.total_episodes=64", "models.reward.kind=function",
+                          "models.reward.function=tests.hang_reward:hang_once", "models.value_init=policy",
+                          f"models.reward.function_kwargs={{marker: {tmp_path / 'hung'}}}", "timeouts.score_s=8")
+        run = start_run(out, ray_tmp, tiny_cache, "ppo.total_episodes=320", "checkpoint.every_steps=5")  # 20 steps
+        try:
+            for actor, after_step in (("GenerationActor", 2), ("RewardActor", 5), ("ReferenceActor", 8),
+                                      ("LearnerActor", 12)):
+                wait_for_steps(run, out, after_step)
+                os.kill(actor_pid(ray_tmp, actor), signal.SIGKILL)
+            output, stuck_output = finish(run), finish(stuck)
+        finally:
+            for started in (run, stuck):
+                if started.poll() is None:
+                    started.kill()
+
     rows = metric_rows(out)
     assert [r["step"] for r in rows] == list(range(1, 21)), output[-3000:]  # none lost, none twice
     last = rows[-1]
@@ -116,15 +131,7 @@ def test_killed_actors_are_replaced_and_a_killed_learner_restarts_from_its_check
     assert max(r["kl/sampler_vs_learner"] for r in rows) < 1e-4  # replacements got the current weights
     assert ray_processes(ray_tmp) == []
 
-
-def test_a_stuck_reward_actor_is_replaced_after_its_timeout(tiny_cache, tmp_path, ray_tmp):
-    """Not dead, just not answering: after timeouts.score_s it is killed and replaced, and the step is redone."""
-    out = tmp_path / "run"
-    run = start_run(out, ray_tmp, tiny_cache, "ppo.total_episodes=64", "models.reward.kind=function",
-                    "models.reward.function=tests.hang_reward:hang_once", "models.value_init=policy",
-                    f"models.reward.function_kwargs={{marker: {tmp_path / 'hung'}}}", "timeouts.score_s=8")
-    output = finish(run)
-    assert "recovery: reward did not finish scoring a rollout within 8 s" in output, output[-3000:]
-    assert "replaced reward-0 in" in output
-    rows = metric_rows(out)
-    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["recovery/reward_restarts"] == 1
+    assert "recovery: reward did not finish scoring a rollout within 8 s" in stuck_output, stuck_output[-3000:]
+    assert "replaced reward-0 in" in stuck_output
+    stuck_rows = metric_rows(stuck_out)
+    assert [r["step"] for r in stuck_rows] == [1, 2, 3, 4] and stuck_rows[-1]["recovery/reward_restarts"] == 1
