@@ -37,9 +37,16 @@ def finish(run, timeout_s: float = 600) -> str:
 
 def test_a_stopped_run_resumes_and_reproduces_the_uninterrupted_run(tiny_cache, tmp_path, ray_tmp):
     settings = ("ppo.total_episodes=192", "checkpoint.every_steps=2")  # 12 steps
-    finish(start_run(tmp_path / "whole", ray_tmp, tiny_cache, *settings))
-    whole = metric_rows(tmp_path / "whole")
+    with short_tmp("rw") as whole_tmp:  # the uninterrupted run, side by side with the one stopped, in a Ray of its own
+        whole_run = start_run(tmp_path / "whole", whole_tmp, tiny_cache, *settings)
+        try:
+            stopped_and_resumed(tmp_path, tiny_cache, ray_tmp, settings, whole_run)
+        finally:
+            if whole_run.poll() is None:
+                whole_run.kill()
 
+
+def stopped_and_resumed(tmp_path: Path, tiny_cache: Path, ray_tmp: str, settings: tuple, whole_run) -> None:
     out = tmp_path / "stopped"
     run = start_run(out, ray_tmp, tiny_cache, *settings)
     wait_for_steps(run, out, 3)
@@ -63,6 +70,8 @@ def test_a_stopped_run_resumes_and_reproduces_the_uninterrupted_run(tiny_cache, 
     assert [p.name for p in saved][-1] == f"step-{done:06d}" and len(saved) == 2  # keep_last=2
     assert json.loads((saved[-1] / "trainer.json").read_text())["step"] == done
 
+    finish(whole_run)
+    whole = metric_rows(tmp_path / "whole")
     # damage the latest: resume must fall back to the one before and still reproduce the whole run
     policy = saved[-1] / "policy" / "model.safetensors"
     data = bytearray(policy.read_bytes())
