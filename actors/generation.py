@@ -135,14 +135,6 @@ class GenerationActor(Role):
         return [lp[t].logprob for lp, t in zip(tail, response_ids)]
 
 
-def lora_options(rank: int | None, weight_transport: str) -> dict:
-    """vLLM's LoRA settings for an engine that is sent a policy's LoRA adapters (weights.transport=adapter): one
-    adapter at a time, of up to ``rank`` rounded up to a rank vLLM allows (the transport's ``engine_options``)."""
-    from rlhf_ray.weights import transport_class
-
-    return transport_class(weight_transport).engine_options(rank)
-
-
 def cpu_bind(cpus: list[int], workers: int) -> str:
     """vLLM's VLLM_CPU_OMP_THREADS_BIND for ``workers`` tensor-parallel CPU workers: the CPUs split into as many
     disjoint groups ("0|1", "0-3|4-7"); a worker without a CPU of its own is an error naming the numbers."""

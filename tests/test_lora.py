@@ -8,11 +8,11 @@ import os
 import pytest
 import torch
 
-from rlhf_ray.actors.generation import lora_options
 from rlhf_ray.config import LoRAConfig, load_config
 from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.models import lora
 from rlhf_ray.models.modeling import PolicyAndValue
+from rlhf_ray.weights import transport_class
 from tests.conftest import ROOT, tiny_config
 
 
@@ -107,6 +107,10 @@ def test_lora_sends_merged_weights_unless_asked_for_the_adapter_and_vllm_rank(tm
     assert tiny_config(tmp_path, tiny_cache, "models.lora.rank=12", "weights.transport=adapter"
                        ).weight_transport()[0] == "adapter"
     assert load_config(ROOT / "configs" / "tiny_cpu.yaml", []).weight_transport()[0] == "object_store"
+
+    def lora_options(rank, transport):  # the engine's vLLM options a transport asks for
+        return transport_class(transport).engine_options(rank)
+
     assert lora_options(12, "adapter") == {"enable_lora": True, "max_loras": 1, "max_lora_rank": 16}
     assert lora_options(8, "adapter")["max_lora_rank"] == 8 and lora_options(8, "object_store") == {}
     with pytest.raises(ValueError, match="at most 512"):
