@@ -1,5 +1,5 @@
 """`ray job submit` against a real local head on loopback, started and stopped by the test: one job chains a PPO run,
-reward-model training, SFT then DPO with LoRA adapters, and a sweep."""
+reward-model training, SFT then DPO with LoRA adapters, and a sweep (a point that runs, one that is refused)."""
 from __future__ import annotations
 
 import json
@@ -74,8 +74,10 @@ def test_ray_job_submit_runs_ppo_rm_sft_dpo_and_a_sweep(tiny_cache, tmp_path):
         dpo = ["python", "-m", "rlhf_ray.train_dpo", *lora, f"model={chain / 'sft' / 'final_model'}",
                f"output_dir={chain / 'dpo'}", "dpo.epochs=1", "dpo.eval_every_steps=0", "checkpoint.every_steps=12"]
         sweep_out = tmp_path / "sweep_job"  # the sweep's points join the job's cluster (RAY_ADDRESS)
-        sweep = ["python", "-m", "rlhf_ray.sweep", "--grid", "ppo.async_steps=1", "--steps", "1", "--warmup", "0",
-                 "--out", str(sweep_out), f"models.cache_dir={tiny_cache}"]
+        # one point runs (overlapped), one is refused and recorded (test_sweep.py's real run, merged here)
+        sweep = ["python", "-m", "rlhf_ray.sweep", "--grid", "ppo.rollout_batch_size=16,12", "--grid",
+                 "ppo.async_steps=1", "--steps", "1", "--warmup", "0", "--out", str(sweep_out),
+                 f"models.cache_dir={tiny_cache}"]
         commands = " && ".join(f"{shlex.join(command)} && echo '###' {name} done" for name, command in
                                (("ppo", ppo), ("rm", train_rm), ("sft", sft), ("dpo", dpo), ("sweep", sweep)))
         submit = [RAY, "job", "submit", "--address", address, "--working-dir", ".", "--", "bash", "-c", commands]
@@ -136,6 +138,9 @@ def test_ray_job_submit_runs_ppo_rm_sft_dpo_and_a_sweep(tiny_cache, tmp_path):
     assert torch.allclose(kept, base_reference_logps(dpo, list(range(len(kept)))), rtol=1e-5, atol=1e-4)
     assert (dpo / "final_model" / "adapter" / "adapter_model.safetensors").is_file()
 
-    point = json.loads((sweep_out / "sweep.json").read_text())["points"][0]
-    assert point["status"] == "ok" and point["samples_per_s"] > 0
-    assert "joined the Ray cluster" in (sweep_out / "points" / "async-1" / "logs" / "driver.log").read_text()
+    ran, refused = json.loads((sweep_out / "sweep.json").read_text())["points"]
+    assert ran["status"] == "ok" and ran["samples_per_s"] > 0 and ran["phases_s"]["learn"] > 0
+    # 12 sequences a step: 320 episodes are no whole number of steps (the ppo section's own check comes first)
+    assert refused["status"] == "invalid" and "is not a multiple of ppo.rollout_batch_size=12" in refused["error"]
+    assert {"sweep.csv", "sweep.md", "sweep.png"} <= {p.name for p in sweep_out.iterdir()}
+    assert "joined the Ray cluster" in (sweep_out / "points" / "batch-16_async-1" / "logs" / "driver.log").read_text()
