@@ -118,7 +118,7 @@ def serve_experiments(tmp_path: Path, tiny_cache: Path, address: str, env: dict,
     return seen
 
 
-def test_model_then_a_shared_serve_rm_across_two_experiments(tiny_cache, tiny_tokenizer, tmp_path, monkeypatch):
+def test_model_and_a_shared_serve_rm_across_two_experiments(tiny_cache, tiny_tokenizer, tmp_path, monkeypatch):
     from rlhf_ray.data.sources import load_prompts
     from rlhf_ray.models.specs import resolve_model
     from rlhf_ray.rewards.base import RewardSample
@@ -138,8 +138,8 @@ def test_model_then_a_shared_serve_rm_across_two_experiments(tiny_cache, tiny_to
                               "1", "--max-length", "256", "--num-cpus", "0.25", "--max-batch-size", "8",
                               "--http-port", str(free_port()), "--address", address)
                 route = deployed.split(" route ")[1].split()[0]
-                model_rows = finish(model_run, tmp_path / "model")
                 seen = serve_experiments(tmp_path, tiny_cache, address, env, route, probe, monkeypatch)
+                model_rows = finish(model_run, tmp_path / "model")  # it went on beside them
         finally:
             if model_run.poll() is None:
                 model_run.kill()
