@@ -161,7 +161,12 @@ def learner_profile_case(hw) -> dict:
     profile's matmul time, so only its non-matmul share (the efficiency constant) is being checked."""
     profile = json.loads((RESULTS / "learner_profile_llama-20m.json").read_text())
     shape, row = profile["shape"], profile_row(profile)
+    # its ragged batch (benchmarks/learner_profile.py ragged_batch): prompts of prompt/2…prompt tokens, responses
+    # making up the rest of the real tokens it reports; the learner packs them (padding-free)
+    prompt_mean = round(0.75 * shape["prompt"])
+    response_mean = round(row["real_tokens"] / shape["batch"]) - prompt_mean
     cfg = load_config(BASE, [
+        f"planning.prompt_tokens_mean={prompt_mean}", f"planning.response_tokens_mean={response_mean}",
         f"models.policy={profile['model']}", f"models.reward.model={profile['critic']}", "models.value_init=reward",
         "models.value_model=null", f"data.max_prompt_tokens={shape['prompt']}",
         f"generation.max_new_tokens={shape['response']}", f"ppo.rollout_batch_size={shape['batch']}",
@@ -175,7 +180,8 @@ def learner_profile_case(hw) -> dict:
             "source": "benchmarks/results/learner_profile_llama-20m.json", "config": "configs/tiny_cpu.yaml",
             "overrides": [], "independent": False, "measured": measured, "predicted": predicted,
             "relative_error": _errors(predicted, measured),
-            "assumed": {"prompt_tokens": shape["prompt"], "response_tokens": shape["response"]}}
+            "assumed": {"prompt_tokens (cap, mean)": (shape["prompt"], prompt_mean),
+                        "response_tokens (cap, mean)": (shape["response"], response_mean)}}
 
 
 # ------------------------------------------------------------------------------------------------ GPU
