@@ -48,21 +48,24 @@ BENCHMARK_MACHINE_MEMORY_BANDWIDTH = 20e9
 
 def benchmark_machine() -> tuple:
     """The 2-core machine the CPU benchmarks ran on: its achieved fp32 matmul rate from the learner profile
-    (the update's matmul FLOPs over aten::mm's self time), 2 cores, the assumed memory bandwidth."""
+    (the update's useful FLOPs over its matmul / linear time, the profile's 'after' setting: the learner's
+    defaults), 2 cores, the assumed memory bandwidth."""
     profile = json.loads((RESULTS / "learner_profile_llama-20m.json").read_text())
-    shape = profile["shape"]
-    policy = resolve_architecture(profile["model"])
-    critic = resolve_architecture(profile["critic"])
-    tokens = shape["batch"] * (shape["prompt"] + shape["response"])
-    flops = 6 * (policy.matmul_params("lm") + critic.matmul_params("score")) * tokens
-    mm_seconds = next(op["self_cpu_s"] for op in profile["profile"]["top_ops"] if op["op"] == "aten::mm")
+    row = profile_row(profile)
+    flops = row["useful_gflop"]["update"] * 1e9
+    mm_seconds = row["profile"]["groups_s"]["matmul / linear"]
     rate = flops / mm_seconds
     hw = this_machine(peak_flops_fp32=rate, peak_flops_16bit=rate, memory_bandwidth=BENCHMARK_MACHINE_MEMORY_BANDWIDTH,
                       cores=2)
-    note = (f"fp32 peak = achieved matmul rate of the profiled 20M update: {flops / 1e9:.0f} GFLOP in aten::mm's "
-            f"{mm_seconds:.3f} s = {rate / 1e9:.0f} GFLOP/s (learner_profile_llama-20m.json, 2 threads); memory "
-            f"bandwidth assumed {BENCHMARK_MACHINE_MEMORY_BANDWIDTH / 1e9:.0f} GB/s")
+    note = (f"fp32 peak = achieved matmul rate of the profiled 20M update: {flops / 1e9:.0f} GFLOP in its matmul / "
+            f"linear time {mm_seconds:.3f} s = {rate / 1e9:.0f} GFLOP/s (learner_profile_llama-20m.json, setting "
+            f"'{row['setting']}', 2 threads); memory bandwidth assumed {BENCHMARK_MACHINE_MEMORY_BANDWIDTH / 1e9:.0f} GB/s")
     return hw, note
+
+
+def profile_row(profile: dict) -> dict:
+    """The learner profile's row run with the learner's defaults (padding-free, chunked logits, fp32, ZeRO-0)."""
+    return next(r for r in profile["settings"] if r["setting"] == "after")
 
 
 def padded_prompt_tokens(cfg) -> int:
@@ -157,8 +160,13 @@ def learner_profile_case(hw) -> dict:
     """The 20M learner's update and values pass alone (2 threads). Not independent: the CPU peak comes from this
     profile's matmul time, so only its non-matmul share (the efficiency constant) is being checked."""
     profile = json.loads((RESULTS / "learner_profile_llama-20m.json").read_text())
-    shape, row = profile["shape"], next(r for r in profile["settings"] if r["threads"] == 2)
+    shape, row = profile["shape"], profile_row(profile)
+    # its ragged batch (benchmarks/learner_profile.py ragged_batch): prompts of prompt/2…prompt tokens, responses
+    # making up the rest of the real tokens it reports; the learner packs them (padding-free)
+    prompt_mean = round(0.75 * shape["prompt"])
+    response_mean = round(row["real_tokens"] / shape["batch"]) - prompt_mean
     cfg = load_config(BASE, [
+        f"planning.prompt_tokens_mean={prompt_mean}", f"planning.response_tokens_mean={response_mean}",
         f"models.policy={profile['model']}", f"models.reward.model={profile['critic']}", "models.value_init=reward",
         "models.value_model=null", f"data.max_prompt_tokens={shape['prompt']}",
         f"generation.max_new_tokens={shape['response']}", f"ppo.rollout_batch_size={shape['batch']}",
@@ -172,7 +180,8 @@ def learner_profile_case(hw) -> dict:
             "source": "benchmarks/results/learner_profile_llama-20m.json", "config": "configs/tiny_cpu.yaml",
             "overrides": [], "independent": False, "measured": measured, "predicted": predicted,
             "relative_error": _errors(predicted, measured),
-            "assumed": {"prompt_tokens": shape["prompt"], "response_tokens": shape["response"]}}
+            "assumed": {"prompt_tokens (cap, mean)": (shape["prompt"], prompt_mean),
+                        "response_tokens (cap, mean)": (shape["response"], response_mean)}}
 
 
 # ------------------------------------------------------------------------------------------------ GPU

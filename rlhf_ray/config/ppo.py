@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 from rlhf_ray.config import rules
+from rlhf_ray.config.planning import PlanningConfig
 from rlhf_ray.config.ppo_sections import (DataConfig, GenerationConfig, LoggingConfig, ModelsConfig, PPOConfig,
                                           ResourcesConfig, TimeoutsConfig, WeightsConfig)
 from rlhf_ray.config.sections import (CheckpointSection, DeepSpeedConfig, OptimizerConfig, RaySection, RecoverySection,
@@ -23,6 +24,7 @@ class ExperimentConfig(RunConfig):
     weights: WeightsConfig = Field(default_factory=WeightsConfig)
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    planning: PlanningConfig = Field(default_factory=PlanningConfig)
     checkpoint: CheckpointSection
     recovery: RecoverySection
     ray: RaySection
@@ -37,6 +39,7 @@ class ExperimentConfig(RunConfig):
         rules.check_reward_use(self)
         rules.check_weights_transport(self)
         rules.check_overlap_resources(self)
+        rules.check_planning_lengths(self)
         if self.models.lora is not None:
             rules.check_lora(self.deepspeed, "models.lora", reference_key="models.reference",
                              reference=self.models.reference, policy=self.models.policy)

@@ -33,6 +33,17 @@ def check_rollout_split(cfg) -> None:
                 f"{actors} does not divide the rollout of {cfg.rollout_sequences} sequences")
 
 
+def check_planning_lengths(cfg) -> None:
+    """PPO: the planner's mean lengths (planning.*) are at most the caps they average under."""
+    planning = cfg.planning
+    for key, mean, cap_key, cap in (
+            ("planning.prompt_tokens_mean", planning.prompt_tokens_mean, "data.max_prompt_tokens",
+             cfg.data.max_prompt_tokens),
+            ("planning.response_tokens_mean", planning.response_tokens_mean, "generation.max_new_tokens",
+             cfg.generation.max_new_tokens)):
+        require(mean is None or mean <= cap, key, f"{mean} is above {cap_key}={cap}: a mean cannot exceed its cap")
+
+
 # ------------------------------------------------------------------------------------------------ lora
 
 def check_lora(deepspeed, lora_key: str, reference_key: str | None = None, reference: str | None = None,

@@ -4,10 +4,11 @@
     plan = plan_experiment(cfg, "h100-80gb", gpus=16, nodes=2)   # no weights are loaded
     print("\\n".join(format_plan(plan)))
 
-Modules: hardware (device catalogue, this machine), models (architectures from config.json or a built-in
-table), memory (bytes per role and device), placement (actors onto GPUs and nodes), timing (seconds per
-phase), changes (key=value config changes), search (layouts), planner (the plan, problems and fixes),
-render (console lines).
+Modules: hardware (device catalogue, GPUs described field by field, this machine), models (architectures, dense or
+mixture of experts, from config.json or a built-in table), lengths (prompt and response means, caps and the tail:
+config section ``planning``), memory (bytes per role and device), placement (actors onto GPUs and nodes), timing
+(seconds per phase), checks (host memory, context, the lengths note), changes (key=value config changes), search
+(layouts), planner (the plan, problems and fixes), render (console lines).
 """
 from rlhf_ray.planning.changes import with_overrides
 from rlhf_ray.planning.hardware import GPU_NAMES, Hardware, get_hardware

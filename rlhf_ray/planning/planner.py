@@ -14,6 +14,7 @@ from pathlib import Path
 
 from rlhf_ray.planning.changes import with_overrides
 from rlhf_ray.planning.hardware import Hardware, get_hardware, with_nodes
+from rlhf_ray.planning.checks import context_overrun, host_load_per_node, host_shortfalls, lengths_note
 from rlhf_ray.planning.memory import (GPU_RESERVED_BYTES, GiB, RoleMemory, frozen_memory, generation_memory,
                                       learner_memory)
 from rlhf_ray.planning.models import Architecture, resolve_architecture
@@ -62,6 +63,7 @@ class Plan:
     problems: list[Problem] = field(default_factory=list)
     recommendation: Fix | None = None
     assumptions: list[str] = field(default_factory=list)
+    host_load_bytes_per_node: dict[int, float] = field(default_factory=dict)  # host memory while the models load
 
     @property
     def fits(self) -> bool:
@@ -76,6 +78,7 @@ class Plan:
         for name, arch in self.models.items():
             head = "lm" if name in ("policy", "reference") else "score"
             data["models"][name]["parameters"] = arch.parameters(head)
+            data["models"][name]["active_parameters"] = arch.active_parameters(head)
         return data
 
 
@@ -149,9 +152,22 @@ def _evaluate(cfg, hw: Hardware, gpus: int, nodes: int, archs: dict, config_path
               "learn": learn_time(cfg, archs["policy"], archs.get("critic"), hw, placement),
               "weight_sync": weight_sync_time(cfg, archs["policy"], hw, placement)}
     plan = Plan(config_path, hw, gpus, nodes, archs, roles, layout, kv, phases,
-                step_seconds(phases, cfg.ppo.async_steps), cfg.num_steps, problems, assumptions=assumptions)
+                step_seconds(phases, cfg.ppo.async_steps), cfg.num_steps, problems, assumptions=assumptions,
+                host_load_bytes_per_node=host_load_per_node(layout, roles) if hw.is_gpu else {})
     plan.problems += _problems(plan)
+    plan.problems += _context_problems(cfg, hw, gpus, nodes, archs)
     return plan
+
+
+def _context_problems(cfg, hw: Hardware, gpus: int, nodes: int, archs: dict) -> list[Problem]:
+    """The longest sequence over the model's context (checks.context_overrun), with its fix planned."""
+    overrun = context_overrun(cfg, archs)
+    if overrun is None:
+        return []
+    message, overrides = overrun
+    fixed = _evaluate(with_overrides(cfg, overrides), hw, gpus, nodes, archs, None)
+    return [Problem("context", message, Fix(overrides, fixed.step_seconds, requested_gpus(fixed.roles),
+                                             "the longest sequence within the model's context"))]
 
 
 def _role_memories(cfg, archs: dict, hw: Hardware) -> tuple[list[RoleMemory], dict]:
@@ -211,10 +227,8 @@ def _problems(plan: Plan) -> list[Problem]:
     reported = {p.role for p in problems}
     problems += [p for p in _devices_over_capacity(plan) if p.role not in reported]
     if plan.hardware.is_gpu:
-        for node, used in sorted(plan.layout.host_bytes_per_node.items()):
-            if used > plan.layout.host_capacity_bytes:
-                problems.append(Problem("host", f"node {node}: host memory {used / GiB:.0f} GiB of "
-                                                f"{plan.layout.host_capacity_bytes / GiB:.0f} (offloaded states)"))
+        problems += [Problem("host", message) for message in
+                     host_shortfalls(plan.layout, plan.host_load_bytes_per_node, plan.hardware)]
     return problems
 
 
@@ -235,13 +249,12 @@ def _devices_over_capacity(plan: Plan) -> list[Problem]:
 
 
 def _assumptions(cfg, hw: Hardware) -> list[str]:
-    prompt, response = lengths(cfg)
-    notes = [f"sequences at their caps: prompt {prompt} tokens (data.max_prompt_tokens), response {response} "
-             f"(generation.max_new_tokens); the learner pads to prompt + response",
+    notes = [lengths_note(cfg),
              "efficiencies and overheads: the constants of rlhf_ray.planning.timing (not fitted to any run)"]
     if hw.is_gpu:
         notes.append(f"{GPU_RESERVED_BYTES / GiB:.1f} GiB per GPU reserved for CUDA context, NCCL and fragmentation; "
                      "vLLM takes 85 % of its GPUs")
+        notes.append(f"host memory per node {hw.host_memory_bytes / GiB:.0f} GiB: {hw.host_memory_source}")
     else:
         notes.append("one machine: every role shares its RAM and cores; roles of a phase split the cores")
         if "measured" in hw.source:
@@ -266,7 +279,7 @@ def _attach_fixes(plan: Plan, cfg) -> None:
     """For each role that does not fit: the smallest change that fits it (smallest_fix); a layout that does not
     fit the GPUs is answered by the recommended layout instead."""
     for problem in plan.problems:
-        if problem.role not in ("layout", "host"):
+        if problem.fix is None and problem.role not in ("layout", "host", "context"):
             problem.fix = smallest_fix(cfg, problem.role, plan)
 
 
