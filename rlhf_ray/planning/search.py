@@ -415,7 +415,10 @@ def _why_not_more(search: Search, chosen: Candidate, role: str, idle: int) -> st
     if better.rank >= chosen.rank:
         return f"{what} would not shorten the step: {_why_slower(chosen, better, role)}"
     gain = 1 - better.rank / chosen.rank
-    return f"{what} would shorten the step by only {gain:.1%} (below {MIN_GAIN_FOR_MORE_GPUS:.0%})"
+    if gain < MIN_GAIN_FOR_MORE_GPUS:
+        return f"{what} would shorten the step by only {gain:.1%} (below {MIN_GAIN_FOR_MORE_GPUS:.0%})"
+    return (f"{what} would shorten the step by {gain:.1%} by the search's estimate, yet no such layout passed its "
+            "full plan")
 
 
 def _with(search: Search, chosen: Candidate, option: Option) -> Candidate | None:
