@@ -10,8 +10,8 @@ A role's knobs (``knobs``) each offer a few settings, the config's own first:
     reference
 
 Their product is sized from the memory functions on unvalidated config copies (rlhf_ray.planning.search.variant),
-and what fits is ordered by the GPUs it needs beyond those available, then by the role's own predicted seconds, then
-by the number of changes. The planner plans the first few in full and keeps the cheapest
+and what fits is ordered by the GPUs it needs beyond those the config reserves, then by the role's own predicted
+seconds, then by the number of changes. The planner plans the first few in full and keeps the cheapest
 (rlhf_ray.planning.planner.smallest_fix).
 """
 from __future__ import annotations
@@ -30,10 +30,11 @@ from rlhf_ray.planning.timing import frozen_forward_time, generate_time, learn_t
 MORE_RANKS = 8
 
 
-def fix_candidates(cfg, role: str, hw: Hardware, gpus: int, archs: dict) -> list[list[str]]:
+def fix_candidates(cfg, role: str, hw: Hardware, archs: dict) -> list[list[str]]:
     """The combinations of ``role``'s knobs that fit its devices (and, for the learner, the node's host memory), as
-    override lists: fewest GPUs beyond ``gpus`` first, then the fastest for the role, then the fewest changes."""
-    fitting, seen = [], set()
+    override lists: the fewest GPUs beyond those the config reserves first, then the fastest for the role, then the
+    fewest changes."""
+    fitting, seen, reserved = [], set(), _reserved(cfg, archs)
     for changes in combinations(cfg, role, hw):
         if tuple(changes.items()) in seen:
             continue
@@ -41,7 +42,7 @@ def fix_candidates(cfg, role: str, hw: Hardware, gpus: int, archs: dict) -> list
         changed = variant(cfg, changes)
         seconds = _role_seconds(role, changed, hw, archs) if _fits(role, changed, hw, archs) else None
         if seconds is not None:
-            extra = max(0, _reserved(changed, archs) - gpus) if hw.is_gpu else 0
+            extra = max(0, _reserved(changed, archs) - reserved) if hw.is_gpu else 0
             fitting.append((extra, seconds, len(changes), as_overrides(changes)))
     fitting.sort(key=lambda f: f[:3])
     return [overrides for *_, overrides in fitting]

@@ -311,15 +311,15 @@ FIXES_PLANNED = 8
 def smallest_fix(cfg, role: str, plan: Plan) -> Fix | None:
     """The change that fits ``role``: any combination of its knobs (rlhf_ray.planning.fixes: offload, micro-batch down
     to 1, ZeRO stage, checkpointing, more ranks, bf16; TP and engines; sharding), the cheapest first: the fewest GPUs
-    beyond those available, then the fastest predicted step, then the fewest changes."""
-    found = []
-    for overrides in fix_candidates(cfg, role, plan.hardware, plan.gpus, plan.models)[:FIXES_PLANNED]:
+    beyond those the config reserves, then the fastest predicted step, then the fewest changes."""
+    found, reserved_now = [], requested_gpus(plan.roles)
+    for overrides in fix_candidates(cfg, role, plan.hardware, plan.models)[:FIXES_PLANNED]:
         tried = _try(cfg, overrides, plan.hardware, plan.gpus, plan.models)
         if tried and _role_fits(tried[0], role):
             reserved = requested_gpus(tried[0].roles)
             found.append(Fix(overrides, tried[0].step_seconds, reserved,
                              f"reserves {reserved} GPUs, {plan.gpus} available" if reserved > plan.gpus else ""))
-    best = min(found, key=lambda f: (max(0, f.gpus_reserved - plan.gpus), f.step_seconds, len(f.overrides)),
+    best = min(found, key=lambda f: (max(0, f.gpus_reserved - reserved_now), f.step_seconds, len(f.overrides)),
                default=None)
     if best and best.gpus_reserved > plan.gpus and role == "learner":
         why = host_bound(cfg, plan.hardware, plan.gpus, plan.models)
