@@ -13,8 +13,9 @@
 
 A transport is chosen once, by name (``choose_transport``: for 'auto' the cheapest that serves the run, priced by the
 planner on its hardware, or the registry's cheapest-first order without prices), and made in every process that takes
-part (``make_transport``). A new transport is one module with a ``Transport`` subclass and one entry in ``TRANSPORTS`` —
-or none: ``weights.transport: package.module:Class`` names it where every role's process can import it.
+part (``make_transport``). A new transport is one module with a ``Transport`` subclass and one entry in
+``TRANSPORTS`` — or none: ``weights.transport: package.module:Class`` names it where every role's process can import
+it.
 """
 from __future__ import annotations
 
@@ -73,11 +74,12 @@ def choose_transport(cfg, prices: dict[str, float] | None = None) -> tuple[str, 
 
     The one place that decides, for the planner and the trainer alike. With ``prices`` (seconds per sync by transport
     name: the planner's, rlhf_ray.planning.timing.transport_prices, on the hardware it plans) 'auto' is the cheapest
-    candidate. Without (the trainer has no hardware model) it is the first candidate in ``TRANSPORTS``' order, which
-    is the priced order wherever a transport is allowed: the object store where the engines read it in place (it beat
-    the gloo broadcast on one node: benchmarks/results/weight_sync.md), else a broadcast (NCCL on GPUs, ~1000× faster
-    than a trip through host memory there), else files (the object store plus a write and a read). A transport stops
-    refusing a configuration (e.g. the broadcast under ppo.async_steps) and 'auto' takes it, here and in the plan."""
+    candidate. Without (the trainer has no hardware model) it is the first candidate in ``TRANSPORTS``' order: the
+    object store where the engines read it in place (it beat the gloo broadcast on one node:
+    benchmarks/results/weight_sync.md), else a broadcast (on GPUs NCCL is hundreds of times faster than a trip through
+    host memory), else files. That is the priced order on GPUs and for in-process engines; for CPU engines in other
+    processes files measured faster than the gloo broadcast, which the plan (priced) takes and says. A transport that
+    stops refusing a configuration (the broadcast under ppo.async_steps) is taken there at once, by both."""
     name = cfg.weights.transport
     if name != AUTO:
         return name, "weights.transport"
