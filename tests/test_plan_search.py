@@ -207,3 +207,21 @@ def test_on_one_cpu_machine_auto_keeps_the_object_store(tmp_path):
                              search=False)
     assert "via object_store" in result.phases["weight_sync"].bound
     assert math.isfinite(result.step_seconds)
+
+
+def test_where_the_priced_transport_is_not_the_trainers_the_plan_follows_the_price_and_says_so():
+    from rlhf_ray.planning.hardware import this_machine
+    from rlhf_ray.weights import choose_transport
+
+    # CPU engines in their own processes (TP 2): files measured faster than the gloo broadcast
+    cfg = load_config(ROOT / "configs" / "tiny_cpu.yaml", ["resources.generation.tensor_parallel_size=2",
+                                                            "resources.generation.num_cpus=2"])
+    tiny = llama("tiny", 64, 2, 2, 2, 128)
+    cpu = this_machine(peak_flops_fp32=1e11, peak_flops_16bit=1e11, memory_bandwidth=1e10, cores=2)
+    result = plan_experiment(cfg, cpu, archs={"policy": tiny, "reference": tiny, "critic": tiny, "reward": tiny},
+                             search=False)
+    assert choose_transport(cfg)[0] == "collective"
+    assert "via files" in result.phases["weight_sync"].bound
+    assert any("planned with files" in note for note in result.assumptions)
+    learner = next(r for r in result.roles if r.role == "learner")
+    assert any(i.what == "published weights (files, rank 0)" for i in learner.items)   # memory follows the transport

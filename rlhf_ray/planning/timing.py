@@ -341,17 +341,17 @@ def weight_sync_time(cfg, policy: Architecture, hw: Hardware, placement: Placeme
     """The sync through the transport the run uses: ``weights.transport``, or for 'auto' the cheapest of those that
     serve it on this hardware (rlhf_ray.weights.choose_transport, given ``transport_prices``). ``alternatives``: every
     other transport's seconds (also those that cannot serve this run, as their ``bound`` in transport_prices says)."""
-    from rlhf_ray.weights import choose_transport
+    from rlhf_ray.weights import choose_transport, transport_class
 
     prices = transport_prices(cfg, policy, hw, placement)
     name, why = choose_transport(cfg, {n: p.seconds for n, p in prices.items()})
     chosen = prices[name]
     others = {n: p.seconds for n, p in prices.items() if n != name}
-    faster = {n: s for n, s in others.items() if s < chosen.seconds}
     bound = chosen.bound + (f" ({why})" if why != "weights.transport" else "")
-    if faster:  # under 'auto' only those that cannot serve this run
-        label = "faster" if why == "weights.transport" else "faster, but unable to serve this run"
-        bound += f"; {label}: " + ", ".join(f"{n} {s:.3g} s" for n, s in sorted(faster.items(), key=lambda kv: kv[1]))
+    for label, serves in (("faster", True), ("faster, but unable to serve this run", False)):
+        faster = sorted((s, n) for n, s in others.items()
+                        if s < chosen.seconds and (transport_class(n).refuses(cfg) is None) == serves)
+        bound += f"; {label}: " + ", ".join(f"{n} {s:.3g} s" for s, n in faster) if faster else ""
     return PhaseTime("weight_sync", chosen.seconds, chosen.parts, bound, others)
 
 
