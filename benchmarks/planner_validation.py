@@ -275,7 +275,7 @@ def run_gpu_case(name: str, source: str, hw_name: str, gpus: int, base: list[str
     cfg, plan, applied = fitted_plan(base + layout_list, hw, gpus)
     steps = prompts / cfg.ppo.rollout_batch_size
     sync = plan.phases["weight_sync"]
-    system_sync = sync.alternatives.get("nccl_broadcast", sync.seconds) if weight_path == "nccl" else 0.0
+    system_sync = sync.alternatives.get("collective", sync.seconds) if weight_path == "nccl" else 0.0
     predicted = (plan.step_seconds - sync.seconds + system_sync) * steps
     recommended = plan_experiment(cfg, hw, gpus=gpus).recommendation
     return {"name": name, "source": source, "hardware": hw_name, "gpus": gpus, "layout": layout_list,

@@ -343,10 +343,11 @@ def test_host_memory_is_an_input_and_loading_is_priced(capsys):
 
 def test_the_context_is_checked_against_the_models_maximum():
     over = tulu("models.policy=meta-llama/Llama-2-13b-hf", "models.reference=null", "generation.max_new_tokens=4096")
-    plan = plan_experiment(over, H100, gpus=16, nodes=2, search=False)
+    plan = plan_experiment(over, H100, gpus=16, nodes=2)   # its fix comes with the others' (search=True)
     problem = next(p for p in plan.problems if p.role == "context")
     assert "1024 + generation.max_new_tokens=4096 = 5120 tokens, over the policy's context of 4096" in problem.message
     assert problem.fix.overrides == ["generation.max_new_tokens=3072"]
+    assert plan.recommendation is not None   # the layout search plans past the caps, which are the config's to lower
     fixed = plan_experiment(tulu("models.policy=meta-llama/Llama-2-13b-hf", "models.reference=null",
                                  *problem.fix.overrides), H100, gpus=16, nodes=2, search=False)
     assert not any(p.role == "context" for p in fixed.problems)

@@ -163,14 +163,13 @@ def micro_batch_shape(cfg, lengths: Lengths) -> tuple[int, int]:
     return cfg.ppo.micro_batch_size, lengths.cap
 
 
-def learner_memory(policy: Architecture, critic: Architecture | None, cfg, seq: int | None = None) -> RoleMemory:
+def learner_memory(policy: Architecture, critic: Architecture | None, cfg) -> RoleMemory:
     """One learner rank: policy and value model in one DeepSpeed engine (rlhf_ray.objectives.ppo.PPOObjective); the
     policy alone under a critic-free estimator (``critic`` None). Activations and logits of the largest micro-batch
-    (``micro_batch_shape``; ``seq``, if given, replaces the capped sequence length)."""
+    (``micro_batch_shape``: at the caps)."""
     ds, res = cfg.deepspeed, cfg.resources.learner
     world = res.num_actors
     micro, tokens = micro_batch_shape(cfg, lengths_of(cfg))
-    tokens = tokens if seq is None or cfg.deepspeed.micro_batch_tokens else seq
     n_policy, n_critic = policy.parameters("lm"), critic.parameters("score") if critic else 0
     if cfg.models.lora:  # the frozen base in the engine's precision; weights, gradients and Adam of the adapters
         n_adapters = policy.lora_params(cfg.models.lora.rank)
@@ -210,6 +209,15 @@ def learner_load_bytes(policy: Architecture, critic: Architecture | None, cfg) -
     DeepSpeed moves them to the device and ZeRO partitions them."""
     params = policy.parameters("lm") + (critic.parameters("score") if critic else 0)
     return params * DTYPE_BYTES[LEARNER_LOAD_DTYPE]
+
+
+def node_host_bytes(role: RoleMemory, actors: int) -> float:
+    """Host memory ``actors`` actors of ``role`` on one node need at their peak: running (offloaded states, the first
+    actor's published weights) or, where that is more, loading (``load_host_bytes`` each), each actor with its
+    process baseline. The plan sums this over a node's actors of every role (rlhf_ray.planning.checks); the layout
+    and fix searches size a role's options with it on their own."""
+    running = role.actor_bytes(0, "host") + role.actor_bytes(1, "host") * (actors - 1)
+    return max(running, role.load_host_bytes * actors) + PROCESS_BASELINE_BYTES * actors
 
 
 def published_bytes(policy: Architecture, cfg) -> float:
@@ -317,3 +325,13 @@ def frozen_memory(role: str, arch: Architecture, model: str, res, cfg, batch: in
                                 f"2·min(b·s, {chunk})·vocab·4" if chunk else "2·b·s·vocab·4"))
     load = full if not res.sharded and res.num_gpus <= 1 else 0.0
     return RoleMemory(role, model, res.num_actors, res.num_gpus, items, load_host_bytes=load)
+
+
+def frozen_role_memory(role: str, arch: Architecture, cfg) -> RoleMemory:
+    """Reward or reference as ``cfg`` runs it: the reward model's models.reward.batch_size sequences cut at
+    models.reward.max_length, the reference's ppo.micro_batch_size at the caps."""
+    res, cap = getattr(cfg.resources, role), lengths_of(cfg).cap
+    if role == "reward":
+        rm = cfg.models.reward
+        return frozen_memory(role, arch, rm.model, res, cfg, rm.batch_size, min(cap, rm.max_length))
+    return frozen_memory(role, arch, cfg.models.reference_path, res, cfg, cfg.ppo.micro_batch_size, cap)

@@ -90,14 +90,28 @@ def _verdict(plan: Plan) -> list[str]:
             lines.append(f"    smallest change that fits: {' '.join(problem.fix.overrides)}  "
                          f"(step {problem.fix.step_seconds:.1f} s{'; ' + problem.fix.note if problem.fix.note else ''})")
         elif problem.role not in ("layout",):
-            lines.append("    no single change or pair of changes found that fits")
+            lines.append("    no change of its settings found that fits")
+    return lines + _recommendation(plan)
+
+
+def _recommendation(plan: Plan) -> list[str]:
     rec = plan.recommendation
-    if rec and rec.note == "as configured":
-        lines.append(f"The configured layout is the fastest found for {plan.gpus} GPUs.")
-    elif rec:
+    if rec is None:
+        why = f": {plan.no_layout_reason}" if plan.no_layout_reason else ""
+        return [f"No layout found that fits {plan.gpus} GPUs{why}."] if plan.hardware.is_gpu else []
+    if rec.note == "as configured":
+        lines = [f"The configured layout is the fastest found for {plan.gpus} GPUs."]
+    else:
         versus = f" vs {plan.step_seconds:.1f} s as configured" if plan.fits else ""
-        lines.append(f"Fastest layout found for {plan.gpus} GPUs (step {rec.step_seconds:.1f} s{versus}):")
-        lines.append("  " + " ".join(rec.overrides))
-    elif plan.hardware.is_gpu:
-        lines.append(f"No layout found that fits {plan.gpus} GPUs.")
+        lines = [f"Fastest layout found for {plan.gpus} GPUs (step {rec.step_seconds:.1f} s{versus}):",
+                 "  " + " ".join(rec.overrides)]
+    for role in rec.roles:
+        lines.append(f"  {role.role:<10} {role.actors:>5} × {role.gpus_per_actor:g} GPU = {role.gpus:>5} GPUs "
+                     f"({role.gpus / plan.gpus:6.1%}), busy {role.busy_seconds:9.2f} s, idle {role.idle_share:6.1%} "
+                     "of the step")
+    lines.append(f"  weight sync: {rec.transport}")
+    if rec.idle_gpus:
+        lines.append(f"  {rec.idle_gpus} GPU(s) left idle:")
+        lines += [f"    - {reason}" for reason in rec.idle_reasons]
+    lines.append(f"  ({rec.layouts_examined} combinations searched in {rec.search_seconds:.2f} s)")
     return lines

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from rlhf_ray.planning.hardware import Hardware
 from rlhf_ray.planning.lengths import Lengths, ResponseLengths, lengths_of
-from rlhf_ray.planning.memory import DTYPE_BYTES, published_bytes
+from rlhf_ray.planning.memory import DTYPE_BYTES
 from rlhf_ray.planning.models import Architecture
 
 # --- share of the dense peak each kind of work reaches --------------------------------------------------------
@@ -59,15 +59,16 @@ COLLECTIVE_EFFICIENCY = 0.7
 COMM_OVERLAP = 0.5
 # Weight sync through Ray's object store: 540 MB in 0.86 s measured on this machine (issue 15: ~0.6 GB/s).
 OBJECT_STORE_BYTES_PER_S = 0.63e9
-# Ray's object manager pulling an object to another node (TCP, chunked): ~1–2 GB/s per node pair is typical.
-# Assumed, not measured.
+# Ray's object manager pulling an object to another node (one TCP stream over one NIC, chunked): ~1–2 GB/s per
+# node pair is typical. Assumed, not measured; one NIC's rate bounds it where that is lower.
 RAY_OBJECT_TRANSFER_BYTES_PER_S = 1.5e9
 # Weight sync through safetensors files in /dev/shm: one writer, engines reading in parallel; single-threaded
 # serialisation runs at a few GB/s. Assumed, not measured.
 FILE_BYTES_PER_S = 2.0e9
-# gloo broadcast between processes of one machine (the CPU 'collective' transport): TCP over loopback,
-# assumed ~1 GB/s until benchmarks/weight_sync.py measures it.
-GLOO_LOOPBACK_BYTES_PER_S = 1.0e9
+# gloo broadcast between processes of one machine (the CPU 'collective' transport): TCP over loopback. Measured into
+# a vLLM engine like OBJECT_STORE_BYTES_PER_S (benchmarks/results/weight_sync.md, SmolLM2, one engine: 538 MB in
+# 1.528 s = 0.35 GB/s, against 0.898 s through the object store and 1.094 s through files).
+GLOO_LOOPBACK_BYTES_PER_S = 0.35e9
 
 # --- fixed costs ---------------------------------------------------------------------------------------------
 # A Ray actor call with its batch through the object store: ~ms (DESIGN §2: a 10 MB tensor ~40 ms, small calls
@@ -107,6 +108,7 @@ class Placement:
     reward_crosses_nodes: bool = False
     reference_crosses_nodes: bool = False
     learner_ranks_per_node: int = 1
+    engine_nodes_elsewhere: int = 1     # nodes with engines besides the learner's (when engines_off_learner_node)
 
 
 def _peak(hw: Hardware, dtype: str, kind: str) -> float:
@@ -138,11 +140,12 @@ class TransferRates:
     def collective_seconds(num_bytes: float, hw: Hardware, crosses_nodes: bool) -> float:
         return collective_seconds(num_bytes, hw, crosses_nodes)
 
-
-def lengths(cfg) -> tuple[int, int]:
-    """(prompt, response) caps: data.max_prompt_tokens and generation.max_new_tokens — what memory is sized for.
-    The means and the tail the phases below use: rlhf_ray.planning.lengths.lengths_of."""
-    return cfg.data.max_prompt_tokens, cfg.generation.max_new_tokens
+    def pull_seconds(self, num_bytes: float, hw: Hardware, nodes: int) -> float:
+        """Ray's object manager bringing an object to ``nodes`` other nodes: each pull is one TCP stream over one NIC
+        (at most ray_object_transfer_bytes_per_s), and a node that holds a copy serves the next ones (Ray's object
+        directory lists every copy), so the copies double each round: ⌈log2(nodes + 1)⌉ rounds."""
+        rate = min(self.ray_object_transfer_bytes_per_s, hw.inter_node_bandwidth)
+        return math.ceil(math.log2(max(nodes, 1) + 1)) * num_bytes / rate
 
 
 def forward_shape(lengths: Lengths, padding_free: bool, padded_together: int) -> tuple[float, float]:
@@ -370,35 +373,57 @@ def optimizer_seconds(ds, params: int, world: int, optimizer_steps: int, micro_s
 
 # ---------------------------------------------------------------------------------------- weight sync
 
+def transport_prices(cfg, policy: Architecture, hw: Hardware, placement: Placement) -> dict[str, PhaseTime]:
+    """The weight sync through every transport that could carry this policy (the registered ones, an adapter one only
+    for a LoRA policy, and the configured one), each priced on this hardware: rank 0 gathers the policy (ZeRO-3), then
+    the transport's own parts (``Transport.transfer_seconds``: a broadcast over NVLink / the NICs, or a trip through
+    host memory over PCIe, the object store and Ray's pulls across nodes), plus a call to publish and one to load.
+    ``bound`` says why a transport cannot serve this config, where it cannot."""
+    from rlhf_ray.weights import AUTO, TRANSPORTS, transport_class
+
+    names = list(TRANSPORTS) + ([cfg.weights.transport] if cfg.weights.transport not in (AUTO, *TRANSPORTS) else [])
+    world, ds = cfg.resources.learner.num_actors, cfg.deepspeed
+    gather = 0.0
+    if ds.zero_stage == 3 and world > 1:
+        gather = collective_seconds(policy.parameters("lm") * DTYPE_BYTES[ds.precision] * (world - 1) / world,
+                                    hw, placement.learner_crosses_nodes)
+    prices = {}
+    for name in names:
+        transport = transport_class(name)
+        if transport.adapter and cfg.models.lora is None:
+            continue  # nothing to send but full weights
+        full = transport.payload_parameters(policy, cfg) * DTYPE_BYTES[cfg.models.dtype]
+        parts = {"gather": gather, **transport.transfer_seconds(full, hw, placement, rates=TransferRates())}
+        refused = transport.refuses(cfg)
+        prices[name] = PhaseTime("weight_sync", sum(parts.values()) + 2 * ROLE_CALL_OVERHEAD_S, parts,
+                                 f"{full / 2**30:.2f} GiB via {name}" + (f"; cannot serve this run: {refused}"
+                                                                          if refused else ""))
+    return prices
+
+
 def weight_sync_time(cfg, policy: Architecture, hw: Hardware, placement: Placement) -> PhaseTime:
-    """Rank 0 gathers the policy (ZeRO-3), then weights.transport moves it (rlhf_ray.weights): 'collective'
-    broadcasts it over the fabric (pipelined: one transfer's time whatever the number of engines);
-    'object_store' puts it once and the engines read it (pulled across nodes by Ray's object manager);
-    'files' is the object store plus each engine writing and reading safetensors in /dev/shm. On GPUs the
-    non-collective paths also copy device → host and host → device. The transport's own part is its class's
-    (``Transport.transfer_seconds``)."""
+    """The sync through the transport the run uses: ``weights.transport``, or for 'auto' the cheapest of those that
+    serve it on this hardware (rlhf_ray.weights.choose_transport, given ``transport_prices``). ``alternatives``: every
+    other transport's seconds (also those that cannot serve this run, as their ``bound`` in transport_prices says)."""
     from rlhf_ray.weights import choose_transport, transport_class
 
-    name, _ = choose_transport(cfg)
-    transport = transport_class(name)
-    full = published_bytes(policy, cfg)
-    world, ds = cfg.resources.learner.num_actors, cfg.deepspeed
-    parts = {"gather": 0.0}
-    if ds.zero_stage == 3 and world > 1:
-        parts["gather"] = collective_seconds(policy.parameters("lm") * DTYPE_BYTES[ds.precision] * (world - 1) / world,
-                                             hw, placement.learner_crosses_nodes)
-    parts.update(transport.transfer_seconds(full, hw, placement, rates=TransferRates()))
-    seconds = sum(parts.values()) + 2 * ROLE_CALL_OVERHEAD_S
-    bound = f"{full / 2**30:.2f} GiB via {name}"
-    alternatives = {}
-    if hw.is_gpu and not transport.broadcast:
-        alternatives["nccl_broadcast"] = (parts["gather"] + collective_seconds(full, hw, placement.engines_off_learner_node)
-                                          + 2 * ROLE_CALL_OVERHEAD_S)
-        bound += f" (an NCCL broadcast would take ~{alternatives['nccl_broadcast']:.1f} s)"
-    return PhaseTime("weight_sync", seconds, parts, bound, alternatives)
+    prices = transport_prices(cfg, policy, hw, placement)
+    name, why = choose_transport(cfg, {n: p.seconds for n, p in prices.items()})
+    chosen = prices[name]
+    others = {n: p.seconds for n, p in prices.items() if n != name}
+    bound = chosen.bound + (f" ({why})" if why != "weights.transport" else "")
+    for label, serves in (("faster", True), ("faster, but unable to serve this run", False)):
+        faster = sorted((s, n) for n, s in others.items()
+                        if s < chosen.seconds and (transport_class(n).refuses(cfg) is None) == serves)
+        bound += f"; {label}: " + ", ".join(f"{n} {s:.3g} s" for s, n in faster) if faster else ""
+    return PhaseTime("weight_sync", chosen.seconds, chosen.parts, bound, others)
 
 
 def step_seconds(phases: dict[str, PhaseTime], async_steps: int) -> float:
-    """Phases one after another; with ppo.async_steps=1 generation of the next batch overlaps score + learn."""
+    """One step in the steady state. ppo.async_steps=0: the phases one after another, generate + score + learn +
+    weight_sync. k ≥ 1: generation of later batches runs while the learner scores and learns, so the slower side
+    bounds the step, max(generate, score + learn) + weight_sync (the sync still stops both). k changes nothing here:
+    in the steady state the slower side sets the pace whatever k is; a larger k only absorbs one slow batch (jitter,
+    which is not modelled) at the cost of samples up to k updates old and k rollout batches held."""
     g, s, l, w = (phases[k].seconds for k in ("generate", "score", "learn", "weight_sync"))
     return (max(g, s + l) if async_steps else g + s + l) + w
