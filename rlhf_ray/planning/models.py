@@ -6,7 +6,8 @@ Where an architecture comes from, in order:
 2. a local directory: its config.json through transformers.AutoConfig;
 3. a hub name already in the local Hugging Face cache (never the network);
 4. a hub name in the built-in table below (Llama-2 7B/13B/70B, CodeLlama 34B and the AllenAI Tulu 2 /
-   Tulu 2.5 models built on them, OPT 350m–66b, Llama-3 8B/70B, SmolLM2-135M).
+   Tulu 2.5 models built on them, OPT 350m–66b, Llama-3 8B/70B, SmolLM2-135M, DeepSeek-LLM 7B, Qwen2.5 7B
+   (and Math-7B), Qwen3 32B).
 
 Anything else is one error line. The role decides the head: policy and reference carry the LM head,
 reward and value models a scalar score head on the same body.
@@ -115,6 +116,9 @@ KNOWN = [
     (r"llama-3(\.1)?-8b", _llama("llama-3-8b", 4096, 32, 32, 8, 14336, vocab=128256)),
     (r"llama-3(\.1)?-70b", _llama("llama-3-70b", 8192, 80, 64, 8, 28672, vocab=128256)),
     (r"smollm2-135m", replace(_llama("smollm2-135m", 576, 30, 9, 3, 1536, vocab=49152, tied=True), head_dim=64)),
+    (r"deepseek-llm-7b", _llama("deepseek-llm-7b", 4096, 30, 32, 32, 11008, vocab=102400)),
+    (r"qwen2\.5(-math)?-7b", _llama("qwen2.5-7b", 3584, 28, 28, 4, 18944, vocab=152064)),  # q/k/v biases left out
+    (r"qwen3-32b", replace(_llama("qwen3-32b", 5120, 64, 64, 8, 25600, vocab=151936), head_dim=128)),
     (r"opt-350m", _opt("opt-350m", 1024, 24, 16, embed_dim=512)),
     (r"opt-1\.3b", _opt("opt-1.3b", 2048, 24, 32)),
     (r"opt-6\.7b", _opt("opt-6.7b", 4096, 32, 32)),
