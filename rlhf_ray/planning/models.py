@@ -6,8 +6,8 @@ Where an architecture comes from, in order:
 2. a local directory: its config.json through transformers.AutoConfig;
 3. a hub name already in the local Hugging Face cache (never the network);
 4. a hub name in the built-in table below (Llama-2 7B/13B/70B, CodeLlama 34B and the AllenAI Tulu 2 /
-   Tulu 2.5 models built on them, OPT 350m–66b, Llama-3 / 3.1 8B/70B, Qwen2.5 0.5B–72B, Qwen3 0.6B–32B,
-   Qwen3-30B-A3B, Mixtral-8x7B, SmolLM2-135M).
+   Tulu 2.5 models built on them, OPT 350m–66b, Llama-3 / 3.1 8B/70B, Qwen2.5 0.5B–72B (and Math-7B), Qwen3
+   0.6B–32B, Qwen3-30B-A3B, Mixtral-8x7B, DeepSeek-LLM 7B, SmolLM2-135M).
 
 Anything else is one error line. The role decides the head: policy and reference carry the LM head,
 reward and value models a scalar score head on the same body. A mixture of experts is read from its config's MoE
@@ -201,8 +201,8 @@ def _opt(name, hidden, layers, heads, embed_dim=0):
 # num_hidden_layers, num_attention_heads, num_key_value_heads, intermediate_size, vocab_size, tie_word_embeddings,
 # max_position_embeddings (the context), head_dim where it is not hidden/heads, the MoE fields. Tests check each
 # family against its published parameter count. Tulu 2 / 2.5 use Llama-2's shapes; their context is not in the table
-# (0: not checked). Qwen2.5: the instruct models' 32768 (the base 7B–72B configs say 131072; only with YaRN). One
-# entry per line, most specific first.
+# (0: not checked). Qwen2.5: the instruct models' 32768 (the base 7B–72B configs say 131072; only with YaRN), Qwen2.5-Math
+# its own 4096. One entry per line, most specific first.
 KNOWN = [
     (r"llama-2-7b", _llama("llama-2-7b", 4096, 32, 32, 32, 11008, context=4096)),
     (r"llama-2-13b", _llama("llama-2-13b", 5120, 40, 40, 40, 13824, context=4096)),
@@ -219,6 +219,7 @@ KNOWN = [
     (r"qwen2\.5-0\.5b", _qwen2("qwen2.5-0.5b", 896, 24, 14, 2, 4864, vocab=151936, tied=True)),
     (r"qwen2\.5-1\.5b", _qwen2("qwen2.5-1.5b", 1536, 28, 12, 2, 8960, vocab=151936, tied=True)),
     (r"qwen2\.5-3b", _qwen2("qwen2.5-3b", 2048, 36, 16, 2, 11008, vocab=151936, tied=True)),
+    (r"qwen2\.5-math-7b", replace(_qwen2("qwen2.5-math-7b", 3584, 28, 28, 4, 18944), max_positions=4096)),
     (r"qwen2\.5-7b", _qwen2("qwen2.5-7b", 3584, 28, 28, 4, 18944)),
     (r"qwen2\.5-14b", _qwen2("qwen2.5-14b", 5120, 48, 40, 8, 13824)),
     (r"qwen2\.5-32b", _qwen2("qwen2.5-32b", 5120, 64, 40, 8, 27648)),
@@ -233,6 +234,7 @@ KNOWN = [
     (r"qwen3-30b-a3b-(instruct|thinking)-2507",
      _moe(replace(_qwen3("qwen3-30b-a3b-2507", 2048, 48, 32, 6144, context=262144), kv_heads=4), 128, 8, 768)),
     (r"qwen3-30b-a3b", _moe(replace(_qwen3("qwen3-30b-a3b", 2048, 48, 32, 6144), kv_heads=4), 128, 8, 768)),
+    (r"deepseek-llm-7b", _llama("deepseek-llm-7b", 4096, 30, 32, 32, 11008, vocab=102400, context=4096)),
     (r"mixtral-8x7b", _moe(_llama("mixtral-8x7b", 4096, 32, 32, 8, 14336, context=32768), 8, 2, 14336)),
     (r"opt-350m", _opt("opt-350m", 1024, 24, 16, embed_dim=512)),
     (r"opt-1\.3b", _opt("opt-1.3b", 2048, 24, 32)),
