@@ -7,6 +7,10 @@ said in every case's notes:
 
 - colocated runs (``layout.shared_gpus``): every role is planned on the GPUs it time-shares, as if it had them alone;
   the scoring passes (reward, reference, values and old logprobs) then add up instead of overlapping;
+- generation in static batches (``layout.generation.batch``, where the source states one): each engine generates that
+  many sequences at a time and waits for the longest before the next batch, as NeMo-Aligner's rollout micro-batches
+  and OpenRLHF's micro_rollout_batch_size (2024) did; the planner's own generate_time prices one such batch (all in
+  flight, to the longest of them), once per batch. Without it: continuous batching, as vLLM and SGLang run;
 - weight sync: the published systems broadcast or reshard over NCCL; the planner's price of the broadcast
   ('collective') is compared (rlhf-ray's own 'auto' transport is reported beside it);
 - a GPU kind missing from the catalogue: a Hardware from the case file's ``gpu_specs``, in --gpu-spec's fields;
@@ -30,7 +34,9 @@ import yaml
 from rlhf_ray.config import load_config
 from rlhf_ray.planning import Hardware, get_hardware, plan_experiment
 from rlhf_ray.planning.hardware import gpu_from_fields
-from rlhf_ray.planning.timing import ROLE_CALL_OVERHEAD_S, PhaseTime, step_seconds
+from rlhf_ray.planning.memory import generation_memory
+from rlhf_ray.planning.search import variant
+from rlhf_ray.planning.timing import ROLE_CALL_OVERHEAD_S, PhaseTime, generate_time, step_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES_FILE = Path(__file__).with_name("published_runs.yaml")
@@ -218,6 +224,19 @@ def compared_phases(planned, shared: bool) -> dict[str, float]:
     return phases
 
 
+def static_batch_generate(cfg, planned, batch: int) -> float:
+    """Generation when each engine generates ``batch`` sequences at a time and waits for the longest of them before the
+    next (the published system's static batches): generate_time of a rollout of ``batch`` sequences per engine (all in
+    flight, as many as the KV cache holds), once per batch of the engine's share."""
+    gen, policy = cfg.resources.generation, planned.models["policy"]
+    per_engine = cfg.rollout_sequences // gen.num_actors
+    batch = min(batch, per_engine)
+    one = variant(cfg, {"ppo.rollout_batch_size": max(1, gen.num_actors * batch // cfg.generation.n_samples_per_prompt)})
+    hw = planned.hardware
+    _, kv = generation_memory(policy, one, True, hw.memory_bytes)
+    return math.ceil(per_engine / batch) * generate_time(one, policy, hw, kv["concurrent"]).seconds
+
+
 def compared_step(phases: dict[str, float], async_steps: int) -> float:
     return step_seconds({name: PhaseTime(name, phases[name]) for name in PHASES}, async_steps)
 
@@ -265,6 +284,9 @@ def run_case(case: dict, data: dict, paths: dict) -> dict:
     shard = frozen_sharding(case, paths, hw)
     built, planned = fitted(case, paths, hw, shard)
     phases = compared_phases(planned, shared)
+    continuous = phases["generate"]
+    if case["layout"]["generation"].get("batch"):
+        phases["generate"] = static_batch_generate(built.cfg, planned, case["layout"]["generation"]["batch"])
     step = compared_step(phases, case["workload"]["async_steps"])
     needs = missing_inputs(case, planned, data.get("architectures", {}))
     published, published_how = published_step(case)
@@ -274,6 +296,7 @@ def run_case(case: dict, data: dict, paths: dict) -> dict:
         "lengths_published": case["workload"]["lengths_published"], "published_step_s": published,
         "published_how": published_how, "predicted_step_s": step, "error": step / published - 1,
         "predicted_phases_s": phases, "published_phases_s": case["published"].get("phases_s"),
+        "generation_batch": case["layout"]["generation"].get("batch"), "predicted_generate_s_continuous": continuous,
         "phase_errors": phase_errors(case["published"].get("phases_s"), phases),
         "predicted_step_s_rlhf_ray_transport": compared_step(
             phases | {"weight_sync": planned.phases["weight_sync"].seconds}, case["workload"]["async_steps"]),

@@ -89,3 +89,20 @@ def test_a_gpu_outside_the_catalogue_comes_from_the_case_files_spec(runs):
     assert hw.peak_flops_16bit == pytest.approx(200e12) and hw.name == "some-card" and "a datasheet" in note
     with pytest.raises(ValueError, match="gpu_specs"):
         runs.hardware_for("no-such-gpu", {})
+
+
+def test_static_batches_wait_for_their_longest_response(runs, data, tmp_path):
+    """The published system's static generation batches (NeMo-Aligner's rollout micro-batches): one batch of an
+    engine's whole share is the planner's own generate phase; smaller batches each wait for their longest."""
+    from rlhf_ray.planning import get_hardware
+
+    paths = runs.write_architectures(data["architectures"], tmp_path)
+    case = next(c for c in data["cases"] if c["id"] == "nemo-aligner-llama3-70b-8+4-nodes")
+    hw = get_hardware(case["gpu"])
+    built = runs.build(case, paths, 1, {"reference": True, "reward": True})
+    planned = runs.plan(built, hw, case["gpus"])
+    share = built.cfg.rollout_sequences // built.cfg.resources.generation.num_actors
+    whole = runs.static_batch_generate(built.cfg, planned, share)
+    assert whole == pytest.approx(planned.phases["generate"].seconds, rel=1e-6)
+    eight = runs.static_batch_generate(built.cfg, planned, 8)
+    assert eight > 3 * whole   # 16 batches, each to the longest of 8, against one queue of 128
