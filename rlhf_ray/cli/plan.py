@@ -37,7 +37,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--nodes", type=int, default=None, help="nodes the GPUs are spread over (default: as few as "
                                                                 "hold them)")
     parser.add_argument("--json", default=None, metavar="OUT", help="also write the plan as JSON to OUT")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)   # key=value overrides before or after the options
 
 
 def hardware_of(args: argparse.Namespace):
