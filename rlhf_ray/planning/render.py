@@ -6,7 +6,7 @@ from itertools import groupby
 from rlhf_ray.planning.memory import GiB
 from rlhf_ray.planning.planner import Plan
 
-COUNT_PARTS = ("waves", "sequences_in_flight", "decode_steps")  # parts of a phase that are counts, not seconds
+COUNT_PARTS = ("sequences_in_flight", "decode_steps")  # parts of a phase that are counts, not seconds
 
 
 def format_plan(plan: Plan) -> list[str]:

@@ -3,8 +3,10 @@ is left over.
 
 Counts are any the config allows, up to the GPUs: learner ranks dividing ppo.mini_batch_size (the micro-batch
 lowered where a rank's share needs it), engines dividing ppo.rollout_batch_size (× tensor parallelism 1/2/4/8),
-reward and reference actors dividing the rollout's sequences (replicated or sharded). Options are priced by the phase
-functions on unvalidated copies of the config (``variant``); the planner validates and plans the finalists in full.
+reward and reference actors dividing the rollout's sequences (replicated or sharded). Options are sized and priced by
+the plan's own memory and phase functions (means for compute, caps for memory, the tail for generation, a MoE's
+active and total parameters; host memory running and at load) on unvalidated copies of the config (``variant``); the
+planner validates and plans the finalists in full.
 
 Roles meet only in the step (rlhf_ray.planning.timing.step_seconds): generate + max(reward, reference, values) +
 learn + weight sync, or with ppo.async_steps ≥ 1 max(generate, score + learn) + weight sync. So the search walks
