@@ -205,7 +205,7 @@ def values_time(cfg, policy: Architecture, critic: Architecture | None, hw: Hard
     seq = prompt + response
     with_logprobs = cfg.old_logprobs_source()[0] == "learner"
     seqs = cfg.rollout_sequences / world
-    policy_passes = int(with_logprobs) + int(cfg.models.lora is not None)
+    policy_passes = int(with_logprobs) + int(cfg.reference_source()[0] == "learner")
     if critic is None and not policy_passes:  # critic-free, the sampler's logprobs: no such pass
         return 0.0
     per_token = critic.forward_flops_per_token("score", seq) if critic else 0.0
