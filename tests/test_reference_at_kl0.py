@@ -52,6 +52,7 @@ def test_the_planner_plans_no_reference_at_kl0_with_auto():
     assert any(r.role == "reference" for r in with_ref.roles) and not any(r.role == "reference" for r in without.roles)
     assert "reference" not in without.layout.nodes_of and without.to_dict()["requested_gpus"] == 14
     assert f"{NO_REFERENCE}: none planned" in without.assumptions
+    assert "reference" in with_ref.phases["score"].parts and "reference" not in without.phases["score"].parts
     # LoRA at KL 0: no reference pass in the learner either
     lora = [plan_experiment(tulu("models.lora.rank=64", *o), h100, gpus=16, nodes=2, search=False).phases["score"]
             for o in ((), ("ppo.kl_coef=0",))]

@@ -228,11 +228,13 @@ def score_time(cfg, archs: dict, hw: Hardware, placement: Placement) -> PhaseTim
                                               placement.reference_crosses_nodes)
              if archs.get("reference") else ROLE_CALL_OVERHEAD_S,   # LoRA: in the learner's values pass
              "values": values_time(cfg, archs["policy"], archs.get("critic"), hw, placement)}
+    if cfg.reference_source()[0] == "none":  # no reference at all (ppo.kl_coef=0, ppo.reference=auto)
+        del parts["reference"]
     if hw.is_gpu:
         slowest = max(parts, key=parts.get)
         return PhaseTime("score", parts[slowest], parts, f"concurrent on their own GPUs; slowest: {slowest}")
-    # one machine: the three share its cores, so their compute adds up (their call overheads overlap)
-    total = sum(parts.values()) - 2 * ROLE_CALL_OVERHEAD_S
+    # one machine: they share its cores, so their compute adds up (their call overheads overlap)
+    total = sum(parts.values()) - (len(parts) - 1) * ROLE_CALL_OVERHEAD_S
     return PhaseTime("score", total, parts, "concurrent on the same cores: compute adds up")
 
 
