@@ -109,8 +109,10 @@ def test_quiet_console_of_the_main_job_beside_another_run_each_in_its_own_cluste
 
 def assert_no_reference(out, metrics: list[dict], console: str) -> None:
     """A run at ppo.kl_coef=0 with ppo.reference=auto: no reference planned or started, no KL or reference figures
-    logged, and the console says so at the start and in its summary."""
+    logged, the console says so at the start and in its summary, and its report draws (its KL panel says so too:
+    tests/test_reference_at_kl0.py)."""
     from rlhf_ray.config import NO_REFERENCE
+    from rlhf_ray.run.report import main as report
 
     plan = json.loads((out / "plan.json").read_text())
     assert "reference" not in plan["models"] and "reference" not in {r["role"] for r in plan["roles"]}
@@ -120,6 +122,7 @@ def assert_no_reference(out, metrics: list[dict], console: str) -> None:
     assert f"{NO_REFERENCE}: no reference actors, no KL metrics" in console
     summary = [line for line in console.splitlines() if " steps in " in line]
     assert summary and summary[-1].endswith(f"{NO_REFERENCE}: no KL"), console[-3000:]
+    assert report([str(out)]) == 0 and (out / "report.png").stat().st_size > 20_000
 
 
 @pytest.mark.e2e
