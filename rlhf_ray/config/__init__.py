@@ -42,8 +42,9 @@ __all__ = [
     "DPOConfig", "DPOTrainingConfig", "DataConfig", "DeepSpeedConfig", "ExperimentConfig", "GenerationConfig",
     "LearnerAndReferenceResources", "LearnerResourcesConfig", "LearnerRunConfig", "LearnerTimeouts", "LoRAConfig",
     "LoggingConfig", "MAX_SAMPLES_PER_PROMPT", "ModelsConfig", "NO_REFERENCE", "OptimizerConfig", "PPOConfig",
-    "PreferenceDataConfig", "PreferencePairsConfig", "PreferenceSourcesConfig", "RMTrainingConfig", "RayConfig",
-    "RecoveryConfig", "ReferenceTimeouts", "Replacing", "ResourcesConfig", "RewardConfig", "RewardTrainingConfig",
-    "RoleResources", "RunConfig", "RunLogging", "SFTConfig", "SFTTrainingConfig", "TimeoutsConfig", "WeightsConfig",
-    "build_config", "check_transport_name", "dump_config", "load_config", "main", "merge_tree", "parse_overrides",
+    "PreferenceDataConfig",
+    "PreferencePairsConfig", "PreferenceSourcesConfig", "RMTrainingConfig", "RayConfig", "RecoveryConfig",
+    "ReferenceTimeouts", "Replacing", "ResourcesConfig", "RewardConfig", "RewardTrainingConfig", "RoleResources",
+    "RunConfig", "RunLogging", "SFTConfig", "SFTTrainingConfig", "TimeoutsConfig", "WeightsConfig", "build_config",
+    "check_transport_name", "dump_config", "load_config", "main", "merge_tree", "parse_overrides",
 ]
