@@ -27,7 +27,7 @@ from rlhf_ray.config.learner_run import LearnerRunConfig, PreferenceSourcesConfi
 from rlhf_ray.config.loading import (DEFAULT_CONFIG, Replacing, build_config, dump_config, load_config, merge_tree,
                                      parse_overrides)
 from rlhf_ray.config.planning import PlanningConfig
-from rlhf_ray.config.ppo import ExperimentConfig
+from rlhf_ray.config.ppo import NO_REFERENCE, ExperimentConfig
 from rlhf_ray.config.ppo_sections import (MAX_SAMPLES_PER_PROMPT, DataConfig, GenerationConfig, LoggingConfig,
                                           ModelsConfig, PPOConfig, ResourcesConfig, TimeoutsConfig, WeightsConfig)
 from rlhf_ray.config.reward import RewardConfig
@@ -42,9 +42,10 @@ __all__ = [
     "ActorResources", "CheckpointConfig", "ConfigError", "ConfigKeyError", "ConversationDataConfig", "DEFAULT_CONFIG",
     "DPOConfig", "DPOTrainingConfig", "DataConfig", "DeepSpeedConfig", "ExperimentConfig", "GenerationConfig",
     "LearnerAndReferenceResources", "LearnerResourcesConfig", "LearnerRunConfig", "LearnerTimeouts", "LoRAConfig",
-    "LoggingConfig", "MAX_SAMPLES_PER_PROMPT", "ModelsConfig", "OptimizerConfig", "PPOConfig", "PlanningConfig",
-    "PreferenceDataConfig", "PreferencePairsConfig", "PreferenceSourcesConfig", "RMTrainingConfig", "RayConfig",
-    "RecoveryConfig", "ReferenceTimeouts", "Replacing", "ResourcesConfig", "RewardConfig", "RewardTrainingConfig",
-    "RoleResources", "RunConfig", "RunLogging", "SFTConfig", "SFTTrainingConfig", "TimeoutsConfig", "WeightsConfig",
-    "build_config", "check_transport_name", "dump_config", "load_config", "main", "merge_tree", "parse_overrides",
+    "LoggingConfig", "MAX_SAMPLES_PER_PROMPT", "ModelsConfig", "NO_REFERENCE", "OptimizerConfig", "PPOConfig",
+    "PlanningConfig", "PreferenceDataConfig", "PreferencePairsConfig", "PreferenceSourcesConfig", "RMTrainingConfig",
+    "RayConfig", "RecoveryConfig", "ReferenceTimeouts", "Replacing", "ResourcesConfig", "RewardConfig",
+    "RewardTrainingConfig", "RoleResources", "RunConfig", "RunLogging", "SFTConfig", "SFTTrainingConfig",
+    "TimeoutsConfig", "WeightsConfig", "build_config", "check_transport_name", "dump_config", "load_config", "main",
+    "merge_tree", "parse_overrides",
 ]

@@ -27,7 +27,7 @@ def check_rollout_split(cfg) -> None:
             "(= ppo.rollout_batch_size × generation.n_samples_per_prompt)")
     require(ppo.rollout_batch_size % resources.generation.num_actors == 0, "resources.generation.num_actors",
             f"{resources.generation.num_actors} does not divide ppo.rollout_batch_size={ppo.rollout_batch_size}")
-    for role in ("reward", "reference"):
+    for role in ("reward", "reference") if cfg.reference_actors else ("reward",):  # (no reference: nothing to split)
         actors = getattr(resources, role).num_actors
         require(cfg.rollout_sequences % actors == 0, f"resources.{role}.num_actors",
                 f"{actors} does not divide the rollout of {cfg.rollout_sequences} sequences")

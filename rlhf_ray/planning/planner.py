@@ -130,7 +130,7 @@ def _hardware(cfg, hardware) -> Hardware:
 
 def requested_gpus_of(cfg) -> int:
     res = cfg.resources
-    roles = [res.learner, res.generation] + ([res.reference] if cfg.models.lora is None else []) \
+    roles = [res.learner, res.generation] + ([res.reference] if cfg.reference_actors else []) \
         + ([res.reward] if cfg.models.reward.kind == "model" else [])
     return math.ceil(sum(r.num_actors * r.num_gpus for r in roles) - 1e-9)
 
@@ -140,12 +140,12 @@ def requested_gpus(roles: list[RoleMemory]) -> int:
 
 
 def resolve_models(cfg) -> dict[str, Architecture]:
-    """Architectures by role: policy, critic (value model; None under a critic-free ppo.advantage), reference and
-    reward (when it is a model)."""
+    """Architectures by role: policy, critic (value model; None under a critic-free ppo.advantage), reference (when
+    reference actors compute it: ExperimentConfig.reference_source) and reward (when it is a model)."""
     models, seen = cfg.models, {}
     resolve = lambda spec: seen.setdefault(spec, resolve_architecture(spec, models.cache_dir, cfg.seed))  # noqa: E731
     archs = {"policy": resolve(models.policy)}
-    if models.lora is None:  # LoRA: the learner's base with the adapters off is the reference
+    if cfg.reference_actors:  # not under LoRA (the learner's base, adapters off), nor with none (ppo.kl_coef=0)
         archs["reference"] = resolve(models.reference_path)
     critic = models.value_model_path if models.value_init == "reward" else models.policy
     if cfg.ppo.needs_critic:
@@ -197,7 +197,7 @@ def _role_memories(cfg, archs: dict, hw: Hardware) -> tuple[list[RoleMemory], di
 def _gpu_for_cpu_roles(cfg, problems: list[Problem]):
     """On GPU hardware a role reserving no GPU would run on CPUs: say so, and plan it with one GPU per actor."""
     changes = []
-    for role in ("learner", "generation") + (("reference",) if cfg.models.lora is None else ()) \
+    for role in ("learner", "generation") + (("reference",) if cfg.reference_actors else ()) \
             + (("reward",) if cfg.models.reward.kind == "model" else ()):
         res = getattr(cfg.resources, role)
         if res.num_gpus == 0:
@@ -270,6 +270,9 @@ def _devices_over_capacity(plan: Plan) -> list[Problem]:
 def _assumptions(cfg, hw: Hardware) -> list[str]:
     notes = [lengths_note(cfg),
              "efficiencies and overheads: the constants of rlhf_ray.planning.timing (not fitted to any run)"]
+    reference, why = cfg.reference_source()
+    if reference == "none":
+        notes.append(f"{why}: none planned")
     if hw.is_gpu:
         notes.append(f"{GPU_RESERVED_BYTES / GiB:.1f} GiB per GPU reserved for CUDA context, NCCL and fragmentation; "
                      "vLLM takes 85 % of its GPUs")

@@ -262,7 +262,7 @@ def values_time(cfg, policy: Architecture, critic: Architecture | None, hw: Hard
     shape = learner_shape(cfg, lengths_of(cfg))
     with_logprobs = cfg.old_logprobs_source()[0] == "learner"
     seqs = cfg.rollout_sequences / world
-    policy_passes = int(with_logprobs) + int(cfg.models.lora is not None)
+    policy_passes = int(with_logprobs) + int(cfg.reference_source()[0] == "learner")
     if critic is None and not policy_passes:  # critic-free, the sampler's logprobs: no such pass
         return 0.0
     flops = critic.forward_flops("score", *shape) if critic else 0.0
@@ -285,11 +285,13 @@ def score_time(cfg, archs: dict, hw: Hardware, placement: Placement) -> PhaseTim
                                               placement.reference_crosses_nodes)
              if archs.get("reference") else ROLE_CALL_OVERHEAD_S,   # LoRA: in the learner's values pass
              "values": values_time(cfg, archs["policy"], archs.get("critic"), hw, placement)}
+    if cfg.reference_source()[0] == "none":  # no reference at all (ppo.kl_coef=0, ppo.reference=auto)
+        del parts["reference"]
     if hw.is_gpu:
         slowest = max(parts, key=parts.get)
         return PhaseTime("score", parts[slowest], parts, f"concurrent on their own GPUs; slowest: {slowest}")
-    # one machine: the three share its cores, so their compute adds up (their call overheads overlap)
-    total = sum(parts.values()) - 2 * ROLE_CALL_OVERHEAD_S
+    # one machine: they share its cores, so their compute adds up (their call overheads overlap)
+    total = sum(parts.values()) - (len(parts) - 1) * ROLE_CALL_OVERHEAD_S
     return PhaseTime("score", total, parts, "concurrent on the same cores: compute adds up")
 
 
