@@ -60,7 +60,8 @@ class PPOTrainer(CheckpointedDriver):
         cfg, models = self.cfg, self.cfg.models
         resolve = lambda spec: resolve_model(spec, models.cache_dir, cfg.seed)  # noqa: E731
         reward = resolve(models.reward.model) if models.reward.kind == "model" else None
-        self.paths = ModelPaths(policy=resolve(models.policy), reference=resolve(models.reference_path), reward=reward,
+        reference = resolve(models.reference_path) if cfg.reference_source()[0] != "none" else None
+        self.paths = ModelPaths(policy=resolve(models.policy), reference=reference, reward=reward,
                                 value=resolve(models.value_model_path)
                                 if models.value_init == "reward" and cfg.ppo.needs_critic else None)
         preflight.check_experiment(cfg, {"models.policy": self.paths.policy, "models.reference": self.paths.reference,
@@ -68,7 +69,7 @@ class PPOTrainer(CheckpointedDriver):
                                          "models.value_model": self.paths.value})
         if self.paths.value:
             check_same_tokenizer(self.paths.policy, self.paths.value, "the value model's source (models.value_init=reward)")
-        if self.paths.reference != self.paths.policy:
+        if self.paths.reference not in (None, self.paths.policy):
             check_same_tokenizer(self.paths.policy, self.paths.reference, "the reference model (models.reference)")
 
     def load_data(self) -> None:
@@ -93,8 +94,9 @@ class PPOTrainer(CheckpointedDriver):
             plan_at_startup(cfg)
 
     def start_roles(self) -> Roles:
-        # LoRA: the reference is the learner's own base (adapters off), so there are no reference actors
-        roles = tuple(r for r in ROLE_ORDER if r != "reference" or self.cfg.models.lora is None)
+        # reference actors only where they compute the reference: not under LoRA (the learner's own base, adapters
+        # off, is the reference), nor where there is none (ppo.kl_coef=0, ppo.reference=auto)
+        roles = tuple(r for r in ROLE_ORDER if r != "reference" or self.cfg.reference_actors)
         return Roles(self.cfg, self.paths, ppo_learner(self.cfg, self.paths), roles=roles,
                      overlapped=self.cfg.ppo.async_steps > 0)
 
@@ -112,10 +114,18 @@ class PPOTrainer(CheckpointedDriver):
                  self.roles.learner_parameters() / 1e6, "" if cfg.ppo.needs_critic else ", and runs no values pass")
         # LoRA (models.lora): the learner's base with the adapters off is the reference; overlapped, it runs beside
         # the values pass (the learner is busy with the update while the next rollout is sampled)
-        self.reference_in_learner = cfg.models.lora is not None
+        reference, why = cfg.reference_source()
+        self.has_reference, self.reference_in_learner = reference != "none", reference == "learner"
         if self.reference_in_learner:
             log.info("models.lora: the policy trains as rank-%d adapters; the reference is its base with the adapters "
                      "off, computed in the learner (no reference actors)", cfg.models.lora.rank)
+        if not self.has_reference:
+            log.info("%s: no reference actors, no KL metrics; ppo.reference=keep keeps one to monitor the KL", why)
+            if cfg.models.reference:
+                log.warning("models.reference=%s is unused: %s; set ppo.reference=keep to monitor the KL to it",
+                            cfg.models.reference, why)
+        elif cfg.ppo.kl_coef == 0:
+            log.info("reference kept at ppo.kl_coef=0 (%s)", why)
         self.warned_non_eos = False  # the console hears once that cutting responses pays
         self.engine_version = 0  # the learner update whose weights the engines hold
         self.next_rollout: Future | None = None  # ppo.async_steps=1: the next step's rollout, under way
@@ -135,8 +145,8 @@ class PPOTrainer(CheckpointedDriver):
     @staticmethod
     def progress(metrics: dict) -> dict:
         """The progress bar's figures after a step."""
-        return {"reward": f"{metrics['reward/mean']:.3f}", "kl": f"{metrics['kl/mean']:.3f}",
-                "step_s": f"{metrics['time/step']:.1f}"}
+        kl = {"kl": f"{metrics['kl/mean']:.3f}"} if "kl/mean" in metrics else {}  # (none without a reference)
+        return {"reward": f"{metrics['reward/mean']:.3f}", **kl, "step_s": f"{metrics['time/step']:.1f}"}
 
     def closing(self) -> list[str]:
         """The report picture (logging.report) and the one-line summary of the run, for the console."""
@@ -227,7 +237,8 @@ class PPOTrainer(CheckpointedDriver):
             raise RolloutCancelled()
         # overlapped, the learner scores later with its newer weights (_run_step)
         overlapped = self.prefetcher is not None
-        roles = ("reward",) + (() if overlapped and self.reference_in_learner else ("reference",))
+        reference = self.has_reference and not (overlapped and self.reference_in_learner)
+        roles = ("reward",) + (("reference",) if reference else ())
         roles += ("learner",) if self.learner_scores and not overlapped else ()
         seconds = {}
         if self.cfg.ppo.dynamic_sampling:
@@ -366,7 +377,12 @@ class PPOTrainer(CheckpointedDriver):
         saved = Path(path) / NEXT_ROLLOUT
         if self.prefetcher is not None and saved.is_file():
             rollout = Rollout.from_state(torch.load(saved, weights_only=True))
-            if rollout.step == self.step_count:
+            if not self.has_reference:  # saved by a run with a reference (ppo.kl_coef changed to 0): no KL now
+                rollout.batch = rollout.batch.with_(ref_logprobs=None)
+            # saved by a run without one (ppo.kl_coef changed from 0): it lacks the reference's log-probs, so it is
+            # sampled again
+            scored = rollout.batch.ref_logprobs is not None or not self.cfg.reference_actors
+            if rollout.step == self.step_count and scored:
                 self.next_rollout = Future()
                 self.next_rollout.set_result(rollout)
         self.normalizer = self._score_normalizer()
