@@ -7,16 +7,44 @@ The GPU catalogue holds vendor figures (dense, no sparsity); the planner applies
 machine: its memory from /proc/meminfo, its peak and memory bandwidth measured with short matmuls and a copy
 (≈0.3 s), unless given.
 
+A calibration (rlhf_ray.planning.calibration: python -m rlhf_ray.plan --calibrate) adds what the hardware was
+measured to achieve on each kind of work (``WorkFactors``, the ``factors`` field): the timing model reads them where it
+would otherwise take its stated efficiencies at their word.
+
 Units: bytes, FLOP/s, bytes/s. Link bandwidths are per device and per direction.
 """
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 GiB = 2**30
+
+# The work a step is made of, as a calibration measures and the timing model prices it: one engine's rollout, a reward
+# or reference actor's forwards, a learner rank's values pass and update, the weight sync.
+WORK_KINDS = ("generate", "reward", "reference", "values", "learn", "weight_sync")
+
+
+@dataclass(frozen=True)
+class WorkFactors:
+    """What this hardware was measured to achieve, per kind of work (WORK_KINDS), relative to the planner's model.
+
+    time: measured / predicted seconds of that work: every rate the planner assumed for it (its share of the peak, of
+        the bandwidth, its per-step overheads) divided by this factor; the work's formula (how it grows with tokens,
+        shrinks with actors and ranks) is kept, so the factor carries over to other layouts.
+    serial: on a CPU machine, the share of that work which does not run faster with more threads (Amdahl): a
+        process with t of the machine's P cores takes seconds·(serial + (1 − serial)·P/t) (rlhf_ray.planning.cores).
+    overhead_s: the driver's own seconds per step beside the roles' work ('sequential', 'overlapped'), as measured.
+    source: where they come from (the calibration file)."""
+    time: dict = field(default_factory=dict)
+    serial: dict = field(default_factory=dict)
+    overhead_s: dict = field(default_factory=dict)
+    source: str = ""
+
+    def factor(self, kind: str) -> float:
+        return self.time.get(kind, 1.0)
 
 
 @dataclass(frozen=True)
@@ -36,6 +64,12 @@ class Hardware:
     is_gpu: bool = True
     source: str = ""
     host_memory_source: str = ""   # where host_memory_bytes comes from: given, this machine, or an assumption
+    cores: int = 0                 # a CPU machine's cores, which its roles share (0 on GPUs: not used)
+    factors: WorkFactors | None = None   # measured by a calibration; None: the planner's stated constants
+
+    def time_factor(self, kind: str) -> float:
+        """Measured / predicted seconds of a kind of work (WORK_KINDS) on this hardware: 1 without a calibration."""
+        return self.factors.factor(kind) if self.factors else 1.0
 
     def peak_flops(self, dtype: str) -> float:
         """Dense peak for a compute dtype: 'fp32'/'float32' or 16-bit."""
@@ -254,7 +288,7 @@ def this_machine(peak_flops_fp32: float | None = None, peak_flops_16bit: float |
                     memory_bandwidth=bandwidth, intra_node_bandwidth=bandwidth, inter_node_bandwidth=bandwidth,
                     host_link_bandwidth=bandwidth, host_memory_bytes=memory, devices_per_node=1, is_gpu=False,
                     source=f"this machine: {cores} cores, /proc/meminfo; peaks {measured}",
-                    host_memory_source="this machine's /proc/meminfo")
+                    host_memory_source="this machine's /proc/meminfo", cores=cores)
 
 
 def usable_cores() -> int:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from rlhf_ray.planning.changes import with_overrides
 from rlhf_ray.planning.checks import context_overrun, host_load_per_node, host_shortfalls, lengths_note
+from rlhf_ray.planning.cores import Group, cpu_phases, gpu_work
 from rlhf_ray.planning.fixes import fix_candidates, host_bound
 from rlhf_ray.planning.hardware import Hardware, get_hardware, with_nodes
 from rlhf_ray.planning.memory import (GPU_RESERVED_BYTES, GiB, RoleMemory, frozen_role_memory, generation_memory,
@@ -21,8 +22,8 @@ from rlhf_ray.planning.memory import (GPU_RESERVED_BYTES, GiB, RoleMemory, froze
 from rlhf_ray.planning.models import Architecture, resolve_architecture
 from rlhf_ray.planning.placement import Layout, place
 from rlhf_ray.planning.search import RoleShare, Search, idle_reasons, role_options, role_shares
-from rlhf_ray.planning.timing import (PhaseTime, Placement, generate_time, learn_time, score_time, step_seconds,
-                                      transport_prices, weight_sync_time)
+from rlhf_ray.planning.timing import (PhaseTime, Placement, driver_overhead, generate_time, learn_time, score_time,
+                                      step_seconds, transport_prices, weight_sync_time)
 from rlhf_ray.weights import AUTO, choose_transport
 
 FROZEN_ROLES = ("reward", "reference")
@@ -79,6 +80,8 @@ class Plan:
     assumptions: list[str] = field(default_factory=list)
     host_load_bytes_per_node: dict[int, float] = field(default_factory=dict)  # host memory while the models load
     no_layout_reason: str = ""   # why the layout search found none, where host memory is why
+    work: dict[str, Group] = field(default_factory=dict)   # each kind of work's actors (rlhf_ray.planning.cores)
+    async_steps: int = 0         # ppo.async_steps: how the phases make a step (timing.step_seconds)
 
     @property
     def fits(self) -> bool:
@@ -171,13 +174,19 @@ def _evaluate(cfg, hw: Hardware, gpus: int, nodes: int, archs: dict, config_path
         cfg = priced
         roles, kv = _role_memories(cfg, archs, hw)
         layout = place(roles, hw, gpus)
-    phases = {"generate": generate_time(cfg, archs["policy"], hw, kv["concurrent"]),
-              "score": score_time(cfg, archs, hw, placement),
-              "learn": learn_time(cfg, archs["policy"], archs.get("critic"), hw, placement),
-              "weight_sync": weight_sync_time(cfg, archs["policy"], hw, placement)}
+    if hw.is_gpu:
+        phases = {"generate": generate_time(cfg, archs["policy"], hw, kv["concurrent"]),
+                  "score": score_time(cfg, archs, hw, placement),
+                  "learn": learn_time(cfg, archs["policy"], archs.get("critic"), hw, placement),
+                  "weight_sync": weight_sync_time(cfg, archs["policy"], hw, placement)}
+        work = gpu_work(phases)
+    else:   # the roles share one machine's cores
+        phases, work = cpu_phases(cfg, archs, hw, placement, kv["concurrent"])
     plan = Plan(config_path, hw, gpus, nodes, archs, roles, layout, kv, phases,
-                step_seconds(phases, cfg.ppo.async_steps), cfg.num_steps, problems, assumptions=assumptions,
-                host_load_bytes_per_node=host_load_per_node(layout, roles) if hw.is_gpu else {})
+                step_seconds(phases, cfg.ppo.async_steps, driver_overhead(hw, cfg.ppo.async_steps)), cfg.num_steps,
+                problems, assumptions=assumptions,
+                host_load_bytes_per_node=host_load_per_node(layout, roles) if hw.is_gpu else {}, work=work,
+                async_steps=cfg.ppo.async_steps)
     plan.problems += _problems(plan)
     overrun = context_overrun(cfg, archs)
     if overrun:  # its fix (the caps lowered) is planned with the others' (_attach_fixes)
@@ -269,6 +278,7 @@ def _devices_over_capacity(plan: Plan) -> list[Problem]:
 
 def _assumptions(cfg, hw: Hardware) -> list[str]:
     notes = [lengths_note(cfg),
+             f"efficiencies and overheads: measured on this hardware ({hw.factors.source})" if hw.factors else
              "efficiencies and overheads: the constants of rlhf_ray.planning.timing (not fitted to any run)"]
     reference, why = cfg.reference_source()
     if reference == "none":
@@ -278,7 +288,8 @@ def _assumptions(cfg, hw: Hardware) -> list[str]:
                      "vLLM takes 85 % of its GPUs")
         notes.append(f"host memory per node {hw.host_memory_bytes / GiB:.0f} GiB: {hw.host_memory_source}")
     else:
-        notes.append("one machine: every role shares its RAM and cores; roles of a phase split the cores")
+        notes.append("one machine: every role shares its RAM and cores, with the run's threads per phase "
+                     "(rlhf_ray.planning.cores)")
         if "measured" in hw.source:
             notes.append("this machine's peak and bandwidth were measured just now: other processes' load lowers them")
     return notes

@@ -5,6 +5,7 @@ from itertools import groupby
 
 from rlhf_ray.planning.memory import GiB
 from rlhf_ray.planning.planner import Plan
+from rlhf_ray.planning.timing import step_seconds
 
 COUNT_PARTS = ("sequences_in_flight", "decode_steps")  # parts of a phase that are counts, not seconds
 
@@ -77,7 +78,11 @@ def _step(plan: Plan) -> list[str]:
         share = phase.seconds / plan.step_seconds if plan.step_seconds else 0
         parts = ", ".join(f"{k} {v:.3g}" + ("" if k in COUNT_PARTS else " s")
                           for k, v in phase.parts.items() if k != "decode_step_s")
-        lines.append(f"  {name:<12} {phase.seconds:9.2f} s {share:6.1%}   {phase.bound}; {parts}")
+        lines.append(f"  {name:<12} {phase.seconds:9.2f} s {share:6.1%}   {phase.bound}" + (f"; {parts}" if parts else ""))
+    overhead = plan.step_seconds - step_seconds(plan.phases, plan.async_steps)
+    if overhead > 0:
+        lines.append(f"  {'driver':<12} {overhead:9.2f} s {overhead / plan.step_seconds:6.1%}   measured by the "
+                     "calibration (the driver's own work beside the roles')")
     lines += [f"  assumes: {a}" for a in plan.assumptions]
     return lines
 

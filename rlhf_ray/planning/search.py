@@ -9,7 +9,7 @@ active and total parameters; host memory running and at load) on unvalidated cop
 planner validates and plans the finalists in full.
 
 Roles meet only in the step (rlhf_ray.planning.timing.step_seconds): generate + max(reward, reference, values) +
-learn + weight sync, or with ppo.async_steps ≥ 1 max(generate, score + learn) + weight sync. So the search walks
+learn + weight sync, or with ppo.async_steps ≥ 1 max(generate + max(reward, reference), values + learn) + weight sync. So the search walks
 learner × generation options (each list cut to those no slower than a smaller option) and gives the GPUs left to the
 reward and reference pair that scores fastest, with the fewest GPUs (``FrozenPairs``): a few thousand sums at
 thousands of GPUs.
@@ -318,17 +318,22 @@ class Search:
         rest = self.gpus - learner.gpus - generation.gpus
         if rest < 0 or not engines_fit(learner.gpus, generation, self.gpus, self.hw.devices_per_node):
             return None
+        values, overlapped = learner.seconds["values"], self.cfg.ppo.async_steps > 0
         if frozen is None:
-            best = self.frozen.best(rest, learner.seconds["values"])
+            # no faster than the step needs: beside the values pass, or overlapped, within the learner side's slack
+            floor = max(0.0, values + learner.seconds["learn"] - generation.seconds["generate"]) if overlapped \
+                else values
+            best = self.frozen.best(rest, floor)
             if best is None:
                 return None
-            score, reward, reference = best
+            _, reward, reference = best
         else:
             reward, reference = frozen
             if reward.gpus + reference.gpus > rest:
                 return None
-            score = max(learner.seconds["values"], reward.seconds["score"], reference.seconds["score"])
-        phases = {"generate": generation.seconds["generate"], "score": score, "learn": learner.seconds["learn"],
+        rollout_score = max(reward.seconds["score"], reference.seconds["score"])
+        phases = {"generate": generation.seconds["generate"], "score": max(values, rollout_score),
+                  "rollout_score": rollout_score, "values": values, "learn": learner.seconds["learn"],
                   "weight_sync": self.sync_seconds(learner, generation)}
         step = step_of(phases, self.cfg.ppo.async_steps)
         return Candidate({"learner": learner, "generation": generation, "reward": reward, "reference": reference},
@@ -347,9 +352,12 @@ class Search:
 
 
 def step_of(phases: dict[str, float], async_steps: int) -> float:
-    """rlhf_ray.planning.timing.step_seconds on plain seconds."""
+    """rlhf_ray.planning.timing.step_seconds on plain seconds (overlapped: reward and reference, ``rollout_score``, on
+    the rollout side, the ``values`` pass on the learner's)."""
     g, s, l, w = phases["generate"], phases["score"], phases["learn"], phases["weight_sync"]
-    return (max(g, s + l) if async_steps else g + s + l) + w
+    if not async_steps:
+        return g + s + l + w
+    return max(g + phases.get("rollout_score", 0.0), phases.get("values", s) + l) + w
 
 
 def engines_fit(learner_gpus: int, generation: Option, gpus: int, per_node: int) -> bool:

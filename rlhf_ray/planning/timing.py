@@ -15,6 +15,11 @@
     weight_sync  the policy in the engines' dtype, gathered on the learner (ZeRO-3), then moved by
                  weights.transport: a broadcast over the fabric, the object store or files.
 
+Each function prices one actor's work on its own device(s). On a CPU machine the roles share one set of cores:
+rlhf_ray.planning.cores prices them there (each figure here is then the work at all the machine's cores) and composes
+the phases. A calibration's measured factors (Hardware.factors, rlhf_ray.planning.calibration) multiply each kind of
+work's seconds (``calibrated``), so every layout the planner and its searches price carries them.
+
 N is the parameters a token is multiplied by (a MoE's active ones); attention adds 4·layers·heads·head_dim FLOPs per
 (query, key) pair, which a causal mask halves over a whole sequence (Architecture.forward_flops).
 
@@ -118,6 +123,12 @@ def _peak(hw: Hardware, dtype: str, kind: str) -> float:
     return hw.peak_flops(dtype) * (CPU_TRAIN_EFFICIENCY if kind == "train" else CPU_FORWARD_EFFICIENCY)
 
 
+def calibrated(hw: Hardware, kind: str, seconds: float) -> float:
+    """``seconds`` of one kind of work (hardware.WORK_KINDS) as this hardware was measured to run it: × the
+    calibration's measured / predicted factor for it (1 without one)."""
+    return seconds * hw.time_factor(kind)
+
+
 def _rate(flops: float) -> str:
     return f"{flops / 1e12:.1f} TFLOP/s" if flops >= 1e12 else f"{flops / 1e9:.0f} GFLOP/s"
 
@@ -186,7 +197,8 @@ def decode_steps(response: ResponseLengths, sequences: int, in_flight: int) -> f
 
 
 def generate_time(cfg, arch: Architecture, hw: Hardware, concurrent: int) -> PhaseTime:
-    """One engine's share of the rollout (engines run in parallel; on one CPU machine they split its cores).
+    """One engine's share of the rollout, on its own device(s) (engines run in parallel; on one CPU machine
+    rlhf_ray.planning.cores shares the cores among them).
 
     Prefill: 2·N FLOP per prompt token plus causal attention, once per prompt for all its samples. Decode: n·mean
     sequence-steps over ``decode_steps`` steps. Every step reads the weights (a MoE: the experts its tokens use) and
@@ -195,12 +207,11 @@ def generate_time(cfg, arch: Architecture, hw: Hardware, concurrent: int) -> Pha
     res = cfg.resources.generation
     lengths = lengths_of(cfg)
     tp, engines, width = res.tensor_parallel_size, res.num_actors, DTYPE_BYTES[cfg.models.dtype]
-    share = 1.0 if hw.is_gpu else 1.0 / engines       # CPU engines share the machine's cores and memory
     seqs = cfg.rollout_sequences // engines
     in_flight = max(1, min(concurrent, seqs))
-    peak = _peak(hw, cfg.models.dtype, "forward") * tp * share
+    peak = _peak(hw, cfg.models.dtype, "forward") * tp
     efficiency = DECODE_BANDWIDTH_EFFICIENCY if hw.is_gpu else CPU_DECODE_BANDWIDTH_EFFICIENCY
-    bandwidth = hw.memory_bandwidth * efficiency * tp * share
+    bandwidth = hw.memory_bandwidth * efficiency * tp
 
     # vLLM prefills a prompt once for all of its n_samples_per_prompt samples
     prompts, prompt = cfg.ppo.rollout_batch_size / engines, lengths.prompt_mean
@@ -219,9 +230,11 @@ def generate_time(cfg, arch: Architecture, hw: Hardware, concurrent: int) -> Pha
     decode = max(memory, compute) + steps * step_overhead + sequence_steps * DECODE_SEQUENCE_OVERHEAD_S
     bound = "memory-bandwidth" if memory >= compute else "compute"
     longest = response.longest(min(seqs, in_flight))
-    return PhaseTime("generate", prefill + decode + ROLE_CALL_OVERHEAD_S,
-                     {"prefill": prefill, "decode": decode, "decode_step_s": decode / max(steps, 1.0),
-                      "decode_steps": steps, "sequences_in_flight": in_flight},
+    factor = hw.time_factor("generate")
+    return PhaseTime("generate", (prefill + decode + ROLE_CALL_OVERHEAD_S) * factor,
+                     {"prefill": prefill * factor, "decode": decode * factor,
+                      "decode_step_s": decode * factor / max(steps, 1.0), "decode_steps": steps,
+                      "sequences_in_flight": in_flight},
                      f"decode {bound}-bound, {in_flight} sequences in flight per engine, {steps:.0f} steps "
                      f"(responses: mean {response.mean:.0f}, longest of {min(seqs, in_flight)} ~{longest:.0f}, "
                      f"cap {response.cap} tokens)")
@@ -237,7 +250,7 @@ def frozen_forward_time(role: str, cfg, arch: Architecture, hw: Hardware, crosse
     lengths = lengths_of(cfg)
     if role == "reward":
         if cfg.models.reward.kind != "model":
-            return ROLE_CALL_OVERHEAD_S  # a function or remote endpoint: its own cost is not modelled
+            return calibrated(hw, role, ROLE_CALL_OVERHEAD_S)  # a function or remote endpoint: not modelled
         rm = cfg.models.reward
         shape, batch, head = capped_shape(forward_shape(lengths, True, rm.batch_size), rm.max_length), \
             rm.batch_size, "score"
@@ -252,7 +265,7 @@ def frozen_forward_time(role: str, cfg, arch: Architecture, hw: Hardware, crosse
         forwards = math.ceil(seqs / batch)
         gather = forwards * weights * (res.num_actors - 1) / res.num_actors
         seconds += collective_seconds(gather, hw, crosses_nodes) * (1 - COMM_OVERLAP)
-    return seconds + ROLE_CALL_OVERHEAD_S
+    return calibrated(hw, role, seconds + ROLE_CALL_OVERHEAD_S)
 
 
 def values_time(cfg, policy: Architecture, critic: Architecture | None, hw: Hardware, placement: Placement) -> float:
@@ -275,24 +288,29 @@ def values_time(cfg, policy: Architecture, critic: Architecture | None, hw: Hard
         micro_batches = math.ceil(seqs / cfg.ppo.micro_batch_size)
         gathered = micro_batches * params * DTYPE_BYTES[cfg.deepspeed.precision] * (world - 1) / world
         seconds += collective_seconds(gathered, hw, placement.learner_crosses_nodes) * (1 - COMM_OVERLAP)
-    return seconds + ROLE_CALL_OVERHEAD_S
+    return calibrated(hw, "values", seconds + ROLE_CALL_OVERHEAD_S)
 
 
-def score_time(cfg, archs: dict, hw: Hardware, placement: Placement) -> PhaseTime:
+def score_parts(cfg, archs: dict, hw: Hardware, placement: Placement) -> dict[str, float]:
+    """Each scoring role's seconds: reward, reference (absent without one: ppo.kl_coef=0, ppo.reference=auto) and the
+    learner's values pass."""
     parts = {"reward": frozen_forward_time("reward", cfg, archs["reward"], hw, placement.reward_crosses_nodes)
-             if archs.get("reward") else ROLE_CALL_OVERHEAD_S,
+             if archs.get("reward") else calibrated(hw, "reward", ROLE_CALL_OVERHEAD_S),
              "reference": frozen_forward_time("reference", cfg, archs["reference"], hw,
                                               placement.reference_crosses_nodes)
-             if archs.get("reference") else ROLE_CALL_OVERHEAD_S,   # LoRA: in the learner's values pass
+             if archs.get("reference") else calibrated(hw, "reference", ROLE_CALL_OVERHEAD_S),  # LoRA: in values
              "values": values_time(cfg, archs["policy"], archs.get("critic"), hw, placement)}
     if cfg.reference_source()[0] == "none":  # no reference at all (ppo.kl_coef=0, ppo.reference=auto)
         del parts["reference"]
-    if hw.is_gpu:
-        slowest = max(parts, key=parts.get)
-        return PhaseTime("score", parts[slowest], parts, f"concurrent on their own GPUs; slowest: {slowest}")
-    # one machine: they share its cores, so their compute adds up (their call overheads overlap)
-    total = sum(parts.values()) - (len(parts) - 1) * ROLE_CALL_OVERHEAD_S
-    return PhaseTime("score", total, parts, "concurrent on the same cores: compute adds up")
+    return parts
+
+
+def score_time(cfg, archs: dict, hw: Hardware, placement: Placement) -> PhaseTime:
+    """Reward ‖ reference ‖ the learner's values pass, each on its own devices: the slowest bounds the phase (on one CPU
+    machine they share its cores: rlhf_ray.planning.cores)."""
+    parts = score_parts(cfg, archs, hw, placement)
+    slowest = max(parts, key=parts.get)
+    return PhaseTime("score", parts[slowest], parts, f"concurrent on their own GPUs; slowest: {slowest}")
 
 
 # ---------------------------------------------------------------------------------------------- learn
@@ -311,8 +329,7 @@ def learn_time(cfg, policy: Architecture, critic: Architecture | None, hw: Hardw
     policy_passes = passes - 1 if lora else passes      # LoRA: no weight gradients for the frozen base
     per_sequence = (policy_passes * policy.forward_flops("lm", *shape)
                     + (passes * critic.forward_flops("score", *shape) if critic else 0.0))
-    seqs_per_device = seqs_per_rank if hw.is_gpu else cfg.rollout_sequences   # CPU ranks share one machine
-    compute = epochs * seqs_per_device * per_sequence / _peak(hw, ds.precision, "train")
+    compute = epochs * seqs_per_rank * per_sequence / _peak(hw, ds.precision, "train")
 
     trained = policy.lora_params(lora.rank) if lora else policy.parameters("lm")
     params = trained + (critic.parameters("score") if critic else 0)
@@ -322,8 +339,9 @@ def learn_time(cfg, policy: Architecture, critic: Architecture | None, hw: Hardw
     comm = collective_seconds(zero_traffic_bytes(ds, params * width, world, micro_steps, optimizer_steps), hw,
                               placement.learner_crosses_nodes) * (1 - COMM_OVERLAP)
     optimizer = optimizer_seconds(ds, params, world, optimizer_steps, micro_steps, hw, placement)
-    return PhaseTime("learn", compute + comm + optimizer + ROLE_CALL_OVERHEAD_S,
-                     {"compute": compute, "zero_collectives": comm, "optimizer": optimizer},
+    factor = hw.time_factor("learn")
+    return PhaseTime("learn", (compute + comm + optimizer + ROLE_CALL_OVERHEAD_S) * factor,
+                     {"compute": compute * factor, "zero_collectives": comm * factor, "optimizer": optimizer * factor},
                      f"{passes * 2}·N FLOP/token on {shape[0]:.0f} tokens per sequence "
                      f"({'packed' if ds.padding_free else 'padded'}) at {_rate(_peak(hw, ds.precision, 'train'))} "
                      "per device")
@@ -395,9 +413,11 @@ def transport_prices(cfg, policy: Architecture, hw: Hardware, placement: Placeme
         if transport.adapter and cfg.models.lora is None:
             continue  # nothing to send but full weights
         full = transport.payload_parameters(policy, cfg) * DTYPE_BYTES[cfg.models.dtype]
-        parts = {"gather": gather, **transport.transfer_seconds(full, hw, placement, rates=TransferRates())}
+        factor = hw.time_factor("weight_sync")
+        parts = {part: seconds * factor for part, seconds in
+                 {"gather": gather, **transport.transfer_seconds(full, hw, placement, rates=TransferRates())}.items()}
         refused = transport.refuses(cfg)
-        prices[name] = PhaseTime("weight_sync", sum(parts.values()) + 2 * ROLE_CALL_OVERHEAD_S, parts,
+        prices[name] = PhaseTime("weight_sync", sum(parts.values()) + calibrated(hw, "weight_sync", 2 * ROLE_CALL_OVERHEAD_S), parts,
                                  f"{full / 2**30:.2f} GiB via {name}" + (f"; cannot serve this run: {refused}"
                                                                           if refused else ""))
     return prices
@@ -421,11 +441,36 @@ def weight_sync_time(cfg, policy: Architecture, hw: Hardware, placement: Placeme
     return PhaseTime("weight_sync", chosen.seconds, chosen.parts, bound, others)
 
 
-def step_seconds(phases: dict[str, PhaseTime], async_steps: int) -> float:
-    """One step in the steady state. ppo.async_steps=0: the phases one after another, generate + score + learn +
-    weight_sync. k ≥ 1: generation of later batches runs while the learner scores and learns, so the slower side
-    bounds the step, max(generate, score + learn) + weight_sync (the sync still stops both). k changes nothing here:
-    in the steady state the slower side sets the pace whatever k is; a larger k only absorbs one slow batch (jitter,
-    which is not modelled) at the cost of samples up to k updates old and k rollout batches held."""
-    g, s, l, w = (phases[k].seconds for k in ("generate", "score", "learn", "weight_sync"))
-    return (max(g, s + l) if async_steps else g + s + l) + w
+def step_seconds(phases: dict[str, PhaseTime], async_steps: int, overhead_s: float = 0.0) -> float:
+    """One step in the steady state, plus the driver's own ``overhead_s`` (a calibration measures it).
+    ppo.async_steps=0: the phases one after another, generate + score + learn + weight_sync. k ≥ 1: the next batches
+    are generated and scored by reward and reference (the rollout side) while the learner runs its values pass and its
+    update on this one (the trainer's overlapped step, rlhf_ray.drivers.ppo), so the slower side bounds the step,
+    max(generate + max(reward, reference), values + learn) + weight_sync (the sync still stops both); a score phase
+    without its parts counts on the learner's side: max(generate, score + learn) + weight_sync. k changes nothing
+    here: in the steady state the slower side sets the pace whatever k is; a larger k only absorbs one slow batch
+    (jitter, which is not modelled) at the cost of samples up to k updates old and k rollout batches held."""
+    g, l, w = (phases[k].seconds for k in ("generate", "learn", "weight_sync"))
+    score = phases["score"]
+    if not async_steps:
+        return g + score.seconds + l + w + overhead_s
+    rollout, values = overlapped_score(score)
+    return max(g + rollout, values + l) + w + overhead_s
+
+
+def driver_overhead(hw: Hardware, async_steps: int) -> float:
+    """The driver's own seconds per step as a calibration measured them (its 'overlapped' figure for ppo.async_steps ≥
+    1, else 'sequential'; the other where only one was measured), 0 without one: not modelled."""
+    measured = hw.factors.overhead_s if hw.factors else {}
+    wanted, other = ("overlapped", "sequential") if async_steps else ("sequential", "overlapped")
+    return measured.get(wanted, measured.get(other, 0.0))
+
+
+def overlapped_score(score: PhaseTime) -> tuple[float, float]:
+    """(rollout side, learner side) of the score phase when rollout and learning overlap: reward and reference score
+    the next batch beside generation; the learner's values pass comes before its update. Without parts: all of it on
+    the learner's side."""
+    parts = score.parts
+    if "values" not in parts:
+        return 0.0, score.seconds
+    return max(parts.get("reward", 0.0), parts.get("reference", 0.0)), parts["values"]
