@@ -56,6 +56,11 @@ def points_of(grid: dict[str, list]) -> list[dict]:
     return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
+def yaml_value(value) -> str:
+    """A grid value as an override writes it (None: null, booleans in lower case)."""
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def label_of(point: dict) -> str:
     return " ".join(f"{ALIASES.get(k, k)}={v}" for k, v in point.items()) or "base"
 
@@ -63,9 +68,9 @@ def label_of(point: dict) -> str:
 def run_point(config: str, overrides: list[str], point: dict, steps: int, warmup: int, out: Path,
               timeout_s: float) -> dict:
     """One grid point as its own training run; its measurements, or its error."""
-    record = {"label": label_of(point), "point": point, "status": "ok"}
     point_dir = out / "points" / "_".join(f"{ALIASES.get(k, k)}-{v}" for k, v in point.items()).replace("/", "-")
-    settings = [*overrides, *(f"{k}={v}" for k, v in point.items())]
+    record = {"label": label_of(point), "point": point, "status": "ok", "dir": str(point_dir)}
+    settings = [*overrides, *(f"{k}={yaml_value(v)}" for k, v in point.items())]
     try:
         cfg = load_config(config, settings)
         batch = cfg.ppo.rollout_batch_size

@@ -15,7 +15,7 @@ def machine_info() -> dict:
     """CPU model, cores, memory, GPUs, load average, package versions, git commit and the date."""
     info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "host": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
-            "cpu_model": _cpu_model(), "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+            "cpu_model": cpu_model(), "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
             else os.cpu_count(), "memory_gb": _memory_gb(), "gpus": _gpus(), "load_average": _load_average(),
             "git_commit": _git_commit()}
     versions = {}
@@ -37,7 +37,7 @@ def describe(info: dict) -> str:
             f"{versions}; commit {info.get('git_commit', '?')}; {info.get('date', '')}{load}")
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

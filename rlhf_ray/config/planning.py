@@ -1,5 +1,6 @@
 """planning: what the planner (python -m rlhf_ray.plan, and the plan at startup) should assume about a PPO run that
-the other sections do not say — how long its sequences really are. Nothing here changes how the run trains.
+the other sections do not say — how long its sequences really are, and what this hardware was measured to achieve (a
+calibration). Nothing here changes how the run trains.
 
 Every default is the caps (data.max_prompt_tokens, generation.max_new_tokens): the planner's upper bound. Give the
 means an earlier run logged (its response/tokens metric, a peer's response_length/mean) and the plan follows them:
@@ -8,10 +9,12 @@ compute by the means, memory and KV room by the caps, generation time by the lon
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from rlhf_ray.config.errors import ConfigKeyError
 from rlhf_ray.config.sections import StrictSection
 
 # rlhf_ray.planning.lengths.DISTRIBUTIONS holds one class per name (a test keeps the two lists equal)
@@ -33,3 +36,16 @@ class PlanningConfig(StrictSection):
                                    "tail, and a share of cut responses when the mean is near the cap) or 'fixed' (every "
                                    "response exactly the mean). It sets how long the longest response of a batch runs, "
                                    "which bounds decoding and padded forwards.")
+    calibration: Optional[str] = Field(
+        None, description="A calibration file (python -m rlhf_ray.plan --calibrate writes one: the planner's factors "
+                          "fitted to probe runs of this config's models on this machine or cluster). The plan at startup "
+                          "and python -m rlhf_ray.plan then predict with the measured factors. One measured on other "
+                          "hardware, models or precision is not used: the plan at startup says so in one line, python "
+                          "-m rlhf_ray.plan refuses it. null: the planner's stated constants.")
+
+    @field_validator("calibration")
+    @classmethod
+    def _calibration_file(cls, path: Optional[str]) -> Optional[str]:
+        if path is not None and not Path(path).expanduser().is_file():
+            raise ConfigKeyError("", f"{path} is not a file (python -m rlhf_ray.plan --calibrate CONFIG writes one)")
+        return path

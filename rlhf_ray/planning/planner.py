@@ -12,6 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from rlhf_ray.planning.calibration import precision_of, with_calibration
 from rlhf_ray.planning.changes import with_overrides
 from rlhf_ray.planning.checks import context_overrun, host_load_per_node, host_shortfalls, lengths_note
 from rlhf_ray.planning.cores import Group, cpu_phases, gpu_work
@@ -82,6 +83,7 @@ class Plan:
     no_layout_reason: str = ""   # why the layout search found none, where host memory is why
     work: dict[str, Group] = field(default_factory=dict)   # each kind of work's actors (rlhf_ray.planning.cores)
     async_steps: int = 0         # ppo.async_steps: how the phases make a step (timing.step_seconds)
+    precision: dict = field(default_factory=dict)   # models.dtype, deepspeed.precision (what a calibration matches)
 
     @property
     def fits(self) -> bool:
@@ -186,7 +188,8 @@ def _evaluate(cfg, hw: Hardware, gpus: int, nodes: int, archs: dict, config_path
                 step_seconds(phases, cfg.ppo.async_steps, driver_overhead(hw, cfg.ppo.async_steps)), cfg.num_steps,
                 problems, assumptions=assumptions,
                 host_load_bytes_per_node=host_load_per_node(layout, roles) if hw.is_gpu else {}, work=work,
-                async_steps=cfg.ppo.async_steps)
+                async_steps=cfg.ppo.async_steps,
+                precision=precision_of(cfg))
     plan.problems += _problems(plan)
     overrun = context_overrun(cfg, archs)
     if overrun:  # its fix (the caps lowered) is planned with the others' (_attach_fixes)
@@ -290,7 +293,7 @@ def _assumptions(cfg, hw: Hardware) -> list[str]:
     else:
         notes.append("one machine: every role shares its RAM and cores, with the run's threads per phase "
                      "(rlhf_ray.planning.cores)")
-        if "measured" in hw.source:
+        if "measured" in hw.source and not hw.factors:
             notes.append("this machine's peak and bandwidth were measured just now: other processes' load lowers them")
     return notes
 
@@ -394,7 +397,8 @@ def recommend_layout(cfg, hw: Hardware, gpus: int, archs: dict, keep: int = 24) 
 
 def plan_at_startup(cfg) -> Plan | None:
     """What ``train`` says before the cluster starts (logging.plan): the plan on this machine's devices (its GPU model
-    from the catalogue, else this CPU), written to <output_dir>/plan.json, a line with the predicted step and,
+    from the catalogue, else this CPU; with planning.calibration's factors where they were measured on it with these
+    models), written to <output_dir>/plan.json, a line with the predicted step and,
     when something will not fit, a warning for each with its fix. A model the planner cannot size is a note, never
     a failure: the run goes on."""
     import logging
@@ -403,7 +407,13 @@ def plan_at_startup(cfg) -> Plan | None:
 
     log = logging.getLogger("rlhf_ray.plan")
     try:
-        plan = plan_experiment(cfg, detect_gpu(), search=False)
+        hw = detect_gpu()
+        if cfg.planning.calibration:   # measured factors, where they were measured on this hardware with these models
+            hw, why = with_calibration(cfg.planning.calibration, cfg, hw, resolve_models(cfg),
+                                       "cpu" if hw is None else hw.name)
+            if why:
+                log.warning("plan: %s; planned with the planner's own constants", why)
+        plan = plan_experiment(cfg, hw, search=False)
         if plan.problems:
             _attach_fixes(plan, cfg)  # only then: trying changes costs a few re-plans
     except Exception as err:  # noqa: BLE001 — a plan is advice; an unknown architecture must not stop the run
@@ -411,7 +421,8 @@ def plan_at_startup(cfg) -> Plan | None:
         return None
     path = write_plan(plan, Path(cfg.output_dir) / "plan.json")
     split = ", ".join(f"{name} {phase.seconds / plan.step_seconds:.0%}" for name, phase in plan.phases.items())
-    log.info("plan: predicted step %.3g s (%s) on %s; %s (%s)", plan.step_seconds, split, plan.hardware.name,
+    log.info("plan: predicted step %.3g s (%s) on %s%s; %s (%s)", plan.step_seconds, split, plan.hardware.name,
+             ", calibrated" if plan.hardware.factors else "",
              "fits" if plan.fits else f"{len(plan.problems)} problem(s)", path)
     for problem in plan.problems:
         log.warning("plan: %s: %s%s", problem.role, problem.message,
