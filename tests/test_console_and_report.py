@@ -101,10 +101,34 @@ def test_quiet_console_of_the_main_job_beside_another_run_each_in_its_own_cluste
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     assert all(0.05 < m["memory/learner_peak_gb"] < 8 for m in metrics)
     assert all("kl/mean" in m and "time/reference" in m for m in metrics)
+    assert_the_balancer_fits(out, tmp_path)
     beside_metrics = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in beside_metrics] == [1, 2]
     assert_no_reference(tmp_path / "b", beside_metrics, beside_output)
     assert ray_session.is_initialized()  # the test session's cluster is still there
+
+
+def assert_the_balancer_fits(out, tmp_path) -> None:
+    """A finished run is a probe for the balancer (python -m rlhf_ray.plan --calibrate --from-run): its config.yaml,
+    plan.json and metrics.jsonl fitted; the calibration written, read back and, applied to the run's own config,
+    predicting the step it measured."""
+    from rlhf_ray.cli.balance import probe_from_run
+    from rlhf_ray.config import load_config
+    from rlhf_ray.planning import plan_experiment
+    from rlhf_ray.planning.calibration import calibrate, with_calibration
+    from rlhf_ray.planning.planner import resolve_models
+
+    probe = probe_from_run(out, warmup=1)
+    assert {"generate", "reward", "reference", "values", "learn", "weight_sync", "step"} <= set(probe.measured)
+    calibration = calibrate([probe], "configs/tiny_cpu.yaml")
+    assert all(0.001 < k < 1000 for k in calibration.factors.time.values()), calibration.factors
+    path = calibration.save(tmp_path / "calibration.json")
+    cfg = load_config(out / "config.yaml", [f"planning.calibration={path}"])
+    hw, why = with_calibration(str(path), cfg, None, resolve_models(cfg))
+    assert why is None, why
+    planned = plan_experiment(cfg.model_copy(update={"planning": cfg.planning.model_copy(
+        update={"response_tokens_mean": probe.response_tokens_mean})}), hw, search=False)
+    assert planned.step_seconds == pytest.approx(probe.measured["step"], rel=0.1)
 
 
 def assert_no_reference(out, metrics: list[dict], console: str) -> None:

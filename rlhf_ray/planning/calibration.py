@@ -9,8 +9,8 @@ values, learn, weight_sync):
   (sequences per engine, rows per rank, ZeRO traffic, tensor parallelism) carries over. It stands for every efficiency
   constant of that work at once: one measurement per kind cannot tell them apart.
 - a serial share σ (CPU machines): the part of that work which more threads do not speed up
-  (rlhf_ray.planning.cores). The probes identify it where they ran the work at two thread counts (the balancer's
-  second probe flips ppo.async_steps, which halves each side's cores); elsewhere the prior stands
+  (rlhf_ray.planning.cores). It is fitted only where the probes ran the work at two thread counts or more (the
+  balancer's second probe flips ppo.async_steps, which halves each side's cores); elsewhere the prior stands
   (cores.SERIAL_SHARE_PRIOR).
 - the driver's own seconds per step, sequential and overlapped: each probe's measured step minus the step its measured
   phases make (timing.step_seconds), the median per mode, at least 0.
@@ -18,7 +18,8 @@ values, learn, weight_sync):
 ``fit`` is a pure function of the probes: each one's plan, made without a calibration (its ``work``: which actors do
 each kind of work, with how many threads, on which cores), and its measured seconds. Per kind, k and σ minimise
 Σ_probes log²(measured / predicted) + PRIOR_WEIGHT · (σ − prior)²: σ on a grid of SERIAL_GRID_STEP, k for each σ by
-fixed-point iteration. Kinds that share cores (the score phase) are fitted in turn, COORDINATE_ROUNDS times.
+fixed-point iteration. Kinds that share cores (the score phase) are fitted in turn until none moves (at most
+COORDINATE_ROUNDS rounds).
 
 The file (JSON, ``FORMAT``): created (UTC), hardware (the figures the predictions were made with: a CPU plan reuses
 them rather than measuring the machine again, since the factors are relative to them), machine (what a plan checks
@@ -44,7 +45,8 @@ FORMAT = "rlhf_ray.calibration/1"
 PRIOR_WEIGHT = 1e-4
 SERIAL_GRID_STEP = 0.02
 FIXED_POINT_ITERATIONS = 12
-COORDINATE_ROUNDS = 3
+COORDINATE_ROUNDS = 30      # at most; until no factor moves by CONVERGED
+CONVERGED = 1e-4
 FACTOR_RANGE = (1e-3, 1e3)   # a factor outside it means the model misses the work entirely: clipped, and visible
 # metrics.jsonl keys measured for each kind of work (the first present; overlapped runs log the values pass's wall)
 MEASURED_KEYS = {"generate": ("time/generate",), "reward": ("time/reward",), "reference": ("time/reference",),
@@ -89,8 +91,11 @@ def fit(probes: list[Probe]) -> WorkFactors:
     kinds = [k for k in WORK_KINDS if any(_usable(p, k) for p in probes)]
     factors, serials = {k: 1.0 for k in kinds}, dict(SERIAL_SHARE_PRIOR)
     for _ in range(COORDINATE_ROUNDS):
+        before = dict(factors)
         for kind in kinds:
             factors[kind], serials[kind] = _fit_kind(kind, probes, factors, serials)
+        if all(abs(factors[k] / before[k] - 1) < CONVERGED for k in kinds):
+            break
     overhead = {}
     for mode, async_on in (("sequential", False), ("overlapped", True)):
         measured = [p.measured["step"] - _step(p.measured, p.plan.async_steps) for p in probes
@@ -109,8 +114,9 @@ def _fit_kind(kind: str, probes: list[Probe], factors: dict, serials: dict) -> t
     """(k, σ) of one kind, the others held at ``factors`` and ``serials``."""
     used = [p for p in probes if _usable(p, kind)]
     prior = SERIAL_SHARE_PRIOR[kind]
-    shared = any(p.plan.work[kind].pool for p in used)   # σ matters only where actors share cores
-    grid = [i * SERIAL_GRID_STEP for i in range(round(1 / SERIAL_GRID_STEP) + 1)] if shared else [prior]
+    threads = {w.threads for p in used if p.plan.work[kind].pool for w in p.plan.work[kind].works if w.kind == kind}
+    # σ is what changes with the threads: measured only where the probes ran this work at two thread counts or more
+    grid = [i * SERIAL_GRID_STEP for i in range(round(1 / SERIAL_GRID_STEP) + 1)] if len(threads) > 1 else [prior]
     best = (math.inf, factors[kind], prior)
     for serial in grid:
         trial_serials, k = {**serials, kind: serial}, factors[kind]

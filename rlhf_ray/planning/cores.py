@@ -9,16 +9,15 @@ others.
 
 rlhf_ray.planning.timing prices each actor's work as if it had all P cores to itself: ``a`` seconds (the machine's
 all-core peak and bandwidth, hardware.this_machine). With t threads and a serial share σ of its work — what no thread
-speeds up: Python, kernel dispatch, single-threaded copies — an actor takes (Amdahl's law around the all-core figure)
+speeds up: Python, kernel dispatch, single-threaded copies — an actor alone takes (Amdahl's law around the all-core
+figure)
 
-    alone = a · (σ + (1 − σ) · P / t)                and keeps   a · (σ + (1 − σ) · P)   core-seconds busy.
+    alone = a · (σ + (1 − σ) · P / t)        for   W = a · (σ + (1 − σ) · P)   core-seconds of work,
 
-Actors computing at the same time on a pool of C cores end after
-
-    max( max_i alone_i ,  Σ_i core-seconds_i / C )
-
-the slowest actor on its own, or the pool's cores kept busy by all of them, whichever is longer; each actor of the
-pool is charged that (they time-slice the pool until the end).
+so it can use at most R = W / alone cores at once. Actors computing at the same time on a pool of C cores share them
+max-min fairly (the OS scheduler's time slices): each running actor gets min(R, its fair share of what the others
+leave), and an actor that ends gives its cores to the rest (``finish_times``). A pool that all of them keep busy ends
+after Σ W / C; an actor with less work than the others ends earlier; one alone ends after ``alone``.
 
 σ is what a calibration measures (WorkFactors.serial, from probes at two thread counts: rlhf_ray.planning.calibration).
 Without one, SERIAL_SHARE_PRIOR. On GPUs every actor has its own devices: a group of pool 0, each actor its ``a``.
@@ -62,16 +61,26 @@ class Group:
 
     def seconds(self, kind: str, factors: dict[str, float] | None = None,
                 serials: dict[str, float] | None = None) -> float:
-        """What the actors of ``kind`` take in this group, each actor's work × ``factors[kind]`` (default 1) with
-        serial shares ``serials`` (default SERIAL_SHARE_PRIOR): the module docstring's max(alone, busy / pool)."""
+        """When the last actor of ``kind`` in this group ends, each actor's work × ``factors[kind]`` (default 1) with
+        serial shares ``serials`` (default SERIAL_SHARE_PRIOR): the module docstring's sharing of the pool."""
+        ends = self.ends(factors, serials)
+        return max((end for w, end in zip(self.works, ends) if w.kind == kind), default=0.0)
+
+    def ends(self, factors: dict[str, float] | None = None, serials: dict[str, float] | None = None) -> list[float]:
+        """When each actor ends (seconds from the phase's start)."""
         factors, serials = factors or {}, {**SERIAL_SHARE_PRIOR, **(serials or {})}
-        scaled = [(w, w.seconds * factors.get(w.kind, 1.0), serials[w.kind]) for w in self.works]
-        alone = max((a if not self.pool else a * (s + (1 - s) * self.cores / w.threads)
-                     for w, a, s in scaled if w.kind == kind), default=0.0)
+        alone = [w.seconds * factors.get(w.kind, 1.0) * (1.0 if not self.pool else
+                 serials[w.kind] + (1 - serials[w.kind]) * self.cores / w.threads) for w in self.works]
         if not self.pool:
             return alone
-        busy = sum(a * (s + (1 - s) * self.cores) for w, a, s in scaled if not w.light) / self.pool
-        return max(alone, busy)
+        shared = [i for i, w in enumerate(self.works) if not w.light and alone[i] > 0]
+        work = [w.seconds * factors.get(w.kind, 1.0) * (serials[w.kind] + (1 - serials[w.kind]) * self.cores)
+                for w in self.works]
+        ends = list(alone)   # light actors take no core: they end as if alone
+        for i, end in zip(shared, finish_times([work[i] for i in shared], [work[i] / alone[i] for i in shared],
+                                               self.pool)):
+            ends[i] = end
+        return ends
 
     def describe(self, kind: str, serials: dict[str, float]) -> str:
         works = [w for w in self.works if w.kind == kind]
@@ -83,6 +92,29 @@ class Group:
         return (f"{len(works)} {first.role} actor{'s' * (len(works) > 1)} × {first.threads} thread"
                 f"{'s' * (first.threads > 1)} on {self.pool} of {self.cores} cores, bound by {limit} (serial share "
                 f"{s:.2f})")
+
+
+def finish_times(work: list[float], most: list[float], cores: float) -> list[float]:
+    """When each of several jobs ends on ``cores`` shared max-min fairly: job i needs work[i] core-seconds and runs
+    on at most most[i] cores; while they run, the one with the smallest need gets min(its most, an equal share of the
+    cores), the next an equal share of what is left, and so on (water-filling); each time one ends, the rest share
+    again."""
+    left, ends, now = list(work), [0.0] * len(work), 0.0
+    running = [i for i in range(len(work)) if work[i] > 0]
+    while running:
+        rates, free = {}, float(cores)
+        for n, i in enumerate(sorted(running, key=lambda j: most[j])):
+            rates[i] = min(most[i], free / (len(running) - n))
+            free -= rates[i]
+        step = min(left[i] / rates[i] for i in running)
+        now += step
+        for i in running:
+            left[i] -= rates[i] * step
+        done = [i for i in running if left[i] <= 1e-12 * max(work[i], 1e-30)]
+        for i in done:
+            ends[i] = now
+        running = [i for i in running if i not in done]
+    return ends
 
 
 # ------------------------------------------------------------------------------------------- threads
