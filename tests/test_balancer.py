@@ -239,3 +239,24 @@ def test_the_balancer_fits_finished_runs_and_writes_a_config_train_takes(tmp_pat
     monkeypatch.setattr(planner, "resolve_models", lambda cfg: {**ARCHS, "policy": replace(SMALL, name="other")})
     assert main([str(out / "balanced.yaml"), "--calibration", str(out / "calibration.json")]) == 2
     assert "--calibration: calibration" in capsys.readouterr().err
+
+
+def test_on_gpus_the_factors_reach_the_plan_and_its_layout_search(tmp_path):
+    from rlhf_ray.planning import get_hardware
+
+    h100 = get_hardware("h100-80gb")
+    tulu = load_config(ROOT / "configs" / "tulu25_ppo_13b.yaml")
+    big = Architecture(name="llama-13b", hidden=5120, layers=40, heads=40, kv_heads=40, head_dim=128,
+                       intermediate=13824, vocab=32000, tied_embeddings=False)
+    archs = {"policy": big, "reference": big, "critic": big, "reward": big}
+    plain = plan_experiment(tulu, h100, gpus=16, archs=archs, search=False)
+    truth = WorkFactors(time={"generate": 3.0, "learn": 1.5}, overhead_s={"sequential": 2.0})
+    measured = predicted_seconds(plain.work, plain.async_steps, truth)
+    path = calibrate([Probe("16 GPUs", plain, measured)]).save(tmp_path / "calibration.json")
+    hw, why = with_calibration(str(path), tulu, h100, archs, default="h100-80gb")
+    assert why is None
+    calibrated = plan_experiment(tulu, hw, gpus=16, archs=archs)
+    assert calibrated.phases["generate"].seconds == pytest.approx(3.0 * plain.phases["generate"].seconds, rel=1e-3)
+    assert calibrated.step_seconds == pytest.approx(measured["step"], rel=1e-3)
+    assert calibrated.recommendation is not None     # the search prices its layouts with the same factors
+    assert calibrated.recommendation.step_seconds > plain.step_seconds * 1.2

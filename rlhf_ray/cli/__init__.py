@@ -13,7 +13,8 @@ COMMANDS: dict[str, tuple[str, str]] = {  # python -m NAME -> (implementation, w
     "rlhf_ray.evaluate": ("rlhf_ray.cli.evaluate", "compare policies on held-out prompts, judged by a reward"),
     "rlhf_ray.rm_eval": ("rlhf_ray.cli.rm_eval", "a reward model's accuracy on held-out preference pairs"),
     "rlhf_ray.rm": ("rlhf_ray.cli.rm", "reward models on Ray Serve, shared by runs: serve, list, info, remove"),
-    "rlhf_ray.plan": ("rlhf_ray.cli.plan", "plan a run's layout, memory and step time on a cluster (no run)"),
+    "rlhf_ray.plan": ("rlhf_ray.cli.plan", "plan a run's layout, memory and step time on a cluster (no run); "
+                                           "--calibrate: probe, fit, and write the fastest layout"),
     "rlhf_ray.sweep": ("rlhf_ray.cli.sweep", "short PPO runs over a grid of settings: the rollout:learn split"),
     "rlhf_ray.report": ("rlhf_ray.run.report", "the report figure and summary line of one or more runs"),
     "rlhf_ray.config": ("rlhf_ray.config.cli", "print, check or document the config tree of each run kind"),
