@@ -90,8 +90,8 @@ def reservations(cfg, cores: int) -> list[str]:
 
 
 def cpu_candidates(cfg, hw: Hardware, grid: dict[str, list], plan) -> list[Candidate]:
-    """Every combination of ``grid`` on this machine, planned with ``plan(cfg) -> Plan``; refused ones with their
-    error; layouts that run alike once (the first found)."""
+    """Every combination of ``grid`` on this machine, planned with ``plan(cfg) -> Plan``; those the config refuses or
+    whose plan does not fit (memory) with why; layouts that run alike once (the first found)."""
     keys, found, seen = list(grid), [], set()
     for values in itertools.product(*(grid[k] for k in keys)):
         settings = {k: v for k, v in zip(keys, values)}
@@ -108,6 +108,9 @@ def cpu_candidates(cfg, hw: Hardware, grid: dict[str, list], plan) -> list[Candi
             continue
         seen.add(same)
         planned = plan(changed)
+        if not planned.fits:   # memory: the plan says what does not fit
+            found.append(Candidate(settings, changes + fitted, error="does not fit: " + planned.problems[0].message))
+            continue
         found.append(Candidate(settings, changes + fitted, planned,
                                roles=role_shares(planned.roles, planned.phases, planned.step_seconds)))
     return found
