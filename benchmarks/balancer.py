@@ -30,13 +30,11 @@ from types import SimpleNamespace
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from rlhf_ray.cli.balance import label, probe_points, run_probe, search  # noqa: E402
+from rlhf_ray.cli.balance import label, run_probes, search  # noqa: E402
 from rlhf_ray.cli.sweep import run_point  # noqa: E402
 from rlhf_ray.cluster.machine import describe, machine_info  # noqa: E402
 from rlhf_ray.config import load_config  # noqa: E402
-from rlhf_ray.planning.balance import reservations  # noqa: E402
 from rlhf_ray.planning.calibration import calibrate  # noqa: E402
-from rlhf_ray.planning.hardware import usable_cores  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 CONFIG = str(ROOT / "configs" / "tiny_cpu.yaml")
@@ -57,8 +55,7 @@ def balance(name: str, args, out: Path) -> dict:
     cfg = load_config(CONFIG, overrides)
     probe_args = SimpleNamespace(probe_steps=args.steps, probe_warmup=args.warmup, timeout_s=args.timeout_s)
     started = time.perf_counter()
-    fitted = reservations(cfg, usable_cores())
-    probes = [run_probe(CONFIG, [*overrides, *fitted], point, probe_args, out) for point in probe_points(cfg)]
+    probes = run_probes(CONFIG, overrides, cfg, probe_args, out)
     calibration = calibrate(probes, CONFIG)
     calibration.save(out / "calibration.json")
     candidates, chosen = search(cfg, calibration, probes[0].plan.hardware, None, None, None)
@@ -110,18 +107,19 @@ def summarise(result: dict) -> dict:
     return result
 
 
-def markdown(results: dict, machine: dict, args) -> str:
+def markdown(results: dict) -> str:
     lines = ["# The balancer against a sweep of the same options", "",
-             f"Machine: {describe(machine)}", "",
-             f"`python benchmarks/balancer.py --configs {args.configs} --repeats {args.repeats} --steps {args.steps} "
-             f"--warmup {args.warmup}`: per config, the balancer (two probe runs of {args.warmup} + {args.steps} steps, "
-             "the fit, every layout of its default grid predicted), then every distinct layout it predicted run "
-             f"{args.repeats} times, interleaved. Step = a run's median step; measured = the median of the repeats "
-             "(min–max).", ""]
+             "Per config: the balancer (`python -m rlhf_ray.plan --calibrate`: two probe runs, the fit, every layout of "
+             "its default grid predicted), then every distinct layout it predicted run as its own short training run, "
+             "the repeats interleaved (A B C … A B C …). Step = a run's median step; measured = the median of the "
+             "repeats (min–max). Written by `benchmarks/balancer.py`.", ""]
     for name, result in results.items():
-        s, cal = result["summary"], result["calibration"]
+        s, cal, a = result["summary"], result["calibration"], result["args"]
         factors = cal["factors"]
-        lines += [f"## {name}", "", f"Config: `configs/tiny_cpu.yaml` {' '.join(f'`{o}`' for o in result['overrides'])}",
+        lines += [f"## {name}", "", f"Machine: {describe(result['machine'])}", "",
+                  f"Config: `configs/tiny_cpu.yaml` {' '.join(f'`{o}`' for o in result['overrides'])}; "
+                  f"{a['warmup']} + {a['steps']} steps per run and probe, {a['repeats']} repeats; balancer "
+                  f"{result['balance_s']:.0f} s.",
                   "", "Probes (measured / predicted without calibration / after the fit, seconds):", "",
                   "| probe | " + " | ".join(k for k in ("generate", "reward", "reference", "values", "learn",
                                                            "weight_sync", "step")) + " |",
@@ -165,10 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/balancer_benchmark")
     args = parser.parse_args(argv)
     machine, results = machine_info(), {}
+    kept = RESULTS / "balancer.json"   # configs measured by an earlier invocation stay (each with its own machine line)
+    if kept.is_file():
+        results = {name: r for name, r in json.loads(kept.read_text())["results"].items()
+                   if name not in args.configs.split(",")}
     print(f"machine: {describe(machine)}", flush=True)
     for name in args.configs.split(","):
         out = Path(args.out).resolve() / name
-        result = balance(name, args, out)
+        result = {**balance(name, args, out), "machine": machine, "args": vars(args)}
         chosen = next(la for la in result["layouts"] if la["chosen"])
         print(f"{name}: chosen {chosen['label']} (predicted {chosen['predicted_step_s']:.3g} s); sweeping "
               f"{len(result['layouts'])} layouts × {args.repeats}", flush=True)
@@ -176,9 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = summarise(result)
         print(json.dumps(results[name]["summary"], indent=2), flush=True)
         RESULTS.mkdir(parents=True, exist_ok=True)   # written after each config: a later failure keeps the earlier
-        (RESULTS / "balancer.json").write_text(json.dumps({"machine": machine, "args": vars(args),
-                                                            "results": results}, indent=2) + "\n")
-        (RESULTS / "balancer.md").write_text(markdown(results, machine, args))
+        (RESULTS / "balancer.json").write_text(json.dumps({"results": results}, indent=2) + "\n")
+        (RESULTS / "balancer.md").write_text(markdown(results))
     return 0
 
 

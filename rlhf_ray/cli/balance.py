@@ -44,10 +44,12 @@ SHOWN_CANDIDATES = 16
 
 # ------------------------------------------------------------------------------------------- probes
 
-def probe_from_run(run_dir: str | Path, warmup: int = 1, label: str = "", overrides: list[str] | None = None) -> Probe:
-    """A finished run as a probe: its config (config.yaml) planned on the hardware its plan at startup described
-    (plan.json; else this machine, measured now), with its measured mean response length where its config gave
-    none, and its steps after ``warmup`` (metrics.jsonl)."""
+def probe_from_run(run_dir: str | Path, warmup: int = 1, label: str = "", overrides: list[str] | None = None,
+                   hardware=None) -> Probe:
+    """A finished run as a probe: its config (config.yaml) planned on ``hardware`` (default: what its plan at startup
+    described, plan.json; else this machine, measured now), with its measured mean response length where its config
+    gave none, and its steps after ``warmup`` (metrics.jsonl). Probes fitted together are planned on one hardware
+    description (the first's): a CPU's peaks measured at each run's start move with the machine's load."""
     from rlhf_ray.run.report import load_metrics
 
     run_dir = Path(run_dir)
@@ -64,8 +66,8 @@ def probe_from_run(run_dir: str | Path, warmup: int = 1, label: str = "", overri
                    cfg.generation.max_new_tokens)
         cfg = with_overrides(cfg, [f"planning.response_tokens_mean={mean}"])
     plan_file = run_dir / "plan.json"
-    hw = (hardware_from_figures(json.loads(plan_file.read_text())["hardware"]) if plan_file.is_file()
-          else this_machine())
+    hw = hardware or (hardware_from_figures(json.loads(plan_file.read_text())["hardware"]) if plan_file.is_file()
+                      else this_machine())
     plan = plan_experiment(cfg, hw, search=False)
     return Probe(label or run_dir.name, plan, measured_seconds(rows), str(run_dir), list(overrides or []), mean, cfg)
 
@@ -78,8 +80,9 @@ def probe_points(cfg) -> list[dict]:
     return [{"ppo.async_steps": cfg.ppo.async_steps}, flipped]
 
 
-def run_probe(config: str, overrides: list[str], point: dict, args, out: Path) -> Probe:
-    """One probe run (rlhf_ray.cli.sweep.run_point) read back as a Probe; CalibrationError if it did not finish."""
+def run_probe(config: str, overrides: list[str], point: dict, args, out: Path, hardware=None) -> Probe:
+    """One probe run (rlhf_ray.cli.sweep.run_point) read back as a Probe (planned on ``hardware``: probe_from_run);
+    CalibrationError if it did not finish."""
     record = run_point(config, overrides, point, args.probe_steps, args.probe_warmup, out / "probes", args.timeout_s)
     print(f"  probe {record['label']}: " + (f"step {record['step_s']:.3g} s ({record['dir']})" if record["status"] == "ok"
                                             else f"{record['status']}: {record.get('error', '')}"), flush=True)
@@ -87,7 +90,18 @@ def run_probe(config: str, overrides: list[str], point: dict, args, out: Path) -
         raise CalibrationError(f"probe {record['label']} {record['status']}: {record.get('error', '')} "
                                f"({record.get('console', record['dir'])})")
     return probe_from_run(record["dir"], args.probe_warmup, record["label"],
-                          [*overrides, *(f"{k}={v}" for k, v in point.items())])
+                          [*overrides, *(f"{k}={v}" for k, v in point.items())], hardware)
+
+
+def run_probes(config: str, overrides: list[str], cfg, args, out: Path) -> list[Probe]:
+    """The probes of ``probe_points``, with Ray's CPU reservations scaled to fit this machine where they would not,
+    all planned on the first one's hardware description."""
+    fitted = reservations(cfg, usable_cores())
+    probes: list[Probe] = []
+    for point in probe_points(cfg):
+        probes.append(run_probe(config, [*overrides, *fitted], point, args, out,
+                                probes[0].plan.hardware if probes else None))
+    return probes
 
 
 # ------------------------------------------------------------------------------------------- the search
@@ -203,12 +217,12 @@ def main(args, hardware) -> int:
         grid = _grid(args.grid)
         if args.from_run:
             print(f"calibration: fitting {len(args.from_run)} finished run(s)", flush=True)
-            probes = [probe_from_run(d, args.probe_warmup) for d in args.from_run]
+            probes = [probe_from_run(args.from_run[0], args.probe_warmup)]
+            probes += [probe_from_run(d, args.probe_warmup, hardware=probes[0].plan.hardware) for d in args.from_run[1:]]
         else:
             print(f"calibration: probing {args.config} ({args.probe_warmup} + {args.probe_steps} steps per probe) → "
                   f"{out}/probes/", flush=True)
-            fitted = reservations(cfg, usable_cores())
-            probes = [run_probe(args.config, [*args.overrides, *fitted], point, args, out) for point in probe_points(cfg)]
+            probes = run_probes(args.config, list(args.overrides), cfg, args, out)
         calibration = calibrate(probes, args.config)
         calibration.save(out / "calibration.json")
         hw = probes[0].plan.hardware if hardware is None else get_hardware(hardware) if isinstance(hardware, str) \
@@ -222,7 +236,8 @@ def main(args, hardware) -> int:
             if chosen is None or not args.verify or round_ == args.rounds or _probed(chosen, probes):
                 break
             probe = run_probe(args.config, list(args.overrides), {o.partition("=")[0]: yaml.safe_load(o.partition("=")[2])
-                                                                  for o in chosen.overrides}, args, out)
+                                                                  for o in chosen.overrides}, args, out,
+                              probes[0].plan.hardware)
             error = chosen.step / probe.measured["step"] - 1
             print(f"verify: {label(chosen)} measured {probe.measured['step']:.3g} s, predicted {chosen.step:.3g} s "
                   f"({error:+.0%})")
