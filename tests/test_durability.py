@@ -98,6 +98,7 @@ def stopped_and_resumed(tmp_path: Path, tiny_cache: Path, ray_tmp: str, settings
     # batch s sampled by the weights of update s − 2, the first two by the initial policy; the same after the resume
     assert [r["async/staleness"] for r in whole] == [r["async/staleness"] for r in resumed] == [0, 1] + [2] * 10
     assert resumed[5]["recovery/generation_restarts"] == 1  # step 6, recorded by the stopped run after the kill
+    assert all(r["time/weight_load"] > 0 for r in whole[3:])  # batch 4 on: loaded by the engines before sampling
     for a, b in zip(whole, resumed):
         for key in COMPARED:
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key, a[key], b[key])

@@ -105,6 +105,31 @@ def test_a_stop_before_the_step_was_recorded_keeps_its_own_rollout_first():
         queue.shutdown()
 
 
+def test_a_stop_signal_while_the_learner_waits_for_its_rollout_leaves_the_rollout_for_the_checkpoint():
+    release = threading.Event()
+
+    def sample(step, version, payload, cancel):
+        release.wait(5)
+        return rollout(step, version)
+
+    class Stop(BaseException):  # as rlhf_ray.runtime.signals.RunStopped: raised in the main thread during the wait
+        pass
+
+    queue = RolloutQueue(2, sample)
+    try:
+        queue.fill(0, 10, (0, None))  # 1 and 2
+        threading.Timer(0.05, release.set).start()
+        future = queue.ahead[0].future
+        original = future.result
+        future.result = lambda: (_ for _ in ()).throw(Stop())
+        with pytest.raises(Stop):
+            queue.take(1)
+        future.result = original
+        assert [r.step for r in queue.kept(1)] == [1, 2]
+    finally:
+        queue.shutdown()
+
+
 def test_a_failed_rollout_ends_what_a_checkpoint_keeps_and_its_error_reaches_the_step_that_takes_it():
     def sample(step, version, payload, cancel):
         if step == 2:

@@ -81,7 +81,13 @@ class RolloutQueue:
         """Rollout ``step`` and the seconds waited for it; (None, 0) when the queue does not hold it (emptied then)."""
         if self.ahead and self.ahead[0].step == step:
             start = time.perf_counter()
-            rollout = self.ahead.popleft().future.result()
+            try:
+                rollout = self.ahead[0].future.result()
+            except Exception:  # its error is the step's
+                self.ahead.popleft()
+                raise
+            # taken off only now: a stop signal during the wait leaves it in the queue, for the checkpoint (kept)
+            self.ahead.popleft()
             return rollout, time.perf_counter() - start
         self.drop()
         return None, 0.0
