@@ -8,9 +8,10 @@ starts them (``ray.address`` = the cluster):
   broadcast across nodes (``weights.transport=collective``). After
   its step 2 the node that holds the engine is removed (the spare gen node takes over); a few steps later the
   other gen node is removed too (no room is left: the run must stop, saying so);
-- ``one_node``, after it: every role labelled pool=solo (weights through the object store), to its end after as many
-  steps as ``three_nodes`` recorded (the steps compared; it used to run all 40). Both runs keep a constant LR (no
-  warmup, no decay), so that a step's update does not depend on how many steps the run has in all.
+- ``one_node``, at the same time on the solo node (it used to start after ``three_nodes``): every role labelled
+  pool=solo (weights through the object store), to its end after ONE_NODE_STEPS steps, more than ``three_nodes``
+  records (the steps it recorded are compared). Both runs keep a constant LR (no warmup, no decay), so that a step's
+  update does not depend on how many steps the run has in all.
 
 Prints ``RESULT{json}``: each run's exit code, console tail, metrics rows, placement.json before and after.
 Usage: python tests/cluster_run.py OUT_DIR TINY_CACHE
@@ -26,6 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 40
+ONE_NODE_STEPS = 16  # three_nodes records 2 steps, 3 more after the first node goes, then stops within a step or two
 POOLS = {"solo": 3, "gen-a": 1, "gen-b": 1, "learn": 1, "score": 1}
 
 
@@ -78,6 +80,9 @@ def main(out_root: str, cache: str) -> None:
     ids = {node.node_id: name for name, node in nodes.items()}
     result = {"nodes": ids}
     try:
+        one_out = root / "one_node"  # on the solo node, beside the three-node run
+        one_run = start(cluster.address, one_out, cache,
+                        {r: "solo" for r in ("generation", "learner", "reward", "reference")}, steps=ONE_NODE_STEPS)
         out = root / "three_nodes"
         run = start(cluster.address, out, cache, {"generation": "gen", "learner": "learn", "reward": "score",
                                                   "reference": "score"}, "weights.transport=collective")
@@ -95,12 +100,7 @@ def main(out_root: str, cache: str) -> None:
             before = placement(out)
         result["three_nodes"] = finish(run, out, before)
         result["removed"] = removed
-
-        out = root / "one_node"  # on the solo node, which is still there
-        run = start(cluster.address, out, cache, {r: "solo" for r in ("generation", "learner", "reward", "reference")},
-                    steps=max(len(result["three_nodes"]["rows"]), 1))
-        wait_for(run, out, 1)
-        result["one_node"] = finish(run, out, placement(out))
+        result["one_node"] = finish(one_run, one_out, placement(one_out))
     finally:
         cluster.shutdown()
     print("RESULT" + json.dumps(result))

@@ -70,9 +70,11 @@ def test_quiet_console_of_the_main_job_beside_another_run_each_in_its_own_cluste
     main_job = subprocess.Popen([sys.executable, "-m", "rlhf_ray.train", "--config", "configs/tiny_cpu.yaml",
                                  "ppo.total_episodes=64", f"models.cache_dir={tiny_cache}", f"output_dir={out}"],
                                 cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # beside: no KL (ppo.kl_coef=0) and so, with ppo.reference=auto, no reference: none planned, started or logged
     beside = subprocess.Popen([sys.executable, "-m", "rlhf_ray.train", "--config", "configs/tiny_cpu.yaml",
                                "ppo.total_episodes=32", f"models.cache_dir={tiny_cache}", f"output_dir={tmp_path / 'b'}",
-                               "logging.progress_bar=false", "logging.report=false", "logging.save_final_model=false"],
+                               "logging.progress_bar=false", "logging.report=false", "logging.save_final_model=false",
+                               "ppo.kl_coef=0"],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         stdout, stderr = main_job.communicate(timeout=900)
@@ -98,9 +100,29 @@ def test_quiet_console_of_the_main_job_beside_another_run_each_in_its_own_cluste
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     assert all(0.05 < m["memory/learner_peak_gb"] < 8 for m in metrics)
-    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2]
+    assert all("kl/mean" in m and "time/reference" in m for m in metrics)
+    beside_metrics = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in beside_metrics] == [1, 2]
+    assert_no_reference(tmp_path / "b", beside_metrics, beside_output)
     assert ray_session.is_initialized()  # the test session's cluster is still there
+
+
+def assert_no_reference(out, metrics: list[dict], console: str) -> None:
+    """A run at ppo.kl_coef=0 with ppo.reference=auto: no reference planned or started, no KL or reference figures
+    logged, the console says so at the start and in its summary, and its report draws (its KL panel says so too:
+    tests/test_reference_at_kl0.py)."""
+    from rlhf_ray.config import NO_REFERENCE
+    from rlhf_ray.run.report import main as report
+
+    plan = json.loads((out / "plan.json").read_text())
+    assert "reference" not in plan["models"] and "reference" not in {r["role"] for r in plan["roles"]}
+    assert "reference-0" not in json.loads((out / "placement.json").read_text())["actors"]
+    assert not (out / "logs" / "reference-0.log").exists() and (out / "logs" / "reward-0.log").exists()
+    assert not [key for m in metrics for key in m if key == "kl/mean" or "reference" in key]
+    assert f"{NO_REFERENCE}: no reference actors, no KL metrics" in console
+    summary = [line for line in console.splitlines() if " steps in " in line]
+    assert summary and summary[-1].endswith(f"{NO_REFERENCE}: no KL"), console[-3000:]
+    assert report([str(out)]) == 0 and (out / "report.png").stat().st_size > 20_000
 
 
 @pytest.mark.e2e

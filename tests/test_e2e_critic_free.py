@@ -56,17 +56,24 @@ def test_grpo_with_every_option_learns_builds_no_critic_and_resumes_exactly(ray_
     assert {m["sampling/filled_with_equal"] for m in metrics} == {0.0}  # every group kept differs in score
 
 
-def test_rloo_learns_with_no_values_pass(ray_session, tiny_cache, tmp_path):
+def test_rloo_learns_with_no_values_pass_and_a_reference_kept_at_kl0(ray_session, tiny_cache, tmp_path):
+    """Dr. GRPO's length-free loss with no KL (ppo.kl_coef=0), the reference kept to watch the drift
+    (ppo.reference=keep; without it there would be none: tests/test_console_and_report.py)."""
     from rlhf_ray.drivers.ppo import PPOTrainer
 
     trainer = PPOTrainer(tiny_config(tmp_path, tiny_cache, *CRITIC_FREE, "ppo.advantage=rloo",
-                                     "ppo.loss_aggregation=seq_mean_token_sum"))
+                                     "ppo.loss_aggregation=seq_mean_token_sum", "ppo.kl_coef=0",
+                                     "ppo.reference=keep"))
     try:
         metrics = [trainer.step() for _ in range(LEARN_STEPS)]
         assert trainer.roles.learner_parameters() == policy_parameters(trainer)
+        assert len(trainer.roles.references) == 1  # kept: a reference actor, as with a KL that weighs
     finally:
         trainer.shutdown()
     assert_learns([m["score/mean"] for m in metrics])
     # old logprobs are the sampler's and there are no values: the learner does not take part in scoring
     assert trainer.old_logprobs == "sampler" and trainer.is_correction == "none"
     assert {m["time/values"] for m in metrics} == {0.0} and all("is/weight_mean" not in m for m in metrics)
+    # the KL is logged and the policy drifts from the reference, but it weighs 0: the reward is the score
+    assert all(m["time/reference"] > 0 for m in metrics) and metrics[-1]["kl/mean"] != 0
+    assert all(m["reward/mean"] == pytest.approx(m["score/effective_mean"], abs=1e-6) for m in metrics)

@@ -117,7 +117,7 @@ def test_zero_1_on_one_rank_updates_the_weights_as_zero_0_does(tiny_cache, tmp_p
     """At world size 1 the learner skips DeepSpeed's gradient all-reduce where it only averages (ZeRO-0, the
     BF16_Optimizer), and must keep it where it hands the gradients to ZeRO's optimizer: a skipped reduction there
     would leave ZeRO-1's fp32 optimizer stepping with no gradients. Each update runs in a fresh process, as DeepSpeed
-    sets up once per process."""
+    sets up once per process (the two run side by side)."""
     import subprocess
     import sys
 
@@ -128,12 +128,11 @@ def test_zero_1_on_one_rank_updates_the_weights_as_zero_0_does(tiny_cache, tmp_p
         pytest.skip(f"this CPU has {cpu_bf16()[1]}: bf16 is refused here")
     root = str(Path(__file__).resolve().parent.parent)
     policy, critic = resolve_model("tiny:policy", tiny_cache), resolve_model("tiny:reward", tiny_cache)
-    weights = {}
-    for stage in (0, 1):
-        out = tmp_path / f"zero{stage}.pt"
-        subprocess.run([sys.executable, "-c", ONE_UPDATE, root, policy, critic, str(stage), precision, str(out)],
-                       check=True, timeout=600)
-        weights[stage] = torch.load(out)
+    outs = {stage: tmp_path / f"zero{stage}.pt" for stage in (0, 1)}
+    updates = [subprocess.Popen([sys.executable, "-c", ONE_UPDATE, root, policy, critic, str(stage), precision,
+                                 str(out)]) for stage, out in outs.items()]  # side by side: one process each
+    assert [update.wait(timeout=600) for update in updates] == [0, 0]
+    weights = {stage: torch.load(out) for stage, out in outs.items()}
     zero0, zero1 = weights[0], weights[1]
     assert torch.equal(zero0["before"], zero1["before"])
     moved = (zero1["after"] - zero1["before"]).abs()

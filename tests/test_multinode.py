@@ -43,9 +43,9 @@ def test_each_role_runs_where_its_labels_say(cluster_runs):
 def test_metrics_across_nodes_and_a_lost_node_equal_the_one_node_run(cluster_runs):
     one, three = cluster_runs["one_node"], cluster_runs["three_nodes"]
     rows = three["rows"]
-    # the one-node run went to its end, over as many steps as the three-node run recorded
-    assert one["code"] == 0 and [r["step"] for r in one["rows"]] == [r["step"] for r in rows], one["console"]
-    assert len(rows) >= 4 and [r["step"] for r in rows] == list(range(1, len(rows) + 1))  # every step once
+    # the one-node run (beside it) went to its end, over more steps than the three-node run recorded
+    assert one["code"] == 0 and [r["step"] for r in one["rows"]] == list(range(1, 17)), one["console"]
+    assert 4 <= len(rows) < 16 and [r["step"] for r in rows] == list(range(1, len(rows) + 1))  # every step once
     assert rows[-1]["recovery/generation_restarts"] == 1.0  # the engine's node went, the spare took over
     # The learner computes with 3 threads on the solo node and 1 on its own node: its gradients' reductions split
     # differently, so the runs agree to float rounding (~1e-6 relative in a step's losses, growing slowly), not bit

@@ -1,5 +1,5 @@
 """`ray job submit` against a real local head on loopback, started and stopped by the test: one job chains a PPO run,
-reward-model training, SFT then DPO with LoRA adapters, and a sweep."""
+reward-model training, SFT then DPO with LoRA adapters, and a sweep (a point that runs, one that is refused)."""
 from __future__ import annotations
 
 import json
@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,20 @@ def installed_wheel(tmp_path: Path) -> Path:
                     *map(str, wheels.glob("*.whl"))], check=True, capture_output=True, timeout=300)
     assert not (target / "actors").exists() and (target / "rlhf_ray" / "actors" / "learner.py").is_file()
     return target
+
+
+def submit_job(address: str, env: dict, cwd: Path, working_dir: str, *entrypoint: str,
+               timeout_s: float = 600) -> subprocess.CompletedProcess:
+    """``ray job submit --working-dir WORKING_DIR -- ENTRYPOINT`` from ``cwd``, as a user types it, to its end."""
+    submit = [RAY, "job", "submit", "--address", address, "--working-dir", working_dir, "--", *entrypoint]
+    for _ in range(15):  # the dashboard answers a few seconds before its job agent accepts jobs (and, on a
+        # loaded machine, may drop the submission's connection before it has one)
+        job = subprocess.run(submit, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s)
+        said = job.stdout + job.stderr
+        if "No available agent" not in said and not ("RemoteDisconnected" in said and "submitted" not in said):
+            return job
+        time.sleep(2)
+    return job
 
 
 def test_ray_job_submit_runs_ppo_rm_sft_dpo_and_a_sweep(tiny_cache, tmp_path):
@@ -74,26 +89,19 @@ def test_ray_job_submit_runs_ppo_rm_sft_dpo_and_a_sweep(tiny_cache, tmp_path):
         dpo = ["python", "-m", "rlhf_ray.train_dpo", *lora, f"model={chain / 'sft' / 'final_model'}",
                f"output_dir={chain / 'dpo'}", "dpo.epochs=1", "dpo.eval_every_steps=0", "checkpoint.every_steps=12"]
         sweep_out = tmp_path / "sweep_job"  # the sweep's points join the job's cluster (RAY_ADDRESS)
-        sweep = ["python", "-m", "rlhf_ray.sweep", "--grid", "ppo.async_steps=1", "--steps", "1", "--warmup", "0",
-                 "--out", str(sweep_out), f"models.cache_dir={tiny_cache}"]
+        # one point runs (overlapped), one is refused and recorded (test_sweep.py's real run, merged here)
+        sweep = ["python", "-m", "rlhf_ray.sweep", "--grid", "ppo.rollout_batch_size=16,12", "--grid",
+                 "ppo.async_steps=1", "--steps", "1", "--warmup", "0", "--out", str(sweep_out),
+                 f"models.cache_dir={tiny_cache}"]
         commands = " && ".join(f"{shlex.join(command)} && echo '###' {name} done" for name, command in
                                (("ppo", ppo), ("rm", train_rm), ("sft", sft), ("dpo", dpo), ("sweep", sweep)))
-        submit = [RAY, "job", "submit", "--address", address, "--working-dir", ".", "--", "bash", "-c", commands]
-        for _ in range(15):  # the dashboard answers a few seconds before its job agent accepts jobs (and, on a
-            # loaded machine, may drop the submission's connection before it has one)
-            job = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
-            said = job.stdout + job.stderr
-            if "No available agent" not in said and not ("RemoteDisconnected" in said and "submitted" not in said):
-                break
-            time.sleep(2)
+        with ThreadPoolExecutor(3) as jobs:  # the two imports jobs go beside the chain (they took their own turns)
+            chained = jobs.submit(submit_job, address, env, ROOT, ".", "bash", "-c", commands, timeout_s=1500)
+            uploaded = jobs.submit(submit_job, address, env, ROOT, ".", "python", "tests/job_imports.py")
+            installed = jobs.submit(submit_job, address, env, elsewhere, str(elsewhere), "python", "job_imports.py")
+            job, uploaded, installed = chained.result(), uploaded.result(), installed.result()
         assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-4000:] + job.stderr[-2000:]
         assert re.findall(r"^### (\w+) done$", job.stdout, re.MULTILINE) == ["ppo", "rm", "sft", "dpo", "sweep"]
-        uploaded = subprocess.run([RAY, "job", "submit", "--address", address, "--working-dir", ".", "--",
-                                   "python", "tests/job_imports.py"],
-                                  cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-        installed = subprocess.run([RAY, "job", "submit", "--address", address, "--working-dir", str(elsewhere), "--",
-                                    "python", "job_imports.py"],
-                                   cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
 
     for imports_job in (uploaded, installed):
         assert imports_job.returncode == 0 and "succeeded" in imports_job.stdout, imports_job.stdout[-4000:]
@@ -136,6 +144,9 @@ def test_ray_job_submit_runs_ppo_rm_sft_dpo_and_a_sweep(tiny_cache, tmp_path):
     assert torch.allclose(kept, base_reference_logps(dpo, list(range(len(kept)))), rtol=1e-5, atol=1e-4)
     assert (dpo / "final_model" / "adapter" / "adapter_model.safetensors").is_file()
 
-    point = json.loads((sweep_out / "sweep.json").read_text())["points"][0]
-    assert point["status"] == "ok" and point["samples_per_s"] > 0
-    assert "joined the Ray cluster" in (sweep_out / "points" / "async-1" / "logs" / "driver.log").read_text()
+    ran, refused = json.loads((sweep_out / "sweep.json").read_text())["points"]
+    assert ran["status"] == "ok" and ran["samples_per_s"] > 0 and ran["phases_s"]["learn"] > 0
+    # 12 sequences a step: 320 episodes are no whole number of steps (the ppo section's own check comes first)
+    assert refused["status"] == "invalid" and "is not a multiple of ppo.rollout_batch_size=12" in refused["error"]
+    assert {"sweep.csv", "sweep.md", "sweep.png"} <= {p.name for p in sweep_out.iterdir()}
+    assert "joined the Ray cluster" in (sweep_out / "points" / "batch-16_async-1" / "logs" / "driver.log").read_text()

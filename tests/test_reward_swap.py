@@ -2,8 +2,8 @@
 
 The same tiny PPO run (configs/tiny_cpu.yaml, 2 steps) with a function and, side by side, an HTTP endpoint on
 loopback; and with the RM in the reward actor, then an RM deployed once on Ray Serve (another RM: tiny:reward of seed
-1) and shared by two consecutive experiments — deployed, listed and removed with ``python -m rlhf_ray.rm`` as a user
-types it.
+1) and shared by two experiments running at once — deployed, listed and removed with ``python -m rlhf_ray.rm`` as a
+user types it.
 """
 from __future__ import annotations
 
@@ -93,18 +93,24 @@ def direct_scores(rm_path: str, samples) -> list[float]:
 
 def serve_experiments(tmp_path: Path, tiny_cache: Path, address: str, env: dict, route: str, probe: list,
                       monkeypatch) -> SimpleNamespace:
-    """Two consecutive experiments against the app, its identity before and after each, ``probe`` samples scored
-    through its HTTP route, the app list with it and after ``rm remove``."""
+    """Two experiments against the app at once (they used to go one after the other), its identity before and after
+    them, ``probe`` samples scored through its HTTP route, the app list with it and after ``rm remove``."""
     from rlhf_ray.config import RewardConfig
     from rlhf_ray.rewards.backends import build_backend
 
     monkeypatch.setenv("RAY_AUTH_MODE", "token")  # the runs join a head that uses token auth
-    seen = SimpleNamespace(rows=[], identities=[json.loads(rm(env, "info", APP, "--address", address))])
-    for i in range(2):
-        with short_tmp("rs") as ray_tmp:
-            seen.rows.append(run_to_end(tmp_path / f"serve-{i}", ray_tmp, tiny_cache, "models.reward.kind=serve",
-                                        f"models.reward.app={APP}", f"ray.address={address}"))
-        seen.identities.append(json.loads(rm(env, "info", APP, "--address", address)))
+    seen = SimpleNamespace(identities=[json.loads(rm(env, "info", APP, "--address", address))])
+    with short_tmp("rs") as first_tmp, short_tmp("rt") as second_tmp:
+        runs = [start_run(tmp_path / f"serve-{i}", ray_tmp, tiny_cache, *COMMON, "models.reward.kind=serve",
+                          f"models.reward.app={APP}", f"ray.address={address}")
+                for i, ray_tmp in enumerate((first_tmp, second_tmp))]
+        try:
+            seen.rows = [finish(run, tmp_path / f"serve-{i}") for i, run in enumerate(runs)]
+        finally:
+            for run in runs:
+                if run.poll() is None:
+                    run.kill()
+    seen.identities.append(json.loads(rm(env, "info", APP, "--address", address)))
     seen.http_scores = build_backend(RewardConfig(kind="http", url=route)).score(probe).tolist()
     seen.listing = rm(env, "list", "--address", address)
     rm(env, "remove", APP, "--address", address)
@@ -112,7 +118,7 @@ def serve_experiments(tmp_path: Path, tiny_cache: Path, address: str, env: dict,
     return seen
 
 
-def test_model_then_a_shared_serve_rm_across_two_experiments(tiny_cache, tiny_tokenizer, tmp_path, monkeypatch):
+def test_model_and_a_shared_serve_rm_across_two_experiments(tiny_cache, tiny_tokenizer, tmp_path, monkeypatch):
     from rlhf_ray.data.sources import load_prompts
     from rlhf_ray.models.specs import resolve_model
     from rlhf_ray.rewards.base import RewardSample
@@ -127,22 +133,22 @@ def test_model_then_a_shared_serve_rm_across_two_experiments(tiny_cache, tiny_to
         # the config as it is (kind=model), in a local Ray of its own, while the head starts and the app deploys
         model_run = start_run(tmp_path / "model", model_tmp, tiny_cache, *COMMON)
         try:
-            with ray_head(head_tmp) as (address, _, env):  # 2 CPUs: a run's roles (1.5) + the replica (0.25)
+            with ray_head(head_tmp, num_cpus=4) as (address, _, env):  # two runs' roles (2 × 1.5) + the replica (0.25)
                 deployed = rm(env, "serve", APP, "--model", "tiny:reward", "--cache-dir", str(tiny_cache), "--seed",
                               "1", "--max-length", "256", "--num-cpus", "0.25", "--max-batch-size", "8",
                               "--http-port", str(free_port()), "--address", address)
                 route = deployed.split(" route ")[1].split()[0]
-                model_rows = finish(model_run, tmp_path / "model")
                 seen = serve_experiments(tmp_path, tiny_cache, address, env, route, probe, monkeypatch)
+                model_rows = finish(model_run, tmp_path / "model")  # it went on beside them
         finally:
             if model_run.poll() is None:
                 model_run.kill()
-    # the app stayed up across both experiments: one process, serving each run's 2 steps (16 samples each)
+    # one app, one process, served both experiments: each run's 2 steps (16 samples each)
     identities = seen.identities
     assert identities[0]["model_path"] == served_rm and identities[0]["requests"] == 0
     assert len({info["pid"] for info in identities}) == 1
-    assert [info["requests"] for info in identities] == [0, 2, 4]
-    assert [info["samples"] for info in identities] == [0, 32, 64]
+    assert [info["requests"] for info in identities] == [0, 4]
+    assert [info["samples"] for info in identities] == [0, 64]
     line = next(line for line in seen.listing.splitlines() if line.startswith(APP))
     assert line.split()[1:] == ["RUNNING", "tiny:reward", "1/1", route], seen.listing
     assert APP not in seen.after

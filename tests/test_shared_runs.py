@@ -9,6 +9,8 @@ import re
 import subprocess
 import threading
 import time
+import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -57,9 +59,10 @@ class Endpoint:
 
 
 @pytest.fixture(scope="module")
-def http_run(tiny_cache, tmp_path_factory):
+def http_run(tiny_cache, tmp_path_factory, full_disk):
     """Two identical runs started at once into one output dir (one a scheduler's rerun: resume=auto); the one that
-    runs meets the endpoint's short outage, then its end. -> what the test sees."""
+    runs meets the endpoint's short outage, then its end. -> what the test sees. (The full-disk run goes on beside
+    them, in a Ray of its own: ``full_disk`` has started it.)"""
     out = tmp_path_factory.mktemp("shared") / "run"
     endpoint = Endpoint({SHORT_OUTAGE_AT: SHORT_OUTAGE_S, GONE_AT: None})
     with short_tmp("sh") as ray_tmp:
@@ -144,15 +147,16 @@ def test_an_endpoint_gone_for_good_stops_the_run_with_its_finished_steps_saved_a
 
 # ------------------------------------------------------------------------------------------- a full disk
 
-@pytest.fixture
+@contextmanager
 def small_disk():
-    """A 64 MiB tmpfs of the test's own (needs root and mount); skipped where it cannot be made."""
+    """A 64 MiB tmpfs of the test's own (needs root and mount); None where it cannot be made."""
     with short_tmp("disk") as path:
         made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", path], capture_output=True, text=True)
         if made.returncode != 0 or os.geteuid() != 0:
-            pytest.skip(f"cannot mount a small tmpfs here: {made.stderr.strip() or 'not root'}")
+            yield None, made.stderr.strip() or "not root"
+            return
         try:
-            yield path
+            yield path, ""
         finally:
             subprocess.run(["umount", "-l", path], check=False)
 
@@ -171,26 +175,62 @@ def fill(path: str) -> str:
     return filler
 
 
-def test_a_full_disk_is_one_line_and_a_resume_completes_once_there_is_room(tiny_cache, small_disk):
-    out = os.path.join(small_disk, "run")
-    settings = ("ppo.total_episodes=128", "checkpoint.every_steps=2")  # 8 steps
-    with short_tmp("fd") as ray_tmp:
-        run = start_run(out, ray_tmp, tiny_cache, *settings)
-        wait_for_steps(run, Path(out), 3)
-        filler = fill(small_disk)
-        output = run.communicate(timeout=300)[0]
-        lines = output.strip().splitlines()
-        errors = [line for line in lines if "error" in line.lower() or "Errno" in line]
-        assert run.returncode == 1 and len(errors) == 1, output[-4000:]
-        valid = _checkpoints(Path(out))[-1]
-        assert re.search(rf"error: no space left on the device of {out}\S* \(file system at {small_disk}, [\d.]+ \w+ "
-                         rf"free now\); checkpoints up to step {int(valid[5:])} in {out}/checkpoints remain valid; free "
-                         r"space and rerun with resume=auto$", errors[0]), errors[0]
-        assert "Traceback" not in output and "Exception in thread" not in output, output[-4000:]
-        assert not os.path.exists(os.path.join(out, LOCK_NAME))
+DISK_RUN = ("ppo.total_episodes=128", "checkpoint.every_steps=2")  # 8 steps
 
+
+def fill_then_resume(disk: str, ray_tmp: str, tiny_cache: Path, seen: dict) -> None:
+    """A run into the small disk; the disk fills up after its step 3; once there is room again, a resume. What
+    happened goes into ``seen`` (run in a thread, beside the HTTP runs)."""
+    out = os.path.join(disk, "run")
+    run = start_run(out, ray_tmp, tiny_cache, *DISK_RUN)
+    try:
+        wait_for_steps(run, Path(out), 3)
+        filler = fill(disk)
+        seen["output"] = run.communicate(timeout=300)[0]
+        seen["code"], seen["checkpoints"] = run.returncode, _checkpoints(Path(out))
+        seen["lock_left"] = os.path.exists(os.path.join(out, LOCK_NAME))
         os.remove(filler)  # room again
-        resumed = start_run(out, ray_tmp, tiny_cache, *settings, "resume=auto")
-        output = resumed.communicate(timeout=600)[0]
-        assert resumed.returncode == 0 and f"resumed from {out}/checkpoints/{valid}" in output, output[-3000:]
-        assert [row["step"] for row in metric_rows(Path(out))] == list(range(1, 9))
+        resumed = start_run(out, ray_tmp, tiny_cache, *DISK_RUN, "resume=auto")
+        seen["resumed_output"] = resumed.communicate(timeout=600)[0]
+        seen["resumed_code"], seen["rows"] = resumed.returncode, metric_rows(Path(out))
+    except BaseException:  # noqa: BLE001 — told to the test, which runs in the main thread
+        seen["error"] = traceback.format_exc()
+    finally:
+        if run.poll() is None:
+            run.kill()
+
+
+@pytest.fixture(scope="module")
+def full_disk(tiny_cache):
+    """The full-disk scenario, started at once and driven in a thread (it used to run after the HTTP runs) ->
+    (what it saw, the disk, the thread)."""
+    with small_disk() as (disk, why_not), short_tmp("fd") as ray_tmp:
+        if disk is None:
+            yield None, why_not, None
+            return
+        seen: dict = {}
+        worker = threading.Thread(target=fill_then_resume, args=(disk, ray_tmp, tiny_cache, seen), daemon=True)
+        worker.start()
+        yield seen, disk, worker
+        worker.join(timeout=900)
+
+
+def test_a_full_disk_is_one_line_and_a_resume_completes_once_there_is_room(full_disk):
+    seen, disk, worker = full_disk
+    if seen is None:
+        pytest.skip(f"cannot mount a small tmpfs here: {disk}")
+    worker.join(timeout=900)
+    assert not worker.is_alive() and "error" not in seen, seen.get("error")
+    out = os.path.join(disk, "run")
+    output = seen["output"]
+    errors = [line for line in output.strip().splitlines() if "error" in line.lower() or "Errno" in line]
+    assert seen["code"] == 1 and len(errors) == 1, output[-4000:]
+    valid = seen["checkpoints"][-1]
+    assert re.search(rf"error: no space left on the device of {out}\S* \(file system at {disk}, [\d.]+ \w+ "
+                     rf"free now\); checkpoints up to step {int(valid[5:])} in {out}/checkpoints remain valid; free "
+                     r"space and rerun with resume=auto$", errors[0]), errors[0]
+    assert "Traceback" not in output and "Exception in thread" not in output, output[-4000:]
+    assert not seen["lock_left"]
+    assert seen["resumed_code"] == 0 and f"resumed from {out}/checkpoints/{valid}" in seen["resumed_output"], \
+        seen["resumed_output"][-3000:]
+    assert [row["step"] for row in seen["rows"]] == list(range(1, 9))

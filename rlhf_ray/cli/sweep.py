@@ -112,7 +112,8 @@ def measure(rows: list[dict], sequences: int, epochs: int) -> dict:
     learner = mean("time/learn") + (mean("time/values_wall") if overlapped else 0.0)
     phases = {key.removeprefix("time/"): mean(key) for key in rows[-1]
               if key.startswith("time/") and not key.endswith("_fraction")}
-    idle = {role: max(0.0, 1.0 - sum(mean(k) for k in keys) / mean("time/step")) for role, keys in ROLE_BUSY.items()}
+    idle = {role: max(0.0, 1.0 - sum(mean(k) for k in keys) / mean("time/step")) for role, keys in ROLE_BUSY.items()
+            if any(k in rows[-1] for k in keys)}  # (a run without reference actors has no time/reference)
     memory = role_peaks(rows)
     return {"step_s": step, "samples_per_s": sequences / step, "generated_tokens_per_s": tokens / step,
             "trained_tokens_per_s": tokens * epochs / step, "phases_s": phases, "idle_share": idle,

@@ -31,7 +31,7 @@ class RoleCalls:
               old_logprobs: bool = True) -> tuple[dict, dict]:
         """Of ``roles``, concurrently: reward scores, reference logprobs, the learner's values (and its old logprobs
         unless the sampler's serve: ``old_logprobs=False``). Without reference actors (models.lora) the learner
-        computes the reference logprobs, in the same call. Returns the tensors and each role's compute seconds."""
+        computes the reference logprobs, in the same call (a run without a reference asks for none). Returns the tensors and each role's compute seconds."""
         reference_in_learner = "reference" in roles and "reference" not in self.groups
         learner = "learner" in roles
 

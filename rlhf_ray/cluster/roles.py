@@ -38,7 +38,7 @@ ROLE_ORDER = ("learner", "generation", "reward", "reference")
 @dataclass
 class ModelPaths:
     policy: str
-    reference: str
+    reference: str | None  # None: no reference (ppo.kl_coef=0, ppo.reference=auto)
     reward: str | None
     value: str | None
 

@@ -15,7 +15,7 @@ starts, with a one-line message naming the key. Nothing is silently rewritten.
                   checkpoint, recovery, ray) and the top-level keys (RunConfig)
     rules         rules that span sections, each written once: batch split, lora, weight transport, reward, sampling
     reward        models.reward
-    ppo_sections  the sections only PPO has; ppo: ExperimentConfig
+    ppo_sections  the sections only PPO has; planning: what the planner assumes (lengths); ppo: ExperimentConfig
     learner_run   the top level of RM training, SFT and DPO; rm, sft, dpo: each kind
     loading       YAML, overrides, validation; reference: --help and docs/config-reference.md; cli: __main__
 """
@@ -26,7 +26,8 @@ from rlhf_ray.config.errors import ConfigError, ConfigKeyError
 from rlhf_ray.config.learner_run import LearnerRunConfig, PreferenceSourcesConfig
 from rlhf_ray.config.loading import (DEFAULT_CONFIG, Replacing, build_config, dump_config, load_config, merge_tree,
                                      parse_overrides)
-from rlhf_ray.config.ppo import ExperimentConfig
+from rlhf_ray.config.planning import PlanningConfig
+from rlhf_ray.config.ppo import NO_REFERENCE, ExperimentConfig
 from rlhf_ray.config.ppo_sections import (MAX_SAMPLES_PER_PROMPT, DataConfig, GenerationConfig, LoggingConfig,
                                           ModelsConfig, PPOConfig, ResourcesConfig, TimeoutsConfig, WeightsConfig)
 from rlhf_ray.config.reward import RewardConfig
@@ -41,9 +42,10 @@ __all__ = [
     "ActorResources", "CheckpointConfig", "ConfigError", "ConfigKeyError", "ConversationDataConfig", "DEFAULT_CONFIG",
     "DPOConfig", "DPOTrainingConfig", "DataConfig", "DeepSpeedConfig", "ExperimentConfig", "GenerationConfig",
     "LearnerAndReferenceResources", "LearnerResourcesConfig", "LearnerRunConfig", "LearnerTimeouts", "LoRAConfig",
-    "LoggingConfig", "MAX_SAMPLES_PER_PROMPT", "ModelsConfig", "OptimizerConfig", "PPOConfig", "PreferenceDataConfig",
-    "PreferencePairsConfig", "PreferenceSourcesConfig", "RMTrainingConfig", "RayConfig", "RecoveryConfig",
-    "ReferenceTimeouts", "Replacing", "ResourcesConfig", "RewardConfig", "RewardTrainingConfig", "RoleResources",
-    "RunConfig", "RunLogging", "SFTConfig", "SFTTrainingConfig", "TimeoutsConfig", "WeightsConfig", "build_config",
-    "check_transport_name", "dump_config", "load_config", "main", "merge_tree", "parse_overrides",
+    "LoggingConfig", "MAX_SAMPLES_PER_PROMPT", "ModelsConfig", "NO_REFERENCE", "OptimizerConfig", "PPOConfig",
+    "PlanningConfig", "PreferenceDataConfig", "PreferencePairsConfig", "PreferenceSourcesConfig", "RMTrainingConfig",
+    "RayConfig", "RecoveryConfig", "ReferenceTimeouts", "Replacing", "ResourcesConfig", "RewardConfig",
+    "RewardTrainingConfig", "RoleResources", "RunConfig", "RunLogging", "SFTConfig", "SFTTrainingConfig",
+    "TimeoutsConfig", "WeightsConfig", "build_config", "check_transport_name", "dump_config", "load_config", "main",
+    "merge_tree", "parse_overrides",
 ]

@@ -5,10 +5,14 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 from rlhf_ray.config import rules
+from rlhf_ray.config.planning import PlanningConfig
 from rlhf_ray.config.ppo_sections import (DataConfig, GenerationConfig, LoggingConfig, ModelsConfig, PPOConfig,
                                           ResourcesConfig, TimeoutsConfig, WeightsConfig)
 from rlhf_ray.config.sections import (CheckpointSection, DeepSpeedConfig, OptimizerConfig, RaySection, RecoverySection,
                                       RunConfig)
+
+# what a run without a reference says in its log, its console summary and its report (where no KL is logged)
+NO_REFERENCE = "no reference (ppo.kl_coef=0, ppo.reference=auto)"
 
 
 class ExperimentConfig(RunConfig):
@@ -23,6 +27,7 @@ class ExperimentConfig(RunConfig):
     weights: WeightsConfig = Field(default_factory=WeightsConfig)
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    planning: PlanningConfig = Field(default_factory=PlanningConfig)
     checkpoint: CheckpointSection
     recovery: RecoverySection
     ray: RaySection
@@ -37,6 +42,7 @@ class ExperimentConfig(RunConfig):
         rules.check_reward_use(self)
         rules.check_weights_transport(self)
         rules.check_overlap_resources(self)
+        rules.check_planning_lengths(self)
         if self.models.lora is not None:
             rules.check_lora(self.deepspeed, "models.lora", reference_key="models.reference",
                              reference=self.models.reference, policy=self.models.policy)
@@ -71,6 +77,24 @@ class ExperimentConfig(RunConfig):
     @property
     def optimizer_steps(self) -> int:
         return self.num_steps * self.ppo.epochs * (self.rollout_sequences // self.ppo.mini_batch_size)
+
+    def reference_source(self) -> tuple[str, str]:
+        """('actors' | 'learner' | 'none', why): who computes the reference log-probs — the reference actors, the learner
+        (models.lora: the policy's base with its adapters off), or no one. The KL enters a step only through
+        ppo.kl_coef (−β·KL in the token rewards or β·KL in the loss, as ppo.kl_in says; no advantage estimator adds one
+        of its own), so at kl_coef=0 a reference serves only to monitor the KL: ppo.reference=keep."""
+        ppo = self.ppo
+        if ppo.kl_coef == 0 and ppo.reference == "auto":
+            return "none", NO_REFERENCE
+        why = f"ppo.kl_coef={ppo.kl_coef:g}" if ppo.kl_coef else "ppo.reference=keep: the KL is logged, weighing 0"
+        if self.models.lora is not None:
+            return "learner", f"models.lora: the policy's base with its adapters off; {why}"
+        return "actors", why
+
+    @property
+    def reference_actors(self) -> bool:
+        """The run has reference actors (resources.reference reserves and places them)."""
+        return self.reference_source()[0] == "actors"
 
     def reference_forward(self) -> tuple[str, int, float, dict]:
         """The reference role's forward passes: (dtype, sequences per micro-batch, the temperature of its logprobs,

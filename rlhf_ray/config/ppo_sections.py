@@ -16,7 +16,8 @@ from rlhf_ray.config.sections import (LearnerResourcesConfig, LearnerTimeouts, L
 class ModelsConfig(StrictSection):
     policy: str = Field(description="Policy (SFT) model: hub name, local path, or 'tiny:policy' (built offline).")
     reference: Optional[str] = Field(
-        None, description="Frozen reference policy for the KL penalty; defaults to the policy.")
+        None, description="Frozen reference policy for the KL penalty; defaults to the policy. Unused where the KL "
+                          "weighs nothing (ppo.kl_coef=0) and ppo.reference=auto.")
     reward: RewardConfig = Field(default_factory=RewardConfig)
     value_model: Optional[str] = Field(
         None, description="Sequence-classification model the critic starts from when value_init='reward'; "
@@ -119,11 +120,18 @@ class PPOConfig(StrictSection):
     value_clip_range: Optional[float] = Field(0.2, gt=0.0, description="Value clip around old values; null disables.")
     vf_coef: float = Field(0.1, ge=0.0, description="Value-loss coefficient.")
     entropy_coef: float = Field(0.0, ge=0.0, description="Entropy bonus coefficient.")
-    kl_coef: float = Field(0.05, ge=0.0, description="KL coefficient β (where ppo.kl_in says).")
+    kl_coef: float = Field(0.05, ge=0.0, description="KL coefficient β (where ppo.kl_in says); 0: no KL, and no "
+                                                     "reference model unless ppo.reference=keep.")
     kl_estimator: Literal["k1", "k2", "k3"] = Field("k1", description="Per-token KL estimator (rlhf_ray.algorithms.ppo_math.kl_penalty).")
     kl_in: Literal["reward", "loss"] = Field(
         "reward", description="'reward': −β·KL is added to each token's reward (PPO, REINFORCE++); 'loss': β·KL is a "
                               "term of the loss, the rewards carry no KL (GRPO, with kl_estimator k3).")
+    reference: Literal["auto", "keep"] = Field(
+        "auto", description="The reference model where the KL weighs nothing (kl_coef=0: DAPO, Dr. GRPO, many GRPO "
+                            "runs). 'auto': none — no reference actors (resources.reference is unused and reserves "
+                            "nothing), no reference pass in a LoRA learner, and no KL metrics (the console and the "
+                            "report say so); 'keep': keep it to monitor the drift from the reference (kl/mean is "
+                            "computed and logged, weighing 0). With kl_coef > 0 the reference is always there.")
     reward_clip: Optional[float] = Field(None, gt=0.0, description="Clamp RM scores to ±reward_clip; null disables.")
     non_eos_penalty: Optional[float] = Field(
         -10.0, description="For responses that do not end with EOS (cut at generation.max_new_tokens); null disables. "

@@ -35,10 +35,21 @@ def check_rollout_split(cfg) -> None:
             "(= ppo.rollout_batch_size × generation.n_samples_per_prompt)")
     require(ppo.rollout_batch_size % resources.generation.num_actors == 0, "resources.generation.num_actors",
             f"{resources.generation.num_actors} does not divide ppo.rollout_batch_size={ppo.rollout_batch_size}")
-    for role in ("reward", "reference"):
+    for role in ("reward", "reference") if cfg.reference_actors else ("reward",):  # (no reference: nothing to split)
         actors = getattr(resources, role).num_actors
         require(cfg.rollout_sequences % actors == 0, f"resources.{role}.num_actors",
                 f"{actors} does not divide the rollout of {cfg.rollout_sequences} sequences")
+
+
+def check_planning_lengths(cfg) -> None:
+    """PPO: the planner's mean lengths (planning.*) are at most the caps they average under."""
+    planning = cfg.planning
+    for key, mean, cap_key, cap in (
+            ("planning.prompt_tokens_mean", planning.prompt_tokens_mean, "data.max_prompt_tokens",
+             cfg.data.max_prompt_tokens),
+            ("planning.response_tokens_mean", planning.response_tokens_mean, "generation.max_new_tokens",
+             cfg.generation.max_new_tokens)):
+        require(mean is None or mean <= cap, key, f"{mean} is above {cap_key}={cap}: a mean cannot exceed its cap")
 
 
 # ------------------------------------------------------------------------------------------------ lora

@@ -59,7 +59,8 @@ class PPOTrainer(CheckpointedDriver):
         cfg, models = self.cfg, self.cfg.models
         resolve = lambda spec: resolve_model(spec, models.cache_dir, cfg.seed)  # noqa: E731
         reward = resolve(models.reward.model) if models.reward.kind == "model" else None
-        self.paths = ModelPaths(policy=resolve(models.policy), reference=resolve(models.reference_path), reward=reward,
+        reference = resolve(models.reference_path) if cfg.reference_source()[0] != "none" else None
+        self.paths = ModelPaths(policy=resolve(models.policy), reference=reference, reward=reward,
                                 value=resolve(models.value_model_path)
                                 if models.value_init == "reward" and cfg.ppo.needs_critic else None)
         preflight.check_experiment(cfg, {"models.policy": self.paths.policy, "models.reference": self.paths.reference,
@@ -67,7 +68,7 @@ class PPOTrainer(CheckpointedDriver):
                                          "models.value_model": self.paths.value})
         if self.paths.value:
             check_same_tokenizer(self.paths.policy, self.paths.value, "the value model's source (models.value_init=reward)")
-        if self.paths.reference != self.paths.policy:
+        if self.paths.reference not in (None, self.paths.policy):
             check_same_tokenizer(self.paths.policy, self.paths.reference, "the reference model (models.reference)")
 
     def load_data(self) -> None:
@@ -92,8 +93,9 @@ class PPOTrainer(CheckpointedDriver):
             plan_at_startup(cfg)
 
     def start_roles(self) -> Roles:
-        # LoRA: the reference is the learner's own base (adapters off), so there are no reference actors
-        roles = tuple(r for r in ROLE_ORDER if r != "reference" or self.cfg.models.lora is None)
+        # reference actors only where they compute the reference: not under LoRA (the learner's own base, adapters
+        # off, is the reference), nor where there is none (ppo.kl_coef=0, ppo.reference=auto)
+        roles = tuple(r for r in ROLE_ORDER if r != "reference" or self.cfg.reference_actors)
         return Roles(self.cfg, self.paths, ppo_learner(self.cfg, self.paths), roles=roles,
                      overlapped=self.cfg.ppo.async_steps > 0)
 
@@ -111,10 +113,18 @@ class PPOTrainer(CheckpointedDriver):
                  self.roles.learner_parameters() / 1e6, "" if cfg.ppo.needs_critic else ", and runs no values pass")
         # LoRA (models.lora): the learner's base with the adapters off is the reference; overlapped, it runs beside
         # the values pass (the learner is busy with the update while the next rollout is sampled)
-        self.reference_in_learner = cfg.models.lora is not None
+        reference, why = cfg.reference_source()
+        self.has_reference, self.reference_in_learner = reference != "none", reference == "learner"
         if self.reference_in_learner:
             log.info("models.lora: the policy trains as rank-%d adapters; the reference is its base with the adapters "
                      "off, computed in the learner (no reference actors)", cfg.models.lora.rank)
+        if not self.has_reference:
+            log.info("%s: no reference actors, no KL metrics; ppo.reference=keep keeps one to monitor the KL", why)
+            if cfg.models.reference:
+                log.warning("models.reference=%s is unused: %s; set ppo.reference=keep to monitor the KL to it",
+                            cfg.models.reference, why)
+        elif cfg.ppo.kl_coef == 0:
+            log.info("reference kept at ppo.kl_coef=0 (%s)", why)
         self.warned_non_eos = False  # the console hears once that cutting responses pays
         self.engine_version = 0  # the learner update whose weights the engines hold (overlapped: the rollout thread's)
         self.published = (0, None)  # overlapped: the latest update published (engines load it later) and its payload
@@ -134,8 +144,8 @@ class PPOTrainer(CheckpointedDriver):
     @staticmethod
     def progress(metrics: dict) -> dict:
         """The progress bar's figures after a step."""
-        return {"reward": f"{metrics['reward/mean']:.3f}", "kl": f"{metrics['kl/mean']:.3f}",
-                "step_s": f"{metrics['time/step']:.1f}"}
+        kl = {"kl": f"{metrics['kl/mean']:.3f}"} if "kl/mean" in metrics else {}  # (none without a reference)
+        return {"reward": f"{metrics['reward/mean']:.3f}", **kl, "step_s": f"{metrics['time/step']:.1f}"}
 
     def closing(self) -> list[str]:
         """The report picture (logging.report) and the one-line summary of the run, for the console."""
@@ -243,7 +253,8 @@ class PPOTrainer(CheckpointedDriver):
             raise RolloutCancelled()
         # overlapped, the learner scores later with its newer weights (_run_step)
         overlapped = self.queue is not None
-        roles = ("reward",) + (() if overlapped and self.reference_in_learner else ("reference",))
+        reference = self.has_reference and not (overlapped and self.reference_in_learner)
+        roles = ("reward",) + (("reference",) if reference else ())
         roles += ("learner",) if self.learner_scores and not overlapped else ()
         seconds = {}
         if self.cfg.ppo.dynamic_sampling:
@@ -355,6 +366,19 @@ class PPOTrainer(CheckpointedDriver):
         if self.queue is not None:
             save_rollouts(directory, self.queue.kept(self.step_count, self.in_hand))
 
+    def _scored_as_now(self, rollouts: list[Rollout]) -> list[Rollout]:
+        """A checkpoint's prefetched rollouts as this run scores them: saved by a run with a reference (ppo.kl_coef
+        changed to 0), their reference log-probs are dropped (no KL now); saved by a run without one (ppo.kl_coef
+        changed from 0), they lack the reference's log-probs, so from the first of them on they are sampled again."""
+        kept = []
+        for rollout in rollouts:
+            if not self.has_reference:
+                rollout.batch = rollout.batch.with_(ref_logprobs=None)
+            elif rollout.batch.ref_logprobs is None and self.cfg.reference_actors:
+                break
+            kept.append(rollout)
+        return kept
+
     def restore(self, path) -> None:
         """Learners from the checkpoint, the engines from the learners, the step counter and the running score
         statistics from the driver state; with ppo.async_steps=k the rollouts prefetched before it was saved."""
@@ -363,7 +387,7 @@ class PPOTrainer(CheckpointedDriver):
         state = self.restore_learners(path)
         self._sync_engines()
         if self.queue is not None:
-            self.queue.put_back(load_rollouts(Path(path)), self.step_count)
+            self.queue.put_back(self._scored_as_now(load_rollouts(Path(path))), self.step_count)
         self.normalizer = self._score_normalizer()
         if "reward_normalizer" in state:  # running score statistics as they were after that step
             self.normalizer.load_state_dict(state["reward_normalizer"])

@@ -85,17 +85,24 @@ def with_advantages(batch: RolloutBatch, ppo: PPOConfig, is_correction: str = "n
                     max_new_tokens: int | None = None) -> tuple[RolloutBatch, dict[str, float]]:
     """Scores → effective scores (clip, cut responses, overlong shaping) → token rewards (−β·KL per token where
     ppo.kl_in=reward) → advantages by ppo.advantage (rlhf_ray.algorithms.advantages; GAE's whitened) → importance weights
-    between the learner's old logprobs and the sampler's (``is_correction``: none, tis, mis)."""
+    between the learner's old logprobs and the sampler's (``is_correction``: none, tis, mis).
+
+    A batch without reference log-probs (no reference: ppo.kl_coef=0, ppo.reference=auto) has no KL: its token rewards
+    carry none and its stats no ``kl/mean``."""
     estimator = get_advantage_estimator(ppo.advantage)
     mask = batch.response_mask
     lengths = mask.sum(-1)
-    kl = kl_penalty(batch.old_logprobs, batch.ref_logprobs, ppo.kl_estimator) * mask
+    kl = None if batch.ref_logprobs is None else kl_penalty(batch.old_logprobs, batch.ref_logprobs,
+                                                             ppo.kl_estimator) * mask
+    if kl is None and ppo.kl_coef > 0:
+        raise ValueError(f"ppo.kl_coef={ppo.kl_coef:g} weighs the KL to the reference, but the batch has no reference "
+                         "log-probs")
     scores = batch.scores
     if ppo.overlong_buffer:
         scores = scores + overlong_penalty(lengths, max_new_tokens, ppo.overlong_buffer, ppo.overlong_penalty)
-    rewards, effective = shape_rewards(scores, kl, mask, ppo.kl_coef if ppo.kl_in == "reward" else 0.0,
-                                       batch.ended_with_eos, ppo.non_eos_penalty, ppo.reward_clip,
-                                       ppo.non_eos_penalty_mode)
+    rewards, effective = shape_rewards(scores, torch.zeros_like(mask) if kl is None else kl, mask,
+                                       ppo.kl_coef if ppo.kl_in == "reward" else 0.0, batch.ended_with_eos,
+                                       ppo.non_eos_penalty, ppo.reward_clip, ppo.non_eos_penalty_mode)
     if ppo.whiten_rewards:
         rewards = masked_whiten(rewards, mask, shift_mean=False)
     advantages, returns = estimator.compute(AdvantageInputs(rewards, mask, batch.group_ids, batch.values,
@@ -107,7 +114,7 @@ def with_advantages(batch: RolloutBatch, ppo: PPOConfig, is_correction: str = "n
         "reward/mean": float(per_sequence.mean()), "reward/std": float(per_sequence.std()),
         "score/mean": float(batch.scores.mean()), "score/std": float(batch.scores.std()),
         "score/effective_mean": float(effective.mean()),
-        "kl/mean": float(kl.sum(-1).mean()),
+        **({} if kl is None else {"kl/mean": float(kl.sum(-1).mean())}),
         "advantage/zero_fraction": float((advantages.abs().sum(-1) == 0).float().mean()),
         "response/length_mean": float(lengths.mean()),
         "response/eos_fraction": float(batch.ended_with_eos.float().mean()),
@@ -162,7 +169,9 @@ def step_timing(times: dict, role_seconds: dict, generate_s: float, learn_s: flo
     tokens = float(batch.response_mask.sum())
     return {
         "time/generate": times["generate"], "time/reward": role_seconds["reward"],
-        "time/reference": role_seconds.get("reference", 0.0), "time/values": role_seconds.get("values", 0.0),
+        # a role's time where the role ran: no reference actors (LoRA, none at ppo.kl_coef=0), no time/reference
+        **({"time/reference": role_seconds["reference"]} if "reference" in role_seconds else {}),
+        "time/values": role_seconds.get("values", 0.0),
         "time/score_wall": times["score_wall"], "time/learn": times["learn"],
         "time/rollout_wait": times["rollout_wait"],
         **({"time/values_wall": times.get("values", 0.0)} if overlapped else {}),

@@ -11,13 +11,21 @@ Formulas (N parameters, s sequence length, b micro-batch, h hidden, a heads, L l
   2022); the 5·a·s/h term is the a·s² attention scores, which SDPA/flash kernels never store
   (ATTENTION_STORES_SCORES). With full recomputation: 2·s·b·h per layer plus one layer recomputed at a time.
   fp32 doubles both.
-- logits: b·s·vocab·4 bytes (fp32) plus its log-softmax copy.
+- logits: the learner and the reference run the LM head deepspeed.logits_chunk_tokens tokens at a time
+  (rlhf_ray.models.forward): 2·min(b·s, chunk)·vocab·4 bytes (fp32 logits and their log-softmax) at once.
 - KV cache: 2·L·kv_heads·head_dim·dtype bytes per token (vLLM), per GPU divided by min(TP, kv_heads).
+- host memory at load: every process that loads a model on the host before moving it to its device holds all of it
+  there once (``load_host_bytes``); the node's peak at load is the sum over its actors.
+
+Lengths: memory is sized for the caps (rlhf_ray.planning.lengths): the largest micro-batch holds micro_batch_size
+sequences of prompt cap + response cap (or deepspeed.micro_batch_tokens tokens), a sequence's KV cache is that long.
+A MoE keeps every expert (Architecture.parameters); activations use the dense formula.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from rlhf_ray.planning.lengths import Lengths, lengths_of
 from rlhf_ray.planning.models import Architecture
 
 GiB = 2**30
@@ -41,6 +49,12 @@ VLLM_MAX_NUM_SEQS = 256
 VLLM_MAX_BATCHED_TOKENS = 8192
 
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
+# deepspeed.logits_chunk_tokens=null sizes an LM-head chunk to this many fp32 logits (64 MiB):
+# rlhf_ray.models.forward.AUTO_CHUNK_LOGITS (kept equal by a test; importing it here would import torch)
+AUTO_CHUNK_LOGITS = 2**24
+# The learner loads its models in fp32 whatever deepspeed.precision says (rlhf_ray.objectives: load_causal_lm and
+# load_value_model with dtype float32); DeepSpeed casts them to bf16 on the device.
+LEARNER_LOAD_DTYPE = "float32"
 
 
 @dataclass
@@ -62,6 +76,7 @@ class RoleMemory:
     items: list[MemoryItem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     reserves_fraction: float = 0.0   # vLLM on GPU: takes this share of the device whatever it needs
+    load_host_bytes: float = 0.0     # host memory one actor holds while it loads its model(s) (see load_host_bytes)
 
     @property
     def device_bytes(self) -> float:
@@ -124,16 +139,37 @@ def training_activation_bytes(arch: Architecture, micro: int, seq: int, precisio
     return scale * arch.layers * per_layer_full
 
 
-def logits_bytes(micro: int, seq: int, vocab: int) -> float:
-    """fp32 logits of a micro-batch plus their log-softmax copy: 2·b·s·vocab·4."""
-    return 2 * micro * seq * vocab * 4
+def logits_bytes(micro: int, seq: int, vocab: int, chunk_tokens: int | None = None) -> float:
+    """fp32 logits plus their log-softmax copy, for at most ``chunk_tokens`` tokens at a time (None: the whole
+    micro-batch): 2·min(b·s, chunk)·vocab·4."""
+    tokens = micro * seq if not chunk_tokens else min(micro * seq, chunk_tokens)
+    return 2 * tokens * vocab * 4
 
 
-def learner_memory(policy: Architecture, critic: Architecture | None, cfg, seq: int) -> RoleMemory:
+def logits_chunk(cfg, vocab: int) -> int | None:
+    """Tokens per LM-head chunk as rlhf_ray.models.forward.ForwardOptions.chunk_tokens sizes them (None: unchunked)."""
+    chunk = cfg.deepspeed.logits_chunk_tokens
+    if chunk is None:
+        return max(1, AUTO_CHUNK_LOGITS // max(1, vocab))
+    return chunk or None
+
+
+def micro_batch_shape(cfg, lengths: Lengths) -> tuple[int, int]:
+    """(rows, tokens per row) of the learner's largest micro-batch: micro_batch_size rows at the caps, or with
+    deepspeed.micro_batch_tokens one row of that many tokens (a longer sequence goes alone)."""
+    budget = cfg.deepspeed.micro_batch_tokens
+    if budget:
+        return 1, max(budget, lengths.cap)
+    return cfg.ppo.micro_batch_size, lengths.cap
+
+
+def learner_memory(policy: Architecture, critic: Architecture | None, cfg) -> RoleMemory:
     """One learner rank: policy and value model in one DeepSpeed engine (rlhf_ray.objectives.ppo.PPOObjective); the
-    policy alone under a critic-free estimator (``critic`` None)."""
+    policy alone under a critic-free estimator (``critic`` None). Activations and logits of the largest micro-batch
+    (``micro_batch_shape``: at the caps)."""
     ds, res = cfg.deepspeed, cfg.resources.learner
-    world, micro = res.num_actors, cfg.ppo.micro_batch_size
+    world = res.num_actors
+    micro, tokens = micro_batch_shape(cfg, lengths_of(cfg))
     n_policy, n_critic = policy.parameters("lm"), critic.parameters("score") if critic else 0
     if cfg.models.lora:  # the frozen base in the engine's precision; weights, gradients and Adam of the adapters
         n_adapters = policy.lora_params(cfg.models.lora.rank)
@@ -155,13 +191,33 @@ def learner_memory(policy: Architecture, critic: Architecture | None, cfg, seq: 
     for name, arch in (("policy", policy), ("critic", critic)):
         if arch:
             items.append(MemoryItem(f"{name} activations (one micro-batch)", training_activation_bytes(
-                arch, micro, seq, ds.precision, ds.gradient_checkpointing), "device", act_formula))
-    items.append(MemoryItem("logits + log-softmax", logits_bytes(micro, seq, policy.vocab), "device", "2·b·s·vocab·4"))
+                arch, micro, tokens, ds.precision, ds.gradient_checkpointing), "device", act_formula))
+    chunk = logits_chunk(cfg, policy.vocab)
+    items.append(MemoryItem("logits + log-softmax", logits_bytes(micro, tokens, policy.vocab, chunk), "device",
+                            f"2·min(b·s, {chunk})·vocab·4 (deepspeed.logits_chunk_tokens)" if chunk
+                            else "2·b·s·vocab·4"))
     items += published_weights(policy, cfg)
-    role = RoleMemory("learner", cfg.models.policy, world, res.num_gpus, items)
+    role = RoleMemory("learner", cfg.models.policy, world, res.num_gpus, items,
+                      load_host_bytes=learner_load_bytes(policy, critic, cfg))
     if ds.offload_params:
         role.notes.append("offload_params: weights stream in from host memory for every forward and backward")
     return role
+
+
+def learner_load_bytes(policy: Architecture, critic: Architecture | None, cfg) -> float:
+    """Host memory one learner rank holds while it loads: the whole policy (and critic) in LEARNER_LOAD_DTYPE, before
+    DeepSpeed moves them to the device and ZeRO partitions them."""
+    params = policy.parameters("lm") + (critic.parameters("score") if critic else 0)
+    return params * DTYPE_BYTES[LEARNER_LOAD_DTYPE]
+
+
+def node_host_bytes(role: RoleMemory, actors: int) -> float:
+    """Host memory ``actors`` actors of ``role`` on one node need at their peak: running (offloaded states, the first
+    actor's published weights) or, where that is more, loading (``load_host_bytes`` each), each actor with its
+    process baseline. The plan sums this over a node's actors of every role (rlhf_ray.planning.checks); the layout
+    and fix searches size a role's options with it on their own."""
+    running = role.actor_bytes(0, "host") + role.actor_bytes(1, "host") * (actors - 1)
+    return max(running, role.load_host_bytes * actors) + PROCESS_BASELINE_BYTES * actors
 
 
 def published_bytes(policy: Architecture, cfg) -> float:
@@ -184,49 +240,73 @@ def published_weights(policy: Architecture, cfg) -> list[MemoryItem]:
 # ----------------------------------------------------------------------------------------- generation
 
 def generation_memory(arch: Architecture, cfg, on_gpu: bool, device_bytes: float) -> tuple[RoleMemory, dict]:
-    """One GPU of one engine: weights/TP, a workspace, and the KV cache for its sequences; plus what vLLM can
-    hold at once (``kv``: sequences wanted, sequences that fit, bytes per sequence)."""
-    res, gen = cfg.resources.generation, cfg.generation
+    """One GPU of one engine: weights/TP, a workspace, and the KV cache for its sequences; plus what vLLM can hold
+    (``kv``): sequences wanted, sequences that fit at the cap (the memory check), and sequences in flight.
+
+    vLLM grows a sequence's KV cache block by block and admits new sequences while blocks are free, preempting one
+    when they run out. The number in flight is the room over ``running_footprint``: what a running sequence will
+    hold when it ends."""
+    res = cfg.resources.generation
     tp, width = res.tensor_parallel_size, DTYPE_BYTES[cfg.models.dtype]
-    seq = cfg.data.max_prompt_tokens + gen.max_new_tokens
+    lengths = lengths_of(cfg)
     wanted = cfg.rollout_sequences // res.num_actors
-    kv_per_seq = arch.kv_bytes_per_token(width) / min(tp, arch.kv_heads) * seq
+    kv_per_token = arch.kv_bytes_per_token(width) / min(tp, arch.kv_heads)
+    kv_per_seq = kv_per_token * lengths.cap
+    kv_running = kv_per_token * running_footprint(lengths)
     weights = arch.parameters("lm") * width / tp
     workspace = (min(wanted, VLLM_MAX_NUM_SEQS) * arch.vocab * 4
-                 + VLLM_MAX_BATCHED_TOKENS * (4 * arch.hidden + 3 * arch.intermediate / tp) * width)
+                 + VLLM_MAX_BATCHED_TOKENS * (4 * arch.hidden + 3 * mlp_width(arch) / tp) * width)
     if on_gpu:
         room = VLLM_GPU_MEMORY_UTILIZATION * device_bytes - weights - workspace
     else:
         room = VLLM_CPU_KVCACHE_BYTES
     fits = max(0, int(room // kv_per_seq)) if kv_per_seq else wanted
-    concurrent = min(wanted, fits, VLLM_MAX_NUM_SEQS)
-    items = [MemoryItem("weights", weights, "device", "N · dtype / tensor_parallel_size"),
+    in_flight = max(0, int(room // kv_running)) if kv_running else wanted
+    concurrent = min(wanted, in_flight, VLLM_MAX_NUM_SEQS) if fits else 0
+    items = [MemoryItem("weights", weights, "device", "N · dtype / tensor_parallel_size (every expert of a MoE)"),
              MemoryItem("workspace (sampler logits, prefill chunk)", workspace, "device",
                         "seqs·vocab·4 + 8192 tokens of one layer"),
-             MemoryItem(f"KV cache ({concurrent} of {wanted} sequences at once)", concurrent * kv_per_seq, "device",
-                        "2·L·kv_heads·head_dim·dtype per token / min(TP, kv_heads) · (prompt + response)")]
+             MemoryItem(f"KV cache ({concurrent} of {wanted} sequences in flight)", concurrent * kv_running, "device",
+                        "2·L·kv_heads·head_dim·dtype per token / min(TP, kv_heads) · a running sequence's tokens")]
     role = RoleMemory("generation", cfg.models.policy, res.num_actors, res.num_gpus, items,
                       reserves_fraction=VLLM_GPU_MEMORY_UTILIZATION if on_gpu else 0.0)
     kv = {"sequences_wanted": wanted, "sequences_that_fit": fits, "concurrent": concurrent,
           "kv_bytes_per_sequence": kv_per_seq, "kv_bytes_all_sequences": wanted * kv_per_seq,
           "kv_room_bytes": max(room, 0.0)}
-    if 0 < fits < wanted:
-        role.notes.append(f"KV cache holds {fits} of {wanted} sequences at once: decoding runs in "
-                          f"{-(-wanted // max(concurrent, 1))} waves")
+    if 0 < concurrent < wanted:
+        role.notes.append(f"KV cache holds {concurrent} of {wanted} sequences in flight ({fits} at the cap): the "
+                          "others start as running ones finish")
     return role, kv
+
+
+def running_footprint(lengths: Lengths) -> float:
+    """KV tokens of a running sequence when it ends, averaged over the sequences in flight: prompt + E[L²] / E[L]
+    (long responses hold a slot longer, so the running ones are length-biased: E[L²]/E[L] ≥ E[L]). With that room per
+    sequence vLLM need not preempt on average. Every response at the cap: prompt + cap, the memory check's size;
+    exponential lengths far below the cap: prompt + 2·mean."""
+    return min(lengths.prompt_mean + 2 * lengths.response.decode_context(), float(lengths.cap))
+
+
+def mlp_width(arch: Architecture) -> int:
+    """The MLP width one token passes through: intermediate, or a MoE's routed experts plus its shared expert."""
+    if not arch.is_moe:
+        return arch.intermediate
+    return arch.experts_per_token * arch.expert_intermediate + arch.shared_intermediate
 
 
 # ------------------------------------------------------------------------------------- frozen roles
 
 def inference_activation_bytes(arch: Architecture, batch: int, seq: int, width: float) -> float:
     """Live tensors of one layer in a no-grad forward: residual, normed input, q/k/v/o (~4h) and the MLP's
-    gate/up/product (3·intermediate) per token; SDPA keeps no s² scores."""
-    return batch * seq * (5 * arch.hidden + 3 * arch.intermediate) * width
+    gate/up/product (3·intermediate; a MoE's routed and shared experts) per token; SDPA keeps no s² scores."""
+    return batch * seq * (5 * arch.hidden + 3 * mlp_width(arch)) * width
 
 
 def frozen_memory(role: str, arch: Architecture, model: str, res, cfg, batch: int, seq: int) -> RoleMemory:
     """Reward or reference: weights (1/num_actors of them when sharded, 1/num_gpus with device_map), a forward's
-    activations, and the reference's logits. Sharded (ZeRO-3 inference) also holds two gathered layers."""
+    activations, and the reference's logits (in LM-head chunks, as the learner). Sharded (ZeRO-3 inference) also holds
+    two gathered layers. At load, an actor on one GPU (or none) reads its whole model into host memory first; a
+    sharded one loads its partition straight to its device, a device_map one its slices."""
     width = DTYPE_BYTES[cfg.models.dtype]
     head = "score" if role == "reward" else "lm"
     full = arch.parameters(head) * width
@@ -240,5 +320,18 @@ def frozen_memory(role: str, arch: Architecture, model: str, res, cfg, batch: in
     items.append(MemoryItem(f"forward activations (batch {batch})", inference_activation_bytes(arch, batch, seq, width),
                             "device", "b·s·(5h + 3·intermediate)·dtype"))
     if head == "lm":
-        items.append(MemoryItem("logits + log-softmax", logits_bytes(batch, seq, arch.vocab), "device", "2·b·s·vocab·4"))
-    return RoleMemory(role, model, res.num_actors, res.num_gpus, items)
+        chunk = logits_chunk(cfg, arch.vocab)
+        items.append(MemoryItem("logits + log-softmax", logits_bytes(batch, seq, arch.vocab, chunk), "device",
+                                f"2·min(b·s, {chunk})·vocab·4" if chunk else "2·b·s·vocab·4"))
+    load = full if not res.sharded and res.num_gpus <= 1 else 0.0
+    return RoleMemory(role, model, res.num_actors, res.num_gpus, items, load_host_bytes=load)
+
+
+def frozen_role_memory(role: str, arch: Architecture, cfg) -> RoleMemory:
+    """Reward or reference as ``cfg`` runs it: the reward model's models.reward.batch_size sequences cut at
+    models.reward.max_length, the reference's ppo.micro_batch_size at the caps."""
+    res, cap = getattr(cfg.resources, role), lengths_of(cfg).cap
+    if role == "reward":
+        rm = cfg.models.reward
+        return frozen_memory(role, arch, rm.model, res, cfg, rm.batch_size, min(cap, rm.max_length))
+    return frozen_memory(role, arch, cfg.models.reference_path, res, cfg, cfg.ppo.micro_batch_size, cap)

@@ -44,11 +44,12 @@ def place(roles: list[RoleMemory], hw: Hardware, total_gpus: int) -> Layout:
     per_node = hw.devices_per_node
     devices = [DeviceUse(i, i // per_node, capacity_bytes=hw.memory_bytes) for i in range(total_gpus)]
     layout = Layout(devices, {r.role: set() for r in roles}, [], {}, hw.host_memory_bytes)
+    nodes = _NodeFill(total_gpus, per_node)
     ordered = sorted(roles, key=lambda r: ROLE_ORDER.index(r.role))
     for role in ordered:          # whole GPUs first: they need free consecutive devices on one node
         if role.gpus_per_actor >= 1:
             for k in range(role.actors):
-                _place_whole(role, k, devices, per_node, layout)
+                _place_whole(role, k, devices, nodes, layout)
     for role in ordered:
         if role.gpus_per_actor < 1:
             for k in range(role.actors):
@@ -57,6 +58,30 @@ def place(roles: list[RoleMemory], hw: Hardware, total_gpus: int) -> Layout:
         if dev.actors:
             dev.used_bytes += GPU_RESERVED_BYTES
     return layout
+
+
+class _NodeFill:
+    """How many devices of each node whole-GPU actors took. PACK fills a node from its first device, so the free
+    devices of a node are always its last ones, and a block of ``width`` goes to the first node with that many left
+    (the nodes before it never regain room: one pointer per width keeps placing linear in the actors)."""
+
+    def __init__(self, total_gpus: int, per_node: int):
+        self.per_node = per_node
+        self.size = [min(per_node, total_gpus - start) for start in range(0, total_gpus, per_node)]
+        self.taken = [0] * len(self.size)
+        self.first_with_room: dict[int, int] = {}
+
+    def take(self, width: int) -> int | None:
+        """The index of the first of ``width`` consecutive free devices on one node, marked taken; None if none."""
+        node = self.first_with_room.get(width, 0)
+        while node < len(self.size) and self.size[node] - self.taken[node] < width:
+            node += 1
+        self.first_with_room[width] = node
+        if node == len(self.size):
+            return None
+        start = node * self.per_node + self.taken[node]
+        self.taken[node] += width
+        return start
 
 
 def _charge(role: RoleMemory, k: int, dev: DeviceUse, name: str, layout: Layout) -> None:
@@ -68,20 +93,19 @@ def _charge(role: RoleMemory, k: int, dev: DeviceUse, name: str, layout: Layout)
     layout.nodes_of[role.role].add(dev.node)
 
 
-def _place_whole(role: RoleMemory, k: int, devices: list[DeviceUse], per_node: int, layout: Layout) -> None:
+def _place_whole(role: RoleMemory, k: int, devices: list[DeviceUse], nodes: _NodeFill, layout: Layout) -> None:
     width = math.ceil(role.gpus_per_actor)
     name = f"{role.role}[{k}]"
-    for start in range(0, len(devices) - width + 1):
-        block = devices[start:start + width]
-        same_node = block[0].node == block[-1].node
-        if same_node and all(d.free_fraction == 1.0 for d in block):
-            for i, dev in enumerate(block):
-                dev.free_fraction = 0.0
-                _charge(role, k, dev, name + (f" ({i + 1}/{width})" if width > 1 else ""), layout)
-            _charge_host(layout, block[0].node, role.actor_bytes(k, "host"))
-            return
-    reason = f"needs {width} free GPUs on one node of {per_node}" if width > 1 else "no free GPU left"
-    layout.unplaced.append(f"{name}: {reason}")
+    start = nodes.take(width)
+    if start is None:
+        reason = f"needs {width} free GPUs on one node of {nodes.per_node}" if width > 1 else "no free GPU left"
+        layout.unplaced.append(f"{name}: {reason}")
+        return
+    block = devices[start:start + width]
+    for i, dev in enumerate(block):
+        dev.free_fraction = 0.0
+        _charge(role, k, dev, name + (f" ({i + 1}/{width})" if width > 1 else ""), layout)
+    _charge_host(layout, block[0].node, role.actor_bytes(k, "host"))
 
 
 def _place_fraction(role: RoleMemory, k: int, devices: list[DeviceUse], layout: Layout) -> None:

@@ -6,21 +6,24 @@ does not fit and the smallest change that makes it fit, and (on GPUs) the fastes
 """
 from __future__ import annotations
 
-import itertools
 import json
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rlhf_ray.planning.changes import with_overrides
+from rlhf_ray.planning.checks import context_overrun, host_load_per_node, host_shortfalls, lengths_note
+from rlhf_ray.planning.fixes import fix_candidates, host_bound
 from rlhf_ray.planning.hardware import Hardware, get_hardware, with_nodes
-from rlhf_ray.planning.memory import (GPU_RESERVED_BYTES, GiB, RoleMemory, frozen_memory, generation_memory,
+from rlhf_ray.planning.memory import (GPU_RESERVED_BYTES, GiB, RoleMemory, frozen_role_memory, generation_memory,
                                       learner_memory)
 from rlhf_ray.planning.models import Architecture, resolve_architecture
 from rlhf_ray.planning.placement import Layout, place
-from rlhf_ray.planning.search import best_combinations, role_options
-from rlhf_ray.planning.timing import (PhaseTime, Placement, generate_time, learn_time, lengths, score_time,
-                                      step_seconds, weight_sync_time)
+from rlhf_ray.planning.search import RoleShare, Search, idle_reasons, role_options, role_shares
+from rlhf_ray.planning.timing import (PhaseTime, Placement, generate_time, learn_time, score_time, step_seconds,
+                                      transport_prices, weight_sync_time)
+from rlhf_ray.weights import AUTO, choose_transport
 
 FROZEN_ROLES = ("reward", "reference")
 
@@ -32,6 +35,18 @@ class Fix:
     step_seconds: float
     gpus_reserved: int          # GPUs the changed config reserves
     note: str = ""
+
+
+@dataclass
+class Recommendation(Fix):
+    """The layout search's answer (recommend_layout): a Fix with each role's GPUs and idle share of the step, the GPUs
+    it leaves idle and why, the weight transport it plans, and what the search cost."""
+    roles: list[RoleShare] = field(default_factory=list)
+    idle_gpus: int = 0
+    idle_reasons: list[str] = field(default_factory=list)
+    transport: str = ""
+    layouts_examined: int = 0
+    search_seconds: float = 0.0
 
 
 @dataclass
@@ -60,8 +75,10 @@ class Plan:
     step_seconds: float
     steps: int
     problems: list[Problem] = field(default_factory=list)
-    recommendation: Fix | None = None
+    recommendation: Recommendation | None = None
     assumptions: list[str] = field(default_factory=list)
+    host_load_bytes_per_node: dict[int, float] = field(default_factory=dict)  # host memory while the models load
+    no_layout_reason: str = ""   # why the layout search found none, where host memory is why
 
     @property
     def fits(self) -> bool:
@@ -76,6 +93,7 @@ class Plan:
         for name, arch in self.models.items():
             head = "lm" if name in ("policy", "reference") else "score"
             data["models"][name]["parameters"] = arch.parameters(head)
+            data["models"][name]["active_parameters"] = arch.active_parameters(head)
         return data
 
 
@@ -97,6 +115,8 @@ def plan_experiment(cfg, hardware: Hardware | str | None = None, gpus: int | Non
         _attach_fixes(plan, cfg)
         if hw.is_gpu:
             plan.recommendation = recommend_layout(cfg, hw, gpus, archs)
+            if plan.recommendation is None:
+                plan.no_layout_reason = host_bound(cfg, hw, gpus, archs) or ""
     return plan
 
 
@@ -110,7 +130,7 @@ def _hardware(cfg, hardware) -> Hardware:
 
 def requested_gpus_of(cfg) -> int:
     res = cfg.resources
-    roles = [res.learner, res.generation] + ([res.reference] if cfg.models.lora is None else []) \
+    roles = [res.learner, res.generation] + ([res.reference] if cfg.reference_actors else []) \
         + ([res.reward] if cfg.models.reward.kind == "model" else [])
     return math.ceil(sum(r.num_actors * r.num_gpus for r in roles) - 1e-9)
 
@@ -120,12 +140,12 @@ def requested_gpus(roles: list[RoleMemory]) -> int:
 
 
 def resolve_models(cfg) -> dict[str, Architecture]:
-    """Architectures by role: policy, critic (value model; None under a critic-free ppo.advantage), reference and
-    reward (when it is a model)."""
+    """Architectures by role: policy, critic (value model; None under a critic-free ppo.advantage), reference (when
+    reference actors compute it: ExperimentConfig.reference_source) and reward (when it is a model)."""
     models, seen = cfg.models, {}
     resolve = lambda spec: seen.setdefault(spec, resolve_architecture(spec, models.cache_dir, cfg.seed))  # noqa: E731
     archs = {"policy": resolve(models.policy)}
-    if models.lora is None:  # LoRA: the learner's base with the adapters off is the reference
+    if cfg.reference_actors:  # not under LoRA (the learner's base, adapters off), nor with none (ppo.kl_coef=0)
         archs["reference"] = resolve(models.reference_path)
     critic = models.value_model_path if models.value_init == "reward" else models.policy
     if cfg.ppo.needs_critic:
@@ -144,38 +164,40 @@ def _evaluate(cfg, hw: Hardware, gpus: int, nodes: int, archs: dict, config_path
     roles, kv = _role_memories(cfg, archs, hw)
     layout = place(roles, hw, gpus)
     placement = _placement(layout, cfg)
+    priced = _priced_transport(cfg, archs["policy"], hw, placement)
+    if priced is not cfg:  # 'auto' costs least another way here than in its default order: memory follows it
+        assumptions.append(f"weights.transport=auto: planned with {priced.weights.transport}, the cheapest on "
+                           f"{hw.name}; the trainer takes the first that serves the run (rlhf_ray.weights)")
+        cfg = priced
+        roles, kv = _role_memories(cfg, archs, hw)
+        layout = place(roles, hw, gpus)
     phases = {"generate": generate_time(cfg, archs["policy"], hw, kv["concurrent"]),
               "score": score_time(cfg, archs, hw, placement),
               "learn": learn_time(cfg, archs["policy"], archs.get("critic"), hw, placement),
               "weight_sync": weight_sync_time(cfg, archs["policy"], hw, placement)}
     plan = Plan(config_path, hw, gpus, nodes, archs, roles, layout, kv, phases,
-                step_seconds(phases, cfg.ppo.async_steps), cfg.num_steps, problems, assumptions=assumptions)
+                step_seconds(phases, cfg.ppo.async_steps), cfg.num_steps, problems, assumptions=assumptions,
+                host_load_bytes_per_node=host_load_per_node(layout, roles) if hw.is_gpu else {})
     plan.problems += _problems(plan)
+    overrun = context_overrun(cfg, archs)
+    if overrun:  # its fix (the caps lowered) is planned with the others' (_attach_fixes)
+        plan.problems.append(Problem("context", overrun[0]))
     return plan
 
 
 def _role_memories(cfg, archs: dict, hw: Hardware) -> tuple[list[RoleMemory], dict]:
     """Each role's memory per device of one actor, and the generation engine's KV-cache room."""
-    prompt, response = lengths(cfg)
-    seq = prompt + response
-    roles = [learner_memory(archs["policy"], archs.get("critic"), cfg, seq)]
+    roles = [learner_memory(archs["policy"], archs.get("critic"), cfg)]
     generation, kv = generation_memory(archs["policy"], cfg, hw.is_gpu, hw.memory_bytes)
     roles.append(generation)
-    for role in (r for r in FROZEN_ROLES if r in archs):
-        res = getattr(cfg.resources, role)
-        if role == "reward":
-            rm = cfg.models.reward
-            batch, length, spec = rm.batch_size, min(seq, rm.max_length), rm.model
-        else:
-            batch, length, spec = cfg.ppo.micro_batch_size, seq, cfg.models.reference_path
-        roles.append(frozen_memory(role, archs[role], spec, res, cfg, batch, length))
+    roles += [frozen_role_memory(role, archs[role], cfg) for role in FROZEN_ROLES if role in archs]
     return roles, kv
 
 
 def _gpu_for_cpu_roles(cfg, problems: list[Problem]):
     """On GPU hardware a role reserving no GPU would run on CPUs: say so, and plan it with one GPU per actor."""
     changes = []
-    for role in ("learner", "generation") + (("reference",) if cfg.models.lora is None else ()) \
+    for role in ("learner", "generation") + (("reference",) if cfg.reference_actors else ()) \
             + (("reward",) if cfg.models.reward.kind == "model" else ()):
         res = getattr(cfg.resources, role)
         if res.num_gpus == 0:
@@ -189,11 +211,24 @@ def _placement(layout: Layout, cfg) -> Placement:
     nodes = layout.nodes_of
     learner_nodes = nodes.get("learner", {0}) or {0}
     first = min(learner_nodes)
-    return Placement(learner_crosses_nodes=len(learner_nodes) > 1,
-                     engines_off_learner_node=bool(nodes.get("generation", set()) - {first}),
+    elsewhere = len(nodes.get("generation", set()) - {first})
+    return Placement(learner_crosses_nodes=len(learner_nodes) > 1, engines_off_learner_node=bool(elsewhere),
+                     engine_nodes_elsewhere=max(elsewhere, 1),
                      reward_crosses_nodes=len(nodes.get("reward", ())) > 1,
                      reference_crosses_nodes=len(nodes.get("reference", ())) > 1,
                      learner_ranks_per_node=math.ceil(cfg.resources.learner.num_actors / len(learner_nodes)))
+
+
+def _priced_transport(cfg, policy: Architecture, hw: Hardware, placement: Placement):
+    """``cfg``, or a copy with weights.transport=auto replaced by the transport priced cheapest here where that is not
+    the one the trainer's 'auto' takes without prices (rlhf_ray.weights.choose_transport)."""
+    if cfg.weights.transport != AUTO:
+        return cfg
+    prices = {name: phase.seconds for name, phase in transport_prices(cfg, policy, hw, placement).items()}
+    name = choose_transport(cfg, prices)[0]
+    if name == choose_transport(cfg)[0]:
+        return cfg
+    return cfg.model_copy(update={"weights": cfg.weights.model_copy(update={"transport": name})})
 
 
 def _problems(plan: Plan) -> list[Problem]:
@@ -211,10 +246,8 @@ def _problems(plan: Plan) -> list[Problem]:
     reported = {p.role for p in problems}
     problems += [p for p in _devices_over_capacity(plan) if p.role not in reported]
     if plan.hardware.is_gpu:
-        for node, used in sorted(plan.layout.host_bytes_per_node.items()):
-            if used > plan.layout.host_capacity_bytes:
-                problems.append(Problem("host", f"node {node}: host memory {used / GiB:.0f} GiB of "
-                                                f"{plan.layout.host_capacity_bytes / GiB:.0f} (offloaded states)"))
+        problems += [Problem("host", message) for message in
+                     host_shortfalls(plan.layout, plan.host_load_bytes_per_node, plan.hardware)]
     return problems
 
 
@@ -235,13 +268,15 @@ def _devices_over_capacity(plan: Plan) -> list[Problem]:
 
 
 def _assumptions(cfg, hw: Hardware) -> list[str]:
-    prompt, response = lengths(cfg)
-    notes = [f"sequences at their caps: prompt {prompt} tokens (data.max_prompt_tokens), response {response} "
-             f"(generation.max_new_tokens); the learner pads to prompt + response",
+    notes = [lengths_note(cfg),
              "efficiencies and overheads: the constants of rlhf_ray.planning.timing (not fitted to any run)"]
+    reference, why = cfg.reference_source()
+    if reference == "none":
+        notes.append(f"{why}: none planned")
     if hw.is_gpu:
         notes.append(f"{GPU_RESERVED_BYTES / GiB:.1f} GiB per GPU reserved for CUDA context, NCCL and fragmentation; "
                      "vLLM takes 85 % of its GPUs")
+        notes.append(f"host memory per node {hw.host_memory_bytes / GiB:.0f} GiB: {hw.host_memory_source}")
     else:
         notes.append("one machine: every role shares its RAM and cores; roles of a phase split the cores")
         if "measured" in hw.source:
@@ -263,106 +298,84 @@ def _try(cfg, overrides: list[str], hw: Hardware, gpus: int, archs: dict) -> tup
 
 
 def _attach_fixes(plan: Plan, cfg) -> None:
-    """For each role that does not fit: the smallest change that fits it (smallest_fix); a layout that does not
-    fit the GPUs is answered by the recommended layout instead."""
+    """For each problem its fix: for a role that does not fit, the cheapest change that fits it (smallest_fix); host
+    memory over capacity is the learner's (offloaded states, or its ranks loading their models: the fix search sizes
+    both); a sequence over the model's context, the caps lowered (context_fix). A layout that does not fit the GPUs is
+    answered by the recommended layout."""
     for problem in plan.problems:
-        if problem.role not in ("layout", "host"):
-            problem.fix = smallest_fix(cfg, problem.role, plan)
+        if problem.role == "context":
+            problem.fix = context_fix(cfg, plan)
+        elif problem.role != "layout":
+            role = "learner" if problem.role == "host" else problem.role
+            problem.fix = smallest_fix(cfg, role, plan)
+            if role == "learner" and (problem.fix is None or problem.fix.gpus_reserved > plan.gpus):
+                why = host_bound(cfg, plan.hardware, plan.gpus, plan.models)   # host memory may be why
+                if why and problem.fix:
+                    problem.fix.note += f"; {why}"
+                elif why:
+                    problem.message += f"; no fix within the GPUs: {why}"
+
+
+# Fix candidates planned in full, cheapest first by their own sizing (rlhf_ray.planning.fixes): a plan costs ~10 ms.
+FIXES_PLANNED = 8
+
+
+def context_fix(cfg, plan: Plan) -> Fix | None:
+    """The caps lowered to fit the model's context (rlhf_ray.planning.checks.context_fix_overrides), planned."""
+    overrun = context_overrun(cfg, plan.models)
+    tried = _try(cfg, overrun[1], plan.hardware, plan.gpus, plan.models) if overrun else None
+    if tried is None:
+        return None
+    return Fix(overrun[1], tried[0].step_seconds, requested_gpus(tried[0].roles),
+               "the longest sequence within the model's context")
 
 
 def smallest_fix(cfg, role: str, plan: Plan) -> Fix | None:
-    """The change that fits ``role`` while reserving the fewest GPUs, then the fastest; one knob first, then two."""
-    candidates = candidate_changes(cfg, role, plan.hardware)
-    for size in (1, 2):
-        found = []
-        for combo in itertools.combinations(candidates, size):
-            overrides = [o for change in combo for o in change]
-            keys = [o.split("=")[0] for o in overrides]
-            if len(keys) != len(set(keys)):
-                continue
-            tried = _try(cfg, overrides, plan.hardware, plan.gpus, plan.models)
-            if tried and _role_fits(tried[0], role):
-                reserved = requested_gpus(tried[0].roles)
-                found.append(Fix(overrides, tried[0].step_seconds, reserved,
-                                 f"reserves {reserved} GPUs, {plan.gpus} available" if reserved > plan.gpus else ""))
-        if found:
-            return min(found, key=lambda f: (f.gpus_reserved, f.step_seconds))
-    return None
+    """The change that fits ``role``: any combination of its knobs (rlhf_ray.planning.fixes: offload, micro-batch down
+    to 1, ZeRO stage, checkpointing, more ranks, bf16; TP and engines; sharding), the cheapest first: the fewest GPUs
+    beyond those the config reserves, then the fastest predicted step, then the fewest changes."""
+    found, reserved_now = [], requested_gpus(plan.roles)
+    for overrides in fix_candidates(cfg, role, plan.hardware, plan.models)[:FIXES_PLANNED]:
+        tried = _try(cfg, overrides, plan.hardware, plan.gpus, plan.models)
+        if tried and _role_fits(tried[0], role):
+            reserved = requested_gpus(tried[0].roles)
+            found.append(Fix(overrides, tried[0].step_seconds, reserved,
+                             f"reserves {reserved} GPUs, {plan.gpus} available" if reserved > plan.gpus else ""))
+    return min(found, key=lambda f: (max(0, f.gpus_reserved - reserved_now), f.step_seconds, len(f.overrides)),
+               default=None)
 
 
 def _role_fits(plan: Plan, role: str) -> bool:
     return not any(p.role == role or p.role == "host" for p in plan.problems)
 
 
-def candidate_changes(cfg, role: str, hw: Hardware) -> list[list[str]]:
-    """One-knob changes that can shrink ``role``'s memory, each a list of overrides."""
-    if role == "learner":
-        return _learner_changes(cfg, hw)
-    if role == "generation":
-        return _generation_changes(cfg, hw)
-    return _frozen_changes(cfg, role)
-
-
-def _learner_changes(cfg, hw: Hardware) -> list[list[str]]:
-    ds, world, ppo = cfg.deepspeed, cfg.resources.learner.num_actors, cfg.ppo
-    changes = []
-    if not ds.gradient_checkpointing:
-        changes.append(["deepspeed.gradient_checkpointing=true"])
-    changes += [[f"deepspeed.zero_stage={z}"] for z in range(max(ds.zero_stage + 1, 1), 4) if world > 1]
-    if not ds.offload_optimizer:
-        changes.append(["deepspeed.offload_optimizer=true"] + ([] if ds.zero_stage else ["deepspeed.zero_stage=1"]))
-    if not ds.offload_params:
-        changes.append(["deepspeed.offload_params=true", "deepspeed.zero_stage=3"])
-    if ppo.micro_batch_size > 1:
-        changes.append([f"ppo.micro_batch_size={ppo.micro_batch_size // 2}"])
-    if ds.precision == "fp32" and hw.is_gpu:
-        changes.append(["deepspeed.precision=bf16"])
-    for more in (2, 4):
-        changes.append([f"resources.learner.num_actors={world * more}"]
-                       + ([] if ds.zero_stage == 3 else ["deepspeed.zero_stage=3"]))
-    return changes
-
-
-def _generation_changes(cfg, hw: Hardware) -> list[list[str]]:
-    gen = cfg.resources.generation
-    changes = []
-    tp = gen.tensor_parallel_size * 2
-    while hw.is_gpu and tp <= hw.devices_per_node:
-        changes.append([f"resources.generation.tensor_parallel_size={tp}", f"resources.generation.num_gpus={tp}"])
-        tp *= 2
-    if cfg.models.dtype == "float32":
-        changes.append(["models.dtype=bfloat16"])
-    changes.append([f"resources.generation.num_actors={gen.num_actors * 2}"])
-    return changes
-
-
-def _frozen_changes(cfg, role: str) -> list[list[str]]:
-    res = getattr(cfg.resources, role)
-    prefix = f"resources.{role}"
-    changes = [[f"{prefix}.num_actors={k}", f"{prefix}.sharded=true", f"{prefix}.num_gpus=1"]
-               for k in (2, 4, 8) if k > res.num_actors or not res.sharded]
-    batch_key, batch = (("models.reward.batch_size", cfg.models.reward.batch_size) if role == "reward"
-                        else ("ppo.micro_batch_size", cfg.ppo.micro_batch_size))
-    if batch > 1:
-        changes.append([f"{batch_key}={batch // 2}"])
-    if cfg.models.dtype == "float32":
-        changes.append(["models.dtype=bfloat16"])
-    return changes
+def layout_fits(plan: Plan) -> bool:
+    """Everything fits but, perhaps, the context: the caps are the config's to lower (context_fix), whatever the
+    layout; the layout search plans past them."""
+    return all(p.role == "context" for p in plan.problems)
 
 
 # ------------------------------------------------------------------------------------------- layout search
 
-def recommend_layout(cfg, hw: Hardware, gpus: int, archs: dict, keep: int = 24) -> Fix | None:
-    """The fastest layout found on ``gpus`` GPUs: each role's options are sized on their own (learner ranks and
-    DeepSpeed settings, engines × TP, replicated or sharded frozen models), the cheapest combinations that fit
-    in ``gpus`` are ranked by predicted step time, and the best few are planned in full."""
-    options = role_options(cfg, hw, gpus, archs)
-    for overrides in best_combinations(options, gpus, hw.devices_per_node, keep):
-        tried = _try(cfg, overrides, hw, gpus, archs)
-        if tried and tried[0].fits and tried[1] <= gpus:
-            changed = with_overrides(cfg, overrides)
-            same = changed.resources == cfg.resources and changed.deepspeed == cfg.deepspeed
-            return Fix(overrides, tried[0].step_seconds, tried[1], "as configured" if same else "fastest layout found")
+def recommend_layout(cfg, hw: Hardware, gpus: int, archs: dict, keep: int = 24) -> Recommendation | None:
+    """The fastest layout found on ``gpus`` GPUs (rlhf_ray.planning.search): each role's options sized on their own
+    (learner ranks with DeepSpeed settings and micro-batch, engines × TP, replicated or sharded frozen models, any
+    count the batches divide), their combinations ranked by the step ppo.async_steps gives them, and the best few
+    planned in full; with each role's GPUs and idle share, and why any GPU is left over."""
+    started = time.perf_counter()
+    search = Search(cfg, hw, gpus, archs, role_options(cfg, hw, gpus, archs))
+    for candidate in search.ranked(keep):
+        tried = _try(cfg, candidate.overrides, hw, gpus, archs)
+        if tried and layout_fits(tried[0]) and tried[1] <= gpus:
+            plan, changed = tried[0], with_overrides(cfg, candidate.overrides)
+            same = changed.resources == cfg.resources and changed.deepspeed == cfg.deepspeed and changed.ppo == cfg.ppo
+            used = requested_gpus(plan.roles)
+            return Recommendation(candidate.overrides, plan.step_seconds, used,
+                                  "as configured" if same else "fastest layout found",
+                                  roles=role_shares(plan.roles, plan.phases, plan.step_seconds), idle_gpus=gpus - used,
+                                  idle_reasons=idle_reasons(search, candidate),
+                                  transport=plan.phases["weight_sync"].bound, layouts_examined=search.examined,
+                                  search_seconds=time.perf_counter() - started)
     return None
 
 

@@ -6,6 +6,8 @@ from itertools import groupby
 from rlhf_ray.planning.memory import GiB
 from rlhf_ray.planning.planner import Plan
 
+COUNT_PARTS = ("sequences_in_flight", "decode_steps")  # parts of a phase that are counts, not seconds
+
 
 def format_plan(plan: Plan) -> list[str]:
     return [*_header(plan), *_models(plan), *_memory(plan), *_devices(plan), *_step(plan), *_verdict(plan)]
@@ -22,8 +24,11 @@ def _models(plan: Plan) -> list[str]:
     lines = ["Models"]
     for role, arch in plan.models.items():
         head = "lm" if role in ("policy", "reference") else "score"
+        moe = (f" MoE {arch.experts} experts, {arch.experts_per_token} per token: "
+               f"{arch.active_parameters(head) / 1e9:.3f} B active" if arch.is_moe else "")
+        context = f", context {arch.max_positions}" if arch.max_positions else ""
         lines.append(f"  {role:<10} {arch.name:<36} {arch.parameters(head) / 1e9:7.3f} B params  "
-                     f"L{arch.layers} h{arch.hidden} heads {arch.heads}/{arch.kv_heads} [{arch.source}]")
+                     f"L{arch.layers} h{arch.hidden} heads {arch.heads}/{arch.kv_heads}{context}{moe} [{arch.source}]")
     return lines
 
 
@@ -38,9 +43,9 @@ def _memory(plan: Plan) -> list[str]:
             lines.append(f"      {item.bytes / GiB:8.2f}  {item.what}{place}   ({item.formula})")
         lines += [f"      note: {note}" for note in role.notes]
     kv = plan.kv
-    lines.append(f"  KV cache: {kv['kv_bytes_per_sequence'] / 2**20:.1f} MiB per sequence; all "
+    lines.append(f"  KV cache: {kv['kv_bytes_per_sequence'] / 2**20:.1f} MiB per sequence at the cap; all "
                  f"{kv['sequences_wanted']} of an engine: {kv['kv_bytes_all_sequences'] / GiB:.2f} GiB; room for "
-                 f"{kv['sequences_that_fit']}")
+                 f"{kv['sequences_that_fit']} at the cap, {kv['concurrent']} in flight")
     return lines
 
 
@@ -56,9 +61,12 @@ def _devices(plan: Plan) -> list[str]:
         who = ", ".join(sorted(set(roles))) or "idle"
         lines.append(f"  node {node} {label:<10} {who:<30} {used:7.1f} / {first.capacity_bytes / GiB:.1f} GiB  {status}")
     lines += [f"  not placed: {actor}" for actor in plan.layout.unplaced]
+    loading = plan.host_load_bytes_per_node
     for node, used in sorted(plan.layout.host_bytes_per_node.items()):
         if plan.hardware.is_gpu:
-            lines.append(f"  node {node} host memory: {used / GiB:.1f} / {plan.layout.host_capacity_bytes / GiB:.0f} GiB")
+            load = f" (at load {loading[node] / GiB:.1f})" if loading.get(node) else ""
+            lines.append(f"  node {node} host memory: {used / GiB:.1f}{load} / "
+                         f"{plan.layout.host_capacity_bytes / GiB:.0f} GiB")
     return lines
 
 
@@ -67,7 +75,7 @@ def _step(plan: Plan) -> list[str]:
              f"{plan.step_seconds * plan.steps / 3600:.2f} h"]
     for name, phase in plan.phases.items():
         share = phase.seconds / plan.step_seconds if plan.step_seconds else 0
-        parts = ", ".join(f"{k} {v:.3g}" + ("" if k in ("waves", "sequences_in_flight") else " s")
+        parts = ", ".join(f"{k} {v:.3g}" + ("" if k in COUNT_PARTS else " s")
                           for k, v in phase.parts.items() if k != "decode_step_s")
         lines.append(f"  {name:<12} {phase.seconds:9.2f} s {share:6.1%}   {phase.bound}; {parts}")
     lines += [f"  assumes: {a}" for a in plan.assumptions]
@@ -82,14 +90,28 @@ def _verdict(plan: Plan) -> list[str]:
             lines.append(f"    smallest change that fits: {' '.join(problem.fix.overrides)}  "
                          f"(step {problem.fix.step_seconds:.1f} s{'; ' + problem.fix.note if problem.fix.note else ''})")
         elif problem.role not in ("layout",):
-            lines.append("    no single change or pair of changes found that fits")
+            lines.append("    no change of its settings found that fits")
+    return lines + _recommendation(plan)
+
+
+def _recommendation(plan: Plan) -> list[str]:
     rec = plan.recommendation
-    if rec and rec.note == "as configured":
-        lines.append(f"The configured layout is the fastest found for {plan.gpus} GPUs.")
-    elif rec:
+    if rec is None:
+        why = f": {plan.no_layout_reason}" if plan.no_layout_reason else ""
+        return [f"No layout found that fits {plan.gpus} GPUs{why}."] if plan.hardware.is_gpu else []
+    if rec.note == "as configured":
+        lines = [f"The configured layout is the fastest found for {plan.gpus} GPUs."]
+    else:
         versus = f" vs {plan.step_seconds:.1f} s as configured" if plan.fits else ""
-        lines.append(f"Fastest layout found for {plan.gpus} GPUs (step {rec.step_seconds:.1f} s{versus}):")
-        lines.append("  " + " ".join(rec.overrides))
-    elif plan.hardware.is_gpu:
-        lines.append(f"No layout found that fits {plan.gpus} GPUs.")
+        lines = [f"Fastest layout found for {plan.gpus} GPUs (step {rec.step_seconds:.1f} s{versus}):",
+                 "  " + " ".join(rec.overrides)]
+    for role in rec.roles:
+        lines.append(f"  {role.role:<10} {role.actors:>5} × {role.gpus_per_actor:g} GPU = {role.gpus:>5} GPUs "
+                     f"({role.gpus / plan.gpus:6.1%}), busy {role.busy_seconds:9.2f} s, idle {role.idle_share:6.1%} "
+                     "of the step")
+    lines.append(f"  weight sync: {rec.transport}")
+    if rec.idle_gpus:
+        lines.append(f"  {rec.idle_gpus} GPU(s) left idle:")
+        lines += [f"    - {reason}" for reason in rec.idle_reasons]
+    lines.append(f"  ({rec.layouts_examined} combinations searched in {rec.search_seconds:.2f} s)")
     return lines

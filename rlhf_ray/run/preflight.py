@@ -166,12 +166,39 @@ REWARD_CHECKS = {  # models.reward.kind -> what can be checked before a cluster 
 }
 
 
+def check_context(cfg: ExperimentConfig, policy_path: str) -> None:
+    """The longest sequence, data.max_prompt_tokens + generation.max_new_tokens, within the policy's context as vLLM
+    derives it from config.json (max_position_embeddings or the like, stretched by RoPE scaling): the engine would
+    refuse it only once it starts, and the learner would run positions the model never saw. A config that cannot be
+    read here is left to the engine."""
+    from transformers import AutoConfig
+
+    from rlhf_ray.planning.models import context_limit
+
+    try:
+        config = AutoConfig.from_pretrained(policy_path)
+    except Exception:  # noqa: BLE001 — custom code, a hub hiccup: the engine checks again when it starts
+        return
+    limit, key = context_limit(getattr(config, "text_config", None) or config)
+    longest = cfg.data.max_prompt_tokens + cfg.generation.max_new_tokens
+    if limit and longest > limit:
+        room = int(limit) - cfg.data.max_prompt_tokens
+        fix = (f"lower generation.max_new_tokens to {room} or less" if room > 0 else
+               "lower data.max_prompt_tokens and generation.max_new_tokens to fit it together")
+        raise PreflightError(f"data.max_prompt_tokens={cfg.data.max_prompt_tokens} + generation.max_new_tokens="
+                             f"{cfg.generation.max_new_tokens} = {longest} tokens is over the policy's context of "
+                             f"{int(limit)} ({key} in its config.json): {fix}")
+
+
 def check_experiment(cfg: ExperimentConfig, model_paths: dict[str, str | None]) -> None:
-    """Model paths (key -> resolved path), and what the reward backend needs (``REWARD_CHECKS``)."""
+    """Model paths (key -> resolved path), the policy's context (``check_context``), and what the reward backend needs
+    (``REWARD_CHECKS``)."""
     models = cfg.models
     specs = {"models.policy": models.policy, "models.reference": models.reference_path,
              "models.reward.model": models.reward.model, "models.value_model": models.value_model_path}
     for key, resolved in model_paths.items():
         if resolved:
             check_model_path(specs[key] or resolved, resolved, key)
+    if model_paths.get("models.policy"):
+        check_context(cfg, model_paths["models.policy"])
     REWARD_CHECKS[models.reward.kind](cfg, model_paths.get("models.reward.model"))

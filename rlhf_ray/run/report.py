@@ -3,9 +3,9 @@
     python -m rlhf_ray.report runs/smollm2_cpu                  # redraws runs/smollm2_cpu/report.png
     python -m rlhf_ray.report runs/a runs/b --out compare.png    # overlays several runs on one figure
 
-PPO panels: reward and raw score; KL to the reference (and the sampler-vs-learner check); response length
-and EOS fraction; where each step's time went (stacked per step for one run, the mean step per run
-when comparing). A run of the learner on a dataset (SFT, DPO, reward-model training: ``LEARNING_RUNS``) gets three:
+PPO panels: reward and raw score; KL to the reference (in words where the run had none) and the sampler-vs-learner
+check; response length and EOS fraction; where each step's time went (stacked per step for one run, the mean step per
+run when comparing). A run of the learner on a dataset (SFT, DPO, reward-model training: ``LEARNING_RUNS``) gets three:
 the training loss (and accuracy), each evaluation set over the steps, and step time with throughput.
 """
 from __future__ import annotations
@@ -77,7 +77,10 @@ def peak_memory(rows: list[dict]) -> str:
 
 
 def summary(rows: list[dict], label: str = "") -> str:
-    """One line: steps, first → last reward and score, tokens/s, where the time went, peak memory."""
+    """One line: steps, first → last reward and score, tokens/s, where the time went, peak memory; a run that logged
+    no KL says it had no reference."""
+    from rlhf_ray.config import NO_REFERENCE
+
     n = len(rows)
     window = 3 if n >= 6 else 1  # compare averages of a few steps when there are enough
     first = lambda key: _mean([r[key] for r in rows[:window] if r.get(key) is not None])  # noqa: E731
@@ -97,7 +100,8 @@ def summary(rows: list[dict], label: str = "") -> str:
     return (f"{label + ': ' if label else ''}{n} steps in {total:.0f} s; reward {first('reward/mean'):.3f} → "
             f"{last('reward/mean'):.3f}, score {first('score/mean'):.3f} → {last('score/mean'):.3f}{averaged}; "
             f"{tokens / total if total else 0:.0f} generated tokens/s; time: {time_text}"
-            + (f"; peak GB: {memory_text}" if memory_text else ""))
+            + (f"; peak GB: {memory_text}" if memory_text else "")
+            + ("" if any("kl/mean" in r for r in rows) else f"; {NO_REFERENCE}: no KL"))
 
 
 def draw(runs: dict[str, list[dict]], out: str | Path) -> Path:
@@ -111,36 +115,59 @@ def draw(runs: dict[str, list[dict]], out: str | Path) -> Path:
     (ax_reward, ax_kl), (ax_len, ax_time) = axes
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     several = len(runs) > 1
-    ax_eos, ax_sync = ax_len.twinx(), ax_kl.twinx()
+    ax_eos = ax_len.twinx()
     for i, (label, rows) in enumerate(runs.items()):
         color = colors[i % len(colors)]
         tag = f"{label}: " if several else ""
         ax_reward.plot(*_series(rows, "reward/mean"), color=color, marker=".",
                        label=f"{tag}shaped reward (score, penalties, KL)")
         ax_reward.plot(*_series(rows, "score/mean"), color=color, linestyle="--", label=f"{tag}score (RM / function)")
-        ax_kl.plot(*_series(rows, "kl/mean"), color=color, marker=".", label=f"{tag}KL to reference (per sequence)")
-        steps, gaps = _series(rows, "kl/sampler_vs_learner")
-        ax_sync.plot(steps, [max(g, 1e-9) for g in gaps], color=color, linestyle=":",
-                     label=f"{tag}mean |sampler − learner| logprob")
         ax_len.plot(*_series(rows, "response/length_mean"), color=color, marker=".", label=f"{tag}mean length")
         ax_eos.plot(*_series(rows, "response/eos_fraction"), color=color, linestyle="--", label=f"{tag}EOS fraction")
     ax_reward.set_title("reward and score per step")
-    ax_kl.set_title("KL to the reference, and the weight-sync check")
-    ax_kl.set_ylabel("KL (k-estimator, summed over tokens)")
-    ax_sync.set_yscale("log")
-    ax_sync.set_ylim(1e-9, 1.0)  # exact sync sits near the bottom; a stale engine climbs to 1e-3 and up
-    ax_sync.set_ylabel("sampler vs learner (≈0: exact sync)")
     ax_len.set_title("responses")
     ax_len.set_ylabel("tokens")
     ax_eos.set_ylabel("fraction ending with EOS")
     ax_eos.set_ylim(-0.05, 1.05)
     _step_axes((ax_reward, ax_kl, ax_len, ax_time), "PPO step")
     ax_reward.legend(fontsize=8)
-    for ax, twin in ((ax_kl, ax_sync), (ax_len, ax_eos)):
-        _legend(ax, twin)
+    _legend(ax_len, ax_eos)
+    draw_kl(ax_kl, runs, colors)
     _draw_time(ax_time, runs, colors)
     title = "  vs  ".join(runs) if several else next(iter(runs))
     return _save(fig, f"rlhf-ray: {title}", out)
+
+
+def draw_kl(ax, runs: dict[str, list[dict]], colors: list[str]) -> None:
+    """The KL to the reference per step and, on a log scale beside it, the weight-sync check. A run that logged no KL
+    had no reference (ppo.kl_coef=0, ppo.reference=auto): the panel says so in words, never as a line at 0."""
+    from rlhf_ray.config import NO_REFERENCE
+
+    several, sync = len(runs) > 1, ax.twinx()
+    without = [label for label, rows in runs.items() if not any("kl/mean" in r for r in rows)]
+    for i, (label, rows) in enumerate(runs.items()):
+        color, tag = colors[i % len(colors)], f"{label}: " if several else ""
+        if label not in without:
+            ax.plot(*_series(rows, "kl/mean"), color=color, marker=".", label=f"{tag}KL to reference (per sequence)")
+        steps, gaps = _series(rows, "kl/sampler_vs_learner")
+        sync.plot(steps, [max(g, 1e-9) for g in gaps], color=color, linestyle=":",
+                  label=f"{tag}mean |sampler − learner| logprob")
+    if without:
+        who = f"{', '.join(without)}: " if several else ""
+        y = 0.04 if several else 0.5  # beside other runs' KL: below it, not over it
+        ax.text(0.5, y, f"{who}{NO_REFERENCE}:\nno KL to draw", transform=ax.transAxes, ha="center",
+                va="bottom" if several else "center", fontsize=10,
+                bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "0.6", "alpha": 0.9})
+    if len(without) < len(runs):
+        ax.set_title("KL to the reference, and the weight-sync check")
+        ax.set_ylabel("KL (k-estimator, summed over tokens)")
+    else:  # no KL scale at all: an empty one would read as KL 0
+        ax.set_title("no reference: no KL; the weight-sync check")
+        ax.set_yticks([])
+    sync.set_yscale("log")
+    sync.set_ylim(1e-9, 1.0)  # exact sync sits near the bottom; a stale engine climbs to 1e-3 and up
+    sync.set_ylabel("sampler vs learner (≈0: exact sync)")
+    _legend(ax, sync)
 
 
 def _legend(ax, twin) -> None:

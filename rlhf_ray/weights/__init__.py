@@ -11,9 +11,11 @@
     adapter       a LoRA policy's adapters alone (megabytes) through the object store, loaded as a vLLM LoRA adapter
     engine        loading into vLLM exactly (every weight arrives; tied embeddings re-processed)
 
-A transport is chosen once, by name (``choose_transport``), and made in every process that takes part
-(``make_transport``). A new transport is one module with a ``Transport`` subclass and one entry in ``TRANSPORTS`` —
-or none: ``weights.transport: package.module:Class`` names it where every role's process can import it.
+A transport is chosen once, by name (``choose_transport``: for 'auto' the cheapest that serves the run, priced by the
+planner on its hardware, or the registry's cheapest-first order without prices), and made in every process that takes
+part (``make_transport``). A new transport is one module with a ``Transport`` subclass and one entry in
+``TRANSPORTS`` — or none: ``weights.transport: package.module:Class`` names it where every role's process can import
+it.
 """
 from __future__ import annotations
 
@@ -21,10 +23,10 @@ import importlib
 
 from rlhf_ray.weights.transport import Transport
 
-TRANSPORTS: dict[str, str] = {  # name -> "module:Class", imported when used
+TRANSPORTS: dict[str, str] = {  # name -> "module:Class", imported when used; cheapest first (choose_transport)
     "object_store": "rlhf_ray.weights.object_store:ObjectStoreTransport",
-    "files": "rlhf_ray.weights.files:FilesTransport",
     "collective": "rlhf_ray.weights.collective:CollectiveTransport",
+    "files": "rlhf_ray.weights.files:FilesTransport",
     "adapter": "rlhf_ray.weights.adapter:AdapterTransport",
 }
 AUTO = "auto"
@@ -59,21 +61,40 @@ def make_transport(name: str) -> Transport:
     return transport_class(name)()
 
 
-def choose_transport(cfg) -> tuple[str, str]:
-    """(transport, why) for the experiment ``cfg``, with 'auto' decided by benchmarks/weight_sync.py: on one node the
-    object store (one copy into shared memory, read in place) beat the gloo broadcast (a socket copy each way plus
-    packing); engines whose workers are other processes cannot read the object store, and a broadcast (NCCL on GPUs)
-    is the peers' fast path there."""
+def auto_candidates(cfg) -> list[str]:
+    """The registered transports ``weights.transport=auto`` may pick for ``cfg``, in ``TRANSPORTS``' order: those that
+    do not refuse it, adapters aside (vLLM's LoRA kernels tripled SmolLM2's generation time on CPU: a LoRA policy
+    goes merged)."""
+    classes = {name: transport_class(name) for name in TRANSPORTS}
+    return [name for name, cls in classes.items() if not cls.adapter and cls.refuses(cfg) is None]
+
+
+def choose_transport(cfg, prices: dict[str, float] | None = None) -> tuple[str, str]:
+    """(transport, why) for the experiment ``cfg``: ``weights.transport``, or for 'auto' one of ``auto_candidates``.
+
+    The one place that decides, for the planner and the trainer alike. With ``prices`` (seconds per sync by transport
+    name: the planner's, rlhf_ray.planning.timing.transport_prices, on the hardware it plans) 'auto' is the cheapest
+    candidate. Without (the trainer has no hardware model) it is the first candidate in ``TRANSPORTS``' order: the
+    object store where the engines read it in place (it beat the gloo broadcast on one node:
+    benchmarks/results/weight_sync.md), else a broadcast (on GPUs NCCL is hundreds of times faster than a trip through
+    host memory), else files. That is the priced order on GPUs and for in-process engines; for CPU engines in other
+    processes files measured faster than the gloo broadcast, which the plan (priced) takes and says. A transport that
+    stops refusing a configuration (the broadcast under ppo.async_steps) is taken there at once, by both."""
     name = cfg.weights.transport
     if name != AUTO:
         return name, "weights.transport"
-    if cfg.in_process_engines:
-        return "object_store", "in-process engines: the object store, read in place"
-    if cfg.ppo.async_steps:
-        return "files", "engines in other processes, overlapped (a replaced engine reloads the published weights)"
-    if not cfg.same_devices_for_weights:
-        return "files", "learner and engines on different kinds of device (one group cannot mix gloo and NCCL)"
-    return "collective", "engines in other processes (GPUs or tensor_parallel_size > 1)"
+    candidates = auto_candidates(cfg)
+    if not candidates:
+        raise ValueError("weights.transport=auto: no registered transport serves this run; name one that does")
+    unable = [n for n in TRANSPORTS if n not in candidates and not transport_class(n).adapter]
+    cannot = f"; {', '.join(unable)} cannot serve this run" if unable else ""
+    priced = [n for n in candidates if prices and n in prices]
+    if priced:
+        best = min(priced, key=prices.get)
+        others = ", ".join(f"{n} {prices[n]:.3g} s" for n in priced if n != best)
+        return best, (f"auto: the cheapest, {prices[best]:.3g} s vs {others}" if others
+                      else "auto: the only one that serves this run") + cannot
+    return candidates[0], f"auto: the first of {', '.join(candidates)} (cheapest first){cannot}"
 
 
 def chosen_class(cfg) -> type[Transport]:

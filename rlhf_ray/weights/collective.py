@@ -243,4 +243,6 @@ class CollectiveTransport(Transport):
 
     @classmethod
     def transfer_seconds(cls, full, hw, placement, rates):
+        """One pipelined broadcast from the learner's device: over NVLink inside a node, over the NICs to engines on
+        other nodes (gloo over loopback on one CPU machine); nothing crosses host memory."""
         return {"broadcast": rates.collective_seconds(full, hw, placement.engines_off_learner_node)}

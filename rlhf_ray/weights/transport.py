@@ -82,14 +82,18 @@ class Transport:
     @classmethod
     def transfer_seconds(cls, full: float, hw, placement, rates) -> dict[str, float]:
         """The planner's seconds for moving an update of ``full`` bytes to the engines, by part (after the learner's
-        gather): by default the object store's put and reads, a pull across nodes, host/device copies on GPUs.
-        ``rates``: the planner's transfer rates and collective model (rlhf_ray.planning.timing.TransferRates)."""
-        parts = {"object_store": full / rates.object_store_bytes_per_s}
+        gather), each priced by the hardware that carries it. By default through host memory: on GPUs learner rank 0
+        copies it device → host (PCIe); the object store's put; engines on other nodes pull it over the NICs
+        (``rates.pull_seconds``); what the transport adds (``_extra_seconds``); on GPUs every engine copies it host →
+        device (PCIe, the engines at once). ``hw``: rlhf_ray.planning.hardware.Hardware; ``placement``:
+        rlhf_ray.planning.timing.Placement; ``rates``: the planner's rates (rlhf_ray.planning.timing.TransferRates)."""
+        parts = {"device_to_host": full / hw.host_link_bandwidth} if hw.is_gpu else {}
+        parts["object_store"] = full / rates.object_store_bytes_per_s
         if placement.engines_off_learner_node:
-            parts["cross_node_pull"] = full / rates.ray_object_transfer_bytes_per_s
+            parts["cross_node_pull"] = rates.pull_seconds(full, hw, placement.engine_nodes_elsewhere)
         parts.update(cls._extra_seconds(full, rates))
         if hw.is_gpu:
-            parts["host_device_copies"] = 2 * full / hw.host_link_bandwidth
+            parts["host_to_device"] = full / hw.host_link_bandwidth
         return parts
 
     @classmethod
