@@ -13,6 +13,7 @@ from collections import defaultdict
 import torch
 
 from rlhf_ray.actors.role import Role, computes, timed
+from rlhf_ray.algorithms.lr_schedule import lr_scheduler
 from rlhf_ray.data.batch import RolloutBatch, token_budget_groups
 from rlhf_ray.objectives import LearnerSpec, make_objective
 from rlhf_ray.runtime.devices import DTYPES, device_for, require_cpu_bf16, set_threads
@@ -120,7 +121,6 @@ class LearnerActor(Role):
     def setup(self, master_addr: str, master_port: int) -> None:
         """Join the process group and build the DeepSpeed engine (the objective's module, AdamW, schedule)."""
         import deepspeed
-        from transformers import get_scheduler
 
         spec, opt = self.spec, self.spec.optimizer
         if self.device == "cpu" and spec.deepspeed.precision == "bf16":
@@ -138,10 +138,7 @@ class LearnerActor(Role):
         optimizer = torch.optim.AdamW(trainable, lr=opt.lr, betas=opt.betas, eps=opt.eps,
                                       weight_decay=opt.weight_decay, fused=self.device in ("cpu", "cuda"))
         total = spec.optimizer_steps
-        # transformers' 'constant' ignores warmup; 'constant_with_warmup' honours optimizer.warmup_ratio
-        schedule = "constant_with_warmup" if opt.schedule == "constant" and opt.warmup_ratio > 0 else opt.schedule
-        scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=math.ceil(opt.warmup_ratio * total),
-                                  num_training_steps=total)
+        scheduler = lr_scheduler(optimizer, opt.schedule, math.ceil(opt.warmup_ratio * total), total)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=deepspeed_config(spec, model))
         if self.world_size == 1 and not reduction_moves_gradients(self.engine):

@@ -68,6 +68,11 @@ def test_a_mapping_override_replaces_and_a_dotted_one_merges():
     (["weights.transport=object_store", "resources.generation.num_gpus=1"], "weights.transport",
      "needs in-process CPU engines"),
     (["weights.transport=collective", "ppo.async_steps=1"], "weights.transport", "cannot be combined with ppo.async"),
+    (["weights.transport=collective", "ppo.async_steps=3"], "weights.transport", "with ppo.async_steps=3: overlapped"),
+    (["ppo.async_steps=-1"], "ppo.async_steps", "greater than or equal to 0"),
+    (["ppo.old_logprobs=sampler", "ppo.async_steps=2"], "ppo.old_logprobs",
+     "with ppo.async_steps=2 would take the ratio against the policy up to 2 updates behind"),
+    (["resources.rollout_cores=1"], "resources.rollout_cores", "overlap (ppo.async_steps ≥ 1)"),
     (["weights.transport=collective", "resources.learner.num_gpus=1"], "weights.transport", "same kind of device"),
     (["weights.bucket_mb=0"], "weights.bucket_mb", "greater than 0"),
     (["weights.transport=carrier_pigeon"], "weights.transport", "or a Transport class as 'module:Class'"),
@@ -130,6 +135,7 @@ def test_cli_prints_resolved_tree_or_one_line_error():
 @pytest.mark.parametrize("overrides, source", [
     ([], "sampler"),
     (["ppo.async_steps=1"], "learner"),
+    (["ppo.async_steps=3"], "learner"),
     (["generation.top_p=0.9"], "learner"),
     (["models.dtype=bfloat16"], "learner"),
     (["deepspeed.precision=bf16"], "learner"),
@@ -139,6 +145,13 @@ def test_cli_prints_resolved_tree_or_one_line_error():
 def test_old_logprobs_come_from_the_sampler_only_where_they_are_the_learners(overrides, source):
     cfg = load_config(ROOT / "configs" / "tiny_cpu.yaml", overrides)
     assert cfg.old_logprobs_source()[0] == source
+
+
+def test_overlap_of_any_depth_weighs_the_samples_to_the_learner_and_says_how_far_behind_they_are():
+    deep = load_config(ROOT / "configs" / "tiny_cpu.yaml", ["ppo.async_steps=3"])
+    assert deep.is_correction() == ("tis", "the engines sample up to 3 updates behind (ppo.async_steps=3)")
+    one = load_config(ROOT / "configs" / "tiny_cpu.yaml", ["ppo.async_steps=1"])
+    assert one.old_logprobs_source() == ("learner", "the engines sample one update behind (ppo.async_steps=1)")
 
 
 def test_sampler_old_logprobs_with_overlap_is_refused():

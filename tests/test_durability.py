@@ -1,7 +1,8 @@
 """Durable runs, end to end as a user meets them: a run stopped by SIGTERM stops cleanly (test_signals.py's checks:
 one line, loopback only, every process gone, the lock released) and resumes and reproduces the uninterrupted run
-(also from an older checkpoint when the latest is damaged); actors killed by PID are
-replaced and the run finishes with every step recorded exactly once."""
+(also from an older checkpoint when the latest is damaged) — overlapped two updates deep (ppo.async_steps=2), with its
+engine killed on the way; actors killed by PID are replaced and the run finishes with every step recorded exactly
+once."""
 from __future__ import annotations
 
 import json
@@ -36,7 +37,12 @@ def finish(run, timeout_s: float = 600) -> str:
 
 
 def test_a_stopped_run_resumes_and_reproduces_the_uninterrupted_run(tiny_cache, tmp_path, ray_tmp):
-    settings = ("ppo.total_episodes=192", "checkpoint.every_steps=2")  # 12 steps
+    """Both runs with ppo.async_steps=2: every checkpoint keeps the two batches sampled by weights older than its own,
+    and a resumed run trains on them. The stopped run's engine is killed after step 2, while the batches of steps 3 to 5
+    are sampled ahead: its replacement must hold the weights the engine had (up to two updates behind the learner's)
+    and redo the call it died in, or the steps after it differ from the uninterrupted run's (ppo.async_steps=1 has the
+    same path with a queue of one: tests/test_e2e_ppo.py)."""
+    settings = ("ppo.total_episodes=192", "checkpoint.every_steps=2", "ppo.async_steps=2")  # 12 steps
     with short_tmp("rw") as whole_tmp:  # the uninterrupted run, side by side with the one stopped, in a Ray of its own
         whole_run = start_run(tmp_path / "whole", whole_tmp, tiny_cache, *settings)
         try:
@@ -49,7 +55,11 @@ def test_a_stopped_run_resumes_and_reproduces_the_uninterrupted_run(tiny_cache, 
 def stopped_and_resumed(tmp_path: Path, tiny_cache: Path, ray_tmp: str, settings: tuple, whole_run) -> None:
     out = tmp_path / "stopped"
     run = start_run(out, ray_tmp, tiny_cache, *settings)
-    wait_for_steps(run, out, 3)
+    wait_for_steps(run, out, 2)
+    os.kill(actor_pid(ray_tmp, "GenerationActor"), signal.SIGKILL)
+    # stopped late enough that the checkpoint resumed from (the one before the damaged latest) comes after the steps
+    # the replacement engine sampled: those are compared as the stopped run recorded them
+    wait_for_steps(run, out, 7)
     # the stop is a scheduler's SIGTERM: test_signals.py's checks (its SIGINT run makes them for Ctrl-C)
     assert listening_addresses(run.pid) <= {"127.0.0.1"}, listening_addresses(run.pid)
     run.send_signal(signal.SIGTERM)
@@ -65,7 +75,8 @@ def stopped_and_resumed(tmp_path: Path, tiny_cache: Path, ray_tmp: str, settings
     assert ray_processes(ray_tmp) == [], ray_processes(ray_tmp)
     assert not (out / "run.lock").exists()  # the output dir is free for the next run
     assert [row["step"] for row in metric_rows(out)] == list(range(1, done + 1))
-    assert 3 <= done < 12
+    assert 7 <= done < 12
+    assert "recovery: generation actor died while" in output and "replaced generation-0 in" in output, output[-3000:]
     saved = sorted((out / "checkpoints").glob("step-*"))
     assert [p.name for p in saved][-1] == f"step-{done:06d}" and len(saved) == 2  # keep_last=2
     assert json.loads((saved[-1] / "trainer.json").read_text())["step"] == done
@@ -91,6 +102,10 @@ def stopped_and_resumed(tmp_path: Path, tiny_cache: Path, ray_tmp: str, settings
 
     resumed = metric_rows(out)
     assert [r["step"] for r in resumed] == list(range(1, 13))  # each step once: the redone ones replaced
+    # batch s sampled by the weights of update s − 2, the first two by the initial policy; the same after the resume
+    assert [r["async/staleness"] for r in whole] == [r["async/staleness"] for r in resumed] == [0, 1] + [2] * 10
+    assert resumed[5]["recovery/generation_restarts"] == 1  # step 6, recorded by the stopped run after the kill
+    assert all(r["time/weight_load"] > 0 for r in whole[3:])  # batch 4 on: loaded by the engines before sampling
     for a, b in zip(whole, resumed):
         for key in COMPARED:
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key, a[key], b[key])

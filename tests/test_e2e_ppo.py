@@ -119,6 +119,8 @@ def test_overlapped_rollout_and_learning_learn_the_same_reward_and_restore_exact
         trainer.shutdown()
     assert_learns([m["score/mean"] for m in metrics])
     assert [m["async/staleness"] for m in metrics] == [0.0] + [1.0] * (LEARN_STEPS - 1)
+    # each update published after the step, loaded by the rollout thread before the batch it samples
+    assert all(m["time/weight_load"] > 0 for m in metrics[2:]) and metrics[1]["time/weight_load"] == 0
     assert trainer.old_logprobs == "learner"  # the ratio is against the learner's weights, not the sampler's
     assert metrics[0]["kl/sampler_vs_learner"] < SYNC_ATOL < max(m["kl/sampler_vs_learner"] for m in metrics[1:])
     # and the samples of an update behind are re-weighted to the learner's (TIS, on by default when overlapped)

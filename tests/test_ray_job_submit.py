@@ -1,5 +1,6 @@
-"""`ray job submit` against a real local head on loopback, started and stopped by the test: one job chains a PPO run,
-reward-model training, SFT then DPO with LoRA adapters, and a sweep (a point that runs, one that is refused)."""
+"""`ray job submit` against a real local head on loopback, started and stopped by the test: one job chains a PPO run and
+a sweep (a point that runs, one that is refused), another at the same time reward-model training, SFT then DPO with
+LoRA adapters."""
 from __future__ import annotations
 
 import json
@@ -58,9 +59,10 @@ def submit_job(address: str, env: dict, cwd: Path, working_dir: str, *entrypoint
 
 
 def test_ray_job_submit_runs_ppo_rm_sft_dpo_and_a_sweep(tiny_cache, tmp_path):
-    """One job, as a user chains commands in one: a two-step PPO run (ZeRO-2), reward-model training, SFT then DPO
-    from the SFT model, both with LoRA adapters, and a sweep whose points join the job's cluster. One submission
-    instead of four (each cost a job CLI, a working-dir upload and a job driver), and the LoRA chain's checks are made
+    """Two jobs at once, each chaining commands as a user chains them in one: a two-step PPO run (ZeRO-2), then a sweep
+    whose points join the job's cluster; and reward-model training, then SFT and DPO from the SFT model, both with LoRA
+    adapters. Two submissions instead of five (each cost a job CLI, a working-dir upload and a job driver; the two
+    chains went one after the other in one job before), and the LoRA chain's checks are made
     on this job's SFT and DPO (they were a test of their own in tests/test_tulu_suite.py, two runs more): each trains
     rank-8 adapters and saves merged weights with the adapter beside them; DPO starts no reference actor, and the
     reference log-probs its learner computed with the adapters off (pairs first met after updates, too) are the SFT
@@ -74,7 +76,9 @@ def test_ray_job_submit_runs_ppo_rm_sft_dpo_and_a_sweep(tiny_cache, tmp_path):
     elsewhere = tmp_path / "experiment"  # a user's own directory: no rlhf_ray in it
     elsewhere.mkdir()
     shutil.copy(ROOT / "tests" / "job_imports.py", elsewhere)
-    with short_tmp("rj") as ray_tmp, ray_head(ray_tmp, extra_env={"PYTHONPATH": str(wheel)}) as (_, address, env):
+    # 4 logical CPUs: the PPO run's roles (1.5) beside the reward-model, SFT or DPO learner (1) and the imports jobs
+    with short_tmp("rj") as ray_tmp, ray_head(ray_tmp, num_cpus=4, extra_env={"PYTHONPATH": str(wheel)}) as (_, address,
+                                                                                                            env):
         out = tmp_path / "job_run"
         ppo = ["python", "-m", "rlhf_ray.train", "--config", "configs/tiny_cpu.yaml", "ppo.total_episodes=32",
                f"models.cache_dir={tiny_cache}", f"output_dir={out}", "logging.progress_bar=false",
@@ -93,15 +97,20 @@ def test_ray_job_submit_runs_ppo_rm_sft_dpo_and_a_sweep(tiny_cache, tmp_path):
         sweep = ["python", "-m", "rlhf_ray.sweep", "--grid", "ppo.rollout_batch_size=16,12", "--grid",
                  "ppo.async_steps=1", "--steps", "1", "--warmup", "0", "--out", str(sweep_out),
                  f"models.cache_dir={tiny_cache}"]
-        commands = " && ".join(f"{shlex.join(command)} && echo '###' {name} done" for name, command in
-                               (("ppo", ppo), ("rm", train_rm), ("sft", sft), ("dpo", dpo), ("sweep", sweep)))
-        with ThreadPoolExecutor(3) as jobs:  # the two imports jobs go beside the chain (they took their own turns)
-            chained = jobs.submit(submit_job, address, env, ROOT, ".", "bash", "-c", commands, timeout_s=1500)
+        chains = {"ppo, then a sweep": (("ppo", ppo), ("sweep", sweep)),
+                  "reward model, SFT, then DPO": (("rm", train_rm), ("sft", sft), ("dpo", dpo))}
+        with ThreadPoolExecutor(4) as jobs:  # two chains and the two imports jobs, all at once on the cluster
+            chained = {name: jobs.submit(submit_job, address, env, ROOT, ".", "bash", "-c", " && ".join(
+                f"{shlex.join(command)} && echo '###' {step} done" for step, command in chain), timeout_s=1500)
+                for name, chain in chains.items()}
             uploaded = jobs.submit(submit_job, address, env, ROOT, ".", "python", "tests/job_imports.py")
             installed = jobs.submit(submit_job, address, env, elsewhere, str(elsewhere), "python", "job_imports.py")
-            job, uploaded, installed = chained.result(), uploaded.result(), installed.result()
-        assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-4000:] + job.stderr[-2000:]
-        assert re.findall(r"^### (\w+) done$", job.stdout, re.MULTILINE) == ["ppo", "rm", "sft", "dpo", "sweep"]
+            done = {name: job.result() for name, job in chained.items()}
+            uploaded, installed = uploaded.result(), installed.result()
+        for name, job in done.items():
+            assert job.returncode == 0 and "succeeded" in job.stdout, (name, job.stdout[-4000:] + job.stderr[-2000:])
+            steps = [step for step, _ in chains[name]]
+            assert re.findall(r"^### (\w+) done$", job.stdout, re.MULTILINE) == steps, (name, job.stdout[-3000:])
 
     for imports_job in (uploaded, installed):
         assert imports_job.returncode == 0 and "succeeded" in imports_job.stdout, imports_job.stdout[-4000:]

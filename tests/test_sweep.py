@@ -44,6 +44,19 @@ def test_figures_of_a_point_and_the_phase_that_bounds_it():
     assert overlapped["bound_by"].startswith("rollout") and overlapped["rollout_learn_ratio"] == pytest.approx(2.0)
 
 
+def test_labels_and_advice_name_any_overlap_depth():
+    assert sweep.label_of({"ppo.async_steps": 2, "resources.generation.num_actors": 1}) == "async=2 engines=1"
+    rows = [{**step_row(1.0, 0.5, 1.5, values_wall=0.2), "async/staleness": s} for s in (1.0, 2.0, 2.0)]
+    deep = {"label": "async=2", "point": {"ppo.async_steps": 2}, **sweep.measure(rows, 16, 1)}
+    assert deep["overlapped"] and deep["staleness_max"] == 2.0 and deep["staleness_mean"] == pytest.approx(5 / 3)
+    said = sweep.advice(deep)
+    assert "overlap here (ppo.async_steps=2: each batch is sampled 2 updates behind" in said
+    # the depth from the measured staleness where the grid does not set it (a base config with overlap)
+    assert "ppo.async_steps=2:" in sweep.advice({**deep, "point": {"resources.generation.num_actors": 1}})
+    plain = {"label": "async=0", "point": {"ppo.async_steps": 0}, **sweep.measure([step_row(1.0, 0.5, 1.0)], 16, 1)}
+    assert not plain["overlapped"] and "ppo.async_steps=1, or k to let generation run up to k" in sweep.advice(plain)
+
+
 def test_outputs_name_the_best_point_and_keep_failed_ones(tmp_path):
     ok = {"label": "async=0", "point": {"ppo.async_steps": 0}, "status": "ok",
           **sweep.measure([step_row(1.0, 0.5, 2.0)], 16, 1)}

@@ -133,6 +133,25 @@ def test_a_replacement_engine_gets_the_kept_update_when_overlapped_and_a_new_one
         assert roles.learners[0].published == (1 if overlapped else 2)
 
 
+def test_overlapped_the_engines_load_a_published_update_later_and_a_replacement_gets_the_one_they_hold():
+    """ppo.async_steps=k: the driver publishes after each update, the rollout thread loads between rollouts; the
+    learner may be several published updates ahead of the engines (k ≥ 2) when an engine is replaced."""
+    from rlhf_ray.weights import transport_class
+
+    roles = _Roles(True)
+    sync = transport_class("files").driver(roles, "files")
+    first, publish_s = sync.publish()
+    assert (first, publish_s) == ("update 1 by files", 0.1) and all(not g.calls for g in roles.generators)
+    assert sync.load(first)["report"]["payload"] == "update 1 by files"
+    second, _ = sync.publish()  # the learner's next update, not loaded yet: the engines sample by update 1
+    new = _Actor()
+    sync.bring_up_to_date([new])
+    assert [call[1][0] for call in new.calls] == ["update 1 by files"]
+    assert sync.load(second)["load"] == 0.2 and roles.learners[0].published == 2
+    with pytest.raises(NotImplementedError, match="cannot run apart"):
+        transport_class("collective").driver(roles, "collective").publish()
+
+
 def test_a_broadcast_forms_its_group_once_and_again_after_a_replacement():
     from rlhf_ray.weights import transport_class
 

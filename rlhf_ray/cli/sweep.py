@@ -124,7 +124,11 @@ def measure(rows: list[dict], sequences: int, epochs: int) -> dict:
             "trained_tokens_per_s": tokens * epochs / step, "phases_s": phases, "idle_share": idle,
             "rollout_learn_ratio": rollout / learner if learner else float("inf"),
             "overhead_share": mean("time/overhead") / mean("time/step"), "peak_gb": memory,
-            "bound_by": bound_by(phases, overlapped)}
+            "bound_by": bound_by(phases, overlapped), "overlapped": overlapped,
+            # updates between the weights that sampled a batch and those it was learned on (ppo.async_steps=k: k
+            # once the first k steps are past)
+            "staleness_mean": mean("async/staleness"),
+            "staleness_max": max(r.get("async/staleness", 0.0) for r in rows)}
 
 
 def bound_by(phases: dict, overlapped: bool) -> str:
@@ -213,9 +217,10 @@ def markdown(result: dict) -> str:
     if not bests:
         lines.append("No point finished: see the errors above and each point's console.log.")
     lines += ["", "Columns: samples/s = sequences per step / median step; rollout:learn = (generate + score) / "
-              "update, where score includes the learner's values pass when nothing overlaps (async=1: / (values + "
+              "update, where score includes the learner's values pass when nothing overlaps (async ≥ 1: / (values + "
               "update)); idle = share of the step a role's actors do not compute; overhead = the "
-              "step minus the roles' compute on its critical path.", ""]
+              "step minus the roles' compute on its critical path. async=k: the engines sample up to k updates "
+              "ahead (ppo.async_steps).", ""]
     return "\n".join(lines)
 
 
@@ -228,17 +233,22 @@ def _shown(path: str) -> str:
 
 
 def advice(best: dict) -> str:
+    """What would help the best point next, from how its step was bound (any ppo.async_steps)."""
     ratio = best["rollout_learn_ratio"]
-    if "async=1" in best["label"]:
-        return ("Rollout and learning overlap here; the step is the slower side, so resources moved to that side "
-                "(resources.rollout_cores, engines or learner ranks) are what would help next.")
+    if best.get("overlapped", "values_wall" in best.get("phases_s", {})):
+        k = best["point"].get("ppo.async_steps") or round(best.get("staleness_max", 1))
+        return (f"Rollout and learning overlap here (ppo.async_steps={k}: each batch is sampled {k} "
+                f"update{'s' if k != 1 else ''} behind the learner); the step is the slower side, so resources moved "
+                "to that side (resources.rollout_cores, engines or learner ranks) are what would help next. A larger "
+                "ppo.async_steps only evens out uneven steps; it does not shorten the slower side.")
     if ratio < 0.5:
-        return ("Learning takes most of the step: overlapping the rollout with it (ppo.async_steps=1) can hide at "
+        return ("Learning takes most of the step: overlapping the rollout with it (ppo.async_steps ≥ 1) can hide at "
                 "most the rollout's share; more learner resources shorten the bound phase itself.")
     if ratio > 2:
         return "The rollout takes most of the step: more or larger generation resources shorten it."
-    return ("Rollout and learning take similar time: overlapping them (ppo.async_steps=1) hides the shorter one "
-            "where the machine has cores for both.")
+    return ("Rollout and learning take similar time: overlapping them (ppo.async_steps=1, or k to let generation run "
+            "up to k updates ahead, which also evens out uneven steps) hides the shorter one where the machine has "
+            "cores for both.")
 
 
 def draw(points: list[dict], path: Path) -> None:

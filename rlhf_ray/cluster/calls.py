@@ -88,6 +88,16 @@ class RoleCalls:
         (rlhf_ray.weights.sync)."""
         return self.weights.sync(generators)
 
+    def publish_weights(self) -> tuple[object, float]:
+        """Overlapped runs: the learner's current policy published once (``load_weights`` takes it into the engines
+        later); returns the payload and the learner's seconds."""
+        return self.weights.publish()
+
+    def load_weights(self, payload) -> dict:
+        """Overlapped runs: a published policy into every generation actor (a lost one replaced); the seconds of the
+        slowest load and the first engine's report."""
+        return self.weights.load(payload)
+
     def learner_logprobs(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
         results = self._wait([a.sequence_logprobs.remote(prompt_ids, response_ids) for a in self.learners], "learner",
                              "computing logprobs of a response", "learn_s")

@@ -7,9 +7,9 @@ thirds of every step. Here threads follow the phase instead of the reservation:
 - phases that do not overlap (``ppo.async_steps: 0``): the roles computing in a phase share their node's
   cores — generation alone during ``generate``; reward, reference and the learner's values/old-logprob pass
   together during ``score`` (in DPO they take turns: a solo phase); the learner ranks alone during ``learn``;
-- rollout overlapped with learning (``ppo.async_steps: 1``): on a node that hosts both sides the rollout roles
-  (generation, reward, reference) get ``resources.rollout_cores`` of its cores (default half) and the learner
-  the rest, as disjoint CPU sets (affinity), so neither side slows the other down.
+- rollout overlapped with learning (``ppo.async_steps: k``, any k ≥ 1: one rollout thread whatever k is): on a node
+  that hosts both sides the rollout roles (generation, reward, reference) get ``resources.rollout_cores`` of its
+  cores (default half) and the learner the rest, as disjoint CPU sets (affinity), so neither side slows the other.
 
 ``resources.<role>.threads`` fixes a role's thread count in every phase; ``resources.nice`` sets the
 priority of every role process (Ray starts workers at nice 15, behind any plain process on the machine).

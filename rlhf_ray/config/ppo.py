@@ -129,7 +129,8 @@ class ExperimentConfig(RunConfig):
         """Why the engine's log-probs of a sample may differ from the learner's before the update (none: they do not)."""
         ppo, gen = self.ppo, self.generation
         return [why for broken, why in (
-            (ppo.async_steps > 0, "the engines sample one update behind (ppo.async_steps=1)"),
+            (ppo.async_steps > 0, f"the engines sample {rules.updates_behind(ppo.async_steps)} behind "
+                                  f"(ppo.async_steps={ppo.async_steps})"),
             (gen.top_p < 1.0, "sampling is truncated (generation.top_p<1)"),
             (self.models.dtype != "float32" or self.deepspeed.precision != "fp32",
              "engine or learner is not fp32 (models.dtype, deepspeed.precision)")) if broken]

@@ -95,9 +95,12 @@ class PPOConfig(StrictSection):
                             "the update; 'sampler' takes the engine's own, equal to the learner's when weights are synced "
                             "exactly, sampling is untruncated and both compute in fp32 (still checked on the update's "
                             "first mini-batch: kl/sampler_vs_learner); 'auto' picks 'sampler' exactly then (logged).")
-    async_steps: Literal[0, 1] = Field(
-        0, description="1: the engines generate batch k+1 while the learner trains on batch k (one step off-policy; "
-                       "docs/throughput.md: overlapped rollout and learning); 0: one phase after another.")
+    async_steps: int = Field(
+        0, ge=0, description="k ≥ 1: the engines generate up to k batches ahead of the learner, batch s sampled by the "
+                             "weights of update s − k (k updates off-policy, logged as async/staleness; published "
+                             "weights wait in the object store until the engines load them, about k + 1 copies; "
+                             "the driver and each checkpoint hold k batches; docs/throughput.md: overlapped rollout "
+                             "and learning); 0: one phase after another.")
     advantage: str = Field(
         "gae", description="Advantage estimator (rlhf_ray.algorithms.advantages, formulas there): 'gae' (a critic: PPO), or "
                            "critic-free — no value model is built and no values pass runs: 'grpo', 'dr_grpo', 'rloo', "
@@ -153,7 +156,7 @@ class PPOConfig(StrictSection):
         "auto", description="Off-policy correction of the policy loss by w = π_learner(old) / π_sampler per token: "
                             "'tis' multiplies each token's loss by min(w, is_cap), 'mis' by w where w ≤ is_cap and 0 "
                             "elsewhere, 'none' by 1; 'auto': 'tis' where the sampler's log-probs can differ from the "
-                            "learner's (ppo.async_steps=1, bf16, truncated sampling: ppo.old_logprobs resolves to "
+                            "learner's (ppo.async_steps ≥ 1, bf16, truncated sampling: ppo.old_logprobs resolves to "
                             "'learner'), else 'none' (w is 1 up to rounding).")
     is_cap: float = Field(2.0, gt=1.0, description="The importance weight's cap C for 'tis' / 'mis'.")
     whiten_advantages: bool = Field(
@@ -180,8 +183,8 @@ class PPOConfig(StrictSection):
                 f"drops groups whose samples score the same, which only a grouped estimator (grpo, dr_grpo, rloo, "
                 f"reinforce_pp_baseline) learns nothing from; ppo.advantage is {self.advantage}")
         require(not (self.old_logprobs == "sampler" and self.async_steps), "old_logprobs",
-                "'sampler' with ppo.async_steps=1 would take the ratio against the policy one update behind; use "
-                "'learner' or 'auto'")
+                f"'sampler' with ppo.async_steps={self.async_steps} would take the ratio against the policy "
+                f"{rules.updates_behind(self.async_steps)} behind the learner's; use 'learner' or 'auto'")
         return self
 
     @property
@@ -197,7 +200,7 @@ class ResourcesConfig(LearnerResourcesConfig):
     reference: RoleResources = Field(default_factory=RoleResources)
     learner: RoleResources = Field(default_factory=RoleResources)
     rollout_cores: Optional[int] = Field(
-        None, gt=0, description="With ppo.async_steps=1, the CPUs of a node given to the rollout roles (generation, "
+        None, gt=0, description="With ppo.async_steps ≥ 1, the CPUs of a node given to the rollout roles (generation, "
                                 "reward, reference) while the learner computes on the others; null: half.")
 
     @model_validator(mode="after")
@@ -227,7 +230,7 @@ class WeightsConfig(StrictSection):
                             "models.lora, the LoRA adapters alone through the object store, loaded as a vLLM LoRA adapter (its kernels "
                             "tripled SmolLM2's generation time on CPU, so 'auto' sends a LoRA policy merged). 'auto': "
                             "'object_store' for in-process engines (fastest on one node: benchmarks/results/weight_sync.md), "
-                            "'collective' for engines in other processes ('files' with ppo.async_steps=1); logged. Or a "
+                            "'collective' for engines in other processes ('files' with ppo.async_steps ≥ 1); logged. Or a "
                             "transport of one's own: 'package.module:Class', a rlhf_ray.weights.Transport subclass "
                             "every role can import.")
     bucket_mb: float = Field(

@@ -8,6 +8,14 @@ from __future__ import annotations
 
 from rlhf_ray.config.errors import ConfigKeyError, require
 
+# ------------------------------------------------------------------------------------------ overlap
+
+def updates_behind(async_steps: int) -> str:
+    """How far behind the learner the engines sample with ppo.async_steps=k, for messages: 'one update', 'up to 3
+    updates'."""
+    return "one update" if async_steps == 1 else f"up to {async_steps} updates"
+
+
 # ------------------------------------------------------------------------------------------ batch split
 
 def check_batch_split(batch_key: str, batch_size: int, micro_key: str, micro_batch_size: int, learners: int) -> None:
@@ -122,5 +130,5 @@ def check_sampling(cfg) -> None:
 def check_overlap_resources(cfg) -> None:
     """PPO: resources.rollout_cores splits a node between overlapped phases, so it needs the overlap."""
     require(cfg.resources.rollout_cores is None or cfg.ppo.async_steps, "resources.rollout_cores",
-            "only applies when rollout and learning overlap (ppo.async_steps=1); without overlap each phase's "
-            "roles share all of a node's cores")
+            "only applies when rollout and learning overlap (ppo.async_steps ≥ 1); with ppo.async_steps=0 each "
+            "phase's roles share all of a node's cores")

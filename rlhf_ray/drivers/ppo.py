@@ -7,11 +7,12 @@ With a critic-free estimator (ppo.advantage: grpo, rloo, …) there are no value
 for old logprobs, when the sampler's cannot serve. With ppo.dynamic_sampling, generate → reward repeats on more
 prompts until every kept group of samples differs in score; reference and learner score the kept batch.
 
-With ``ppo.async_steps: 1`` the next step's rollout (generate → reward ‖ reference) runs in the background
-while this step's values and update run, from the weights the engines hold (one update behind):
+With ``ppo.async_steps: k`` (k ≥ 1) the rollouts of the next k steps (generate → reward ‖ reference) are made in
+the background while this step's values and update run, each by the weights published k updates before the step it
+is for; the engines load each published update between two rollouts (rlhf_ray.drivers.prefetch):
 
-    rollout k+1 (θ_k) ······························→|
-    values k → advantages → learn k (θ_k → θ_k+1) →  wait → weight sync θ_k+1 → metrics
+    rollouts t+1 … t+k (θ_t+1−k … θ_t) ·········································→
+    wait for rollout t → values t → advantages → learn t (θ_t → θ_t+1) → publish θ_t+1 → metrics
 
 Only this file knows the order of a step; the roles (rlhf_ray.cluster.roles) know how to split work over their
 actors and replace a lost generation, reward or reference actor; the math lives in rlhf_ray.algorithms.ppo_math.
@@ -23,10 +24,7 @@ import logging
 import math
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-
-import torch
 
 from rlhf_ray.cluster.connection import local_ray_down
 from rlhf_ray.cluster.roles import ROLE_ORDER, ModelPaths, Roles
@@ -34,8 +32,9 @@ from rlhf_ray.config import ExperimentConfig
 from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.data.sources import PromptSampler, load_prompts
 from rlhf_ray.drivers.base import CheckpointedDriver
-from rlhf_ray.drivers.rollout import (NEXT_ROLLOUT, Rollout, RolloutCancelled, group_ids, phase, pick_samples,
-                                      refill_prompts, sampler_gap, sampling_seeds, step_timing, with_advantages)
+from rlhf_ray.drivers.prefetch import RolloutQueue, load_rollouts, save_rollouts
+from rlhf_ray.drivers.rollout import (Rollout, RolloutCancelled, group_ids, phase, pick_samples, refill_prompts,
+                                      sampler_gap, sampling_seeds, step_timing, with_advantages)
 from rlhf_ray.models.modeling import check_same_tokenizer
 from rlhf_ray.models.specs import resolve_model
 from rlhf_ray.objectives import LearnerSpec
@@ -127,11 +126,11 @@ class PPOTrainer(CheckpointedDriver):
         elif cfg.ppo.kl_coef == 0:
             log.info("reference kept at ppo.kl_coef=0 (%s)", why)
         self.warned_non_eos = False  # the console hears once that cutting responses pays
-        self.engine_version = 0  # the learner update whose weights the engines hold
-        self.next_rollout: Future | None = None  # ppo.async_steps=1: the next step's rollout, under way
-        self._cancel_prefetch = threading.Event()  # set: the rollout under way stops after its current call
+        self.engine_version = 0  # the learner update whose weights the engines hold (overlapped: the rollout thread's)
+        self.published = (0, None)  # overlapped: the latest update published (engines load it later) and its payload
         self.in_hand: Rollout | None = None       # the rollout of the step under way, until the step is recorded
-        self.prefetcher = ThreadPoolExecutor(1, thread_name_prefix="rollout") if cfg.ppo.async_steps else None
+        # ppo.async_steps=k: the rollouts of the next k steps, made in the background (rlhf_ray.drivers.prefetch)
+        self.queue = RolloutQueue(cfg.ppo.async_steps, self._sample_ahead) if cfg.ppo.async_steps else None
 
     @property
     def learner_scores(self) -> bool:
@@ -173,13 +172,12 @@ class PPOTrainer(CheckpointedDriver):
 
     def _run_step(self) -> dict[str, float]:
         started = time.perf_counter()
-        overlapped = self.prefetcher is not None
-        rollout, inline = self._take_rollout()
+        overlapped = self.queue is not None
+        rollout, waited, inline = self._take_rollout()
         self.in_hand = rollout
-        times, role_seconds, batch = dict(rollout.times), dict(rollout.seconds), rollout.batch
+        times, role_seconds, batch = {**rollout.times, "rollout_wait": waited}, dict(rollout.seconds), rollout.batch
         if overlapped:
-            if self.next_rollout is None:  # (a retried step may still have the next one under way)
-                self._prefetch(self.step_count + 1)
+            self.queue.fill(self.step_count, self.num_steps, self.published)  # the next k steps' rollouts under way
             roles = (("learner",) if self.learner_scores else ()) + (("reference",) if self.reference_in_learner else ())
             if roles:
                 with phase(times, "values"):  # the learner's own pass: its weights are newer than the sampler's
@@ -203,13 +201,18 @@ class PPOTrainer(CheckpointedDriver):
             with phase(times, "learn"):
                 learn_stats, learn_s = self.roles.learn(batch)
             rollout_stats["kl/sampler_vs_learner"] = sampler_gap(batch, learn_stats, self.old_logprobs)
-            with phase(times, "rollout_wait"):  # the engines must be done with the next rollout before new weights
-                if self.next_rollout is not None:
-                    self.next_rollout.exception()
-            with phase(times, "weight_sync"):
-                sync = self.roles.sync_weights()
+            with phase(times, "weight_sync"):  # overlapped: published only; the rollout thread has the engines load it
+                if overlapped:
+                    payload, publish_s = self.roles.publish_weights()
+                    sync = {"publish": publish_s, "load": rollout.load_s}  # the load of the weights that sampled it
+                else:
+                    sync = self.roles.sync_weights()
             self.step_count += 1
-            self.engine_version, self.in_hand = self.step_count, None
+            self.in_hand = None
+            if overlapped:
+                self.published = (self.step_count, payload)
+            else:
+                self.engine_version = self.step_count
             memory = {**self.roles.memory(), "memory/driver_peak_gb": process_memory(reset_peak=True)["peak_gb"]}
             times["step"] = time.perf_counter() - started
             metrics = {"step": self.step_count, **rollout_stats, **learn_stats, **memory, **self._recovery_stats(),
@@ -223,6 +226,19 @@ class PPOTrainer(CheckpointedDriver):
         return metrics
 
     # ------------------------------------------------------------------------------------ rollouts
+    def _sample_ahead(self, step: int, version: int, payload, cancel: threading.Event) -> Rollout:
+        """The rollout thread's work (rlhf_ray.drivers.prefetch.RolloutQueue): rollout ``step`` sampled by the weights
+        of update ``version``, which the engines load first (``payload``, published) where they hold older ones."""
+        load_s = 0.0
+        if version != self.engine_version:
+            load_s = self.roles.load_weights(payload)["load"]
+            self.engine_version = version
+        if cancel.is_set():
+            raise RolloutCancelled()
+        rollout = self._rollout(step, cancel)
+        rollout.load_s = load_s
+        return rollout
+
     def _rollout(self, step: int, cancel: threading.Event | None = None) -> "Rollout":
         """Step ``step``'s prompts sampled by the engines' current weights and scored: by reward and reference,
         and — when nothing overlaps — by the learner (values, and old logprobs unless the sampler's serve), all at
@@ -236,7 +252,7 @@ class PPOTrainer(CheckpointedDriver):
         if cancel is not None and cancel.is_set():
             raise RolloutCancelled()
         # overlapped, the learner scores later with its newer weights (_run_step)
-        overlapped = self.prefetcher is not None
+        overlapped = self.queue is not None
         reference = self.has_reference and not (overlapped and self.reference_in_learner)
         roles = ("reward",) + (("reference",) if reference else ())
         roles += ("learner",) if self.learner_scores and not overlapped else ()
@@ -305,33 +321,23 @@ class PPOTrainer(CheckpointedDriver):
                         "ramble. Lower the penalty below the reward's range, or set ppo.non_eos_penalty_mode=subtract "
                         "(the penalty is taken off the response's own score)", ppo.non_eos_penalty, float(finished.median()))
 
-    def _take_rollout(self) -> tuple["Rollout", bool]:
-        """This step's rollout: the one in hand from an unrecorded try of this step, the one prefetched during the
-        last step, or one made now (the first step, after a resume or a recovery; ``inline``: on the step's own
-        time)."""
+    def _take_rollout(self) -> tuple["Rollout", float, bool]:
+        """This step's rollout, the seconds waited for it and whether it was made now: the one in hand from an
+        unrecorded try of this step, the one prefetched (overlapped), or one made now (always without overlap; the
+        first step, after a resume or a recovery; ``inline``: on the step's own time)."""
         if self.in_hand is not None and self.in_hand.step == self.step_count:
-            return self.in_hand, False
-        pending, self.next_rollout = self.next_rollout, None
-        if pending is not None:
-            rollout = pending.result()
-            if rollout.step == self.step_count:
-                return rollout, False
-        return self._rollout(self.step_count), True
-
-    def _prefetch(self, step: int) -> None:
-        if step < self.num_steps:
-            self._cancel_prefetch = threading.Event()
-            self.next_rollout = self.prefetcher.submit(self._rollout, step, self._cancel_prefetch)
+            return self.in_hand, 0.0, False
+        if self.queue is not None:
+            rollout, waited = self.queue.take(self.step_count)
+            if rollout is not None:
+                return rollout, waited, False
+        return self._rollout(self.step_count), 0.0, True
 
     def _drop_prefetched(self, wait: bool = True) -> None:
-        """Forget the rollout under way (a learner recovery, a restore, the end of the run); ``wait`` for its current
-        call to end (the engines must be idle before they get other weights)."""
-        pending, self.next_rollout = getattr(self, "next_rollout", None), None
-        if pending is None:
-            return
-        self._cancel_prefetch.set()
-        if wait and not local_ray_down():  # with Ray gone, its waits could only time out
-            pending.exception()  # an error there does not matter any more
+        """Forget the rollouts ahead (a learner recovery, a restore, the end of the run); ``wait`` for the call under
+        way to end (the engines must be idle before they get other weights)."""
+        if getattr(self, "queue", None) is not None:
+            self.queue.drop(wait=wait and not local_ray_down())  # with Ray gone, its waits could only time out
 
     def _score_normalizer(self) -> ScoreNormalizer:
         """models.reward.normalize/clip; 'stored' statistics come from the RM (its reward_stats.json, through the
@@ -354,37 +360,34 @@ class PPOTrainer(CheckpointedDriver):
                 "reward_normalizer": self.normalizer.state_dict()}
 
     def save_driver_files(self, directory: Path) -> None:
-        """ppo.async_steps=1: the next step's rollout, already sampled by the weights before this step's update —
-        a resumed run trains on it, as the uninterrupted run would (the restored engines hold newer weights)."""
-        if self.prefetcher is None:
-            return
-        pending = self.next_rollout
-        candidates = [self.in_hand] + ([pending.result()] if pending is not None and pending.done()
-                                       and pending.exception() is None else [])
-        for rollout in candidates:  # a stop before this step was recorded: its own rollout is the next one
-            if rollout is not None and rollout.step == self.step_count:
-                torch.save(rollout.state_dict(), directory / NEXT_ROLLOUT)
-                return
+        """ppo.async_steps=k: the next k steps' rollouts, sampled by weights before this checkpoint's (waited for) —
+        a resumed run trains on them, as the uninterrupted run would (the restored engines hold newer weights). A stop
+        before this step was recorded: its own rollout is the first of them."""
+        if self.queue is not None:
+            save_rollouts(directory, self.queue.kept(self.step_count, self.in_hand))
+
+    def _scored_as_now(self, rollouts: list[Rollout]) -> list[Rollout]:
+        """A checkpoint's prefetched rollouts as this run scores them: saved by a run with a reference (ppo.kl_coef
+        changed to 0), their reference log-probs are dropped (no KL now); saved by a run without one (ppo.kl_coef
+        changed from 0), they lack the reference's log-probs, so from the first of them on they are sampled again."""
+        kept = []
+        for rollout in rollouts:
+            if not self.has_reference:
+                rollout.batch = rollout.batch.with_(ref_logprobs=None)
+            elif rollout.batch.ref_logprobs is None and self.cfg.reference_actors:
+                break
+            kept.append(rollout)
+        return kept
 
     def restore(self, path) -> None:
         """Learners from the checkpoint, the engines from the learners, the step counter and the running score
-        statistics from the driver state; with ppo.async_steps=1 the rollout prefetched before it was saved."""
+        statistics from the driver state; with ppo.async_steps=k the rollouts prefetched before it was saved."""
         self._drop_prefetched()  # sampled by other weights; and the engines must be idle before they get new ones
         self.in_hand = None
         state = self.restore_learners(path)
-        self.roles.sync_weights()
-        self.engine_version = self.step_count
-        saved = Path(path) / NEXT_ROLLOUT
-        if self.prefetcher is not None and saved.is_file():
-            rollout = Rollout.from_state(torch.load(saved, weights_only=True))
-            if not self.has_reference:  # saved by a run with a reference (ppo.kl_coef changed to 0): no KL now
-                rollout.batch = rollout.batch.with_(ref_logprobs=None)
-            # saved by a run without one (ppo.kl_coef changed from 0): it lacks the reference's log-probs, so it is
-            # sampled again
-            scored = rollout.batch.ref_logprobs is not None or not self.cfg.reference_actors
-            if rollout.step == self.step_count and scored:
-                self.next_rollout = Future()
-                self.next_rollout.set_result(rollout)
+        self._sync_engines()
+        if self.queue is not None:
+            self.queue.put_back(self._scored_as_now(load_rollouts(Path(path))), self.step_count)
         self.normalizer = self._score_normalizer()
         if "reward_normalizer" in state:  # running score statistics as they were after that step
             self.normalizer.load_state_dict(state["reward_normalizer"])
@@ -394,9 +397,20 @@ class PPOTrainer(CheckpointedDriver):
 
     def reset_to_start(self) -> None:
         self._drop_prefetched()  # sampled by weights the learners have left behind
-        self.roles.sync_weights()  # the engines go back to the initial policy with the learners
-        self.engine_version, self.in_hand = 0, None
+        self.in_hand = None
+        self._sync_engines()  # the engines go back to the initial policy with the learners
         self.normalizer = self._score_normalizer()
+
+    def _sync_engines(self) -> None:
+        """The learners' policy (after ``step_count`` updates) into the engines now, nothing sampling; overlapped, it
+        is also the latest published, which the next rollouts are sampled by."""
+        if self.queue is None:
+            self.roles.sync_weights()
+        else:
+            payload, _ = self.roles.publish_weights()
+            self.roles.load_weights(payload)
+            self.published = (self.step_count, payload)
+        self.engine_version = self.step_count
 
     def save(self, path: str) -> str:
         """The current policy in HF format (safetensors) with its tokenizer."""
@@ -407,9 +421,8 @@ class PPOTrainer(CheckpointedDriver):
             self.outage_watch.stop()
         if hasattr(self, "roles"):
             self.roles.closing = True
-        self._drop_prefetched(wait=False)  # its calls fail as the actors go; nothing replaces them (closing)
-        if getattr(self, "prefetcher", None) is not None:
-            self.prefetcher.shutdown(wait=False)
+        if getattr(self, "queue", None) is not None:
+            self.queue.shutdown()  # its calls fail as the actors go; nothing replaces them (closing)
         super().shutdown()
 
     def finish(self) -> str | None:

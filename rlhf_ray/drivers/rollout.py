@@ -20,9 +20,6 @@ class RolloutCancelled(Exception):
     """A prefetched rollout that is no longer wanted stops after its current call."""
 
 
-NEXT_ROLLOUT = "next_rollout.pt"
-
-
 @dataclass
 class Rollout:
     step: int
@@ -32,12 +29,14 @@ class Rollout:
     generate_s: float
     policy_version: int            # the learner update whose weights sampled it
     stats: dict[str, float] = field(default_factory=dict)  # how it was sampled (dynamic sampling: sampling/*)
+    load_s: float = 0.0            # prefetched: the engines' load of those weights just before (0: they held them)
 
     def state_dict(self) -> dict:
         """Tensors, numbers, strings and lists only: loadable with ``torch.load(weights_only=True)``."""
         batch = {f.name: getattr(self.batch, f.name) for f in fields(self.batch)}
         return {"step": self.step, "batch": batch, "times": self.times, "seconds": self.seconds,
-                "generate_s": self.generate_s, "policy_version": self.policy_version, "stats": self.stats}
+                "generate_s": self.generate_s, "policy_version": self.policy_version, "stats": self.stats,
+                "load_s": self.load_s}
 
     @staticmethod
     def from_state(state: dict) -> "Rollout":
@@ -157,13 +156,14 @@ def step_timing(times: dict, role_seconds: dict, generate_s: float, learn_s: flo
     """Wall time of each phase and the orchestration overhead.
 
     The roles' own compute on the step's critical path is generate + max(reward, reference, values)
-    + learn + publish + load — overlapped (ppo.async_steps=1): values + learn + the wait for the next rollout
-    + publish + load, the rollout itself running beside; the overhead is the rest of the step's wall time
-    (serialisation, object store transfers, scheduling, driver work).
+    + learn + publish + load — overlapped (ppo.async_steps ≥ 1): the wait for this step's rollout + values + learn
+    + publish, the rollout itself and the engines' load of the weights that sampled it (``sync["load"]``) running
+    beside; the overhead is the rest of the step's wall time (serialisation, object store transfers, scheduling,
+    driver work).
     """
     step = times["step"]  # the whole step, driver work (sampling prompts, advantages) included
     if overlapped:
-        compute = role_seconds.get("values", 0.0) + learn_s + times["rollout_wait"] + sync["publish"] + sync["load"]
+        compute = role_seconds.get("values", 0.0) + learn_s + times["rollout_wait"] + sync["publish"]
     else:
         compute = generate_s + max(role_seconds.values()) + learn_s + sync["publish"] + sync["load"]
     tokens = float(batch.response_mask.sum())

@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 # phase key in metrics -> legend label; 'other' is the rest of the step (driver work, transfers, scheduling).
-# With ppo.async_steps=1 the rollout runs beside the update: a step's wall time is the learner's values pass,
-# the update, what is left to wait of the next rollout, and the weight sync.
+# With ppo.async_steps ≥ 1 the rollouts run beside the update: a step's wall time is what is left to wait of its
+# rollout, the learner's values pass, the update, and publishing the new weights (the engines load them beside).
 PHASES = {"time/generate": "generate", "time/score_wall": "score (reward ‖ ref ‖ values)", "time/learn": "learn",
           "time/weight_sync": "weight sync"}
 OVERLAPPED_PHASES = {"time/values_wall": "values", "time/learn": "learn",
@@ -27,7 +27,7 @@ SHORT = {"generate": "generate", "score (reward ‖ ref ‖ values)": "score", "
 
 
 def phases_of(row: dict) -> dict[str, str]:
-    """The phases that make up this step's wall time (ppo.async_steps=1 steps record time/values_wall)."""
+    """The phases that make up this step's wall time (overlapped steps, ppo.async_steps ≥ 1, record time/values_wall)."""
     return OVERLAPPED_PHASES if "time/values_wall" in row else PHASES
 
 

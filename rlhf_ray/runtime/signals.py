@@ -30,7 +30,7 @@ class StopSignals:
 
     def __init__(self):
         self.deferring, self.waiting, self.pending = False, 0, None
-        self._count = threading.Lock()  # the rollout thread of ppo.async_steps=1 waits on Ray too
+        self._count = threading.Lock()  # the rollout thread of ppo.async_steps ≥ 1 waits on Ray too
 
     def install(self) -> None:
         """Ray's core worker replaces the driver's SIGTERM handler with a native one that dumps a stack and

@@ -17,7 +17,9 @@ log = logging.getLogger("rlhf_ray.cluster.roles")  # its lines are the roles' (s
 
 class WeightSync:
     """object_store / files / adapter: the learner publishes once; every engine (or those given) loads the same
-    objects. Overlapped (ppo.async_steps), the last published payload is kept for a replacement engine."""
+    objects. Overlapped (ppo.async_steps ≥ 1) the two halves run apart: the driver publishes after each update
+    (``publish``) and the rollout thread has the engines load it between their rollouts (``load``); the payload the
+    engines hold is kept for a replacement engine."""
 
     def __init__(self, roles, transport: type, name: str):
         self.roles, self.transport, self.name = roles, transport, name
@@ -28,20 +30,44 @@ class WeightSync:
         """The learner's current policy into every generation actor (or those given); returns the seconds of the
         learner's publish and of the slowest load, and the first engine's load report."""
         result = self._send(generators)
-        report = result["report"]
+        self._report_once(result["report"])
+        return result
+
+    def publish(self) -> tuple[object, float]:
+        """The learner's current policy published once, for the engines to load later (``load``); returns what their
+        load gets and the learner's seconds."""
+        published = self.roles._wait(self._publishes(), "learner", "publishing weights", "weight_sync_s")
+        return published[0][0], max(s for _, s in published)
+
+    def load(self, payload, generators: list | None = None) -> dict:
+        """Every generation actor (or those given) loads the published ``payload``; an engine lost on the way is
+        replaced, given ``payload`` too, and the load redone. Returns the slowest load's seconds and the first
+        engine's report."""
+        roles = self.roles
+        if roles.overlapped:  # set first: an engine replaced during this load gets these weights
+            self.engine_weights = payload
+        load = lambda: self._loads(payload, generators or roles.generators)  # noqa: E731
+        if generators:  # a replacement being brought up to date: no recovery inside a recovery
+            loads = roles._wait(load(), "generation", "loading the current weights", "weight_sync_s")
+        else:
+            loads = roles._recoverable("generation", "loading new weights", "weight_sync_s", load)
+        self._report_once(loads[0][0])
+        return {"load": max(s for _, s in loads), "report": loads[0][0]}
+
+    def _report_once(self, report: dict) -> None:
         if not self._reported:  # the same every step: say it once
             log.info("weight sync: %d tensors sent, %d engine parameters loaded, re-processed shared layers: %s",
                      report["received"], report["loaded"], ", ".join(report["reprocessed"]) or "none")
             self._reported = True
-        return result
 
     def bring_up_to_date(self, engines: list) -> None:
-        """Replacement engines get the weights the others hold. Overlapped, those are the last published ones (kept
-        for this): the learner may be inside an update, and new weights from it would mix two policies in a batch."""
+        """Replacement engines get the weights the others hold. Overlapped, those are the last loaded ones (kept
+        for this): the learner may be inside an update, or ahead of the engines by several published updates, and
+        new weights from it would mix two policies in a batch."""
         roles = self.roles
         if not roles.overlapped:
             self.sync(engines)
-        elif self.engine_weights is not None:  # None: nothing published yet, the initial policy is current
+        elif self.engine_weights is not None:  # None: nothing loaded yet, the initial policy is current
             roles._wait(self._loads(self.engine_weights, engines), "generation", "loading the current weights",
                         "weight_sync_s")
 
@@ -60,17 +86,8 @@ class WeightSync:
         return [g.load_weights.remote(payload, self.roles.timeouts.weight_sync_s, transport=self.name) for g in engines]
 
     def _send(self, generators: list | None) -> dict:
-        roles = self.roles
-        published = roles._wait(self._publishes(), "learner", "publishing weights", "weight_sync_s")
-        payload = published[0][0]
-        if roles.overlapped:
-            self.engine_weights = payload
-        load = lambda: self._loads(payload, generators or roles.generators)  # noqa: E731
-        if generators:  # a replacement being brought up to date: no recovery inside a recovery
-            loads = roles._wait(load(), "generation", "loading the current weights", "weight_sync_s")
-        else:
-            loads = roles._recoverable("generation", "loading new weights", "weight_sync_s", load)
-        return {"publish": max(s for _, s in published), "load": max(s for _, s in loads), "report": loads[0][0]}
+        payload, publish_s = self.publish()
+        return {"publish": publish_s, **self.load(payload, generators)}
 
 
 class BroadcastSync(WeightSync):
@@ -87,6 +104,13 @@ class BroadcastSync(WeightSync):
     def bring_up_to_date(self, engines: list) -> None:
         """A broadcast goes to every engine, in a group formed anew with the replacements."""
         self._send(None)
+
+    def publish(self):
+        raise NotImplementedError(f"weights.transport={self.name}: a broadcast sends and loads together (sync); its "
+                                  "halves cannot run apart (CollectiveTransport.refuses overlap)")
+
+    def load(self, payload, generators=None):
+        self.publish()
 
     def engines_replaced(self) -> None:
         self.formed = False
