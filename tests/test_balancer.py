@@ -260,3 +260,14 @@ def test_on_gpus_the_factors_reach_the_plan_and_its_layout_search(tmp_path):
     assert calibrated.step_seconds == pytest.approx(measured["step"], rel=1e-3)
     assert calibrated.recommendation is not None     # the search prices its layouts with the same factors
     assert calibrated.recommendation.step_seconds > plain.step_seconds * 1.2
+
+
+def test_async_steps_k_is_one_more_option_and_the_least_stale_of_equal_layouts_is_chosen():
+    cfg = tiny()
+    hw = replace(CPU, factors=TRUE)
+    grid = {"ppo.async_steps": [0, 1, 2, 3], "resources.generation.num_actors": [1]}
+    found = cpu_candidates(cfg, hw, grid, lambda c: plan_experiment(c, hw, search=False, archs=ARCHS))
+    steps = {c.settings["ppo.async_steps"]: c.step for c in found}
+    assert steps[1] == pytest.approx(steps[2]) and steps[1] == pytest.approx(steps[3])   # the steady state: k ≥ 1 alike
+    assert steps[1] < steps[0]
+    assert choose(found).settings["ppo.async_steps"] == 1
