@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from rlhf_ray.cli.sweep import label_of, run_point
+from rlhf_ray.cli.sweep import label_of, parse_grid, run_point
 from rlhf_ray.config import ConfigError, dump_config, load_config
 from rlhf_ray.planning import plan_experiment, with_overrides
 from rlhf_ray.planning.balance import Candidate, choose, cpu_candidates, default_grid, ranked, reservations
@@ -214,7 +214,7 @@ def main(args, hardware) -> int:
     out = Path(args.out)
     try:
         cfg = load_config(args.config, args.overrides)
-        grid = _grid(args.grid)
+        grid = parse_grid(args.grid) if args.grid else None
         if args.from_run:
             print(f"calibration: fitting {len(args.from_run)} finished run(s)", flush=True)
             probes = [probe_from_run(args.from_run[0], args.probe_warmup)]
@@ -261,12 +261,6 @@ def main(args, hardware) -> int:
           f"  ray job submit --working-dir . -- python -m rlhf_ray.train --config {_shown(path)}\n"
           f"or as overrides of {args.config}:\n  {' '.join(layout)}")
     return 0
-
-
-def _grid(items: list[str]) -> dict | None:
-    from rlhf_ray.cli.sweep import parse_grid
-
-    return parse_grid(items) if items else None
 
 
 def _probed(chosen: Candidate, probes: list[Probe]) -> bool:
