@@ -103,8 +103,32 @@ def summarise(result: dict) -> dict:
                     "as_fast_as_best_within_spread": m["median_s"] <= best["measured"]["max_s"],
                     "median_abs_prediction_error_all_layouts": statistics.median(
                         abs(la["predicted_step_s"] / la["measured"]["median_s"] - 1) for la in measured)}
+    summary["drift"] = drift(result)
     result["summary"] = summary
     return result
+
+
+def drift(result: dict) -> dict[str, float]:
+    """The probes' own layouts measured again in the sweep, as sweep median / probe step: how far the machine's speed
+    moved between the calibration and the sweep (a prediction inherits the probes' moment)."""
+    probes = result["calibration"]["probes"]
+    configured = _async_of(probes[0]["overrides"], 0)   # the first probe runs the config as it is
+    found = {}
+    for probe in probes:
+        k = _async_of(probe["overrides"], configured)
+        for layout in result["layouts"]:
+            keys = {o for o in layout["overrides"] if not o.endswith(tuple(f"{r}.num_cpus" for r in ROLE_KEYS))
+                    and "num_cpus=" not in o}
+            if keys == (set() if k == configured else {f"ppo.async_steps={k}"}) and layout.get("measured"):
+                found[probe["label"]] = layout["measured"]["median_s"] / probe["measured"]["step"]
+    return found
+
+
+ROLE_KEYS = ("generation", "reward", "reference", "learner")
+
+
+def _async_of(overrides: list[str], default: int) -> int:
+    return next((int(o.partition("=")[2]) for o in reversed(overrides) if o.startswith("ppo.async_steps=")), default)
 
 
 def markdown(results: dict) -> str:
@@ -150,6 +174,10 @@ def markdown(results: dict) -> str:
                       f"({'as fast within the spread' if s['as_fast_as_best_within_spread'] else 'SLOWER beyond the spread'}). "
                       f"Median |error| of the predictions over all {len(result['layouts'])} layouts: "
                       f"{s['median_abs_prediction_error_all_layouts']:.1%}.", ""]
+        if s.get("drift"):
+            lines += ["Drift: the probes' own layouts measured again in the sweep took " + ", ".join(
+                f"{ratio:.2f}× ({label})" for label, ratio in s["drift"].items()) + " their probe's step: the machine's "
+                "speed between the calibration and the sweep, which every prediction carries.", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -161,7 +189,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--timeout-s", type=float, default=900)
     parser.add_argument("--out", default="runs/balancer_benchmark")
+    parser.add_argument("--markdown-only", action="store_true", help="rewrite balancer.md (and the summaries) from "
+                                                                     "balancer.json; run nothing")
     args = parser.parse_args(argv)
+    if args.markdown_only:
+        results = json.loads((RESULTS / "balancer.json").read_text())["results"]
+        results = {name: summarise(r) for name, r in results.items()}
+        (RESULTS / "balancer.json").write_text(json.dumps({"results": results}, indent=2) + "\n")
+        (RESULTS / "balancer.md").write_text(markdown(results))
+        return 0
     machine, results = machine_info(), {}
     kept = RESULTS / "balancer.json"   # configs measured by an earlier invocation stay (each with its own machine line)
     if kept.is_file():
