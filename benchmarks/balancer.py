@@ -30,7 +30,7 @@ from types import SimpleNamespace
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from rlhf_ray.cli.balance import label, run_probes, search  # noqa: E402
+from rlhf_ray.cli.balance import label, probe_from_run, run_probes, search  # noqa: E402
 from rlhf_ray.cli.sweep import run_point  # noqa: E402
 from rlhf_ray.cluster.machine import describe, machine_info  # noqa: E402
 from rlhf_ray.config import load_config  # noqa: E402
@@ -49,13 +49,19 @@ WORKLOADS = {
 PREDICTION_TARGET = 0.15
 
 
-def balance(name: str, args, out: Path) -> dict:
-    """Probe, fit and choose (as the CLI does); every distinct layout it predicted, with the chosen one marked."""
+def balance(name: str, args, out: Path, probe_dirs: list[str] | None = None) -> dict:
+    """Probe, fit and choose (as the CLI does); every distinct layout it predicted, with the chosen one marked.
+    ``probe_dirs``: fit these finished probes again instead of running new ones (--refit)."""
     overrides = WORKLOADS[name]
     cfg = load_config(CONFIG, overrides)
     probe_args = SimpleNamespace(probe_steps=args.steps, probe_warmup=args.warmup, timeout_s=args.timeout_s)
     started = time.perf_counter()
-    probes = run_probes(CONFIG, overrides, cfg, probe_args, out)
+    if probe_dirs:
+        probes = [probe_from_run(probe_dirs[0], args.warmup, Path(probe_dirs[0]).name)]
+        probes += [probe_from_run(d, args.warmup, Path(d).name, hardware=probes[0].plan.hardware)
+                   for d in probe_dirs[1:]]
+    else:
+        probes = run_probes(CONFIG, overrides, cfg, probe_args, out)
     calibration = calibrate(probes, CONFIG)
     calibration.save(out / "calibration.json")
     candidates, chosen = search(cfg, calibration, probes[0].plan.hardware, None, None, None)
@@ -81,6 +87,23 @@ def sweep(name: str, layouts: list[dict], args, out: Path) -> None:
             layout.setdefault("runs", []).append(run)
             shown = f"{run['step_s']:.3g} s" if run["status"] == "ok" else f"{run['status']}: {run['error'][:200]}"
             print(f"  [{name} repeat {repeat + 1}/{args.repeats}] {layout['label']}: {shown}", flush=True)
+
+
+def refit(args) -> int:
+    """The recorded results with their calibration, predictions and choice made again by this commit's planner from
+    the same probe runs; every layout keeps its measured runs (matched by label)."""
+    recorded = json.loads((RESULTS / "balancer.json").read_text())["results"]
+    for name, old in recorded.items():
+        args.warmup = old["args"]["warmup"]
+        new = balance(name, args, Path(args.out), [p["dir"] for p in old["calibration"]["probes"]])
+        runs = {layout["label"]: layout.get("runs", []) for layout in old["layouts"]}
+        for layout in new["layouts"]:
+            layout["runs"] = runs.get(layout["label"], [])
+        recorded[name] = summarise({**old, **new, "refit": {"commit": machine_info()["git_commit"],
+                                                           "recorded_commit": old["machine"]["git_commit"]}})
+    (RESULTS / "balancer.json").write_text(json.dumps({"results": recorded}, indent=2) + "\n")
+    (RESULTS / "balancer.md").write_text(markdown(recorded))
+    return 0
 
 
 def summarise(result: dict) -> dict:
@@ -143,7 +166,10 @@ def markdown(results: dict) -> str:
         lines += [f"## {name}", "", f"Machine: {describe(result['machine'])}", "",
                   f"Config: `configs/tiny_cpu.yaml` {' '.join(f'`{o}`' for o in result['overrides'])}; "
                   f"{a['warmup']} + {a['steps']} steps per run and probe, {a['repeats']} repeats; balancer "
-                  f"{result['balance_s']:.0f} s.",
+                  f"{result['balance_s']:.0f} s." + (
+                      f" Predictions refit at commit {result['refit']['commit']} from the same probe runs (recorded at "
+                      f"{result['refit']['recorded_commit']}); every measurement is the recorded run's."
+                      if result.get("refit") else ""),
                   "", "Probes (measured / predicted without calibration / after the fit, seconds):", "",
                   "| probe | " + " | ".join(k for k in ("generate", "reward", "reference", "values", "learn",
                                                            "weight_sync", "step")) + " |",
@@ -189,9 +215,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--timeout-s", type=float, default=900)
     parser.add_argument("--out", default="runs/balancer_benchmark")
+    parser.add_argument("--refit", action="store_true", help="fit the recorded probes again with this commit's "
+                                                             "planner (their run directories must still exist) and "
+                                                             "predict and choose again; the sweep's measurements stay")
     parser.add_argument("--markdown-only", action="store_true", help="rewrite balancer.md (and the summaries) from "
                                                                      "balancer.json; run nothing")
     args = parser.parse_args(argv)
+    if args.refit:
+        return refit(args)
     if args.markdown_only:
         results = json.loads((RESULTS / "balancer.json").read_text())["results"]
         results = {name: summarise(r) for name, r in results.items()}

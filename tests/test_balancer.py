@@ -212,13 +212,15 @@ def fake_run(directory: Path, cfg, plan, measured: dict[str, float], steps: int 
 
 
 def test_the_balancer_fits_finished_runs_and_writes_a_config_train_takes(tmp_path, capsys, monkeypatch):
+    from rlhf_ray.cli import balance as balance_cli
     from rlhf_ray.cli.plan import main
     from rlhf_ray.planning import planner
 
     monkeypatch.setattr(planner, "resolve_models", lambda cfg: ARCHS)   # the runs' models as this test sizes them
+    monkeypatch.setattr(balance_cli, "prompt_tokens_mean", lambda cfg: 17.4)   # the prompts as the run tokenizes them
     runs = []
     for overrides in ([], ["ppo.async_steps=1"]):
-        cfg = tiny(*overrides, "planning.response_tokens_mean=20")
+        cfg = tiny(*overrides, "planning.response_tokens_mean=20", "planning.prompt_tokens_mean=17")
         plan = planned(cfg)
         runs.append(fake_run(tmp_path / f"run{len(runs)}", tiny(*overrides), plan,
                              predicted_seconds(plan.work, plan.async_steps, TRUE)))
@@ -229,7 +231,9 @@ def test_the_balancer_fits_finished_runs_and_writes_a_config_train_takes(tmp_pat
     assert "idle share per role" in printed and "* " in printed and "factors (measured / planned" in printed
     written = load_config(out / "balanced.yaml")
     assert written.planning.calibration and Path(written.planning.calibration).resolve() == (out / "calibration.json").resolve()
-    assert written.planning.response_tokens_mean == 20
+    assert (written.planning.response_tokens_mean, written.planning.prompt_tokens_mean) == (20, 17)
+    assert json.loads((out / "calibration.json").read_text())["lengths"] == {"planning.prompt_tokens_mean": 17,
+                                                                            "planning.response_tokens_mean": 20}
     overrides = printed.split("or as overrides of")[1].splitlines()[1].split()
     assert with_overrides(load_config(TINY), overrides) == written    # the same layout, both ways
     table = json.loads((out / "candidates.json").read_text())

@@ -126,8 +126,10 @@ def assert_the_balancer_fits(out, tmp_path) -> None:
     cfg = load_config(out / "config.yaml", [f"planning.calibration={path}"])
     hw, why = with_calibration(str(path), cfg, None, resolve_models(cfg))
     assert why is None, why
-    planned = plan_experiment(cfg.model_copy(update={"planning": cfg.planning.model_copy(
-        update={"response_tokens_mean": probe.response_tokens_mean})}), hw, search=False)
+    assert set(probe.lengths) == {"planning.prompt_tokens_mean", "planning.response_tokens_mean"}
+    assert probe.lengths["planning.prompt_tokens_mean"] < cfg.data.max_prompt_tokens   # the tiny prompts, measured
+    planned = plan_experiment(load_config(out / "config.yaml", [f"planning.calibration={path}",
+                                                                *calibration.length_overrides(cfg)]), hw, search=False)
     assert planned.step_seconds == pytest.approx(probe.measured["step"], rel=0.1)
 
 

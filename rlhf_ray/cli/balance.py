@@ -14,8 +14,9 @@
    share per role, fastest first (also <out>/candidates.json).
 4. The chosen layout as a complete config, <out>/balanced.yaml, which python -m rlhf_ray.train --config and ray job
    submit ... -- python -m rlhf_ray.train --config take as is. It names the calibration (planning.calibration, so the
-   run's plan at startup uses it) and the probes' mean response length (planning.response_tokens_mean) where the
-   config gave none. The same layout is printed as key=value overrides of the config.
+   run's plan at startup uses it) and the measured mean lengths where the config gave none
+   (planning.prompt_tokens_mean: the config's prompts tokenized as the run does; planning.response_tokens_mean: the
+   probes' response/length_mean). The same layout is printed as key=value overrides of the config.
 With --verify the chosen layout is measured as well; where its step is further than VERIFY_TOLERANCE from its
 prediction, it joins the probes, the fit is redone and the layouts ranked again (at most --rounds times).
 """
@@ -47,9 +48,9 @@ SHOWN_CANDIDATES = 16
 def probe_from_run(run_dir: str | Path, warmup: int = 1, label: str = "", overrides: list[str] | None = None,
                    hardware=None) -> Probe:
     """A finished run as a probe: its config (config.yaml) planned on ``hardware`` (default: what its plan at startup
-    described, plan.json; else this machine, measured now), with its measured mean response length where its config
-    gave none, and its steps after ``warmup`` (metrics.jsonl). Probes fitted together are planned on one hardware
-    description (the first's): a CPU's peaks measured at each run's start move with the machine's load."""
+    described, plan.json; else this machine, measured now), with its measured mean lengths where its config gave none
+    (``measured_lengths``), and its steps after ``warmup`` (metrics.jsonl). Probes fitted together are planned on one
+    hardware description (the first's): a CPU's peaks measured at each run's start move with the machine's load."""
     from rlhf_ray.run.report import load_metrics
 
     run_dir = Path(run_dir)
@@ -60,16 +61,44 @@ def probe_from_run(run_dir: str | Path, warmup: int = 1, label: str = "", overri
         raise CalibrationError(f"{run_dir} is not a finished run's output_dir: {err}") from None
     if not rows:
         raise CalibrationError(f"{run_dir}: no step after the {warmup} warm-up step(s) in metrics.jsonl")
-    mean = None
-    if cfg.planning.response_tokens_mean is None and "response/length_mean" in rows[-1]:
-        mean = min(max(1, round(statistics.median(r["response/length_mean"] for r in rows))),
-                   cfg.generation.max_new_tokens)
-        cfg = with_overrides(cfg, [f"planning.response_tokens_mean={mean}"])
+    lengths = measured_lengths(cfg, rows)
+    cfg = with_overrides(cfg, [f"{key}={value}" for key, value in lengths.items()]) if lengths else cfg
     plan_file = run_dir / "plan.json"
     hw = hardware or (hardware_from_figures(json.loads(plan_file.read_text())["hardware"]) if plan_file.is_file()
                       else this_machine())
     plan = plan_experiment(cfg, hw, search=False)
-    return Probe(label or run_dir.name, plan, measured_seconds(rows), str(run_dir), list(overrides or []), mean, cfg)
+    return Probe(label or run_dir.name, plan, measured_seconds(rows), str(run_dir), list(overrides or []), lengths, cfg)
+
+
+def measured_lengths(cfg, rows: list[dict]) -> dict[str, int]:
+    """The planner's mean lengths (planning.*) a run measured, where its config gave none: its responses' median
+    response/length_mean, and its prompts' mean tokens (the config's prompts as the run reads and tokenizes them;
+    left out where they cannot be read here)."""
+    lengths, planning = {}, cfg.planning
+    if planning.response_tokens_mean is None and "response/length_mean" in rows[-1]:
+        mean = statistics.median(r["response/length_mean"] for r in rows)
+        lengths["planning.response_tokens_mean"] = min(max(1, round(mean)), cfg.generation.max_new_tokens)
+    if planning.prompt_tokens_mean is None:
+        mean = prompt_tokens_mean(cfg)
+        if mean:
+            lengths["planning.prompt_tokens_mean"] = min(max(1, round(mean)), cfg.data.max_prompt_tokens)
+    return lengths
+
+
+def prompt_tokens_mean(cfg) -> float | None:
+    """The mean tokens of the config's prompts, rendered and tokenized as the run does (rlhf_ray.data.sources); None
+    where the data or the tokenizer cannot be read here."""
+    from transformers import AutoTokenizer
+
+    from rlhf_ray.data.sources import load_prompts
+    from rlhf_ray.models.specs import resolve_model
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.models.policy, cfg.models.cache_dir, cfg.seed))
+        prompts = load_prompts(cfg.data, tokenizer).prompts
+    except Exception:  # noqa: BLE001 — a hub dataset offline, a path relative to another directory: keep the caps
+        return None
+    return statistics.fmean(len(p.token_ids) for p in prompts) if prompts else None
 
 
 def probe_points(cfg) -> list[dict]:
@@ -109,8 +138,7 @@ def run_probes(config: str, overrides: list[str], cfg, args, out: Path) -> list[
 def search(cfg, calibration: Calibration, hw, grid: dict | None, gpus: int | None, nodes: int | None
            ) -> tuple[list[Candidate], Candidate | None]:
     """(candidates, the chosen one) on the calibrated hardware: a CPU machine's grid, or the GPU layout search."""
-    if calibration.response_tokens_mean and cfg.planning.response_tokens_mean is None:
-        cfg = with_overrides(cfg, [f"planning.response_tokens_mean={round(calibration.response_tokens_mean)}"])
+    cfg = with_overrides(cfg, calibration.length_overrides(cfg))
     hw = apply(calibration, hw)
     if hw.is_gpu:
         return gpu_candidates(cfg, hw, gpus, nodes)
@@ -189,8 +217,7 @@ def write_layout(config: str, overrides: list[str], chosen: Candidate, calibrati
     config."""
     extra = [f"planning.calibration={_shown(calibration.path)}"]
     base = load_config(config, overrides)
-    if calibration.response_tokens_mean and base.planning.response_tokens_mean is None:
-        extra.append(f"planning.response_tokens_mean={round(calibration.response_tokens_mean)}")
+    extra += calibration.length_overrides(base)
     layout = [*chosen.overrides, *extra]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"# python -m rlhf_ray.plan --calibrate {config} {' '.join(overrides)}: the chosen layout\n"

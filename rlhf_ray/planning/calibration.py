@@ -24,8 +24,9 @@ COORDINATE_ROUNDS rounds).
 The file (JSON, ``FORMAT``): created (UTC), hardware (the figures the predictions were made with: a CPU plan reuses
 them rather than measuring the machine again, since the factors are relative to them), machine (what a plan checks
 before using it: the device, and on CPUs the processor and its cores), models (role -> name and parameters),
-precision (models.dtype, deepspeed.precision), config, factors {time, serial, overhead_s}, response_tokens_mean (the
-probes' measured mean, where the config gave none), probes [{label, dir, overrides, measured, predicted, calibrated}].
+precision (models.dtype, deepspeed.precision), config, factors {time, serial, overhead_s}, lengths (the planning.*
+means the probes measured where the config gave none, averaged: the plans they were fitted with used them), probes
+[{label, dir, overrides, lengths, measured, predicted, calibrated}].
 """
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ class Probe:
     measured: dict[str, float]
     source: str = ""
     overrides: list[str] = field(default_factory=list)
-    response_tokens_mean: float | None = None   # the measured mean its plan used, where the config gave none
+    lengths: dict[str, int] = field(default_factory=dict)   # planning.* means measured, its plan's, where the config gave none
     config: object = None                       # the config it ran (an ExperimentConfig), where known
 
 
@@ -170,7 +171,7 @@ class Calibration:
     precision: dict
     config: str = ""
     created: str = ""
-    response_tokens_mean: float | None = None
+    lengths: dict[str, int] = field(default_factory=dict)
     probes: list[dict] = field(default_factory=list)
     path: str = ""
 
@@ -185,6 +186,11 @@ class Calibration:
         path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
         self.path = str(path)
         return path
+
+    def length_overrides(self, cfg) -> list[str]:
+        """The measured mean lengths as overrides of ``cfg``, for those of its planning.* keys it leaves unset."""
+        return [f"{key}={value}" for key, value in self.lengths.items()
+                if getattr(cfg.planning, key.removeprefix("planning.")) is None]
 
     def describe(self) -> str:
         """Where and on what it was measured, in a few words."""
@@ -203,15 +209,17 @@ def calibrate(probes: list[Probe], config: str = "") -> Calibration:
             raise CalibrationError(f"probe {probe.label} ran on other hardware or models than {probes[0].label}: "
                                    f"{differs}")
     factors = fit(probes)
-    lengths = [p.response_tokens_mean for p in probes if p.response_tokens_mean]
+    measured_keys = sorted({key for p in probes for key in p.lengths})
     calibration = Calibration(
         factors, hardware=_hardware_figures(first.hardware), machine=_identity(first.hardware), models=_models(first),
         precision=_precision(first), config=config,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        response_tokens_mean=statistics.fmean(lengths) if lengths else None)
+        lengths={key: round(statistics.fmean(p.lengths[key] for p in probes if key in p.lengths))
+                 for key in measured_keys})
     for probe in probes:
         calibration.probes.append({
-            "label": probe.label, "dir": probe.source, "overrides": probe.overrides, "measured": probe.measured,
+            "label": probe.label, "dir": probe.source, "overrides": probe.overrides, "lengths": probe.lengths,
+            "measured": probe.measured,
             "predicted": predicted_seconds(probe.plan.work, probe.plan.async_steps),
             "calibrated": predicted_seconds(probe.plan.work, probe.plan.async_steps, factors)})
     return calibration
