@@ -49,17 +49,18 @@ WORKLOADS = {
 PREDICTION_TARGET = 0.15
 
 
-def balance(name: str, args, out: Path, probe_dirs: list[str] | None = None) -> dict:
+def balance(name: str, args, out: Path, recorded: list[dict] | None = None) -> dict:
     """Probe, fit and choose (as the CLI does); every distinct layout it predicted, with the chosen one marked.
-    ``probe_dirs``: fit these finished probes again instead of running new ones (--refit)."""
+    ``recorded``: a calibration's probes (dir, label, overrides) to fit again instead of running new ones (--refit)."""
     overrides = WORKLOADS[name]
     cfg = load_config(CONFIG, overrides)
     probe_args = SimpleNamespace(probe_steps=args.steps, probe_warmup=args.warmup, timeout_s=args.timeout_s)
     started = time.perf_counter()
-    if probe_dirs:
-        probes = [probe_from_run(probe_dirs[0], args.warmup, Path(probe_dirs[0]).name)]
-        probes += [probe_from_run(d, args.warmup, Path(d).name, hardware=probes[0].plan.hardware)
-                   for d in probe_dirs[1:]]
+    if recorded:
+        probes = []
+        for p in recorded:
+            probes.append(probe_from_run(p["dir"], args.warmup, p["label"], p["overrides"],
+                                         probes[0].plan.hardware if probes else None))
     else:
         probes = run_probes(CONFIG, overrides, cfg, probe_args, out)
     calibration = calibrate(probes, CONFIG)
@@ -95,7 +96,7 @@ def refit(args) -> int:
     recorded = json.loads((RESULTS / "balancer.json").read_text())["results"]
     for name, old in recorded.items():
         args.warmup = old["args"]["warmup"]
-        new = balance(name, args, Path(args.out), [p["dir"] for p in old["calibration"]["probes"]])
+        new = balance(name, args, Path(args.out), old["calibration"]["probes"])
         runs = {layout["label"]: layout.get("runs", []) for layout in old["layouts"]}
         for layout in new["layouts"]:
             layout["runs"] = runs.get(layout["label"], [])

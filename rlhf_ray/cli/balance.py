@@ -36,7 +36,7 @@ from rlhf_ray.planning.balance import Candidate, choose, cpu_candidates, default
 from rlhf_ray.planning.calibration import (Calibration, CalibrationError, Probe, apply, calibrate, hardware_from_figures,
                                            measured_seconds)
 from rlhf_ray.planning.hardware import WORK_KINDS, get_hardware, this_machine, usable_cores
-from rlhf_ray.planning.search import setting
+from rlhf_ray.planning.search import MIN_GAIN_FOR_MORE_GPUS, setting
 
 # The target for a prediction: the chosen layout's measured step within 15 % of it.
 VERIFY_TOLERANCE = 0.15
@@ -144,7 +144,7 @@ def search(cfg, calibration: Calibration, hw, grid: dict | None, gpus: int | Non
         return gpu_candidates(cfg, hw, gpus, nodes)
     found = cpu_candidates(cfg, hw, grid or default_grid(cfg, hw.cores),
                            lambda changed: plan_experiment(changed, hw, search=False))
-    return found, choose(found)
+    return found, choose(found, calibration.step_error())
 
 
 def gpu_candidates(cfg, hw, gpus: int | None, nodes: int | None) -> tuple[list[Candidate], Candidate | None]:
@@ -158,7 +158,7 @@ def gpu_candidates(cfg, hw, gpus: int | None, nodes: int | None) -> tuple[list[C
         changed = plan_experiment(with_overrides(cfg, rec.overrides), hw, gpus=plan.gpus, nodes=plan.nodes, search=False)
         settings = {o.partition("=")[0]: yaml.safe_load(o.partition("=")[2]) for o in rec.overrides}
         found.append(Candidate(settings, rec.overrides, changed, roles=rec.roles))
-    return found, choose(found)
+    return found, choose(found)   # (the layout search has chosen among its own: this keeps its answer unless a tie)
 
 
 # ------------------------------------------------------------------------------------------- output
@@ -258,7 +258,8 @@ def main(args, hardware) -> int:
             print(f"calibration: {calibration.describe()}")
             print("\n".join(probe_lines(calibration)))
             candidates, chosen = search(cfg, calibration, hw, grid, args.gpus, args.nodes)
-            print(f"layouts ({len([c for c in candidates if c.plan])} planned; * the chosen one):")
+            print(f"layouts ({len([c for c in candidates if c.plan])} planned; * the chosen one, the simplest within "
+                  f"{max(calibration.step_error(), MIN_GAIN_FOR_MORE_GPUS):.1%} of the fastest: the fit's own error):")
             print("\n".join(candidate_lines(candidates, chosen)))
             if chosen is None or not args.verify or round_ == args.rounds or _probed(chosen, probes):
                 break

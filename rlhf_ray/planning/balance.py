@@ -8,9 +8,10 @@ cores (``reservations``); each layout is planned in full (rlhf_ray.planning.core
 that would run alike (the same actors, threads per phase and cores) are listed once. On GPUs: the layout as
 configured, and the planner's layout search (planner.recommend_layout) on the GPUs given.
 
-``choose``: the fastest predicted step; among the layouts within search.MIN_GAIN_FOR_MORE_GPUS of it (closer than
-the planner can tell apart), the fewest actors, then the least staleness (the smallest ppo.async_steps), then the
-fewest changes to the config.
+``choose``: the fastest predicted step; among the layouts within ``tolerance`` of it, the fewest actors, then the
+least staleness (the smallest ppo.async_steps), then the fewest changes to the config. The tolerance is what the
+planner cannot tell apart: search.MIN_GAIN_FOR_MORE_GPUS, or the calibration's own step error at its probes where
+that is larger (Calibration.step_error: a prediction is no closer than the fit came to what it was fitted to).
 """
 from __future__ import annotations
 
@@ -125,12 +126,13 @@ def _runs_alike(cfg, cores: int) -> tuple:
     return cfg.ppo.async_steps, per_actor
 
 
-def choose(candidates: list[Candidate]) -> Candidate | None:
-    """The module docstring's choice among the planned candidates."""
+def choose(candidates: list[Candidate], tolerance: float = MIN_GAIN_FOR_MORE_GPUS) -> Candidate | None:
+    """The module docstring's choice among the planned candidates: ties within ``tolerance`` (a share of the
+    fastest step) go to the simplest layout."""
     planned = sorted((c for c in candidates if c.plan is not None), key=lambda c: c.step)
     if not planned:
         return None
-    near = [c for c in planned if c.step <= planned[0].step * (1 + MIN_GAIN_FOR_MORE_GPUS)]
+    near = [c for c in planned if c.step <= planned[0].step * (1 + max(tolerance, MIN_GAIN_FOR_MORE_GPUS))]
     return min(near, key=lambda c: (c.actors, c.async_steps, len(c.overrides), c.step))
 
 

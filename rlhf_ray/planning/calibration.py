@@ -192,6 +192,11 @@ class Calibration:
         return [f"{key}={value}" for key, value in self.lengths.items()
                 if getattr(cfg.planning, key.removeprefix("planning.")) is None]
 
+    def step_error(self) -> float:
+        """The largest |calibrated / measured − 1| of a probe's step: how close the fit came to what it was fitted to."""
+        return max((abs(p["calibrated"]["step"] / p["measured"]["step"] - 1) for p in self.probes
+                    if p["measured"].get("step")), default=0.0)
+
     def describe(self) -> str:
         """Where and on what it was measured, in a few words."""
         policy = self.models.get("policy", {}).get("name", "?")
