@@ -67,8 +67,6 @@ def test_a_mapping_override_replaces_and_a_dotted_one_merges():
     (["generation.temperature=0"], "generation.temperature", "must be > 0"),
     (["weights.transport=object_store", "resources.generation.num_gpus=1"], "weights.transport",
      "needs in-process CPU engines"),
-    (["weights.transport=collective", "ppo.async_steps=1"], "weights.transport", "cannot be combined with ppo.async"),
-    (["weights.transport=collective", "ppo.async_steps=3"], "weights.transport", "with ppo.async_steps=3: overlapped"),
     (["ppo.async_steps=-1"], "ppo.async_steps", "greater than or equal to 0"),
     (["ppo.old_logprobs=sampler", "ppo.async_steps=2"], "ppo.old_logprobs",
      "with ppo.async_steps=2 would take the ratio against the policy up to 2 updates behind"),

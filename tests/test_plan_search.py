@@ -85,11 +85,7 @@ def test_at_4096_gpus_generation_and_learning_get_gpus_in_step_with_their_time()
         assert role.gpus / 4096 <= 2 * role.busy_seconds / rec.step_seconds, role
 
 
-def test_overlapped_layouts_are_ranked_by_their_overlapped_step(monkeypatch):
-    from rlhf_ray.weights.collective import CollectiveTransport
-
-    # price the broadcast under overlap (its refusal there is another part's); files would make the sync dominate
-    monkeypatch.setattr(CollectiveTransport, "refuses", classmethod(lambda cls, cfg: None))
+def test_overlapped_layouts_are_ranked_by_their_overlapped_step():
     gpus = 64
     overlapped, serial = tulu(*LARGE, "ppo.async_steps=1"), tulu(*LARGE)
     search = Search(overlapped, H100, gpus, TULU_ARCHS, role_options(overlapped, H100, gpus, TULU_ARCHS))
@@ -183,24 +179,17 @@ def test_each_transport_is_priced_by_the_links_that_carry_it():
 
 
 def test_auto_takes_the_cheapest_transport_that_serves_the_run_and_the_plan_reports_the_others():
+    from rlhf_ray.weights import choose_transport
+
     sync = plan(eight_b(), 16, archs=EIGHT_B, search=False).phases["weight_sync"]
     assert "via collective" in sync.bound and sync.alternatives["files"] > 100 * sync.seconds
-    overlapped = plan(eight_b("ppo.async_steps=1"), 16, archs=EIGHT_B, search=False).phases["weight_sync"]
-    # the broadcast cannot serve an overlapped run today: files, with the broadcast's price beside it
-    assert "via files" in overlapped.bound and "faster, but unable to serve this run: collective" in overlapped.bound
-    assert overlapped.alternatives["collective"] < overlapped.seconds / 100
-
-
-def test_once_the_broadcast_serves_overlap_the_plan_and_the_trainer_both_take_it(monkeypatch):
-    from rlhf_ray.weights import choose_transport
-    from rlhf_ray.weights.collective import CollectiveTransport
-
-    cfg = eight_b("ppo.async_steps=1")
-    assert choose_transport(cfg)[0] == "files"
-    monkeypatch.setattr(CollectiveTransport, "refuses", classmethod(lambda cls, cfg: None))
+    # overlapped on GPUs too: the broadcast serves it (the engines between rollouts), the plan and the trainer take it
+    cfg = eight_b("ppo.async_steps=2")
     assert choose_transport(cfg)[0] == "collective"   # the trainer: no prices, the registry's cheapest-first order
-    sync = plan(cfg, 16, archs=EIGHT_B, search=False).phases["weight_sync"]
-    assert "via collective" in sync.bound and sync.seconds < 1
+    overlapped = plan(cfg, 16, archs=EIGHT_B, search=False)
+    sync = overlapped.phases["weight_sync"]
+    assert "via collective" in sync.bound and sync.seconds < 1 and sync.alternatives["files"] > 100 * sync.seconds
+    assert overlapped.step_seconds < plan(eight_b(), 16, archs=EIGHT_B, search=False).step_seconds
 
 
 def test_on_one_cpu_machine_auto_keeps_the_object_store(tmp_path):

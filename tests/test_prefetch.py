@@ -204,3 +204,31 @@ def test_prefetched_rollouts_round_trip_through_a_checkpoint_and_the_old_single_
     old_back, = load_rollouts(tmp_path / "old")
     assert (old_back.step, old_back.policy_version, old_back.load_s) == (5, 4, 0.0)
     assert old_back.batch.response_texts == ["r", "s"]
+
+
+def test_a_broadcast_settles_the_queue_and_what_a_replaced_engine_sampled_is_sampled_again_by_the_new_weights():
+    """weights.transport=collective: before the broadcast every rollout ahead has ended (settle); the first one whose
+    engine was replaced (EnginesBehind) and those after it are sampled again by the broadcast weights, the floor."""
+    from rlhf_ray.weights.sync import EnginesBehind
+
+    failed = []
+
+    def sample(step, version, payload, cancel):
+        time.sleep(0.05)
+        if step == 6 and not failed:  # the first try of rollout 6 only
+            failed.append(step)
+            raise EnginesBehind("an engine replaced during rollout 6")
+        return rollout(step, version)
+
+    queue = RolloutQueue(2, sample)
+    queue.put_back([rollout(4, 2)], 4)   # the learner at step 4, rollout 4 done (θ_2)
+    queue.fill(4, 20, (4, "weights 4"))  # rollouts 5 and 6, by θ_4 (the floor)
+    assert [item.step for item in queue.ahead] == [4, 5, 6]
+    assert queue.settle() == 6 and all(item.future.done() for item in queue.ahead)
+    queue.resample_from(6, 5)            # after the broadcast of θ_5
+    assert [item.step for item in queue.ahead] == [4, 5]
+    assert queue.take(4)[0].policy_version == 2
+    queue.fill(5, 20, (5, "weights 5"))  # rollouts 6 and 7 by θ_5: sampling_version(6, 2, floor 5) = 5
+    assert [(item.step, item.version) for item in queue.ahead] == [(5, 4), (6, 5), (7, 5)]
+    assert queue.settle() is None
+    queue.shutdown()

@@ -148,8 +148,27 @@ def test_overlapped_the_engines_load_a_published_update_later_and_a_replacement_
     sync.bring_up_to_date([new])
     assert [call[1][0] for call in new.calls] == ["update 1 by files"]
     assert sync.load(second)["load"] == 0.2 and roles.learners[0].published == 2
-    with pytest.raises(NotImplementedError, match="cannot run apart"):
-        transport_class("collective").driver(roles, "collective").publish()
+
+
+
+def test_overlapped_a_broadcast_is_the_publish_and_a_replacement_during_a_rollout_is_refused_by_name():
+    """ppo.async_steps=k with collective: publishing sends to every engine at once (the driver lets the rollouts
+    ahead end first: engines_take_part), the rollout thread's load has nothing left to do, and a replacement engine
+    cannot be given the weights the others sample by (EnginesBehind: the driver samples those rollouts again)."""
+    from rlhf_ray.weights import transport_class
+    from rlhf_ray.weights.sync import EnginesBehind
+
+    roles = _Roles(True)
+    roles.cfg.ppo = type("PPO", (), {"async_steps": 2})
+    sync = transport_class("collective").driver(roles, "collective")
+    assert sync.engines_take_part and not transport_class("files").driver(roles, "files").engines_take_part
+    payload, seconds = sync.publish()
+    assert payload is None and seconds > 0
+    assert all([c[1][0] for c in g.calls if c[0] == "_load_weights"] == ["layout"] for g in roles.generators)
+    assert sync.load(payload) == {"load": 0.0, "report": None}
+    assert all(sum(c[0] == "_load_weights" for c in g.calls) == 1 for g in roles.generators)  # nothing loaded again
+    with pytest.raises(EnginesBehind, match="sampled again by the weights of the next update"):
+        sync.bring_up_to_date([roles.generators[1]])
 
 
 def test_a_broadcast_forms_its_group_once_and_again_after_a_replacement():

@@ -276,13 +276,15 @@ class Roles(RoleCalls, ActorSites):
             self.weights.engines_replaced()
         self._wait([group[i].__ray_ready__.remote() for i in replaced], role, "starting as a replacement", "startup_s")
         self._settle_replacements([(role, i) for i in replaced])
-        if role == "generation" and bring_up_to_date:  # it starts from the initial policy: give it the current one
-            self.weights.bring_up_to_date([group[i] for i in replaced])
-        seconds = time.perf_counter() - start
-        self.recovery_seconds += seconds
-        log.warning("recovery: %s; replaced %s in %.1f s (replacement %d of at most %d), redoing %s", lost,
-                    ", ".join(f"{role}-{i}" for i in replaced), seconds, self.restarts[role],
-                    self.cfg.recovery.max_actor_restarts, doing)
+        try:
+            if role == "generation" and bring_up_to_date:  # it starts from the initial policy: give it the current one
+                self.weights.bring_up_to_date([group[i] for i in replaced])
+        finally:  # (it may refuse: rlhf_ray.weights.sync.EnginesBehind; the replacement stands either way)
+            seconds = time.perf_counter() - start
+            self.recovery_seconds += seconds
+            log.warning("recovery: %s; replaced %s in %.1f s (replacement %d of at most %d), redoing %s", lost,
+                        ", ".join(f"{role}-{i}" for i in replaced), seconds, self.restarts[role],
+                        self.cfg.recovery.max_actor_restarts, doing)
 
     @staticmethod
     def _alive(actor) -> bool:

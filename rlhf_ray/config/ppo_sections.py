@@ -230,7 +230,8 @@ class WeightsConfig(StrictSection):
                             "models.lora, the LoRA adapters alone through the object store, loaded as a vLLM LoRA adapter (its kernels "
                             "tripled SmolLM2's generation time on CPU, so 'auto' sends a LoRA policy merged). 'auto': "
                             "'object_store' for in-process engines (fastest on one node: benchmarks/results/weight_sync.md), "
-                            "'collective' for engines in other processes ('files' with ppo.async_steps ≥ 1); logged. Or a "
+                            "'collective' for engines in other processes (overlapped too: sent once the engines end "
+                            "their rollouts ahead); logged. Or a "
                             "transport of one's own: 'package.module:Class', a rlhf_ray.weights.Transport subclass "
                             "every role can import.")
     bucket_mb: float = Field(

@@ -9,7 +9,8 @@ prompts until every kept group of samples differs in score; reference and learne
 
 With ``ppo.async_steps: k`` (k ≥ 1) the rollouts of the next k steps (generate → reward ‖ reference) are made in
 the background while this step's values and update run, each by the weights published k updates before the step it
-is for; the engines load each published update between two rollouts (rlhf_ray.drivers.prefetch):
+is for; the engines load each published update between two rollouts (rlhf_ray.drivers.prefetch) — or, broadcast
+(weights.transport=collective), take it at the publish, once the rollouts ahead have ended:
 
     rollouts t+1 … t+k (θ_t+1−k … θ_t) ·········································→
     wait for rollout t → values t → advantages → learn t (θ_t → θ_t+1) → publish θ_t+1 → metrics
@@ -44,6 +45,7 @@ from rlhf_ray.rewards.outage import OutageWatch
 from rlhf_ray.run import preflight
 from rlhf_ray.runtime.memory import process_memory
 from rlhf_ray.runtime.signals import STOP_SIGNALS
+from rlhf_ray.weights.sync import EnginesBehind
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +129,7 @@ class PPOTrainer(CheckpointedDriver):
             log.info("reference kept at ppo.kl_coef=0 (%s)", why)
         self.warned_non_eos = False  # the console hears once that cutting responses pays
         self.engine_version = 0  # the learner update whose weights the engines hold (overlapped: the rollout thread's)
+        self.resample_from = None  # overlapped broadcast: the first rollout ahead to sample again (_publish)
         self.published = (0, None)  # overlapped: the latest update published (engines load it later) and its payload
         self.in_hand: Rollout | None = None       # the rollout of the step under way, until the step is recorded
         # ppo.async_steps=k: the rollouts of the next k steps, made in the background (rlhf_ray.drivers.prefetch)
@@ -203,7 +206,7 @@ class PPOTrainer(CheckpointedDriver):
             rollout_stats["kl/sampler_vs_learner"] = sampler_gap(batch, learn_stats, self.old_logprobs)
             with phase(times, "weight_sync"):  # overlapped: published only; the rollout thread has the engines load it
                 if overlapped:
-                    payload, publish_s = self.roles.publish_weights()
+                    payload, publish_s = self._publish()
                     sync = {"publish": publish_s, "load": rollout.load_s}  # the load of the weights that sampled it
                 else:
                     sync = self.roles.sync_weights()
@@ -211,6 +214,10 @@ class PPOTrainer(CheckpointedDriver):
             self.in_hand = None
             if overlapped:
                 self.published = (self.step_count, payload)
+                if self.roles.weights.engines_take_part:  # broadcast: the engines hold it already
+                    self.engine_version = self.step_count
+                    if self.resample_from is not None:
+                        self.queue.resample_from(self.resample_from, self.step_count)
             else:
                 self.engine_version = self.step_count
             memory = {**self.roles.memory(), "memory/driver_peak_gb": process_memory(reset_peak=True)["peak_gb"]}
@@ -224,6 +231,14 @@ class PPOTrainer(CheckpointedDriver):
             if self.due(self.cfg.checkpoint.every_steps):
                 self.save_checkpoint()
         return metrics
+
+    def _publish(self) -> tuple[object, float]:
+        """Overlapped: the learner's new weights published for the rollouts ahead; returns the payload and seconds.
+        A broadcast (weights.transport=collective) reaches every engine at once, so the rollouts ahead, sampled by the
+        weights the engines hold, end first; those from one whose engine was replaced on the way are sampled again
+        by these weights (``resample_from``: rlhf_ray.weights.sync.EnginesBehind)."""
+        self.resample_from = self.queue.settle() if self.roles.weights.engines_take_part else None
+        return self.roles.publish_weights()
 
     # ------------------------------------------------------------------------------------ rollouts
     def _sample_ahead(self, step: int, version: int, payload, cancel: threading.Event) -> Rollout:
@@ -331,7 +346,11 @@ class PPOTrainer(CheckpointedDriver):
             rollout, waited = self.queue.take(self.step_count)
             if rollout is not None:
                 return rollout, waited, False
-        return self._rollout(self.step_count), 0.0, True
+        try:
+            return self._rollout(self.step_count), 0.0, True
+        except EnginesBehind:  # the learner is between updates here: the engines get its weights, and sample again
+            self._sync_engines()
+            return self._rollout(self.step_count), 0.0, True
 
     def _drop_prefetched(self, wait: bool = True) -> None:
         """Forget the rollouts ahead (a learner recovery, a restore, the end of the run); ``wait`` for the call under

@@ -128,6 +128,24 @@ class RolloutQueue:
                 break
         return out
 
+    def settle(self) -> int | None:
+        """Wait for every rollout in the queue to end (an engine broadcast needs the engines between rollouts);
+        returns the first step whose rollout failed because an engine was replaced during it
+        (rlhf_ray.weights.sync.EnginesBehind), None if none did. Other errors stay for the step that takes it."""
+        from rlhf_ray.weights.sync import EnginesBehind
+
+        for item in self.ahead:
+            if isinstance(item.future.exception(), EnginesBehind):
+                return item.step
+        return None
+
+    def resample_from(self, step: int, version: int) -> None:
+        """The rollouts from ``step`` on (ended: ``settle``) are forgotten, and sampled again by ``version``, the
+        weights every engine holds now: the floor of the later ones. Those before ``step`` are kept."""
+        while self.ahead and self.ahead[-1].step >= step:
+            self.ahead.pop()
+        self.floor = version
+
     def put_back(self, rollouts: list[Rollout], step_count: int) -> None:
         """A resumed run's queue: the checkpoint's ``rollouts`` that it continues with (``resumable``), done."""
         self.drop()

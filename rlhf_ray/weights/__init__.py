@@ -78,8 +78,8 @@ def choose_transport(cfg, prices: dict[str, float] | None = None) -> tuple[str, 
     object store where the engines read it in place (it beat the gloo broadcast on one node:
     benchmarks/results/weight_sync.md), else a broadcast (on GPUs NCCL is hundreds of times faster than a trip through
     host memory), else files. That is the priced order on GPUs and for in-process engines; for CPU engines in other
-    processes files measured faster than the gloo broadcast, which the plan (priced) takes and says. A transport that
-    stops refusing a configuration (the broadcast under ppo.async_steps) is taken there at once, by both."""
+    processes files measured faster than the gloo broadcast, which the plan (priced) takes and says; overlapped
+    (ppo.async_steps) on GPUs, too, the broadcast is priced there and taken where cheapest."""
     name = cfg.weights.transport
     if name != AUTO:
         return name, "weights.transport"

@@ -228,12 +228,6 @@ class CollectiveTransport(Transport):
         if not cfg.same_devices_for_weights:
             return ("'collective' needs the learner and the engines on the same kind of device (both with GPUs: NCCL, "
                     "or both without: gloo); use 'files' or 'auto'")
-        if cfg.ppo.async_steps:
-            return (f"'collective' cannot be combined with ppo.async_steps={cfg.ppo.async_steps}: overlapped, the "
-                    "engines take each update between their rollouts while learner rank 0 is already in its next "
-                    "update, so it cannot send a broadcast then, and an engine replaced meanwhile needs the weights "
-                    "the others hold, which the learner has already changed (the object store keeps published "
-                    "weights); use 'files' (engines in other processes), 'object_store' (in-process engines) or 'auto'")
         return None
 
     @classmethod

@@ -12,7 +12,16 @@ import logging
 
 import ray
 
+from rlhf_ray.runtime.waiting import RoleError
+
 log = logging.getLogger("rlhf_ray.cluster.roles")  # its lines are the roles' (same logger as before the move)
+
+
+class EnginesBehind(RoleError):
+    """Overlapped with a broadcast: a replacement engine needs the weights the other engines sample by, which only
+    learner rank 0 could send, and it is already in its next update. The rollout fails with this; the driver sends
+    the learner's next weights to every engine at its next sync and samples that rollout and the later ones again by
+    them (rlhf_ray.drivers.ppo)."""
 
 
 class WeightSync:
@@ -20,6 +29,8 @@ class WeightSync:
     objects. Overlapped (ppo.async_steps ≥ 1) the two halves run apart: the driver publishes after each update
     (``publish``) and the rollout thread has the engines load it between their rollouts (``load``); the payload the
     engines hold is kept for a replacement engine."""
+
+    engines_take_part = False  # publishing needs no engine (BroadcastSync: every engine, between its rollouts)
 
     def __init__(self, roles, transport: type, name: str):
         self.roles, self.transport, self.name = roles, transport, name
@@ -94,7 +105,15 @@ class BroadcastSync(WeightSync):
     """collective: learner rank 0 broadcasts to every engine at once, in a group of its own (a replacement engine too:
     it is in the group formed anew). An engine lost on the way — its peers' transfers fail with it — is replaced, the
     group formed again and the broadcast redone; a lost learner rank goes to learner recovery like any learner
-    failure."""
+    failure.
+
+    Overlapped (ppo.async_steps ≥ 1) the broadcast is the publish: the driver lets the engines finish the rollouts ahead
+    (``engines_take_part``), then sends; the engines hold the weights at once, so their later load has nothing to do.
+    The learner waits for the engines only where the rollout side is the slower one, where it would wait for the next
+    rollout anyway. A replacement engine during a rollout cannot be given the weights the others sample by (the learner
+    has moved on; nothing keeps them): ``EnginesBehind``."""
+
+    engines_take_part = True
 
     def __init__(self, roles, transport: type, name: str):
         super().__init__(roles, transport, name)
@@ -102,15 +121,24 @@ class BroadcastSync(WeightSync):
         self.layout = None
 
     def bring_up_to_date(self, engines: list) -> None:
-        """A broadcast goes to every engine, in a group formed anew with the replacements."""
+        """A broadcast goes to every engine, in a group formed anew with the replacements; overlapped, only between
+        updates (``EnginesBehind``)."""
+        if self.roles.overlapped:
+            raise EnginesBehind(f"engine(s) replaced during a rollout under ppo.async_steps={self.roles.cfg.ppo.async_steps}"
+                                " with weights.transport=collective: the weights the other engines sample by are "
+                                "no longer the learner's; this rollout and those after it are sampled again by the "
+                                "weights of the next update")
         self._send(None)
 
-    def publish(self):
-        raise NotImplementedError(f"weights.transport={self.name}: a broadcast sends and loads together (sync); its "
-                                  "halves cannot run apart (CollectiveTransport.refuses overlap)")
+    def publish(self) -> tuple[None, float]:
+        """Overlapped: the broadcast to every engine (the driver has let them finish their rollouts); returns no
+        payload (the engines hold the weights already) and the broadcast's seconds."""
+        result = self.sync()
+        return None, max(result["publish"], result["load"])
 
-    def load(self, payload, generators=None):
-        self.publish()
+    def load(self, payload, generators=None) -> dict:
+        """Overlapped: the engines took the weights in ``publish``."""
+        return {"load": 0.0, "report": None}
 
     def engines_replaced(self) -> None:
         self.formed = False
