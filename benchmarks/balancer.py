@@ -100,6 +100,7 @@ def refit(args) -> int:
         runs = {layout["label"]: layout.get("runs", []) for layout in old["layouts"]}
         for layout in new["layouts"]:
             layout["runs"] = runs.get(layout["label"], [])
+        new["balance_s"] = old["balance_s"]  # the probes' runs and the fit as they were timed (a refit runs none)
         recorded[name] = summarise({**old, **new, "refit": {"commit": machine_info()["git_commit"],
                                                            "recorded_commit": old["machine"]["git_commit"]}})
     (RESULTS / "balancer.json").write_text(json.dumps({"results": recorded}, indent=2) + "\n")
