@@ -1,17 +1,11 @@
 """Generation role: a vLLM engine that samples responses and their logprobs, and takes new weights."""
 from __future__ import annotations
 
-import os
-
 from rlhf_ray.actors.role import Role, computes
 from rlhf_ray.config import GenerationConfig
 from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.data.sources import Prompt
-from rlhf_ray.runtime.devices import require_cpu_bf16
-
-# vLLM on CPU (verified, shared DESIGN notes): 1 GiB KV cache instead of ~9; the in-process engine
-# starts in ~4 s instead of ~20 and accepts tensors (the weight iterator) in collective_rpc directly.
-CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+from rlhf_ray.runtime.engines import GPU_MEMORY_UTILIZATION, prepare_vllm_process
 
 
 class GenerationActor(Role):
@@ -19,15 +13,7 @@ class GenerationActor(Role):
                  tensor_parallel_size: int = 1, dtype: str = "float32", num_gpus: float = 0.0,
                  weight_transport: str = "object_store", lora_rank: int | None = None, log_file: str | None = None):
         super().__init__(log_file)
-        import torch
-        if num_gpus == 0 or not torch.cuda.is_available():
-            if dtype == "bfloat16":
-                require_cpu_bf16("the generation engine", "models.dtype")
-            for key, value in CPU_ENV.items():
-                os.environ.setdefault(key, value)
-            if tensor_parallel_size > 1:  # vLLM binds each CPU worker to NUMA nodes, which one machine may lack
-                os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND",
-                                      cpu_bind(sorted(os.sched_getaffinity(0)), tensor_parallel_size))
+        prepare_vllm_process(num_gpus, dtype, tensor_parallel_size)
         from vllm import LLM
 
         from rlhf_ray.weights import make_transport
@@ -40,7 +26,7 @@ class GenerationActor(Role):
         # TP workers as processes inside this actor (it owns its GPUs), not as Ray tasks on other bundles.
         backend = {"distributed_executor_backend": "mp"} if tensor_parallel_size > 1 else {}
         self.llm = LLM(model=model_path, tensor_parallel_size=tensor_parallel_size, dtype=dtype, seed=seed,
-                       max_model_len=max_model_len, enforce_eager=True, gpu_memory_utilization=0.85,
+                       max_model_len=max_model_len, enforce_eager=True, gpu_memory_utilization=GPU_MEMORY_UTILIZATION,
                        logprobs_mode="processed_logprobs",  # after temperature: the distribution PPO trains
                        **backend, **transport.engine_options(lora_rank))
         tokenizer = self.llm.get_tokenizer()
@@ -134,13 +120,3 @@ class GenerationActor(Role):
         tail = out.prompt_logprobs[len(prompt_ids):]
         return [lp[t].logprob for lp, t in zip(tail, response_ids)]
 
-
-def cpu_bind(cpus: list[int], workers: int) -> str:
-    """vLLM's VLLM_CPU_OMP_THREADS_BIND for ``workers`` tensor-parallel CPU workers: the CPUs split into as many
-    disjoint groups ("0|1", "0-3|4-7"); a worker without a CPU of its own is an error naming the numbers."""
-    if len(cpus) < workers:
-        raise ValueError(f"tensor_parallel_size={workers} on CPU needs a CPU per worker; this actor may use "
-                         f"{len(cpus)} ({cpus})")
-    size = len(cpus) // workers
-    groups = [cpus[i * size:(i + 1) * size] for i in range(workers)]
-    return "|".join(",".join(str(c) for c in group) for group in groups)

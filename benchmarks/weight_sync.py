@@ -229,7 +229,7 @@ def main() -> None:
 
     import ray
 
-    from rlhf_ray.actors.generation import CPU_ENV
+    from rlhf_ray.runtime.engines import CPU_ENV
     from rlhf_ray.cluster.machine import describe, machine_info
     from rlhf_ray.models.specs import resolve_model
 
