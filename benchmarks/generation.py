@@ -64,7 +64,7 @@ DEFAULT_BATCH_SIZES, DEFAULT_NEW_TOKENS = [16, 64], [32, 128]
 # SmolLM2's HF generate is the slow corner of the grid: fewer points by default (--grid overrides).
 DEFAULT_GRIDS = {"smollm2": "16x32,64x32,16x128"}
 # The LLM(...) arguments of GenerationActor.__init__ (actors/generation.py has no constant for them: keep in step);
-# its CPU environment is imported from there (rlhf_ray.runtime.engines.CPU_ENV).
+# its CPU environment is shared with every engine (rlhf_ray.runtime.engines.CPU_ENV).
 VLLM_ROLE_ARGS = dict(dtype="float32", enforce_eager=True, gpu_memory_utilization=0.85,
                       logprobs_mode="processed_logprobs")
 
