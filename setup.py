@@ -4,4 +4,5 @@ maps them the same way at import (rlhf_ray/__init__.py). The rest of the metadat
 from setuptools import find_packages, setup
 
 setup(packages=[*find_packages(include=["rlhf_ray", "rlhf_ray.*"]), "rlhf_ray.actors"],
-      package_dir={"rlhf_ray.actors": "actors"})
+      package_dir={"rlhf_ray.actors": "actors"},
+      package_data={"rlhf_ray.rewards": ["templates/*.jinja"]})  # the LLM judge's shipped judging prompts

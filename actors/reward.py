@@ -15,8 +15,8 @@ from rlhf_ray.runtime.devices import device_for, require_cpu_bf16
 
 
 class RewardActor(Role):
-    """A rollout batch in, one score per sequence out, from whichever backend the config names: an RM loaded here
-    (``model_path``, resolved by the driver), a function, an HTTP endpoint or a shared Ray Serve RM."""
+    """A rollout batch in, one score per sequence out, from whichever backend the config names: an RM or an LLM judge
+    loaded here (``model_path``, resolved by the driver), a function, an HTTP endpoint or a shared Ray Serve RM."""
 
     def __init__(self, reward: dict, model_path: str | None, dtype: str = "float32", num_gpus: float = 0.0,
                  shard: tuple[int, int] | None = None, timeout_s: float = 600.0, log_file: str | None = None):
@@ -38,9 +38,11 @@ class RewardActor(Role):
                                      sharded=True)
 
     @computes("score")
-    def score(self, batch: RolloutBatch) -> torch.Tensor:
-        """One scalar per (prompt, response). [B] float32"""
-        return self.backend.score(samples_of(batch)).float()
+    def score(self, batch: RolloutBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One scalar per (prompt, response), [B] float32, and the backend's per-sample details of them (name -> [B]:
+        RewardBackend.details, e.g. a judge's unparsed verdicts)."""
+        scores = self.backend.score(samples_of(batch)).float()
+        return scores, self.backend.details()
 
     def stored_statistics(self) -> dict | None:
         """The RM's saved score statistics (reward_stats.json: mean, std, count, source) for

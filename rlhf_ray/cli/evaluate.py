@@ -11,8 +11,9 @@ A policy is ``NAME=SPEC``; SPEC is a local HF model directory, a hub name, a ``t
 ``policy/``) or a run directory (its ``final_model/``). Prompt files are .jsonl/.json/.parquet rows with
 ``messages`` or a ``prompt`` string, or Tulu 2.5 preference rows (the prompt turns of ``chosen``); a ``source``
 column splits the report further. The judge is any reward backend PPO uses (rlhf_ray.rewards.backends):
-``--reward model=SPEC|function=module:fn|http=URL|serve=APP`` (or rlhf_ray.rm_eval's ``function:module:fn``,
-``http://…``, ``serve:APP``, bare model spec), refined with ``--reward-option key=value`` (models.reward keys).
+``--reward model=SPEC|function=module:fn|http=URL|serve=APP|judge=SPEC`` (or rlhf_ray.rm_eval's
+``function:module:fn``, ``http://…``, ``serve:APP``, ``judge:SPEC``, bare model spec), refined with
+``--reward-option key=value`` (models.reward keys, e.g. ``judge.mode=pairwise`` with ``--label-field``).
 On a verifiable task the judge checks answers against each prompt's label (``--label-field``); its mean score is then
 the accuracy, e.g. on the shipped arithmetic test set::
 
@@ -133,7 +134,7 @@ def build_judge(cfg: RewardConfig, cache_dir: str | None, seed: int):
     from rlhf_ray.rewards.backends import build_backend
 
     model_path = None
-    if cfg.kind == "model":
+    if cfg.loads_model:  # an RM or an LLM judge (a vLLM engine in this process)
         try:
             model_path = model_location(cfg.model, cache_dir, seed)
         except ValueError as err:

@@ -6,7 +6,9 @@ overall and per ``source``, on any preference files, for several RMs side by sid
 
 An RM is ``NAME=SPEC``; SPEC is a model (local path, hub name, tiny:…/real:…: the ``model`` backend),
 ``http://…`` / ``https://…`` (the ``http`` backend), ``serve:APP`` (a Ray Serve RM app; pass --address) or
-``function:module:fn``. Every RM scores through the same backend code PPO uses (rlhf_ray.rewards.backends).
+``function:module:fn`` or ``judge:SPEC`` (an LLM judge, rlhf_ray.rewards.judge, in pairwise mode: it reads both
+responses of a pair and says which it prefers, in both orders). Every RM scores through the same backend code PPO uses
+(rlhf_ray.rewards.backends).
 Writes <out>/rm_eval.json and <out>/rm_eval.md and prints the Markdown table.
 """
 from __future__ import annotations
@@ -33,19 +35,24 @@ def reward_config(spec: str, template: str, max_length: int, batch_size: int) ->
         tree = {"kind": "serve", "app": spec[len("serve:"):]}
     elif spec.startswith("function:"):
         tree = {"kind": "function", "function": spec[len("function:"):]}
+    elif spec.startswith("judge:"):  # an LLM judge; pairwise, it compares the two responses of each pair directly
+        tree = {"kind": "judge", "model": spec[len("judge:"):], "judge": {"mode": "pairwise"}}
     else:
         tree = {"kind": "model", "model": spec}
     return build_config({**tree, **common}, RewardConfig)  # a bad spec: ConfigError, one line naming the key
 
 
 def score_pairs(backend, pairs) -> torch.Tensor:
-    """[N, 2] scores (chosen, rejected)."""
+    """[N, 2] scores (chosen, rejected). A judge that compares with a reference answer (pairwise) gets the pair's
+    other response as each side's reference: chosen wins iff the judge prefers it."""
     from rlhf_ray.rewards.base import RewardSample
 
+    against_other = backend.cfg.compares_with_reference
     samples = []
     for pair in pairs:
         prompt = render_tulu(pair.prompt)
-        samples += [RewardSample.of(pair.prompt, prompt, pair.chosen), RewardSample.of(pair.prompt, prompt, pair.rejected)]
+        samples += [RewardSample.of(pair.prompt, prompt, pair.chosen, pair.rejected if against_other else None),
+                    RewardSample.of(pair.prompt, prompt, pair.rejected, pair.chosen if against_other else None)]
     return torch.as_tensor(backend.score(samples), dtype=torch.float32).view(-1, 2)
 
 
@@ -63,9 +70,9 @@ def evaluate(rms: dict[str, str], data: list[str], template: str = "tulu", max_l
     results = {}
     for name, spec in rms.items():
         cfg = reward_config(spec, template, max_length, batch_size)
-        model_path = resolve_model(spec, cache_dir) if cfg.kind == "model" else None
+        model_path = resolve_model(cfg.model, cache_dir) if cfg.loads_model else None
         if model_path:
-            check_model_path(spec, model_path, f"--rm {name}")
+            check_model_path(cfg.model, model_path, f"--rm {name}")
         backend = build_backend(cfg, model_path=model_path)
         results[name] = {"spec": spec, "sets": {}}
         for set_name, pairs in sets.items():

@@ -31,7 +31,9 @@ class RoleCalls:
               old_logprobs: bool = True) -> tuple[dict, dict]:
         """Of ``roles``, concurrently: reward scores, reference logprobs, the learner's values (and its old logprobs
         unless the sampler's serve: ``old_logprobs=False``). Without reference actors (models.lora) the learner
-        computes the reference logprobs, in the same call (a run without a reference asks for none). Returns the tensors and each role's compute seconds."""
+        computes the reference logprobs, in the same call (a run without a reference asks for none). Returns the tensors
+        and each role's compute seconds; with the reward, ``reward_details`` too (name -> [B], the backend's per-sample
+        details: not a batch field, the driver turns them into metrics)."""
         reference_in_learner = "reference" in roles and "reference" not in self.groups
         learner = "learner" in roles
 
@@ -53,8 +55,9 @@ class RoleCalls:
         results = {role: self._recoverable(role, doing, timeout, again, pending[role])
                    for role, (again, doing, timeout) in calls.items()}
         out = {}
-        if "reward" in results:
-            out["scores"] = torch.cat([scores for scores, _ in results["reward"]])
+        if "reward" in results:  # each actor: (scores, details), its share of the rows in order
+            out["scores"] = torch.cat([scores for (scores, _), _ in results["reward"]])
+            out["reward_details"] = join_details([details for (_, details), _ in results["reward"]])
         if "reference" in results:
             out["ref_logprobs"] = torch.cat([logprobs for logprobs, _ in results["reference"]])
         if "learner" in results:  # the objective's evaluate: a dict of what it computed
@@ -138,3 +141,12 @@ class RoleCalls:
     def load_state(self, directory: str) -> None:
         self._wait([a.load_state.remote(directory) for a in self.learners], "learner", "loading a checkpoint",
                    "learn_s")
+
+
+def join_details(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The reward actors' per-sample details joined in row order; a name some actor did not report is dropped (its
+    rows could not be told apart)."""
+    names = set(parts[0]) if parts else set()
+    for part in parts[1:]:
+        names &= set(part)
+    return {name: torch.cat([part[name] for part in parts]) for name in sorted(names)}

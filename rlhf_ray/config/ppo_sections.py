@@ -40,8 +40,10 @@ class ModelsConfig(StrictSection):
     def _check_reward_model(self) -> "ModelsConfig":
         # here rather than in RewardConfig: RewardConfig() is the section's default when the YAML has none, and it
         # has kind='model' with no model until one is given
-        require(self.reward.kind != "model" or self.reward.model, "reward.model",
-                "is required when models.reward.kind='model'")
+        require(not self.reward.loads_model or self.reward.model, "reward.model",
+                f"is required when models.reward.kind='{self.reward.kind}'"
+                + (": the judge, a causal LM (e.g. tiny:policy, real:smollm2-135m, a hub name)"
+                   if self.reward.kind == "judge" else ""))
         return self
 
     @property

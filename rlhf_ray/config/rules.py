@@ -104,6 +104,9 @@ def check_reward_use(cfg) -> None:
             f"models.value_model; use 'policy' with a {reward.kind} reward")
     require(not cfg.resources.reward.sharded or reward.kind == "model", "resources.reward.sharded",
             f"only a reward model in the reward actors can be sharded, not models.reward.kind='{reward.kind}'")
+    require(not reward.compares_with_reference or cfg.data.label_field,
+            "data.label_field", "models.reward.judge.mode=pairwise compares each response with its prompt's "
+            "reference answer: name the data field that holds it (data.label_field)")
 
 
 # ----------------------------------------------------------------------------------- sampling (PPO)

@@ -40,6 +40,7 @@ from rlhf_ray.models.modeling import check_same_tokenizer
 from rlhf_ray.models.specs import resolve_model
 from rlhf_ray.objectives import LearnerSpec
 from rlhf_ray.objectives.ppo import PPOOptions
+from rlhf_ray.rewards.base import detail_metrics
 from rlhf_ray.rewards.normalize import ScoreNormalizer
 from rlhf_ray.rewards.outage import OutageWatch
 from rlhf_ray.run import preflight
@@ -60,7 +61,7 @@ class PPOTrainer(CheckpointedDriver):
     def resolve_models(self) -> None:
         cfg, models = self.cfg, self.cfg.models
         resolve = lambda spec: resolve_model(spec, models.cache_dir, cfg.seed)  # noqa: E731
-        reward = resolve(models.reward.model) if models.reward.kind == "model" else None
+        reward = resolve(models.reward.model) if models.reward.loads_model else None  # an RM or a judge
         reference = resolve(models.reference_path) if cfg.reference_source()[0] != "none" else None
         self.paths = ModelPaths(policy=resolve(models.policy), reference=reference, reward=reward,
                                 value=resolve(models.value_model_path)
@@ -83,8 +84,9 @@ class PPOTrainer(CheckpointedDriver):
 
     def before_cluster(self) -> None:
         cfg = self.cfg
-        if self.paths.reward:
-            preflight.check_reward_template(cfg.models.reward, self.paths.reward, self.dataset.prompts[0].messages)
+        if self.paths.reward:  # the RM's template, or the judge's judging prompt, with the data's first prompt
+            first = self.dataset.prompts[0]
+            preflight.check_reward_template(cfg.models.reward, self.paths.reward, first.messages, first.label)
         if cfg.deepspeed.zero_stage > 0 and cfg.resources.learner.num_actors == 1:
             log.warning("deepspeed.zero_stage=%d with one learner rank partitions nothing but keeps extra fp32 "
                         "copies of the weights and gradients (SmolLM2-135M: peak 7.5 GB and 1.4x slower than with "
@@ -278,6 +280,8 @@ class PPOTrainer(CheckpointedDriver):
             roles = tuple(r for r in roles if r != "reward")
         with phase(times, "score_wall"):
             scored, more = self.roles.score(batch, roles=roles, old_logprobs=self.old_logprobs == "learner")
+        if "reward_details" in scored:  # the reward backend's per-sample findings (a judge's unparsed verdicts)
+            stats.update(detail_metrics([scored.pop("reward_details")]))
         seconds = {role: seconds.get(role, 0.0) + more.get(role, 0.0) for role in {*seconds, *more}}
         return Rollout(step, batch.with_(**scored), times, seconds, generate_s, version, stats)
 
@@ -289,9 +293,11 @@ class PPOTrainer(CheckpointedDriver):
         Returns (batch with scores, the reward's seconds, sampling/* stats, extra generation seconds)."""
         ppo, n = self.cfg.ppo, self.cfg.generation.n_samples_per_prompt
         wanted, kept, dropped, reward_s, generate_s, rounds = ppo.rollout_batch_size, [], [], 0.0, 0.0, 0
+        details = []  # the reward's per-sample details of every round: its metrics count every sample scored
         while True:
             with phase(times, "score_wall"):
                 scored, seconds = self.roles.score(batch, roles=("reward",))
+            details.append(scored.pop("reward_details"))
             batch, reward_s = batch.with_(**scored), reward_s + seconds["reward"]
             for group in batch.group_ids.unique(sorted=True).tolist():
                 rows = (batch.group_ids == group).nonzero().flatten()
@@ -319,7 +325,7 @@ class PPOTrainer(CheckpointedDriver):
         groups = kept[:wanted] + dropped[:filled]
         stats = {"sampling/rounds": float(rounds), "sampling/equal_groups": float(len(dropped)),
                  "sampling/filled_with_equal": float(filled),
-                 "sampling/kept_fraction": len(kept) / max(len(kept) + len(dropped), 1)}
+                 "sampling/kept_fraction": len(kept) / max(len(kept) + len(dropped), 1), **detail_metrics(details)}
         return RolloutBatch.concat(groups), {"reward": reward_s}, stats, generate_s
 
     def _warn_if_cutting_pays(self, batch: RolloutBatch) -> None:

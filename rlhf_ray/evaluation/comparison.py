@@ -9,7 +9,8 @@ from pathlib import Path
 
 from rlhf_ray.evaluation.prompts import EvalPrompt
 
-REWARD_FIELDS = {"model": "model", "function": "function", "http": "url", "serve": "app"}  # --reward KIND=VALUE
+REWARD_FIELDS = {"model": "model", "function": "function", "http": "url", "serve": "app",  # --reward KIND=VALUE
+                 "judge": "model"}
 
 
 def win_rate(scores: list[float], baseline: list[float]) -> float:

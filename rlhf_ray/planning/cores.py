@@ -138,7 +138,7 @@ def thread_plan(cfg, cores: int) -> Threads:
     roles = ("generation", "reward", "learner") + (("reference",) if cfg.reference_actors else ())
     sites = [ActorSite(role, i, NODE, tuple(range(cores))) for role in roles
              for i in range(getattr(res, role).num_actors)]
-    light = ("reward",) if cfg.models.reward.kind != "model" else ()
+    light = ("reward",) if not cfg.models.reward.loads_model else ()
     plans = plan_compute(sites, cfg.ppo.async_steps > 0, {role: getattr(res, role).threads for role in roles},
                          res.rollout_cores, res.nice, (), light)
     rollout_cpus, learner_cpus = plans[("generation", 0)].cpus, plans[("learner", 0)].cpus

@@ -136,7 +136,7 @@ def _hardware(cfg, hardware) -> Hardware:
 def requested_gpus_of(cfg) -> int:
     res = cfg.resources
     roles = [res.learner, res.generation] + ([res.reference] if cfg.reference_actors else []) \
-        + ([res.reward] if cfg.models.reward.kind == "model" else [])
+        + ([res.reward] if cfg.models.reward.loads_model else [])
     return math.ceil(sum(r.num_actors * r.num_gpus for r in roles) - 1e-9)
 
 
@@ -210,7 +210,7 @@ def _gpu_for_cpu_roles(cfg, problems: list[Problem]):
     """On GPU hardware a role reserving no GPU would run on CPUs: say so, and plan it with one GPU per actor."""
     changes = []
     for role in ("learner", "generation") + (("reference",) if cfg.reference_actors else ()) \
-            + (("reward",) if cfg.models.reward.kind == "model" else ()):
+            + (("reward",) if cfg.models.reward.loads_model else ()):
         res = getattr(cfg.resources, role)
         if res.num_gpus == 0:
             problems.append(Problem("layout", f"resources.{role}.num_gpus is 0: it would run on CPUs; planned with "
@@ -286,6 +286,11 @@ def _assumptions(cfg, hw: Hardware) -> list[str]:
     reference, why = cfg.reference_source()
     if reference == "none":
         notes.append(f"{why}: none planned")
+    if cfg.models.reward.kind == "judge":
+        notes.append(f"models.reward.kind=judge: the judge's generation ({cfg.models.reward.model}, up to "
+                     f"{cfg.models.reward.judge.max_tokens} verdict tokens per judging prompt) is NOT priced — its "
+                     "score phase is planned as one call's overhead and its engine's memory is not counted; measure it "
+                     "(benchmarks/judge_throughput.py) before trusting this plan's step time")
     if hw.is_gpu:
         notes.append(f"{GPU_RESERVED_BYTES / GiB:.1f} GiB per GPU reserved for CUDA context, NCCL and fragmentation; "
                      "vLLM takes 85 % of its GPUs")

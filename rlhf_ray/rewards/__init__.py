@@ -2,7 +2,8 @@
 the reward functions shipped with the project: config values name them as ``rlhf_ray.rewards:NAME``.
 
     base       the sample a backend scores, the backend interface, stored RM statistics (imports no other module here)
-    backends   the four backends behind models.reward.kind
+    backends   the backends behind models.reward.kind
+    judge      an LLM judge in the reward actors (vLLM): judging prompts, verdict rules, templates/*.jinja
     http       the rlhf-ray/reward/v1 schema: client, reference server (python -m rlhf_ray.rewards.http)
     serve      an RM as a shared Ray Serve application (managed with python -m rlhf_ray.rm)
     normalize  raw scores -> what PPO sees (models.reward.normalize / clip)

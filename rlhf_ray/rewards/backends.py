@@ -5,6 +5,7 @@
     function  a Python callable ``module:function(prompt, response, **function_kwargs) -> float``
     http      a remote endpoint speaking the versioned JSON schema of rlhf_ray.rewards.http
     serve     an RM deployed once as a Ray Serve application (rlhf_ray.rm), shared by any number of experiments
+    judge     an LLM in the reward actors (vLLM) that writes a verdict from a judging prompt (rlhf_ray.rewards.judge)
 
 Every backend gets whole conversations (``RewardSample.messages``) as well as the rendered prompt and the
 response text, so an RM never has to share the policy's tokenizer or chat template. A new kind is a new class in
@@ -24,6 +25,7 @@ import torch
 
 from rlhf_ray.config import RewardConfig
 from rlhf_ray.rewards.base import REWARD_STATS_FILE, RewardBackend, RewardSample, load_function, missing_stats_message
+from rlhf_ray.rewards.judge import JudgeBackend
 from rlhf_ray.rewards.model import ModelBackend
 
 # ----------------------------------------------------------------------------------------------- function
@@ -121,13 +123,13 @@ class ServeBackend(RewardBackend):
 
 
 BACKENDS: dict[str, type[RewardBackend]] = {"model": ModelBackend, "function": FunctionBackend, "http": HttpBackend,
-                                            "serve": ServeBackend}
+                                            "serve": ServeBackend, "judge": JudgeBackend}
 
 
 def build_backend(cfg: RewardConfig, *, model_path: str | None = None, dtype: str = "float32",
                   num_gpus: float = 0.0, sharded: bool = False) -> RewardBackend:
-    """The backend ``cfg.kind`` names (``model_path``: the resolved RM for kind='model'; ``sharded``: this process is
-    one rank of a group holding the RM, kind='model' only)."""
+    """The backend ``cfg.kind`` names (``model_path``: the resolved RM or judge where ``cfg.loads_model``; ``sharded``:
+    this process is one rank of a group holding the RM, kind='model' only)."""
     if sharded and cfg.kind != "model":
         raise ValueError(f"only a reward model can be sharded, not models.reward.kind={cfg.kind!r}")
     return BACKENDS[cfg.kind](cfg, model_path=model_path, dtype=dtype, num_gpus=num_gpus,

@@ -52,8 +52,26 @@ class RewardBackend:
     def score(self, samples: list[RewardSample]) -> torch.Tensor:
         raise NotImplementedError
 
+    def details(self) -> dict[str, torch.Tensor]:
+        """What the last ``score`` call found besides the scores, per sample: name -> [B] float32 (e.g. a judge's
+        ``judge_unparsed``, the share of a sample's verdicts that did not parse). The reward actor returns them beside
+        the scores; the driver logs each one's batch mean as the step metric ``reward/<name>``
+        (``detail_metrics``). A backend of backends (a composite) names its parts' details ``<part>/<name>``."""
+        return {}
+
     def stored_statistics(self) -> dict | None:
         return None
+
+
+def detail_metrics(details: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Step metrics from the reward's per-sample details of one or more scoring calls: ``reward/<name>`` = the mean
+    over every sample scored (a sample missing a name, because a call did not report it, is left out of its mean)."""
+    joined: dict[str, list[torch.Tensor]] = {}
+    for part in details:
+        for name, values in part.items():
+            joined.setdefault(name, []).append(values.float().flatten())
+    return {f"reward/{name}": float(torch.cat(values).mean()) for name, values in joined.items()
+            if sum(v.numel() for v in values)}
 
 
 def load_function(spec: str, key: str = "models.reward.function"):

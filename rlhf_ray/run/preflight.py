@@ -113,19 +113,39 @@ def check_reward_function(reward: RewardConfig) -> None:
         pass
 
 
-def check_reward_template(reward: RewardConfig, rm_path: str, messages: list[dict]) -> None:
-    """The RM's tokenizer can render a (prompt, response) conversation in ``models.reward.template``."""
+def check_reward_template(reward: RewardConfig, rm_path: str, messages: list[dict], label: str | None = None) -> None:
+    """The RM's tokenizer can render a (prompt, response) conversation in ``models.reward.template``; a judge's
+    template renders the judging prompt of that conversation (``check_judge``)."""
     from transformers import AutoTokenizer
 
     from rlhf_ray.data.sources import render_messages
 
     tokenizer = AutoTokenizer.from_pretrained(rm_path)
+    if reward.kind == "judge":
+        return check_judge(reward, tokenizer, messages, label)
     try:
         render_messages(messages + [{"role": "assistant", "content": "a response"}], reward.template, tokenizer,
                         add_generation_prompt=False)
     except Exception as err:  # jinja errors, missing templates: any failure here would fail every step
         raise PreflightError(f"models.reward.template={reward.template!r} cannot render a conversation with the "
                              f"reward model's tokenizer ({rm_path}): {err}") from None
+
+
+def check_judge(reward: RewardConfig, tokenizer, messages: list[dict], label: str | None) -> None:
+    """The judge's template loads and renders the judging prompt of ``messages`` (and ``label``, the reference answer),
+    and with judge.score=expected every choice is one token of the judge's tokenizer."""
+    from rlhf_ray.rewards.base import RewardSample
+    from rlhf_ray.rewards.judge import check_single_token_choices, judging_prompts, load_template
+
+    sample = RewardSample.of(messages, "", "a response", label)
+    try:
+        prompts = judging_prompts(load_template(reward.judge.template, reward.judge.mode), sample, reward.judge)
+        check_single_token_choices(tokenizer, reward.judge, prompts[0].choices)
+    except ValueError as err:  # its message names the key
+        raise PreflightError(str(err)) from None
+    except Exception as err:  # noqa: BLE001 — jinja: an unknown variable, a filter that fails
+        raise PreflightError(f"models.reward.judge.template cannot render a judging prompt: {type(err).__name__}: "
+                             f"{err}") from None
 
 
 def check_reward_stats(reward: RewardConfig, rm_path: str) -> None:
@@ -163,6 +183,7 @@ REWARD_CHECKS = {  # models.reward.kind -> what can be checked before a cluster 
     "function": lambda cfg, rm_path: check_reward_function(cfg.models.reward),
     "http": lambda cfg, rm_path: check_reward_http(cfg),
     "serve": lambda cfg, rm_path: check_reward_serve(cfg),
+    "judge": lambda cfg, rm_path: None,  # its template needs the data's first prompt: check_reward_template
 }
 
 

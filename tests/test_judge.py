@@ -1,0 +1,254 @@
+"""The LLM judge (models.reward.kind=judge) without an engine: judging prompts from templates, verdict rules, the
+expected rating from top-k logprobs, the count of verdicts that fail to parse, the config's one-line errors, and the
+path its per-sample details take to the step metrics. A tiny judge end to end: tests/test_reward_swap.py."""
+from __future__ import annotations
+
+import math
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from rlhf_ray.config import ConfigError, RewardConfig, build_config
+from rlhf_ray.config.reward import DEFAULT_PARSE, JudgeConfig
+from rlhf_ray.rewards.base import RewardSample, detail_metrics
+from rlhf_ray.rewards.judge import (JudgeBackend, choice_key, expected_value, find_choice, judging_prompts,
+                                    load_template, read_verdict, sample_details, template_source, token_at)
+from tests.conftest import ROOT, tiny_config
+
+SAMPLE = RewardSample.of([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}],
+                         "<|user|>\nName a colour.\n<|assistant|>\n", "Blue.", label="Red.")
+POINTWISE = JudgeConfig()
+PAIRWISE = JudgeConfig(mode="pairwise")
+
+
+# ------------------------------------------------------------------------------------------------ templates
+
+def test_shipped_pointwise_template_shows_the_conversation_the_response_and_the_range():
+    [prompt] = judging_prompts(load_template(None, "pointwise"), SAMPLE, POINTWISE)
+    assert "System: Be brief.\nUser: Name a colour." in prompt.text and "[Answer]\nBlue.\n" in prompt.text
+    assert "from 1 (useless or wrong) to 5 (excellent)" in prompt.text and '"Rating: N"' in prompt.text
+    assert prompt.choices == {"1": 1.0, "2": 2.0, "3": 3.0, "4": 4.0, "5": 5.0}
+
+
+def test_pairwise_judges_both_orders_with_the_choices_swapped():
+    first, second = judging_prompts(load_template(None, "pairwise"), SAMPLE, PAIRWISE)
+    assert "[Answer A]\nBlue.\n" in first.text and "[Answer B]\nRed.\n" in first.text
+    assert "[Answer A]\nRed.\n" in second.text and "[Answer B]\nBlue.\n" in second.text
+    assert first.choices == {"A": 1.0, "B": 0.0} and second.choices == {"A": 0.0, "B": 1.0}
+    assert len(judging_prompts(load_template(None, "pairwise"), SAMPLE, JudgeConfig(mode="pairwise",
+                                                                                     both_orders=False))) == 1
+    with pytest.raises(ValueError, match="data.label_field"):
+        judging_prompts(load_template(None, "pairwise"), RewardSample.of([], "", "x"), PAIRWISE)
+
+
+def test_a_users_template_inline_or_in_a_file(tmp_path):
+    inline = "Q: {{ question }} A: {{ response }} ({{ rating_min }}-{{ rating_max }})"
+    assert judging_prompts(load_template(inline, "pointwise"), SAMPLE, POINTWISE)[0].text == \
+        "Q: Name a colour. A: Blue. (1-5)"
+    (tmp_path / "mine.jinja").write_text("{{ prompt }}|{{ reference }}")
+    assert judging_prompts(load_template(str(tmp_path / "mine.jinja"), "pointwise"), SAMPLE, POINTWISE)[0].text == \
+        SAMPLE.prompt + "|Red."
+    with pytest.raises(ValueError, match="neither a shipped template .*pairwise_preference, pointwise_helpfulness"):
+        template_source("no_such_template", "pointwise")
+    with pytest.raises(ValueError, match="not valid Jinja"):
+        load_template("{{ response ", "pointwise")
+    with pytest.raises(Exception, match="answer_c"):  # StrictUndefined: a misspelt variable fails, not renders ''
+        judging_prompts(load_template("{{ answer_c }}", "pointwise"), SAMPLE, POINTWISE)
+
+
+# ------------------------------------------------------------------------------------------------ verdict rules
+
+@pytest.mark.parametrize("verdict, mode, found", [
+    ("Rating: 4\nClear and right.", "pointwise", "4"),
+    ("rating: 4", "pointwise", None),                         # the rule is case-sensitive
+    ("Rating: 9", "pointwise", None),                         # out of range: does not parse
+    ("Rating: 2 ... on reflection, Rating: 3", "pointwise", "3"),  # the last match counts
+    ("Rating:05", "pointwise", "5"),                          # leading zeros
+    ("I cannot rate this.", "pointwise", None),
+    ("", "pointwise", None),
+    ("Preferred: B. It names a colour.", "pairwise", "B"),
+    ("Preferred: [A]", "pairwise", "A"),
+    ("Preferred: AB", "pairwise", None),                      # not a whole A or B
+    ("Preferred: C", "pairwise", None),
+])
+def test_default_rules_parse_good_verdicts_and_refuse_the_rest(verdict, mode, found):
+    choices = {"A": 1.0, "B": 0.0} if mode == "pairwise" else {str(r): float(r) for r in range(1, 6)}
+    match = find_choice(verdict, re.compile(DEFAULT_PARSE[mode]), choices)
+    assert (choice_key(match.group(1)) if match else None) == found
+
+
+def test_expected_rating_from_top_logprobs_renormalised_over_the_rating_tokens():
+    choices = {str(r): float(r) for r in range(1, 6)}
+    top = [("4", math.log(0.5)), (" 4", math.log(0.1)), ("5", math.log(0.2)), ("the", math.log(0.15)),
+           ("9", math.log(0.05))]
+    assert expected_value(top, choices) == pytest.approx((0.6 * 4 + 0.2 * 5) / 0.8)
+    assert expected_value([("the", -0.1)], choices) is None
+    assert expected_value([("A", math.log(0.3)), ("B", math.log(0.1))], {"A": 0.0, "B": 1.0}) == pytest.approx(0.25)
+    assert token_at(["Rating", ":", " 4"], 8) == 2 and token_at(["ab"], 5) is None
+
+
+def completion(tokens: list[str], tops: list[dict[str, float]] | None = None):
+    """A vLLM CompletionOutput's shape: text, token_ids, and per position {token id: Logprob}."""
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens + [t for top in tops or [] for t in top]))}
+    logprobs = None
+    if tops is not None:
+        logprobs = [{vocab[t]: SimpleNamespace(logprob=lp, decoded_token=t) for t, lp in {tok: 0.0, **top}.items()}
+                    for tok, top in zip(tokens, tops)]
+    return SimpleNamespace(text="".join(tokens), token_ids=[vocab[t] for t in tokens], logprobs=logprobs)
+
+
+def test_read_verdict_parsed_expected_and_fallback():
+    rule, choices = re.compile(DEFAULT_PARSE["pointwise"]), {str(r): float(r) for r in range(1, 6)}
+    expected = JudgeConfig(score="expected", unparsed_score=-1.0)
+    out = completion(["Rating", ":", " 4", "."], [{}, {}, {" 4": math.log(0.75), " 2": math.log(0.25)}, {}])
+    assert read_verdict(out, rule, choices, POINTWISE).value == 4.0
+    verdict = read_verdict(out, rule, choices, expected)
+    assert verdict.value == pytest.approx(0.75 * 4 + 0.25 * 2) and verdict.parsed and not verdict.expected_fallback
+    glued = completion(["Rating", ":4", "."], [{}, {":4": 0.0}, {}])  # the rating is not a token of its own
+    assert read_verdict(glued, rule, choices, expected) == read_verdict(glued, rule, choices, expected).__class__(
+        4.0, parsed=True, expected_fallback=True)
+    unparsed = read_verdict(completion(["no", " idea"], [{}, {}]), rule, choices, expected)
+    assert (unparsed.value, unparsed.parsed) == (-1.0, False)
+
+
+# ------------------------------------------------------------------------------------------------ the count
+
+class FakeLLM:
+    """vLLM's LLM.generate as the judge calls it: one canned completion per judging prompt, in order."""
+
+    def __init__(self, texts: list[str]):
+        self.texts, self.calls = list(texts), []
+
+    def generate(self, prompts, params, use_tqdm=False):
+        self.calls.append((prompts, params))
+        return [SimpleNamespace(outputs=[completion([self.texts.pop(0)])]) for _ in prompts]
+
+
+def fake_judge(judge: JudgeConfig, texts: list[str], max_length: int = 1024) -> JudgeBackend:
+    backend = JudgeBackend.__new__(JudgeBackend)
+    backend.cfg = RewardConfig(kind="judge", model="tiny:policy", max_length=max_length, judge=judge)
+    backend.judge, backend.rule = judge, re.compile(judge.parse_rule)
+    backend.template, backend._details = load_template(judge.template, judge.mode), {}
+    backend.llm = FakeLLM(texts)
+    backend.encode = lambda text: list(range(len(text.split())))  # a token per word
+    return backend
+
+
+def test_unparsed_verdicts_are_scored_and_counted_never_dropped():
+    backend = fake_judge(JudgeConfig(unparsed_score=-2.0), ["Rating: 5", "rubbish", "Rating: 7", "Rating: 1"])
+    samples = [RewardSample.of([{"role": "user", "content": "Hi"}], "Hi", r) for r in "abcd"]
+    assert backend.score(samples).tolist() == [5.0, -2.0, -2.0, 1.0]
+    assert backend.details()["judge_unparsed"].tolist() == [0.0, 1.0, 1.0, 0.0]
+    assert detail_metrics([backend.details()]) == {"reward/judge_unparsed": 0.5, "reward/judge_overlong": 0.0}
+
+
+def test_pairwise_score_is_the_mean_preference_over_both_orders():
+    # sample 0: preferred as A, then as B (1, 1); sample 1: the reference both times (0, 0); sample 2: position-biased
+    # "A" twice (1, 0); sample 3: one verdict unparsed (1, unparsed_score 0.5)
+    backend = fake_judge(JudgeConfig(mode="pairwise", unparsed_score=0.5),
+                         ["Preferred: A", "Preferred: B", "Preferred: B", "Preferred: A", "Preferred: A",
+                          "Preferred: A", "Preferred: A", "no"])
+    samples = [RewardSample.of([{"role": "user", "content": "Hi"}], "Hi", r, label="ref") for r in "abcd"]
+    assert backend.score(samples).tolist() == [1.0, 0.0, 0.5, 0.75]
+    assert backend.details()["judge_unparsed"].tolist() == [0.0, 0.0, 0.0, 0.5]
+
+
+def test_a_judging_prompt_over_max_length_is_not_judged_but_counted():
+    backend = fake_judge(JudgeConfig(unparsed_score=0.0, template="{{ response }}"), ["Rating: 3"], max_length=3)
+    samples = [RewardSample.of([], "", "short answer"), RewardSample.of([], "", "a much longer answer here")]
+    assert backend.score(samples).tolist() == [3.0, 0.0]
+    assert len(backend.llm.calls[0][0]) == 1  # only the one that fits went to the engine
+    assert backend.details()["judge_overlong"].tolist() == [0.0, 1.0]
+    assert backend.details()["judge_unparsed"].tolist() == [0.0, 1.0]
+
+
+def test_details_join_across_actors_and_reduce_to_step_metrics():
+    from rlhf_ray.cluster.calls import join_details
+
+    joined = join_details([{"judge_unparsed": torch.tensor([1.0, 0.0]), "only_here": torch.tensor([1.0, 1.0])},
+                           {"judge_unparsed": torch.tensor([0.0, 0.0])}])
+    assert list(joined) == ["judge_unparsed"] and joined["judge_unparsed"].tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert join_details([{}, {}]) == {}
+    # dynamic sampling: every round's samples count
+    assert detail_metrics([{"x": torch.tensor([1.0])}, {"x": torch.tensor([0.0, 0.0, 0.0])}]) == {"reward/x": 0.25}
+    assert sample_details([[SimpleNamespace(parsed=False, overlong=False, expected_fallback=False)] * 2],
+                          JudgeConfig(score="expected"))["judge_expected_fallback"].tolist() == [0.0]
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+@pytest.mark.parametrize("overrides, key, why", [
+    (["models.reward.kind=judge", "models.reward.model=null"], "models.reward.model", "causal LM"),
+    (["models.reward.kind=judge", "models.reward.model=tiny:policy", "models.reward.judge.rating_max=1"],
+     "models.reward.judge.rating_max", "must be above rating_min=1"),
+    (["models.reward.kind=judge", "models.reward.model=tiny:policy", "models.reward.judge.parse=Rating"],
+     "models.reward.judge.parse", "exactly one group"),
+    (["models.reward.kind=judge", "models.reward.model=tiny:policy", "models.reward.judge.parse=(a"],
+     "models.reward.judge.parse", "not a regular expression"),
+    (["models.reward.kind=judge", "models.reward.model=tiny:policy", "models.reward.judge.mode=pairwise",
+      "models.value_init=policy"], "data.label_field", "reference answer"),
+    (["models.reward.kind=judge", "models.reward.model=tiny:policy", "models.reward.judge.score=mean"],
+     "models.reward.judge.score", "parsed"),
+    (["models.reward.kind=judge", "models.reward.model=tiny:policy", "models.reward.judge.top_logprobs=50"],
+     "models.reward.judge.top_logprobs", "20"),
+    (["models.reward.kind=judge", "models.reward.model=tiny:policy"], "models.value_init", "needs a reward model"),
+])
+def test_bad_judge_configs_get_one_line_naming_the_key(tmp_path, overrides, key, why):
+    with pytest.raises(ConfigError) as err:
+        tiny_config(tmp_path, None, *overrides)
+    message = str(err.value)
+    assert key in message and why in message and "\n" not in message.strip(), message
+
+
+def test_a_judge_config_loads_its_model_and_asks_for_what_it_needs(tmp_path):
+    cfg = tiny_config(tmp_path, None, "models.reward.kind=judge", "models.reward.model=tiny:policy",
+                      "models.value_init=policy", "models.reward.judge.mode=pairwise", "data.label_field=answer")
+    reward = cfg.models.reward
+    assert reward.loads_model and reward.compares_with_reference and reward.judge.parse_rule == DEFAULT_PARSE["pairwise"]
+    assert not build_config({"kind": "function", "function": "m:f"}, RewardConfig).loads_model
+
+
+def test_preflight_renders_the_judging_prompt_and_checks_single_token_ratings(tiny_tokenizer):
+    from rlhf_ray.run.preflight import PreflightError, check_judge
+
+    messages = [{"role": "user", "content": "Name a colour."}]
+    check_judge(RewardConfig(kind="judge", model="m", judge={"score": "expected"}), tiny_tokenizer, messages, None)
+    with pytest.raises(PreflightError, match="judge.score=expected needs every choice to be one token"):
+        check_judge(RewardConfig(kind="judge", model="m", judge={"score": "expected", "rating_max": 12}),
+                    tiny_tokenizer, messages, None)
+    with pytest.raises(PreflightError, match="judge.template cannot render.*answer_c"):
+        check_judge(RewardConfig(kind="judge", model="m", judge={"template": "{{ answer_c }}"}), tiny_tokenizer,
+                    messages, None)
+    with pytest.raises(PreflightError, match="data.label_field"):
+        check_judge(RewardConfig(kind="judge", model="m", judge={"mode": "pairwise"}), tiny_tokenizer, messages, None)
+
+
+def test_evaluate_and_rm_eval_take_a_judge():
+    from rlhf_ray.cli.evaluate import reward_config as evaluate_reward
+    from rlhf_ray.cli.rm_eval import reward_config as rm_eval_reward
+
+    cfg = evaluate_reward("judge=real:smollm2-135m", ["judge.score=expected", "judge.rating_max=9"], "tulu")
+    assert (cfg.kind, cfg.model, cfg.judge.score, cfg.judge.rating_max) == ("judge", "real:smollm2-135m", "expected", 9)
+    pairwise = rm_eval_reward("judge:tiny:policy", "tulu", 512, 8)
+    assert (pairwise.kind, pairwise.model, pairwise.compares_with_reference) == ("judge", "tiny:policy", True)
+    with pytest.raises(ValueError, match="judge.rating_max"):
+        evaluate_reward("judge=tiny:policy", ["judge.rating_max=0"], "tulu")
+
+
+def test_rm_eval_gives_a_pairwise_judge_the_other_response_as_reference():
+    from rlhf_ray.cli.rm_eval import score_pairs
+
+    seen = []
+    backend = SimpleNamespace(cfg=RewardConfig(kind="judge", model="m", judge={"mode": "pairwise"}),
+                              score=lambda samples: seen.extend(samples) or torch.tensor([1.0, 0.0]))
+    pair = SimpleNamespace(prompt=[{"role": "user", "content": "Hi"}], chosen="good", rejected="bad")
+    assert score_pairs(backend, [pair]).tolist() == [[1.0, 0.0]]
+    assert [(s.response, s.label) for s in seen] == [("good", "bad"), ("bad", "good")]
+
+
+def test_the_templates_ship_with_the_package():
+    assert 'package_data={"rlhf_ray.rewards": ["templates/*.jinja"]}' in (ROOT / "setup.py").read_text()
+    assert {p.stem for p in (ROOT / "rlhf_ray" / "rewards" / "templates").glob("*.jinja")} == {
+        "pointwise_helpfulness", "pairwise_preference"}
