@@ -82,8 +82,18 @@ def assert_learns(scores: list[float]) -> None:
 
 
 def test_policy_learns_a_verifiable_reward(function_trainer):
+    import json
+    from pathlib import Path
+
+    from rlhf_ray.rewards import char_frequency
+
     metrics = [function_trainer.step() for _ in range(LEARN_STEPS)]
     assert_learns([m["score/mean"] for m in metrics])
+    # every recorded sample's score is the function's own (models.reward.function_kwargs passed through)
+    rows = [json.loads(line) for line in (Path(function_trainer.cfg.output_dir) / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) >= 4 * LEARN_STEPS
+    for row in rows:
+        assert row["score"] == pytest.approx(char_frequency(row["prompt"], row["response"], char="e"), abs=1e-6)
     assert_generators_match_learner(function_trainer, *fixed_response(function_trainer))  # after many updates
     # old logprobs were the sampler's (no second policy pass), and the update's first mini-batch checked them
     assert function_trainer.old_logprobs == "sampler"

@@ -1,9 +1,10 @@
-"""One experiment, four reward backends, swapped by config alone: each run's scores come from its own RM.
+"""One experiment, five reward backends, swapped by config alone: each run's scores come from its own RM.
 
-The same tiny PPO run (configs/tiny_cpu.yaml, 2 steps) with a function and, side by side, an HTTP endpoint on
-loopback; and with the RM in the reward actor, then an RM deployed once on Ray Serve (another RM: tiny:reward of seed
-1) and shared by two experiments running at once — deployed, listed and removed with ``python -m rlhf_ray.rm`` as a
-user types it.
+The same tiny PPO run (configs/tiny_cpu.yaml, 2 steps) with an LLM judge (tiny:policy in the reward actor's vLLM
+engine) and, side by side, an HTTP endpoint on loopback; and with the RM in the reward actor, then an RM deployed once
+on Ray Serve (another RM: tiny:reward of seed 1) and shared by two experiments running at once — deployed, listed and
+removed with ``python -m rlhf_ray.rm`` as a user types it. (The function backend's scores are checked sample by
+sample in tests/test_e2e_ppo.py.)
 """
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from types import SimpleNamespace
 
 import pytest
 
-from rlhf_ray.rewards import char_frequency
 from rlhf_ray.rewards.http import serve_function
 from tests.conftest import ROOT, free_port, metric_rows, ray_head, short_tmp, start_run, tiny_config
 
@@ -45,25 +45,43 @@ def finish(run: subprocess.Popen, out: Path) -> list[dict]:
     return rows
 
 
-def test_function_and_http_endpoint_side_by_side(tiny_cache, tmp_path):
+# the tiny policy as a pointwise judge: a short template, ratings 0–9 (single tokens of the tiny tokenizer) read from
+# any digit, the expected rating from vLLM's top-k logprobs; a random model writes a digit in some verdicts only, so
+# verdicts that fail to parse (scored -1) are exercised too
+JUDGE = ("models.reward.kind=judge", "models.reward.model=tiny:policy",  # YAML-quoted: '{' opens a mapping
+         'models.reward.judge.template="{{ question }} Answer: {{ response }} Rating 0-9:"', r"models.reward.judge.parse=(\d)", "models.reward.judge.rating_min=0",
+         "models.reward.judge.rating_max=9", "models.reward.judge.unparsed_score=-1", "models.reward.judge.max_tokens=8",
+         "models.reward.judge.temperature=1", "models.reward.judge.score=expected")
+
+
+def test_llm_judge_and_http_endpoint_side_by_side(tiny_cache, tmp_path):
     """The two runs go side by side, each in a local Ray of its own (they used to go one after the other)."""
-    with short_tmp("rw") as function_tmp, short_tmp("rx") as http_tmp, serve_function(distinctive) as server:
-        runs = [start_run(tmp_path / "function", function_tmp, tiny_cache, *COMMON, "models.reward.kind=function",
-                          "models.reward.function=rlhf_ray.rewards:char_frequency"),
+    with short_tmp("rw") as judge_tmp, short_tmp("rx") as http_tmp, serve_function(distinctive) as server:
+        runs = [start_run(tmp_path / "judge", judge_tmp, tiny_cache, *COMMON, *JUDGE),
                 start_run(tmp_path / "http", http_tmp, tiny_cache, *COMMON, "models.reward.kind=http",
                           f"models.reward.url={server.url}", "models.reward.batch_size=6")]
         try:
-            function_rows = finish(runs[0], tmp_path / "function")
+            judge_rows = finish(runs[0], tmp_path / "judge")
             http_rows = finish(runs[1], tmp_path / "http")
         finally:
             for run in runs:
                 if run.poll() is None:
                     run.kill()
         assert server.requests == 2 * 3  # 2 steps × ⌈16 samples / batch_size 6⌉ requests
-    for row in function_rows:
-        assert row["score"] == pytest.approx(char_frequency(row["prompt"], row["response"]), abs=1e-6)
     for row in http_rows:
         assert row["score"] == distinctive(row["prompt"], row["response"])
+    assert_judged(judge_rows, metric_rows(tmp_path / "judge"))
+
+
+def assert_judged(rows: list[dict], metrics: list[dict]) -> None:
+    """Each verdict scored: an expected rating in [0, 9], or -1 where it did not parse — and the share of those is
+    each step's reward/judge_unparsed (every sample of a step is recorded); both kinds occur."""
+    assert all(row["score"] == -1 or 0 <= row["score"] <= 9 for row in rows)
+    for m in metrics:
+        unparsed = [row["score"] == -1 for row in rows if row["step"] == m["step"]]
+        assert m["reward/judge_unparsed"] == pytest.approx(sum(unparsed) / len(unparsed))
+        assert m["reward/judge_overlong"] == 0 and 0 <= m["reward/judge_expected_fallback"] <= 1
+    assert 0 < sum(row["score"] == -1 for row in rows) < len(rows), [row["score"] for row in rows]
 
 
 # ------------------------------------------------------------------------------------------------ Ray Serve
