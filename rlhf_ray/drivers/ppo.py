@@ -297,7 +297,7 @@ class PPOTrainer(CheckpointedDriver):
         while True:
             with phase(times, "score_wall"):
                 scored, seconds = self.roles.score(batch, roles=("reward",))
-            details.append(scored.pop("reward_details"))
+            details.append(scored.pop("reward_details", {}))
             batch, reward_s = batch.with_(**scored), reward_s + seconds["reward"]
             for group in batch.group_ids.unique(sorted=True).tolist():
                 rows = (batch.group_ids == group).nonzero().flatten()
