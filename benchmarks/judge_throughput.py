@@ -1,6 +1,7 @@
 """An LLM judge's throughput and parse rate beside a sequence-classification RM's, on the same samples and machine.
 
-    python benchmarks/judge_throughput.py [--judge real:smollm2-135m] [--rm real:smollm2-135m] [--samples 16]
+    python benchmarks/judge_throughput.py [--judge real:smollm2-135m] [--rm real:smollm2-135m] [--samples 16] \
+        [--pairs FILE] [--reply-prefix]
 
 The samples are real: the first ``--samples`` pairs of the AlpacaEval hold-out set (../shared/data/starter; the tiny
 prompts with made-up answers where it is absent), each pair's chosen response the one scored. Scored, in this order,
@@ -12,6 +13,8 @@ each backend through the same code PPO's reward actor runs (rlhf_ray.rewards.bac
   judge_expected       the same verdicts, score=expected (top-20 logprobs at the rating token)
   judge_pairwise       shipped pairwise_preference template, the pair's rejected response as the reference, both
                        orders (two verdicts per sample)
+  *_prefixed           (--reply-prefix) the same three with the judge's reply begun for it (judge.reply_prefix
+                       'Rating:' / 'Preferred:')
 
 and records samples/s, the share of verdicts that parsed, the mean score, the pairwise accuracy (chosen preferred) and
 the first verdicts as the judge wrote them. Writes benchmarks/results/judge_throughput.{json,md}.
@@ -32,13 +35,14 @@ sys.path.insert(0, str(ROOT))
 PAIRS = ROOT.parent / "shared" / "data" / "starter" / "prefs_eval_alpacaeval.tulu25.jsonl"
 
 
-def load_samples(n: int):
+def load_samples(n: int, pairs_file: Path):
     from rlhf_ray.data.sources import load_preferences, render_tulu
     from rlhf_ray.rewards.base import RewardSample
 
-    if PAIRS.is_file():
-        pairs = load_preferences(str(PAIRS)).pairs[:n]
-        return [RewardSample.of(p.prompt, render_tulu(p.prompt), p.chosen, p.rejected) for p in pairs], str(PAIRS)
+    if pairs_file.is_file():
+        pairs = load_preferences(str(pairs_file)).pairs[:n]
+        return ([RewardSample.of(p.prompt, render_tulu(p.prompt), p.chosen, p.rejected) for p in pairs],
+                pairs_file.name)
     rows = [json.loads(line) for line in (ROOT / "configs" / "data" / "tiny_prompts.jsonl").read_text().splitlines()]
     samples = [RewardSample.of(r["messages"], render_tulu(r["messages"]), "I am not sure.", "Here is a clear answer.")
                for r in rows[:n]]
@@ -57,6 +61,10 @@ def main() -> None:
     parser.add_argument("--judge", default="real:smollm2-135m")
     parser.add_argument("--rm", default="real:smollm2-135m")
     parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--pairs", type=Path, default=PAIRS, help="Tulu 2.5 preference pairs (default: the "
+                                                                   "AlpacaEval hold-out set in ../shared/data)")
+    parser.add_argument("--reply-prefix", action="store_true", help="also judge with judge.reply_prefix "
+                                                                    "('Rating:' / 'Preferred:')")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "judge_throughput"))
@@ -70,7 +78,7 @@ def main() -> None:
     from rlhf_ray.runtime.devices import set_num_threads_as_before_vllm
 
     set_num_threads_as_before_vllm(args.threads)
-    samples, source = load_samples(args.samples)
+    samples, source = load_samples(args.samples, args.pairs)
     results = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "threads": args.threads,
                "samples": len(samples), "source": source, "judge": args.judge, "rm": args.rm, "runs": {}}
 
@@ -84,6 +92,10 @@ def main() -> None:
     judge_path = resolve_model(args.judge)
     variants = {"judge_pointwise": {}, "judge_expected": {"score": "expected"},
                 "judge_pairwise": {"mode": "pairwise"}}
+    if args.reply_prefix:  # the judge's reply begun for it: a small judge states its verdict at once
+        variants |= {"judge_pointwise_prefixed": {"reply_prefix": "Rating:"},
+                     "judge_expected_prefixed": {"score": "expected", "reply_prefix": "Rating:"},
+                     "judge_pairwise_prefixed": {"mode": "pairwise", "reply_prefix": "Preferred:"}}
     backend = None
     for name, judge in variants.items():
         cfg = RewardConfig(kind="judge", model=args.judge, max_length=1024,

@@ -111,6 +111,11 @@ def test_read_verdict_parsed_expected_and_fallback():
         4.0, parsed=True, expected_fallback=True)
     unparsed = read_verdict(completion(["no", " idea"], [{}, {}]), rule, choices, expected)
     assert (unparsed.value, unparsed.parsed) == (-1.0, False)
+    # judge.reply_prefix: the judge's reply starts after 'Rating:'; the rule reads both, the logprobs are its own
+    prefixed = JudgeConfig(score="expected", reply_prefix="Rating:")
+    out = completion([" 2", "."], [{" 2": math.log(0.5), " 3": math.log(0.5)}, {}])
+    assert read_verdict(out, rule, choices, prefixed).value == pytest.approx(2.5)
+    assert read_verdict(completion(["no"], [{}]), rule, choices, prefixed).parsed is False
 
 
 # ------------------------------------------------------------------------------------------------ the count

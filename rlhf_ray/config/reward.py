@@ -53,6 +53,10 @@ class JudgeConfig(StrictSection):
     both_orders: bool = Field(
         True, description="Pairwise: judge each pair twice, the response first (A) and second (B), and average — "
                           "against the judge's position bias; false: once, the response as A.")
+    reply_prefix: Optional[str] = Field(
+        None, description="Text the judge's reply starts with, written for it after the judging prompt (e.g. "
+                          "'Rating:' or 'Preferred:'): a small judge then states its verdict at once instead of "
+                          "echoing the format. The rule reads prefix + the judge's text. null: none.")
     chat_template: bool = Field(
         True, description="Wrap the judging prompt as one user turn in the judge tokenizer's chat template (when it "
                           "has one); false: the rendered text as it is (a base model as judge).")

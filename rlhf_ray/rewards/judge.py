@@ -160,8 +160,10 @@ class Verdict:
 
 
 def read_verdict(output, rule: re.Pattern, choices: dict[str, float], judge: JudgeConfig) -> Verdict:
-    """One vLLM completion (``text``, ``token_ids``, ``logprobs``) -> its verdict under ``judge``."""
-    match = find_choice(output.text, rule, choices)
+    """One vLLM completion (``text``, ``token_ids``, ``logprobs``) -> its verdict under ``judge``: the rule reads
+    judge.reply_prefix + the judge's text."""
+    prefix = judge.reply_prefix or ""
+    match = find_choice(prefix + output.text, rule, choices)
     if match is None:
         return Verdict(judge.unparsed_score, parsed=False)
     parsed = choices[choice_key(match.group(1))]
@@ -169,7 +171,8 @@ def read_verdict(output, rule: re.Pattern, choices: dict[str, float], judge: Jud
         return Verdict(parsed, parsed=True)
     positions = output.logprobs or []
     texts = [position[token].decoded_token or "" for position, token in zip(positions, output.token_ids)]
-    index = token_at(texts, match.start(1)) if "".join(texts) == output.text else None
+    start = match.start(1) - len(prefix)  # in the judge's own text (a choice inside the prefix has no logprobs)
+    index = token_at(texts, start) if start >= 0 and "".join(texts) == output.text else None
     if index is None or choice_key(texts[index]) != choice_key(match.group(1)):
         return Verdict(parsed, parsed=True, expected_fallback=True)
     expected = expected_value([(lp.decoded_token or "", lp.logprob) for lp in positions[index].values()], choices)
@@ -246,9 +249,9 @@ class JudgeBackend(RewardBackend):
 
     def encode(self, text: str) -> list[int]:
         """The judging prompt's token ids: as one user turn in the judge's chat template when it has one."""
-        tokenizer = self.tokenizer
+        tokenizer, prefix = self.tokenizer, self.judge.reply_prefix or ""
         if self.judge.chat_template and getattr(tokenizer, "chat_template", None):
             text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                                  tokenize=False)
-            return tokenizer(text, add_special_tokens=False)["input_ids"]
-        return tokenizer(text)["input_ids"]
+            return tokenizer(text + prefix, add_special_tokens=False)["input_ids"]
+        return tokenizer(text + prefix)["input_ids"]
