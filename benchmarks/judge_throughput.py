@@ -8,7 +8,7 @@ prompts with made-up answers where it is absent), each pair's chosen response th
 each backend through the same code PPO's reward actor runs (rlhf_ray.rewards.backends), one warm-up call first:
 
   rm                   the model backend (--rm: a sequence-classification RM; a causal LM gets a fresh score head,
-                       which costs the same), models.reward.batch_size 8, max_length 1024
+                       which costs the same), models.reward.batch_size 8, max_length --max-length
   judge_pointwise      the judge, shipped pointwise_helpfulness template, ratings 1–5, greedy, score=parsed
   judge_expected       the same verdicts, score=expected (top-20 logprobs at the rating token)
   judge_pairwise       shipped pairwise_preference template, the pair's rejected response as the reference, both
@@ -66,6 +66,9 @@ def main() -> None:
     parser.add_argument("--reply-prefix", action="store_true", help="also judge with judge.reply_prefix "
                                                                     "('Rating:' / 'Preferred:')")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-length", type=int, default=4096, help="models.reward.max_length of both: the RM keeps "
+                                                                     "the end of longer inputs, the judge does not "
+                                                                     "judge longer prompts (counted as overlong)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "judge_throughput"))
     args = parser.parse_args()
@@ -82,7 +85,7 @@ def main() -> None:
     results = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "threads": args.threads,
                "samples": len(samples), "source": source, "judge": args.judge, "rm": args.rm, "runs": {}}
 
-    rm_cfg = RewardConfig(kind="model", model=args.rm, batch_size=8, max_length=1024)
+    rm_cfg = RewardConfig(kind="model", model=args.rm, batch_size=8, max_length=args.max_length)
     rm = build_backend(rm_cfg, model_path=resolve_model(args.rm))
     scores, seconds = timed_scores(rm, samples)
     results["runs"]["rm"] = {"seconds": seconds, "samples_per_s": len(samples) / seconds,
@@ -98,7 +101,7 @@ def main() -> None:
                      "judge_pairwise_prefixed": {"mode": "pairwise", "reply_prefix": "Preferred:"}}
     backend = None
     for name, judge in variants.items():
-        cfg = RewardConfig(kind="judge", model=args.judge, max_length=1024,
+        cfg = RewardConfig(kind="judge", model=args.judge, max_length=args.max_length,
                            judge={"max_tokens": args.max_tokens, **judge})
         backend = build_backend(cfg, model_path=judge_path) if backend is None else same_engine(backend, cfg)
         scores, seconds = timed_scores(backend, samples)
@@ -106,6 +109,7 @@ def main() -> None:
         run = {"seconds": seconds, "samples_per_s": len(samples) / seconds,
                "verdicts_per_sample": 2 if cfg.compares_with_reference else 1,
                "parsed_fraction": 1 - float(unparsed.mean()), "mean_score": sum(scores) / len(scores),
+               "overlong_fraction": float(backend.details()["judge_overlong"].mean()),
                "first_verdicts": [backend.last_outputs.get(i, "") for i in range(3)]}
         if cfg.compares_with_reference:
             run["chosen_preferred_fraction"] = sum(s > 0.5 for s in scores) / len(scores)
@@ -131,13 +135,14 @@ def write(results: dict, out: Path) -> None:
     lines = [f"# LLM judge vs sequence-classification RM: throughput ({results['machine']}, {results['threads']} "
              f"threads)", "", f"{results['samples']} samples from {results['source']}; judge {results['judge']}, RM "
              f"{results['rm']} (benchmarks/judge_throughput.py).", "",
-             "| backend | samples/s | verdicts per sample | parsed | mean score | chosen preferred |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| backend | samples/s | verdicts per sample | parsed | not judged (too long) | mean score | chosen preferred |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for name, run in results["runs"].items():
         parsed = f"{run['parsed_fraction']:.2f}" if "parsed_fraction" in run else "–"
         chosen = f"{run['chosen_preferred_fraction']:.2f}" if "chosen_preferred_fraction" in run else "–"
+        overlong = f"{run['overlong_fraction']:.2f}" if "overlong_fraction" in run else "–"
         lines.append(f"| {name} | {run['samples_per_s']:.2f} | {run.get('verdicts_per_sample', 1)} | {parsed} | "
-                     f"{run['mean_score']:.3f} | {chosen} |")
+                     f"{overlong} | {run['mean_score']:.3f} | {chosen} |")
     lines.append("")
     for name, run in results["runs"].items():
         for i, verdict in enumerate(run.get("first_verdicts", [])):

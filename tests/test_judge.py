@@ -28,7 +28,7 @@ PAIRWISE = JudgeConfig(mode="pairwise")
 def test_shipped_pointwise_template_shows_the_conversation_the_response_and_the_range():
     [prompt] = judging_prompts(load_template(None, "pointwise"), SAMPLE, POINTWISE)
     assert "System: Be brief.\nUser: Name a colour." in prompt.text and "[Answer]\nBlue.\n" in prompt.text
-    assert "from 1 (useless or wrong) to 5 (excellent)" in prompt.text and '"Rating: N"' in prompt.text
+    assert "from 1 (useless or wrong) to 5 (excellent)" in prompt.text and '"Rating: " followed by' in prompt.text
     assert prompt.choices == {"1": 1.0, "2": 2.0, "3": 3.0, "4": 4.0, "5": 5.0}
 
 
