@@ -109,6 +109,8 @@ def pin_reward_app(reward, pinned_by: str | None = None) -> dict:
     version deployed now (NAME@vN), written back into ``reward.app`` so that the run's config.yaml, its checkpoints
     and every reward actor (restarted ones too) name that version. ``pinned_by``: the checkpoint a resumed run took
     its version from (``adopt_pinned_app``). Logs one line; returns the app's ``info()``."""
+    # ray.serve logs through a handler of its own (not the run's console filter): its router's INFO lines stay out
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     spec = reward.app
     app = resolve(spec)
     identity = app_handle(app).info.remote().result(timeout_s=reward.timeout_s)
