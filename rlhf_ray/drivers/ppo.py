@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 class PPOTrainer(CheckpointedDriver):
     unit, exported = "PPO", "policy"  # for the console (rlhf_ray.run.harness.run)
+    reward_pinned_by = None  # the checkpoint whose Serve RM version a resumed run took (adopt_saved)
 
     def __init__(self, cfg: ExperimentConfig):
         self.cfg = cfg
@@ -103,7 +104,7 @@ class PPOTrainer(CheckpointedDriver):
         if self.cfg.models.reward.kind == "serve":  # NAME@latest -> NAME@vN, once, before any reward actor starts
             from rlhf_ray.rewards.serve import pin_reward_app
 
-            self.reward_app = pin_reward_app(self.cfg.models.reward, getattr(self, "reward_pinned_by", None))
+            self.reward_app = pin_reward_app(self.cfg.models.reward, self.reward_pinned_by)
         # reference actors only where they compute the reference: not under LoRA (the learner's own base, adapters
         # off, is the reference), nor where there is none (ppo.kl_coef=0, ppo.reference=auto)
         roles = tuple(r for r in ROLE_ORDER if r != "reference" or self.cfg.reference_actors)
