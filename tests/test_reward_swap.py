@@ -2,8 +2,8 @@
 
 The same tiny PPO run (configs/tiny_cpu.yaml, 2 steps) with a function and, side by side, an HTTP endpoint on
 loopback; and with the RM in the reward actor, then an RM deployed once on Ray Serve (another RM: tiny:reward of seed
-1) and shared by two experiments running at once — deployed, listed and removed with ``python -m rlhf_ray.rm`` as a
-user types it.
+1) and shared by two experiments running at once, which stay on that version while a second one (seed 2) is
+deployed beside it — deployed, listed and removed with ``python -m rlhf_ray.rm`` as a user types it.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml
 
 from rlhf_ray.rewards import char_frequency
 from rlhf_ray.rewards.http import serve_function
@@ -39,6 +40,7 @@ def run_to_end(out: Path, ray_tmp: str, tiny_cache: Path, *overrides: str) -> li
 def finish(run: subprocess.Popen, out: Path) -> list[dict]:
     output, _ = run.communicate(timeout=600)
     assert run.returncode == 0, output[-4000:]
+    run.console = output
     assert [m["step"] for m in metric_rows(out)] == [1, 2]
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 32
@@ -68,12 +70,16 @@ def test_function_and_http_endpoint_side_by_side(tiny_cache, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ Ray Serve
 
-def rm(env: dict, *args: str) -> str:
-    """``python -m rlhf_ray.rm ARGS`` as a user types it; its stdout."""
+def rm(env: dict, *args: str, returncode: int = 0) -> str:
+    """``python -m rlhf_ray.rm ARGS`` as a user types it; its stdout (its stderr where it is to fail)."""
     done = subprocess.run([sys.executable, "-m", "rlhf_ray.rm", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    return done.stdout
+    assert done.returncode == returncode, done.stdout[-2000:] + done.stderr[-3000:]
+    return done.stdout if returncode == 0 else done.stderr
+
+
+def route_of(deployed: str) -> str:
+    return deployed.split(" route ")[1].split(";")[0]
 
 
 def as_samples(rows: list[dict], messages_of: dict[str, list[dict]]):
@@ -91,40 +97,71 @@ def direct_scores(rm_path: str, samples) -> list[float]:
     return backend.score(samples).tolist()
 
 
-def serve_experiments(tmp_path: Path, tiny_cache: Path, address: str, env: dict, route: str, probe: list,
-                      monkeypatch) -> SimpleNamespace:
-    """Two experiments against the app at once (they used to go one after the other), its identity before and after
-    them, ``probe`` samples scored through its HTTP route, the app list with it and after ``rm remove``."""
+def http_scores(route: str, probe) -> list[float]:
     from rlhf_ray.config import RewardConfig
     from rlhf_ray.rewards.backends import build_backend
 
+    return build_backend(RewardConfig(kind="http", url=route)).score(probe).tolist()
+
+
+def deploy(env: dict, address: str, tiny_cache: Path, seed: int) -> str:
+    """The next version of APP: tiny:reward of ``seed``; its route."""
+    return route_of(rm(env, "serve", APP, "--model", "tiny:reward", "--cache-dir", str(tiny_cache), "--seed",
+                       str(seed), "--max-length", "256", "--num-cpus", "0.25", "--max-batch-size", "8",
+                       "--http-port", str(free_port()), "--address", address))
+
+
+def wait_until_pinned(outs: list[Path], runs: list[subprocess.Popen], timeout_s: float = 300) -> None:
+    """Until every run has resolved its RM version (its config.yaml is written once its roles are up)."""
+    import time
+
+    deadline = time.time() + timeout_s
+    while not all((out / "config.yaml").is_file() for out in outs):
+        assert time.time() < deadline and all(run.poll() is None for run in runs), "a run ended before it started"
+        time.sleep(0.5)
+
+
+def serve_experiments(tmp_path: Path, tiny_cache: Path, address: str, env: dict, routes: list, probe: list,
+                      monkeypatch) -> SimpleNamespace:
+    """Two experiments against version v1 at once, one pinned (APP@v1), one by the bare name (latest, then v1);
+    once both have pinned, v2 (another RM) is deployed beside them. v1's identity before and after, ``probe`` scored
+    through v1's HTTP route before v2 and through each version's after, the version list, and ``rm remove``."""
     monkeypatch.setenv("RAY_AUTH_MODE", "token")  # the runs join a head that uses token auth
     seen = SimpleNamespace(identities=[json.loads(rm(env, "info", APP, "--address", address))])
+    seen.v1_before = http_scores(routes[0], probe)
+    outs = [tmp_path / f"serve-{i}" for i in range(2)]
     with short_tmp("rs") as first_tmp, short_tmp("rt") as second_tmp:
-        runs = [start_run(tmp_path / f"serve-{i}", ray_tmp, tiny_cache, *COMMON, "models.reward.kind=serve",
-                          f"models.reward.app={APP}", f"ray.address={address}")
-                for i, ray_tmp in enumerate((first_tmp, second_tmp))]
+        runs = [start_run(out, ray_tmp, tiny_cache, *COMMON, "models.reward.kind=serve", f"models.reward.app={app}",
+                          f"ray.address={address}")
+                for out, ray_tmp, app in zip(outs, (first_tmp, second_tmp), (f"{APP}@v1", APP))]
         try:
-            seen.rows = [finish(run, tmp_path / f"serve-{i}") for i, run in enumerate(runs)]
+            wait_until_pinned(outs, runs)
+            routes.append(deploy(env, address, tiny_cache, seed=2))  # v2, the new latest, while they run
+            seen.rows = [finish(run, out) for run, out in zip(runs, outs)]
         finally:
             for run in runs:
                 if run.poll() is None:
                     run.kill()
-    seen.identities.append(json.loads(rm(env, "info", APP, "--address", address)))
-    seen.http_scores = build_backend(RewardConfig(kind="http", url=route)).score(probe).tolist()
-    seen.listing = rm(env, "list", "--address", address)
-    rm(env, "remove", APP, "--address", address)
+    seen.consoles = [run.console for run in runs]
+    seen.pinned = [yaml.safe_load((out / "config.yaml").read_text())["models"]["reward"]["app"] for out in outs]
+    seen.identities.append(json.loads(rm(env, "info", f"{APP}@v1", "--address", address)))
+    seen.v1_after, seen.v2 = http_scores(routes[0], probe), http_scores(routes[1], probe)
+    seen.listing = json.loads(rm(env, "list", "--json", "--address", address))
+    seen.refused = rm(env, "remove", f"{APP}@v1", "--address", address, returncode=1)  # it just scored
+    seen.removed = [rm(env, "remove", f"{APP}@{v}", "--force", "--address", address) for v in ("v1", "v2")]
     seen.after = rm(env, "list", "--address", address)
     return seen
 
 
-def test_model_and_a_shared_serve_rm_across_two_experiments(tiny_cache, tiny_tokenizer, tmp_path, monkeypatch):
+def test_model_and_a_shared_serve_rm_across_two_experiments_and_two_versions(tiny_cache, tiny_tokenizer, tmp_path,
+                                                                             monkeypatch):
     from rlhf_ray.data.sources import load_prompts
     from rlhf_ray.models.specs import resolve_model
     from rlhf_ray.rewards.base import RewardSample
 
     config_rm = resolve_model("tiny:reward", tiny_cache)           # the config's RM (models.reward.model)
-    served_rm = resolve_model("tiny:reward", tiny_cache, seed=1)   # the Serve app's: another RM
+    served_rm = resolve_model("tiny:reward", tiny_cache, seed=1)   # the Serve app's v1: another RM
+    v2_rm = resolve_model("tiny:reward", tiny_cache, seed=2)       # its v2: a third
     messages_of = {p.text: p.messages for p in load_prompts(tiny_config(tmp_path, tiny_cache).data,
                                                             tiny_tokenizer).prompts}
     probe = [RewardSample.of(messages, text, response) for (text, messages), response
@@ -133,12 +170,10 @@ def test_model_and_a_shared_serve_rm_across_two_experiments(tiny_cache, tiny_tok
         # the config as it is (kind=model), in a local Ray of its own, while the head starts and the app deploys
         model_run = start_run(tmp_path / "model", model_tmp, tiny_cache, *COMMON)
         try:
-            with ray_head(head_tmp, num_cpus=4) as (address, _, env):  # two runs' roles (2 × 1.5) + the replica (0.25)
-                deployed = rm(env, "serve", APP, "--model", "tiny:reward", "--cache-dir", str(tiny_cache), "--seed",
-                              "1", "--max-length", "256", "--num-cpus", "0.25", "--max-batch-size", "8",
-                              "--http-port", str(free_port()), "--address", address)
-                route = deployed.split(" route ")[1].split()[0]
-                seen = serve_experiments(tmp_path, tiny_cache, address, env, route, probe, monkeypatch)
+            # two runs' roles (2 × 1.5) + a replica of each version (2 × 0.25)
+            with ray_head(head_tmp, num_cpus=4) as (address, _, env):
+                routes = [deploy(env, address, tiny_cache, seed=1)]
+                seen = serve_experiments(tmp_path, tiny_cache, address, env, routes, probe, monkeypatch)
                 model_rows = finish(model_run, tmp_path / "model")  # it went on beside them
         finally:
             if model_run.poll() is None:
@@ -146,15 +181,28 @@ def test_model_and_a_shared_serve_rm_across_two_experiments(tiny_cache, tiny_tok
     # one app, one process, served both experiments: each run's 2 steps (16 samples each)
     identities = seen.identities
     assert identities[0]["model_path"] == served_rm and identities[0]["requests"] == 0
-    assert len({info["pid"] for info in identities}) == 1
-    assert [info["requests"] for info in identities] == [0, 4]
-    assert [info["samples"] for info in identities] == [0, 64]
-    line = next(line for line in seen.listing.splitlines() if line.startswith(APP))
-    assert line.split()[1:] == ["RUNNING", "tiny:reward", "1/1", route], seen.listing
+    assert [(info["app"], info["version"], info["serve_app"]) for info in identities] == [(APP, "v1", f"{APP}@v1")] * 2
+    assert len({info["pid"] for info in identities}) == 1  # v2's deployment left v1's replica alone
+    assert [info["requests"] for info in identities] == [0, 5]  # the probe, then 2 runs × 2 steps
+    assert [info["samples"] for info in identities] == [0, 3 + 64]
+    # both runs stayed on v1 — the one that named the bare APP resolved it once, when it started — and say so
+    assert seen.pinned == [f"{APP}@v1"] * 2
+    assert f"reward: Serve RM '{APP}@v1' (pinned)" in seen.consoles[0]
+    assert f"reward: Serve RM '{APP}@v1' (resolved from {APP})" in seen.consoles[1]
+    # v2 changed nothing of v1's scores; it is another RM; and the latest now
+    assert seen.v1_before == seen.v1_after == pytest.approx(direct_scores(served_rm, probe), abs=1e-5)
+    assert seen.v2 == pytest.approx(direct_scores(v2_rm, probe), abs=1e-5)
+    assert max(abs(a - b) for a, b in zip(seen.v1_after, seen.v2)) > 1e-3
+    versions = {row["version"]: row for row in seen.listing if row["name"] == APP}
+    assert {v: (row["status"], row["replicas"], row["reserved"], row["latest"], row["path"])
+            for v, row in versions.items()} == {"v1": ("RUNNING", "1/1", "1 × 0.25 CPU", "-", served_rm),
+                                                "v2": ("RUNNING", "1/1", "1 × 0.25 CPU", "latest", v2_rm)}
+    assert f"{APP}@v1 answered a score call" in seen.refused
+    assert seen.removed[0].startswith(f"{APP}@v1: removed; {APP}@latest is now {APP}@v2")
     assert APP not in seen.after
-    # its HTTP route (v1 schema) is on loopback only and gives the same scores as its handle
-    assert route.startswith("http://127.0.0.1:") and route.endswith(f"/{APP}")
-    assert seen.http_scores == pytest.approx(direct_scores(served_rm, probe), abs=1e-5)
+    # each version's HTTP route (v1 schema) is on loopback only and its own
+    assert [route.rsplit("/", 2)[1:] for route in routes] == [[APP, "v1"], [APP, "v2"]]
+    assert all(route.startswith("http://127.0.0.1:") for route in routes)
 
     model_scores = [r["score"] for r in model_rows]
     assert model_scores == pytest.approx(direct_scores(config_rm, as_samples(model_rows, messages_of)), abs=1e-5)

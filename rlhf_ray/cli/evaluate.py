@@ -12,7 +12,8 @@ A policy is ``NAME=SPEC``; SPEC is a local HF model directory, a hub name, a ``t
 ``messages`` or a ``prompt`` string, or Tulu 2.5 preference rows (the prompt turns of ``chosen``); a ``source``
 column splits the report further. The judge is any reward backend PPO uses (rlhf_ray.rewards.backends):
 ``--reward model=SPEC|function=module:fn|http=URL|serve=APP`` (or rlhf_ray.rm_eval's ``function:module:fn``,
-``http://…``, ``serve:APP``, bare model spec), refined with ``--reward-option key=value`` (models.reward keys).
+``http://…``, ``serve:APP``, bare model spec), refined with ``--reward-option key=value`` (models.reward keys). A
+Serve APP is APP@vN or APP@latest; evaluation.json records the version that scored.
 On a verifiable task the judge checks answers against each prompt's label (``--label-field``); its mean score is then
 the accuracy, e.g. on the shipped arithmetic test set::
 
@@ -203,7 +204,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--label-field", metavar="COLUMN", help="each prompt's reference answer (verifiable tasks, "
                                                                 "e.g. answer): passed to a function judge as label=…")
     parser.add_argument("--reward", required=True, metavar="SPEC",
-                        help="the judge: model=PATH_OR_SPEC, function=module:fn, http=URL or serve=APP")
+                        help="the judge: model=PATH_OR_SPEC, function=module:fn, http=URL or serve=APP@vN|APP@latest")
     parser.add_argument("--reward-option", action="append", default=[], metavar="KEY=VALUE",
                         help="a models.reward setting of the judge (repeatable), e.g. batch_size=16, "
                              "function_kwargs.char=a, template=tokenizer")
@@ -307,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
             if judge_cfg.kind == "serve":  # its app lives on a cluster: join it first
                 connect(judge_cfg, args.address)
             judge = build_judge(judge_cfg, args.cache_dir, args.seed)  # a judge that cannot load fails before Ray
+            if judge_cfg.kind == "serve" and judge.app != judge_cfg.app:  # the version it scores with, recorded
+                print(f"judge: Serve RM '{judge.app}' (resolved from {judge_cfg.app})", file=sys.stderr)
+                judge_cfg.app = judge.app
             connect(judge_cfg, args.address)
         except SystemExit as err:  # rlhf_ray.cli.rm.connect: no cluster (its message is complete)
             print(err, file=sys.stderr)

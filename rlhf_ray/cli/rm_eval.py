@@ -5,8 +5,8 @@ overall and per ``source``, on any preference files, for several RMs side by sid
         --rm mine=runs/rm_smollm2_cpu/final_model --rm tiny=tiny:reward --out runs/rm_eval
 
 An RM is ``NAME=SPEC``; SPEC is a model (local path, hub name, tiny:…/real:…: the ``model`` backend),
-``http://…`` / ``https://…`` (the ``http`` backend), ``serve:APP`` (a Ray Serve RM app; pass --address) or
-``function:module:fn``. Every RM scores through the same backend code PPO uses (rlhf_ray.rewards.backends).
+``http://…`` / ``https://…`` (the ``http`` backend), ``serve:APP@vN`` or ``serve:APP@latest`` (a version of a Ray
+Serve RM; the one scored with is rm_eval.json's ``serve_app``; pass --address) or ``function:module:fn``. Every RM scores through the same backend code PPO uses (rlhf_ray.rewards.backends).
 Writes <out>/rm_eval.json and <out>/rm_eval.md and prints the Markdown table.
 """
 from __future__ import annotations
@@ -68,6 +68,8 @@ def evaluate(rms: dict[str, str], data: list[str], template: str = "tulu", max_l
             check_model_path(spec, model_path, f"--rm {name}")
         backend = build_backend(cfg, model_path=model_path)
         results[name] = {"spec": spec, "sets": {}}
+        if cfg.kind == "serve":  # the version it scored with (NAME@latest resolved once)
+            results[name]["serve_app"] = backend.app
         for set_name, pairs in sets.items():
             start = time.perf_counter()
             table = accuracy_table(score_pairs(backend, pairs), [p.source or "unknown" for p in pairs])

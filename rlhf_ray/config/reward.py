@@ -1,12 +1,30 @@
 """models.reward: where PPO's scores come from (also the reward config of rlhf_ray.evaluate and rlhf_ray.rm_eval)."""
 from __future__ import annotations
 
+import re
 from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
-from rlhf_ray.config.errors import require
+from rlhf_ray.config.errors import ConfigKeyError, require
 from rlhf_ray.config.sections import StrictSection
+
+# A Serve RM is named NAME@VERSION (rlhf_ray.rm serve deploys the Serve application "NAME@vN" at route /NAME/vN).
+# Versions are numbered, v1, v2, …, so that "latest" (the highest number deployed) needs no other record; a bare
+# NAME means NAME@latest. The characters are those a URL path segment takes as they are.
+APP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+VERSION = re.compile(r"v([1-9][0-9]*)")
+LATEST = "latest"
+
+
+def parse_app(value: str) -> tuple[str, str]:
+    """'NAME', 'NAME@latest' or 'NAME@vN' -> (NAME, 'latest' | 'vN'); anything else: ValueError saying the form."""
+    name, sep, version = value.partition("@")
+    version = version if sep else LATEST
+    if not APP_NAME.fullmatch(name) or not (version == LATEST or VERSION.fullmatch(version)):
+        raise ValueError(f"{value!r} is not NAME, NAME@latest or NAME@vN (NAME: letters, digits, '.', '_', '-'; "
+                         "N: 1, 2, …), e.g. helpful@v2")
+    return name, version
 
 
 class RewardConfig(StrictSection):
@@ -49,8 +67,10 @@ class RewardConfig(StrictSection):
                           "'Authorization: Bearer …' (the token itself never goes into the config). It must be set "
                           "where the reward actors run (the driver's environment for a Ray the run starts itself).")
     app: Optional[str] = Field(
-        None, description="kind='serve': name of the Ray Serve RM application (python -m rlhf_ray.rm list). The run "
-                          "must join that cluster: ray.address or RAY_ADDRESS.")
+        None, description="kind='serve': the Serve RM as NAME@vN (a version), NAME@latest or NAME (= NAME@latest), as "
+                          "python -m rlhf_ray.rm list shows them. A run resolves latest once, when it starts, records "
+                          "the version it got in its config.yaml, and keeps it for the whole run, resumes included. "
+                          "The run must join that cluster: ray.address or RAY_ADDRESS.")
     normalize: Literal["none", "stored", "running"] = Field(
         "none", description="Score normalisation before PPO: 'stored': (score - mean) / std with the statistics saved "
                             "with the RM (<RM dir>/reward_stats.json, written by RM training; kind='model' or "
@@ -70,6 +90,11 @@ class RewardConfig(StrictSection):
                 "must be an http:// or https:// URL when models.reward.kind='http' (e.g. http://127.0.0.1:8001/)")
         require(self.kind != "serve" or self.app, "app", "is required when models.reward.kind='serve': the Serve "
                                                         "application's name (python -m rlhf_ray.rm list shows them)")
+        if self.kind == "serve":
+            try:
+                parse_app(self.app)
+            except ValueError as err:
+                raise ConfigKeyError("app", str(err)) from None
         require(self.normalize != "stored" or self.kind in ("model", "serve"), "normalize",
                 f"'stored' needs an RM with saved statistics (models.reward.kind='model' or 'serve', not "
                 f"'{self.kind}'); use 'running' or 'none'")

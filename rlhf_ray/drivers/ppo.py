@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 class PPOTrainer(CheckpointedDriver):
     unit, exported = "PPO", "policy"  # for the console (rlhf_ray.run.harness.run)
+    reward_pinned_by = None  # the checkpoint whose Serve RM version a resumed run took (adopt_saved)
 
     def __init__(self, cfg: ExperimentConfig):
         self.cfg = cfg
@@ -94,7 +95,16 @@ class PPOTrainer(CheckpointedDriver):
 
             plan_at_startup(cfg)
 
+    def adopt_saved(self, saved: dict, path) -> None:
+        from rlhf_ray.rewards.serve import adopt_pinned_app
+
+        self.reward_pinned_by = path if adopt_pinned_app(self.cfg.models.reward, saved) else None
+
     def start_roles(self) -> Roles:
+        if self.cfg.models.reward.kind == "serve":  # NAME@latest -> NAME@vN, once, before any reward actor starts
+            from rlhf_ray.rewards.serve import pin_reward_app
+
+            self.reward_app = pin_reward_app(self.cfg.models.reward, self.reward_pinned_by)
         # reference actors only where they compute the reference: not under LoRA (the learner's own base, adapters
         # off, is the reference), nor where there is none (ppo.kl_coef=0, ppo.reference=auto)
         roles = tuple(r for r in ROLE_ORDER if r != "reference" or self.cfg.reference_actors)
@@ -375,8 +385,11 @@ class PPOTrainer(CheckpointedDriver):
 
     # ----------------------------------------------------------------------------------- durability
     def driver_state(self) -> dict:
+        from rlhf_ray.rewards.serve import recorded_identity
+
+        serve_rm = {"serve_rm": recorded_identity(self.reward_app)} if self.cfg.models.reward.kind == "serve" else {}
         return {"sampling_seeds": "per prompt, from (seed, step): rlhf_ray.drivers.rollout.sampling_seeds",
-                "reward_normalizer": self.normalizer.state_dict()}
+                "reward_normalizer": self.normalizer.state_dict(), **serve_rm}
 
     def save_driver_files(self, directory: Path) -> None:
         """ppo.async_steps=k: the next k steps' rollouts, sampled by weights before this checkpoint's (waited for) —
@@ -404,6 +417,10 @@ class PPOTrainer(CheckpointedDriver):
         self._drop_prefetched()  # sampled by other weights; and the engines must be idle before they get new ones
         self.in_hand = None
         state = self.restore_learners(path)
+        if self.cfg.models.reward.kind == "serve":  # the pinned version still serves the run's model
+            from rlhf_ray.rewards.serve import check_same_model
+
+            check_same_model(self.reward_app, state.get("serve_rm"), path)
         self._sync_engines()
         if self.queue is not None:
             self.queue.put_back(self._scored_as_now(load_rollouts(Path(path))), self.step_count)

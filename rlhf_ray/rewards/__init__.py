@@ -4,7 +4,8 @@ the reward functions shipped with the project: config values name them as ``rlhf
     base       the sample a backend scores, the backend interface, stored RM statistics (imports no other module here)
     backends   the four backends behind models.reward.kind
     http       the rlhf-ray/reward/v1 schema: client, reference server (python -m rlhf_ray.rewards.http)
-    serve      an RM as a shared Ray Serve application (managed with python -m rlhf_ray.rm)
+    serve      an RM as a shared Ray Serve application (managed with python -m rlhf_ray.rm); a run's version of it
+    versions   NAME@vN from the Serve application names: latest, the next version, the model fingerprint
     normalize  raw scores -> what PPO sees (models.reward.normalize / clip)
     functions  verifiable reward functions
 """

@@ -89,14 +89,17 @@ class HttpBackend(RewardBackend):
 # ----------------------------------------------------------------------------------------------- serve
 
 class ServeBackend(RewardBackend):
-    """An RM application on Ray Serve (``python -m rlhf_ray.rm serve NAME …``), called through its handle; the
-    app batches requests from every experiment on the cluster (``@serve.batch``)."""
+    """A version of an RM application on Ray Serve (``python -m rlhf_ray.rm serve NAME …``), called through its
+    handle; the app batches requests from every experiment on the cluster (``@serve.batch``). ``models.reward.app``
+    NAME@latest (or NAME) is resolved here, once: ``app`` is the Serve application this backend stays on
+    (NAME@vN); a run resolves it before its reward actors start (rlhf_ray.drivers.ppo), so that they all agree."""
 
     def __init__(self, cfg: RewardConfig, **resources):
-        from rlhf_ray.rewards.serve import app_handle
+        from rlhf_ray.rewards.serve import app_handle, resolve
 
         super().__init__(cfg, **resources)
-        self.handle = app_handle(cfg.app)
+        self.app = resolve(cfg.app)
+        self.handle = app_handle(self.app)
         self.identity = self._call("info")
         if cfg.normalize == "stored":
             self.stored_statistics()  # fail at start, not after a rollout
@@ -108,14 +111,14 @@ class ServeBackend(RewardBackend):
         stats = self.identity["stored_statistics"]
         if stats is None and self.cfg.normalize == "stored":
             raise ValueError(missing_stats_message(Path(self.identity["model_path"]) / REWARD_STATS_FILE,
-                                                   f"the Serve RM app '{self.cfg.app}'"))
+                                                   f"the Serve RM app '{self.app}'"))
         return stats
 
     def _call(self, method: str, *args):
         try:
             return getattr(self.handle, method).remote(*args).result(timeout_s=self.cfg.timeout_s)
         except TimeoutError:
-            raise RuntimeError(f"the Serve RM app '{self.cfg.app}' did not answer {method}() within "
+            raise RuntimeError(f"the Serve RM app '{self.app}' did not answer {method}() within "
                                f"{self.cfg.timeout_s:g} s (models.reward.timeout_s; `python -m rlhf_ray.rm list` "
                                "shows its status)") from None
 
