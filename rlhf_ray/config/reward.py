@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from typing import Literal, Optional, Union
+from typing import ClassVar, Literal, Optional, Union
 
 from pydantic import Field, field_validator, model_validator
 
@@ -11,6 +11,7 @@ from rlhf_ray.config.sections import StrictSection
 
 
 class RewardConfig(StrictSection):
+    is_component: ClassVar[bool] = False  # a composite's component (RewardComponent)
     kind: Literal["model", "function", "http", "serve", "composite"] = Field(
         "model", description="Reward backend (rlhf_ray.rewards.backends): 'model': a frozen HF sequence-classification RM "
                              "in the reward actors; 'function': a Python callable; 'http': a remote endpoint speaking "
@@ -84,6 +85,8 @@ class RewardConfig(StrictSection):
     def _check_backend(self) -> "RewardConfig":
         # what each kind needs besides `kind`; the model of kind='model' is checked where a run needs one
         # (ModelsConfig), since RewardConfig() alone is the section's default
+        require(self.kind != "composite" or not self.is_component, "kind",
+                "a component cannot itself be a composite: list its parts instead")
         require(self.kind != "function" or (self.function and ":" in self.function), "function",
                 "must be 'module:function' when models.reward.kind='function'")
         require(self.kind != "http" or (self.url or "").startswith(("http://", "https://")), "url",
@@ -133,6 +136,7 @@ class RouteConfig(StrictSection):
 class RewardComponent(RewardConfig):
     """One reward of a composite (models.reward.components): a reward config of any kind but composite, named,
     weighted and optionally routed."""
+    is_component: ClassVar[bool] = True
     name: str = Field(description="The component's name in metrics (reward/<name>/raw_mean, …) and errors.")
     weight: float = Field(1.0, description="Its factor in the sum (negative: a penalty).")
     route: Optional[RouteConfig] = Field(
@@ -142,7 +146,6 @@ class RewardComponent(RewardConfig):
     def _check_component(self) -> "RewardComponent":
         require(COMPONENT_NAME.fullmatch(self.name), "name",
                 f"{self.name!r}: use letters, digits, '_', '-' or '.' (it is part of metric names)")
-        require(self.kind != "composite", "kind", "a component cannot itself be a composite: list its parts instead")
         require(self.normalize != "running", "normalize",
                 f"'running' is not available for a component ({self.name!r}): its statistics would live in the reward "
                 "actor, not in checkpoints; use 'stored' (an RM's saved statistics) or 'none', and set "

@@ -148,24 +148,30 @@ class CachedBackend(RewardBackend):
     """``inner`` with a score cache in front: hits come from ``store``, the rest are scored by ``inner`` (in one call,
     in their order) and stored. Stats: cache_hits, cache_misses (totals), cache_hit_rate (mean of hit indicators)."""
 
+
     def __init__(self, inner: RewardBackend, identity: dict, store):
         super().__init__(inner.cfg)
         self.inner, self.identity, self.store = inner, identity, store
 
     def score(self, samples: list[RewardSample]) -> torch.Tensor:
+        """Stored scores where there are; the rest scored by ``inner``, each distinct sample once (a repeat within the
+        call, e.g. two equal answers to one prompt, is a hit on the first)."""
         keys = [cache_key(self.identity, s) for s in samples]
         found = self.store.get_many(list(dict.fromkeys(keys)))
-        missing = [i for i, k in enumerate(keys) if k not in found]
-        if missing:
-            fresh = self.inner.score([samples[i] for i in missing]).float()
-            computed = {keys[i]: float(v) for i, v in zip(missing, fresh.tolist())}
+        first_of = {}  # each missing key -> the first sample with it
+        for i, key in enumerate(keys):
+            if key not in found:
+                first_of.setdefault(key, i)
+        if first_of:
+            fresh = self.inner.score([samples[i] for i in first_of.values()]).float()
+            computed = dict(zip(first_of, fresh.tolist()))
             self.store.put_many(computed)
-            found = {**computed, **found}  # a key stored before (another run's) keeps its first score
+            found = {**computed, **found}
         self.stats.merge(self.inner.take_stats())
         hit = torch.ones(len(samples))
-        hit[missing] = 0.0
-        self.stats.add_total("cache_hits", len(samples) - len(missing))
-        self.stats.add_total("cache_misses", len(missing))
+        hit[list(first_of.values())] = 0.0
+        self.stats.add_total("cache_hits", len(samples) - len(first_of))
+        self.stats.add_total("cache_misses", len(first_of))
         self.stats.add_values("cache_hit_rate", hit)
         return torch.tensor([found[k] for k in keys], dtype=torch.float32)
 

@@ -118,7 +118,10 @@ class CompositeBackend(RewardBackend):
     @property
     def model(self):
         """The RM of the first model component (the reward role's memory readings)."""
-        return next(b.model for b in self.backends if hasattr(b, "model"))
+        found = next((b.model for b in self.backends if hasattr(b, "model")), None)
+        if found is None:
+            raise AttributeError("no component of this composite is a model")
+        return found
 
 
 def _cache_totals(stats: RewardStats) -> RewardStats:
