@@ -301,7 +301,7 @@ class PPOTrainer(CheckpointedDriver):
         while True:
             with phase(times, "score_wall"):
                 scored, seconds = self.roles.score(batch, roles=("reward",))
-            reward_stats.merge(scored.pop("reward_stats"))
+            reward_stats.merge(scored.pop("reward_stats", None))  # (a stand-in for the roles may have none)
             batch, reward_s = batch.with_(**scored), reward_s + seconds["reward"]
             for group in batch.group_ids.unique(sorted=True).tolist():
                 rows = (batch.group_ids == group).nonzero().flatten()

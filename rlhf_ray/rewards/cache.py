@@ -148,7 +148,6 @@ class CachedBackend(RewardBackend):
     """``inner`` with a score cache in front: hits come from ``store``, the rest are scored by ``inner`` (in one call,
     in their order) and stored. Stats: cache_hits, cache_misses (totals), cache_hit_rate (mean of hit indicators)."""
 
-
     def __init__(self, inner: RewardBackend, identity: dict, store):
         super().__init__(inner.cfg)
         self.inner, self.identity, self.store = inner, identity, store
