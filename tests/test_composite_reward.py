@@ -154,3 +154,23 @@ def test_evaluate_and_rm_eval_take_a_composite_from_a_file(tmp_path):
     path.write_text(yaml.safe_dump({"kind": "composite", "components": [{**MATH, "weight": "heavy"}]}))
     with pytest.raises(ValueError, match=rf"--reward config={path}: components.0.weight: Input should be a valid number"):
         evaluate_reward(f"config={path}", [], "tulu")
+
+
+def test_each_component_is_checked_before_a_run_starts(tmp_path, tiny_cache, monkeypatch):
+    from rlhf_ray.models.specs import resolve_model
+    from rlhf_ray.run.preflight import PreflightError, check_experiment
+
+    components = [MATH, {"name": "remote", "kind": "serve", "app": "shared-rm"}]
+    cfg = tiny_config(tmp_path, None, "models.reward.kind=composite", "models.value_init=policy",
+                      f"models.reward.components={json.dumps(components)}")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(PreflightError, match=r"^reward component 'remote': models.reward.kind='serve' needs the Ray "
+                                             "cluster where the app 'shared-rm' runs"):
+        check_experiment(cfg, {})
+    rm = resolve_model("tiny:reward", tiny_cache)
+    stored = [{"name": "chat", "kind": "model", "model": "tiny:reward", "normalize": "stored"}]
+    cfg = tiny_config(tmp_path, None, "models.reward.kind=composite", "models.value_init=policy",
+                      f"models.reward.components={json.dumps(stored)}")
+    with pytest.raises(PreflightError, match=r"^reward component 'chat': models.reward.normalize='stored' needs "
+                                             rf"{rm}/reward_stats.json"):
+        check_experiment(cfg, {}, {"tiny:reward": rm})
