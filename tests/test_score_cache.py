@@ -132,3 +132,12 @@ def test_components_are_cached_one_by_one(tmp_path):
     uncached = build_backend(RewardConfig(kind="composite", cache="disk", components=[{**counted, "cache": "off"}]),
                              store=store)
     assert not isinstance(uncached.backends[0], CachedBackend)
+
+
+def test_a_sharded_rm_is_not_cached(tmp_path):
+    from rlhf_ray.config import ConfigError
+    from tests.conftest import tiny_config
+
+    with pytest.raises(ConfigError, match="models.reward.cache: must be 'off' with resources.reward.sharded"):
+        tiny_config(tmp_path, None, "resources.reward.sharded=true", "resources.reward.num_actors=2",
+                    "models.reward.cache=disk")

@@ -110,7 +110,8 @@ class PPOTrainer(CheckpointedDriver):
     def after_roles(self) -> None:
         cfg = self.cfg
         # an HTTP RM's outage is ridden out inside the reward actors; the console hears of it from here
-        self.outage_watch = OutageWatch.for_this_job().start() if cfg.models.reward.kind == "http" else None
+        kinds = {cfg.models.reward.kind, *(c.kind for c in cfg.models.reward.components)}  # a composite's too
+        self.outage_watch = OutageWatch.for_this_job().start() if "http" in kinds else None
         self.normalizer = self._score_normalizer()
         self.old_logprobs, why = cfg.old_logprobs_source()
         log.info("old logprobs for the PPO ratio: %s (%s)", self.old_logprobs, why)
