@@ -141,3 +141,13 @@ def test_a_sharded_rm_is_not_cached(tmp_path):
     with pytest.raises(ConfigError, match="models.reward.cache: must be 'off' with resources.reward.sharded"):
         tiny_config(tmp_path, None, "resources.reward.sharded=true", "resources.reward.num_actors=2",
                     "models.reward.cache=disk")
+
+
+def test_a_component_inherits_the_composite_s_cache_through_the_reward_actor(tmp_path):
+    from rlhf_ray.actors.reward import RewardActor
+
+    counted = {"name": "fresh", "kind": "function", "function": "tests.test_score_cache:fresh"}
+    cfg = RewardConfig(kind="composite", cache="disk", cache_path=str(tmp_path / "c.sqlite"), components=[counted])
+    actor = RewardActor(cfg.model_dump(), None)  # as the roles hand it over: every key written out
+    assert isinstance(actor.backend.backends[0], CachedBackend)
+    assert actor.backend.backends[0].store.path == tmp_path / "c.sqlite"

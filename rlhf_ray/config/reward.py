@@ -75,8 +75,9 @@ class RewardConfig(StrictSection):
                            "app with none) are not cached (logged once). In a composite it is the default of its "
                            "components, each cached on its own. 'off': every sample is scored.")
     cache_path: Optional[str] = Field(
-        None, description="cache='disk': the SQLite file (default ~/.cache/rlhf_ray/reward_scores.sqlite); on a "
-                          "cluster of several nodes, a path on a filesystem they share.")
+        None, description="cache='disk': the SQLite file (default ~/.cache/rlhf_ray/reward_scores.sqlite; for a "
+                          "composite's component: the composite's); on a cluster of several nodes, a path on a "
+                          "filesystem they share.")
     clip: Optional[float] = Field(
         None, gt=0, description="Clamp normalised scores to ±clip; null disables. Applied after normalize (and before "
                                 "ppo.reward_clip, which clamps what comes out of here).")
@@ -141,6 +142,8 @@ class RewardComponent(RewardConfig):
     weight: float = Field(1.0, description="Its factor in the sum (negative: a penalty).")
     route: Optional[RouteConfig] = Field(
         None, description="Score only the prompts whose data column has one of these values; null: every prompt.")
+    cache: Optional[Literal["off", "disk"]] = Field(
+        None, description="The component's score cache (see models.reward.cache); null: the composite's.")
 
     @model_validator(mode="after")
     def _check_component(self) -> "RewardComponent":

@@ -131,9 +131,9 @@ def _cache_totals(stats: RewardStats) -> RewardStats:
 
 
 def inherit_cache(component, composite):
-    """A component's config with the composite's cache settings where it sets none of its own."""
-    own = component.model_fields_set & {"cache", "cache_path"}
-    return component.model_copy(update={k: getattr(composite, k) for k in ("cache", "cache_path") if k not in own})
+    """A component's config with the composite's cache settings where it sets none of its own (null)."""
+    return component.model_copy(update={k: getattr(composite, k) for k in ("cache", "cache_path")
+                                         if getattr(component, k) is None})
 
 
 def with_resolved_models(cfg, resolve):
