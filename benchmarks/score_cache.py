@@ -4,7 +4,7 @@
                             finds every score
     a one-seed sweep        ``python -m rlhf_ray.sweep --grid ppo.async_steps=0,1``: both points sample step 1 with the
                             same weights and seeds, so the second point's first rollout is all hits; later steps are
-                            sampled by other weights (async_steps=1 samples with weights one update older)
+                            sampled by weights one update apart: hits where they still give the same responses
 
     python benchmarks/score_cache.py                       # tiny CPU experiment, RM judge tiny:reward, ~4 min
     python benchmarks/score_cache.py --steps 3 --limit 64
@@ -78,10 +78,12 @@ def markdown(result: dict) -> str:
               "| point | hits | misses | hit rate | per step |", "|---|---:|---:|---:|---|"]
     lines += [f"| {p['label']} | {p['hits']:.0f} | {p['misses']:.0f} | {p['hit_rate']:.3f} | "
               f"{', '.join(f'{h:.2f}' for h in p['per_step_hit_rate'])} |" for p in result["sweep"]]
-    lines += ["", "The second sweep point's first rollout is sampled by the same weights with the same seeds as the "
-                  "first point's, so it is all hits; from the second step on the two points sample with different "
-                  "weights (async_steps=1 samples each step with the weights one update older), and the tiny policy's "
-                  "random responses do not repeat.", ""]
+    lines += ["", "Both sweep points sample step 1 with the same weights and seeds, so the second point's first rollout "
+                  "is all hits. From step 2 on the weights differ (async_steps=1 samples each step with the weights "
+                  "one update older than async_steps=0 does), but one update moves the tiny policy little, so the same "
+                  "seeds still give the same response for part of the samples: the hits fall as the weights "
+                  "diverge. The evaluation's policy is `tiny:policy` (the experiments' initial policy) both times.",
+              ""]
     return "\n".join(lines)
 
 
