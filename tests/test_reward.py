@@ -94,4 +94,4 @@ def test_every_kind_is_a_registered_backend():
     from rlhf_ray.config import RewardConfig
 
     assert set(BACKENDS) == set(get_args(RewardConfig.model_fields["kind"].annotation)) == {
-        "model", "function", "http", "serve"}
+        "model", "function", "http", "serve", "composite"}

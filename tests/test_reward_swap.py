@@ -1,9 +1,10 @@
-"""One experiment, four reward backends, swapped by config alone: each run's scores come from its own RM.
+"""One experiment, five reward backends, swapped by config alone: each run's scores come from its own RM.
 
-The same tiny PPO run (configs/tiny_cpu.yaml, 2 steps) with a function and, side by side, an HTTP endpoint on
-loopback; and with the RM in the reward actor, then an RM deployed once on Ray Serve (another RM: tiny:reward of seed
-1) and shared by two experiments running at once, which stay on that version while a second one (seed 2) is
-deployed beside it — deployed, listed and removed with ``python -m rlhf_ray.rm`` as a user types it.
+The same tiny PPO run (configs/tiny_cpu.yaml, 2 steps) with a composite of two routed functions behind the score
+cache and, side by side, an HTTP endpoint on loopback; and with the RM in the reward actor, then an RM deployed once
+on Ray Serve (another RM: tiny:reward of seed 1) and shared by two experiments running at once, which stay on that
+version while a second one (seed 2) is deployed beside it — deployed, listed and removed with ``python -m rlhf_ray.rm``
+as a user types it.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import pytest
 import yaml
 
 from rlhf_ray.rewards import char_frequency
+from rlhf_ray.rewards.base import RewardSample
 from rlhf_ray.rewards.http import serve_function
 from tests.conftest import ROOT, free_port, metric_rows, ray_head, short_tmp, start_run, tiny_config
 
@@ -47,11 +49,56 @@ def finish(run: subprocess.Popen, out: Path) -> list[dict]:
     return rows
 
 
-def test_function_and_http_endpoint_side_by_side(tiny_cache, tmp_path):
+# a composite of two functions, each scoring the prompts of one task (the data's `task` column), behind the cache
+COMPONENTS = [{"name": "es", "kind": "function", "function": "rlhf_ray.rewards:char_frequency",
+               "route": {"field": "task", "equals": "count"}},
+              {"name": "concise", "kind": "function", "function": "rlhf_ray.rewards:concise_answer", "weight": 0.5,
+               "function_kwargs": {"max_words": 3}, "route": {"field": "task", "equals": "chat"}}]
+
+
+def tasks_data(tmp_path: Path) -> Path:
+    """The tiny prompts with a `task` column: every other one counts e's, the rest are chat."""
+    rows = [json.loads(line) for line in (ROOT / "configs" / "data" / "tiny_prompts.jsonl").read_text().splitlines()]
+    path = tmp_path / "tasks.jsonl"
+    path.write_text("".join(json.dumps({**row, "task": ("count", "chat")[i % 2]}) + "\n" for i, row in enumerate(rows)))
+    return path
+
+
+def composite_overrides(data: Path, cache: Path) -> tuple[str, ...]:
+    return (f"data.prompts={data}", "models.reward.kind=composite", f"models.reward.components={json.dumps(COMPONENTS)}",
+            "models.reward.cache=disk", f"models.reward.cache_path={cache}")
+
+
+def check_composite_run(out: Path, rows: list[dict], data: Path, cache: Path, tiny_tokenizer) -> None:
+    """Each sample scored by its task's component, the per-component and cache metrics of each step, and the cache
+    shared with another process: the same composite here finds every raw score the run stored, identical."""
+    from rlhf_ray.config import RewardConfig
+    from rlhf_ray.data.sources import load_prompts
+    from rlhf_ray.rewards import concise_answer
+    from rlhf_ray.rewards.backends import build_backend
+
+    prompts = {p.text: p for p in load_prompts(tiny_config(out, None, f"data.prompts={data}").data, tiny_tokenizer,
+                                                ["task"]).prompts}
+    for row in rows:
+        count = prompts[row["prompt"]].fields["task"] == "count"
+        expected = char_frequency("", row["response"]) if count else 0.5 * concise_answer("", row["response"], 3)
+        assert row["score"] == pytest.approx(expected, abs=1e-6)
+    for step in metric_rows(out):
+        assert step["reward/es/count"] + step["reward/concise/count"] == 16 and step["reward/es/count"] > 0
+        assert step["reward/cache_hits"] + step["reward/cache_misses"] == 16 and "reward/concise/raw_mean" in step
+    composite = build_backend(RewardConfig(kind="composite", components=COMPONENTS, cache="disk", cache_path=str(cache)))
+    samples = [RewardSample.of(prompts[r["prompt"]].messages, r["prompt"], r["response"],
+                               fields=prompts[r["prompt"]].fields) for r in rows]
+    assert composite.score(samples).tolist() == [r["score"] for r in rows]  # float32 → JSON → float32: exact
+    assert composite.take_stats().metrics()["reward/cache_hit_rate"] == 1.0
+
+
+def test_composite_and_http_endpoint_side_by_side(tiny_cache, tiny_tokenizer, tmp_path):
     """The two runs go side by side, each in a local Ray of its own (they used to go one after the other)."""
+    data, cache = tasks_data(tmp_path), tmp_path / "scores.sqlite"
     with short_tmp("rw") as function_tmp, short_tmp("rx") as http_tmp, serve_function(distinctive) as server:
-        runs = [start_run(tmp_path / "function", function_tmp, tiny_cache, *COMMON, "models.reward.kind=function",
-                          "models.reward.function=rlhf_ray.rewards:char_frequency"),
+        runs = [start_run(tmp_path / "function", function_tmp, tiny_cache, *COMMON,
+                          *composite_overrides(data, cache)),
                 start_run(tmp_path / "http", http_tmp, tiny_cache, *COMMON, "models.reward.kind=http",
                           f"models.reward.url={server.url}", "models.reward.batch_size=6")]
         try:
@@ -62,8 +109,7 @@ def test_function_and_http_endpoint_side_by_side(tiny_cache, tmp_path):
                 if run.poll() is None:
                     run.kill()
         assert server.requests == 2 * 3  # 2 steps × ⌈16 samples / batch_size 6⌉ requests
-    for row in function_rows:
-        assert row["score"] == pytest.approx(char_frequency(row["prompt"], row["response"]), abs=1e-6)
+    check_composite_run(tmp_path / "function", function_rows, data, cache, tiny_tokenizer)
     for row in http_rows:
         assert row["score"] == distinctive(row["prompt"], row["response"])
 
@@ -83,8 +129,6 @@ def route_of(deployed: str) -> str:
 
 
 def as_samples(rows: list[dict], messages_of: dict[str, list[dict]]):
-    from rlhf_ray.rewards.base import RewardSample
-
     return [RewardSample.of(messages_of[r["prompt"]], r["prompt"], r["response"]) for r in rows]
 
 
@@ -157,7 +201,6 @@ def test_model_and_a_shared_serve_rm_across_two_experiments_and_two_versions(tin
                                                                              monkeypatch):
     from rlhf_ray.data.sources import load_prompts
     from rlhf_ray.models.specs import resolve_model
-    from rlhf_ray.rewards.base import RewardSample
 
     config_rm = resolve_model("tiny:reward", tiny_cache)           # the config's RM (models.reward.model)
     served_rm = resolve_model("tiny:reward", tiny_cache, seed=1)   # the Serve app's v1: another RM

@@ -11,9 +11,11 @@ A policy is ``NAME=SPEC``; SPEC is a local HF model directory, a hub name, a ``t
 ``policy/``) or a run directory (its ``final_model/``). Prompt files are .jsonl/.json/.parquet rows with
 ``messages`` or a ``prompt`` string, or Tulu 2.5 preference rows (the prompt turns of ``chosen``); a ``source``
 column splits the report further. The judge is any reward backend PPO uses (rlhf_ray.rewards.backends):
-``--reward model=SPEC|function=module:fn|http=URL|serve=APP`` (or rlhf_ray.rm_eval's ``function:module:fn``,
-``http://…``, ``serve:APP``, bare model spec), refined with ``--reward-option key=value`` (models.reward keys). A
-Serve APP is APP@vN or APP@latest; evaluation.json records the version that scored.
+``--reward model=SPEC|function=module:fn|http=URL|serve=APP|config=FILE.yaml`` (or rlhf_ray.rm_eval's
+``function:module:fn``, ``http://…``, ``serve:APP``, bare model spec; ``config=``: a file holding a models.reward tree
+of any kind, e.g. a composite, whose components route by the prompts' columns), refined with ``--reward-option
+key=value`` (models.reward keys; ``cache=disk`` keeps the judge's scores for the next evaluation). A Serve APP is
+APP@vN or APP@latest; evaluation.json records the version that scored.
 On a verifiable task the judge checks answers against each prompt's label (``--label-field``); its mean score is then
 the accuracy, e.g. on the shipped arithmetic test set::
 
@@ -114,7 +116,11 @@ def reward_config(spec: str, options: list[str], template: str) -> RewardConfig:
     from rlhf_ray.config import ConfigError, build_config, parse_overrides
 
     kind, sep, value = spec.partition("=")
-    if sep and kind in REWARD_FIELDS:
+    if kind == "config" and sep:
+        from rlhf_ray.cli.rm_eval import reward_file
+
+        fields = reward_file(value)
+    elif sep and kind in REWARD_FIELDS:
         if not value:
             raise ValueError(f"--reward {spec!r}: give the {REWARD_FIELDS[kind]} after '='")
         fields = {"kind": kind, REWARD_FIELDS[kind]: value}
@@ -132,7 +138,12 @@ def reward_config(spec: str, options: list[str], template: str) -> RewardConfig:
 
 def build_judge(cfg: RewardConfig, cache_dir: str | None, seed: int):
     from rlhf_ray.rewards.backends import build_backend
+    from rlhf_ray.rewards.composite import with_resolved_models
 
+    try:
+        cfg = with_resolved_models(cfg, lambda spec: model_location(spec, cache_dir, seed))
+    except ValueError as err:
+        raise ValueError(f"--reward: a model component: {err}") from None
     model_path = None
     if cfg.kind == "model":
         try:
@@ -179,7 +190,8 @@ def score(judge, policy: Policy, responses: list[str]) -> list[float]:
     """The judge's score of each (prompt as this policy saw it, response), as PPO's reward role scores them."""
     from rlhf_ray.rewards.base import RewardSample
 
-    samples = [RewardSample.of(p.messages, p.text, response, p.label) for p, response in zip(policy.prompts, responses)]
+    samples = [RewardSample.of(p.messages, p.text, response, p.label, p.fields)
+               for p, response in zip(policy.prompts, responses)]
     return [float(s) for s in judge.score(samples)]
 
 
@@ -240,8 +252,8 @@ def prepare(args):
     baseline = args.baseline or policies[0].name
     if baseline not in {p.name for p in policies}:
         raise ValueError(f"--baseline {baseline!r} is none of the policies ({', '.join(p.name for p in policies)})")
-    prompts, files = load_eval_prompts(args.prompts, args.limit, args.label_field)
     judge_cfg = reward_config(args.reward, args.reward_option, args.template)
+    prompts, files = load_eval_prompts(args.prompts, args.limit, args.label_field, judge_cfg.route_fields())
     for policy in policies:
         try:
             policy.prompts, policy.truncated = encode_prompts(prompts, policy.path, args.template,
@@ -268,19 +280,22 @@ def connect(judge_cfg: RewardConfig, address: str | None) -> None:
 
 def evaluate(args, policies, baseline, prompts, files, judge_cfg, judge) -> tuple[dict, list[dict]]:
     """Every policy's answers, scored by ``judge``, compared -> (evaluation.json's content, responses.jsonl's rows)."""
-    records, seconds = {}, {}
+    records, seconds, judged = {}, {}, {}
     for policy in policies:  # one engine at a time
         generated = generate(policy, args)
         start = time.perf_counter()
         scores = score(judge, policy, generated["responses"])
         seconds[policy.name] = {"generate": generated["seconds"], "score": time.perf_counter() - start}
+        judged[policy.name] = judge.take_stats().metrics(prefix="")  # cache hits, a composite's components, …
         records[policy.name] = [
             {"policy": policy.name, "index": i, "file": p.file, "row": p.row, "source": p.source,
              "prompt": p.messages, "response": response, "score": s, "tokens": tokens, "finish_reason": finish}
             for i, (p, response, s, tokens, finish) in enumerate(zip(
                 prompts, generated["responses"], scores, generated["tokens"], generated["finish"]))]
+        hits = (f" (score cache: {judged[policy.name]['cache_hit_rate']:.0%} hits)"
+                if "cache_hit_rate" in judged[policy.name] else "")
         print(f"{policy.name}: {len(prompts)} answers in {seconds[policy.name]['generate']:.1f} s, scored in "
-              f"{seconds[policy.name]['score']:.1f} s", file=sys.stderr)
+              f"{seconds[policy.name]['score']:.1f} s{hits}", file=sys.stderr)
     compared = compare(records, prompts, baseline, args.samples)
     report = {
         "baseline": baseline, "judge": judge_cfg.model_dump(),
@@ -289,7 +304,8 @@ def evaluate(args, policies, baseline, prompts, files, judge_cfg, judge) -> tupl
         "prompt_files": {name: {"path": f.path, "rows": f.rows, "used": f.used, "skipped": dict(f.skipped)}
                          for name, f in files.items()},
         "policies": {p.name: {"spec": p.spec, "path": p.path, "prompts_truncated": p.truncated,
-                              "groups": compared["policies"][p.name], "seconds": seconds[p.name]} for p in policies},
+                              "groups": compared["policies"][p.name], "seconds": seconds[p.name],
+                              "judge_stats": judged[p.name]} for p in policies},
         "samples": compared["samples"]}
     return report, [r for rows in records.values() for r in rows]
 

@@ -6,8 +6,10 @@ overall and per ``source``, on any preference files, for several RMs side by sid
 
 An RM is ``NAME=SPEC``; SPEC is a model (local path, hub name, tiny:…/real:…: the ``model`` backend),
 ``http://…`` / ``https://…`` (the ``http`` backend), ``serve:APP@vN`` or ``serve:APP@latest`` (a version of a Ray
-Serve RM; the one scored with is rm_eval.json's ``serve_app``; pass --address) or ``function:module:fn``. Every RM scores through the same backend code PPO uses (rlhf_ray.rewards.backends).
-Writes <out>/rm_eval.json and <out>/rm_eval.md and prints the Markdown table.
+Serve RM; the one scored with is rm_eval.json's ``serve_app``; pass --address) or ``function:module:fn``, or
+``config:FILE.yaml``: a file holding a models.reward tree of any kind (a composite: its components route by the
+pairs' ``source``). Every RM scores through the same backend code PPO uses (rlhf_ray.rewards.backends). Writes
+<out>/rm_eval.json and <out>/rm_eval.md and prints the Markdown table.
 """
 from __future__ import annotations
 
@@ -24,9 +26,25 @@ from rlhf_ray.data.sources import dataset_names, load_preferences, render_tulu
 from rlhf_ray.drivers.reward_model import accuracy_table
 
 
+def reward_file(path: str) -> dict:
+    """A YAML file holding a models.reward tree (any kind: a composite's components, …) as a dict."""
+    import yaml
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ValueError(f"reward config file {path} does not exist")
+    tree = yaml.safe_load(file.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ValueError(f"{path} must hold the keys of models.reward (kind: composite, components: …), "
+                         f"not a {type(tree).__name__}")
+    return tree
+
+
 def reward_config(spec: str, template: str, max_length: int, batch_size: int) -> RewardConfig:
     """An RM spec from the command line -> the reward config PPO would use for it."""
     common = {"template": template, "max_length": max_length, "batch_size": batch_size}
+    if spec.startswith("config:"):  # the file's keys win over the command line's defaults
+        return build_config({**common, **reward_file(spec[len("config:"):])}, RewardConfig)
     if spec.startswith(("http://", "https://")):
         tree = {"kind": "http", "url": spec}
     elif spec.startswith("serve:"):
@@ -45,7 +63,9 @@ def score_pairs(backend, pairs) -> torch.Tensor:
     samples = []
     for pair in pairs:
         prompt = render_tulu(pair.prompt)
-        samples += [RewardSample.of(pair.prompt, prompt, pair.chosen), RewardSample.of(pair.prompt, prompt, pair.rejected)]
+        fields = {"source": pair.source}  # what a composite can route by here
+        samples += [RewardSample.of(pair.prompt, prompt, pair.chosen, fields=fields),
+                    RewardSample.of(pair.prompt, prompt, pair.rejected, fields=fields)]
     return torch.as_tensor(backend.score(samples), dtype=torch.float32).view(-1, 2)
 
 
@@ -54,6 +74,7 @@ def evaluate(rms: dict[str, str], data: list[str], template: str = "tulu", max_l
     """{rm name: {data name: accuracy table (rlhf_ray.drivers.reward_model.accuracy_table) + seconds}}."""
     from rlhf_ray.models.specs import resolve_model
     from rlhf_ray.rewards.backends import build_backend
+    from rlhf_ray.rewards.composite import with_resolved_models
     from rlhf_ray.run.preflight import check_model_path
 
     sets = {name: load_preferences(source, split).pairs for name, source in zip(dataset_names(data), data)}
@@ -66,7 +87,7 @@ def evaluate(rms: dict[str, str], data: list[str], template: str = "tulu", max_l
         model_path = resolve_model(spec, cache_dir) if cfg.kind == "model" else None
         if model_path:
             check_model_path(spec, model_path, f"--rm {name}")
-        backend = build_backend(cfg, model_path=model_path)
+        backend = build_backend(with_resolved_models(cfg, lambda s: resolve_model(s, cache_dir)), model_path=model_path)
         results[name] = {"spec": spec, "sets": {}}
         if cfg.kind == "serve":  # the version it scored with (NAME@latest resolved once)
             results[name]["serve_app"] = backend.app

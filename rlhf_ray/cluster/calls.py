@@ -8,6 +8,7 @@ import logging
 import torch
 
 from rlhf_ray.data.batch import RolloutBatch
+from rlhf_ray.rewards.stats import RewardStats
 from rlhf_ray.runtime.waiting import ActorLost
 
 log = logging.getLogger("rlhf_ray.cluster.roles")  # (its records have always been the roles')
@@ -31,7 +32,9 @@ class RoleCalls:
               old_logprobs: bool = True) -> tuple[dict, dict]:
         """Of ``roles``, concurrently: reward scores, reference logprobs, the learner's values (and its old logprobs
         unless the sampler's serve: ``old_logprobs=False``). Without reference actors (models.lora) the learner
-        computes the reference logprobs, in the same call (a run without a reference asks for none). Returns the tensors and each role's compute seconds."""
+        computes the reference logprobs, in the same call (a run without a reference asks for none). Returns the tensors
+        (and, with the reward's scores, ``reward_stats``: what the reward backends recorded, merged over the actors:
+        rlhf_ray.rewards.stats) and each role's compute seconds."""
         reference_in_learner = "reference" in roles and "reference" not in self.groups
         learner = "learner" in roles
 
@@ -41,7 +44,7 @@ class RoleCalls:
 
         learner_work = ", ".join(what for what, asked in (("values", learner), ("old logprobs", learner and old_logprobs),
                                                          ("reference logprobs", reference_in_learner)) if asked)
-        calls = {"reward": (submit("reward", "score"), "scoring a rollout", "score_s"),
+        calls = {"reward": (submit("reward", "scored"), "scoring a rollout", "score_s"),
                  "reference": (submit("reference", "logprobs"), "computing logprobs", "score_s"),
                  "learner": (submit("learner", "evaluate", logprobs=learner and old_logprobs, values=learner,
                                     reference=reference_in_learner), f"computing {learner_work}", "learn_s")}
@@ -54,7 +57,8 @@ class RoleCalls:
                    for role, (again, doing, timeout) in calls.items()}
         out = {}
         if "reward" in results:
-            out["scores"] = torch.cat([scores for scores, _ in results["reward"]])
+            out["scores"] = torch.cat([scores for (scores, _), _ in results["reward"]])
+            out["reward_stats"] = RewardStats.merged(stats for (_, stats), _ in results["reward"])
         if "reference" in results:
             out["ref_logprobs"] = torch.cat([logprobs for logprobs, _ in results["reference"]])
         if "learner" in results:  # the objective's evaluate: a dict of what it computed

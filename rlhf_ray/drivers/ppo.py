@@ -40,8 +40,10 @@ from rlhf_ray.models.modeling import check_same_tokenizer
 from rlhf_ray.models.specs import resolve_model
 from rlhf_ray.objectives import LearnerSpec
 from rlhf_ray.objectives.ppo import PPOOptions
+from rlhf_ray.rewards.composite import model_components
 from rlhf_ray.rewards.normalize import ScoreNormalizer
 from rlhf_ray.rewards.outage import OutageWatch
+from rlhf_ray.rewards.stats import RewardStats
 from rlhf_ray.run import preflight
 from rlhf_ray.runtime.memory import process_memory
 from rlhf_ray.runtime.signals import STOP_SIGNALS
@@ -65,10 +67,11 @@ class PPOTrainer(CheckpointedDriver):
         reference = resolve(models.reference_path) if cfg.reference_source()[0] != "none" else None
         self.paths = ModelPaths(policy=resolve(models.policy), reference=reference, reward=reward,
                                 value=resolve(models.value_model_path)
-                                if models.value_init == "reward" and cfg.ppo.needs_critic else None)
+                                if models.value_init == "reward" and cfg.ppo.needs_critic else None,
+                                reward_components={c.model: resolve(c.model) for c in model_components(models.reward)})
         preflight.check_experiment(cfg, {"models.policy": self.paths.policy, "models.reference": self.paths.reference,
                                          "models.reward.model": self.paths.reward,
-                                         "models.value_model": self.paths.value})
+                                         "models.value_model": self.paths.value}, self.paths.reward_components)
         if self.paths.value:
             check_same_tokenizer(self.paths.policy, self.paths.value, "the value model's source (models.value_init=reward)")
         if self.paths.reference not in (None, self.paths.policy):
@@ -79,13 +82,16 @@ class PPOTrainer(CheckpointedDriver):
 
         cfg = self.cfg
         self.tokenizer = AutoTokenizer.from_pretrained(self.paths.policy)
-        self.dataset = load_prompts(cfg.data, self.tokenizer)
+        self.dataset = load_prompts(cfg.data, self.tokenizer, cfg.models.reward.route_fields())
         self.sampler = PromptSampler(len(self.dataset), cfg.ppo.rollout_batch_size, cfg.seed, cfg.data.shuffle)
 
     def before_cluster(self) -> None:
         cfg = self.cfg
         if self.paths.reward:
             preflight.check_reward_template(cfg.models.reward, self.paths.reward, self.dataset.prompts[0].messages)
+        for component in model_components(cfg.models.reward):
+            preflight.check_reward_template(component, self.paths.reward_components[component.model],
+                                            self.dataset.prompts[0].messages)
         if cfg.deepspeed.zero_stage > 0 and cfg.resources.learner.num_actors == 1:
             log.warning("deepspeed.zero_stage=%d with one learner rank partitions nothing but keeps extra fp32 "
                         "copies of the weights and gradients (SmolLM2-135M: peak 7.5 GB and 1.4x slower than with "
@@ -114,7 +120,8 @@ class PPOTrainer(CheckpointedDriver):
     def after_roles(self) -> None:
         cfg = self.cfg
         # an HTTP RM's outage is ridden out inside the reward actors; the console hears of it from here
-        self.outage_watch = OutageWatch.for_this_job().start() if cfg.models.reward.kind == "http" else None
+        kinds = {cfg.models.reward.kind, *(c.kind for c in cfg.models.reward.components)}  # a composite's too
+        self.outage_watch = OutageWatch.for_this_job().start() if "http" in kinds else None
         self.normalizer = self._score_normalizer()
         self.old_logprobs, why = cfg.old_logprobs_source()
         log.info("old logprobs for the PPO ratio: %s (%s)", self.old_logprobs, why)
@@ -289,6 +296,8 @@ class PPOTrainer(CheckpointedDriver):
         with phase(times, "score_wall"):
             scored, more = self.roles.score(batch, roles=roles, old_logprobs=self.old_logprobs == "learner")
         seconds = {role: seconds.get(role, 0.0) + more.get(role, 0.0) for role in {*seconds, *more}}
+        reward_stats = stats.pop("reward_stats", None) or scored.pop("reward_stats", None) or RewardStats()
+        stats.update(reward_stats.metrics())  # reward/<component>/raw_mean, reward/cache_hit_rate, …
         return Rollout(step, batch.with_(**scored), times, seconds, generate_s, version, stats)
 
     def _informative_groups(self, step: int, batch: RolloutBatch, times: dict, cancel: threading.Event | None):
@@ -299,9 +308,11 @@ class PPOTrainer(CheckpointedDriver):
         Returns (batch with scores, the reward's seconds, sampling/* stats, extra generation seconds)."""
         ppo, n = self.cfg.ppo, self.cfg.generation.n_samples_per_prompt
         wanted, kept, dropped, reward_s, generate_s, rounds = ppo.rollout_batch_size, [], [], 0.0, 0.0, 0
+        reward_stats = RewardStats()  # every round's scoring
         while True:
             with phase(times, "score_wall"):
                 scored, seconds = self.roles.score(batch, roles=("reward",))
+            reward_stats.merge(scored.pop("reward_stats", None))  # (a stand-in for the roles may have none)
             batch, reward_s = batch.with_(**scored), reward_s + seconds["reward"]
             for group in batch.group_ids.unique(sorted=True).tolist():
                 rows = (batch.group_ids == group).nonzero().flatten()
@@ -329,7 +340,7 @@ class PPOTrainer(CheckpointedDriver):
         groups = kept[:wanted] + dropped[:filled]
         stats = {"sampling/rounds": float(rounds), "sampling/equal_groups": float(len(dropped)),
                  "sampling/filled_with_equal": float(filled),
-                 "sampling/kept_fraction": len(kept) / max(len(kept) + len(dropped), 1)}
+                 "sampling/kept_fraction": len(kept) / max(len(kept) + len(dropped), 1), "reward_stats": reward_stats}
         return RolloutBatch.concat(groups), {"reward": reward_s}, stats, generate_s
 
     def _warn_if_cutting_pays(self, batch: RolloutBatch) -> None:

@@ -286,6 +286,11 @@ def _assumptions(cfg, hw: Hardware) -> list[str]:
     reference, why = cfg.reference_source()
     if reference == "none":
         notes.append(f"{why}: none planned")
+    if cfg.models.reward.kind == "composite":
+        models = [c.name for c in cfg.models.reward.components if c.kind == "model"]
+        notes.append("models.reward.kind=composite: planned as light work, like a function; its components are not "
+                     "sized" + (f" — the RMs of {', '.join(models)} load in the reward actor, on resources.reward's "
+                                "CPUs/GPUs, and their memory and time are not in this plan" if models else ""))
     if hw.is_gpu:
         notes.append(f"{GPU_RESERVED_BYTES / GiB:.1f} GiB per GPU reserved for CUDA context, NCCL and fragmentation; "
                      "vLLM takes 85 % of its GPUs")
