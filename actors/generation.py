@@ -60,7 +60,8 @@ class GenerationActor(Role):
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p.token_ids) for p in prompts],
                                     [self._sampling_params(seed=seed) for seed in seeds], use_tqdm=False,
                                     lora_request=self.adapter)
-        rows = {k: [] for k in ("prompts", "responses", "logprobs", "finish", "messages", "ptexts", "rtexts", "labels")}
+        rows = {k: [] for k in ("prompts", "responses", "logprobs", "finish", "messages", "ptexts", "rtexts", "labels",
+                                  "fields")}
         for prompt, out in zip(prompts, outputs):
             for sample in out.outputs:
                 ids = list(sample.token_ids)
@@ -72,9 +73,10 @@ class GenerationActor(Role):
                 rows["ptexts"].append(prompt.text)
                 rows["rtexts"].append(sample.text)
                 rows["labels"].append(prompt.label)
+                rows["fields"].append(prompt.fields)
         return RolloutBatch.from_samples(rows["prompts"], rows["responses"], rows["logprobs"], rows["finish"],
                                          rows["messages"], rows["ptexts"], rows["rtexts"], self.pad_token_id,
-                                         labels=rows["labels"])
+                                         labels=rows["labels"], prompt_fields=rows["fields"])
 
     @computes("generate")
     def load_weights(self, payload, timeout_s: float, transport: str | None = None) -> dict:

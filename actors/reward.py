@@ -11,6 +11,7 @@ from rlhf_ray.config import RewardConfig
 from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.rewards.backends import build_backend
 from rlhf_ray.rewards.base import RewardSample
+from rlhf_ray.rewards.stats import RewardStats
 from rlhf_ray.runtime.devices import device_for, require_cpu_bf16
 
 
@@ -38,11 +39,19 @@ class RewardActor(Role):
                                      sharded=True)
 
     @computes("score")
-    def score(self, batch: RolloutBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """One scalar per (prompt, response), [B] float32, and the backend's per-sample details of them (name -> [B]:
-        RewardBackend.details, e.g. a judge's unparsed verdicts)."""
+    def score(self, batch: RolloutBatch) -> torch.Tensor:
+        """One scalar per (prompt, response). [B] float32"""
+        return self._scored(batch)[0]
+
+    @computes("score")
+    def scored(self, batch: RolloutBatch) -> tuple[torch.Tensor, RewardStats]:
+        """``score`` and what the backend recorded while scoring (rlhf_ray.rewards.stats: per-component means, cache
+        hits, …), which the driver logs under reward/."""
+        return self._scored(batch)
+
+    def _scored(self, batch: RolloutBatch) -> tuple[torch.Tensor, RewardStats]:
         scores = self.backend.score(samples_of(batch)).float()
-        return scores, self.backend.details()
+        return scores, self.backend.take_stats()
 
     def stored_statistics(self) -> dict | None:
         """The RM's saved score statistics (reward_stats.json: mean, std, count, source) for
@@ -60,5 +69,6 @@ class RewardActor(Role):
 
 def samples_of(batch: RolloutBatch) -> list[RewardSample]:
     labels = batch.labels or [None] * len(batch)
-    return [RewardSample.of(messages, prompt, response, label) for messages, prompt, response, label
-            in zip(batch.prompt_messages, batch.prompt_texts, batch.response_texts, labels)]
+    fields = batch.prompt_fields or [None] * len(batch)
+    return [RewardSample.of(messages, prompt, response, label, routed) for messages, prompt, response, label, routed
+            in zip(batch.prompt_messages, batch.prompt_texts, batch.response_texts, labels, fields)]

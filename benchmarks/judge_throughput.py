@@ -51,6 +51,7 @@ def load_samples(n: int, pairs_file: Path):
 
 def timed_scores(backend, samples) -> tuple[list[float], float]:
     backend.score(samples[:2])  # warm-up (first-call allocations, oneDNN kernels)
+    backend.take_stats()  # what the warm-up recorded (a judge's verdict shares) is not the timed call's
     if hasattr(backend, "llm"):  # every variant judges the same prompts: no KV blocks cached from the one before
         backend.llm.reset_prefix_cache()
     start = time.perf_counter()
@@ -107,11 +108,11 @@ def main() -> None:
                            judge={"max_tokens": args.max_tokens, **judge})
         backend = build_backend(cfg, model_path=judge_path) if backend is None else same_engine(backend, cfg)
         scores, seconds = timed_scores(backend, samples)
-        unparsed = backend.details()["judge_unparsed"]
+        recorded = backend.take_stats().metrics()  # the timed call's verdict shares (rlhf_ray.rewards.stats)
         run = {"seconds": seconds, "samples_per_s": len(samples) / seconds,
                "verdicts_per_sample": 2 if cfg.compares_with_reference else 1,
-               "parsed_fraction": 1 - float(unparsed.mean()), "mean_score": sum(scores) / len(scores),
-               "overlong_fraction": float(backend.details()["judge_overlong"].mean()),
+               "parsed_fraction": 1 - recorded["reward/judge_unparsed"], "mean_score": sum(scores) / len(scores),
+               "overlong_fraction": recorded["reward/judge_overlong"],
                "first_verdicts": [backend.last_outputs.get(i, "") for i in range(3)]}
         if cfg.compares_with_reference:
             run["chosen_preferred_fraction"] = sum(s > 0.5 for s in scores) / len(scores)

@@ -1,8 +1,9 @@
 """The LLM judge (models.reward.kind=judge) without an engine: judging prompts from templates, verdict rules, the
-expected rating from top-k logprobs, the count of verdicts that fail to parse, the config's one-line errors, and the
-path its per-sample details take to the step metrics. A tiny judge end to end: tests/test_reward_swap.py."""
+expected rating from top-k logprobs, the count of verdicts that fail to parse, the config's one-line errors, what it
+records for the step metrics (RewardStats), its cache identity, and a judge as a composite's component. A tiny judge end to end: tests/test_reward_swap.py."""
 from __future__ import annotations
 
+import json
 import math
 import re
 from types import SimpleNamespace
@@ -12,9 +13,11 @@ import torch
 
 from rlhf_ray.config import ConfigError, RewardConfig, build_config
 from rlhf_ray.config.reward import DEFAULT_PARSE, JudgeConfig
-from rlhf_ray.rewards.base import RewardSample, detail_metrics
+from rlhf_ray.rewards.base import RewardSample
 from rlhf_ray.rewards.judge import (JudgeBackend, choice_key, expected_value, find_choice, judging_prompts,
-                                    load_template, read_verdict, sample_details, template_source, token_at)
+                                    judge_identity, load_template, read_verdict, record_verdicts,
+                                    template_source, token_at)
+from rlhf_ray.rewards.stats import RewardStats
 from tests.conftest import ROOT, tiny_config
 
 SAMPLE = RewardSample.of([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}],
@@ -135,7 +138,7 @@ def fake_judge(judge: JudgeConfig, texts: list[str], max_length: int = 1024) -> 
     backend = JudgeBackend.__new__(JudgeBackend)
     backend.cfg = RewardConfig(kind="judge", model="tiny:policy", max_length=max_length, judge=judge)
     backend.judge, backend.rule = judge, re.compile(judge.parse_rule)
-    backend.template, backend._details = load_template(judge.template, judge.mode), {}
+    backend.template, backend.stats = load_template(judge.template, judge.mode), RewardStats()
     backend.llm = FakeLLM(texts)
     backend.encode = lambda text: list(range(len(text.split())))  # a token per word
     return backend
@@ -145,8 +148,8 @@ def test_unparsed_verdicts_are_scored_and_counted_never_dropped():
     backend = fake_judge(JudgeConfig(unparsed_score=-2.0), ["Rating: 5", "rubbish", "Rating: 7", "Rating: 1"])
     samples = [RewardSample.of([{"role": "user", "content": "Hi"}], "Hi", r) for r in "abcd"]
     assert backend.score(samples).tolist() == [5.0, -2.0, -2.0, 1.0]
-    assert backend.details()["judge_unparsed"].tolist() == [0.0, 1.0, 1.0, 0.0]
-    assert detail_metrics([backend.details()]) == {"reward/judge_unparsed": 0.5, "reward/judge_overlong": 0.0}
+    assert backend.take_stats().metrics() == {"reward/judge_unparsed": 0.5, "reward/judge_overlong": 0.0}
+    assert backend.take_stats().metrics() == {}  # handed over once
 
 
 def test_pairwise_score_is_the_mean_preference_over_both_orders():
@@ -157,7 +160,7 @@ def test_pairwise_score_is_the_mean_preference_over_both_orders():
                           "Preferred: A", "Preferred: A", "no"])
     samples = [RewardSample.of([{"role": "user", "content": "Hi"}], "Hi", r, label="ref") for r in "abcd"]
     assert backend.score(samples).tolist() == [1.0, 0.0, 0.5, 0.75]
-    assert backend.details()["judge_unparsed"].tolist() == [0.0, 0.0, 0.0, 0.5]
+    assert backend.take_stats().means["judge_unparsed"] == (0.5, 4)  # a share per sample: 0, 0, 0, 1/2
 
 
 def test_a_judging_prompt_over_max_length_is_not_judged_but_counted():
@@ -165,21 +168,63 @@ def test_a_judging_prompt_over_max_length_is_not_judged_but_counted():
     samples = [RewardSample.of([], "", "short answer"), RewardSample.of([], "", "a much longer answer here")]
     assert backend.score(samples).tolist() == [3.0, 0.0]
     assert len(backend.llm.calls[0][0]) == 1  # only the one that fits went to the engine
-    assert backend.details()["judge_overlong"].tolist() == [0.0, 1.0]
-    assert backend.details()["judge_unparsed"].tolist() == [0.0, 1.0]
+    assert backend.take_stats().metrics() == {"reward/judge_unparsed": 0.5, "reward/judge_overlong": 0.5}
 
 
-def test_details_join_across_actors_and_reduce_to_step_metrics():
-    from rlhf_ray.cluster.calls import join_details
+def test_verdict_shares_merge_across_calls_actors_and_components():
+    # two scoring calls (dynamic sampling's rounds, or two reward actors): every sample counts once in the step's mean
+    first, second = RewardStats(), RewardStats()
+    record_verdicts(first, [[SimpleNamespace(parsed=False, overlong=False, expected_fallback=True)]],
+                    JudgeConfig(score="expected"))
+    ok = SimpleNamespace(parsed=True, overlong=False, expected_fallback=False)
+    record_verdicts(second, [[ok], [ok], [ok]], JudgeConfig(score="expected"))
+    step = RewardStats.merged([first, second]).metrics()
+    assert step == {"reward/judge_unparsed": 0.25, "reward/judge_overlong": 0.0, "reward/judge_expected_fallback": 0.25}
+    assert "judge_expected_fallback" not in RewardStats().means  # score=parsed records no fallback
+    record_verdicts(second, [[ok]], JudgeConfig())
+    assert second.means["judge_expected_fallback"] == (0.0, 3)
+    # in a composite, under the component's name
+    assert first.prefixed("judge/").metrics()["reward/judge/judge_unparsed"] == 1.0
 
-    joined = join_details([{"judge_unparsed": torch.tensor([1.0, 0.0]), "only_here": torch.tensor([1.0, 1.0])},
-                           {"judge_unparsed": torch.tensor([0.0, 0.0])}])
-    assert list(joined) == ["judge_unparsed"] and joined["judge_unparsed"].tolist() == [1.0, 0.0, 0.0, 0.0]
-    assert join_details([{}, {}]) == {}
-    # dynamic sampling: every round's samples count
-    assert detail_metrics([{"x": torch.tensor([1.0])}, {"x": torch.tensor([0.0, 0.0, 0.0])}]) == {"reward/x": 0.25}
-    assert sample_details([[SimpleNamespace(parsed=False, overlong=False, expected_fallback=False)] * 2],
-                          JudgeConfig(score="expected"))["judge_expected_fallback"].tolist() == [0.0]
+
+def test_cache_identity_is_the_judge_files_section_length_and_dtype(tiny_cache):
+    from rlhf_ray.models.specs import resolve_model
+
+    path = resolve_model("tiny:policy", tiny_cache)
+    cfg = RewardConfig(kind="judge", model="tiny:policy", max_length=256)
+    identity = judge_identity(cfg, path, "float32")
+    assert identity["path"] == path and identity["files"] and identity["max_length"] == 256
+    assert identity["judge"] == cfg.judge.model_dump(mode="json") and "Rating" in identity["template"]
+    assert identity == judge_identity(cfg, path, "float32")
+    for other in (judge_identity(cfg, path, "bfloat16"), judge_identity(cfg.model_copy(update={"max_length": 128}),
+                                                                        path, "float32"),
+                  judge_identity(RewardConfig(kind="judge", model="tiny:policy", max_length=256,
+                                              judge={"temperature": 1.0}), path, "float32")):
+        assert other != identity
+    assert judge_identity(cfg, str(tiny_cache / "nowhere"), "float32") is None  # no files: not cached
+
+
+def test_a_judge_is_a_composite_component():
+    components = [{"name": "rm", "kind": "function", "function": "rlhf_ray.rewards:char_frequency"},
+                  {"name": "judge", "kind": "judge", "model": "tiny:policy", "weight": 0.5,
+                   "judge": {"mode": "pairwise"}, "route": {"field": "task", "equals": "chat"}}]
+    cfg = tiny_config(ROOT, None, "models.reward.kind=composite", f"models.reward.components={json.dumps(components)}",
+                      "models.value_init=policy", "data.label_field=answer")
+    judge = cfg.models.reward.components[1]
+    assert judge.kind == "judge" and judge.loads_model and judge.judge.mode == "pairwise" and judge.weight == 0.5
+    reward = cfg.models.reward
+    assert reward.compares_with_reference and reward.hosts_model and not reward.loads_model
+    from rlhf_ray.rewards.composite import model_components, with_resolved_models
+
+    assert model_components(reward) == [judge]
+    assert with_resolved_models(reward, lambda spec: "/resolved/" + spec).components[1].model == "/resolved/tiny:policy"
+    # a pairwise judge among the components needs the reference answers as much as a judge alone
+    with pytest.raises(ConfigError, match="data.label_field"):
+        tiny_config(ROOT, None, "models.reward.kind=composite", f"models.reward.components={json.dumps(components)}",
+                    "models.value_init=policy")
+    with pytest.raises(ConfigError, match="components.*judge.rating_max|rating_max"):
+        build_config({"kind": "composite", "components": [{**components[1], "judge": {"rating_max": 0}}]},
+                     RewardConfig)
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -248,7 +293,7 @@ def test_rm_eval_gives_a_pairwise_judge_the_other_response_as_reference():
     seen = []
     backend = SimpleNamespace(cfg=RewardConfig(kind="judge", model="m", judge={"mode": "pairwise"}),
                               score=lambda samples: seen.extend(samples) or torch.tensor([1.0, 0.0]))
-    pair = SimpleNamespace(prompt=[{"role": "user", "content": "Hi"}], chosen="good", rejected="bad")
+    pair = SimpleNamespace(prompt=[{"role": "user", "content": "Hi"}], chosen="good", rejected="bad", source="s")
     assert score_pairs(backend, [pair]).tolist() == [[1.0, 0.0]]
     assert [(s.response, s.label) for s in seen] == [("good", "bad"), ("bad", "good")]
 

@@ -22,9 +22,8 @@ def batch_of(responses):
 def test_function_reward_with_kwargs_and_clear_errors():
     actor = RewardActor({"kind": "function", "function": "rlhf_ray.rewards:char_frequency",
                          "function_kwargs": {"char": "a"}}, None)
-    (scores, details), seconds = actor.score(batch_of(["aab", "", "bbbb"]))
+    scores, seconds = actor.score(batch_of(["aab", "", "bbbb"]))
     torch.testing.assert_close(scores, torch.tensor([2 / 3, 0.0, 0.0]))
-    assert details == {}  # a function reports nothing besides its scores
     assert seconds >= 0 and char_frequency("", "eeee") == 1.0 and scores.dtype == torch.float32
     assert isinstance(actor.backend, FunctionBackend) and actor.stored_statistics() is None
     with pytest.raises(ValueError, match="cannot be imported"):
@@ -45,7 +44,7 @@ def test_model_reward_uses_its_own_tokenizer_and_template(tiny_cache):
     path = resolve_model("tiny:reward", tiny_cache)
     actor = RewardActor({"kind": "model", "model": path, "batch_size": 2}, path)
     responses = ["The sea is blue.", "No.", "A much longer answer about the quiet forest at night."]
-    (scores, _), _ = actor.score(batch_of(responses))
+    scores, _ = actor.score(batch_of(responses))
     tok, rm = AutoTokenizer.from_pretrained(path), AutoModelForSequenceClassification.from_pretrained(path)
     for response, score in zip(responses, scores):
         text = f"<|user|>\nSay something.\n<|assistant|>\n{response}</s>\n"
@@ -95,4 +94,4 @@ def test_every_kind_is_a_registered_backend():
     from rlhf_ray.config import RewardConfig
 
     assert set(BACKENDS) == set(get_args(RewardConfig.model_fields["kind"].annotation)) == {
-        "model", "function", "http", "serve", "judge"}
+        "model", "function", "http", "serve", "judge", "composite"}

@@ -266,7 +266,8 @@ def test_reference_server_command_line():
                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         line = server.stdout.readline()
-        assert line.startswith("scoring rlhf_ray.rewards:char_frequency at http://127.0.0.1:"), line
+        # the version the endpoint declares (GET /info; the score cache keys on it): by default a hash of the function
+        assert re.match(r"scoring rlhf_ray.rewards:char_frequency \(version [0-9a-f]{16}\) at http://127.0.0.1:", line), line
         url = line.split(" at ")[1].split()[0]
         assert RewardClient(url).score([s.to_json() for s in samples(3)]) == [0.0, 1.0, 1.0]
     finally:
@@ -428,11 +429,14 @@ def test_serve_backend_calls_the_app_and_reads_its_statistics(monkeypatch):
     app = FakeApp({"model_path": "/models/rm", "stored_statistics": None},
                   score=lambda batch: [len(s.response) + 0.5 for s in batch])
     monkeypatch.setattr(rm, "app_handle", lambda name: app)
+    monkeypatch.setattr(rm, "deployed_apps", lambda: ["shared-rm@v1", "shared-rm@v2", "other"])
     backend = build_backend(RewardConfig(kind="serve", app="shared-rm", timeout_s=7))
+    assert backend.app == "shared-rm@v2"  # the bare name: latest, resolved once
     assert backend.score(samples(3)).tolist() == [0.5, 1.5, 2.5] and app.calls == [7, 7]
+    assert build_backend(RewardConfig(kind="serve", app="shared-rm@v1")).app == "shared-rm@v1"
     assert backend.stored_statistics() is None
     with pytest.raises(ValueError, match=r"normalize='stored' needs /models/rm/reward_stats.json, and the Serve RM "
-                                         r"app 'shared-rm' has none"):
+                                         r"app 'shared-rm@v2' has none"):
         build_backend(RewardConfig(kind="serve", app="shared-rm", normalize="stored"))
     monkeypatch.setattr(rm, "app_handle", lambda name: FakeApp({"model_path": "/models/rm", "stored_statistics": stats}))
     assert build_backend(RewardConfig(kind="serve", app="shared-rm", normalize="stored")).stored_statistics() == stats
@@ -441,6 +445,6 @@ def test_serve_backend_calls_the_app_and_reads_its_statistics(monkeypatch):
         raise TimeoutError("Timed out")
 
     monkeypatch.setattr(rm, "app_handle", lambda name: FakeApp({"stored_statistics": None}, score=too_slow))
-    with pytest.raises(RuntimeError, match=r"the Serve RM app 'shared-rm' did not answer score\(\) within 7 s "
+    with pytest.raises(RuntimeError, match=r"the Serve RM app 'shared-rm@v2' did not answer score\(\) within 7 s "
                                            r"\(models.reward.timeout_s"):
         build_backend(RewardConfig(kind="serve", app="shared-rm", timeout_s=7)).score(samples(1))

@@ -33,7 +33,7 @@ def on_halves(actors, method: str, batch) -> torch.Tensor:
     import ray
 
     results = ray.get([getattr(a, method).remote(part) for a, part in zip(actors, batch.chunks(2))], timeout=300)
-    return torch.cat([out[0] if method == "score" else out for out, _ in results])  # score: (scores, details)
+    return torch.cat([out for out, _ in results])
 
 
 @pytest.fixture(scope="module")

@@ -73,7 +73,7 @@ def test_labels_travel_from_the_data_to_the_reward_function(tmp_path, tiny_token
                                       ["Answer: 4", "Answer: 11"], 0, labels=[p.label for p in data.prompts])
     assert batch.select([1]).labels == ["10"] and RolloutBatch.concat([batch, batch]).labels == ["4", "10"] * 2
     actor = RewardActor({"kind": "function", "function": "rlhf_ray.tasks.arithmetic:reward"}, None)
-    (scores, _), _ = actor.score(batch)
+    scores, _ = actor.score(batch)
     torch.testing.assert_close(scores, torch.tensor([1.0, 0.1]))
     # a remote verifier gets the label in the v1 request; samples without one do not carry the key
     assert RewardSample.of([], "p", "r", "4").to_json()["label"] == "4" and "label" not in RewardSample.of(

@@ -11,9 +11,12 @@ A policy is ``NAME=SPEC``; SPEC is a local HF model directory, a hub name, a ``t
 ``policy/``) or a run directory (its ``final_model/``). Prompt files are .jsonl/.json/.parquet rows with
 ``messages`` or a ``prompt`` string, or Tulu 2.5 preference rows (the prompt turns of ``chosen``); a ``source``
 column splits the report further. The judge is any reward backend PPO uses (rlhf_ray.rewards.backends):
-``--reward model=SPEC|function=module:fn|http=URL|serve=APP|judge=SPEC`` (or rlhf_ray.rm_eval's
-``function:module:fn``, ``http://…``, ``serve:APP``, ``judge:SPEC``, bare model spec), refined with
-``--reward-option key=value`` (models.reward keys, e.g. ``judge.mode=pairwise`` with ``--label-field``).
+``--reward model=SPEC|function=module:fn|http=URL|serve=APP|judge=SPEC|config=FILE.yaml`` (or rlhf_ray.rm_eval's
+``function:module:fn``, ``http://…``, ``serve:APP``, ``judge:SPEC``, bare model spec; ``config=``: a file holding a
+models.reward tree of any kind, e.g. a composite, whose components route by the prompts' columns), refined with
+``--reward-option key=value`` (models.reward keys, e.g. ``judge.mode=pairwise`` with ``--label-field``; ``cache=disk``
+keeps the judge's scores for the next evaluation). A Serve APP is APP@vN or APP@latest; evaluation.json records the
+version that scored.
 On a verifiable task the judge checks answers against each prompt's label (``--label-field``); its mean score is then
 the accuracy, e.g. on the shipped arithmetic test set::
 
@@ -114,7 +117,11 @@ def reward_config(spec: str, options: list[str], template: str) -> RewardConfig:
     from rlhf_ray.config import ConfigError, build_config, parse_overrides
 
     kind, sep, value = spec.partition("=")
-    if sep and kind in REWARD_FIELDS:
+    if kind == "config" and sep:
+        from rlhf_ray.cli.rm_eval import reward_file
+
+        fields = reward_file(value)
+    elif sep and kind in REWARD_FIELDS:
         if not value:
             raise ValueError(f"--reward {spec!r}: give the {REWARD_FIELDS[kind]} after '='")
         fields = {"kind": kind, REWARD_FIELDS[kind]: value}
@@ -132,7 +139,12 @@ def reward_config(spec: str, options: list[str], template: str) -> RewardConfig:
 
 def build_judge(cfg: RewardConfig, cache_dir: str | None, seed: int):
     from rlhf_ray.rewards.backends import build_backend
+    from rlhf_ray.rewards.composite import with_resolved_models
 
+    try:
+        cfg = with_resolved_models(cfg, lambda spec: model_location(spec, cache_dir, seed))
+    except ValueError as err:
+        raise ValueError(f"--reward: a model component: {err}") from None
     model_path = None
     if cfg.loads_model:  # an RM or an LLM judge (a vLLM engine in this process)
         try:
@@ -179,7 +191,8 @@ def score(judge, policy: Policy, responses: list[str]) -> list[float]:
     """The judge's score of each (prompt as this policy saw it, response), as PPO's reward role scores them."""
     from rlhf_ray.rewards.base import RewardSample
 
-    samples = [RewardSample.of(p.messages, p.text, response, p.label) for p, response in zip(policy.prompts, responses)]
+    samples = [RewardSample.of(p.messages, p.text, response, p.label, p.fields)
+               for p, response in zip(policy.prompts, responses)]
     return [float(s) for s in judge.score(samples)]
 
 
@@ -204,7 +217,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--label-field", metavar="COLUMN", help="each prompt's reference answer (verifiable tasks, "
                                                                 "e.g. answer): passed to a function judge as label=…")
     parser.add_argument("--reward", required=True, metavar="SPEC",
-                        help="the judge: model=PATH_OR_SPEC, function=module:fn, http=URL or serve=APP")
+                        help="the judge: model=PATH_OR_SPEC, function=module:fn, http=URL or serve=APP@vN|APP@latest")
     parser.add_argument("--reward-option", action="append", default=[], metavar="KEY=VALUE",
                         help="a models.reward setting of the judge (repeatable), e.g. batch_size=16, "
                              "function_kwargs.char=a, template=tokenizer")
@@ -240,8 +253,8 @@ def prepare(args):
     baseline = args.baseline or policies[0].name
     if baseline not in {p.name for p in policies}:
         raise ValueError(f"--baseline {baseline!r} is none of the policies ({', '.join(p.name for p in policies)})")
-    prompts, files = load_eval_prompts(args.prompts, args.limit, args.label_field)
     judge_cfg = reward_config(args.reward, args.reward_option, args.template)
+    prompts, files = load_eval_prompts(args.prompts, args.limit, args.label_field, judge_cfg.route_fields())
     for policy in policies:
         try:
             policy.prompts, policy.truncated = encode_prompts(prompts, policy.path, args.template,
@@ -268,19 +281,22 @@ def connect(judge_cfg: RewardConfig, address: str | None) -> None:
 
 def evaluate(args, policies, baseline, prompts, files, judge_cfg, judge) -> tuple[dict, list[dict]]:
     """Every policy's answers, scored by ``judge``, compared -> (evaluation.json's content, responses.jsonl's rows)."""
-    records, seconds = {}, {}
+    records, seconds, judged = {}, {}, {}
     for policy in policies:  # one engine at a time
         generated = generate(policy, args)
         start = time.perf_counter()
         scores = score(judge, policy, generated["responses"])
         seconds[policy.name] = {"generate": generated["seconds"], "score": time.perf_counter() - start}
+        judged[policy.name] = judge.take_stats().metrics(prefix="")  # cache hits, a composite's components, …
         records[policy.name] = [
             {"policy": policy.name, "index": i, "file": p.file, "row": p.row, "source": p.source,
              "prompt": p.messages, "response": response, "score": s, "tokens": tokens, "finish_reason": finish}
             for i, (p, response, s, tokens, finish) in enumerate(zip(
                 prompts, generated["responses"], scores, generated["tokens"], generated["finish"]))]
+        hits = (f" (score cache: {judged[policy.name]['cache_hit_rate']:.0%} hits)"
+                if "cache_hit_rate" in judged[policy.name] else "")
         print(f"{policy.name}: {len(prompts)} answers in {seconds[policy.name]['generate']:.1f} s, scored in "
-              f"{seconds[policy.name]['score']:.1f} s", file=sys.stderr)
+              f"{seconds[policy.name]['score']:.1f} s{hits}", file=sys.stderr)
     compared = compare(records, prompts, baseline, args.samples)
     report = {
         "baseline": baseline, "judge": judge_cfg.model_dump(),
@@ -289,7 +305,8 @@ def evaluate(args, policies, baseline, prompts, files, judge_cfg, judge) -> tupl
         "prompt_files": {name: {"path": f.path, "rows": f.rows, "used": f.used, "skipped": dict(f.skipped)}
                          for name, f in files.items()},
         "policies": {p.name: {"spec": p.spec, "path": p.path, "prompts_truncated": p.truncated,
-                              "groups": compared["policies"][p.name], "seconds": seconds[p.name]} for p in policies},
+                              "groups": compared["policies"][p.name], "seconds": seconds[p.name],
+                              "judge_stats": judged[p.name]} for p in policies},
         "samples": compared["samples"]}
     return report, [r for rows in records.values() for r in rows]
 
@@ -308,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
             if judge_cfg.kind == "serve":  # its app lives on a cluster: join it first
                 connect(judge_cfg, args.address)
             judge = build_judge(judge_cfg, args.cache_dir, args.seed)  # a judge that cannot load fails before Ray
+            if judge_cfg.kind == "serve" and judge.app != judge_cfg.app:  # the version it scores with, recorded
+                print(f"judge: Serve RM '{judge.app}' (resolved from {judge_cfg.app})", file=sys.stderr)
+                judge_cfg.app = judge.app
             connect(judge_cfg, args.address)
         except SystemExit as err:  # rlhf_ray.cli.rm.connect: no cluster (its message is complete)
             print(err, file=sys.stderr)

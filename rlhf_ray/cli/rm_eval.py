@@ -5,11 +5,12 @@ overall and per ``source``, on any preference files, for several RMs side by sid
         --rm mine=runs/rm_smollm2_cpu/final_model --rm tiny=tiny:reward --out runs/rm_eval
 
 An RM is ``NAME=SPEC``; SPEC is a model (local path, hub name, tiny:…/real:…: the ``model`` backend),
-``http://…`` / ``https://…`` (the ``http`` backend), ``serve:APP`` (a Ray Serve RM app; pass --address) or
-``function:module:fn`` or ``judge:SPEC`` (an LLM judge, rlhf_ray.rewards.judge, in pairwise mode: it reads both
-responses of a pair and says which it prefers, in both orders). Every RM scores through the same backend code PPO uses
-(rlhf_ray.rewards.backends).
-Writes <out>/rm_eval.json and <out>/rm_eval.md and prints the Markdown table.
+``http://…`` / ``https://…`` (the ``http`` backend), ``serve:APP@vN`` or ``serve:APP@latest`` (a version of a Ray
+Serve RM; the one scored with is rm_eval.json's ``serve_app``; pass --address) or ``function:module:fn``, or
+``judge:SPEC`` (an LLM judge, rlhf_ray.rewards.judge, in pairwise mode: it reads both responses of a pair and says which
+it prefers, in both orders), or ``config:FILE.yaml``: a file holding a models.reward tree of any kind (a composite: its
+components route by the pairs' ``source``). Every RM scores through the same backend code PPO uses
+(rlhf_ray.rewards.backends). Writes <out>/rm_eval.json and <out>/rm_eval.md and prints the Markdown table.
 """
 from __future__ import annotations
 
@@ -26,9 +27,25 @@ from rlhf_ray.data.sources import dataset_names, load_preferences, render_tulu
 from rlhf_ray.drivers.reward_model import accuracy_table
 
 
+def reward_file(path: str) -> dict:
+    """A YAML file holding a models.reward tree (any kind: a composite's components, …) as a dict."""
+    import yaml
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ValueError(f"reward config file {path} does not exist")
+    tree = yaml.safe_load(file.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ValueError(f"{path} must hold the keys of models.reward (kind: composite, components: …), "
+                         f"not a {type(tree).__name__}")
+    return tree
+
+
 def reward_config(spec: str, template: str, max_length: int, batch_size: int) -> RewardConfig:
     """An RM spec from the command line -> the reward config PPO would use for it."""
     common = {"template": template, "max_length": max_length, "batch_size": batch_size}
+    if spec.startswith("config:"):  # the file's keys win over the command line's defaults
+        return build_config({**common, **reward_file(spec[len("config:"):])}, RewardConfig)
     if spec.startswith(("http://", "https://")):
         tree = {"kind": "http", "url": spec}
     elif spec.startswith("serve:"):
@@ -51,8 +68,11 @@ def score_pairs(backend, pairs) -> torch.Tensor:
     samples = []
     for pair in pairs:
         prompt = render_tulu(pair.prompt)
-        samples += [RewardSample.of(pair.prompt, prompt, pair.chosen, pair.rejected if against_other else None),
-                    RewardSample.of(pair.prompt, prompt, pair.rejected, pair.chosen if against_other else None)]
+        fields = {"source": pair.source}  # what a composite can route by here
+        samples += [RewardSample.of(pair.prompt, prompt, pair.chosen, pair.rejected if against_other else None,
+                                    fields=fields),
+                    RewardSample.of(pair.prompt, prompt, pair.rejected, pair.chosen if against_other else None,
+                                    fields=fields)]
     return torch.as_tensor(backend.score(samples), dtype=torch.float32).view(-1, 2)
 
 
@@ -61,6 +81,7 @@ def evaluate(rms: dict[str, str], data: list[str], template: str = "tulu", max_l
     """{rm name: {data name: accuracy table (rlhf_ray.drivers.reward_model.accuracy_table) + seconds}}."""
     from rlhf_ray.models.specs import resolve_model
     from rlhf_ray.rewards.backends import build_backend
+    from rlhf_ray.rewards.composite import with_resolved_models
     from rlhf_ray.run.preflight import check_model_path
 
     sets = {name: load_preferences(source, split).pairs for name, source in zip(dataset_names(data), data)}
@@ -73,8 +94,10 @@ def evaluate(rms: dict[str, str], data: list[str], template: str = "tulu", max_l
         model_path = resolve_model(cfg.model, cache_dir) if cfg.loads_model else None
         if model_path:
             check_model_path(cfg.model, model_path, f"--rm {name}")
-        backend = build_backend(cfg, model_path=model_path)
+        backend = build_backend(with_resolved_models(cfg, lambda s: resolve_model(s, cache_dir)), model_path=model_path)
         results[name] = {"spec": spec, "sets": {}}
+        if cfg.kind == "serve":  # the version it scored with (NAME@latest resolved once)
+            results[name]["serve_app"] = backend.app
         for set_name, pairs in sets.items():
             start = time.perf_counter()
             table = accuracy_table(score_pairs(backend, pairs), [p.source or "unknown" for p in pairs])

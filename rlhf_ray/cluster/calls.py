@@ -8,6 +8,7 @@ import logging
 import torch
 
 from rlhf_ray.data.batch import RolloutBatch
+from rlhf_ray.rewards.stats import RewardStats
 from rlhf_ray.runtime.waiting import ActorLost
 
 log = logging.getLogger("rlhf_ray.cluster.roles")  # (its records have always been the roles')
@@ -32,8 +33,8 @@ class RoleCalls:
         """Of ``roles``, concurrently: reward scores, reference logprobs, the learner's values (and its old logprobs
         unless the sampler's serve: ``old_logprobs=False``). Without reference actors (models.lora) the learner
         computes the reference logprobs, in the same call (a run without a reference asks for none). Returns the tensors
-        and each role's compute seconds; with the reward, ``reward_details`` too (name -> [B], the backend's per-sample
-        details: not a batch field, the driver turns them into metrics)."""
+        (and, with the reward's scores, ``reward_stats``: what the reward backends recorded, merged over the actors:
+        rlhf_ray.rewards.stats) and each role's compute seconds."""
         reference_in_learner = "reference" in roles and "reference" not in self.groups
         learner = "learner" in roles
 
@@ -43,7 +44,7 @@ class RoleCalls:
 
         learner_work = ", ".join(what for what, asked in (("values", learner), ("old logprobs", learner and old_logprobs),
                                                          ("reference logprobs", reference_in_learner)) if asked)
-        calls = {"reward": (submit("reward", "score"), "scoring a rollout", "score_s"),
+        calls = {"reward": (submit("reward", "scored"), "scoring a rollout", "score_s"),
                  "reference": (submit("reference", "logprobs"), "computing logprobs", "score_s"),
                  "learner": (submit("learner", "evaluate", logprobs=learner and old_logprobs, values=learner,
                                     reference=reference_in_learner), f"computing {learner_work}", "learn_s")}
@@ -55,9 +56,9 @@ class RoleCalls:
         results = {role: self._recoverable(role, doing, timeout, again, pending[role])
                    for role, (again, doing, timeout) in calls.items()}
         out = {}
-        if "reward" in results:  # each actor: (scores, details), its share of the rows in order
+        if "reward" in results:
             out["scores"] = torch.cat([scores for (scores, _), _ in results["reward"]])
-            out["reward_details"] = join_details([details for (_, details), _ in results["reward"]])
+            out["reward_stats"] = RewardStats.merged(stats for (_, stats), _ in results["reward"])
         if "reference" in results:
             out["ref_logprobs"] = torch.cat([logprobs for logprobs, _ in results["reference"]])
         if "learner" in results:  # the objective's evaluate: a dict of what it computed
@@ -142,11 +143,3 @@ class RoleCalls:
         self._wait([a.load_state.remote(directory) for a in self.learners], "learner", "loading a checkpoint",
                    "learn_s")
 
-
-def join_details(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """The reward actors' per-sample details joined in row order; a name some actor did not report is dropped (its
-    rows could not be told apart)."""
-    names = set(parts[0]) if parts else set()
-    for part in parts[1:]:
-        names &= set(part)
-    return {name: torch.cat([part[name] for part in parts]) for name in sorted(names)}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
@@ -26,6 +26,7 @@ from rlhf_ray.cluster.connection import local_ray_down, own_local_ray
 from rlhf_ray.cluster.sites import ActorSites
 from rlhf_ray.config import ExperimentConfig, RoleResources
 from rlhf_ray.objectives import LearnerSpec
+from rlhf_ray.rewards.composite import with_resolved_models
 from rlhf_ray.runtime.memory import KEEP_FREED_MEMORY_ENV
 from rlhf_ray.runtime.signals import STOP_SIGNALS
 from rlhf_ray.runtime.waiting import NOTICE_S, WAIT_SLICE_S, ActorLost, NoRoomError, RoleError, wait  # noqa: F401
@@ -41,6 +42,7 @@ class ModelPaths:
     reference: str | None  # None: no reference (ppo.kl_coef=0, ppo.reference=auto)
     reward: str | None
     value: str | None
+    reward_components: dict[str, str] = field(default_factory=dict)  # a composite's model specs -> resolved paths
 
 
 class Roles(RoleCalls, ActorSites):
@@ -113,7 +115,8 @@ class Roles(RoleCalls, ActorSites):
                                cfg.models.lora.rank if cfg.models.lora else None)
         shard = (index, getattr(res, role).num_actors) if self._sharded(role) else None
         if role == "reward":
-            return self._spawn(RewardActor, role, index, cfg.models.reward.model_dump(), paths.reward, cfg.models.dtype,
+            reward = with_resolved_models(cfg.models.reward, paths.reward_components.get)
+            return self._spawn(RewardActor, role, index, reward.model_dump(), paths.reward, cfg.models.dtype,
                                res.reward.num_gpus, shard, self.timeouts.score_s)
         dtype, micro_batch_size, temperature, forward = cfg.reference_forward()
         return self._spawn(ReferenceActor, role, index, paths.reference, dtype, micro_batch_size, temperature,

@@ -29,7 +29,7 @@ class ActorSites:
         self._record_placement(sites)
         res = self.cfg.resources
         reward = getattr(getattr(self.cfg, "models", None), "reward", None)
-        light = ("reward",) if reward is not None and not reward.loads_model else ()  # no torch in the reward actor
+        light = ("reward",) if reward is not None and not reward.hosts_model else ()  # no torch in the reward actor
         self.compute_plans = plan_compute(sites, self.overlapped, {role: getattr(res, role).threads for role in self.groups},
                                           getattr(res, "rollout_cores", None), res.nice, self.solo_phases, light)
         self._configure([(role, i) for role, i, _ in actors])

@@ -2,12 +2,29 @@
 from __future__ import annotations
 
 import re
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional, Union
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from rlhf_ray.config.errors import require
+from rlhf_ray.config.errors import ConfigKeyError, require
 from rlhf_ray.config.sections import StrictSection
+
+# A Serve RM is named NAME@VERSION (rlhf_ray.rm serve deploys the Serve application "NAME@vN" at route /NAME/vN).
+# Versions are numbered, v1, v2, …, so that "latest" (the highest number deployed) needs no other record; a bare
+# NAME means NAME@latest. The characters are those a URL path segment takes as they are.
+APP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+VERSION = re.compile(r"v([1-9][0-9]*)")
+LATEST = "latest"
+
+
+def parse_app(value: str) -> tuple[str, str]:
+    """'NAME', 'NAME@latest' or 'NAME@vN' -> (NAME, 'latest' | 'vN'); anything else: ValueError saying the form."""
+    name, sep, version = value.partition("@")
+    version = version if sep else LATEST
+    if not APP_NAME.fullmatch(name) or not (version == LATEST or VERSION.fullmatch(version)):
+        raise ValueError(f"{value!r} is not NAME, NAME@latest or NAME@vN (NAME: letters, digits, '.', '_', '-'; "
+                         "N: 1, 2, …), e.g. helpful@v2")
+    return name, version
 
 
 # models.reward.judge.parse when none is given: the verdict's last match of the mode's rule
@@ -75,28 +92,20 @@ class JudgeConfig(StrictSection):
         return self
 
     @property
-    def compares_with_reference(self) -> bool:
-        """Each sample is scored against a reference answer (``RewardSample.label``): a pairwise judge."""
-        return self.kind == "judge" and self.judge.mode == "pairwise"
-
-    @property
-    def loads_model(self) -> bool:
-        """The reward actors load ``model`` themselves (an RM or a judge): it is resolved before the run, and the
-        role computes with threads, memory and GPUs of its own."""
-        return self.kind in ("model", "judge")
-
-    @property
     def parse_rule(self) -> str:
         return self.parse or DEFAULT_PARSE[self.mode]
 
 
 class RewardConfig(StrictSection):
-    kind: Literal["model", "function", "http", "serve", "judge"] = Field(
+    is_component: ClassVar[bool] = False  # a composite's component (RewardComponent)
+    kind: Literal["model", "function", "http", "serve", "judge", "composite"] = Field(
         "model", description="Reward backend (rlhf_ray.rewards.backends): 'model': a frozen HF sequence-classification RM "
                              "in the reward actors; 'function': a Python callable; 'http': a remote endpoint speaking "
                              "the rlhf-ray/reward/v1 JSON schema (rlhf_ray.rewards.http); 'serve': an RM deployed as a "
                              "shared Ray Serve application (python -m rlhf_ray.rm serve); 'judge': an LLM in the reward "
-                             "actors (vLLM) that writes a verdict on each response (models.reward.judge).")
+                             "actors (vLLM) that writes a verdict on each response (models.reward.judge); 'composite': "
+                             "the weighted sum of `components`, each a reward of any other kind "
+                             "(rlhf_ray.rewards.composite).")
     model: Optional[str] = Field(
         None, description="kind='model': the RM (hub name, local path or 'tiny:reward'); kind='judge': the judge, a "
                           "causal LM (hub name, local path, 'tiny:policy', 'real:smollm2-135m'). Required for both.")
@@ -136,13 +145,34 @@ class RewardConfig(StrictSection):
                           "'Authorization: Bearer …' (the token itself never goes into the config). It must be set "
                           "where the reward actors run (the driver's environment for a Ray the run starts itself).")
     app: Optional[str] = Field(
-        None, description="kind='serve': name of the Ray Serve RM application (python -m rlhf_ray.rm list). The run "
-                          "must join that cluster: ray.address or RAY_ADDRESS.")
+        None, description="kind='serve': the Serve RM as NAME@vN (a version), NAME@latest or NAME (= NAME@latest), as "
+                          "python -m rlhf_ray.rm list shows them. A run resolves latest once, when it starts, records "
+                          "the version it got in its config.yaml, and keeps it for the whole run, resumes included. "
+                          "The run must join that cluster: ray.address or RAY_ADDRESS.")
     normalize: Literal["none", "stored", "running"] = Field(
         "none", description="Score normalisation before PPO: 'stored': (score - mean) / std with the statistics saved "
                             "with the RM (<RM dir>/reward_stats.json, written by RM training; kind='model' or "
                             "'serve'); 'running': with the running mean/std of every score seen so far in the run "
                             "(kept in checkpoints); 'none': raw scores.")
+    components: list["RewardComponent"] = Field(
+        default_factory=list, description="kind='composite': the rewards summed, each a reward config of any kind but "
+                                          "composite (its keys as here) plus `name` (metric names: reward/<name>/…), "
+                                          "`weight` (default 1) and an optional `route: {field: COLUMN, equals: VALUE "
+                                          "or [VALUES]}` (it scores only the prompts whose data column has that value; "
+                                          "without a route it scores every prompt). A sample's score: Σ weight × "
+                                          "(normalised) score over the components that score it; a sample no component "
+                                          "scores is an error naming its column values.")
+    cache: Literal["off", "disk"] = Field(
+        "off", description="Score cache (rlhf_ray.rewards.cache): 'disk': raw scores kept in an SQLite file "
+                           "(`cache_path`) by backend identity + conversation + response, shared by every run and "
+                           "evaluation that reaches the file; a hit returns the raw score first computed. Backends "
+                           "without a declared identity (an HTTP endpoint with no version in GET <base>/info, a Serve "
+                           "app with none) are not cached (logged once). In a composite it is the default of its "
+                           "components, each cached on its own. 'off': every sample is scored.")
+    cache_path: Optional[str] = Field(
+        None, description="cache='disk': the SQLite file (default ~/.cache/rlhf_ray/reward_scores.sqlite; for a "
+                          "composite's component: the composite's); on a cluster of several nodes, a path on a "
+                          "filesystem they share.")
     clip: Optional[float] = Field(
         None, gt=0, description="Clamp normalised scores to ±clip; null disables. Applied after normalize (and before "
                                 "ppo.reward_clip, which clamps what comes out of here).")
@@ -151,20 +181,37 @@ class RewardConfig(StrictSection):
     def _check_backend(self) -> "RewardConfig":
         # what each kind needs besides `kind`; the model of kind='model' is checked where a run needs one
         # (ModelsConfig), since RewardConfig() alone is the section's default
+        require(self.kind != "composite" or not self.is_component, "kind",
+                "a component cannot itself be a composite: list its parts instead")
         require(self.kind != "function" or (self.function and ":" in self.function), "function",
                 "must be 'module:function' when models.reward.kind='function'")
         require(self.kind != "http" or (self.url or "").startswith(("http://", "https://")), "url",
                 "must be an http:// or https:// URL when models.reward.kind='http' (e.g. http://127.0.0.1:8001/)")
         require(self.kind != "serve" or self.app, "app", "is required when models.reward.kind='serve': the Serve "
                                                         "application's name (python -m rlhf_ray.rm list shows them)")
+        if self.kind == "serve":
+            try:
+                parse_app(self.app)
+            except ValueError as err:
+                raise ConfigKeyError("app", str(err)) from None
         require(self.normalize != "stored" or self.kind in ("model", "serve"), "normalize",
                 f"'stored' needs an RM with saved statistics (models.reward.kind='model' or 'serve', not "
                 f"'{self.kind}'); use 'running' or 'none'")
+        require(self.kind != "composite" or self.components, "components",
+                "must list at least one reward when models.reward.kind='composite'")
+        require(self.kind == "composite" or not self.components, "components",
+                f"is for models.reward.kind='composite', not '{self.kind}'")
+        names = [c.name for c in self.components]
+        require(len(set(names)) == len(names), "components",
+                f"names must differ: {sorted({n for n in names if names.count(n) > 1})} given twice")
         return self
 
     @property
     def compares_with_reference(self) -> bool:
-        """Each sample is scored against a reference answer (``RewardSample.label``): a pairwise judge."""
+        """Each sample is scored against a reference answer (``RewardSample.label``): a pairwise judge, or a composite
+        with one among its components."""
+        if self.kind == "composite":
+            return any(c.compares_with_reference for c in self.components)
         return self.kind == "judge" and self.judge.mode == "pairwise"
 
     @property
@@ -172,3 +219,62 @@ class RewardConfig(StrictSection):
         """The reward actors load ``model`` themselves (an RM or a judge): it is resolved before the run, and the
         role computes with threads, memory and GPUs of its own."""
         return self.kind in ("model", "judge")
+
+    @property
+    def hosts_model(self) -> bool:
+        """The reward actor holds a model in this process, its own (``loads_model``) or a composite component's: it
+        computes with torch (or vLLM) threads, not as light work."""
+        return self.loads_model or any(c.loads_model for c in self.components)
+
+    def route_fields(self) -> list[str]:
+        """The data columns the components route by (each prompt carries their values to the reward)."""
+        return sorted({c.route.field for c in self.components if c.route is not None})
+
+
+COMPONENT_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # it goes into metric names (reward/<name>/raw_mean)
+
+
+class RouteConfig(StrictSection):
+    """Which prompts a composite's component scores: those whose data column ``field`` holds a value in ``equals``."""
+    field: str = Field(description="The prompt data's column (e.g. task, or source for a mixture of data sets).")
+    equals: Union[str, list[str]] = Field(
+        description="The value, or a list of values, of that column (compared as text) that the component scores.")
+
+    @field_validator("equals", mode="before")
+    @classmethod
+    def _as_text(cls, value):
+        # YAML reads `equals: 3` or `equals: true` as a number or a bool; a data column's value is compared as text
+        if isinstance(value, (int, float, bool)):
+            return str(value)
+        if isinstance(value, list):
+            return [str(v) if isinstance(v, (int, float, bool)) else v for v in value]
+        return value
+
+    def values(self) -> set[str]:
+        return {self.equals} if isinstance(self.equals, str) else set(self.equals)
+
+
+class RewardComponent(RewardConfig):
+    """One reward of a composite (models.reward.components): a reward config of any kind but composite, named,
+    weighted and optionally routed."""
+    is_component: ClassVar[bool] = True
+    name: str = Field(description="The component's name in metrics (reward/<name>/raw_mean, …) and errors.")
+    weight: float = Field(1.0, description="Its factor in the sum (negative: a penalty).")
+    route: Optional[RouteConfig] = Field(
+        None, description="Score only the prompts whose data column has one of these values; null: every prompt.")
+    cache: Optional[Literal["off", "disk"]] = Field(
+        None, description="The component's score cache (see models.reward.cache); null: the composite's.")
+
+    @model_validator(mode="after")
+    def _check_component(self) -> "RewardComponent":
+        require(COMPONENT_NAME.fullmatch(self.name), "name",
+                f"{self.name!r}: use letters, digits, '_', '-' or '.' (it is part of metric names)")
+        require(self.normalize != "running", "normalize",
+                f"'running' is not available for a component ({self.name!r}): its statistics would live in the reward "
+                "actor, not in checkpoints; use 'stored' (an RM's saved statistics) or 'none', and set "
+                "models.reward.normalize=running on the composite for the sum")
+        require(abs(self.weight) < float("inf"), "weight", "must be finite")
+        return self
+
+
+RewardConfig.model_rebuild()

@@ -94,10 +94,12 @@ def check_reward_use(cfg) -> None:
     """PPO: what the run asks of its reward beyond the reward section itself (scoring time, the critic's start,
     sharding)."""
     reward = cfg.models.reward
-    require(reward.kind != "http" or reward.outage_s + reward.timeout_s <= cfg.timeouts.score_s,
-            "models.reward.outage_s", f"{reward.outage_s:g} s of riding out an outage plus one request "
-            f"(models.reward.timeout_s={reward.timeout_s:g}) must fit in timeouts.score_s={cfg.timeouts.score_s:g}, "
-            "or the reward actor would be replaced as stuck meanwhile: raise timeouts.score_s or lower outage_s")
+    for i, http in enumerate([reward, *reward.components]):  # a composite's HTTP components too
+        key = "models.reward" if i == 0 else f"models.reward.components.{i - 1}"
+        require(http.kind != "http" or http.outage_s + http.timeout_s <= cfg.timeouts.score_s,
+                f"{key}.outage_s", f"{http.outage_s:g} s of riding out an outage plus one request "
+                f"({key}.timeout_s={http.timeout_s:g}) must fit in timeouts.score_s={cfg.timeouts.score_s:g}, "
+                "or the reward actor would be replaced as stuck meanwhile: raise timeouts.score_s or lower outage_s")
     require(not cfg.ppo.needs_critic or cfg.models.value_init != "reward" or reward.kind == "model"
             or cfg.models.value_model,
             "models.value_init", "'reward' needs a reward model (models.reward.kind='model') or "
@@ -107,6 +109,9 @@ def check_reward_use(cfg) -> None:
     require(not reward.compares_with_reference or cfg.data.label_field,
             "data.label_field", "models.reward.judge.mode=pairwise compares each response with its prompt's "
             "reference answer: name the data field that holds it (data.label_field)")
+    require(not cfg.resources.reward.sharded or reward.cache == "off", "models.reward.cache",
+            "must be 'off' with resources.reward.sharded: every rank of a sharded RM runs each forward together, and "
+            "a rank whose samples all hit the cache would leave the others waiting")
 
 
 # ----------------------------------------------------------------------------------- sampling (PPO)

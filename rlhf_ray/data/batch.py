@@ -69,7 +69,7 @@ class Rows:
 
 @dataclass
 class RolloutBatch(Rows):
-    PER_ROW = ("prompt_messages", "prompt_texts", "response_texts", "finish_reasons", "labels")
+    PER_ROW = ("prompt_messages", "prompt_texts", "response_texts", "finish_reasons", "labels", "prompt_fields")
 
     input_ids: torch.Tensor               # [B, P+R] long
     attention_mask: torch.Tensor          # [B, P+R] long
@@ -91,6 +91,7 @@ class RolloutBatch(Rows):
     group_ids: Optional[torch.Tensor] = None      # [B] long: the samples of one prompt share an id
     is_weights: Optional[torch.Tensor] = None     # [B, R] off-policy correction of the policy loss (ppo.is_correction)
     labels: Optional[list[str]] = None            # each prompt's reference answer (data.label_field), for the reward
+    prompt_fields: Optional[list[dict]] = None    # each prompt's data columns a composite reward routes by
 
     @property
     def response_length(self) -> int:
@@ -114,7 +115,8 @@ class RolloutBatch(Rows):
     def from_samples(prompts: list[list[int]], responses: list[list[int]], logprobs: list[list[float]],
                      finish_reasons: list[str], prompt_messages: list[list[dict]], prompt_texts: list[str],
                      response_texts: list[str], pad_token_id: int,
-                     labels: Optional[list[Optional[str]]] = None) -> "RolloutBatch":
+                     labels: Optional[list[Optional[str]]] = None,
+                     prompt_fields: Optional[list[dict]] = None) -> "RolloutBatch":
         """Pad raw samples into the layout above."""
         P = max(len(p) for p in prompts)
         R = max(1, max(len(r) for r in responses))
@@ -134,7 +136,8 @@ class RolloutBatch(Rows):
                             prompt_length=P, pad_token_id=pad_token_id, finish_reasons=list(finish_reasons),
                             prompt_messages=prompt_messages, prompt_texts=prompt_texts,
                             response_texts=response_texts, gen_logprobs=gen_logprobs,
-                            labels=list(labels) if labels is not None and any(x is not None for x in labels) else None)
+                            labels=list(labels) if labels is not None and any(x is not None for x in labels) else None,
+                            prompt_fields=list(prompt_fields) if prompt_fields and any(prompt_fields) else None)
 
     @staticmethod
     def concat(batches: list["RolloutBatch"]) -> "RolloutBatch":

@@ -125,6 +125,7 @@ class Prompt:
     token_ids: list[int]
     messages: list[dict]
     label: Optional[str] = None  # the reference answer of a verifiable task (data.label_field)
+    fields: dict = field(default_factory=dict)  # {column: value as text}: the columns a composite reward routes by
 
 
 @dataclass
@@ -143,8 +144,9 @@ class PromptDataset:
                 f"skipped: {skipped}; truncated: {self.truncated}")
 
 
-def load_prompts(cfg: DataConfig, tokenizer) -> PromptDataset:
-    """Read, validate, render and tokenize the prompt data described by ``cfg``."""
+def load_prompts(cfg: DataConfig, tokenizer, fields: Sequence[str] = ()) -> PromptDataset:
+    """Read, validate, render and tokenize the prompt data described by ``cfg``; each prompt keeps its values of the
+    columns ``fields`` (a composite reward's routes: models.reward.components[*].route.field), as text."""
     if cfg.template == "tokenizer" and not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"data.template='tokenizer' but the policy's tokenizer ({tokenizer.name_or_path}) has no chat "
                          "template: use data.template=tulu, or a tokenizer that has one")
@@ -154,6 +156,10 @@ def load_prompts(cfg: DataConfig, tokenizer) -> PromptDataset:
                       ("data.label_field", cfg.label_field)):
         if name is not None and name not in source.columns:
             raise ValueError(f"{key}='{name}' is not a column of {cfg.prompts}; columns: {sorted(source.columns)}")
+    for name in fields:
+        if name not in source.columns:
+            raise ValueError(f"models.reward.components[*].route.field='{name}' is not a column of {cfg.prompts}; "
+                             f"columns: {sorted(source.columns)}")
     out = PromptDataset(prompts=[], total_rows=len(source) + sum(source.skipped.values()),
                         skipped=Counter(source.skipped))
     for row in source.rows:
@@ -181,13 +187,18 @@ def load_prompts(cfg: DataConfig, tokenizer) -> PromptDataset:
             text = tokenizer.decode(ids)
             out.truncated += 1
         out.prompts.append(Prompt(text=text, token_ids=ids, messages=messages,
-                                  label=None if label is None else str(label)))
+                                  label=None if label is None else str(label),
+                                  fields={name: _text(row.get(name)) for name in fields}))
         if cfg.limit and len(out.prompts) >= cfg.limit:
             break
     log.info("prompts %s: %s", cfg.prompts, out.summary())
     if not out.prompts:
         raise ValueError(f"no usable prompt in {cfg.prompts} ({out.summary()})")
     return out
+
+
+def _text(value) -> Optional[str]:
+    return None if value is None else str(value)
 
 
 def _prompt_turns(messages: list[dict]) -> list[dict]:

@@ -60,6 +60,10 @@ class CheckpointedDriver:
         """The tokenizer and the data (bad rows counted and skipped; unusable data one line); sets ``sampler``."""
         raise NotImplementedError
 
+    def adopt_saved(self, saved: dict, path) -> None:
+        """Settings a resumed run takes from its checkpoint's config (``saved``) before the two are compared (PPO: the
+        Serve RM version that NAME@latest resolved to when the run started)."""
+
     def before_cluster(self) -> None:
         """Last checks and warnings before Ray is joined or started (PPO: the plan)."""
 
@@ -114,7 +118,9 @@ class CheckpointedDriver:
         if path is None:
             return None
         state = checkpoint.read_state(path)  # resolve() has verified it
-        blocking, changed = checkpoint.differences(checkpoint.saved_config(path), self.cfg.model_dump(mode="json"))
+        saved = checkpoint.saved_config(path)
+        self.adopt_saved(saved, path)
+        blocking, changed = checkpoint.differences(saved, self.cfg.model_dump(mode="json"))
         if blocking:
             raise checkpoint.CheckpointError(f"cannot resume from {path}: the config differs in what a checkpoint "
                                              f"cannot be continued under: {'; '.join(blocking)}")

@@ -40,9 +40,10 @@ from rlhf_ray.models.modeling import check_same_tokenizer
 from rlhf_ray.models.specs import resolve_model
 from rlhf_ray.objectives import LearnerSpec
 from rlhf_ray.objectives.ppo import PPOOptions
-from rlhf_ray.rewards.base import detail_metrics
+from rlhf_ray.rewards.composite import model_components
 from rlhf_ray.rewards.normalize import ScoreNormalizer
 from rlhf_ray.rewards.outage import OutageWatch
+from rlhf_ray.rewards.stats import RewardStats
 from rlhf_ray.run import preflight
 from rlhf_ray.runtime.memory import process_memory
 from rlhf_ray.runtime.signals import STOP_SIGNALS
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 
 class PPOTrainer(CheckpointedDriver):
     unit, exported = "PPO", "policy"  # for the console (rlhf_ray.run.harness.run)
+    reward_pinned_by = None  # the checkpoint whose Serve RM version a resumed run took (adopt_saved)
 
     def __init__(self, cfg: ExperimentConfig):
         self.cfg = cfg
@@ -65,10 +67,11 @@ class PPOTrainer(CheckpointedDriver):
         reference = resolve(models.reference_path) if cfg.reference_source()[0] != "none" else None
         self.paths = ModelPaths(policy=resolve(models.policy), reference=reference, reward=reward,
                                 value=resolve(models.value_model_path)
-                                if models.value_init == "reward" and cfg.ppo.needs_critic else None)
+                                if models.value_init == "reward" and cfg.ppo.needs_critic else None,
+                                reward_components={c.model: resolve(c.model) for c in model_components(models.reward)})
         preflight.check_experiment(cfg, {"models.policy": self.paths.policy, "models.reference": self.paths.reference,
                                          "models.reward.model": self.paths.reward,
-                                         "models.value_model": self.paths.value})
+                                         "models.value_model": self.paths.value}, self.paths.reward_components)
         if self.paths.value:
             check_same_tokenizer(self.paths.policy, self.paths.value, "the value model's source (models.value_init=reward)")
         if self.paths.reference not in (None, self.paths.policy):
@@ -79,14 +82,17 @@ class PPOTrainer(CheckpointedDriver):
 
         cfg = self.cfg
         self.tokenizer = AutoTokenizer.from_pretrained(self.paths.policy)
-        self.dataset = load_prompts(cfg.data, self.tokenizer)
+        self.dataset = load_prompts(cfg.data, self.tokenizer, cfg.models.reward.route_fields())
         self.sampler = PromptSampler(len(self.dataset), cfg.ppo.rollout_batch_size, cfg.seed, cfg.data.shuffle)
 
     def before_cluster(self) -> None:
         cfg = self.cfg
-        if self.paths.reward:  # the RM's template, or the judge's judging prompt, with the data's first prompt
-            first = self.dataset.prompts[0]
+        first = self.dataset.prompts[0]  # the RM's template, or the judge's judging prompt, with the data's first one
+        if self.paths.reward:
             preflight.check_reward_template(cfg.models.reward, self.paths.reward, first.messages, first.label)
+        for component in model_components(cfg.models.reward):
+            preflight.check_reward_template(component, self.paths.reward_components[component.model],
+                                            first.messages, first.label)
         if cfg.deepspeed.zero_stage > 0 and cfg.resources.learner.num_actors == 1:
             log.warning("deepspeed.zero_stage=%d with one learner rank partitions nothing but keeps extra fp32 "
                         "copies of the weights and gradients (SmolLM2-135M: peak 7.5 GB and 1.4x slower than with "
@@ -96,7 +102,16 @@ class PPOTrainer(CheckpointedDriver):
 
             plan_at_startup(cfg)
 
+    def adopt_saved(self, saved: dict, path) -> None:
+        from rlhf_ray.rewards.serve import adopt_pinned_app
+
+        self.reward_pinned_by = path if adopt_pinned_app(self.cfg.models.reward, saved) else None
+
     def start_roles(self) -> Roles:
+        if self.cfg.models.reward.kind == "serve":  # NAME@latest -> NAME@vN, once, before any reward actor starts
+            from rlhf_ray.rewards.serve import pin_reward_app
+
+            self.reward_app = pin_reward_app(self.cfg.models.reward, self.reward_pinned_by)
         # reference actors only where they compute the reference: not under LoRA (the learner's own base, adapters
         # off, is the reference), nor where there is none (ppo.kl_coef=0, ppo.reference=auto)
         roles = tuple(r for r in ROLE_ORDER if r != "reference" or self.cfg.reference_actors)
@@ -106,7 +121,8 @@ class PPOTrainer(CheckpointedDriver):
     def after_roles(self) -> None:
         cfg = self.cfg
         # an HTTP RM's outage is ridden out inside the reward actors; the console hears of it from here
-        self.outage_watch = OutageWatch.for_this_job().start() if cfg.models.reward.kind == "http" else None
+        kinds = {cfg.models.reward.kind, *(c.kind for c in cfg.models.reward.components)}  # a composite's too
+        self.outage_watch = OutageWatch.for_this_job().start() if "http" in kinds else None
         self.normalizer = self._score_normalizer()
         self.old_logprobs, why = cfg.old_logprobs_source()
         log.info("old logprobs for the PPO ratio: %s (%s)", self.old_logprobs, why)
@@ -280,9 +296,9 @@ class PPOTrainer(CheckpointedDriver):
             roles = tuple(r for r in roles if r != "reward")
         with phase(times, "score_wall"):
             scored, more = self.roles.score(batch, roles=roles, old_logprobs=self.old_logprobs == "learner")
-        if "reward_details" in scored:  # the reward backend's per-sample findings (a judge's unparsed verdicts)
-            stats.update(detail_metrics([scored.pop("reward_details")]))
         seconds = {role: seconds.get(role, 0.0) + more.get(role, 0.0) for role in {*seconds, *more}}
+        reward_stats = stats.pop("reward_stats", None) or scored.pop("reward_stats", None) or RewardStats()
+        stats.update(reward_stats.metrics())  # reward/<component>/raw_mean, reward/cache_hit_rate, …
         return Rollout(step, batch.with_(**scored), times, seconds, generate_s, version, stats)
 
     def _informative_groups(self, step: int, batch: RolloutBatch, times: dict, cancel: threading.Event | None):
@@ -293,11 +309,11 @@ class PPOTrainer(CheckpointedDriver):
         Returns (batch with scores, the reward's seconds, sampling/* stats, extra generation seconds)."""
         ppo, n = self.cfg.ppo, self.cfg.generation.n_samples_per_prompt
         wanted, kept, dropped, reward_s, generate_s, rounds = ppo.rollout_batch_size, [], [], 0.0, 0.0, 0
-        details = []  # the reward's per-sample details of every round: its metrics count every sample scored
+        reward_stats = RewardStats()  # every round's scoring
         while True:
             with phase(times, "score_wall"):
                 scored, seconds = self.roles.score(batch, roles=("reward",))
-            details.append(scored.pop("reward_details", {}))
+            reward_stats.merge(scored.pop("reward_stats", None))  # (a stand-in for the roles may have none)
             batch, reward_s = batch.with_(**scored), reward_s + seconds["reward"]
             for group in batch.group_ids.unique(sorted=True).tolist():
                 rows = (batch.group_ids == group).nonzero().flatten()
@@ -325,7 +341,7 @@ class PPOTrainer(CheckpointedDriver):
         groups = kept[:wanted] + dropped[:filled]
         stats = {"sampling/rounds": float(rounds), "sampling/equal_groups": float(len(dropped)),
                  "sampling/filled_with_equal": float(filled),
-                 "sampling/kept_fraction": len(kept) / max(len(kept) + len(dropped), 1), **detail_metrics(details)}
+                 "sampling/kept_fraction": len(kept) / max(len(kept) + len(dropped), 1), "reward_stats": reward_stats}
         return RolloutBatch.concat(groups), {"reward": reward_s}, stats, generate_s
 
     def _warn_if_cutting_pays(self, batch: RolloutBatch) -> None:
@@ -381,8 +397,11 @@ class PPOTrainer(CheckpointedDriver):
 
     # ----------------------------------------------------------------------------------- durability
     def driver_state(self) -> dict:
+        from rlhf_ray.rewards.serve import recorded_identity
+
+        serve_rm = {"serve_rm": recorded_identity(self.reward_app)} if self.cfg.models.reward.kind == "serve" else {}
         return {"sampling_seeds": "per prompt, from (seed, step): rlhf_ray.drivers.rollout.sampling_seeds",
-                "reward_normalizer": self.normalizer.state_dict()}
+                "reward_normalizer": self.normalizer.state_dict(), **serve_rm}
 
     def save_driver_files(self, directory: Path) -> None:
         """ppo.async_steps=k: the next k steps' rollouts, sampled by weights before this checkpoint's (waited for) —
@@ -410,6 +429,10 @@ class PPOTrainer(CheckpointedDriver):
         self._drop_prefetched()  # sampled by other weights; and the engines must be idle before they get new ones
         self.in_hand = None
         state = self.restore_learners(path)
+        if self.cfg.models.reward.kind == "serve":  # the pinned version still serves the run's model
+            from rlhf_ray.rewards.serve import check_same_model
+
+            check_same_model(self.reward_app, state.get("serve_rm"), path)
         self._sync_engines()
         if self.queue is not None:
             self.queue.put_back(self._scored_as_now(load_rollouts(Path(path))), self.step_count)

@@ -105,7 +105,10 @@ def shown_groups(groups: dict[str, dict], files: list[str]) -> list[str]:
 
 
 def judge_label(judge: dict) -> str:
-    """'function rlhf_ray.rewards:char_frequency', 'model runs/rm/final_model', …"""
+    """'function rlhf_ray.rewards:char_frequency', 'model runs/rm/final_model', 'composite of math, chat', …"""
+    if judge["kind"] not in REWARD_FIELDS:  # a composite (or a kind named by its own keys)
+        parts = [c["name"] for c in judge.get("components", [])]
+        return f"{judge['kind']}" + (f" of {', '.join(parts)}" if parts else "")
     return f"{judge['kind']} {judge[REWARD_FIELDS[judge['kind']]]}"
 
 

@@ -16,6 +16,7 @@ class EvalPrompt:
     row: int             # the row's position in its file
     source: str | None   # the row's own ``source`` column, if any
     label: str | None = None  # the row's reference answer (--label-field), for a verifying judge
+    fields: dict = field(default_factory=dict)  # the row's columns a composite judge routes by, as text
 
     @property
     def group(self) -> str:
@@ -45,10 +46,11 @@ def prompt_turns(row: dict) -> list[dict] | str:
     return messages if messages and messages[-1]["role"] == "user" else "does_not_end_with_user_turn"
 
 
-def load_eval_prompts(paths: list[str], limit: int | None,
-                      label_field: str | None = None) -> tuple[list[EvalPrompt], dict[str, PromptFile]]:
+def load_eval_prompts(paths: list[str], limit: int | None, label_field: str | None = None,
+                      fields: list[str] = ()) -> tuple[list[EvalPrompt], dict[str, PromptFile]]:
     """Every usable prompt of every file (the first ``limit`` of each), skips counted by reason; with ``label_field``
-    each keeps that column as its reference answer (a row without one is skipped: 'no_label')."""
+    each keeps that column as its reference answer (a row without one is skipped: 'no_label'); ``fields``: the
+    columns a composite judge routes by, kept (as text; a file without the column gives None)."""
     from rlhf_ray.data.sources import dataset_names, load_rows
 
     prompts, files = [], {}
@@ -75,7 +77,8 @@ def load_eval_prompts(paths: list[str], limit: int | None,
                 continue
             source = row.get("source")
             prompts.append(EvalPrompt(turns, name, index, None if source is None else str(source),
-                                      None if label is None else str(label)))
+                                      None if label is None else str(label),
+                                      {f: None if row.get(f) is None else str(row.get(f)) for f in fields}))
             info.used += 1
         if not info.used:
             raise ValueError(f"no usable prompt in {path} ({info.rows} rows; skipped: {dict(info.skipped)})")
@@ -96,5 +99,5 @@ def encode_prompts(prompts: list[EvalPrompt], model_path: str, template: str, ma
         if len(ids) > max_prompt_tokens:
             ids, truncated = ids[-max_prompt_tokens:], truncated + 1
             text = tokenizer.decode(ids)
-        out.append(Prompt(text=text, token_ids=ids, messages=p.messages, label=p.label))
+        out.append(Prompt(text=text, token_ids=ids, messages=p.messages, label=p.label, fields=p.fields))
     return out, truncated

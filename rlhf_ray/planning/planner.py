@@ -291,6 +291,12 @@ def _assumptions(cfg, hw: Hardware) -> list[str]:
                      f"{cfg.models.reward.judge.max_tokens} verdict tokens per judging prompt) is NOT priced — its "
                      "score phase is planned as one call's overhead and its engine's memory is not counted; measure it "
                      "(benchmarks/judge_throughput.py) before trusting this plan's step time")
+    if cfg.models.reward.kind == "composite":
+        models = [c.name for c in cfg.models.reward.components if c.loads_model]
+        notes.append("models.reward.kind=composite: planned as light work, like a function; its components are not "
+                     "sized" + (f" — the RMs or judges of {', '.join(models)} load in the reward actor, on "
+                                "resources.reward's CPUs/GPUs, and their memory and time (a judge's generation "
+                                "included) are not in this plan" if models else ""))
     if hw.is_gpu:
         notes.append(f"{GPU_RESERVED_BYTES / GiB:.1f} GiB per GPU reserved for CUDA context, NCCL and fragmentation; "
                      "vLLM takes 85 % of its GPUs")

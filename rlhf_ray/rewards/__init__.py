@@ -5,7 +5,8 @@ the reward functions shipped with the project: config values name them as ``rlhf
     backends   the backends behind models.reward.kind
     judge      an LLM judge in the reward actors (vLLM): judging prompts, verdict rules, templates/*.jinja
     http       the rlhf-ray/reward/v1 schema: client, reference server (python -m rlhf_ray.rewards.http)
-    serve      an RM as a shared Ray Serve application (managed with python -m rlhf_ray.rm)
+    serve      an RM as a shared Ray Serve application (managed with python -m rlhf_ray.rm); a run's version of it
+    versions   NAME@vN from the Serve application names: latest, the next version, the model fingerprint
     normalize  raw scores -> what PPO sees (models.reward.normalize / clip)
     functions  verifiable reward functions
 """

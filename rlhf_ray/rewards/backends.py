@@ -6,10 +6,12 @@
     http      a remote endpoint speaking the versioned JSON schema of rlhf_ray.rewards.http
     serve     an RM deployed once as a Ray Serve application (rlhf_ray.rm), shared by any number of experiments
     judge     an LLM in the reward actors (vLLM) that writes a verdict from a judging prompt (rlhf_ray.rewards.judge)
+    composite the weighted sum of several of the above, each routed to the prompts it scores (rlhf_ray.rewards.composite)
 
 Every backend gets whole conversations (``RewardSample.messages``) as well as the rendered prompt and the
 response text, so an RM never has to share the policy's tokenizer or chat template. A new kind is a new class in
-``BACKENDS`` (plus its config keys in ``RewardConfig``); the reward actor (actors/reward.py) only hosts one.
+``BACKENDS`` (plus its config keys in ``RewardConfig``); the reward actor (actors/reward.py) only hosts one. Any
+backend may sit behind the score cache (rlhf_ray.rewards.cache: ``cache_identity``) and in a composite.
 
 The shared pieces (``RewardSample``, ``RewardBackend``, stored statistics) are in rlhf_ray.rewards.base; score
 normalisation in rlhf_ray.rewards.normalize.
@@ -25,6 +27,8 @@ import torch
 
 from rlhf_ray.config import RewardConfig
 from rlhf_ray.rewards.base import REWARD_STATS_FILE, RewardBackend, RewardSample, load_function, missing_stats_message
+from rlhf_ray.rewards.cache import function_identity, with_cache
+from rlhf_ray.rewards.composite import CompositeBackend
 from rlhf_ray.rewards.judge import JudgeBackend
 from rlhf_ray.rewards.model import ModelBackend
 
@@ -37,10 +41,15 @@ class FunctionBackend(RewardBackend):
     def __init__(self, cfg: RewardConfig, **resources):
         super().__init__(cfg, **resources)
         self.name = f"models.reward.function='{cfg.function}'"
-        self.function = functools.partial(load_function(cfg.function), **cfg.function_kwargs)
+        function = load_function(cfg.function)
+        self.function = functools.partial(function, **cfg.function_kwargs)
+        self.identity = function_identity(cfg.function, cfg.function_kwargs, function)
 
     def score(self, samples: list[RewardSample]) -> torch.Tensor:
         return torch.tensor([self._score_one(i, s) for i, s in enumerate(samples)], dtype=torch.float32)
+
+    def cache_identity(self) -> dict:
+        return self.identity
 
     def _score_one(self, i: int, sample: RewardSample) -> float:
         try:
@@ -80,6 +89,11 @@ class HttpBackend(RewardBackend):
             headers["Authorization"] = f"Bearer {token}"
         self.client = RewardClient(cfg.url, timeout_s=cfg.timeout_s, retries=cfg.retries, backoff_s=cfg.backoff_s,
                                    headers=headers, outage_s=cfg.outage_s)
+        # asked once, only where its scores may be cached: a version the endpoint declares (None: not cached)
+        self.version = self.client.version() if cfg.cache != "off" else None
+
+    def cache_identity(self) -> dict | None:
+        return None if self.version is None else {"kind": "http", "url": self.cfg.url, "version": self.version}
 
     def score(self, samples: list[RewardSample]) -> torch.Tensor:
         size = self.cfg.batch_size
@@ -91,14 +105,17 @@ class HttpBackend(RewardBackend):
 # ----------------------------------------------------------------------------------------------- serve
 
 class ServeBackend(RewardBackend):
-    """An RM application on Ray Serve (``python -m rlhf_ray.rm serve NAME …``), called through its handle; the
-    app batches requests from every experiment on the cluster (``@serve.batch``)."""
+    """A version of an RM application on Ray Serve (``python -m rlhf_ray.rm serve NAME …``), called through its
+    handle; the app batches requests from every experiment on the cluster (``@serve.batch``). ``models.reward.app``
+    NAME@latest (or NAME) is resolved here, once: ``app`` is the Serve application this backend stays on
+    (NAME@vN); a run resolves it before its reward actors start (rlhf_ray.drivers.ppo), so that they all agree."""
 
     def __init__(self, cfg: RewardConfig, **resources):
-        from rlhf_ray.rewards.serve import app_handle
+        from rlhf_ray.rewards.serve import app_handle, resolve
 
         super().__init__(cfg, **resources)
-        self.handle = app_handle(cfg.app)
+        self.app = resolve(cfg.app)
+        self.handle = app_handle(self.app)
         self.identity = self._call("info")
         if cfg.normalize == "stored":
             self.stored_statistics()  # fail at start, not after a rollout
@@ -110,27 +127,36 @@ class ServeBackend(RewardBackend):
         stats = self.identity["stored_statistics"]
         if stats is None and self.cfg.normalize == "stored":
             raise ValueError(missing_stats_message(Path(self.identity["model_path"]) / REWARD_STATS_FILE,
-                                                   f"the Serve RM app '{self.cfg.app}'"))
+                                                   f"the Serve RM app '{self.app}'"))
         return stats
+
+    def cache_identity(self) -> dict | None:
+        version = self.identity.get("version")  # a versioned app declares one (python -m rlhf_ray.rm)
+        # the fingerprint too: `rm serve --replace` may put another model under the same version
+        return None if version is None else {"kind": "serve", "app": self.identity.get("app", self.cfg.app),
+                                             "version": version, "fingerprint": self.identity.get("fingerprint")}
 
     def _call(self, method: str, *args):
         try:
             return getattr(self.handle, method).remote(*args).result(timeout_s=self.cfg.timeout_s)
         except TimeoutError:
-            raise RuntimeError(f"the Serve RM app '{self.cfg.app}' did not answer {method}() within "
+            raise RuntimeError(f"the Serve RM app '{self.app}' did not answer {method}() within "
                                f"{self.cfg.timeout_s:g} s (models.reward.timeout_s; `python -m rlhf_ray.rm list` "
                                "shows its status)") from None
 
 
 BACKENDS: dict[str, type[RewardBackend]] = {"model": ModelBackend, "function": FunctionBackend, "http": HttpBackend,
-                                            "serve": ServeBackend, "judge": JudgeBackend}
+                                            "serve": ServeBackend, "judge": JudgeBackend, "composite": CompositeBackend}
 
 
 def build_backend(cfg: RewardConfig, *, model_path: str | None = None, dtype: str = "float32",
-                  num_gpus: float = 0.0, sharded: bool = False) -> RewardBackend:
+                  num_gpus: float = 0.0, sharded: bool = False, store=None) -> RewardBackend:
     """The backend ``cfg.kind`` names (``model_path``: the resolved RM or judge where ``cfg.loads_model``; ``sharded``:
-    this process is one rank of a group holding the RM, kind='model' only)."""
+    this process is one rank of a group holding the RM, kind='model' only), behind the score cache where ``cfg.cache``
+    asks for it (``store``: the cache's store, default the one cfg.cache_path names). A composite builds its components
+    here."""
     if sharded and cfg.kind != "model":
         raise ValueError(f"only a reward model can be sharded, not models.reward.kind={cfg.kind!r}")
-    return BACKENDS[cfg.kind](cfg, model_path=model_path, dtype=dtype, num_gpus=num_gpus,
-                              **({"sharded": True} if sharded else {}))
+    extra = {"sharded": True} if sharded else {"build": build_backend, "store": store} if cfg.kind == "composite" else {}
+    backend = BACKENDS[cfg.kind](cfg, model_path=model_path, dtype=dtype, num_gpus=num_gpus, **extra)
+    return backend if cfg.kind == "composite" else with_cache(backend, cfg, store)

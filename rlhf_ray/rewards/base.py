@@ -7,13 +7,14 @@ import importlib
 import json
 import math
 import numbers
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from rlhf_ray.config import RewardConfig
+from rlhf_ray.rewards.stats import RewardStats
 
 REWARD_STATS_FILE = "reward_stats.json"  # {"mean", "std", "count", "source"}, saved beside the RM by RM training
 
@@ -22,20 +23,25 @@ REWARD_STATS_FILE = "reward_stats.json"  # {"mean", "std", "count", "source"}, s
 class RewardSample:
     """One (prompt, response) to score. ``messages``: the prompt's turns + ``{"role": "assistant", "content":
     response}``; ``prompt``: the prompt text as the policy saw it; ``response``: the generated text; ``label``: the
-    prompt's reference answer where the data has one (data.label_field)."""
+    prompt's reference answer where the data has one (data.label_field); ``fields``: the prompt's values of the data
+    columns a composite reward routes by ({column: value as text}), for routing only: no backend is sent them."""
     messages: list[dict]
     prompt: str
     response: str
     label: Optional[str] = None
+    fields: dict = field(default_factory=dict, compare=False)
 
     @classmethod
-    def of(cls, prompt_messages: list[dict], prompt: str, response: str, label: Optional[str] = None) -> "RewardSample":
+    def of(cls, prompt_messages: list[dict], prompt: str, response: str, label: Optional[str] = None,
+           fields: Optional[dict] = None) -> "RewardSample":
         return cls(messages=[*prompt_messages, {"role": "assistant", "content": response}], prompt=prompt,
-                   response=response, label=label)
+                   response=response, label=label, fields=dict(fields or {}))
 
     def to_json(self) -> dict:
-        """The sample as a v1 request carries it (rlhf_ray.rewards.http): ``label`` only where there is one."""
+        """The sample as a v1 request carries it (rlhf_ray.rewards.http): ``label`` only where there is one; what a
+        score may depend on, so also the content of a score-cache key (rlhf_ray.rewards.cache)."""
         out = asdict(self)
+        del out["fields"]
         if self.label is None:
             del out["label"]
         return out
@@ -43,35 +49,37 @@ class RewardSample:
 
 class RewardBackend:
     """Samples in, one float32 score per sample out. ``stored_statistics``: the RM's saved score statistics
-    (``REWARD_STATS_FILE``) when it has them, else None; with ``normalize='stored'`` their absence is an error."""
+    (``REWARD_STATS_FILE``) when it has them, else None; with ``normalize='stored'`` their absence is an error.
+
+    ``stats``: figures the backend records while it scores (rlhf_ray.rewards.stats), handed over with each call's
+    scores by ``take_stats`` and logged per step under ``reward/``. ``cache_identity``: what, besides the sample,
+    its scores depend on (JSON-able; a version where the backend has one), or None where that is not known: then
+    its scores are never cached (rlhf_ray.rewards.cache)."""
 
     def __init__(self, cfg: RewardConfig, *, model_path: str | None = None, dtype: str = "float32",
                  num_gpus: float = 0.0):
         self.cfg = cfg
+        self.stats = RewardStats()
 
     def score(self, samples: list[RewardSample]) -> torch.Tensor:
         raise NotImplementedError
 
-    def details(self) -> dict[str, torch.Tensor]:
-        """What the last ``score`` call found besides the scores, per sample: name -> [B] float32 (e.g. a judge's
-        ``judge_unparsed``, the share of a sample's verdicts that did not parse). The reward actor returns them beside
-        the scores; the driver logs each one's batch mean as the step metric ``reward/<name>``
-        (``detail_metrics``). A backend of backends (a composite) names its parts' details ``<part>/<name>``."""
-        return {}
-
     def stored_statistics(self) -> dict | None:
         return None
 
+    def cache_identity(self) -> dict | None:
+        return None
 
-def detail_metrics(details: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """Step metrics from the reward's per-sample details of one or more scoring calls: ``reward/<name>`` = the mean
-    over every sample scored (a sample missing a name, because a call did not report it, is left out of its mean)."""
-    joined: dict[str, list[torch.Tensor]] = {}
-    for part in details:
-        for name, values in part.items():
-            joined.setdefault(name, []).append(values.float().flatten())
-    return {f"reward/{name}": float(torch.cat(values).mean()) for name, values in joined.items()
-            if sum(v.numel() for v in values)}
+    def describe(self) -> str:
+        """The backend in a few words, for errors: 'function rlhf_ray.rewards:char_frequency'."""
+        what = {"model": self.cfg.model, "function": self.cfg.function, "http": self.cfg.url, "serve": self.cfg.app,
+                "judge": self.cfg.model}
+        return f"{self.cfg.kind} {what.get(self.cfg.kind) or ''}".strip()
+
+    def take_stats(self) -> RewardStats:
+        """The figures recorded since the last call (and a fresh record for the next)."""
+        stats, self.stats = self.stats, RewardStats()
+        return stats
 
 
 def load_function(spec: str, key: str = "models.reward.function"):

@@ -37,6 +37,11 @@ request whose ``schema`` it does not speak with HTTP 400.
 
 Health (optional, served by the reference server here): ``GET <base>/health`` → 200.
 
+Version (optional): ``GET <url>/info`` → ``{"schema": "rlhf-ray/reward/v1", "version": "<string>"}``: a name for
+what the endpoint computes, changed whenever its scores may change. Only an endpoint that declares one has its scores
+cached (``models.reward.cache``, rlhf_ray.rewards.cache): the version is part of the cache key. The reference server
+declares ``--version``, by default a hash of its function's name, kwargs and source code.
+
 Put any Python scorer ``f(prompt, response) -> float`` behind this schema (loopback by default)::
 
     python -m rlhf_ray.rewards.http --function rlhf_ray.rewards:concise_answer --port 8001
@@ -173,6 +178,19 @@ class RewardClient:
             time.sleep(min(pause, self._wait_left(failure, tried)))  # raises RewardEndpointDown when none is left
             pause = min(2 * pause, longest)
 
+    def version(self) -> str | None:
+        """The version the endpoint declares (GET <url>/info), or None: it declares none, or does not answer."""
+        import requests
+
+        info_url = self.url.rstrip("/") + "/info"
+        try:
+            answer = self.session.get(info_url, timeout=self.timeout_s)
+            version = answer.json().get("version") if answer.status_code == 200 else None
+        except (requests.RequestException, ValueError, AttributeError) as err:
+            log.info("reward endpoint %s: no version from GET %s (%s)", self.url, info_url, _root_cause(err))
+            return None
+        return str(version) if version is not None else None
+
     def _post(self, body: dict):
         """(response, None) for an answer to read; (None, _Failure) for one worth trying again later."""
         import requests
@@ -259,10 +277,12 @@ def _root_cause(err: BaseException) -> str:
 
 class RewardServer:
     """A v1 endpoint in a background thread (stdlib ``ThreadingHTTPServer``): POST to any path scores, GET /health
-    answers 200. ``url`` is where to POST; ``requests`` counts the scoring requests answered."""
+    answers 200, GET /info the ``version`` (None: declares none). ``url`` is where to POST; ``requests`` counts the
+    scoring requests answered."""
 
-    def __init__(self, score_samples, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, score_samples, host: str = "127.0.0.1", port: int = 0, version: str | None = None):
         self.score_samples, self.requests, self._lock = score_samples, 0, threading.Lock()
+        self.version = version
         self.httpd = ThreadingHTTPServer((host, port), functools.partial(_Handler, self))
         self.httpd.daemon_threads = True
         self.host, self.port = self.httpd.server_address[:2]
@@ -291,10 +311,13 @@ class _Handler(BaseHTTPRequestHandler):
         super().__init__(*args)
 
     def do_GET(self):
-        if self.path.split("?")[0].rstrip("/").endswith("/health"):
+        path = self.path.split("?")[0].rstrip("/")
+        if path.endswith("/health"):
             self._answer(200, {"schema": SCHEMA, "status": "ok"})
+        elif path.endswith("/info"):
+            self._answer(200, {"schema": SCHEMA, "version": self.reward_server.version})
         else:
-            self._answer(404, {"schema": SCHEMA, "error": "POST samples to score; GET /health"})
+            self._answer(404, {"schema": SCHEMA, "error": "POST samples to score; GET /health or /info"})
 
     def do_POST(self):
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -322,9 +345,19 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("%s " + format, self.address_string(), *args)
 
 
-def serve_function(fn, host: str = "127.0.0.1", port: int = 0) -> RewardServer:
-    """Serve ``fn(prompt, response) -> float`` as a v1 endpoint (loopback by default; port 0: a free one)."""
-    return RewardServer(lambda samples: [fn(s["prompt"], s["response"]) for s in samples], host, port)
+def serve_function(fn, host: str = "127.0.0.1", port: int = 0, version: str | None = None) -> RewardServer:
+    """Serve ``fn(prompt, response) -> float`` as a v1 endpoint (loopback by default; port 0: a free one), declaring
+    ``version`` (None: none, so its scores are not cached)."""
+    return RewardServer(lambda samples: [fn(s["prompt"], s["response"]) for s in samples], host, port, version)
+
+
+def default_version(spec: str, kwargs: dict, function) -> str:
+    """The reference server's version of a function: a hash of its name, kwargs and source (rlhf_ray.rewards.cache)."""
+    import hashlib
+
+    from rlhf_ray.rewards.cache import canonical_json, function_identity
+
+    return hashlib.sha256(canonical_json(function_identity(spec, kwargs, function)).encode()).hexdigest()[:16]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -336,17 +369,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kwargs", default="{}", help="JSON object of extra keyword arguments for the function")
     parser.add_argument("--host", default="127.0.0.1", help="listen address (default: loopback only)")
     parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--version", help="what GET /info declares (score caches key on it); default: a hash of the "
+                                          "function's name, kwargs and source code")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         kwargs = json.loads(args.kwargs)
         if not isinstance(kwargs, dict):
             raise ValueError(f"--kwargs must be a JSON object, got {args.kwargs!r}")
-        fn = functools.partial(load_function(args.function, key="--function"), **kwargs)
-        server = serve_function(fn, args.host, args.port)
+        function = load_function(args.function, key="--function")
+        version = args.version or default_version(args.function, kwargs, function)
+        server = serve_function(functools.partial(function, **kwargs), args.host, args.port, version)
     except (ValueError, OSError) as err:  # a bad --function/--kwargs, or the port is taken
         parser.error(str(err))
-    print(f"scoring {args.function} at {server.url} ({SCHEMA}); experiments: models.reward.kind=http "
+    print(f"scoring {args.function} (version {version}) at {server.url} ({SCHEMA}); experiments: models.reward.kind=http "
           f"models.reward.url={server.url}", flush=True)
     try:
         server.thread.join()

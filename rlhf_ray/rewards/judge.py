@@ -10,9 +10,10 @@ rule (judge.parse, a regular expression) turns into a score.
 Each judging prompt comes with its *choices*: the verdict texts the rule may find and what each is worth for this
 response (pointwise {"1": 1.0, …}; pairwise with the response as B: {"A": 0.0, "B": 1.0}). A verdict whose last match
 of the rule is not one of them (no match, a rating out of range) does not parse: it is worth judge.unparsed_score and
-counted — per sample, the share of its verdicts that did not parse is the ``judge_unparsed`` detail, logged as the
-step metric ``reward/judge_unparsed``. A judging prompt longer than models.reward.max_length is not judged and counts
-the same way (``judge_overlong`` as well).
+counted — per sample, the share of its verdicts that did not parse, recorded in the backend's stats
+(rlhf_ray.rewards.stats) and logged as the step metric ``reward/judge_unparsed``, its mean over the samples the judge
+scored in the step (behind the score cache: those it missed). A judging prompt longer than models.reward.max_length is
+not judged and counts the same way (``judge_overlong`` as well).
 
 With judge.score=expected the value is the expectation over the choices under the judge's own probabilities at the
 token where the verdict states its choice (``expected_value``): E = Σ_c p(c)·v(c) / Σ_c p(c), p(c) summed over the
@@ -32,6 +33,8 @@ import torch
 from rlhf_ray.config import RewardConfig
 from rlhf_ray.config.reward import JudgeConfig
 from rlhf_ray.rewards.base import RewardBackend, RewardSample
+from rlhf_ray.rewards.cache import model_fingerprint
+from rlhf_ray.rewards.stats import RewardStats
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 SHIPPED_TEMPLATES = {"pointwise": "pointwise_helpfulness", "pairwise": "pairwise_preference"}  # each mode's default
@@ -179,16 +182,30 @@ def read_verdict(output, rule: re.Pattern, choices: dict[str, float], judge: Jud
     return Verdict(parsed if expected is None else expected, parsed=True, expected_fallback=expected is None)
 
 
-def sample_details(verdicts: list[list[Verdict]], judge: JudgeConfig) -> dict[str, torch.Tensor]:
-    """Per sample, the share of its verdicts that did not parse / were not judged (too long) / kept the parsed value
-    under score='expected': [B] float32 each (RewardBackend.details)."""
+def record_verdicts(stats: RewardStats, verdicts: list[list[Verdict]], judge: JudgeConfig) -> None:
+    """Into ``stats`` (rlhf_ray.rewards.stats), per sample, the share of its verdicts that did not parse
+    (``judge_unparsed``), were not judged, being too long (``judge_overlong``), or kept the parsed value under
+    score='expected' (``judge_expected_fallback``): means over every sample scored, the step metrics
+    reward/judge_unparsed, … (reward/<component>/judge_unparsed in a composite)."""
     def share(flag) -> torch.Tensor:
         return torch.tensor([sum(flag(v) for v in vs) / len(vs) for vs in verdicts], dtype=torch.float32)
 
-    out = {"judge_unparsed": share(lambda v: not v.parsed), "judge_overlong": share(lambda v: v.overlong)}
+    stats.add_values("judge_unparsed", share(lambda v: not v.parsed))
+    stats.add_values("judge_overlong", share(lambda v: v.overlong))
     if judge.score == "expected":
-        out["judge_expected_fallback"] = share(lambda v: v.expected_fallback)
-    return out
+        stats.add_values("judge_expected_fallback", share(lambda v: v.expected_fallback))
+
+
+def judge_identity(cfg: RewardConfig, path: str, dtype: str) -> dict | None:
+    """What a judge's scores depend on besides the sample (the score cache's key, rlhf_ray.rewards.cache): its
+    resolved ``path`` and a fingerprint of its files (as an RM's: ``model_fingerprint``), the whole judge section, the
+    template's text (a file's text can change under its name), max_length and ``dtype``; None where the files cannot
+    be fingerprinted (then no caching)."""
+    fingerprint = model_fingerprint(path)
+    return None if fingerprint is None else {
+        "kind": "judge", "path": path, "files": fingerprint, "judge": cfg.judge.model_dump(mode="json"),
+        "template": template_source(cfg.judge.template, cfg.judge.mode)[0], "max_length": cfg.max_length,
+        "dtype": dtype}
 
 
 # ------------------------------------------------------------------------------------------------ backend
@@ -214,18 +231,18 @@ class JudgeBackend(RewardBackend):
         choices = {str(r) for r in range(self.judge.rating_min, self.judge.rating_max + 1)} \
             if self.judge.mode == "pointwise" else {"A", "B"}
         check_single_token_choices(self.tokenizer, self.judge, dict.fromkeys(choices, 0.0))
-        self._details: dict[str, torch.Tensor] = {}
+        self.path, self.dtype = model_path, dtype
 
     def score(self, samples: list[RewardSample]) -> torch.Tensor:
         prompts = [judging_prompts(self.template, s, self.judge) for s in samples]
         flat = [p for ps in prompts for p in ps]
         verdicts = iter(self.judge_all(flat))
         grouped = [[next(verdicts) for _ in ps] for ps in prompts]
-        self._details = sample_details(grouped, self.judge)
+        record_verdicts(self.stats, grouped, self.judge)
         return torch.tensor([sum(v.value for v in vs) / len(vs) for vs in grouped], dtype=torch.float32)
 
-    def details(self) -> dict[str, torch.Tensor]:
-        return self._details
+    def cache_identity(self) -> dict | None:
+        return judge_identity(self.cfg, self.path, self.dtype)
 
     def judge_all(self, prompts: list[JudgingPrompt]) -> list[Verdict]:
         """Every judging prompt's verdict; those over models.reward.max_length tokens are not judged."""

@@ -20,7 +20,7 @@ class ModelBackend(RewardBackend):
         from rlhf_ray.runtime.devices import device_for
 
         super().__init__(cfg)
-        self.path = model_path
+        self.path, self.dtype = model_path, dtype
         if cfg.normalize == "stored":
             require_reward_stats(model_path, f"the reward model {cfg.model}")  # fail at start, not after a rollout
         self.tokenizer = load_reward_tokenizer(model_path)
@@ -54,6 +54,14 @@ class ModelBackend(RewardBackend):
                              f"{samples[bad[0]].response[:80]!r}); scores must be finite — check its weights "
                              "and models.dtype (float16 overflows)")
         return scores
+
+    def cache_identity(self) -> dict | None:
+        from rlhf_ray.rewards.cache import model_fingerprint
+
+        fingerprint = model_fingerprint(self.path)
+        return None if fingerprint is None else {
+            "kind": "model", "path": self.path, "files": fingerprint, "template": self.cfg.template,
+            "max_length": self.cfg.max_length, "dtype": self.dtype}
 
     def stored_statistics(self) -> dict | None:
         if self.cfg.normalize == "stored":

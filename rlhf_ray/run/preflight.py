@@ -178,12 +178,23 @@ def check_reward_serve(cfg: ExperimentConfig) -> None:
                              f"'{cfg.models.reward.app}' runs: set ray.address (e.g. ray.address=auto) or RAY_ADDRESS")
 
 
+def check_reward_composite(cfg: ExperimentConfig, rm_path: str | None) -> None:
+    """Each component as a reward of its own kind (a model or judge component's `model`: its resolved path)."""
+    for component in cfg.models.reward.components:
+        alone = cfg.model_copy(update={"models": cfg.models.model_copy(update={"reward": component})})
+        try:
+            REWARD_CHECKS[component.kind](alone, component.model if component.loads_model else None)
+        except (PreflightError, ValueError) as err:
+            raise PreflightError(f"reward component {component.name!r}: {err}") from None
+
+
 REWARD_CHECKS = {  # models.reward.kind -> what can be checked before a cluster starts
     "model": lambda cfg, rm_path: check_reward_stats(cfg.models.reward, rm_path) if rm_path else None,
     "function": lambda cfg, rm_path: check_reward_function(cfg.models.reward),
     "http": lambda cfg, rm_path: check_reward_http(cfg),
     "serve": lambda cfg, rm_path: check_reward_serve(cfg),
     "judge": lambda cfg, rm_path: None,  # its template needs the data's first prompt: check_reward_template
+    "composite": check_reward_composite,
 }
 
 
@@ -211,15 +222,24 @@ def check_context(cfg: ExperimentConfig, policy_path: str) -> None:
                              f"{int(limit)} ({key} in its config.json): {fix}")
 
 
-def check_experiment(cfg: ExperimentConfig, model_paths: dict[str, str | None]) -> None:
-    """Model paths (key -> resolved path), the policy's context (``check_context``), and what the reward backend needs
-    (``REWARD_CHECKS``)."""
+def check_experiment(cfg: ExperimentConfig, model_paths: dict[str, str | None],
+                     reward_components: dict[str, str] | None = None) -> None:
+    """Model paths (key -> resolved path; ``reward_components``: a composite's model specs -> theirs), the policy's
+    context (``check_context``), and what the reward backend needs (``REWARD_CHECKS``)."""
     models = cfg.models
     specs = {"models.policy": models.policy, "models.reference": models.reference_path,
              "models.reward.model": models.reward.model, "models.value_model": models.value_model_path}
     for key, resolved in model_paths.items():
         if resolved:
             check_model_path(specs[key] or resolved, resolved, key)
+    for spec, resolved in (reward_components or {}).items():
+        check_model_path(spec, resolved, "models.reward.components[*].model")
     if model_paths.get("models.policy"):
         check_context(cfg, model_paths["models.policy"])
-    REWARD_CHECKS[models.reward.kind](cfg, model_paths.get("models.reward.model"))
+    reward = models.reward
+    if reward_components:  # each model component checked at its resolved path
+        from rlhf_ray.rewards.composite import with_resolved_models
+
+        reward = with_resolved_models(reward, reward_components.get)
+        cfg = cfg.model_copy(update={"models": models.model_copy(update={"reward": reward})})
+    REWARD_CHECKS[reward.kind](cfg, model_paths.get("models.reward.model"))
