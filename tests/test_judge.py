@@ -150,6 +150,7 @@ def test_unparsed_verdicts_are_scored_and_counted_never_dropped():
     assert backend.score(samples).tolist() == [5.0, -2.0, -2.0, 1.0]
     assert backend.take_stats().metrics() == {"reward/judge_unparsed": 0.5, "reward/judge_overlong": 0.0}
     assert backend.take_stats().metrics() == {}  # handed over once
+    assert backend.describe() == "judge tiny:policy"  # how errors (a composite's component that fails) name it
 
 
 def test_pairwise_score_is_the_mean_preference_over_both_orders():
