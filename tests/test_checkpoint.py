@@ -157,3 +157,25 @@ def test_a_used_output_dir_is_refused_unless_resumed_or_overwritten(tmp_path):
     assert (tmp_path / "metrics.jsonl").exists()
     claim_output_dir(tmp_path, None, True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_a_setting_added_after_the_checkpoint_is_no_difference_at_its_default():
+    """A checkpoint written before a key existed resumes when the key holds its default (what that code ran with), and
+    is still blocked when the key was changed from it."""
+    from rlhf_ray.config import load_config
+    from rlhf_ray.config.sections import field_default
+    from tests.conftest import ROOT
+
+    cfg = load_config(ROOT / "configs" / "tiny_cpu.yaml", [])
+    current = cfg.model_dump(mode="json")
+    saved = json.loads(json.dumps(current))
+    del saved["models"]["reward"]["judge"], saved["models"]["reward"]["cache"]   # as an older release wrote it
+    default = lambda key: field_default(cfg, key)  # noqa: E731
+    assert checkpoint.differences(saved, current, default) == ([], [])
+    assert field_default(cfg, "models.reward.judge.mode") == "pointwise" and field_default(cfg, "no.such") is not None
+    judged = load_config(ROOT / "configs" / "tiny_cpu.yaml", ["models.reward.judge.mode=pairwise"])
+    blocking, _ = checkpoint.differences(saved, judged.model_dump(mode="json"), lambda key: field_default(judged, key))
+    assert blocking == ["models.reward.judge.mode: None -> 'pairwise'"]
+    _, changed = checkpoint.differences(saved, load_config(ROOT / "configs" / "tiny_cpu.yaml", [
+        "models.reward.cache=disk"]).model_dump(mode="json"), default)
+    assert changed == ["models.reward.cache: None -> 'disk'"]

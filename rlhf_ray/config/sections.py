@@ -216,3 +216,23 @@ class RunConfig(StrictSection):
 CheckpointSection = Annotated[CheckpointConfig, Field(default_factory=CheckpointConfig)]
 RecoverySection = Annotated[RecoveryConfig, Field(default_factory=RecoveryConfig)]
 RaySection = Annotated[RayConfig, Field(default_factory=RayConfig)]
+
+
+NO_DEFAULT = object()  # field_default: no such field
+
+
+def field_default(config: BaseModel, dotted: str):
+    """The default, as JSON (``model_dump(mode="json")``'s form), of the field at ``dotted`` in ``config``'s tree
+    (e.g. 'models.reward.judge.mode'); NO_DEFAULT where no such field is there."""
+    from pydantic_core import to_jsonable_python
+
+    *parents, name = dotted.split(".")
+    node = config
+    for part in parents:
+        node = getattr(node, part, None)
+        if not isinstance(node, BaseModel):
+            return NO_DEFAULT
+    field = type(node).model_fields.get(name)
+    if field is None:
+        return NO_DEFAULT
+    return to_jsonable_python(field.get_default(call_default_factory=True))

@@ -15,6 +15,7 @@ from pathlib import Path
 from rlhf_ray.cluster.connection import connect
 from rlhf_ray.cluster.roles import ActorLost
 from rlhf_ray.config import dump_config
+from rlhf_ray.config.sections import field_default
 from rlhf_ray.run import checkpoint
 from rlhf_ray.run.disk_full import DiskFull, is_disk_full
 from rlhf_ray.run.metrics import MetricsLogger
@@ -120,7 +121,8 @@ class CheckpointedDriver:
         state = checkpoint.read_state(path)  # resolve() has verified it
         saved = checkpoint.saved_config(path)
         self.adopt_saved(saved, path)
-        blocking, changed = checkpoint.differences(saved, self.cfg.model_dump(mode="json"))
+        blocking, changed = checkpoint.differences(saved, self.cfg.model_dump(mode="json"),
+                                                   default=lambda key: field_default(self.cfg, key))
         if blocking:
             raise checkpoint.CheckpointError(f"cannot resume from {path}: the config differs in what a checkpoint "
                                              f"cannot be continued under: {'; '.join(blocking)}")

@@ -44,7 +44,8 @@ MUST_MATCH = ("seed", "model", "data.", "generation.n_samples_per_prompt",  # "m
 NEVER_COMPARED = ("output_dir", "resume", "overwrite", "models.cache_dir")
 # how the reward is reached or shaped, not which model it is: a resume may change these (logged)
 CHANGEABLE = tuple(f"models.reward.{key}" for key in ("url", "timeout_s", "retries", "backoff_s", "outage_s",
-                                                        "token_env", "batch_size", "normalize", "clip"))
+                                                        "token_env", "batch_size", "normalize", "clip",
+                                                        "cache", "cache_path"))
 
 
 class CheckpointError(ValueError):
@@ -195,12 +196,18 @@ def resolve(resume: str | None, output_dir: str | Path) -> Path | None:
     return Path(resume)
 
 
-def differences(saved: dict, current: dict) -> tuple[list[str], list[str]]:
-    """(settings that forbid continuing, settings that merely changed), each as 'key: old -> new'."""
+def differences(saved: dict, current: dict, default=None) -> tuple[list[str], list[str]]:
+    """(settings that forbid continuing, settings that merely changed), each as 'key: old -> new'.
+
+    A key the saved config lacks came after the code that wrote it: ``default(key)`` (its default now; anything unequal
+    to every value where there is none) is what that code ran with, since a new setting's default keeps the behaviour from before it, so
+    the current value differs only where it is not that default."""
     old, new = _flatten(saved), _flatten(current)
     blocking, changed = [], []
     for key in sorted(set(old) | set(new)):
         if key.startswith(NEVER_COMPARED) or old.get(key) == new.get(key):
+            continue
+        if key not in old and default is not None and default(key) == new.get(key):
             continue
         line = f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
         (blocking if key.startswith(MUST_MATCH) and not key.startswith(CHANGEABLE) else changed).append(line)
