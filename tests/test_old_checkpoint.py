@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -22,7 +23,8 @@ def test_a_checkpoint_of_the_old_code_resumes_and_reproduces_its_next_step(ray_s
     from rlhf_ray.run.checkpoint import verify
 
     checkpoint = shutil.copytree(OLD / "step-000002", tmp_path / "old" / "step-000002")
-    verify(checkpoint)  # the manifest's sizes and hashes hold for the committed files
+    restore_tokenizer(checkpoint / "policy", tiny_cache)
+    verify(checkpoint)  # the manifest's sizes and hashes hold for every file, the restored ones too
     old_steps = [json.loads(line) for line in (OLD / "metrics.jsonl").read_text().splitlines()]
     trainer = PPOTrainer(tiny_config(tmp_path / "run", tiny_cache, *OVERRIDES, f"resume={checkpoint}"))
     try:
@@ -36,3 +38,16 @@ def test_a_checkpoint_of_the_old_code_resumes_and_reproduces_its_next_step(ray_s
     differ = {k: (v, step.get(k)) for k, v in compared.items()
               if step.get(k) is None or not math.isclose(step[k], v, rel_tol=1e-5, abs_tol=1e-6)}
     assert differ == {}
+
+
+def restore_tokenizer(policy, tiny_cache) -> None:
+    """The checkpoint's tokenizer files are not committed (their names are those of real tokenizers' files): they are
+    the tiny policy's own, which rlhf_ray.models.tiny builds deterministically, and the old code's save_pretrained
+    added two keys to tokenizer_config.json. Rebuilt byte for byte (the manifest's SHA-256 checks it)."""
+    from rlhf_ray.models.specs import resolve_model
+
+    tiny = Path(resolve_model("tiny:policy", tiny_cache))
+    shutil.copy(tiny / "tokenizer.json", policy / "tokenizer.json")
+    config = json.loads((tiny / "tokenizer_config.json").read_text())
+    config.update(is_local=True, local_files_only=False)
+    (policy / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
