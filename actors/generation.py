@@ -93,6 +93,16 @@ class GenerationActor(Role):
         self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
         return report
 
+    @computes("generate")
+    def load_policy(self, directory: str) -> dict:
+        """Take the weights of a saved policy (an HF model directory: a checkpoint's policy/) in place of the engine's:
+        one engine answers for every checkpoint of a run (rlhf_ray.compare_rewards) without a restart each."""
+        from rlhf_ray.weights.engine import load_into_engine
+
+        report = self.llm.collective_rpc(load_into_engine, kwargs={"directory": directory})[0]
+        self.llm.reset_prefix_cache()
+        return report
+
     def join_weight_group(self, host: str, port: int, first_rank: int, world_size: int, timeout_s: float) -> list:
         """Every worker of this engine joins the weight-broadcast group (ranks first_rank, first_rank + 1, …)."""
         from rlhf_ray.weights.collective import worker_join

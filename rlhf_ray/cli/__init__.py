@@ -11,6 +11,8 @@ COMMANDS: dict[str, tuple[str, str]] = {  # python -m NAME -> (implementation, w
     "rlhf_ray.train_sft": ("rlhf_ray.cli.training", "supervised fine-tuning on conversations (assistant turns)"),
     "rlhf_ray.train_dpo": ("rlhf_ray.cli.training", "DPO (or a variant) on preference pairs, from an SFT model"),
     "rlhf_ray.evaluate": ("rlhf_ray.cli.evaluate", "compare policies on held-out prompts, judged by a reward"),
+    "rlhf_ray.compare_rewards": ("rlhf_ray.cli.compare_rewards", "which reward makes the better policy: K runs, "
+                                                                 "checkpoints scored by a gold judge against KL"),
     "rlhf_ray.rm_eval": ("rlhf_ray.cli.rm_eval", "a reward model's accuracy on held-out preference pairs"),
     "rlhf_ray.rm": ("rlhf_ray.cli.rm", "reward models on Ray Serve, shared by runs: serve, list, info, remove"),
     "rlhf_ray.plan": ("rlhf_ray.cli.plan", "plan a run's layout, memory and step time on a cluster (no run); "

@@ -163,6 +163,10 @@ class CheckpointConfig(StrictSection):
                              "<output_dir>/checkpoints/step-NNNNNN: HF policy (safetensors), DeepSpeed state (weights, "
                              "optimizer, LR schedule, every ZeRO stage), RNGs, step, prompt position, config, manifest.")
     keep_last: int = Field(2, gt=0, description="Checkpoints kept; older ones are deleted after a newer one is complete.")
+    keep_policies: bool = Field(
+        False, description="When keep_last deletes a checkpoint, keep its policy/ (the HF model, without the learner "
+                           "state: ~1/7 of a full-fine-tuning checkpoint) as <output_dir>/policies/step-NNNNNN, to "
+                           "evaluate the run along its way (python -m rlhf_ray.compare_rewards sets it).")
     at_end: bool = Field(True, description="Save a checkpoint after the last step.")
     on_signal: bool = Field(True, description="On SIGTERM/SIGINT save a checkpoint of the last finished step before exiting.")
     on_error: bool = Field(

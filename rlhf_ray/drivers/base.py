@@ -101,7 +101,7 @@ class CheckpointedDriver:
             state = {"step": self.step_count, "sampler": self.sampler.state_dict(self.step_count),
                      "seed": self.cfg.seed, "restarts": dict(self.roles.restarts), **self.driver_state()}
             path = checkpoint.commit(staging, self.step_count, state, dump_config(self.cfg),
-                                     self.cfg.checkpoint.keep_last)
+                                     self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_policies)
         except BaseException as err:
             full = isinstance(err, Exception) and is_disk_full(err, staging)  # judged before the partial save goes
             checkpoint.abort(staging)  # the earlier checkpoints stay as they were

@@ -150,19 +150,26 @@ def draw(report: dict, out: Path) -> None:
 
 
 def write(out: Path, report: dict, responses: list[dict]) -> list[Path]:
-    """All four files into a staging folder, then moved into ``out``: a failure leaves no partial set behind."""
+    """evaluation.md, evaluation.json, evaluation.png and responses.jsonl into ``out``, together."""
+    return write_together(out, {"evaluation.md": markdown(report), "evaluation.json": json.dumps(report, indent=1) + "\n",
+                                "responses.jsonl": "".join(json.dumps(r) + "\n" for r in responses)},
+                          {"evaluation.png": lambda path: draw(report, path)})
+
+
+def write_together(out: Path, texts: dict[str, str], figures: dict) -> list[Path]:
+    """Text files (name -> text) and figures (name -> a function drawing into a path) written into a staging folder,
+    then moved into ``out``: a failure leaves no partial set behind."""
     out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".partial-evaluation-", dir=out))
+    staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=out))
     try:
-        (staging / "evaluation.json").write_text(json.dumps(report, indent=1) + "\n")
-        (staging / "evaluation.md").write_text(markdown(report))
-        (staging / "responses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in responses))
-        draw(report, staging / "evaluation.png")
-        names = ["evaluation.md", "evaluation.json", "evaluation.png", "responses.jsonl"]
-        for name in names:
+        for name, text in texts.items():
+            (staging / name).write_text(text)
+        for name, drawing in figures.items():
+            drawing(staging / name)
+        for name in [*texts, *figures]:
             os.replace(staging / name, out / name)
     finally:
         for leftover in staging.iterdir():
             leftover.unlink()
         staging.rmdir()
-    return [out / name for name in names]
+    return [out / name for name in [*texts, *figures]]

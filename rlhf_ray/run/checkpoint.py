@@ -29,6 +29,7 @@ import yaml
 log = logging.getLogger(__name__)
 
 DIRNAME = "checkpoints"
+POLICIES_DIRNAME = "policies"  # policy/ of checkpoints pruned under checkpoint.keep_policies
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer.json"
 PARTIAL_PREFIX = ".partial-"
@@ -69,7 +70,8 @@ def begin(output_dir: str | Path, step: int) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"{PARTIAL_PREFIX}{step_name(step)}-", dir=root))
 
 
-def commit(staging: Path, step: int, trainer_state: dict, config_text: str, keep_last: int) -> Path:
+def commit(staging: Path, step: int, trainer_state: dict, config_text: str, keep_last: int,
+           keep_policies: bool = False) -> Path:
     """Write the driver's files and the manifest into ``staging``, then rename it into place; prune old ones."""
     (staging / TRAINER_STATE).write_text(json.dumps({"format": FORMAT_VERSION, **trainer_state}, indent=1))
     (staging / "config.yaml").write_text(config_text)
@@ -81,7 +83,7 @@ def commit(staging: Path, step: int, trainer_state: dict, config_text: str, keep
         shutil.rmtree(final)
     os.replace(staging, final)
     _fsync_dir(final.parent)
-    prune(final.parent, keep_last)
+    prune(final.parent, keep_last, keep_policies)
     return final
 
 
@@ -89,9 +91,32 @@ def abort(staging: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
 
 
-def prune(root: Path, keep_last: int) -> None:
+def prune(root: Path, keep_last: int, keep_policies: bool = False) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints under ``root``; with ``keep_policies`` each one's policy/
+    moves to <output_dir>/policies/step-N first (a rename: the same file system)."""
     for old in sorted(root.glob("step-*"))[:-keep_last]:
+        if keep_policies and (old / "policy").is_dir():
+            kept = policies_dir(root.parent) / old.name
+            kept.parent.mkdir(exist_ok=True)
+            if kept.exists():  # the same step kept before (a recovered learner redid it): the newer one counts
+                shutil.rmtree(kept)
+            os.replace(old / "policy", kept)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def policies_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / POLICIES_DIRNAME
+
+
+def saved_policies(output_dir: str | Path) -> dict[int, Path]:
+    """Step -> the policy (HF model directory) saved at that step: the kept ones (checkpoint.keep_policies) and those
+    of the valid checkpoints."""
+    found = {int(p.name.removeprefix("step-")): p for p in policies_dir(output_dir).glob("step-*")
+             if (p / "config.json").is_file()}
+    for path in sorted(checkpoints_dir(output_dir).glob("step-*")):
+        if (path / MANIFEST).is_file() and (path / "policy" / "config.json").is_file():  # complete: manifest last
+            found[step_of(path)] = path / "policy"
+    return dict(sorted(found.items()))
 
 
 def remove_partial(output_dir: str | Path) -> None:

@@ -1,0 +1,80 @@
+"""The RM comparison's statistics and conclusions (rlhf_ray.evaluation.reward_comparison) on made-up evaluations."""
+import pytest
+import torch
+
+from rlhf_ray.evaluation.reward_comparison import (bootstrap_interval, conclusions, markdown, paired_change, peak,
+                                                   prompt_means, summary)
+
+
+def test_prompt_means_group_each_prompts_samples_and_refuse_a_ragged_count():
+    assert prompt_means([1, 3, 5, 7], 2).tolist() == [2.0, 6.0]
+    with pytest.raises(ValueError, match="5 values do not group into prompts of 2"):
+        prompt_means([1, 2, 3, 4, 5], 2)
+
+
+def test_the_bootstrap_interval_covers_the_mean_shrinks_with_more_prompts_and_is_seeded():
+    generator = torch.Generator().manual_seed(1)
+    small, large = torch.randn(30, generator=generator, dtype=torch.float64), torch.randn(
+        3000, generator=generator, dtype=torch.float64)
+    low, high = bootstrap_interval(small)
+    assert low < float(small.mean()) < high
+    assert bootstrap_interval(small) == (low, high)  # the same seed, the same interval
+    large_low, large_high = bootstrap_interval(large)
+    assert large_high - large_low < (high - low) / 5  # ~1/√100 as wide
+    # a normal sample's 95 % interval of the mean is about ±1.96 σ/√n
+    assert large_high - large_low == pytest.approx(2 * 1.96 * float(large.std()) / 3000 ** 0.5, rel=0.15)
+    assert bootstrap_interval(torch.tensor([0.5], dtype=torch.float64)) == (0.5, 0.5)
+
+
+def test_a_paired_change_is_tighter_than_the_two_intervals_when_prompts_differ_in_difficulty():
+    difficulty = [float(i) for i in range(40)]   # prompts far apart in score
+    initial = difficulty
+    better = [d + 0.1 + (0.01 if i % 2 else -0.01) for i, d in enumerate(difficulty)]
+    change = paired_change(better, initial, 1)
+    assert change["mean"] == pytest.approx(0.1)
+    assert 0 < change["low"] < 0.1 < change["high"] < 0.12  # the difficulty cancels
+    alone = summary(better, 1)
+    assert alone["high"] - alone["low"] > 10 * (change["high"] - change["low"])
+
+
+def make_point(step, gold, proxy, kl, change_low=None, change_high=None):
+    interval = 0.02
+    return {"step": step, "policy": f"p{step}", "kl": {"mean": kl, "low": kl, "high": kl},
+            "proxy": {"mean": proxy, "low": proxy, "high": proxy},
+            "gold": {"mean": gold, "low": gold - interval, "high": gold + interval},
+            "gold_change": {"mean": gold - 0.5, "low": change_low if change_low is not None else gold - 0.5 - interval,
+                            "high": change_high if change_high is not None else gold - 0.5 + interval},
+            "mean_tokens": 10.0, "eos_rate": 1.0}
+
+
+def test_the_peak_and_the_turn_of_the_gold_curve_while_the_proxy_keeps_rising():
+    rising_then_falling = [make_point(0, 0.5, 0.0, 0.0), make_point(4, 0.7, 1.0, 2.0), make_point(8, 0.6, 2.0, 5.0),
+                           make_point(12, 0.4, 3.0, 9.0)]
+    p = peak(rising_then_falling)
+    assert (p["step"], p["kl"], p["overoptimized"], p["turned_at_step"], p["turned_at_kl"]) == (4, 2.0, True, 8, 5.0)
+    # a later dip inside the peak's interval is no turn; nor is a fall where the proxy fell too
+    within = [make_point(0, 0.5, 0.0, 0.0), make_point(4, 0.7, 1.0, 2.0), make_point(8, 0.69, 2.0, 5.0)]
+    assert not peak(within)["overoptimized"]
+    both_fall = [make_point(0, 0.5, 0.0, 0.0), make_point(4, 0.7, 1.0, 2.0), make_point(8, 0.4, 0.5, 5.0)]
+    assert not peak(both_fall)["overoptimized"]
+    # a tie goes to the earlier (closer to the initial policy) checkpoint
+    assert peak([make_point(0, 0.5, 0, 0), make_point(4, 0.7, 1, 2), make_point(8, 0.7, 2, 4)])["step"] == 4
+
+
+def test_the_best_checkpoint_is_the_highest_gold_after_step_0_and_says_whether_it_beats_the_initial_policy():
+    runs = {"a": {"points": [make_point(0, 0.5, 0, 0), make_point(4, 0.6, 1, 2, change_low=0.05)]},
+            "b": {"points": [make_point(0, 0.5, 0, 0), make_point(4, 0.55, 1, 1, change_low=-0.01)]},
+            "failed": {"points": [], "error": "exit 1", "status": "failed"}}
+    found = conclusions(runs)
+    assert set(found["peaks"]) == {"a", "b"}
+    assert (found["best"]["reward"], found["best"]["step"], found["best"]["improves_on_initial"]) == ("a", 4, True)
+    runs["a"]["points"][1] = make_point(4, 0.6, 1, 2, change_low=-0.02)
+    assert conclusions(runs)["best"]["improves_on_initial"] is False
+    # only the initial policy evaluated (every run failed before its first checkpoint): no best checkpoint
+    assert conclusions({"a": {"points": [make_point(0, 0.5, 0, 0)]}})["best"] is None
+    report = {"config": "c.yaml", "gold": {"label": "function g"}, "runs": runs, "conclusions": conclusions(runs),
+              "settings": {"prompts": 8, "prompt_files": ["held_out"], "samples_per_prompt": 2, "temperature": 1.0,
+                           "max_new_tokens": 16}}
+    text = markdown(report)
+    assert "| a | 4 | 2.00 [2.00, 2.00] | 1.000 | 0.600 [0.580, 0.620] |" in text
+    assert "| failed | – |" in text and "NOT above the initial policy" in text
