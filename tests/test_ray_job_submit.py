@@ -79,10 +79,16 @@ def test_ray_job_submit_runs_ppo_rm_sft_dpo_and_a_sweep(tiny_cache, tmp_path):
     # 4 logical CPUs: the PPO run's roles (1.5) beside the reward-model, SFT or DPO learner (1) and the imports jobs
     with short_tmp("rj") as ray_tmp, ray_head(ray_tmp, num_cpus=4, extra_env={"PYTHONPATH": str(wheel)}) as (_, address,
                                                                                                             env):
-        out = tmp_path / "job_run"
-        ppo = ["python", "-m", "rlhf_ray.train", "--config", "configs/tiny_cpu.yaml", "ppo.total_episodes=32",
-               f"models.cache_dir={tiny_cache}", f"output_dir={out}", "logging.progress_bar=false",
+        # PPO runs as the RM comparison starts them: against two rewards, scored by a gold judge along the way
+        compared = tmp_path / "compare_rewards"
+        ppo = ["python", "-m", "rlhf_ray.compare_rewards", "--config", "configs/tiny_cpu.yaml",
+               "--reward", "e=function=rlhf_ray.rewards:char_frequency", "--reward", "rm=model=tiny:reward",
+               "--gold", "function=rlhf_ray.rewards:char_frequency", "--prompts", "configs/data/tiny_prompts.jsonl",
+               "--limit", "12", "--samples-per-prompt", "2", "--evaluations", "2", "--num-cpus", "0.5",
+               "--out", str(compared), "ppo.total_episodes=32", "models.value_init=policy",
+               f"models.cache_dir={tiny_cache}", "logging.progress_bar=false",
                "deepspeed.zero_stage=2"]  # the ZeRO-2 code path (one rank; the other e2e tests: 0, 1 and 3)
+        out = compared / "runs" / "rm"
         rm_out = tmp_path / "rm_job"  # reward-model training goes the same way
         train_rm = ["python", "-m", "rlhf_ray.train_rm", f"cache_dir={tiny_cache}", f"output_dir={rm_out}",
                     "training.epochs=1", "logging.progress_bar=false"]
@@ -97,7 +103,7 @@ def test_ray_job_submit_runs_ppo_rm_sft_dpo_and_a_sweep(tiny_cache, tmp_path):
         sweep = ["python", "-m", "rlhf_ray.sweep", "--grid", "ppo.rollout_batch_size=16,12", "--grid",
                  "ppo.async_steps=1", "--steps", "1", "--warmup", "0", "--out", str(sweep_out),
                  f"models.cache_dir={tiny_cache}"]
-        chains = {"ppo, then a sweep": (("ppo", ppo), ("sweep", sweep)),
+        chains = {"ppo (compare_rewards), then a sweep": (("ppo", ppo), ("sweep", sweep)),
                   "reward model, SFT, then DPO": (("rm", train_rm), ("sft", sft), ("dpo", dpo))}
         with ThreadPoolExecutor(4) as jobs:  # two chains and the two imports jobs, all at once on the cluster
             chained = {name: jobs.submit(submit_job, address, env, ROOT, ".", "bash", "-c", " && ".join(
@@ -125,6 +131,7 @@ def test_ray_job_submit_runs_ppo_rm_sft_dpo_and_a_sweep(tiny_cache, tmp_path):
     assert [m["step"] for m in steps] == [1, 2]
     assert (out / "final_model" / "model.safetensors").is_file()
     assert (out / "report.png").is_file() and (out / "logs" / "learner-0.log").is_file()
+    check_comparison(compared, done["ppo (compare_rewards), then a sweep"].stdout)
 
     assert json.loads((rm_out / "eval.json").read_text())["sets"]["heldout"]["accuracy"] > 0.5
     assert (rm_out / "final_model" / "reward_stats.json").is_file()
@@ -159,3 +166,35 @@ def test_ray_job_submit_runs_ppo_rm_sft_dpo_and_a_sweep(tiny_cache, tmp_path):
     assert refused["status"] == "invalid" and "is not a multiple of ppo.rollout_batch_size=12" in refused["error"]
     assert {"sweep.csv", "sweep.md", "sweep.png"} <= {p.name for p in sweep_out.iterdir()}
     assert "joined the Ray cluster" in (sweep_out / "points" / "batch-16_async-1" / "logs" / "driver.log").read_text()
+
+
+def check_comparison(compared: Path, console: str) -> None:
+    """The RM comparison's report: both runs evaluated at steps 0 (the initial policy), 1 (its policy kept when the
+    checkpoint was pruned) and 2; the gold's and the proxies' scores are those of the responses they stand beside;
+    the KL of the initial policy's own samples is ~0 (engine and reference agree) and the trained policies answer
+    otherwise; the table, the figure and the best checkpoint by gold."""
+    from rlhf_ray.rewards.functions import char_frequency
+
+    report = json.loads((compared / "compare_rewards.json").read_text())
+    assert {"compare_rewards.md", "compare_rewards.png", "responses.jsonl"} <= {p.name for p in compared.iterdir()}
+    assert (compared / "runs" / "e" / "policies" / "step-000001" / "model.safetensors").is_file()
+    assert not (compared / "runs" / "e" / "checkpoints" / "step-000001").exists()  # keep_last 1: pruned
+    responses = [json.loads(line) for line in (compared / "responses.jsonl").read_text().splitlines()]
+    for name, run in report["runs"].items():
+        assert run["status"] == "trained" and [p["step"] for p in run["points"]] == [0, 1, 2], (name, run)
+        mine = [r for r in responses if r["reward"] == name]
+        assert len(mine) == 3 * 12 * 2
+        assert all(r["gold"] == pytest.approx(char_frequency("", r["response"])) for r in mine)
+        assert all(abs(r["kl"]) < 0.01 for r in mine if r["step"] == 0)
+        initial = [r["response"] for r in mine if r["step"] == 0]
+        assert initial != [r["response"] for r in mine if r["step"] == 2]
+        gold_means = [p["gold"]["mean"] for p in run["points"]]
+        assert gold_means == pytest.approx([sum(r["gold"] for r in mine if r["step"] == s) / 24 for s in (0, 1, 2)])
+        assert all(p["gold"]["low"] <= p["gold"]["mean"] <= p["gold"]["high"] for p in run["points"])
+    # the proxy of run 'e' is the gold function itself; run 'rm''s is the tiny RM
+    assert [p["proxy"] for p in report["runs"]["e"]["points"]] == [p["gold"] for p in report["runs"]["e"]["points"]]
+    assert report["runs"]["rm"]["reward"]["kind"] == "model"
+    best = report["conclusions"]["best"]
+    assert best["reward"] in ("e", "rm") and best["step"] in (1, 2)
+    assert f"**{best['reward']}, step {best['step']}**" in (compared / "compare_rewards.md").read_text()
+    assert "| rm | 2 |" in console  # the table on the job's console

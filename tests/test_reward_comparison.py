@@ -78,3 +78,30 @@ def test_the_best_checkpoint_is_the_highest_gold_after_step_0_and_says_whether_i
     text = markdown(report)
     assert "| a | 4 | 2.00 [2.00, 2.00] | 1.000 | 0.600 [0.580, 0.620] |" in text
     assert "| failed | – |" in text and "NOT above the initial policy" in text
+
+
+def test_bad_inputs_exit_2_in_one_line_before_anything_runs(tiny_cache, tmp_path, capsys):
+    import re
+
+    from rlhf_ray.cli import compare_rewards
+
+    out = tmp_path / "out"
+    base = ["--config", "configs/tiny_cpu.yaml", "--prompts", "configs/data/tiny_prompts.jsonl", "--out", str(out),
+            f"models.cache_dir={tiny_cache}", "models.value_init=policy"]
+    good_gold = ["--gold", "function=rlhf_ray.rewards:char_frequency"]
+    e = ["--reward", "e=function=rlhf_ray.rewards:char_frequency"]
+    cases = [([*base, *good_gold, "--reward", "e"], "--reward 'e' is not NAME=SPEC"),
+             ([*base, *good_gold, *e, *e], "--reward name 'e' is given twice"),
+             ([*base, *good_gold, "--reward", "a/b=function=rlhf_ray.rewards:char_frequency"], "letters, digits"),
+             ([*base, *good_gold, *e, "--reward-option", "x:batch_size=2"], "NAME one of the rewards \\(e\\)"),
+             ([*base, *good_gold, *e, "--reward-option", "e:batch_size=0"], "--reward e: .*batch_size"),
+             # valid as the base config (its tiny RM), not with a function reward: the critic has no RM to start from
+             ([*base, *good_gold, *e, "models.value_init=reward"], "--reward e: the run's config: models.value_init"),
+             ([*base, "--gold", f"model={tmp_path}/no_rm", *e], "--gold: .*no_rm does not exist"),
+             ([*base, *good_gold, *e, "--prompts", str(tmp_path / "none.jsonl")], "none.jsonl does not exist"),
+             ([*base, *good_gold, *e, "ppo.no_such_key=1"], "no_such_key")]
+    for argv, message in cases:
+        assert compare_rewards.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and re.search(message, err), (argv, err)
+    assert not out.exists()

@@ -174,6 +174,16 @@ def rm(env: dict, *args: str, returncode: int = 0) -> str:
     return done.stdout if returncode == 0 else done.stderr
 
 
+def rm_commands(env: dict, *commands: list[str]) -> list[SimpleNamespace]:
+    """Several ``rlhf_ray.rm`` commands, run by one process one after another (tests/rm_commands.py: the CLI's main()
+    with each one's arguments), each one's exit code, stdout and stderr."""
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "rm_commands.py"), json.dumps(commands)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULTS")]
+    assert done.returncode == 0 and lines, done.stdout[-2000:] + done.stderr[-3000:]
+    return [SimpleNamespace(**result) for result in json.loads(lines[-1].removeprefix("RESULTS"))]
+
+
 def route_of(deployed: str) -> str:
     return deployed.split(" route ")[1].split(";")[0]
 
@@ -198,11 +208,11 @@ def http_scores(route: str, probe) -> list[float]:
     return build_backend(RewardConfig(kind="http", url=route)).score(probe).tolist()
 
 
-def deploy(env: dict, address: str, tiny_cache: Path, seed: int) -> str:
-    """The next version of APP: tiny:reward of ``seed``; its route."""
-    return route_of(rm(env, "serve", APP, "--model", "tiny:reward", "--cache-dir", str(tiny_cache), "--seed",
-                       str(seed), "--max-length", "256", "--num-cpus", "0.25", "--max-batch-size", "8",
-                       "--http-port", str(free_port()), "--address", address))
+def serve_command(address: str, tiny_cache: Path, seed: int) -> list[str]:
+    """``rm serve``: the next version of APP, tiny:reward of ``seed``."""
+    return ["serve", APP, "--model", "tiny:reward", "--cache-dir", str(tiny_cache), "--seed", str(seed),
+            "--max-length", "256", "--num-cpus", "0.25", "--max-batch-size", "8", "--http-port", str(free_port()),
+            "--address", address]
 
 
 def wait_until_pinned(outs: list[Path], runs: list[subprocess.Popen], timeout_s: float = 300) -> None:
@@ -221,7 +231,7 @@ def serve_experiments(tmp_path: Path, tiny_cache: Path, address: str, env: dict,
     once both have pinned, v2 (another RM) is deployed beside them. v1's identity before and after, ``probe`` scored
     through v1's HTTP route before v2 and through each version's after, the version list, and ``rm remove``."""
     monkeypatch.setenv("RAY_AUTH_MODE", "token")  # the runs join a head that uses token auth
-    seen = SimpleNamespace(identities=[json.loads(rm(env, "info", APP, "--address", address))])
+    seen = SimpleNamespace()
     seen.v1_before = http_scores(routes[0], probe)
     outs = [tmp_path / f"serve-{i}" for i in range(2)]
     with short_tmp("rs") as first_tmp, short_tmp("rt") as second_tmp:
@@ -230,7 +240,8 @@ def serve_experiments(tmp_path: Path, tiny_cache: Path, address: str, env: dict,
                 for out, ray_tmp, app in zip(outs, (first_tmp, second_tmp), (f"{APP}@v1", APP))]
         try:
             wait_until_pinned(outs, runs)
-            routes.append(deploy(env, address, tiny_cache, seed=2))  # v2, the new latest, while they run
+            # v2, the new latest, while they run: `python -m rlhf_ray.rm serve` as a user types it
+            routes.append(route_of(rm(env, *serve_command(address, tiny_cache, seed=2))))
             seen.rows = [finish(run, out) for run, out in zip(runs, outs)]
         finally:
             for run in runs:
@@ -238,12 +249,15 @@ def serve_experiments(tmp_path: Path, tiny_cache: Path, address: str, env: dict,
                     run.kill()
     seen.consoles = [run.console for run in runs]
     seen.pinned = [yaml.safe_load((out / "config.yaml").read_text())["models"]["reward"]["app"] for out in outs]
-    seen.identities.append(json.loads(rm(env, "info", f"{APP}@v1", "--address", address)))
     seen.v1_after, seen.v2 = http_scores(routes[0], probe), http_scores(routes[1], probe)
-    seen.listing = json.loads(rm(env, "list", "--json", "--address", address))
-    seen.refused = rm(env, "remove", f"{APP}@v1", "--address", address, returncode=1)  # it just scored
-    seen.removed = [rm(env, "remove", f"{APP}@{v}", "--force", "--address", address) for v in ("v1", "v2")]
-    seen.after = rm(env, "list", "--address", address)
+    at = ["--address", address]
+    info, listing, refused, *removed, after = rm_commands(
+        env, ["info", f"{APP}@v1", *at], ["list", "--json", *at], ["remove", f"{APP}@v1", *at],  # it just scored
+        *(["remove", f"{APP}@{v}", "--force", *at] for v in ("v1", "v2")), ["list", *at])
+    assert [c.code for c in (info, listing, refused, *removed, after)] == [0, 0, 1, 0, 0, 0], refused
+    seen.identities = [json.loads(info.stdout)]
+    seen.listing, seen.refused = json.loads(listing.stdout), refused.stderr
+    seen.removed, seen.after = [r.stdout for r in removed], after.stdout
     return seen
 
 
@@ -265,8 +279,12 @@ def test_model_and_a_shared_serve_rm_across_two_experiments_and_two_versions(tin
         try:
             # two runs' roles (2 × 1.5) + a replica of each version (2 × 0.25)
             with ray_head(head_tmp, num_cpus=4) as (address, _, env):
-                routes = [deploy(env, address, tiny_cache, seed=1)]
+                deployed, info = rm_commands(env, serve_command(address, tiny_cache, seed=1),
+                                             ["info", APP, "--address", address])
+                assert deployed.code == info.code == 0, (deployed, info)
+                routes = [route_of(deployed.stdout)]
                 seen = serve_experiments(tmp_path, tiny_cache, address, env, routes, probe, monkeypatch)
+                seen.identities.insert(0, json.loads(info.stdout))
                 model_rows = finish(model_run, tmp_path / "model")  # it went on beside them
         finally:
             if model_run.poll() is None:

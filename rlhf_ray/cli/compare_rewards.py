@@ -146,6 +146,8 @@ def prepare(args):
 def train(run: Experiment, timeout_s: float) -> None:
     """The run as ``python -m rlhf_ray.train`` (joining RAY_ADDRESS's cluster where there is one), its console
     prefixed with its name; reused when it finished before with this config."""
+    from rlhf_ray.run.checkpoint import latest_valid
+
     done = run.out / DONE_MARKER
     if done.is_file() and json.loads(done.read_text()).get("config") == run.config_text:
         run.status = "reused"
@@ -154,8 +156,11 @@ def train(run: Experiment, timeout_s: float) -> None:
         done.unlink(missing_ok=True)
         run.out.mkdir(parents=True, exist_ok=True)
         config_path = run.out.parent / f"{run.name}.yaml"
+        # a run stopped before (the harness interrupted) continues from its checkpoint if its config is the same
+        same = config_path.is_file() and config_path.read_text() == run.config_text
+        resume = ["resume=auto"] if same and latest_valid(run.out) is not None else []
         config_path.write_text(run.config_text)
-        command = [sys.executable, "-m", "rlhf_ray.train", "--config", str(config_path)]
+        command = [sys.executable, "-m", "rlhf_ray.train", "--config", str(config_path), *resume]
         started = time.perf_counter()
         with open(run.out.parent / f"{run.name}.console.log", "w") as log:
             process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -352,7 +357,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout-s", type=float, default=3600.0, help="how long one evaluation call may take")
     parser.add_argument("--run-timeout-s", type=float, default=7 * 24 * 3600.0, help="how long one run may take")
     parser.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray of its own)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides before, between or after the options
     for key in ("limit", "evaluations", "samples_per_prompt"):
         if getattr(args, key) is not None and getattr(args, key) <= 0:
             parser.error(f"--{key.replace('_', '-')} must be positive")

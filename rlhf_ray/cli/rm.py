@@ -54,6 +54,8 @@ def connect(address: str | None) -> None:
     app in a Ray that dies with this command would serve nobody."""
     import ray
 
+    if ray.is_initialized():  # a second command in one process (a script calling main() for each) keeps it
+        return
     target = address or os.environ.get("RAY_ADDRESS") or "auto"
     try:
         ray.init(address=target, log_to_driver=False, logging_level="WARNING")
