@@ -60,6 +60,25 @@ def test_keep_last_prunes_only_after_a_newer_one_is_complete(tmp_path):
     assert [p.name for p in sorted((tmp_path / "checkpoints").glob("step-*"))] == ["step-000003", "step-000004"]
 
 
+def test_keep_policies_keeps_each_pruned_checkpoints_policy_and_lists_every_saved_policy(tmp_path):
+    for step in (2, 4, 6):
+        staging = checkpoint.begin(tmp_path, step)
+        (staging / "policy").mkdir()
+        (staging / "policy" / "config.json").write_text(f'{{"step": {step}}}')
+        (staging / "learner").mkdir()
+        (staging / "learner" / "state.pt").write_bytes(b"optimizer" * 100)
+        checkpoint.commit(staging, step, {"step": step}, "seed: 0\n", keep_last=1, keep_policies=True)
+    kept = tmp_path / "policies"
+    assert [p.name for p in sorted((tmp_path / "checkpoints").glob("step-*"))] == ["step-000006"]
+    assert sorted(p.name for p in kept.iterdir()) == ["step-000002", "step-000004"]
+    assert not (kept / "step-000002" / "learner").exists()  # the policy alone, no optimizer state
+    assert {s: json.loads((p / "config.json").read_text())["step"] for s, p in checkpoint.saved_policies(
+        tmp_path).items()} == {2: 2, 4: 4, 6: 6}
+    # an incomplete checkpoint (no manifest yet) is no saved policy
+    (tmp_path / "checkpoints" / "step-000006" / "manifest.json").unlink()
+    assert list(checkpoint.saved_policies(tmp_path)) == [2, 4]
+
+
 def test_a_failed_save_full_disk_leaves_the_earlier_checkpoints_valid(tmp_path, monkeypatch):
     good = save(tmp_path, 2)
     staging = checkpoint.begin(tmp_path, 4)
