@@ -183,6 +183,14 @@ def train(run: Experiment, timeout_s: float) -> None:
     metrics = run.out / "metrics.jsonl"
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
     run.train_metrics = {row["step"]: row for row in rows if "step" in row}
+    if run.reward.kind == "serve" and (run.out / "config.yaml").is_file():  # the version the run pinned and scored by
+        run.reward = run.reward.model_copy(update={"app": pinned_app(run.out / "config.yaml")})
+
+
+def pinned_app(config_file: Path) -> str:
+    import yaml
+
+    return yaml.safe_load(config_file.read_text())["models"]["reward"]["app"]
 
 
 # ------------------------------------------------------------------------------------------------------ evaluate
