@@ -80,8 +80,7 @@ def stopped_and_resumed(tmp_path: Path, tiny_cache: Path, ray_tmp: str, settings
     saved = sorted((out / "checkpoints").glob("step-*"))
     assert [p.name for p in saved][-1] == f"step-{done:06d}" and len(saved) == 2  # keep_last=2
     assert json.loads((saved[-1] / "trainer.json").read_text())["step"] == done
-    refused = start_run(out, ray_tmp, tiny_cache, *settings)  # no resume: the used output dir is refused
-    assert refused.wait(timeout=120) == 2 and "already holds a run" in refused.communicate()[0]
+    # (a new run into this used output dir is refused: test_checkpoint.py, at the layer that decides it)
 
     from transformers import AutoTokenizer
 
