@@ -294,8 +294,8 @@ def test_model_and_a_shared_serve_rm_across_two_experiments_and_two_versions(tin
     assert identities[0]["model_path"] == served_rm and identities[0]["requests"] == 0
     assert [(info["app"], info["version"], info["serve_app"]) for info in identities] == [(APP, "v1", f"{APP}@v1")] * 2
     assert len({info["pid"] for info in identities}) == 1  # v2's deployment left v1's replica alone
-    assert [info["requests"] for info in identities] == [0, 5]  # the probe, then 2 runs × 2 steps
-    assert [info["samples"] for info in identities] == [0, 3 + 64]
+    assert [info["requests"] for info in identities] == [0, 6]  # the probe, 2 runs × 2 steps, the probe again
+    assert [info["samples"] for info in identities] == [0, 3 + 64 + 3]
     # both runs stayed on v1 — the one that named the bare APP resolved it once, when it started — and say so
     assert seen.pinned == [f"{APP}@v1"] * 2
     assert f"reward: Serve RM '{APP}@v1' (pinned)" in seen.consoles[0]
