@@ -1,6 +1,6 @@
-"""`ray job submit` against a real local head on loopback, started and stopped by the test: one job chains a PPO run and
-a sweep (a point that runs, one that is refused), another at the same time reward-model training, SFT then DPO with
-LoRA adapters."""
+"""`ray job submit` against a real local head on loopback, started and stopped by the test: one job compares two rewards
+(rlhf_ray.compare_rewards: two PPO runs and their evaluation by a gold judge), another at the same time chains
+reward-model training, SFT then DPO with LoRA adapters, and a sweep (a point that runs, one that is refused)."""
 from __future__ import annotations
 
 import json
@@ -59,9 +59,9 @@ def submit_job(address: str, env: dict, cwd: Path, working_dir: str, *entrypoint
 
 
 def test_ray_job_submit_runs_ppo_rm_sft_dpo_and_a_sweep(tiny_cache, tmp_path):
-    """Two jobs at once, each chaining commands as a user chains them in one: a two-step PPO run (ZeRO-2), then a sweep
-    whose points join the job's cluster; and reward-model training, then SFT and DPO from the SFT model, both with LoRA
-    adapters. Two submissions instead of five (each cost a job CLI, a working-dir upload and a job driver; the two
+    """Two jobs at once, each chaining commands as a user chains them in one: the RM comparison of two two-step PPO
+    runs (ZeRO-2); and reward-model training, then SFT and DPO from the SFT model, both with LoRA adapters, then a sweep
+    whose points join the job's cluster. Two submissions instead of five (each cost a job CLI, a working-dir upload and a job driver; the two
     chains went one after the other in one job before), and the LoRA chain's checks are made
     on this job's SFT and DPO (they were a test of their own in tests/test_tulu_suite.py, two runs more): each trains
     rank-8 adapters and saves merged weights with the adapter beside them; DPO starts no reference actor, and the
@@ -103,8 +103,10 @@ def test_ray_job_submit_runs_ppo_rm_sft_dpo_and_a_sweep(tiny_cache, tmp_path):
         sweep = ["python", "-m", "rlhf_ray.sweep", "--grid", "ppo.rollout_batch_size=16,12", "--grid",
                  "ppo.async_steps=1", "--steps", "1", "--warmup", "0", "--out", str(sweep_out),
                  f"models.cache_dir={tiny_cache}"]
-        chains = {"ppo (compare_rewards), then a sweep": (("ppo", ppo), ("sweep", sweep)),
-                  "reward model, SFT, then DPO": (("rm", train_rm), ("sft", sft), ("dpo", dpo))}
+        # the comparison's two runs and evaluation beside the four shorter commands: the two chains take about as long
+        chains = {"ppo (compare_rewards)": (("ppo", ppo),),
+                  "reward model, SFT, DPO, then a sweep": (("rm", train_rm), ("sft", sft), ("dpo", dpo),
+                                                           ("sweep", sweep))}
         with ThreadPoolExecutor(4) as jobs:  # two chains and the two imports jobs, all at once on the cluster
             chained = {name: jobs.submit(submit_job, address, env, ROOT, ".", "bash", "-c", " && ".join(
                 f"{shlex.join(command)} && echo '###' {step} done" for step, command in chain), timeout_s=1500)
@@ -131,7 +133,7 @@ def test_ray_job_submit_runs_ppo_rm_sft_dpo_and_a_sweep(tiny_cache, tmp_path):
     assert [m["step"] for m in steps] == [1, 2]
     assert (out / "final_model" / "model.safetensors").is_file()
     assert (out / "report.png").is_file() and (out / "logs" / "learner-0.log").is_file()
-    check_comparison(compared, done["ppo (compare_rewards), then a sweep"].stdout)
+    check_comparison(compared, done["ppo (compare_rewards)"].stdout)
 
     assert json.loads((rm_out / "eval.json").read_text())["sets"]["heldout"]["accuracy"] > 0.5
     assert (rm_out / "final_model" / "reward_stats.json").is_file()
