@@ -238,8 +238,9 @@ class Evaluator:
     def policy(self, label: str, path: str | None) -> dict:
         """The responses of the policy at ``path`` (None: the initial policy), their KL from the initial policy and
         their gold scores; kept under <out>/evaluations and reused when the policy's files and settings match."""
-        key = hashlib.sha256(json.dumps({"settings": self.settings(), "policy": fingerprint(path)},
-                                        sort_keys=True).encode()).hexdigest()[:16]
+        policy = path or self.state.initial
+        key = hashlib.sha256(json.dumps({"settings": self.settings(), "policy": policy, "files": fingerprint(policy),
+                                         "initial": self.state.initial}, sort_keys=True).encode()).hexdigest()[:16]
         kept = Path(self.args.out) / "evaluations" / f"{label}.json"
         if kept.is_file():
             record = json.loads(kept.read_text())
@@ -281,10 +282,8 @@ class Evaluator:
             ray.kill(actor)
 
 
-def fingerprint(path: str | None) -> dict | None:
-    """A saved policy's weight files by name, size and modification time (None: the initial policy)."""
-    if path is None:
-        return None
+def fingerprint(path: str) -> dict:
+    """A policy's weight files by name, size and modification time (none for a hub name)."""
     return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(Path(path).glob("*.safetensors"))}
 
 
