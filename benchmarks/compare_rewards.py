@@ -41,10 +41,11 @@ STAGES = ("split", "gold", "label", "proxies", "compare")
 PROXY_PAIRS = (64, 512)
 QUIET = ["logging.progress_bar=false"]
 # every run of the comparison (the harness's key=value overrides): PPO as configs/smollm2_cpu.yaml runs it, on the
-# starter prompts, longer, with the scores normalised per run (the proxies' scales differ)
+# starter prompts, for 20 steps at 3× its learning rate (to move the policy far enough from the initial one within the
+# budget), with no penalty of its own for cut-off answers (the proxy alone decides what pays); each proxy's scores
+# are normalised (normalize: stored / running), since their scales differ
 PPO = [f"data.prompts={STARTER / 'prompts_ppo.jsonl'}", "data.max_prompt_tokens=192", "generation.max_new_tokens=64",
-       "ppo.total_episodes=160", "ppo.non_eos_penalty=-1.0", "optimizer.lr=2.0e-5", "checkpoint.every_steps=0",
-       *QUIET]
+       "ppo.total_episodes=160", "ppo.non_eos_penalty=null", "optimizer.lr=3.0e-5", *QUIET]
 
 
 def split(out: Path) -> dict:
@@ -99,7 +100,7 @@ def compare(out: Path, proxies: dict[str, Path], limit: int, evaluations: int) -
         rewards += ["--reward", f"{name}=model={path}"]
         options += ["--reward-option", f"{name}:normalize=stored", "--reward-option", f"{name}:max_length=384"]
     rewards += ["--reward", "judge=judge=real:smollm2-135m"]
-    options += ["--reward-option", "judge:judge.score=expected", "--reward-option", "judge:judge.reply_prefix=Rating: ",
+    options += ["--reward-option", "judge:judge.score=expected", "--reward-option", "judge:judge.reply_prefix='Rating:'",
                 "--reward-option", "judge:normalize=running"]
     wall = run_cli("rlhf_ray.compare_rewards", [
         "--config", "configs/smollm2_cpu.yaml", *rewards, *options, "--gold", f"model={out / 'gold' / 'final_model'}",
