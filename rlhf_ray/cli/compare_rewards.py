@@ -171,10 +171,13 @@ def train(run: Experiment, timeout_s: float) -> None:
                     if time.perf_counter() - started > timeout_s:
                         raise TimeoutError(f"the run took more than --run-timeout-s {timeout_s:.0f} s")
                 code = process.wait()
-            except BaseException:
+            except BaseException as err:
                 process.terminate()  # the run checkpoints its finished steps on SIGTERM
                 process.wait(60)
-                raise
+                if not isinstance(err, TimeoutError):
+                    raise
+                run.status, run.error = "failed", str(err)  # recorded; the other runs go on
+                return
         if code != 0:
             run.status, run.error = "failed", f"exit {code}: see {log.name}"
             return
