@@ -215,7 +215,7 @@ class JudgeBackend(RewardBackend):
     judging prompt of a batch in one ``generate``."""
 
     def __init__(self, cfg: RewardConfig, *, model_path: str, dtype: str = "float32", num_gpus: float = 0.0):
-        from rlhf_ray.runtime.engines import GPU_MEMORY_UTILIZATION, prepare_vllm_process
+        from rlhf_ray.runtime.engines import GPU_MEMORY_UTILIZATION, engine_options, prepare_vllm_process
 
         super().__init__(cfg)
         self.judge = cfg.judge
@@ -226,7 +226,8 @@ class JudgeBackend(RewardBackend):
 
         self.llm = LLM(model=model_path, dtype=dtype, seed=0, enforce_eager=True,
                        max_model_len=cfg.max_length + self.judge.max_tokens,
-                       gpu_memory_utilization=GPU_MEMORY_UTILIZATION, max_logprobs=self.judge.top_logprobs)
+                       gpu_memory_utilization=GPU_MEMORY_UTILIZATION, max_logprobs=self.judge.top_logprobs,
+                       **engine_options(num_gpus))
         self.tokenizer = self.llm.get_tokenizer()
         choices = {str(r) for r in range(self.judge.rating_min, self.judge.rating_max + 1)} \
             if self.judge.mode == "pointwise" else {"A", "B"}

@@ -33,6 +33,18 @@ def prepare_vllm_process(num_gpus: float, dtype: str, tensor_parallel_size: int 
                               cpu_bind(sorted(os.sched_getaffinity(0)), tensor_parallel_size))
 
 
+def engine_options(num_gpus: float) -> dict:
+    """vLLM engine arguments every engine of this project takes. On CPU: no chunked prefill. vLLM 0.32 rewinds the
+    torch.Generator of a seeded request whose prompt is prefilled in parts ("CPU Generator does not use offset": the
+    engine dies), which happens once a call's prompts exceed max_num_batched_tokens (4096); whole prompts only, each
+    scheduler step up to that many tokens, keep every request seeded as it is."""
+    import torch
+
+    if num_gpus and torch.cuda.is_available():
+        return {}
+    return {"enable_chunked_prefill": False}
+
+
 def cpu_bind(cpus: list[int], workers: int) -> str:
     """vLLM's VLLM_CPU_OMP_THREADS_BIND for ``workers`` tensor-parallel CPU workers: the CPUs split into as many
     disjoint groups ("0|1", "0-3|4-7"); a worker without a CPU of its own is an error naming the numbers."""
