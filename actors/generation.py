@@ -28,7 +28,7 @@ class GenerationActor(Role):
         self.llm = LLM(model=model_path, tensor_parallel_size=tensor_parallel_size, dtype=dtype, seed=seed,
                        max_model_len=max_model_len, enforce_eager=True, gpu_memory_utilization=GPU_MEMORY_UTILIZATION,
                        logprobs_mode="processed_logprobs",  # after temperature: the distribution PPO trains
-                       **backend, **transport.engine_options(lora_rank), **engine_options(num_gpus))
+                       **backend, **transport.engine_options(lora_rank), **engine_options(num_gpus, max_model_len))
         tokenizer = self.llm.get_tokenizer()
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 

@@ -224,10 +224,10 @@ class JudgeBackend(RewardBackend):
         prepare_vllm_process(num_gpus, dtype, what="the judge", dtype_key="models.dtype")
         from vllm import LLM
 
-        self.llm = LLM(model=model_path, dtype=dtype, seed=0, enforce_eager=True,
-                       max_model_len=cfg.max_length + self.judge.max_tokens,
+        max_model_len = cfg.max_length + self.judge.max_tokens
+        self.llm = LLM(model=model_path, dtype=dtype, seed=0, enforce_eager=True, max_model_len=max_model_len,
                        gpu_memory_utilization=GPU_MEMORY_UTILIZATION, max_logprobs=self.judge.top_logprobs,
-                       **engine_options(num_gpus))
+                       **engine_options(num_gpus, max_model_len))
         self.tokenizer = self.llm.get_tokenizer()
         choices = {str(r) for r in range(self.judge.rating_min, self.judge.rating_max + 1)} \
             if self.judge.mode == "pointwise" else {"A", "B"}

@@ -33,16 +33,20 @@ def prepare_vllm_process(num_gpus: float, dtype: str, tensor_parallel_size: int 
                               cpu_bind(sorted(os.sched_getaffinity(0)), tensor_parallel_size))
 
 
-def engine_options(num_gpus: float) -> dict:
+CPU_STEP_TOKENS = 4096  # vLLM's default max_num_batched_tokens on CPU
+
+
+def engine_options(num_gpus: float, max_model_len: int) -> dict:
     """vLLM engine arguments every engine of this project takes. On CPU: no chunked prefill. vLLM 0.32 rewinds the
     torch.Generator of a seeded request whose prompt is prefilled in parts ("CPU Generator does not use offset": the
-    engine dies), which happens once a call's prompts exceed max_num_batched_tokens (4096); whole prompts only, each
-    scheduler step up to that many tokens, keep every request seeded as it is."""
+    engine dies), which happens once a call's prompts exceed max_num_batched_tokens (4096); whole prompts only keep
+    every request seeded as it is. A step then takes at least one whole sequence (vLLM requires max_num_batched_tokens
+    ≥ max_model_len without chunking)."""
     import torch
 
     if num_gpus and torch.cuda.is_available():
         return {}
-    return {"enable_chunked_prefill": False}
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(CPU_STEP_TOKENS, max_model_len)}
 
 
 def cpu_bind(cpus: list[int], workers: int) -> str:
