@@ -117,9 +117,8 @@ def experiments(args, base: ExperimentConfig) -> list[Experiment]:
 def prepare(args):
     """Everything checked before a run starts: the base config, each reward's run config, the gold judge's config
     and models, the initial policy, the held-out prompts in its tokenizer."""
-    from rlhf_ray.cli.evaluate import model_location, reward_config
+    from rlhf_ray.cli.evaluate import judge_models, model_location, reward_config
     from rlhf_ray.evaluation.prompts import encode_prompts, load_eval_prompts
-    from rlhf_ray.rewards.composite import with_resolved_models
 
     try:
         base = load_config(args.config, args.overrides)
@@ -128,9 +127,7 @@ def prepare(args):
     runs = experiments(args, base)
     try:
         gold = reward_config(args.gold, args.gold_option, base.data.template)
-        with_resolved_models(gold, lambda spec: model_location(spec, base.models.cache_dir, base.seed))
-        if gold.loads_model:
-            model_location(gold.model, base.models.cache_dir, base.seed)
+        judge_models(gold, base.models.cache_dir, base.seed)  # built here, before any run, to fail early
     except ValueError as err:
         raise ValueError(f"--gold: {err}") from None
     initial = model_location(base.models.policy, base.models.cache_dir, base.seed)
@@ -290,6 +287,11 @@ def fingerprint(path: str) -> dict:
     return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(Path(path).glob("*.safetensors"))}
 
 
+def described(reward: RewardConfig) -> dict:
+    """A reward's config as the report shows it: its kind and what differs from the defaults."""
+    return {"kind": reward.kind, **reward.model_dump(mode="json", exclude_defaults=True)}
+
+
 def point(record: dict, initial: dict, proxy: list[float], step: int, samples: int, train_row: dict) -> dict:
     from rlhf_ray.evaluation.reward_comparison import paired_change, summary
 
@@ -312,8 +314,7 @@ def evaluate_runs(args, state) -> tuple[dict, list[dict]]:
         runs, rows = {}, []
         for run in state.runs:
             entry = {"status": run.status, "error": run.error, "dir": str(run.out),
-                     "reward": {"kind": run.reward.kind, **run.reward.model_dump(mode="json", exclude_defaults=True)},
-                     "points": []}
+                     "reward": described(run.reward), "points": []}
             runs[run.name] = entry
             policies = saved_policies(run.out)
             if not policies:
@@ -321,16 +322,13 @@ def evaluate_runs(args, state) -> tuple[dict, list[dict]]:
             records = [(0, initial), *((step, evaluator.policy(f"{run.name}-step-{step}", str(path)))
                                        for step, path in policies.items())]
             proxy = build_judge(run.reward, state.base.models.cache_dir, state.base.seed)
-            try:
-                for step, record in records:
-                    scores = [float(s) for s in proxy.score(evaluator.reward_samples(record["responses"]))]
-                    entry["points"].append(point(record, initial, scores, step, evaluator.samples,
-                                                 run.train_metrics.get(step, {})))
-                    rows += [{"reward": run.name, "step": step, "index": i, "response": r, "kl": k, "gold": g,
-                              "proxy": s} for i, (r, k, g, s) in enumerate(zip(record["responses"], record["kl"],
-                                                                               record["gold"], scores))]
-            finally:
-                del proxy
+            for step, record in records:
+                scores = [float(s) for s in proxy.score(evaluator.reward_samples(record["responses"]))]
+                entry["points"].append(point(record, initial, scores, step, evaluator.samples,
+                                             run.train_metrics.get(step, {})))
+                rows += [{"reward": run.name, "step": step, "index": i, "response": r, "kl": k, "gold": g, "proxy": s}
+                         for i, (r, k, g, s) in enumerate(zip(record["responses"], record["kl"], record["gold"],
+                                                              scores))]
     finally:
         evaluator.close()
     return runs, rows
@@ -379,8 +377,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def report_of(args, state, runs: dict) -> dict:
     from rlhf_ray.evaluation.comparison import judge_label
 
-    gold = {"kind": state.gold.kind, **state.gold.model_dump(mode="json", exclude_defaults=True),
-            "label": judge_label(state.gold.model_dump(mode="json"))}
+    gold = {**described(state.gold), "label": judge_label(state.gold.model_dump(mode="json"))}
     report = {"config": args.config, "overrides": args.overrides, "gold": gold,
               "settings": {"prompts": len(state.prompts), "prompt_files": list(state.files),
                            "prompts_truncated": state.truncated, "samples_per_prompt": args.samples_per_prompt,

@@ -139,19 +139,27 @@ def reward_config(spec: str, options: list[str], template: str) -> RewardConfig:
 
 def build_judge(cfg: RewardConfig, cache_dir: str | None, seed: int):
     from rlhf_ray.rewards.backends import build_backend
+
+    cfg, model_path = judge_models(cfg, cache_dir, seed)
+    return build_backend(cfg, model_path=model_path)
+
+
+def judge_models(cfg: RewardConfig, cache_dir: str | None, seed: int) -> tuple[RewardConfig, str | None]:
+    """The judge's models located (built, for tiny:/real: specs): its components' and its own (an RM or an LLM judge,
+    loaded in this process) -> (the config with its components' paths, its own model's path or None); ValueError
+    naming the model that is not there."""
     from rlhf_ray.rewards.composite import with_resolved_models
 
     try:
         cfg = with_resolved_models(cfg, lambda spec: model_location(spec, cache_dir, seed))
     except ValueError as err:
         raise ValueError(f"--reward: a model component: {err}") from None
-    model_path = None
-    if cfg.loads_model:  # an RM or an LLM judge (a vLLM engine in this process)
-        try:
-            model_path = model_location(cfg.model, cache_dir, seed)
-        except ValueError as err:
-            raise ValueError(f"--reward model={cfg.model}: {err}") from None
-    return build_backend(cfg, model_path=model_path)
+    if not cfg.loads_model:
+        return cfg, None
+    try:
+        return cfg, model_location(cfg.model, cache_dir, seed)
+    except ValueError as err:
+        raise ValueError(f"--reward model={cfg.model}: {err}") from None
 
 
 # -------------------------------------------------------------------------------------------------- load prompts
