@@ -35,6 +35,7 @@ import argparse
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -393,6 +394,7 @@ def report_of(args, state, runs: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     from rlhf_ray.cli.evaluate import connect
     from rlhf_ray.cluster.connection import stop_ray
+    from rlhf_ray.runtime.signals import RunStopped
 
     args = parse_args(argv)
     try:
@@ -402,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.address:  # the runs join it too
         os.environ["RAY_ADDRESS"] = args.address
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}  # connect() installs its own
     try:
         for run in state.runs:
             train(run, args.run_timeout_s)
@@ -409,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         runs, rows = evaluate_runs(args, state)
         report = report_of(args, state, runs)
         written = reward_comparison.write(Path(args.out), report, rows)
-    except KeyboardInterrupt:
+    except (RunStopped, KeyboardInterrupt):  # SIGTERM/SIGINT once Ray is connected, Ctrl-C before
         print("stopped: the runs finished so far and the evaluations kept are reused by the next call",
               file=sys.stderr)
         return 130
@@ -418,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         stop_ray()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     print(reward_comparison.markdown(report))
     print("written: " + ", ".join(str(p) for p in written))
     failed = [name for name, run in runs.items() if run["status"] == "failed"]
