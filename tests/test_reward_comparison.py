@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from rlhf_ray.config import load_config
+
 from rlhf_ray.evaluation.reward_comparison import (bootstrap_interval, conclusions, markdown, paired_change, peak,
                                                    prompt_means, summary)
 
@@ -105,3 +107,23 @@ def test_bad_inputs_exit_2_in_one_line_before_anything_runs(tiny_cache, tmp_path
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and re.search(message, err), (argv, err)
     assert not out.exists()
+
+
+def test_a_runs_config_trains_from_scratch_or_resumes_a_stopped_run(tmp_path):
+    """The command the harness starts each run with, read by the trainer's own config loader: a new run overwrites,
+    a stopped one (same config, a checkpoint) resumes — two settings its config must not combine."""
+    from rlhf_ray.cli import compare_rewards
+
+    args = compare_rewards.parse_args(["--config", "configs/tiny_cpu.yaml", "--prompts", "p.jsonl", "--out",
+                                       str(tmp_path), "--gold", "function=rlhf_ray.rewards:char_frequency",
+                                       "--reward", "e=function=rlhf_ray.rewards:char_frequency",
+                                       "models.value_init=policy"])
+    (run,) = compare_rewards.experiments(args, load_config(args.config, args.overrides))
+    path = tmp_path / "e.yaml"
+    path.write_text(run.config_text)
+    for resume in (False, True):
+        command = compare_rewards.train_command(path, resume=resume)
+        assert command[command.index("--config") + 1] == str(path)
+        cfg = load_config(str(path), command[command.index("--config") + 2:])
+        assert (cfg.resume, cfg.overwrite) == (("auto", False) if resume else (None, True))
+        assert cfg.checkpoint.keep_policies and cfg.output_dir == str(tmp_path / "runs" / "e")

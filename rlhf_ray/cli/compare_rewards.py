@@ -156,9 +156,8 @@ def train(run: Experiment, timeout_s: float) -> None:
         config_path = run.out.parent / f"{run.name}.yaml"
         # a run stopped before (the harness interrupted) continues from its checkpoint if its config is the same
         same = config_path.is_file() and config_path.read_text() == run.config_text
-        resume = ["resume=auto"] if same and latest_valid(run.out) is not None else []
         config_path.write_text(run.config_text)
-        command = [sys.executable, "-m", "rlhf_ray.train", "--config", str(config_path), *resume]
+        command = train_command(config_path, resume=same and latest_valid(run.out) is not None)
         started = time.perf_counter()
         with open(run.out.parent / f"{run.name}.console.log", "w") as log:
             process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -186,6 +185,13 @@ def train(run: Experiment, timeout_s: float) -> None:
     run.train_metrics = {row["step"]: row for row in rows if "step" in row}
     if run.reward.kind == "serve" and (run.out / "config.yaml").is_file():  # the version the run pinned and scored by
         run.reward = run.reward.model_copy(update={"app": pinned_app(run.out / "config.yaml")})
+
+
+def train_command(config_path: Path, resume: bool) -> list[str]:
+    """``python -m rlhf_ray.train`` on the run's config: from scratch (the config says overwrite) or, ``resume``,
+    continuing from its latest checkpoint (overwrite off: the two exclude each other)."""
+    overrides = ["resume=auto", "overwrite=false"] if resume else []
+    return [sys.executable, "-m", "rlhf_ray.train", "--config", str(config_path), *overrides]
 
 
 def pinned_app(config_file: Path) -> str:
