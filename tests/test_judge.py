@@ -139,7 +139,7 @@ def fake_judge(judge: JudgeConfig, texts: list[str], max_length: int = 1024) -> 
     backend.cfg = RewardConfig(kind="judge", model="tiny:policy", max_length=max_length, judge=judge)
     backend.judge, backend.rule = judge, re.compile(judge.parse_rule)
     backend.template, backend.stats = load_template(judge.template, judge.mode), RewardStats()
-    backend.llm = FakeLLM(texts)
+    backend.llm, backend.baseline = FakeLLM(texts), None
     backend.encode = lambda text: list(range(len(text.split())))  # a token per word
     return backend
 
@@ -162,6 +162,26 @@ def test_pairwise_score_is_the_mean_preference_over_both_orders():
     samples = [RewardSample.of([{"role": "user", "content": "Hi"}], "Hi", r, label="ref") for r in "abcd"]
     assert backend.score(samples).tolist() == [1.0, 0.0, 0.5, 0.75]
     assert backend.take_stats().means["judge_unparsed"] == (0.5, 4)  # a share per sample: 0, 0, 0, 1/2
+
+
+def test_pairwise_against_a_baseline_policy_judges_its_answer_and_counts_a_prompt_it_cannot_answer():
+    """judge.baseline: the baseline's answer to each sample's prompt is the reference in both orders; a prompt too
+    long for the baseline (None) is not judged: unparsed_score, counted as overlong."""
+    backend = fake_judge(JudgeConfig(mode="pairwise", baseline="/sft", unparsed_score=0.25,
+                                     template="{{ answer_a }} vs {{ answer_b }}"),
+                         ["Preferred: A", "Preferred: B", "Preferred: B", "Preferred: B"])
+    asked = []
+    backend.baseline = lambda prompts: asked.append(prompts) or [{"p1": "sft-1", "p2": "sft-2"}.get(p) for p in prompts]
+    samples = [RewardSample.of([{"role": "user", "content": "q"}], prompt, response)
+               for prompt, response in [("p1", "x"), ("p2", "y"), ("long", "z")]]
+    encoded = []
+    backend.encode = lambda text: encoded.append(text) or list(range(len(text.split())))
+    assert backend.score(samples).tolist() == [1.0, 0.5, 0.25]
+    assert asked == [["p1", "p2", "long"]]
+    assert encoded[:4] == ["x vs sft-1", "sft-1 vs x", "y vs sft-2", "sft-2 vs y"]
+    assert len(backend.llm.calls[0][0]) == 4  # the unanswered prompt's two judging prompts never reach the engine
+    assert [s.label for s in samples] == [None, None, None]  # the caller's samples are left as they are
+    assert backend.take_stats().metrics() == {"reward/judge_unparsed": 1 / 3, "reward/judge_overlong": 1 / 3}
 
 
 def test_a_judging_prompt_over_max_length_is_not_judged_but_counted():
@@ -203,6 +223,14 @@ def test_cache_identity_is_the_judge_files_section_length_and_dtype(tiny_cache):
                                               judge={"temperature": 1.0}), path, "float32")):
         assert other != identity
     assert judge_identity(cfg, str(tiny_cache / "nowhere"), "float32") is None  # no files: not cached
+    # against a baseline policy: its files too
+    pairwise = cfg.model_copy(update={"judge": JudgeConfig(mode="pairwise", baseline=path)})
+    assert judge_identity(pairwise, path, "float32")["baseline_files"] == identity["files"]
+    tied = resolve_model("tiny:policy-tied", tiny_cache)
+    other = cfg.model_copy(update={"judge": JudgeConfig(mode="pairwise", baseline=tied)})
+    assert judge_identity(other, path, "float32")["baseline_files"] != identity["files"]
+    nowhere = cfg.model_copy(update={"judge": JudgeConfig(mode="pairwise", baseline=str(tiny_cache / "nowhere"))})
+    assert judge_identity(nowhere, path, "float32") is None
 
 
 def test_a_judge_is_a_composite_component():
@@ -215,10 +243,22 @@ def test_a_judge_is_a_composite_component():
     assert judge.kind == "judge" and judge.loads_model and judge.judge.mode == "pairwise" and judge.weight == 0.5
     reward = cfg.models.reward
     assert reward.compares_with_reference and reward.hosts_model and not reward.loads_model
-    from rlhf_ray.rewards.composite import model_components, with_resolved_models
+    from rlhf_ray.rewards.composite import model_components, other_models, with_resolved_models
 
     assert model_components(reward) == [judge]
     assert with_resolved_models(reward, lambda spec: "/resolved/" + spec).components[1].model == "/resolved/tiny:policy"
+    # a pairwise judge against a baseline policy needs no reference answers; its baseline is resolved with the models
+    with_baseline = [components[0], {**components[1], "judge": {"mode": "pairwise", "baseline": "tiny:policy-tied"}}]
+    reward = tiny_config(ROOT, None, "models.reward.kind=composite", "models.value_init=policy",
+                         f"models.reward.components={json.dumps(with_baseline)}").models.reward
+    assert not reward.compares_with_reference
+    assert other_models(reward) == {"tiny:policy": "models.reward.components[judge].model",
+                                    "tiny:policy-tied": "models.reward.components[judge].judge.baseline"}
+    resolved = with_resolved_models(reward, lambda spec: "/resolved/" + spec).components[1]
+    assert (resolved.model, resolved.judge.baseline) == ("/resolved/tiny:policy", "/resolved/tiny:policy-tied")
+    alone = RewardConfig(kind="judge", model="tiny:policy", judge={"mode": "pairwise", "baseline": "tiny:policy"})
+    assert other_models(alone) == {"tiny:policy": "models.reward.judge.baseline"}  # its own model: models.reward.model
+    assert with_resolved_models(alone, lambda spec: "/r/" + spec).judge.baseline == "/r/tiny:policy"
     # a pairwise judge among the components needs the reference answers as much as a judge alone
     with pytest.raises(ConfigError, match="data.label_field"):
         tiny_config(ROOT, None, "models.reward.kind=composite", f"models.reward.components={json.dumps(components)}",
@@ -240,6 +280,8 @@ def test_a_judge_is_a_composite_component():
      "models.reward.judge.parse", "not a regular expression"),
     (["models.reward.kind=judge", "models.reward.model=tiny:policy", "models.reward.judge.mode=pairwise",
       "models.value_init=policy"], "data.label_field", "reference answer"),
+    (["models.reward.kind=judge", "models.reward.model=tiny:policy", "models.reward.judge.baseline=tiny:policy",
+      "models.value_init=policy"], "models.reward.judge.baseline", "mode=pairwise"),
     (["models.reward.kind=judge", "models.reward.model=tiny:policy", "models.reward.judge.score=mean"],
      "models.reward.judge.score", "parsed"),
     (["models.reward.kind=judge", "models.reward.model=tiny:policy", "models.reward.judge.top_logprobs=50"],
@@ -303,3 +345,14 @@ def test_the_templates_ship_with_the_package():
     assert 'package_data={"rlhf_ray.rewards": ["templates/*.jinja"]}' in (ROOT / "setup.py").read_text()
     assert {p.stem for p in (ROOT / "rlhf_ray" / "rewards" / "templates").glob("*.jinja")} == {
         "pointwise_helpfulness", "pairwise_preference"}
+
+
+def test_reports_name_what_a_pairwise_judge_compares_with():
+    from rlhf_ray.evaluation.comparison import judge_label
+
+    judge = {"kind": "judge", "model": "real:smollm2-135m"}
+    assert judge_label(RewardConfig(**judge).model_dump()) == "judge real:smollm2-135m"
+    assert judge_label(RewardConfig(**judge, judge={"mode": "pairwise"}).model_dump()).endswith(
+        "(pairwise against the references)")
+    assert judge_label(RewardConfig(**judge, judge={"mode": "pairwise", "baseline": "runs/sft"}).model_dump()).endswith(
+        "(pairwise against runs/sft's answers)")

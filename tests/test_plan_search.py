@@ -220,3 +220,17 @@ def test_where_the_priced_transport_is_not_the_trainers_the_plan_follows_the_pri
     assert any("planned with files" in note for note in result.assumptions)
     learner = next(r for r in result.roles if r.role == "learner")
     assert any(i.what == "published weights (files, rank 0)" for i in learner.items)   # memory follows the transport
+
+
+def test_a_judge_and_its_baseline_are_said_to_be_unpriced():
+    from rlhf_ray.planning.hardware import this_machine
+
+    judge = ["models.reward.kind=judge", "models.reward.model=tiny:policy", "models.value_init=policy"]
+    tiny = llama("tiny", 64, 2, 2, 2, 128)
+    cpu = this_machine(peak_flops_fp32=1e11, peak_flops_16bit=1e11, memory_bandwidth=1e10, cores=2)
+    archs = {"policy": tiny, "reference": tiny, "critic": tiny, "reward": tiny}
+    for extra, baseline_named in ([], False), (["models.reward.judge.mode=pairwise",
+                                                "models.reward.judge.baseline=tiny:policy-tied"], True):
+        cfg = load_config(ROOT / "configs" / "tiny_cpu.yaml", [*judge, *extra])
+        (note,) = [n for n in plan_experiment(cfg, cpu, archs=archs, search=False).assumptions if "NOT priced" in n]
+        assert "tiny:policy" in note and ("baseline's (tiny:policy-tied" in note) == baseline_named, note

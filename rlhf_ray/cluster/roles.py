@@ -42,7 +42,7 @@ class ModelPaths:
     reference: str | None  # None: no reference (ppo.kl_coef=0, ppo.reference=auto)
     reward: str | None
     value: str | None
-    reward_components: dict[str, str] = field(default_factory=dict)  # a composite's model specs -> resolved paths
+    reward_components: dict[str, str] = field(default_factory=dict)  # the reward's other models (other_models) -> paths
 
 
 class Roles(RoleCalls, ActorSites):

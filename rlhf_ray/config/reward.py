@@ -36,8 +36,17 @@ class JudgeConfig(StrictSection):
     (rlhf_ray.rewards.judge; the rules in docs/reward-models.md)."""
     mode: Literal["pointwise", "pairwise"] = Field(
         "pointwise", description="'pointwise': the judge rates the response alone, score = its rating; 'pairwise': it "
-                                 "compares the response with the prompt's reference answer (data.label_field), score "
-                                 "= P(response preferred) in [0, 1], averaged over both orders (both_orders).")
+                                 "compares the response with the prompt's reference answer (data.label_field, or "
+                                 "the baseline policy's answer: `baseline`), score = P(response preferred) in [0, 1], "
+                                 "averaged over both orders (both_orders).")
+    baseline: Optional[str] = Field(
+        None, description="Pairwise: a policy (hub name, local path, 'tiny:'/'real:' spec) whose answer to each prompt "
+                          "is the reference, instead of data.label_field — e.g. the initial SFT policy, making the "
+                          "score a win rate against it. Its answers are generated greedily by a second vLLM engine "
+                          "in the judge's process, once per prompt, from the prompt as the policy saw it (so a "
+                          "policy of the same chat format). null: the data's reference answers.")
+    baseline_max_tokens: int = Field(256, gt=0, description="Pairwise with `baseline`: the most tokens of a baseline "
+                                                            "answer.")
     template: Optional[str] = Field(
         None, description="The judging prompt, a Jinja template: a shipped name ('pointwise_helpfulness', "
                           "'pairwise_preference'), a file path, or the template itself (text holding '{{'). null: "
@@ -82,6 +91,8 @@ class JudgeConfig(StrictSection):
     def _check(self) -> "JudgeConfig":
         require(self.rating_max > self.rating_min, "rating_max",
                 f"{self.rating_max} must be above rating_min={self.rating_min}")
+        require(self.baseline is None or self.mode == "pairwise", "baseline",
+                "a baseline policy's answers are what a pairwise judge compares with: set mode=pairwise")
         if self.parse is not None:
             try:
                 groups = re.compile(self.parse).groups
@@ -208,11 +219,11 @@ class RewardConfig(StrictSection):
 
     @property
     def compares_with_reference(self) -> bool:
-        """Each sample is scored against a reference answer (``RewardSample.label``): a pairwise judge, or a composite
-        with one among its components."""
+        """Each sample is scored against the data's reference answer (``RewardSample.label``): a pairwise judge
+        without a baseline policy (judge.baseline), or a composite with one among its components."""
         if self.kind == "composite":
             return any(c.compares_with_reference for c in self.components)
-        return self.kind == "judge" and self.judge.mode == "pairwise"
+        return self.kind == "judge" and self.judge.mode == "pairwise" and self.judge.baseline is None
 
     @property
     def loads_model(self) -> bool:

@@ -108,7 +108,8 @@ def check_reward_use(cfg) -> None:
             f"only a reward model in the reward actors can be sharded, not models.reward.kind='{reward.kind}'")
     require(not reward.compares_with_reference or cfg.data.label_field,
             "data.label_field", "models.reward.judge.mode=pairwise compares each response with its prompt's "
-            "reference answer: name the data field that holds it (data.label_field)")
+            "reference answer: name the data field that holds it (data.label_field), or a policy whose answers are the "
+            "reference (models.reward.judge.baseline)")
     require(not cfg.resources.reward.sharded or reward.cache == "off", "models.reward.cache",
             "must be 'off' with resources.reward.sharded: every rank of a sharded RM runs each forward together, and "
             "a rank whose samples all hit the cache would leave the others waiting")

@@ -40,7 +40,7 @@ from rlhf_ray.models.modeling import check_same_tokenizer
 from rlhf_ray.models.specs import resolve_model
 from rlhf_ray.objectives import LearnerSpec
 from rlhf_ray.objectives.ppo import PPOOptions
-from rlhf_ray.rewards.composite import model_components
+from rlhf_ray.rewards.composite import model_components, other_models
 from rlhf_ray.rewards.normalize import ScoreNormalizer
 from rlhf_ray.rewards.outage import OutageWatch
 from rlhf_ray.rewards.stats import RewardStats
@@ -68,7 +68,7 @@ class PPOTrainer(CheckpointedDriver):
         self.paths = ModelPaths(policy=resolve(models.policy), reference=reference, reward=reward,
                                 value=resolve(models.value_model_path)
                                 if models.value_init == "reward" and cfg.ppo.needs_critic else None,
-                                reward_components={c.model: resolve(c.model) for c in model_components(models.reward)})
+                                reward_components={spec: resolve(spec) for spec in other_models(models.reward)})
         preflight.check_experiment(cfg, {"models.policy": self.paths.policy, "models.reference": self.paths.reference,
                                          "models.reward.model": self.paths.reward,
                                          "models.value_model": self.paths.value}, self.paths.reward_components)

@@ -109,7 +109,11 @@ def judge_label(judge: dict) -> str:
     if judge["kind"] not in REWARD_FIELDS:  # a composite (or a kind named by its own keys)
         parts = [c["name"] for c in judge.get("components", [])]
         return f"{judge['kind']}" + (f" of {', '.join(parts)}" if parts else "")
-    return f"{judge['kind']} {judge[REWARD_FIELDS[judge['kind']]]}"
+    label = f"{judge['kind']} {judge[REWARD_FIELDS[judge['kind']]]}"
+    if judge["kind"] == "judge" and judge.get("judge", {}).get("mode") == "pairwise":
+        baseline = judge["judge"].get("baseline")
+        label += f" (pairwise against {baseline}'s answers)" if baseline else " (pairwise against the references)"
+    return label
 
 
 def cell(text: str, limit: int = 300) -> str:

@@ -288,8 +288,12 @@ def _assumptions(cfg, hw: Hardware) -> list[str]:
         notes.append(f"{why}: none planned")
     if cfg.models.reward.kind == "judge":
         notes.append(f"models.reward.kind=judge: the judge's generation ({cfg.models.reward.model}, up to "
-                     f"{cfg.models.reward.judge.max_tokens} verdict tokens per judging prompt) is NOT priced — its "
-                     "score phase is planned as one call's overhead and its engine's memory is not counted; measure it "
+                     f"{cfg.models.reward.judge.max_tokens} verdict tokens per judging prompt) is NOT priced"
+                     + (f", nor its baseline's ({cfg.models.reward.judge.baseline}, up to "
+                        f"{cfg.models.reward.judge.baseline_max_tokens} tokens per new prompt)"
+                        if cfg.models.reward.judge.baseline else "")
+                     + " — its score phase is planned as one call's overhead and its engines' memory is not counted; "
+                     "measure it "
                      "(benchmarks/judge_throughput.py) before trusting this plan's step time")
     if cfg.models.reward.kind == "composite":
         models = [c.name for c in cfg.models.reward.components if c.loads_model]

@@ -137,12 +137,31 @@ def inherit_cache(component, composite):
 
 
 def with_resolved_models(cfg, resolve):
-    """``cfg`` with each model component's `model` replaced by ``resolve(model)`` (its local path); other configs
-    as they are."""
+    """``cfg`` with the models the reward actors load besides its own — each model component's `model` and each
+    pairwise judge's `judge.baseline` (its own or a component's) — replaced by ``resolve(spec)``, their local paths."""
+    def baseline_resolved(reward):
+        if reward.kind != "judge" or reward.judge.baseline is None:
+            return reward
+        return reward.model_copy(update={"judge": reward.judge.model_copy(
+            update={"baseline": resolve(reward.judge.baseline)})})
+
     if cfg.kind != "composite":
-        return cfg
+        return baseline_resolved(cfg)
     return cfg.model_copy(update={"components": [
-        c.model_copy(update={"model": resolve(c.model)}) if c.loads_model else c for c in cfg.components]})
+        baseline_resolved(c.model_copy(update={"model": resolve(c.model)}) if c.loads_model else c)
+        for c in cfg.components]})
+
+
+def other_models(cfg) -> dict[str, str]:
+    """The models ``with_resolved_models`` resolves: spec -> the config key that names it."""
+    found = {}
+    for reward in cfg.components if cfg.kind == "composite" else [cfg]:
+        key = f"models.reward.components[{reward.name}]" if reward.is_component else "models.reward"
+        if reward.is_component and reward.loads_model:
+            found.setdefault(reward.model, f"{key}.model")
+        if reward.kind == "judge" and reward.judge.baseline is not None:
+            found.setdefault(reward.judge.baseline, f"{key}.judge.baseline")
+    return found
 
 
 def model_components(cfg) -> list:

@@ -3,9 +3,10 @@ prompt — a Jinja template (models.reward.judge.template) filled with the conve
 rule (judge.parse, a regular expression) turns into a score.
 
     pointwise  one judging prompt per response; score = the rating it states, an integer in [rating_min, rating_max]
-    pairwise   the response against the prompt's reference answer (data.label_field): "A" or "B" preferred; score =
-               P(response preferred), 1 or 0 per verdict, averaged over both orders (both_orders: the response as A,
-               then as B — a judge's position bias cancels out in the mean)
+    pairwise   the response against the prompt's reference answer (data.label_field), or against a baseline
+               policy's answer (judge.baseline: ``BaselineAnswers``): "A" or "B" preferred; score = P(response
+               preferred), 1 or 0 per verdict, averaged over both orders (both_orders: the response as A, then as B —
+               a judge's position bias cancels out in the mean)
 
 Each judging prompt comes with its *choices*: the verdict texts the rule may find and what each is worth for this
 response (pointwise {"1": 1.0, …}; pairwise with the response as B: {"A": 0.0, "B": 1.0}). A verdict whose last match
@@ -25,7 +26,7 @@ from __future__ import annotations
 import math
 import re
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -94,7 +95,7 @@ def judging_prompts(template, sample: RewardSample, judge: JudgeConfig) -> list[
         return [JudgingPrompt(template.render(**common, answer_a=sample.response, answer_b=None), choices)]
     if sample.label is None:
         raise ValueError("models.reward.judge.mode=pairwise needs each prompt's reference answer, and a sample has none: "
-                         "set data.label_field to the data field that holds it")
+                         "set data.label_field to the data field that holds it, or judge.baseline to a policy that answers")
     orders = [(sample.response, sample.label, {"A": 1.0, "B": 0.0})]
     if judge.both_orders:
         orders.append((sample.label, sample.response, {"A": 0.0, "B": 1.0}))
@@ -199,13 +200,54 @@ def record_verdicts(stats: RewardStats, verdicts: list[list[Verdict]], judge: Ju
 def judge_identity(cfg: RewardConfig, path: str, dtype: str) -> dict | None:
     """What a judge's scores depend on besides the sample (the score cache's key, rlhf_ray.rewards.cache): its
     resolved ``path`` and a fingerprint of its files (as an RM's: ``model_fingerprint``), the whole judge section, the
-    template's text (a file's text can change under its name), max_length and ``dtype``; None where the files cannot
-    be fingerprinted (then no caching)."""
+    template's text (a file's text can change under its name), max_length and ``dtype``, and the baseline policy's
+    files where its answers are the reference; None where some files cannot be fingerprinted (then no caching)."""
     fingerprint = model_fingerprint(path)
-    return None if fingerprint is None else {
-        "kind": "judge", "path": path, "files": fingerprint, "judge": cfg.judge.model_dump(mode="json"),
-        "template": template_source(cfg.judge.template, cfg.judge.mode)[0], "max_length": cfg.max_length,
-        "dtype": dtype}
+    baseline = {} if cfg.judge.baseline is None else {"baseline_files": model_fingerprint(cfg.judge.baseline)}
+    if fingerprint is None or None in baseline.values():
+        return None
+    return {"kind": "judge", "path": path, "files": fingerprint, "judge": cfg.judge.model_dump(mode="json"),
+            "template": template_source(cfg.judge.template, cfg.judge.mode)[0], "max_length": cfg.max_length,
+            "dtype": dtype, **baseline}
+
+
+class BaselineAnswers:
+    """A baseline policy's answer to each prompt (judge.baseline, pairwise judging's reference): greedy, at most
+    judge.baseline_max_tokens, from a vLLM engine of its own in this process, for the prompt text as the policy saw it
+    (RewardSample.prompt, encoded with the baseline's tokenizer: its special tokens added unless the text holds them).
+    Each prompt is answered once and kept (``answers``); a prompt over ``max_prompt_tokens`` gets none (None)."""
+
+    def __init__(self, path: str, judge: JudgeConfig, max_prompt_tokens: int, dtype: str, num_gpus: float,
+                 memory_share: float):
+        from vllm import LLM
+
+        from rlhf_ray.runtime.engines import engine_options
+
+        max_model_len = max_prompt_tokens + judge.baseline_max_tokens
+        self.llm = LLM(model=path, dtype=dtype, seed=0, enforce_eager=True, max_model_len=max_model_len,
+                       gpu_memory_utilization=memory_share, **engine_options(num_gpus, max_model_len))
+        self.tokenizer = self.llm.get_tokenizer()
+        self.max_prompt_tokens, self.max_tokens = max_prompt_tokens, judge.baseline_max_tokens
+        self.answers: dict[str, str | None] = {}
+
+    def __call__(self, prompts: list[str]) -> list[str | None]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        new = [p for p in dict.fromkeys(prompts) if p not in self.answers]
+        ids = {p: self.encode(p) for p in new}
+        fits = [p for p in new if len(ids[p]) <= self.max_prompt_tokens]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids[p]) for p in fits],
+                                    SamplingParams(max_tokens=self.max_tokens, temperature=0.0),
+                                    use_tqdm=False) if fits else []
+        self.answers.update(dict.fromkeys(new))
+        self.answers.update({p: out.outputs[0].text for p, out in zip(fits, outputs)})
+        return [self.answers[p] for p in prompts]
+
+    def encode(self, text: str) -> list[int]:
+        specials = self.tokenizer("", add_special_tokens=True)["input_ids"]  # e.g. [BOS]; none for many tokenizers
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids if ids[:len(specials)] == specials else specials + ids
 
 
 # ------------------------------------------------------------------------------------------------ backend
@@ -225,9 +267,12 @@ class JudgeBackend(RewardBackend):
         from vllm import LLM
 
         max_model_len = cfg.max_length + self.judge.max_tokens
+        share = GPU_MEMORY_UTILIZATION / (2 if self.judge.baseline else 1)  # the baseline's engine takes the other half
         self.llm = LLM(model=model_path, dtype=dtype, seed=0, enforce_eager=True, max_model_len=max_model_len,
-                       gpu_memory_utilization=GPU_MEMORY_UTILIZATION, max_logprobs=self.judge.top_logprobs,
+                       gpu_memory_utilization=share, max_logprobs=self.judge.top_logprobs,
                        **engine_options(num_gpus, max_model_len))
+        self.baseline = BaselineAnswers(self.judge.baseline, self.judge, cfg.max_length, dtype, num_gpus, share) \
+            if self.judge.baseline else None
         self.tokenizer = self.llm.get_tokenizer()
         choices = {str(r) for r in range(self.judge.rating_min, self.judge.rating_max + 1)} \
             if self.judge.mode == "pointwise" else {"A", "B"}
@@ -235,9 +280,15 @@ class JudgeBackend(RewardBackend):
         self.path, self.dtype = model_path, dtype
 
     def score(self, samples: list[RewardSample]) -> torch.Tensor:
+        unanswered = set()  # samples whose prompt is too long for the baseline: judged as overlong
+        if self.baseline is not None:
+            answers = self.baseline([s.prompt for s in samples])
+            unanswered = {i for i, a in enumerate(answers) if a is None}
+            samples = [replace(s, label=a or "") for s, a in zip(samples, answers)]
         prompts = [judging_prompts(self.template, s, self.judge) for s in samples]
         flat = [p for ps in prompts for p in ps]
-        verdicts = iter(self.judge_all(flat))
+        owners = [i for i, ps in enumerate(prompts) for _ in ps]  # the sample of each judging prompt
+        verdicts = iter(self.judge_all(flat, skip={j for j, i in enumerate(owners) if i in unanswered}))
         grouped = [[next(verdicts) for _ in ps] for ps in prompts]
         record_verdicts(self.stats, grouped, self.judge)
         return torch.tensor([sum(v.value for v in vs) / len(vs) for vs in grouped], dtype=torch.float32)
@@ -245,13 +296,14 @@ class JudgeBackend(RewardBackend):
     def cache_identity(self) -> dict | None:
         return judge_identity(self.cfg, self.path, self.dtype)
 
-    def judge_all(self, prompts: list[JudgingPrompt]) -> list[Verdict]:
-        """Every judging prompt's verdict; those over models.reward.max_length tokens are not judged."""
+    def judge_all(self, prompts: list[JudgingPrompt], skip: set[int] = frozenset()) -> list[Verdict]:
+        """Every judging prompt's verdict; those over models.reward.max_length tokens (and those in ``skip``) are not
+        judged: overlong."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         ids = [self.encode(p.text) for p in prompts]
-        fits = [i for i, tokens in enumerate(ids) if len(tokens) <= self.cfg.max_length]
+        fits = [i for i, tokens in enumerate(ids) if len(tokens) <= self.cfg.max_length and i not in skip]
         judge = self.judge
         params = [SamplingParams(max_tokens=judge.max_tokens, temperature=judge.temperature,
                                  logprobs=judge.top_logprobs if judge.score == "expected" else None,

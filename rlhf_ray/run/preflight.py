@@ -137,6 +137,8 @@ def check_judge(reward: RewardConfig, tokenizer, messages: list[dict], label: st
     from rlhf_ray.rewards.base import RewardSample
     from rlhf_ray.rewards.judge import check_single_token_choices, judging_prompts, load_template
 
+    if reward.judge.baseline is not None:
+        label = "the baseline policy's answer"  # generated during the run
     sample = RewardSample.of(messages, "", "a response", label)
     try:
         prompts = judging_prompts(load_template(reward.judge.template, reward.judge.mode), sample, reward.judge)
@@ -224,16 +226,21 @@ def check_context(cfg: ExperimentConfig, policy_path: str) -> None:
 
 def check_experiment(cfg: ExperimentConfig, model_paths: dict[str, str | None],
                      reward_components: dict[str, str] | None = None) -> None:
-    """Model paths (key -> resolved path; ``reward_components``: a composite's model specs -> theirs), the policy's
-    context (``check_context``), and what the reward backend needs (``REWARD_CHECKS``)."""
+    """Model paths (key -> resolved path; ``reward_components``: the reward's other models' specs -> theirs,
+    rlhf_ray.rewards.composite.other_models), the policy's context (``check_context``), and what the reward backend
+    needs (``REWARD_CHECKS``)."""
     models = cfg.models
     specs = {"models.policy": models.policy, "models.reference": models.reference_path,
              "models.reward.model": models.reward.model, "models.value_model": models.value_model_path}
     for key, resolved in model_paths.items():
         if resolved:
             check_model_path(specs[key] or resolved, resolved, key)
-    for spec, resolved in (reward_components or {}).items():
-        check_model_path(spec, resolved, "models.reward.components[*].model")
+    if reward_components:
+        from rlhf_ray.rewards.composite import other_models
+
+        keys = other_models(models.reward)
+        for spec, resolved in reward_components.items():
+            check_model_path(spec, resolved, keys.get(spec, "models.reward"))
     if model_paths.get("models.policy"):
         check_context(cfg, model_paths["models.policy"])
     reward = models.reward
