@@ -70,11 +70,13 @@ def test_quiet_console_of_the_main_job_beside_another_run_each_in_its_own_cluste
     main_job = subprocess.Popen([sys.executable, "-m", "rlhf_ray.train", "--config", "configs/tiny_cpu.yaml",
                                  "ppo.total_episodes=64", f"models.cache_dir={tiny_cache}", f"output_dir={out}"],
                                 cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    # beside: no KL (ppo.kl_coef=0) and so, with ppo.reference=auto, no reference: none planned, started or logged
+    # beside: no KL (ppo.kl_coef=0) and so, with ppo.reference=auto, no reference: none planned, started or logged;
+    # and made to trip an alarm set to stop: stop strings end every response early, and a cut one would earn 100
     beside = subprocess.Popen([sys.executable, "-m", "rlhf_ray.train", "--config", "configs/tiny_cpu.yaml",
                                "ppo.total_episodes=32", f"models.cache_dir={tiny_cache}", f"output_dir={tmp_path / 'b'}",
                                "logging.progress_bar=false", "logging.report=false", "logging.save_final_model=false",
-                               "ppo.kl_coef=0"],
+                               "ppo.kl_coef=0", "logging.alarms=stop", 'generation.stop=["a","e","o"," "]',
+                               "ppo.non_eos_penalty=100"],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         stdout, stderr = main_job.communicate(timeout=900)
@@ -85,7 +87,7 @@ def test_quiet_console_of_the_main_job_beside_another_run_each_in_its_own_cluste
                 run.kill()
     console = stdout + stderr
     assert main_job.returncode == 0, console[-4000:]
-    assert beside.returncode == 0, beside_output[-3000:]
+    assert beside.returncode == 3, beside_output[-3000:]  # stopped by its alarm
     for output in (console, beside_output):
         assert "joined the Ray cluster" not in output
     lines = [line for line in re.split(r"[\r\n]+", console) if line.strip() and not line.startswith("ppo:")]
@@ -103,9 +105,21 @@ def test_quiet_console_of_the_main_job_beside_another_run_each_in_its_own_cluste
     assert all("kl/mean" in m and "time/reference" in m for m in metrics)
     assert_the_balancer_fits(out, tmp_path)
     beside_metrics = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in beside_metrics] == [1, 2]
+    assert [m["step"] for m in beside_metrics] == [1]
     assert_no_reference(tmp_path / "b", beside_metrics, beside_output)
+    assert_stopped_by_its_alarm(tmp_path / "b", beside_metrics, beside_output)
     assert ray_session.is_initialized()  # the test session's cluster is still there
+
+
+def assert_stopped_by_its_alarm(out, metrics: list[dict], console: str) -> None:
+    """logging.alarms=stop, the penalty_pays rule met at step 1 (rlhf_ray.run.alarms): one line naming it, the marker
+    in that step's metrics, a checkpoint of the step, the run's end said in one line, the summary naming it."""
+    assert metrics[0]["score/cut_pays"] == 1.0 and metrics[0]["alarm/penalty_pays"] == 1.0
+    assert len(re.findall(r"alarm penalty_pays at step 1: ppo.non_eos_penalty is above the median", console)) == 1
+    assert "stopped by the alarm penalty_pays (logging.alarms=stop) after 1 of 2 steps; checkpoint saved" in console
+    assert (out / "checkpoints" / "step-000001").is_dir()
+    summary = [line for line in console.splitlines() if " 1 step in " in line]
+    assert summary and summary[-1].endswith("; alarms: penalty_pays (step 1)"), console[-2000:]
 
 
 def assert_the_balancer_fits(out, tmp_path) -> None:
@@ -146,8 +160,8 @@ def assert_no_reference(out, metrics: list[dict], console: str) -> None:
     assert not (out / "logs" / "reference-0.log").exists() and (out / "logs" / "reward-0.log").exists()
     assert not [key for m in metrics for key in m if key == "kl/mean" or "reference" in key]
     assert f"{NO_REFERENCE}: no reference actors, no KL metrics" in console
-    summary = [line for line in console.splitlines() if " steps in " in line]
-    assert summary and summary[-1].endswith(f"{NO_REFERENCE}: no KL"), console[-3000:]
+    summary = [line for line in console.splitlines() if re.search(r" steps? in ", line)]
+    assert summary and f"{NO_REFERENCE}: no KL" in summary[-1], console[-3000:]
     assert report([str(out)]) == 0 and (out / "report.png").stat().st_size > 20_000
 
 

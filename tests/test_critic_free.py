@@ -176,21 +176,16 @@ def test_dynamic_sampling_fills_up_with_equal_groups_when_the_rounds_run_out():
     assert stats["sampling/kept_fraction"] == 0.0
 
 
-def test_a_replacing_non_eos_penalty_above_most_finished_scores_is_warned_once(caplog):
-    from types import SimpleNamespace
-
-    driver = PPOTrainer.__new__(PPOTrainer)
-    driver.warned_non_eos = False
-    driver.cfg = SimpleNamespace(ppo=PPOConfig(non_eos_penalty=-1.0))  # the SmolLM2 trap: scores in [−5, 0]
-    finished_low = rollout([-3.5, -3.2, -4.0, -0.5], [0, 0, 1, 1], eos=[True, True, True, False])
-    with caplog.at_level("WARNING", logger="rlhf_ray.drivers.ppo"):
-        driver._warn_if_cutting_pays(finished_low)
-        driver._warn_if_cutting_pays(finished_low)
-    warnings = [r.getMessage() for r in caplog.records if "non_eos_penalty=-1 is above the median" in r.getMessage()]
-    assert len(warnings) == 1 and "non_eos_penalty_mode=subtract" in warnings[0]
-    for ppo, batch in ((PPOConfig(non_eos_penalty=-1.0), rollout([0.5, 0.9], [0, 0])),        # finished score higher
-                       (PPOConfig(non_eos_penalty=-1.0, non_eos_penalty_mode="subtract"), finished_low)):
-        quiet = PPOTrainer.__new__(PPOTrainer)
-        quiet.warned_non_eos, quiet.cfg = False, SimpleNamespace(ppo=ppo)
-        quiet._warn_if_cutting_pays(batch)
-        assert not quiet.warned_non_eos
+def test_a_replacing_non_eos_penalty_above_most_finished_scores_is_in_the_metrics_for_its_alarm():
+    """score/cut_pays (rlhf_ray.run.alarms' penalty_pays) and the median it is measured against; the responses'
+    reference log-prob per token (reward_vs_reference)."""
+    finished_low = rollout([-3.5, -3.2, -4.0, -0.5], [0, 0, 1, 1], eos=[True, True, True, False])  # SmolLM2's trap
+    replacing = PPOConfig(advantage="grpo", non_eos_penalty=-1.0, kl_coef=0.0)
+    _, stats = with_advantages(finished_low, replacing)
+    assert stats["score/finished_median"] == -3.5 and stats["score/cut_pays"] == 1.0
+    assert stats["ref/logprob_mean"] == pytest.approx(-1.1)
+    assert with_advantages(rollout([0.5, 0.9], [0, 0]), replacing)[1]["score/cut_pays"] == 0.0  # finished score higher
+    for ppo, batch in ((replacing.model_copy(update={"non_eos_penalty_mode": "subtract"}), finished_low),
+                       (replacing.model_copy(update={"non_eos_penalty": None}), finished_low),
+                       (replacing, rollout([1.0], [0], eos=[False]))):                      # nothing finished
+        assert "score/cut_pays" not in with_advantages(batch, ppo)[1]

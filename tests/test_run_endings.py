@@ -209,6 +209,22 @@ def test_sigterm_mid_run_checkpoints_and_releases_the_lock(tmp_path, capsys):
     assert "stopped by SIGTERM after 2 of 4 steps" in console(capsys)[-1]
 
 
+def test_an_alarm_set_to_stop_ends_the_run_after_its_step_with_a_checkpoint(tmp_path, capsys):
+    """logging.alarms=stop: the step that fired is the last; its checkpoint is saved even with checkpoint.on_signal
+    off; one line says which alarm; exit code 3; the closing lines (report, summary) follow."""
+    from rlhf_ray.run.alarms import EXIT_CODE, Alarm
+
+    out = tmp_path / "run"
+    fire = lambda trainer: setattr(trainer, "stopping_alarm", Alarm("kl_high", 3, "kl/mean 25 is above …"))  # noqa
+    code, trainer = start(tmp_path, "logging.alarms=stop", "checkpoint.on_signal=false", script={3: fire})
+    lines = console(capsys)
+    assert code == EXIT_CODE == 3 and trainer.step_count == 3 and steps_saved(out) == ["step-000002", "step-000003"]
+    (stop,) = [line for line in lines if "stopped by the alarm" in line]
+    assert stop.endswith(f"stopped by the alarm kl_high (logging.alarms=stop) after 3 of 4 steps; checkpoint saved "
+                         f"to {out / 'checkpoints' / 'step-000003'} (resume=auto continues from it)")
+    assert lines[-1].endswith("3 steps") and not (out / LOCK_NAME).exists()
+
+
 @pytest.mark.parametrize("overrides", [(), ("resume=auto",), ("overwrite=true",)])
 def test_a_second_run_is_refused_while_the_first_holds_the_dir(tmp_path, capsys, overrides):
     out = tmp_path / "run"

@@ -140,7 +140,7 @@ class PPOConfig(StrictSection):
                            "See non_eos_penalty_mode.")
     non_eos_penalty_mode: Literal["replace", "subtract"] = Field(
         "replace", description="'replace': a cut response's score becomes non_eos_penalty (open-instruct: −10; it must "
-                               "be below the scores of finished responses, or cutting pays: warned once); 'subtract': "
+                               "be below the scores of finished responses, or cutting pays: the penalty_pays alarm); 'subtract': "
                                "|non_eos_penalty| is taken off its score (TRL's missing_eos_penalty), whatever the "
                                "reward's scale.")
     overlong_buffer: Optional[int] = Field(

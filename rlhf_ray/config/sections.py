@@ -144,6 +144,32 @@ class LearnerTimeouts(StrictSection):
 
 
 
+class AlarmThresholds(StrictSection):
+    """logging.alarm_thresholds: each rule's threshold (rlhf_ray.run.alarms); null turns that rule off."""
+    kl_max: Optional[float] = Field(20.0, gt=0, description="kl_high: kl/mean (nats per response) above this.")
+    length_collapse: Optional[float] = Field(
+        0.33, gt=0, lt=1, description="length_collapse: response/length_mean below this fraction of its first steps'.")
+    length_blowup: Optional[float] = Field(
+        3.0, gt=1, description="length_blowup: response/length_mean above this multiple of its first steps'.")
+    eos_collapse: Optional[float] = Field(
+        0.5, gt=0, lt=1, description="eos_collapse: response/eos_fraction below this fraction of its first steps' (when "
+                                     "those finished at least 10 % of their responses).")
+    entropy_collapse: Optional[float] = Field(
+        0.25, gt=0, lt=1, description="entropy_collapse: the policy's entropy below this fraction of its first steps'.")
+    ref_logprob_drop: Optional[float] = Field(
+        1.0, gt=0, description="reward_vs_reference: score/mean rising over the window while ref/logprob_mean (the "
+                               "reference's log-prob per response token) falls and lies more than this many nats "
+                               "below its first steps'.")
+    sampler_gap_max: Optional[float] = Field(
+        0.1, gt=0, description="sampler_gap_growing: kl/sampler_vs_learner (nats per token) above this and rising over "
+                               "the window.")
+    penalty_pays: Optional[bool] = Field(
+        True, description="penalty_pays: a response cut at generation.max_new_tokens earns more (ppo.non_eos_penalty, "
+                          "mode 'replace') than the median finished response.")
+    baseline_steps: int = Field(3, ge=1, description="The first steps whose mean is a rule's baseline.")
+    window: int = Field(5, ge=2, description="The last steps a trend (a rise, a fall) is fitted over.")
+
+
 class RunLogging(StrictSection):
     console: Literal["quiet", "verbose"] = Field(
         "quiet", description="'quiet': the console shows startup milestones, the progress bar, the closing summary and "
@@ -153,6 +179,13 @@ class RunLogging(StrictSection):
     tensorboard: bool = Field(True, description="Write TensorBoard events to <output_dir>/tensorboard.")
     progress_bar: bool = Field(True, description="Show a tqdm progress bar of the run's steps.")
     report: bool = Field(True, description="Draw <output_dir>/report.png at the end of the run (rlhf_ray.report).")
+    alarms: Literal["off", "warn", "stop"] = Field(
+        "warn", description="Rules over the metrics that fire while the run goes on (rlhf_ray.run.alarms: KL, "
+                            "length, EOS, entropy, reward against the reference's log-prob, the sampler-learner gap, "
+                            "a penalty that pays): 'warn': one console line, alarm/<rule> in the step's metrics and a "
+                            "marker in the report, once per rule; 'stop': that, then the run ends with a checkpoint "
+                            "(exit code 3); 'off': no rules.")
+    alarm_thresholds: AlarmThresholds = Field(default_factory=lambda: AlarmThresholds())
 
 
 

@@ -17,8 +17,9 @@ from rlhf_ray.cluster.roles import ActorLost
 from rlhf_ray.config import dump_config
 from rlhf_ray.config.sections import field_default
 from rlhf_ray.run import checkpoint
+from rlhf_ray.run.alarms import AlarmMonitor
 from rlhf_ray.run.disk_full import DiskFull, is_disk_full
-from rlhf_ray.run.metrics import MetricsLogger
+from rlhf_ray.run.metrics import MetricsLogger, logged_steps
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ class CheckpointedDriver:
     # True from the start of a step's update until the step is recorded: an error meanwhile leaves the learners
     # between steps (ahead of step_count), a state no checkpoint may hold
     updating = False
+    stopping_alarm = None  # logging.alarms=stop: the alarm that ends the run after this step (rlhf_ray.run.harness)
 
     # ------------------------------------------------------------------------------------ startup
     def start_up(self) -> None:
@@ -52,6 +54,16 @@ class CheckpointedDriver:
         self.startup_seconds = time.perf_counter() - start
         self.saved_step = self.step_count
         self.metrics_log = MetricsLogger(self.cfg.output_dir, self.cfg.logging.tensorboard, resume_step=self.step_count)
+        self.alarms = AlarmMonitor(self.cfg.logging.alarm_thresholds, self.cfg.logging.alarms,
+                                   history=logged_steps(self.cfg.output_dir) if self.step_count else [])
+
+    def record(self, metrics: dict) -> None:
+        """A finished step's metrics, read by the alarms (rlhf_ray.run.alarms: they add alarm/<rule> where one fires),
+        logged (metrics.jsonl, TensorBoard)."""
+        alarms = self.alarms.check(metrics)
+        self.metrics_log.log(metrics)
+        if alarms and self.alarms.mode == "stop" and self.stopping_alarm is None:
+            self.stopping_alarm = alarms[0]
 
     def resolve_models(self) -> None:
         """Local paths of the run's models (hub names downloaded, 'tiny:'/'real:' built), checked (preflight)."""
@@ -169,6 +181,7 @@ class CheckpointedDriver:
             self.reset_to_start()
         self.updating = False  # the learners hold a recorded step again
         self.metrics_log.rewind(self.step_count)
+        self.alarms.rewind(self.step_count)
 
     def recovery_checkpoint(self) -> Path | None:
         """Where a restarted learner group continues: the newest valid checkpoint of the steps finished so far, in
@@ -186,6 +199,12 @@ class CheckpointedDriver:
     def checkpoint_at_end(self) -> None:
         if self.cfg.checkpoint.at_end and self.saved_step != self.step_count:
             self.save_checkpoint()
+
+    def stop_on_alarm(self) -> str:
+        """logging.alarms=stop: the finished steps checkpointed (whatever checkpoint.on_signal says), for the console."""
+        saved = self.save_checkpoint() if self.saved_step != self.step_count else None
+        return (f"checkpoint saved to {saved} (resume=auto continues from it)" if saved
+                else f"the last checkpoint (step {self.saved_step}) is current")
 
     def stop(self) -> str | None:
         """After a stop signal: checkpoint the finished steps if there are new ones (checkpoint.on_signal)."""

@@ -84,7 +84,7 @@ class DatasetDriver(CheckpointedDriver):
                        "recovery/learner_restarts": float(self.roles.restarts["learner"])}
             if self.due(self.section.eval_every_steps):
                 metrics.update(self.eval_metrics(self.evaluate()))
-            self.metrics_log.log(metrics)
+            self.record(metrics)
             self.updating = False
             if self.due(self.cfg.checkpoint.every_steps):
                 self.save_checkpoint()

@@ -145,7 +145,6 @@ class PPOTrainer(CheckpointedDriver):
                             cfg.models.reference, why)
         elif cfg.ppo.kl_coef == 0:
             log.info("reference kept at ppo.kl_coef=0 (%s)", why)
-        self.warned_non_eos = False  # the console hears once that cutting responses pays
         self.engine_version = 0  # the learner update whose weights the engines hold (overlapped: the rollout thread's)
         self.resample_from = None  # overlapped broadcast: the first rollout ahead to sample again (_publish)
         self.published = (0, None)  # overlapped: the latest update published (engines load it later) and its payload
@@ -212,7 +211,6 @@ class PPOTrainer(CheckpointedDriver):
         batch, rollout_stats = with_advantages(batch.with_(scores=self.normalizer(raw_scores)),  # normalize / clip
                                                self.cfg.ppo, self.is_correction, self.cfg.generation.max_new_tokens)
         rollout_stats.update(rollout.stats)
-        self._warn_if_cutting_pays(batch)
         rollout_stats["async/staleness"] = float(self.step_count - rollout.policy_version)
         if self.normalizer.mode != "none" or self.normalizer.clip is not None:
             rollout_stats.update({"score/raw_mean": float(raw_scores.mean()),
@@ -243,7 +241,7 @@ class PPOTrainer(CheckpointedDriver):
             metrics = {"step": self.step_count, **rollout_stats, **learn_stats, **memory, **self._recovery_stats(),
                        **step_timing(times, role_seconds, rollout.generate_s, learn_s, sync, batch,
                                       overlapped and not inline)}
-            self.metrics_log.log(metrics)
+            self.record(metrics)
             self.metrics_log.log_samples(pick_samples(batch, self.cfg.logging.samples_per_step, self.step_count))
             self.updating = False
             if self.due(self.cfg.checkpoint.every_steps):
@@ -343,20 +341,6 @@ class PPOTrainer(CheckpointedDriver):
                  "sampling/filled_with_equal": float(filled),
                  "sampling/kept_fraction": len(kept) / max(len(kept) + len(dropped), 1), "reward_stats": reward_stats}
         return RolloutBatch.concat(groups), {"reward": reward_s}, stats, generate_s
-
-    def _warn_if_cutting_pays(self, batch: RolloutBatch) -> None:
-        """ppo.non_eos_penalty in 'replace' mode above most finished responses' scores: the policy learns to stop
-        finishing. Said once, on the console."""
-        ppo = self.cfg.ppo
-        if self.warned_non_eos or ppo.non_eos_penalty is None or ppo.non_eos_penalty_mode != "replace":
-            return
-        finished = batch.scores[batch.ended_with_eos]
-        if len(finished) and ppo.non_eos_penalty > float(finished.median()):
-            self.warned_non_eos = True
-            log.warning("ppo.non_eos_penalty=%g is above the median score of finished responses (%.3g): a response "
-                        "cut at generation.max_new_tokens earns more than most finished ones, so the policy learns to "
-                        "ramble. Lower the penalty below the reward's range, or set ppo.non_eos_penalty_mode=subtract "
-                        "(the penalty is taken off the response's own score)", ppo.non_eos_penalty, float(finished.median()))
 
     def _take_rollout(self) -> tuple["Rollout", float, bool]:
         """This step's rollout, the seconds waited for it and whether it was made now: the one in hand from an

@@ -120,6 +120,9 @@ def with_advantages(batch: RolloutBatch, ppo: PPOConfig, is_correction: str = "n
         "response/eos_fraction": float(batch.ended_with_eos.float().mean()),
         "response/tokens": float(lengths.sum()),
     }
+    if batch.ref_logprobs is not None:  # falling while the score rises: the responses leave what the reference writes
+        stats["ref/logprob_mean"] = float(masked_mean(batch.ref_logprobs, mask))
+    stats.update(cut_pays(batch, ppo))
     if batch.values is not None:
         stats["value/mean"] = float(masked_mean(batch.values, mask))
     is_weights = None
@@ -128,6 +131,19 @@ def with_advantages(batch: RolloutBatch, ppo: PPOConfig, is_correction: str = "n
                                                   ppo.is_cap)
         stats.update({f"is/{key}": float(value) for key, value in is_stats.items()})
     return batch.with_(rewards=rewards, advantages=advantages, returns=returns, is_weights=is_weights), stats
+
+
+def cut_pays(batch: RolloutBatch, ppo) -> dict[str, float]:
+    """With ppo.non_eos_penalty replacing a cut response's score: the median score of the finished responses and
+    whether the penalty is above it (``score/cut_pays`` 1: cutting earns more than most finished responses — the
+    penalty_pays alarm, rlhf_ray.run.alarms). Empty without such a penalty or without a finished response."""
+    if ppo.non_eos_penalty is None or ppo.non_eos_penalty_mode != "replace":
+        return {}
+    finished = batch.scores[batch.ended_with_eos]
+    if not len(finished):
+        return {}
+    median = float(finished.median())
+    return {"score/finished_median": median, "score/cut_pays": float(ppo.non_eos_penalty > median)}
 
 
 def sampler_gap(batch: RolloutBatch, learn_stats: dict, old_logprobs: str) -> float:

@@ -10,6 +10,7 @@ import signal
 import sys
 
 from rlhf_ray.config import dump_config
+from rlhf_ray.run.alarms import EXIT_CODE as ALARM_EXIT_CODE
 
 log = logging.getLogger("rlhf_ray.train")
 
@@ -67,7 +68,7 @@ def _run_holding(cfg, title: str, make_trainer, out, lock) -> int:
     log.info("%s → %s%s", title, out, f" (engine, Ray and DeepSpeed output: {driver_log.parent}/)" if driver_log else "")
     if lock.took_over:
         log.warning("%s", lock.took_over)
-    trainer = None
+    trainer, code = None, 0
     try:
         trainer = make_trainer()
         (out / "config.yaml").write_text(dump_config(cfg))  # only now: a run refused above leaves the old one
@@ -86,10 +87,17 @@ def _run_holding(cfg, title: str, make_trainer, out, lock) -> int:
                 else:  # a learner restart took the run back to a checkpoint
                     bar.n = trainer.step_count
                     bar.refresh()
+                if trainer.stopping_alarm is not None:
+                    break
             bar.close()
-        final = trainer.finish()
-        if final:
-            log.info("final %s saved to %s", trainer.exported, final)
+        if trainer.stopping_alarm is not None:
+            code = ALARM_EXIT_CODE
+            log.error("stopped by the alarm %s (logging.alarms=stop) after %d of %d steps; %s",
+                      trainer.stopping_alarm.rule, trainer.step_count, trainer.num_steps, trainer.stop_on_alarm())
+        else:
+            final = trainer.finish()
+            if final:
+                log.info("final %s saved to %s", trainer.exported, final)
     except (RunStopped, KeyboardInterrupt) as stop:
         return _stopped(stop, trainer, trainer.num_steps if trainer else 0)
     except Exception as err:  # RoleError, ValueError, OSError (e.g. a model path or hub name not found), …
@@ -103,7 +111,7 @@ def _run_holding(cfg, title: str, make_trainer, out, lock) -> int:
         _clean_up(trainer)
     for line in trainer.closing():
         log.info("%s", line)
-    return 0
+    return code
 
 
 def _failed(err: Exception, trainer, out) -> int | None:

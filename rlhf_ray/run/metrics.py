@@ -84,3 +84,13 @@ def keep_steps_up_to(path: Path, step: int) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text("".join(kept))
     tmp.replace(path)
+
+
+def logged_steps(output_dir: str | Path) -> list[dict]:
+    """The steps in ``<output_dir>/metrics.jsonl`` (rlhf_ray.run.report.load_metrics), none where there are none."""
+    from rlhf_ray.run.report import load_metrics
+
+    try:
+        return load_metrics(output_dir)
+    except (FileNotFoundError, ValueError):
+        return []

@@ -6,7 +6,8 @@
 PPO panels: reward and raw score; KL to the reference (in words where the run had none) and the sampler-vs-learner
 check; response length and EOS fraction; where each step's time went (stacked per step for one run, the mean step per
 run when comparing). A run of the learner on a dataset (SFT, DPO, reward-model training: ``LEARNING_RUNS``) gets three:
-the training loss (and accuracy), each evaluation set over the steps, and step time with throughput.
+the training loss (and accuracy), each evaluation set over the steps, and step time with throughput. An alarm
+(rlhf_ray.run.alarms) is a red dotted line at its step, and the summary names it.
 """
 from __future__ import annotations
 
@@ -97,11 +98,29 @@ def summary(rows: list[dict], label: str = "") -> str:
                           sorted(shares.items(), key=lambda kv: -kv[1]))
     memory_text = peak_memory(rows)
     averaged = f" (mean of the first/last {window} steps)" if window > 1 else ""
-    return (f"{label + ': ' if label else ''}{n} steps in {total:.0f} s; reward {first('reward/mean'):.3f} → "
+    return (f"{label + ': ' if label else ''}{n} step{'' if n == 1 else 's'} in {total:.0f} s; reward {first('reward/mean'):.3f} → "
             f"{last('reward/mean'):.3f}, score {first('score/mean'):.3f} → {last('score/mean'):.3f}{averaged}; "
             f"{tokens / total if total else 0:.0f} generated tokens/s; time: {time_text}"
             + (f"; peak GB: {memory_text}" if memory_text else "")
-            + ("" if any("kl/mean" in r for r in rows) else f"; {NO_REFERENCE}: no KL"))
+            + ("" if any("kl/mean" in r for r in rows) else f"; {NO_REFERENCE}: no KL")
+            + (f"; alarms: {', '.join(f'{rule} (step {step})' for step, rule in alarms_of(rows))}"
+               if alarms_of(rows) else ""))
+
+
+def alarms_of(rows: list[dict]) -> list[tuple[int, str]]:
+    """(step, rule) of every alarm the run's steps record (alarm/<rule>, rlhf_ray.run.alarms)."""
+    from rlhf_ray.run.alarms import ALARM_PREFIX
+
+    return [(r["step"], key[len(ALARM_PREFIX):]) for r in rows for key in r if key.startswith(ALARM_PREFIX)]
+
+
+def mark_alarms(axes, rows: list[dict]) -> None:
+    """A red dotted line at each alarm's step on every panel, the rule named on the first."""
+    for step, rule in alarms_of(rows):
+        for ax in axes:
+            ax.axvline(step, color="tab:red", linestyle=":", linewidth=1.2)
+        axes[0].annotate(f"alarm: {rule}", xy=(step, 1.0), xycoords=("data", "axes fraction"), rotation=90,
+                         va="top", ha="right", fontsize=7, color="tab:red")
 
 
 def draw(runs: dict[str, list[dict]], out: str | Path) -> Path:
@@ -134,6 +153,8 @@ def draw(runs: dict[str, list[dict]], out: str | Path) -> Path:
     _legend(ax_len, ax_eos)
     draw_kl(ax_kl, runs, colors)
     _draw_time(ax_time, runs, colors)
+    for rows in runs.values():
+        mark_alarms((ax_reward, ax_kl, ax_len) + (() if several else (ax_time,)), rows)
     title = "  vs  ".join(runs) if several else next(iter(runs))
     return _save(fig, f"rlhf-ray: {title}", out)
 
@@ -253,6 +274,7 @@ def draw_learning(rows: list[dict], out: str | Path, label: str) -> Path:
         _legend(ax_time, twin)
     ax_time.set_title("step time and throughput")
     _step_axes((ax_loss, ax_eval, ax_time), f"{kind} step")
+    mark_alarms((ax_loss, ax_eval, ax_time), rows)
     return _save(fig, f"rlhf-ray {kind}: {label}", out)
 
 
