@@ -12,6 +12,7 @@ import torch
 from rlhf_ray.runtime.builds import clear_stale_build_locks, skip_cpu_shm_comm_op
 from rlhf_ray.runtime.devices import set_num_threads_as_before_vllm
 from rlhf_ray.runtime.memory import process_memory, release_free_memory
+from rlhf_ray.runtime.stacks import install_stack_dump
 
 
 class Role:
@@ -24,6 +25,7 @@ class Role:
     def __init__(self, log_file: str | None = None):
         if log_file:
             redirect_output(log_file)
+        self.stacks_file = install_stack_dump(log_file)  # the hang doctor's fallback where py-spy may not read us
 
     def master_address(self) -> tuple[str, int]:
         """As rank 0 of a process group (a learner group, a sharded frozen model): open the rendezvous, a socket bound
@@ -81,7 +83,8 @@ class Role:
             quota = int(get_num_cpus(override_docker_cpu_warning=True))
         except Exception:  # a private helper of Ray's: without it, the affinity alone
             quota = len(cpus)
-        return {"node": ray.get_runtime_context().get_node_id(), "cpus": cpus[:max(1, quota)]}
+        return {"node": ray.get_runtime_context().get_node_id(), "cpus": cpus[:max(1, quota)], "pid": os.getpid(),
+                "stacks_file": self.stacks_file}
 
     def configure_compute(self, threads: dict[str, int], cpus: list[int] | None = None,
                           nice: int | None = None) -> dict:

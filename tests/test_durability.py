@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -162,5 +163,12 @@ def test_killed_actors_are_replaced_a_killed_learner_restarts_and_a_stuck_reward
 
     assert "recovery: reward did not finish scoring a rollout within 8 s" in stuck_output, stuck_output[-3000:]
     assert "replaced reward-0 in" in stuck_output
+    # the hang doctor at half of timeouts.score_s: one line naming the actor and our innermost frame, every stack kept
+    (doctor,) = [line for line in stuck_output.splitlines() if "hang doctor:" in line]
+    assert re.search(r"hang doctor: reward has been scoring a rollout for [4-7] s of its 8 s \(timeouts.score_s\); "
+                     r"reward-0 is in \S+ \(rlhf_ray/rewards/\S+\.py:\d+\); every actor's stacks: \S+hang-step-1\.txt",
+                     doctor), doctor
+    stacks = (stuck_out / "logs" / "hang-step-1.txt").read_text()
+    assert "hang_once" in stacks and "--- reward-0 (pid" in stacks and "--- learner-0 (pid" in stacks
     stuck_rows = metric_rows(stuck_out)
     assert [r["step"] for r in stuck_rows] == [1, 2, 3, 4] and stuck_rows[-1]["recovery/reward_restarts"] == 1

@@ -26,6 +26,7 @@ class ActorSites:
         actors = [(role, i, actor) for role, group in self.groups.items() for i, actor in enumerate(group)]
         places = self._wait([actor.where.remote() for _, _, actor in actors], "all roles", "reporting their node", "startup_s")
         sites = [ActorSite(role, i, p["node"], tuple(p["cpus"])) for (role, i, _), p in zip(actors, places)]
+        self._record_processes([(role, i) for role, i, _ in actors], places)
         self._record_placement(sites)
         res = self.cfg.resources
         reward = getattr(getattr(self.cfg, "models", None), "reward", None)
@@ -88,4 +89,16 @@ class ActorSites:
         if any(place["node"] != self.actor_nodes.get(key) for key, place in zip(keys, places)):
             self._plan_compute()
         else:
+            self._record_processes(keys, places)
             self._configure(keys)
+
+    def _record_processes(self, keys: list[tuple[str, int]], places: list[dict]) -> None:
+        """Each actor's node, process and stack-dump file (``processes``: the hang doctor, rlhf_ray.runtime.stacks)."""
+        self.actor_processes = {**getattr(self, "actor_processes", {}), **{
+            (role, i): {"role": role, "node": p["node"], "pid": p.get("pid"), "stacks_file": p.get("stacks_file")}
+            for (role, i), p in zip(keys, places)}}
+
+    def processes(self) -> dict[str, dict]:
+        """{'<role>-<i>': its node, pid and stack-dump file} of the actors running now."""
+        return {f"{role}-{i}": p for (role, i), p in sorted(getattr(self, "actor_processes", {}).items())
+                if p.get("pid") is not None and i < len(self.groups.get(role, []))}

@@ -140,6 +140,16 @@ class LearnerTimeouts(StrictSection):
     startup_s: float = Field(900.0, gt=0, description="Actors start and load models (first DeepSpeed init JIT-builds ~60 s).")
     learn_s: float = Field(1800.0, gt=0, description="One learner call: an update (PPO: of one rollout, with its values and "
                                                       "old logprobs; RM training: of one batch), an evaluation or a save.")
+    hang_dump_at: Optional[float] = Field(
+        0.5, gt=0, lt=1, description="The hang doctor (rlhf_ray.runtime.stacks): when a wait on a role passes this "
+                                     "fraction of its timeout, every actor's Python stacks go to "
+                                     "<output_dir>/logs/hang-step-N.txt and one console line names the waited-on "
+                                     "actor's innermost function of ours; the wait goes on. null: off.")
+    hang_dump_tool: Literal["auto", "py-spy", "faulthandler"] = Field(
+        "auto", description="How the stacks are read: 'py-spy' from outside the process (needs ptrace: root, or "
+                            "kernel.yama.ptrace_scope 0, or CAP_SYS_PTRACE in a container), 'faulthandler' by the "
+                            "process itself on SIGUSR1 (any Python frame, no native ones), 'auto': py-spy, else "
+                            "faulthandler.")
 
 
 

@@ -20,6 +20,8 @@ from rlhf_ray.run import checkpoint
 from rlhf_ray.run.alarms import AlarmMonitor
 from rlhf_ray.run.disk_full import DiskFull, is_disk_full
 from rlhf_ray.run.metrics import MetricsLogger, logged_steps
+from rlhf_ray.runtime import waiting
+from rlhf_ray.runtime.stacks import HangDoctor
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ class CheckpointedDriver:
         connect(self.cfg)
         start = time.perf_counter()
         self.roles = self.start_roles()
+        self.watch_for_hangs()
         self.after_roles()
         if self.resume_from:
             self.restore(self.resume_from)
@@ -56,6 +59,13 @@ class CheckpointedDriver:
         self.metrics_log = MetricsLogger(self.cfg.output_dir, self.cfg.logging.tensorboard, resume_step=self.step_count)
         self.alarms = AlarmMonitor(self.cfg.logging.alarm_thresholds, self.cfg.logging.alarms,
                                    history=logged_steps(self.cfg.output_dir) if self.step_count else [])
+
+    def watch_for_hangs(self) -> None:
+        """The hang doctor (rlhf_ray.runtime.stacks) for every wait on the roles from now on (timeouts.hang_dump_at)."""
+        timeouts = self.cfg.timeouts
+        if timeouts.hang_dump_at:
+            waiting.watch(HangDoctor(self.roles.processes, Path(self.cfg.output_dir) / "logs",
+                                     lambda: self.step_count + 1, timeouts.hang_dump_at, timeouts.hang_dump_tool))
 
     def record(self, metrics: dict) -> None:
         """A finished step's metrics, read by the alarms (rlhf_ray.run.alarms: they add alarm/<rule> where one fires),
@@ -231,6 +241,7 @@ class CheckpointedDriver:
         return [f"report: {draw_learning(load_metrics(out), out / 'report.png', out.resolve().name)}"]
 
     def shutdown(self) -> None:
+        waiting.watch(None)
         try:
             if hasattr(self, "metrics_log"):
                 self.metrics_log.close()

@@ -31,6 +31,15 @@ class ActorLost(RoleError):
 
 
 WAIT_SLICE_S = 1.0  # how soon a wait notices a stop signal
+# a run's hang doctor (rlhf_ray.runtime.stacks.HangDoctor, set by its driver: ``watch``): called once by a wait that
+# passes its ``fraction`` of the timeout
+DOCTOR = None
+
+
+def watch(doctor) -> None:
+    """From now on, waits call ``doctor`` when they pass its fraction of their timeout (None: no doctor)."""
+    global DOCTOR
+    DOCTOR = doctor
 
 
 def wait(refs, role: str, doing: str, timeout_s: float, timeout_key: str, logs: str = ""):
@@ -42,6 +51,8 @@ def wait(refs, role: str, doing: str, timeout_s: float, timeout_key: str, logs: 
     see = f" (its output: {logs})" if logs else ""
     start = time.monotonic()
     notice = start + NOTICE_S
+    doctor = DOCTOR
+    examine = start + doctor.fraction * timeout_s if doctor is not None else None
     try:
         with STOP_SIGNALS.waiting_on_ray():
             while True:
@@ -56,6 +67,9 @@ def wait(refs, role: str, doing: str, timeout_s: float, timeout_key: str, logs: 
                         log.info("still waiting for %s (%s): %.0f s of at most %.0f s (%s)", role, doing, now - start,
                                  timeout_s, timeout_key)
                         notice += NOTICE_S
+                    if examine is not None and now >= examine:
+                        examine = None
+                        doctor(role, doing, now - start, timeout_s, timeout_key)
     except GetTimeoutError:
         raise ActorLost(f"{role} did not finish {doing} within {timeout_s:.0f} s; it may be stuck or too slow "
                         f"for its resources (raise {timeout_key} if it is just slow){see}", role, stuck=True) from None
