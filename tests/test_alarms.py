@@ -105,3 +105,4 @@ def test_the_report_marks_each_alarm_and_its_summary_names_it(tmp_path):
     assert alarms_of(rows) == [(8, "kl_high")]
     assert summary(rows).endswith("; alarms: kl_high (step 8)")
     assert draw({"run": rows}, tmp_path / "report.png").stat().st_size > 0
+

@@ -103,6 +103,37 @@ def test_policy_learns_a_verifiable_reward(function_trainer):
     plans = function_trainer.roles.compute_plans
     assert plans[("learner", 0)].threads["learn"] >= plans[("learner", 0)].threads["score"] >= 1
     assert {plan.applied["nice"] for plan in plans.values()} == {0}
+    assert_prometheus_export(function_trainer, metrics[-1])
+
+
+def assert_prometheus_export(trainer, last: dict) -> None:
+    """The run's gauges (rlhf_ray.run.prometheus) scraped from Ray's metrics export port on loopback while the run is
+    up, as a Prometheus would: the last step, its phases per role, the weight sync's bytes, no call left in flight.
+    Ray exports periodically (every 2 s in this suite's session): polled."""
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    import ray
+    from prometheus_client.parser import text_string_to_metric_families
+
+    run = Path(trainer.cfg.output_dir).resolve().name
+    port = ray.nodes()[0]["MetricsExportPort"]
+    deadline, found = time.monotonic() + 60, {}
+    while time.monotonic() < deadline:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        found = {(sample.name, sample.labels.get("role", ""), sample.labels.get("phase", "")): sample.value
+                 for family in text_string_to_metric_families(text) for sample in family.samples
+                 if sample.name.startswith("ray_rlhf_") and sample.labels.get("run") == run}
+        if found.get(("ray_rlhf_step", "", "")) == trainer.step_count:
+            break
+        time.sleep(1)
+    assert found.get(("ray_rlhf_step", "", "")) == trainer.step_count, sorted(found)
+    assert found[("ray_rlhf_phase_seconds", "generation", "generate")] == pytest.approx(last["time/generate"])
+    assert found[("ray_rlhf_phase_seconds", "learner", "learn")] == pytest.approx(last["time/learn"])
+    assert found[("ray_rlhf_weight_sync_bytes", "", "")] == last["weights/bytes"] > 100_000  # the tiny policy, fp32
+    assert found[("ray_rlhf_calls_in_flight", "generation", "")] == 0
+    assert found[("ray_rlhf_step_seconds", "", "")] == pytest.approx(last["time/step"])
 
 
 def test_overlapped_rollout_and_learning_learn_the_same_reward_and_restore_exactly_under_zero_2(ray_session, tiny_cache,

@@ -189,6 +189,10 @@ class RunLogging(StrictSection):
     tensorboard: bool = Field(True, description="Write TensorBoard events to <output_dir>/tensorboard.")
     progress_bar: bool = Field(True, description="Show a tqdm progress bar of the run's steps.")
     report: bool = Field(True, description="Draw <output_dir>/report.png at the end of the run (rlhf_ray.report).")
+    prometheus: bool = Field(True, description="Export the run's step figures (phase seconds per role, tokens/s, "
+                                               "calls in flight, reward latency, weight-sync seconds and bytes, "
+                                               "restarts, alarms) as Prometheus metrics through Ray's metrics agent "
+                                               "(rlhf_ray.run.prometheus; names in docs/metrics.md).")
     alarms: Literal["off", "warn", "stop"] = Field(
         "warn", description="Rules over the metrics that fire while the run goes on (rlhf_ray.run.alarms: KL, "
                             "length, EOS, entropy, reward against the reference's log-prob, the sampler-learner gap, "

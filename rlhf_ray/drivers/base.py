@@ -20,6 +20,7 @@ from rlhf_ray.run import checkpoint
 from rlhf_ray.run.alarms import AlarmMonitor
 from rlhf_ray.run.disk_full import DiskFull, is_disk_full
 from rlhf_ray.run.metrics import MetricsLogger, logged_steps
+from rlhf_ray.run.prometheus import PrometheusExport
 from rlhf_ray.runtime import waiting
 from rlhf_ray.runtime.stacks import HangDoctor
 
@@ -31,6 +32,7 @@ class CheckpointedDriver:
     # between steps (ahead of step_count), a state no checkpoint may hold
     updating = False
     stopping_alarm = None  # logging.alarms=stop: the alarm that ends the run after this step (rlhf_ray.run.harness)
+    prometheus = None      # the run's Prometheus export (watch_roles)
 
     # ------------------------------------------------------------------------------------ startup
     def start_up(self) -> None:
@@ -50,7 +52,7 @@ class CheckpointedDriver:
         connect(self.cfg)
         start = time.perf_counter()
         self.roles = self.start_roles()
-        self.watch_for_hangs()
+        self.watch_roles()
         self.after_roles()
         if self.resume_from:
             self.restore(self.resume_from)
@@ -60,18 +62,23 @@ class CheckpointedDriver:
         self.alarms = AlarmMonitor(self.cfg.logging.alarm_thresholds, self.cfg.logging.alarms,
                                    history=logged_steps(self.cfg.output_dir) if self.step_count else [])
 
-    def watch_for_hangs(self) -> None:
-        """The hang doctor (rlhf_ray.runtime.stacks) for every wait on the roles from now on (timeouts.hang_dump_at)."""
-        timeouts = self.cfg.timeouts
-        if timeouts.hang_dump_at:
-            waiting.watch(HangDoctor(self.roles.processes, Path(self.cfg.output_dir) / "logs",
-                                     lambda: self.step_count + 1, timeouts.hang_dump_at, timeouts.hang_dump_tool))
+    def watch_roles(self) -> None:
+        """For every wait on the roles from now on: the hang doctor (rlhf_ray.runtime.stacks; timeouts.hang_dump_at)
+        and the count of calls in flight; and the Prometheus export (rlhf_ray.run.prometheus; logging.prometheus),
+        which ``record`` feeds each step."""
+        timeouts, out = self.cfg.timeouts, Path(self.cfg.output_dir)
+        doctor = HangDoctor(self.roles.processes, out / "logs", lambda: self.step_count + 1, timeouts.hang_dump_at,
+                            timeouts.hang_dump_tool) if timeouts.hang_dump_at else None
+        self.prometheus = PrometheusExport(out.resolve().name) if self.cfg.logging.prometheus else None
+        waiting.watch(doctor, self.prometheus.in_flight if self.prometheus else None)
 
     def record(self, metrics: dict) -> None:
         """A finished step's metrics, read by the alarms (rlhf_ray.run.alarms: they add alarm/<rule> where one fires),
         logged (metrics.jsonl, TensorBoard)."""
         alarms = self.alarms.check(metrics)
         self.metrics_log.log(metrics)
+        if self.prometheus is not None:
+            self.prometheus.export(metrics)
         if alarms and self.alarms.mode == "stop" and self.stopping_alarm is None:
             self.stopping_alarm = alarms[0]
 

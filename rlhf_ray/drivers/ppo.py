@@ -223,7 +223,8 @@ class PPOTrainer(CheckpointedDriver):
             with phase(times, "weight_sync"):  # overlapped: published only; the rollout thread has the engines load it
                 if overlapped:
                     payload, publish_s = self._publish()
-                    sync = {"publish": publish_s, "load": rollout.load_s}  # the load of the weights that sampled it
+                    # the load of the weights that sampled it
+                    sync = {"publish": publish_s, "load": rollout.load_s, "report": rollout.load_report}
                 else:
                     sync = self.roles.sync_weights()
             self.step_count += 1
@@ -260,14 +261,14 @@ class PPOTrainer(CheckpointedDriver):
     def _sample_ahead(self, step: int, version: int, payload, cancel: threading.Event) -> Rollout:
         """The rollout thread's work (rlhf_ray.drivers.prefetch.RolloutQueue): rollout ``step`` sampled by the weights
         of update ``version``, which the engines load first (``payload``, published) where they hold older ones."""
-        load_s = 0.0
+        loaded = {"load": 0.0, "report": {}}
         if version != self.engine_version:
-            load_s = self.roles.load_weights(payload)["load"]
+            loaded = self.roles.load_weights(payload)
             self.engine_version = version
         if cancel.is_set():
             raise RolloutCancelled()
         rollout = self._rollout(step, cancel)
-        rollout.load_s = load_s
+        rollout.load_s, rollout.load_report = loaded["load"], loaded["report"] or {}
         return rollout
 
     def _rollout(self, step: int, cancel: threading.Event | None = None) -> "Rollout":

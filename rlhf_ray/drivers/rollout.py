@@ -30,13 +30,14 @@ class Rollout:
     policy_version: int            # the learner update whose weights sampled it
     stats: dict[str, float] = field(default_factory=dict)  # how it was sampled (dynamic sampling: sampling/*)
     load_s: float = 0.0            # prefetched: the engines' load of those weights just before (0: they held them)
+    load_report: dict = field(default_factory=dict)  # that load's first engine report (tensors, bytes, …)
 
     def state_dict(self) -> dict:
         """Tensors, numbers, strings and lists only: loadable with ``torch.load(weights_only=True)``."""
         batch = {f.name: getattr(self.batch, f.name) for f in fields(self.batch)}
         return {"step": self.step, "batch": batch, "times": self.times, "seconds": self.seconds,
                 "generate_s": self.generate_s, "policy_version": self.policy_version, "stats": self.stats,
-                "load_s": self.load_s}
+                "load_s": self.load_s, "load_report": self.load_report}
 
     @staticmethod
     def from_state(state: dict) -> "Rollout":
@@ -194,6 +195,8 @@ def step_timing(times: dict, role_seconds: dict, generate_s: float, learn_s: flo
         "time/weight_sync": times["weight_sync"], "time/step": step,
         "time/compute_generate": generate_s, "time/compute_learn": learn_s,
         "time/weight_publish": sync["publish"], "time/weight_load": sync["load"],
+        # what the engines received: the policy (or its adapters) in their dtype; none where no load happened
+        **({"weights/bytes": float(sync["report"]["bytes"])} if "bytes" in (sync.get("report") or {}) else {}),
         "time/overhead": step - compute, "time/overhead_fraction": (step - compute) / step,
         "throughput/tokens_per_s": tokens / step,
         "throughput/generate_tokens_per_s": tokens / times["generate"],

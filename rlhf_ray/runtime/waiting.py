@@ -31,15 +31,17 @@ class ActorLost(RoleError):
 
 
 WAIT_SLICE_S = 1.0  # how soon a wait notices a stop signal
-# a run's hang doctor (rlhf_ray.runtime.stacks.HangDoctor, set by its driver: ``watch``): called once by a wait that
-# passes its ``fraction`` of the timeout
+# set by a run's driver (``watch``): its hang doctor (rlhf_ray.runtime.stacks.HangDoctor), called once by a wait that
+# passes its ``fraction`` of the timeout; and what counts the calls in flight per role (rlhf_ray.run.prometheus)
 DOCTOR = None
+CALLS = None
 
 
-def watch(doctor) -> None:
-    """From now on, waits call ``doctor`` when they pass its fraction of their timeout (None: no doctor)."""
-    global DOCTOR
-    DOCTOR = doctor
+def watch(doctor, calls=None) -> None:
+    """From now on, waits call ``doctor`` when they pass its fraction of their timeout, and ``calls(role, +1 / -1)``
+    as they begin and end (None: neither)."""
+    global DOCTOR, CALLS
+    DOCTOR, CALLS = doctor, calls
 
 
 def wait(refs, role: str, doing: str, timeout_s: float, timeout_key: str, logs: str = ""):
@@ -51,8 +53,10 @@ def wait(refs, role: str, doing: str, timeout_s: float, timeout_key: str, logs: 
     see = f" (its output: {logs})" if logs else ""
     start = time.monotonic()
     notice = start + NOTICE_S
-    doctor = DOCTOR
+    doctor, calls = DOCTOR, CALLS
     examine = start + doctor.fraction * timeout_s if doctor is not None else None
+    if calls is not None:
+        calls(role, +1)
     try:
         with STOP_SIGNALS.waiting_on_ray():
             while True:
@@ -80,4 +84,7 @@ def wait(refs, role: str, doing: str, timeout_s: float, timeout_key: str, logs: 
         cause = err.cause
         raise RoleError(f"{role} failed while {doing}: {type(cause).__name__}: {cause}\n"
                         f"--- traceback in the {role} actor{see} ---\n{str(err).rstrip()}") from None
+    finally:
+        if calls is not None:
+            calls(role, -1)
 

@@ -47,7 +47,8 @@ class AdapterTransport(Transport):
         if self.request is not None:
             engine.remove_lora(self.request.lora_int_id)
         self.request = request
-        return {"received": len(tensors), "loaded": len(tensors), "reprocessed": [], "adapter": request.lora_name}
+        return {"received": len(tensors), "bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+                "loaded": len(tensors), "reprocessed": [], "adapter": request.lora_name}
 
     def close(self):
         if hasattr(self, "directory"):

@@ -38,7 +38,8 @@ def load_into_engine(worker, weights: Iterable[tuple[str, torch.Tensor]] | None 
     """Reload the engine's weights in place from ``weights`` (HF names) or the safetensors files in
     ``directory``; runs in a vLLM worker (``llm.collective_rpc(load_into_engine, kwargs=…)``).
 
-    Returns ``{"received": n tensors, "loaded": n engine parameters, "reprocessed": [layer names]}``.
+    Returns ``{"received": n tensors, "bytes": their bytes, "loaded": n engine parameters, "reprocessed": [layer
+    names]}``.
     """
     from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
 
@@ -59,7 +60,8 @@ def load_into_engine(worker, weights: Iterable[tuple[str, torch.Tensor]] | None 
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise WeightSyncError(f"the engine expected {len(missing)} weight(s) that the update did not contain: "
                               f"{shown} (received {counted.n} tensors); the engine would sample from stale weights")
-    return {"received": counted.n, "loaded": len(loaded), "reprocessed": reprocess_shared_layers(model)}
+    return {"received": counted.n, "bytes": counted.bytes, "loaded": len(loaded),
+            "reprocessed": reprocess_shared_layers(model)}
 
 
 def reprocess_shared_layers(model: torch.nn.Module) -> list[str]:
@@ -83,14 +85,15 @@ def reprocess_shared_layers(model: torch.nn.Module) -> list[str]:
 
 
 class _Counted:
-    """Iterates ``(name, tensor)`` pairs and counts them."""
+    """Iterates ``(name, tensor)`` pairs and counts them and their bytes."""
 
     def __init__(self, pairs: Iterable[tuple[str, torch.Tensor]]):
-        self.pairs, self.n = pairs, 0
+        self.pairs, self.n, self.bytes = pairs, 0, 0
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         for pair in self.pairs:
             self.n += 1
+            self.bytes += pair[1].numel() * pair[1].element_size()
             yield pair
 
 
