@@ -6,6 +6,7 @@ from rlhf_ray.config import GenerationConfig
 from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.data.sources import Prompt
 from rlhf_ray.runtime.engines import GPU_MEMORY_UTILIZATION, engine_options, prepare_vllm_process
+from rlhf_ray.runtime.spans import annotate
 
 
 class GenerationActor(Role):
@@ -74,6 +75,7 @@ class GenerationActor(Role):
                 rows["rtexts"].append(sample.text)
                 rows["labels"].append(prompt.label)
                 rows["fields"].append(prompt.fields)
+        annotate(tokens=sum(len(r) for r in rows["responses"]), sequences=len(rows["responses"]))
         return RolloutBatch.from_samples(rows["prompts"], rows["responses"], rows["logprobs"], rows["finish"],
                                          rows["messages"], rows["ptexts"], rows["rtexts"], self.pad_token_id,
                                          labels=rows["labels"], prompt_fields=rows["fields"])
@@ -91,6 +93,7 @@ class GenerationActor(Role):
             self.transports[name] = make_transport(name)
         report = self.transports[name].load(self.llm, payload, timeout_s)
         self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
+        annotate(bytes=report.get("bytes", 0), tensors=report.get("received", 0))
         return report
 
     @computes("generate")

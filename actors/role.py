@@ -12,6 +12,7 @@ import torch
 from rlhf_ray.runtime.builds import clear_stale_build_locks, skip_cpu_shm_comm_op
 from rlhf_ray.runtime.devices import set_num_threads_as_before_vllm
 from rlhf_ray.runtime.memory import process_memory, release_free_memory
+from rlhf_ray.runtime.spans import RECORDER, span
 from rlhf_ray.runtime.stacks import install_stack_dump
 
 
@@ -111,10 +112,11 @@ class Role:
         applied["nice"] = os.getpriority(os.PRIO_PROCESS, 0)
         return applied
 
-    def memory(self) -> dict[str, float]:
-        """Resident memory of this actor's process now and at its peak since the last call (GB)."""
+    def memory(self) -> dict:
+        """Resident memory of this actor's process now and at its peak since the last call (GB), and — read in the
+        same call every step — the spans it recorded since (``spans``: rlhf_ray.runtime.spans.SpanRecorder.take)."""
         release_free_memory()
-        return process_memory(reset_peak=True)
+        return {**process_memory(reset_peak=True), "spans": RECORDER.take()}
 
 
 def redirect_output(log_file: str) -> None:
@@ -130,12 +132,14 @@ def redirect_output(log_file: str) -> None:
 
 
 def timed(method):
-    """Make a role method return ``(result, seconds of its own compute)``."""
+    """Make a role method return ``(result, seconds of its own compute)``, and record its span (the timeline:
+    rlhf_ray.runtime.spans; the method may ``annotate`` it with counts)."""
     @functools.wraps(method)
     def wrapper(*args, **kwargs):
-        start = time.perf_counter()
-        result = method(*args, **kwargs)
-        return result, time.perf_counter() - start
+        with span(method.__name__):
+            start = time.perf_counter()
+            result = method(*args, **kwargs)
+            return result, time.perf_counter() - start
     return wrapper
 
 

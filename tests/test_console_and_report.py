@@ -103,12 +103,34 @@ def test_quiet_console_of_the_main_job_beside_another_run_each_in_its_own_cluste
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     assert all(0.05 < m["memory/learner_peak_gb"] < 8 for m in metrics)
     assert all("kl/mean" in m and "time/reference" in m for m in metrics)
+    assert_the_timeline(out, metrics)
     assert_the_balancer_fits(out, tmp_path)
     beside_metrics = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in beside_metrics] == [1]
     assert_no_reference(tmp_path / "b", beside_metrics, beside_output)
     assert_stopped_by_its_alarm(tmp_path / "b", beside_metrics, beside_output)
     assert ray_session.is_initialized()  # the test session's cluster is still there
+
+
+def assert_the_timeline(out, metrics: list[dict]) -> None:
+    """trace.json (rlhf_ray.run.timeline): valid trace events, every role's actor and the driver in it, each step
+    once, every actor's spans nested or disjoint, clocks with their bounds; each role's idle share per step."""
+    from tests.test_timeline import assert_nested_or_disjoint
+
+    trace = json.loads((out / "trace.json").read_text())
+    events = trace["traceEvents"]
+    processes = {e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "process_name"}
+    assert processes == {"driver", "learner-0", "generation-0", "reward-0", "reference-0"}
+    assert sorted(e["name"] for e in events if e["name"].startswith("step ")) == [f"step {i}" for i in range(1, 5)]
+    assert {e["name"] for e in events if e.get("cat") == "generation"} >= {"generate", "load_weights"}
+    assert all(e["args"]["tokens"] > 0 for e in events if e.get("cat") == "generation" and e["name"] == "generate")
+    assert_nested_or_disjoint(events)
+    assert set(trace["otherData"]["clocks"]) == processes - {"driver"}
+    assert all(c["bound_s"] < 1.0 for c in trace["otherData"]["clocks"].values())
+    for m in metrics:
+        assert {k for k in m if k.startswith("idle/")} == {"idle/learner", "idle/generation", "idle/reward",
+                                                           "idle/reference"}
+        assert all(0.0 <= m[k] <= 1.0 for k in m if k.startswith("idle/"))
 
 
 def assert_stopped_by_its_alarm(out, metrics: list[dict], console: str) -> None:

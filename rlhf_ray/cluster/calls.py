@@ -9,6 +9,7 @@ import torch
 
 from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.rewards.stats import RewardStats
+from rlhf_ray.runtime.spans import clock
 from rlhf_ray.runtime.waiting import ActorLost
 
 log = logging.getLogger("rlhf_ray.cluster.roles")  # (its records have always been the roles')
@@ -118,7 +119,10 @@ class RoleCalls:
 
     def memory(self) -> dict[str, float]:
         """Each role's peak resident memory since the last call and the shared (object-store) part of its
-        resident memory now, max over its actors, in GB."""
+        resident memory now, max over its actors, in GB. The same call hands over the spans each actor recorded
+        (``taken_spans``: actor name -> (its SpanRecorder.take(), our clock when asked, when answered), for the
+        timeline, rlhf_ray.run.timeline)."""
+        sent = clock()
         refs = {role: [a.memory.remote() for a in group] for role, group in self.groups.items()}
         out = {}
         for role, role_refs in refs.items():
@@ -128,9 +132,18 @@ class RoleCalls:
             except ActorLost as lost:  # the next phase that needs the role replaces it
                 log.warning("%s", lost)
                 continue
+            received = clock()
+            for i, reading in enumerate(readings):
+                if "spans" in reading:
+                    self.taken_spans[f"{role}-{i}"] = (reading["spans"], sent, received)
             out[f"memory/{role}_peak_gb"] = max(r["peak_gb"] for r in readings)
             out[f"memory/{role}_shared_gb"] = max(r["shared_gb"] for r in readings)
         return out
+
+    def take_spans(self) -> dict[str, tuple[dict, float, float]]:
+        """The actors' spans handed over since the last call (``memory``)."""
+        taken, self.taken_spans = self.taken_spans, {}
+        return taken
 
     def save(self, path: str) -> str:
         results = self._wait([a.save.remote(path) for a in self.learners], "learner", "saving the model", "learn_s")

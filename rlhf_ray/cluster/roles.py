@@ -63,6 +63,7 @@ class Roles(RoleCalls, ActorSites):
         self.groups: dict[str, list] = {role: [] for role in roles}
         self.restarts = {role: 0 for role in roles}
         self.recovery_seconds = 0.0  # spent replacing actors since the driver last read it
+        self.taken_spans = {}  # the actors' spans handed over with their memory readings (RoleCalls.memory)
         self.weights = None  # the driver's side of weight sync (rlhf_ray.weights.sync), with generation actors
         if "generation" in roles:
             name, why = choose_transport(cfg)

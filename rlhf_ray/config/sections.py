@@ -189,6 +189,13 @@ class RunLogging(StrictSection):
     tensorboard: bool = Field(True, description="Write TensorBoard events to <output_dir>/tensorboard.")
     progress_bar: bool = Field(True, description="Show a tqdm progress bar of the run's steps.")
     report: bool = Field(True, description="Draw <output_dir>/report.png at the end of the run (rlhf_ray.report).")
+    trace: bool = Field(True, description="Write <output_dir>/trace.json: every actor's calls and the driver's "
+                                          "phases on one time axis, in the Chrome trace-event format (Perfetto, "
+                                          "chrome://tracing; rlhf_ray.run.timeline). The idle share of each role "
+                                          "per step (idle/<role>) is logged either way.")
+    trace_max_events: int = Field(200_000, gt=0, description="Events in trace.json before it rolls over into "
+                                                             "trace-<first step>-<last step>.json and a new one "
+                                                             "begins (~100 bytes each).")
     prometheus: bool = Field(True, description="Export the run's step figures (phase seconds per role, tokens/s, "
                                                "calls in flight, reward latency, weight-sync seconds and bytes, "
                                                "restarts, alarms) as Prometheus metrics through Ray's metrics agent "

@@ -21,7 +21,9 @@ from rlhf_ray.run.alarms import AlarmMonitor
 from rlhf_ray.run.disk_full import DiskFull, is_disk_full
 from rlhf_ray.run.metrics import MetricsLogger, logged_steps
 from rlhf_ray.run.prometheus import PrometheusExport
+from rlhf_ray.run.timeline import Timeline
 from rlhf_ray.runtime import waiting
+from rlhf_ray.runtime.spans import RECORDER, clock
 from rlhf_ray.runtime.stacks import HangDoctor
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,9 @@ class CheckpointedDriver:
         self.metrics_log = MetricsLogger(self.cfg.output_dir, self.cfg.logging.tensorboard, resume_step=self.step_count)
         self.alarms = AlarmMonitor(self.cfg.logging.alarm_thresholds, self.cfg.logging.alarms,
                                    history=logged_steps(self.cfg.output_dir) if self.step_count else [])
+        self.timeline = Timeline(self.cfg.output_dir, self.cfg.logging.trace, self.cfg.logging.trace_max_events)
+        RECORDER.take()  # the driver's spans from here on
+        self.window_start = clock()
 
     def watch_roles(self) -> None:
         """For every wait on the roles from now on: the hang doctor (rlhf_ray.runtime.stacks; timeouts.hang_dump_at)
@@ -75,12 +80,25 @@ class CheckpointedDriver:
     def record(self, metrics: dict) -> None:
         """A finished step's metrics, read by the alarms (rlhf_ray.run.alarms: they add alarm/<rule> where one fires),
         logged (metrics.jsonl, TensorBoard)."""
+        metrics.update(self.timeline_step(int(metrics["step"])))
         alarms = self.alarms.check(metrics)
         self.metrics_log.log(metrics)
         if self.prometheus is not None:
             self.prometheus.export(metrics)
         if alarms and self.alarms.mode == "stop" and self.stopping_alarm is None:
             self.stopping_alarm = alarms[0]
+
+    def timeline_step(self, step: int) -> dict[str, float]:
+        """The step's spans — the driver's and those the actors handed over with their memory readings — onto the
+        timeline (trace.json, rlhf_ray.run.timeline), from the end of the last step's record to now; its idle share
+        per role (``idle/<role>``)."""
+        now, actors = clock(), {}
+        for name, (taken, sent, received) in self.roles.take_spans().items():
+            self.timeline.observe_clock(name, sent, taken["clock"], received)
+            actors[name] = self.timeline.aligned(name, taken["spans"])
+        shares = self.timeline.add_step(step, self.window_start, now, RECORDER.take()["spans"], actors)
+        self.window_start = now
+        return shares
 
     def resolve_models(self) -> None:
         """Local paths of the run's models (hub names downloaded, 'tiny:'/'real:' built), checked (preflight)."""

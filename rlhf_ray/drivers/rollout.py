@@ -14,6 +14,7 @@ from rlhf_ray.algorithms.ppo_math import (importance_weights, kl_penalty, masked
                                           shape_rewards)
 from rlhf_ray.config import MAX_SAMPLES_PER_PROMPT, PPOConfig
 from rlhf_ray.data.batch import RolloutBatch
+from rlhf_ray.runtime.spans import span
 
 
 class RolloutCancelled(Exception):
@@ -76,10 +77,12 @@ def refill_prompts(seed: int, step: int, round_: int, count: int, available: int
 
 @contextmanager
 def phase(times: dict, name: str):
-    """Adds the wall time of the block to ``times[name]`` (a phase may run in parts: dynamic sampling's rounds)."""
-    start = time.perf_counter()
-    yield
-    times[name] = times.get(name, 0.0) + time.perf_counter() - start
+    """Adds the wall time of the block to ``times[name]`` (a phase may run in parts: dynamic sampling's rounds), and
+    records it as the driver's span (the timeline: rlhf_ray.run.timeline)."""
+    with span(name):
+        start = time.perf_counter()
+        yield
+        times[name] = times.get(name, 0.0) + time.perf_counter() - start
 
 
 def with_advantages(batch: RolloutBatch, ppo: PPOConfig, is_correction: str = "none",

@@ -5,8 +5,8 @@
 
 PPO panels: reward and raw score; KL to the reference (in words where the run had none) and the sampler-vs-learner
 check; response length and EOS fraction; where each step's time went (stacked per step for one run, the mean step per
-run when comparing). A run of the learner on a dataset (SFT, DPO, reward-model training: ``LEARNING_RUNS``) gets three:
-the training loss (and accuracy), each evaluation set over the steps, and step time with throughput. An alarm
+run when comparing); each role's idle share per step (the timeline, rlhf_ray.run.timeline). A run of the learner on a dataset (SFT, DPO, reward-model training: ``LEARNING_RUNS``) gets three:
+the training loss (and accuracy), each evaluation set over the steps, step time with throughput, and idle shares. An alarm
 (rlhf_ray.run.alarms) is a red dotted line at its step, and the summary names it.
 """
 from __future__ import annotations
@@ -130,8 +130,10 @@ def draw(runs: dict[str, list[dict]], out: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
-    (ax_reward, ax_kl), (ax_len, ax_time) = axes
+    fig = plt.figure(figsize=(13, 11.5))
+    grid = fig.add_gridspec(3, 2, height_ratios=[1, 1, 0.75])
+    (ax_reward, ax_kl), (ax_len, ax_time) = [[fig.add_subplot(grid[r, c]) for c in range(2)] for r in range(2)]
+    ax_idle = fig.add_subplot(grid[2, :])
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     several = len(runs) > 1
     ax_eos = ax_len.twinx()
@@ -148,15 +150,40 @@ def draw(runs: dict[str, list[dict]], out: str | Path) -> Path:
     ax_len.set_ylabel("tokens")
     ax_eos.set_ylabel("fraction ending with EOS")
     ax_eos.set_ylim(-0.05, 1.05)
-    _step_axes((ax_reward, ax_kl, ax_len, ax_time), "PPO step")
+    _step_axes((ax_reward, ax_kl, ax_len, ax_time, ax_idle), "PPO step")
     ax_reward.legend(fontsize=8)
     _legend(ax_len, ax_eos)
     draw_kl(ax_kl, runs, colors)
     _draw_time(ax_time, runs, colors)
+    draw_idle(ax_idle, runs)
     for rows in runs.values():
-        mark_alarms((ax_reward, ax_kl, ax_len) + (() if several else (ax_time,)), rows)
+        mark_alarms((ax_reward, ax_kl, ax_len, ax_idle) + (() if several else (ax_time,)), rows)
     title = "  vs  ".join(runs) if several else next(iter(runs))
     return _save(fig, f"rlhf-ray: {title}", out)
+
+
+ROLE_COLORS = {"generation": "tab:blue", "reward": "tab:orange", "reference": "tab:purple", "learner": "tab:green"}
+RUN_STYLES = ["-", "--", ":", "-."]
+
+
+def draw_idle(ax, runs: dict[str, list[dict]]) -> None:
+    """Each role's idle share per step (idle/<role>: the part of the step none of its actors' calls covered,
+    rlhf_ray.run.timeline), a colour per role, a line style per run."""
+    drawn = False
+    for i, (label, rows) in enumerate(runs.items()):
+        roles = sorted({k.split("/", 1)[1] for r in rows for k in r if k.startswith("idle/")})
+        for role in roles:
+            tag = f"{label}: " if len(runs) > 1 else ""
+            ax.plot(*_series(rows, f"idle/{role}"), color=ROLE_COLORS.get(role, "tab:gray"),
+                    linestyle=RUN_STYLES[i % len(RUN_STYLES)], marker=".", label=f"{tag}{role}")
+            drawn = True
+    ax.set_title("idle share per role (1 − busy / step wall time; the timeline: trace.json)")
+    ax.set_ylim(-0.03, 1.03)
+    if drawn:
+        ax.legend(fontsize=8, ncol=4)
+    else:
+        ax.text(0.5, 0.5, "no idle shares logged (a run from before the timeline)", transform=ax.transAxes,
+                ha="center", va="center")
 
 
 def draw_kl(ax, runs: dict[str, list[dict]], colors: list[str]) -> None:
@@ -244,7 +271,7 @@ def draw_learning(rows: list[dict], out: str | Path, label: str) -> Path:
 
     loss_key = learning_kind(rows)
     kind, train_key, eval_figure = LEARNING_RUNS[loss_key]
-    fig, (ax_loss, ax_eval, ax_time) = plt.subplots(1, 3, figsize=(15, 4.6))
+    fig, (ax_loss, ax_eval, ax_time, ax_idle) = plt.subplots(1, 4, figsize=(20, 4.6))
     ax_loss.plot(*_series(rows, loss_key), marker=".", label=f"training loss ({loss_key})")
     if train_key:
         twin = ax_loss.twinx()
@@ -273,8 +300,9 @@ def draw_learning(rows: list[dict], out: str | Path, label: str) -> Path:
         twin.set_ylabel(throughput.split("/")[1].replace("_", " "))
         _legend(ax_time, twin)
     ax_time.set_title("step time and throughput")
-    _step_axes((ax_loss, ax_eval, ax_time), f"{kind} step")
-    mark_alarms((ax_loss, ax_eval, ax_time), rows)
+    draw_idle(ax_idle, {label: rows})
+    _step_axes((ax_loss, ax_eval, ax_time, ax_idle), f"{kind} step")
+    mark_alarms((ax_loss, ax_eval, ax_time, ax_idle), rows)
     return _save(fig, f"rlhf-ray {kind}: {label}", out)
 
 
