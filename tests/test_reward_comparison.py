@@ -127,3 +127,12 @@ def test_a_runs_config_trains_from_scratch_or_resumes_a_stopped_run(tmp_path):
         cfg = load_config(str(path), command[command.index("--config") + 2:])
         assert (cfg.resume, cfg.overwrite) == (("auto", False) if resume else (None, True))
         assert cfg.checkpoint.keep_policies and cfg.output_dir == str(tmp_path / "runs" / "e")
+    # a run is reused or resumed when its saved config is this one: as a tree, keys added since at their defaults
+    import yaml
+
+    tree = yaml.safe_load(run.config_text)
+    assert run.same_config(run.config_text)
+    older = {**tree, "logging": {k: v for k, v in tree["logging"].items() if k not in ("alarms", "trace")}}
+    assert run.same_config(yaml.safe_dump(older)) and yaml.safe_dump(older) != run.config_text
+    assert not run.same_config(yaml.safe_dump({**tree, "seed": tree["seed"] + 1}))
+    assert not run.same_config(yaml.safe_dump({**tree, "removed_since": 1})) and not run.same_config("[")

@@ -64,6 +64,18 @@ class Experiment:
     def config_text(self) -> str:
         return dump_config(self.cfg)
 
+    def same_config(self, saved_text: str) -> bool:
+        """``saved_text`` (a finished run's marker, a stopped run's <name>.yaml) is this run's config: read with this
+        version's schema — keys added since take their defaults, so a newer rlhf-ray reuses the runs an older one
+        made — the trees are equal. A config it cannot read (a key removed since) is another run."""
+        import yaml
+
+        try:
+            saved = build_config(yaml.safe_load(saved_text), schema=ExperimentConfig)
+        except (ConfigError, yaml.YAMLError, TypeError):
+            return False
+        return saved.model_dump(mode="json") == self.cfg.model_dump(mode="json")
+
 
 # ------------------------------------------------------------------------------------------------------- prepare
 
@@ -147,7 +159,7 @@ def train(run: Experiment, timeout_s: float) -> None:
     from rlhf_ray.run.checkpoint import latest_valid
 
     done = run.out / DONE_MARKER
-    if done.is_file() and json.loads(done.read_text()).get("config") == run.config_text:
+    if done.is_file() and run.same_config(json.loads(done.read_text()).get("config", "")):
         run.status = "reused"
         print(f"[{run.name}] finished before with this config: reused ({run.out})", file=sys.stderr)
     else:
@@ -155,7 +167,7 @@ def train(run: Experiment, timeout_s: float) -> None:
         run.out.mkdir(parents=True, exist_ok=True)
         config_path = run.out.parent / f"{run.name}.yaml"
         # a run stopped before (the harness interrupted) continues from its checkpoint if its config is the same
-        same = config_path.is_file() and config_path.read_text() == run.config_text
+        same = config_path.is_file() and run.same_config(config_path.read_text())
         config_path.write_text(run.config_text)
         command = train_command(config_path, resume=same and latest_valid(run.out) is not None)
         started = time.perf_counter()
