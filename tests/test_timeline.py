@@ -106,3 +106,15 @@ def assert_nested_or_disjoint(events: list[dict]) -> None:
         for a0, a1 in spans_:
             for b0, b1 in spans_:
                 assert a1 <= b0 or b1 <= a0 or (a0 <= b0 and b1 <= a1) or (b0 <= a0 and a1 <= b1), (a0, a1, b0, b1)
+
+
+def test_the_timeline_picture_of_the_last_steps(tmp_path):
+    from rlhf_ray.run.report import main as report
+
+    timeline = Timeline(tmp_path)
+    for step in range(1, 4):
+        t = 1000.0 + step
+        timeline.add_step(step, t, t + 1, [{"name": "generate", "start": t, "end": t + 0.5, "args": {}}],
+                          {"generation-0": [{"name": "generate", "start": t, "end": t + 0.5, "args": {}}]})
+    assert report([str(tmp_path), "--timeline", "2"]) == 0 and (tmp_path / "timeline.png").stat().st_size > 10_000
+    assert report([str(tmp_path / "missing"), "--timeline", "2"]) == 2

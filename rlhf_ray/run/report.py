@@ -333,7 +333,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", help="run output directories (each with metrics.jsonl)")
     parser.add_argument("--out", help="PNG to write (default: <run>/report.png for one run, report_compare.png "
                                       "in the current directory for several)")
+    parser.add_argument("--timeline", type=int, metavar="STEPS", help="draw the last STEPS steps of the run's "
+                                                                       "trace.json instead: <run>/timeline.png")
     args = parser.parse_args(argv)
+    if args.timeline:
+        return timeline_main(args)
     names = [Path(d).resolve().name or str(d) for d in args.runs]
     labels = names if len(set(names)) == len(names) else list(args.runs)  # same folder name twice: full paths
     try:
@@ -354,3 +358,21 @@ def main(argv: list[str] | None = None) -> int:
         print(summary(rows, label))
     print(f"report: {out}")
     return 0
+
+
+def timeline_main(args) -> int:
+    """``--timeline STEPS``: one run's trace drawn (rlhf_ray.run.timeline.draw_timeline)."""
+    from rlhf_ray.run.timeline import draw_timeline, load_trace
+
+    if len(args.runs) != 1:
+        print("error: --timeline draws one run", file=sys.stderr)
+        return 2
+    trace = Path(args.runs[0]) / "trace.json"
+    try:
+        out = draw_timeline(load_trace(trace), args.out or Path(args.runs[0]) / "timeline.png", args.timeline)
+    except (OSError, ValueError, KeyError) as err:
+        print(f"error: {trace}: {err}", file=sys.stderr)
+        return 2
+    print(f"timeline: {out}")
+    return 0
+

@@ -145,3 +145,54 @@ class Timeline:
                 "tid": self.trace.tid(pid, thread), "ts": round(span["start"] * US, 1),
                 "dur": round(max(span["end"] - span["start"], 0.0) * US, 1),
                 "args": {"step": step, **span.get("args", {})}}
+
+
+# ------------------------------------------------------------------------------------------------ the picture
+
+def load_trace(path: str | Path) -> list[dict]:
+    """A trace file's events (a part as well as trace.json)."""
+    return json.loads(Path(path).read_text())["traceEvents"]
+
+
+def draw_timeline(events: list[dict], out: str | Path, steps: int = 3) -> Path:
+    """The last ``steps`` steps of a trace as a PNG: a row per process and thread (the driver's phases, each actor's
+    calls), a bar per span coloured by its name, the steps' bounds as dotted lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = {e["pid"]: e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "process_name"}
+    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "thread_name"}
+    spans = [e for e in events if e["ph"] == "X"]
+    step_spans = sorted((e for e in spans if e["name"].startswith("step ")), key=lambda e: e["ts"])[-steps:]
+    if not step_spans:
+        raise ValueError("the trace has no steps")
+    t0, t1 = step_spans[0]["ts"], step_spans[-1]["ts"] + step_spans[-1]["dur"]
+    shown = [e for e in spans if e["ts"] + e["dur"] >= t0 and e["ts"] <= t1 and not e["name"].startswith("step ")]
+    rows = sorted({(e["pid"], e["tid"]) for e in shown}, key=lambda k: (names.get(k[0]) != "driver", names.get(k[0], ""),
+                                                                         k[1]))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    color_of = {name: colors[i % len(colors)] for i, name in enumerate(sorted({e["name"] for e in shown}))}
+    fig, ax = plt.subplots(figsize=(14, 0.55 * len(rows) + 1.6))
+    for y, key in enumerate(rows):
+        for e in (e for e in shown if (e["pid"], e["tid"]) == key):
+            ax.broken_barh([((e["ts"] - t0) / US, e["dur"] / US)], (y - 0.38, 0.76), color=color_of[e["name"]])
+    for e in step_spans:
+        ax.axvline((e["ts"] - t0) / US, color="black", linestyle=":", linewidth=1)
+        ax.text((e["ts"] - t0) / US, len(rows) - 0.4, f" {e['name']}", fontsize=8, va="bottom")
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([f"{names.get(p, p)}" + (f" · {threads[(p, t)]}" if threads.get((p, t)) not in (None, "calls",
+                                                                                                       "MainThread")
+                                                else "") for p, t in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds")
+    ax.grid(axis="x", alpha=0.3)
+    handles = [matplotlib.patches.Patch(color=c, label=n) for n, c in color_of.items()]
+    ax.legend(handles=handles, fontsize=7, ncol=min(6, len(handles)), loc="upper center", bbox_to_anchor=(0.5, -0.18))
+    ax.set_title(f"timeline: the last {len(step_spans)} steps (driver phases, every actor's calls)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return Path(out)
+
