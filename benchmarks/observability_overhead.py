@@ -69,7 +69,8 @@ def main() -> None:
     base.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [f"# Observability overhead: {args.config}", "",
              f"{args.repeats} interleaved repeats of {args.steps} PPO steps (the first {args.warmup} left out), "
-             f"{describe(machine_info())}. A run's figure is its median step; the table gives the median over runs (min–max).", "",
+             f"{describe(machine_info())}. A run's figure is its median step; the table gives the median over runs "
+             "(min–max).", "",
              "| variant | step | runs |", "|---|---:|---|"]
     for name, s in summary.items():
         lines.append(f"| {name} | {s['median_s']:.3f} s ({s['min_s']:.3f}–{s['max_s']:.3f}) | "

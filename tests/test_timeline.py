@@ -54,13 +54,15 @@ def test_an_actors_clock_is_set_against_the_drivers_within_half_a_round_trip(mon
         windows.append((sent, received, taken["spans"][0]))
     assert actor.offset == pytest.approx(offset, abs=0.01) and actor.error < 0.01
     for sent, received, work in windows:
-        assert sent - actor.error <= actor.to_ours(work["start"]) <= actor.to_ours(work["end"]) <= received + actor.error
+        start, end = actor.to_ours(work["start"]), actor.to_ours(work["end"])
+        assert sent - actor.error <= start <= end <= received + actor.error
 
 
 def test_idle_share_is_the_part_of_the_step_no_span_of_the_actor_covers():
     assert covered([(0, 2), (1, 3), (5, 6)], 0, 10) == 4
     assert covered([(-5, 1), (9, 20)], 0, 10) == 2  # cut to the window
-    actors = {"generation-0": [{"start": 0, "end": 6}], "generation-1": [{"start": 0, "end": 2}, {"start": 1, "end": 4}],
+    actors = {"generation-0": [{"start": 0, "end": 6}],
+              "generation-1": [{"start": 0, "end": 2}, {"start": 1, "end": 4}],
               "learner-0": [], "reward-0": [{"start": 6, "end": 7}, {"start": 6.5, "end": 8}]}
     shares = idle_shares(actors, 0.0, 10.0)
     assert shares == pytest.approx({"generation": 0.5, "learner": 1.0, "reward": 0.8})
@@ -92,6 +94,9 @@ def test_the_trace_is_valid_after_every_step_rolls_over_and_a_resume_keeps_the_e
                  if e["ph"] == "M" and e["name"] == "process_name"}
         assert names == {"driver", "generation-0", "learner-0"}
     assert_nested_or_disjoint(events)
+    # a replacement under the same name (another process, maybe another node): its clock is estimated afresh
+    timeline.observe_clock("generation-0", t, t + 7.0, t + 0.5, pid=99)
+    assert timeline.clocks["generation-0"].offset == pytest.approx(6.75)
     Timeline(tmp_path)  # a resumed run: the trace so far is kept as a part of its own
     assert (tmp_path / "trace-resumed-0.json").is_file() and not (tmp_path / "trace.json").exists()
 

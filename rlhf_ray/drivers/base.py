@@ -94,7 +94,7 @@ class CheckpointedDriver:
         per role (``idle/<role>``)."""
         now, actors = clock(), {}
         for name, (taken, sent, received) in self.roles.take_spans().items():
-            self.timeline.observe_clock(name, sent, taken["clock"], received)
+            self.timeline.observe_clock(name, sent, taken["clock"], received, taken.get("pid"))
             actors[name] = self.timeline.aligned(name, taken["spans"])
         shares = self.timeline.add_step(step, self.window_start, now, RECORDER.take()["spans"], actors)
         self.window_start = now
@@ -236,7 +236,8 @@ class CheckpointedDriver:
             self.save_checkpoint()
 
     def stop_on_alarm(self) -> str:
-        """logging.alarms=stop: the finished steps checkpointed (whatever checkpoint.on_signal says), for the console."""
+        """logging.alarms=stop: the finished steps checkpointed (whatever checkpoint.on_signal says); what happened,
+        for the console."""
         saved = self.save_checkpoint() if self.saved_step != self.step_count else None
         return (f"checkpoint saved to {saved} (resume=auto continues from it)" if saved
                 else f"the last checkpoint (step {self.saved_step}) is current")

@@ -95,7 +95,8 @@ def judging_prompts(template, sample: RewardSample, judge: JudgeConfig) -> list[
         return [JudgingPrompt(template.render(**common, answer_a=sample.response, answer_b=None), choices)]
     if sample.label is None:
         raise ValueError("models.reward.judge.mode=pairwise needs each prompt's reference answer, and a sample has none: "
-                         "set data.label_field to the data field that holds it, or judge.baseline to a policy that answers")
+                         "set data.label_field to the data field that holds it, or judge.baseline to a policy that "
+                         "answers")
     orders = [(sample.response, sample.label, {"A": 1.0, "B": 0.0})]
     if judge.both_orders:
         orders.append((sample.label, sample.response, {"A": 0.0, "B": 1.0}))

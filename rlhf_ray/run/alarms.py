@@ -14,8 +14,8 @@ the first ``baseline_steps`` steps that log the metric; a trend is over the last
     reward_vs_reference  score/mean rose over the window while ref/logprob_mean (the reference's log-prob per response
                          token) fell over it and lies more than ref_logprob_drop below its baseline: the responses earn
                          more while leaving what the reference would write
-    sampler_gap_growing  kl/sampler_vs_learner (mean |sampler − learner| log-prob per token) > sampler_gap_max and rose
-                         over the window: the engines' weights drift from the learner's
+    sampler_gap_growing  kl/sampler_vs_learner (mean |sampler − learner| log-prob per token) > sampler_gap_max and
+                         rose over the window: the engines' weights drift from the learner's
     penalty_pays         score/cut_pays = 1: a response cut at generation.max_new_tokens earns ppo.non_eos_penalty,
                          more than the median finished response, so the policy learns to ramble
 

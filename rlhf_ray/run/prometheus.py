@@ -54,10 +54,12 @@ class PrometheusExport:
         self.run = run
         made = {name: (Gauge if kind == "gauge" else Counter)(name, description=what, tag_keys=("run", *keys))
                 for name, (kind, what, keys) in METRICS.items()}
-        self.step, self.step_seconds, self.phase = made["rlhf_step"], made["rlhf_step_seconds"], made["rlhf_phase_seconds"]
+        self.step, self.step_seconds = made["rlhf_step"], made["rlhf_step_seconds"]
+        self.phase = made["rlhf_phase_seconds"]
         self.tokens, self.reward_latency = made["rlhf_tokens_per_second"], made["rlhf_reward_latency_seconds"]
         self.sync_seconds, self.sync_bytes = made["rlhf_weight_sync_seconds"], made["rlhf_weight_sync_bytes"]
-        self.calls, self.restarts, self.alarms = made["rlhf_calls_in_flight"], made["rlhf_restarts"], made["rlhf_alarms"]
+        self.calls = made["rlhf_calls_in_flight"]
+        self.restarts, self.alarms = made["rlhf_restarts"], made["rlhf_alarms"]
         self.restarts_seen: dict[str, float] = {}
         self.waits: dict[str, int] = {}
         self.lock = threading.Lock()  # waits come from the driver's thread and its rollout thread

@@ -1,13 +1,15 @@
-"""The end-of-run report: a four-panel picture and a one-line verdict, from ``metrics.jsonl``.
+"""The end-of-run report: a picture and a one-line verdict, from ``metrics.jsonl``.
 
     python -m rlhf_ray.report runs/smollm2_cpu                  # redraws runs/smollm2_cpu/report.png
     python -m rlhf_ray.report runs/a runs/b --out compare.png    # overlays several runs on one figure
+    python -m rlhf_ray.report runs/smollm2_cpu --timeline 3      # the last 3 steps of its trace.json: timeline.png
 
 PPO panels: reward and raw score; KL to the reference (in words where the run had none) and the sampler-vs-learner
 check; response length and EOS fraction; where each step's time went (stacked per step for one run, the mean step per
-run when comparing); each role's idle share per step (the timeline, rlhf_ray.run.timeline). A run of the learner on a dataset (SFT, DPO, reward-model training: ``LEARNING_RUNS``) gets three:
-the training loss (and accuracy), each evaluation set over the steps, step time with throughput, and idle shares. An alarm
-(rlhf_ray.run.alarms) is a red dotted line at its step, and the summary names it.
+run when comparing); each role's idle share per step (the timeline: rlhf_ray.run.timeline). A run of the learner on a
+dataset (SFT, DPO, reward-model training: ``LEARNING_RUNS``) gets four: the training loss (and accuracy), each
+evaluation set over the steps, step time with throughput, idle shares. An alarm (rlhf_ray.run.alarms) is a red dotted
+line at its step, and the summary names it.
 """
 from __future__ import annotations
 
@@ -98,7 +100,8 @@ def summary(rows: list[dict], label: str = "") -> str:
                           sorted(shares.items(), key=lambda kv: -kv[1]))
     memory_text = peak_memory(rows)
     averaged = f" (mean of the first/last {window} steps)" if window > 1 else ""
-    return (f"{label + ': ' if label else ''}{n} step{'' if n == 1 else 's'} in {total:.0f} s; reward {first('reward/mean'):.3f} → "
+    steps = f"{n} step{'' if n == 1 else 's'}"
+    return (f"{label + ': ' if label else ''}{steps} in {total:.0f} s; reward {first('reward/mean'):.3f} → "
             f"{last('reward/mean'):.3f}, score {first('score/mean'):.3f} → {last('score/mean'):.3f}{averaged}; "
             f"{tokens / total if total else 0:.0f} generated tokens/s; time: {time_text}"
             + (f"; peak GB: {memory_text}" if memory_text else "")

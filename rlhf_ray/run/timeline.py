@@ -115,9 +115,15 @@ class Timeline:
     def __init__(self, out_dir: str | Path, write: bool = True, max_events: int = 200_000):
         self.trace = TraceFile(out_dir, max_events) if write else None
         self.clocks: dict[str, ClockOffset] = {}
+        self.pids: dict[str, int | None] = {}
 
-    def observe_clock(self, actor: str, sent: float, their_clock: float, received: float) -> None:
-        self.clocks.setdefault(actor, ClockOffset()).observe(sent, their_clock, received)
+    def observe_clock(self, actor: str, sent: float, their_clock: float, received: float,
+                      pid: int | None = None) -> None:
+        """A reading of ``actor``'s clock during a call; a new process under the name (a replacement, maybe on
+        another node) starts its estimate afresh."""
+        if actor not in self.clocks or self.pids.get(actor) != pid:
+            self.clocks[actor], self.pids[actor] = ClockOffset(), pid
+        self.clocks[actor].observe(sent, their_clock, received)
 
     def aligned(self, actor: str, spans: list[dict]) -> list[dict]:
         clock = self.clocks.get(actor)
@@ -170,8 +176,8 @@ def draw_timeline(events: list[dict], out: str | Path, steps: int = 3) -> Path:
         raise ValueError("the trace has no steps")
     t0, t1 = step_spans[0]["ts"], step_spans[-1]["ts"] + step_spans[-1]["dur"]
     shown = [e for e in spans if e["ts"] + e["dur"] >= t0 and e["ts"] <= t1 and not e["name"].startswith("step ")]
-    rows = sorted({(e["pid"], e["tid"]) for e in shown}, key=lambda k: (names.get(k[0]) != "driver", names.get(k[0], ""),
-                                                                         k[1]))
+    rows = sorted({(e["pid"], e["tid"]) for e in shown},
+                  key=lambda k: (names.get(k[0]) != "driver", names.get(k[0], ""), k[1]))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     color_of = {name: colors[i % len(colors)] for i, name in enumerate(sorted({e["name"] for e in shown}))}
     fig, ax = plt.subplots(figsize=(14, 0.55 * len(rows) + 1.6))

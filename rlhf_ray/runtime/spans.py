@@ -53,10 +53,10 @@ class SpanRecorder:
             self.local.args.update(args)
 
     def take(self) -> dict:
-        """The spans so far (then forgotten), how many were dropped, and this clock's reading now."""
+        """The spans so far (then forgotten), how many were dropped, this clock's reading now and the process."""
         with self.lock:
             spans, self.spans, dropped, self.dropped = self.spans, [], self.dropped, 0
-        return {"spans": spans, "dropped": dropped, "clock": clock()}
+        return {"spans": spans, "dropped": dropped, "clock": clock(), "pid": os.getpid()}
 
 
 RECORDER = SpanRecorder()  # this process's

@@ -54,8 +54,8 @@ def dump_stacks(pid: int, stacks_file: str | None, tool: str = "auto", timeout_s
     why = ""
     if tool in ("auto", "py-spy"):
         try:
-            done = subprocess.run([py_spy(), "dump", "--full-filenames", "--pid", str(pid)], capture_output=True, text=True,
-                                  timeout=timeout_s)
+            done = subprocess.run([py_spy(), "dump", "--full-filenames", "--pid", str(pid)], capture_output=True,
+                                  text=True, timeout=timeout_s)
             if done.returncode == 0 and done.stdout.strip():
                 return done.stdout, "py-spy"
             why = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
