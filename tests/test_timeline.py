@@ -88,7 +88,11 @@ def test_the_trace_is_valid_after_every_step_rolls_over_and_a_resume_keeps_the_e
     events = [e for name in [*parts, "trace.json"] for e in json.loads((tmp_path / name).read_text())["traceEvents"]]
     spans_of = lambda name: [e for e in events if e["ph"] == "X" and e["name"] == name]  # noqa: E731
     assert [e["args"]["step"] for e in spans_of("generate") if e["cat"] == "generation"] == [1, 2, 3, 4, 5]
-    assert spans_of("step 3")[0]["ts"] == pytest.approx(1002.0e6) and spans_of("step 3")[0]["dur"] == 1e6
+    assert spans_of("step 3")[0]["ts"] == 1002_000_000 and spans_of("step 3")[0]["dur"] == 1_000_000
+    # spans that meet (step 2 ends where step 3 begins) stay apart in whole microseconds, even at awkward times
+    third = timeline.event("driver", "step", {"name": "x", "start": 1e9 + 0.1234567, "end": 1e9 + 0.7654321}, 0)
+    fourth = timeline.event("driver", "step", {"name": "y", "start": 1e9 + 0.7654321, "end": 1e9 + 0.9}, 0)
+    assert third["ts"] + third["dur"] == fourth["ts"]
     for part in [*parts, "trace.json"]:  # every part names its processes and threads
         names = {e["args"]["name"] for e in json.loads((tmp_path / part).read_text())["traceEvents"]
                  if e["ph"] == "M" and e["name"] == "process_name"}
