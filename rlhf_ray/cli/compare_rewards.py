@@ -252,7 +252,9 @@ class Evaluator:
         """What an evaluation depends on besides the policy: a kept evaluation is reused only under the same."""
         return {"prompts": [p.token_ids for p in self.state.encoded], "samples": self.samples,
                 "temperature": self.temperature, "seed": self.base.seed,
-                "max_new_tokens": self.base.generation.max_new_tokens, "gold": self.state.gold.model_dump(mode="json")}
+                "max_new_tokens": self.base.generation.max_new_tokens,
+                # what the gold's config sets: a key added to the reward config since keeps the evaluations
+                "gold": self.state.gold.model_dump(mode="json", exclude_defaults=True)}
 
     def policy(self, label: str, path: str | None) -> dict:
         """The responses of the policy at ``path`` (None: the initial policy), their KL from the initial policy and
