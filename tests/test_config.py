@@ -259,3 +259,17 @@ def test_reading_and_validating_configs_imports_no_actor_cluster_or_driver():
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_off_no_and_yes_are_words_in_a_config_and_booleans_still_read_them():
+    """YAML 1.1 would make `off` a boolean, which a choice of words ('off', 'warn', 'stop') then refuses; the config's
+    YAML has only true/false as booleans, and a boolean key still takes off/no/yes."""
+    from rlhf_ray.config import load_config, read_yaml
+
+    cfg = load_config(None, ["logging.alarms=off", "models.reward.cache=off", "logging.tensorboard=no",
+                             "logging.report=yes"])
+    assert (cfg.logging.alarms, cfg.models.reward.cache, cfg.logging.tensorboard, cfg.logging.report) == (
+        "off", "off", False, True)
+    assert read_yaml("logging:\n  alarms: off\n  progress_bar: false\n") == {"logging": {"alarms": "off",
+                                                                                      "progress_bar": False}}
+    assert read_yaml("[true, False, off, on, 'yes', 1, 1.5, null]") == [True, False, "off", "on", "yes", 1, 1.5, None]

@@ -27,10 +27,9 @@ import statistics
 import sys
 from pathlib import Path
 
-import yaml
 
 from rlhf_ray.cli.sweep import label_of, parse_grid, run_point
-from rlhf_ray.config import ConfigError, dump_config, load_config
+from rlhf_ray.config import ConfigError, dump_config, load_config, read_yaml
 from rlhf_ray.planning import plan_experiment, with_overrides
 from rlhf_ray.planning.balance import Candidate, choose, cpu_candidates, default_grid, ranked, reservations
 from rlhf_ray.planning.calibration import (Calibration, CalibrationError, Probe, apply, calibrate, hardware_from_figures,
@@ -156,7 +155,7 @@ def gpu_candidates(cfg, hw, gpus: int | None, nodes: int | None) -> tuple[list[C
     rec = plan.recommendation
     if rec is not None and rec.overrides and rec.note != "as configured":
         changed = plan_experiment(with_overrides(cfg, rec.overrides), hw, gpus=plan.gpus, nodes=plan.nodes, search=False)
-        settings = {o.partition("=")[0]: yaml.safe_load(o.partition("=")[2]) for o in rec.overrides}
+        settings = {o.partition("=")[0]: read_yaml(o.partition("=")[2]) for o in rec.overrides}
         found.append(Candidate(settings, rec.overrides, changed, roles=rec.roles))
     return found, choose(found)   # (the layout search has chosen among its own: this keeps its answer unless a tie)
 
@@ -263,7 +262,7 @@ def main(args, hardware) -> int:
             print("\n".join(candidate_lines(candidates, chosen)))
             if chosen is None or not args.verify or round_ == args.rounds or _probed(chosen, probes):
                 break
-            probe = run_probe(args.config, list(args.overrides), {o.partition("=")[0]: yaml.safe_load(o.partition("=")[2])
+            probe = run_probe(args.config, list(args.overrides), {o.partition("=")[0]: read_yaml(o.partition("=")[2])
                                                                   for o in chosen.overrides}, args, out,
                               probes[0].plan.hardware)
             error = chosen.step / probe.measured["step"] - 1

@@ -43,7 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-from rlhf_ray.config import ConfigError, ExperimentConfig, RewardConfig, build_config, dump_config, load_config
+from rlhf_ray.config import (ConfigError, ExperimentConfig, RewardConfig, build_config, dump_config, load_config,
+                             read_yaml)
 from rlhf_ray.evaluation import reward_comparison
 from rlhf_ray.evaluation.comparison import write_together
 
@@ -71,7 +72,7 @@ class Experiment:
         import yaml
 
         try:
-            saved = build_config(yaml.safe_load(saved_text), schema=ExperimentConfig)
+            saved = build_config(read_yaml(saved_text), schema=ExperimentConfig)
         except (ConfigError, yaml.YAMLError, TypeError):
             return False
         return saved.model_dump(mode="json") == self.cfg.model_dump(mode="json")
@@ -207,9 +208,7 @@ def train_command(config_path: Path, resume: bool) -> list[str]:
 
 
 def pinned_app(config_file: Path) -> str:
-    import yaml
-
-    return yaml.safe_load(config_file.read_text())["models"]["reward"]["app"]
+    return read_yaml(config_file.read_text())["models"]["reward"]["app"]
 
 
 # ------------------------------------------------------------------------------------------------------ evaluate

@@ -22,19 +22,17 @@ from pathlib import Path
 
 import torch
 
-from rlhf_ray.config import RewardConfig, build_config
+from rlhf_ray.config import RewardConfig, build_config, read_yaml
 from rlhf_ray.data.sources import dataset_names, load_preferences, render_tulu
 from rlhf_ray.drivers.reward_model import accuracy_table
 
 
 def reward_file(path: str) -> dict:
     """A YAML file holding a models.reward tree (any kind: a composite's components, …) as a dict."""
-    import yaml
-
     file = Path(path).expanduser()
     if not file.is_file():
         raise ValueError(f"reward config file {path} does not exist")
-    tree = yaml.safe_load(file.read_text()) or {}
+    tree = read_yaml(file.read_text()) or {}
     if not isinstance(tree, dict):
         raise ValueError(f"{path} must hold the keys of models.reward (kind: composite, components: …), "
                          f"not a {type(tree).__name__}")

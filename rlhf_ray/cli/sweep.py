@@ -29,9 +29,8 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
 
-from rlhf_ray.config import DEFAULT_CONFIG, ConfigError, load_config
+from rlhf_ray.config import DEFAULT_CONFIG, ConfigError, load_config, read_yaml
 from rlhf_ray.run.report import role_peaks
 
 ROOT = DEFAULT_CONFIG.parent.parent
@@ -292,7 +291,7 @@ def draw(points: list[dict], path: Path) -> None:
 
 # -------------------------------------------------------------------------------------------------- CLI
 def load_sweep(path: str | Path) -> dict:
-    spec = yaml.safe_load(Path(path).read_text()) or {}
+    spec = read_yaml(Path(path).read_text()) or {}
     unknown = set(spec) - {"config", "overrides", "grid", "steps", "warmup", "timeout_s"}
     if unknown:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)} (config, overrides, grid, steps, warmup, timeout_s)")
@@ -307,7 +306,7 @@ def parse_grid(items: list[str]) -> dict[str, list]:
         key, sep, values = item.partition("=")
         if not sep or not values:
             raise ValueError(f"--grid {item!r}: write KEY=V1,V2,… (e.g. ppo.async_steps=0,1)")
-        grid[key] = [yaml.safe_load(v) for v in values.split(",")]
+        grid[key] = [read_yaml(v) for v in values.split(",")]
     return grid
 
 

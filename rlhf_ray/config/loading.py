@@ -6,6 +6,7 @@ changes one). Nothing is silently rewritten: what the user wrote is validated as
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
@@ -15,6 +16,24 @@ from rlhf_ray.config.errors import ConfigError, format_validation_error
 from rlhf_ray.config.ppo import ExperimentConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yaml"
+
+
+class ConfigYAML(yaml.SafeLoader):
+    """YAML as configs mean it: only true/false are booleans (YAML 1.2), so ``logging.alarms=off`` and
+    ``models.reward.cache=off`` are the word they say — YAML 1.1's on/off/yes/no would turn them into booleans that a
+    choice of words then refuses. A boolean key still takes them: pydantic reads 'off', 'no', … as false."""
+
+
+ConfigYAML.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+ConfigYAML.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                 list("tTfF"))
+
+
+def read_yaml(text: str):
+    """A config's YAML (a file, an override's value, a saved config.yaml) with ``ConfigYAML``'s booleans."""
+    return yaml.load(text, Loader=ConfigYAML)  # noqa: S506 — a SafeLoader
 
 
 class Replacing(dict):
@@ -31,7 +50,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         if not sep or not key.strip():
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. ppo.kl_coef=0.1)")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = read_yaml(raw) if raw != "" else ""
         except yaml.YAMLError as err:
             raise ConfigError(f"override '{item}': value is not valid YAML ({err.problem})") from None
         node = tree
@@ -72,7 +91,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = read_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(tree, dict):

@@ -24,7 +24,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import yaml
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +178,9 @@ def read_state(path: str | Path) -> dict:
 
 
 def saved_config(path: str | Path) -> dict:
-    return yaml.safe_load((Path(path) / "config.yaml").read_text())
+    from rlhf_ray.config import read_yaml
+
+    return read_yaml((Path(path) / "config.yaml").read_text())
 
 
 def step_of(path: str | Path) -> int:
