@@ -174,6 +174,9 @@ def test_a_used_output_dir_is_refused_unless_resumed_or_overwritten(tmp_path):
         claim_output_dir(tmp_path, None, False)
     claim_output_dir(tmp_path, "auto", False)
     assert (tmp_path / "metrics.jsonl").exists()
+    for name in ("trace.json", "trace-1-40.json", "trace-resumed-0.json", "timeline.png"):  # the timeline's too
+        (tmp_path / name).write_text("{}")
+    (tmp_path / "policies" / "step-000005").mkdir(parents=True)  # checkpoint.keep_policies
     claim_output_dir(tmp_path, None, True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 

@@ -29,7 +29,8 @@ def check_output_dir(path: str | Path) -> Path:
 
 
 RUN_OUTPUTS = ("metrics.jsonl", "samples.jsonl", "tensorboard", "checkpoints", "report.png", "final_model", "logs",
-               "config.yaml")
+               "config.yaml", "policies", "plan.json", "placement.json", "timeline.png")
+RUN_OUTPUT_PATTERNS = ("trace*.json",)  # the timeline's trace and its parts (rlhf_ray.run.timeline)
 
 
 def claim_output_dir(out: Path, resume: str | None, overwrite: bool) -> None:
@@ -43,8 +44,8 @@ def claim_output_dir(out: Path, resume: str | None, overwrite: bool) -> None:
     if not overwrite:
         raise PreflightError(f"output_dir={str(out)!r} already holds a run ({', '.join(found)}): resume=auto continues "
                              f"it, overwrite=true replaces it, or choose another output_dir")
-    for name in RUN_OUTPUTS:
-        target = out / name
+    for target in [out / name for name in RUN_OUTPUTS] + [p for pattern in RUN_OUTPUT_PATTERNS
+                                                           for p in out.glob(pattern)]:
         if target.is_dir():
             shutil.rmtree(target)
         elif target.exists():
