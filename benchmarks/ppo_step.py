@@ -37,7 +37,7 @@ def main() -> None:
     import tempfile
 
     overrides = [f"output_dir={tempfile.mkdtemp(prefix='bench_ppo_step_')}", *args.overrides,
-                 "logging.progress_bar=false", "logging.tensorboard=false"]
+                 "logging.progress_bar=false", "logging.trackers=[]"]
     batch = load_config(args.config, overrides).ppo.rollout_batch_size
     cfg = load_config(args.config, [*overrides, f"ppo.total_episodes={(args.steps + 1) * batch}"])
     from rlhf_ray.drivers.ppo import PPOTrainer

@@ -57,7 +57,7 @@ def checkpoint_costs(config: str, overrides: list[str]) -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix="bench_ckpt_"))
     batch = load_config(config, overrides).ppo.rollout_batch_size
     cfg = load_config(config, [*overrides, f"output_dir={run_dir}", f"ppo.total_episodes={4 * batch}",
-                               "logging.progress_bar=false", "logging.tensorboard=false"])
+                               "logging.progress_bar=false", "logging.trackers=[]"])
     setup_console(cfg.logging.console, run_dir)
     trainer = PPOTrainer(cfg)
     try:

@@ -184,7 +184,7 @@ def workload_overrides(entry: dict, args, total_steps: int, output_dir: str) -> 
         f"deepspeed.precision={args.precision}", f"deepspeed.zero_stage={1 if args.precision == 'bf16' else 0}",
         "deepspeed.gradient_checkpointing=false",
         "checkpoint.every_steps=0", "checkpoint.at_end=false", "checkpoint.on_signal=false",
-        "logging.progress_bar=false", "logging.tensorboard=false", "logging.samples_per_step=0",
+        "logging.progress_bar=false", "logging.trackers=[]", "logging.samples_per_step=0",
         "logging.report=false", "logging.save_final_model=false",
         # --lora: the policy as LoRA adapters on both sides (TRL: peft_config, its reference = adapters off)
         *([f"models.lora.rank={args.lora}", f"models.lora.alpha={2 * args.lora}", "models.lora.target_modules=all-linear"]

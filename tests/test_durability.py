@@ -19,6 +19,7 @@ import pytest
 
 from tests.conftest import (actor_pid, listening_addresses, metric_rows, ray_processes, short_tmp, start_run,
                             vllm_greedy, wait_for_steps)
+from tests.test_trackers import assert_each_step_once_in_the_trackers
 
 pytestmark = pytest.mark.e2e
 COMPARED = ("reward/mean", "score/mean", "kl/mean", "loss/policy", "loss/value", "response/tokens", "optim/lr")
@@ -53,8 +54,12 @@ def test_a_stopped_run_resumes_and_reproduces_the_uninterrupted_run(tiny_cache, 
                 whole_run.kill()
 
 
+TRACKED = ("logging.trackers=[tensorboard, wandb, mlflow]", "logging.wandb.mode=offline")
+
+
 def stopped_and_resumed(tmp_path: Path, tiny_cache: Path, ray_tmp: str, settings: tuple, whole_run) -> None:
     out = tmp_path / "stopped"
+    settings = (*settings, *TRACKED)  # (the trackers change no figure the whole run's are compared by)
     run = start_run(out, ray_tmp, tiny_cache, *settings)
     wait_for_steps(run, out, 2)
     os.kill(actor_pid(ray_tmp, "GenerationActor"), signal.SIGKILL)
@@ -109,6 +114,7 @@ def stopped_and_resumed(tmp_path: Path, tiny_cache: Path, ray_tmp: str, settings
     for a, b in zip(whole, resumed):
         for key in COMPARED:
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key, a[key], b[key])
+    assert_each_step_once_in_the_trackers(out)  # W&B offline and MLflow too, their earlier records deleted
     samples = (out / "samples.jsonl").read_text().count("\n")
     assert samples == (tmp_path / "whole" / "samples.jsonl").read_text().count("\n")
     assert_policy_loads_unchanged(sorted((out / "checkpoints").glob("step-*"))[-1] / "policy", final_model)

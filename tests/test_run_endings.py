@@ -54,6 +54,7 @@ class FakeTrainer(CheckpointedDriver):
         self.step_count = self.saved_step = 0
         self.num_steps, self.startup_seconds = num_steps, 0.0
         self.lock_seen = []
+        self.metrics_log = self.open_metrics(0)
 
     def step(self) -> dict:
         self.lock_seen.append((self.cfg.output_dir and (os.path.exists(os.path.join(self.cfg.output_dir, LOCK_NAME)))))
@@ -98,7 +99,7 @@ def start(tmp_path, *overrides, **trainer):
     """Run the fake trainer through rlhf_ray.run.harness.run; -> (exit code, trainer)."""
     from rlhf_ray.run.harness import run
 
-    cfg = tiny_config(tmp_path / "run", None, "logging.tensorboard=false", *overrides)
+    cfg = tiny_config(tmp_path / "run", None, "logging.trackers=[]", *overrides)
     made = []
     code = run(cfg, "test run", lambda: made.append(FakeTrainer(cfg, **trainer)) or made[0])
     return code, (made[0] if made else None)

@@ -22,7 +22,7 @@ from tests.conftest import metric_rows, short_tmp, start_run, wait_for_steps
 pytestmark = pytest.mark.e2e
 HTTP_RUN = ("models.reward.kind=http", "models.value_init=policy", "models.reward.retries=1",
             "models.reward.backoff_s=0.1", "models.reward.outage_s=8", "ppo.total_episodes=128",  # 8 steps
-            "checkpoint.every_steps=0", "logging.tensorboard=false")
+            "checkpoint.every_steps=0", "logging.trackers=[]")
 SHORT_OUTAGE_AT, SHORT_OUTAGE_S, GONE_AT = 2, 4.0, 5  # after this many rollouts scored
 
 

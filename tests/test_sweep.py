@@ -73,3 +73,21 @@ def test_outputs_name_the_best_point_and_keep_failed_ones(tmp_path):
     assert [r["status"] for r in rows] == ["ok", "ok", "invalid"] and rows[2]["error"] == "ppo.async_steps: bad"
     assert json.loads(paths["json"].read_text())["points"][1]["label"] == "async=1"
     assert paths["png"].stat().st_size > 10_000
+
+
+def test_a_points_trackers_are_the_configs_but_tensorboard_grouped_under_the_sweep(tmp_path, monkeypatch):
+    from rlhf_ray.cli.sweep import tracker_settings
+    from rlhf_ray.config import load_config
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "sweep-b"
+    assert tracker_settings(load_config(None).logging, out) == ["logging.trackers=[]"]
+    both = load_config(None, ["logging.trackers=[tensorboard, wandb, mlflow]"]).logging
+    assert tracker_settings(both, out) == ["logging.trackers=[wandb, mlflow]", "logging.group=sweep-b",
+                                           f"logging.mlflow.tracking_uri=sqlite:///{out.resolve() / 'mlflow.db'}"]
+    named = load_config(None, ["logging.trackers=[mlflow]", "logging.group=mine",
+                               "logging.mlflow.tracking_uri=http://mlflow:5000"]).logging
+    assert tracker_settings(named, out) == ["logging.trackers=[mlflow]"]
+    points = [load_config(None, ["ppo.kl_coef=0.1", *tracker_settings(both, out)]) for _ in range(2)]
+    assert {(cfg.logging.group, cfg.logging.mlflow.tracking_uri) for cfg in points} == {
+        ("sweep-b", f"sqlite:///{out.resolve() / 'mlflow.db'}")}

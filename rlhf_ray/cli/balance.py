@@ -29,7 +29,7 @@ from pathlib import Path
 
 
 from rlhf_ray.cli.sweep import label_of, parse_grid, run_point
-from rlhf_ray.config import ConfigError, dump_config, load_config, read_yaml
+from rlhf_ray.config import ConfigError, dump_config, load_config, load_saved_config, read_yaml
 from rlhf_ray.planning import plan_experiment, with_overrides
 from rlhf_ray.planning.balance import Candidate, choose, cpu_candidates, default_grid, ranked, reservations
 from rlhf_ray.planning.calibration import (Calibration, CalibrationError, Probe, apply, calibrate, hardware_from_figures,
@@ -54,7 +54,7 @@ def probe_from_run(run_dir: str | Path, warmup: int = 1, label: str = "", overri
 
     run_dir = Path(run_dir)
     try:
-        cfg = load_config(run_dir / "config.yaml")
+        cfg = load_saved_config(run_dir / "config.yaml")
         rows = load_metrics(run_dir)[warmup:]
     except (ConfigError, FileNotFoundError) as err:
         raise CalibrationError(f"{run_dir} is not a finished run's output_dir: {err}") from None

@@ -44,7 +44,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from rlhf_ray.config import (ConfigError, ExperimentConfig, RewardConfig, build_config, dump_config, load_config,
-                             read_yaml)
+                             read_yaml, upgrade_saved)
 from rlhf_ray.evaluation import reward_comparison
 from rlhf_ray.evaluation.comparison import write_together
 
@@ -67,12 +67,12 @@ class Experiment:
 
     def same_config(self, saved_text: str) -> bool:
         """``saved_text`` (a finished run's marker, a stopped run's <name>.yaml) is this run's config: read with this
-        version's schema — keys added since take their defaults, so a newer rlhf-ray reuses the runs an older one
+        version's schema — keys added since take their defaults, keys reshaped since their new form, so a newer rlhf-ray reuses the runs an older one
         made — the trees are equal. A config it cannot read (a key removed since) is another run."""
         import yaml
 
         try:
-            saved = build_config(read_yaml(saved_text), schema=ExperimentConfig)
+            saved = build_config(upgrade_saved(read_yaml(saved_text)), schema=ExperimentConfig)
         except (ConfigError, yaml.YAMLError, TypeError):
             return False
         return saved.model_dump(mode="json") == self.cfg.model_dump(mode="json")

@@ -76,7 +76,7 @@ def run_point(config: str, overrides: list[str], point: dict, steps: int, warmup
         settings += [f"ppo.total_episodes={(steps + warmup) * batch}", f"output_dir={point_dir}", "overwrite=true",
                      "checkpoint.every_steps=0", "checkpoint.at_end=false", "checkpoint.on_signal=false",
                      "logging.save_final_model=false", "logging.report=false", "logging.progress_bar=false",
-                     "logging.tensorboard=false", "logging.samples_per_step=0"]
+                     "logging.samples_per_step=0", *tracker_settings(cfg.logging, out)]
         cfg = load_config(config, settings)
     except ConfigError as err:
         return {**record, "status": "invalid", "error": str(err)}
@@ -104,6 +104,20 @@ def run_point(config: str, overrides: list[str], point: dict, steps: int, warmup
         return {**record, "status": "failed", "error": f"the run recorded {len(rows)} steps, none after the warm-up",
                 "console": str(point_dir / "console.log")}
     return {**record, **measure(rows[warmup:], cfg.rollout_sequences, cfg.ppo.epochs), "steps": rows[warmup:]}
+
+
+def tracker_settings(logging, out: Path) -> list[str]:
+    """A point's trackers: those its config names but TensorBoard (a point is a few steps), grouped under the sweep
+    (logging.group: the W&B group, the MLflow experiment), its MLflow store the sweep's own unless one is named."""
+    import os
+
+    trackers = [name for name in logging.trackers if name != "tensorboard"]
+    settings = [f"logging.trackers=[{', '.join(trackers)}]"]
+    if trackers and logging.group is None:
+        settings.append(f"logging.group={out.resolve().name}")
+    if "mlflow" in trackers and logging.mlflow.tracking_uri is None and not os.environ.get("MLFLOW_TRACKING_URI"):
+        settings.append(f"logging.mlflow.tracking_uri=sqlite:///{(out / 'mlflow.db').resolve()}")
+    return settings
 
 
 def measure(rows: list[dict], sequences: int, epochs: int) -> dict:

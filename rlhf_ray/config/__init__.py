@@ -24,8 +24,8 @@ from rlhf_ray.config.dpo import (DPOConfig, DPOTrainingConfig, LearnerAndReferen
                                  ReferenceTimeouts)
 from rlhf_ray.config.errors import ConfigError, ConfigKeyError
 from rlhf_ray.config.learner_run import LearnerRunConfig, PreferenceSourcesConfig
-from rlhf_ray.config.loading import (DEFAULT_CONFIG, Replacing, build_config, dump_config, load_config, merge_tree,
-                                     parse_overrides, read_yaml)
+from rlhf_ray.config.loading import (DEFAULT_CONFIG, Replacing, build_config, dump_config, load_config,
+                                     load_saved_config, merge_tree, parse_overrides, read_yaml, upgrade_saved)
 from rlhf_ray.config.planning import PlanningConfig
 from rlhf_ray.config.ppo import NO_REFERENCE, ExperimentConfig
 from rlhf_ray.config.ppo_sections import (MAX_SAMPLES_PER_PROMPT, DataConfig, GenerationConfig, LoggingConfig,
@@ -46,6 +46,6 @@ __all__ = [
     "PlanningConfig", "PreferenceDataConfig", "PreferencePairsConfig", "PreferenceSourcesConfig", "RMTrainingConfig",
     "RayConfig", "RecoveryConfig", "ReferenceTimeouts", "Replacing", "ResourcesConfig", "RewardConfig",
     "RewardTrainingConfig", "RoleResources", "RunConfig", "RunLogging", "SFTConfig", "SFTTrainingConfig",
-    "TimeoutsConfig", "WeightsConfig", "build_config", "check_transport_name", "dump_config", "load_config", "main",
-    "merge_tree", "parse_overrides", "read_yaml",
+    "TimeoutsConfig", "WeightsConfig", "build_config", "check_transport_name", "dump_config", "load_config",
+    "load_saved_config", "main", "merge_tree", "parse_overrides", "read_yaml", "upgrade_saved",
 ]

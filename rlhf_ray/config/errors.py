@@ -35,6 +35,11 @@ def require(ok, key: str, why: str) -> None:
 UNKNOWN_KEY = "unknown key (check the spelling; `python -m rlhf_ray.config --help` lists the keys)"
 
 
+# Keys that were replaced: what a config that still writes one is told (loading.RESHAPED reads saved configs).
+REPLACED_KEYS = {"logging.tensorboard": "replaced by logging.trackers, a list: [tensorboard] (the default), "
+                                       "[tensorboard, wandb, mlflow], or [] for none"}
+
+
 def format_validation_error(err: ValidationError) -> str:
     """pydantic's errors as one line: ``key: message`` for each, joined by '; '."""
     lines = []
@@ -46,7 +51,7 @@ def format_validation_error(err: ValidationError) -> str:
             path += [broken_rule.key] if broken_rule.key else []
             msg = broken_rule.why  # the rule's message says what it got where that helps
         elif error["type"] == "extra_forbidden":
-            msg = UNKNOWN_KEY
+            msg = REPLACED_KEYS.get(".".join(path), UNKNOWN_KEY)
         elif error["type"] == "missing":
             msg = "required key is missing"
         elif "input" in error and not isinstance(error["input"], dict):

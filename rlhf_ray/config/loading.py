@@ -99,6 +99,37 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return build_config(merge_tree(tree, parse_overrides(overrides or [])), schema)
 
 
+# Keys reshaped since a config was saved: old dotted key -> (new dotted key, the old value as the new key's). A run's
+# saved config.yaml (a checkpoint's, a finished run's) is read through these; a config a user writes is not (it gets
+# the error that says what replaced the key: errors.REPLACED_KEYS).
+RESHAPED = {"logging.tensorboard": ("logging.trackers", lambda on: ["tensorboard"] if on else [])}
+
+
+def upgrade_saved(tree: dict) -> dict:
+    """A saved config tree with the keys reshaped since (``RESHAPED``) in their new form."""
+    tree = {key: dict(value) if isinstance(value, dict) else value for key, value in tree.items()}
+    for old, (new, convert) in RESHAPED.items():
+        section, _, key = old.rpartition(".")
+        holder = tree.get(section) if section else tree
+        if isinstance(holder, dict) and key in holder:
+            value = convert(holder.pop(key))
+            new_section, _, new_key = new.rpartition(".")
+            target = tree.setdefault(new_section, {}) if new_section else tree
+            target.setdefault(new_key, value)
+    return tree
+
+
+def load_saved_config(path: str | Path, schema: type[BaseModel] = ExperimentConfig):
+    """A run's saved config.yaml (``path``), keys reshaped since upgraded, validated as ``schema``."""
+    try:
+        tree = read_yaml(Path(path).read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path} must contain a mapping of config sections, got {type(tree).__name__}")
+    return build_config(upgrade_saved(tree), schema)
+
+
 def dump_config(cfg: BaseModel) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 

@@ -180,13 +180,48 @@ class AlarmThresholds(StrictSection):
     window: int = Field(5, ge=2, description="The last steps a trend (a rise, a fall) is fitted over.")
 
 
+class WandbConfig(StrictSection):
+    """logging.wandb: Weights & Biases (when logging.trackers holds 'wandb')."""
+    project: str = Field("rlhf-ray", description="The W&B project.")
+    entity: Optional[str] = Field(None, description="The W&B entity (team or user); null: the API key's default.")
+    mode: Optional[Literal["online", "offline"]] = Field(
+        None, description="'online': to the server as the run goes; 'offline': files under <output_dir>/wandb "
+                          "(upload later with `wandb sync`); null: WANDB_MODE's, else online.")
+    api_key_env: str = Field("WANDB_API_KEY", description="The environment variable that holds the API key (online).")
+    init_timeout_s: float = Field(90.0, gt=0, description="Seconds W&B may take to start before it counts as "
+                                                          "unreachable.")
+    required: bool = Field(False, description="true: a run whose W&B cannot start or fails stops with the error.")
+
+
+class MlflowConfig(StrictSection):
+    """logging.mlflow: MLflow (when logging.trackers holds 'mlflow')."""
+    tracking_uri: Optional[str] = Field(
+        None, description="The tracking server or store ('http://host:5000', 'databricks', 'sqlite:///path.db'); null: "
+                          "MLFLOW_TRACKING_URI's, else sqlite:///<output_dir>/mlflow.db.")
+    experiment: Optional[str] = Field(None, description="The experiment's name; null: logging.group, else 'rlhf-ray'.")
+    token_env: str = Field("MLFLOW_TRACKING_TOKEN", description="The environment variable that holds the server's "
+                                                                "bearer token (when the server wants one).")
+    required: bool = Field(False, description="true: a run whose MLflow cannot start or fails stops with the error.")
+
+
 class RunLogging(StrictSection):
     console: Literal["quiet", "verbose"] = Field(
         "quiet", description="'quiet': the console shows startup milestones, the progress bar, the closing summary and "
                              "errors (in full, actors' tracebacks included), while the engines', Ray's and DeepSpeed's "
                              "output goes to <output_dir>/logs/ (one file per actor, driver.log for the driver); "
                              "'verbose': all of it on the console as well.")
-    tensorboard: bool = Field(True, description="Write TensorBoard events to <output_dir>/tensorboard.")
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        ["tensorboard"], description="Experiment trackers that get the config, every step's metrics, the samples "
+                                     "table and the final model's location (rlhf_ray.run.trackers): 'tensorboard' "
+                                     "(<output_dir>/tensorboard), 'wandb' (logging.wandb), 'mlflow' (logging.mlflow). "
+                                     "A resumed or recovered run holds each step once in each. One that cannot start "
+                                     "(not installed: pip install 'rlhf-ray[trackers]'; server unreachable) is one "
+                                     "console line and the run goes on without it, unless it is marked required.")
+    group: Optional[str] = Field(
+        None, description="Runs that belong together (a sweep sets its name): the W&B group, and the MLflow "
+                          "experiment unless logging.mlflow.experiment names one.")
+    wandb: WandbConfig = Field(default_factory=lambda: WandbConfig())
+    mlflow: MlflowConfig = Field(default_factory=lambda: MlflowConfig())
     progress_bar: bool = Field(True, description="Show a tqdm progress bar of the run's steps.")
     report: bool = Field(True, description="Draw <output_dir>/report.png at the end of the run (rlhf_ray.report).")
     trace: bool = Field(True, description="Write <output_dir>/trace.json: every actor's calls and the driver's "
@@ -207,6 +242,11 @@ class RunLogging(StrictSection):
                             "marker in the report, once per rule; 'stop': that, then the run ends with a checkpoint "
                             "(exit code 3); 'off': no rules.")
     alarm_thresholds: AlarmThresholds = Field(default_factory=lambda: AlarmThresholds())
+
+    @model_validator(mode="after")
+    def _each_tracker_once(self) -> "RunLogging":
+        require(len(set(self.trackers)) == len(self.trackers), "trackers", f"names a tracker twice: {self.trackers}")
+        return self
 
 
 

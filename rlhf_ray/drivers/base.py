@@ -22,6 +22,7 @@ from rlhf_ray.run.disk_full import DiskFull, is_disk_full
 from rlhf_ray.run.metrics import MetricsLogger, logged_steps
 from rlhf_ray.run.prometheus import PrometheusExport
 from rlhf_ray.run.timeline import Timeline
+from rlhf_ray.run.trackers import RunInfo, Trackers
 from rlhf_ray.runtime import waiting
 from rlhf_ray.runtime.spans import RECORDER, clock
 from rlhf_ray.runtime.stacks import HangDoctor
@@ -42,15 +43,17 @@ class CheckpointedDriver:
 
             resolve the models and check them (preflight) → load the data → the checkpoint to resume from,
             checked against this config → what comes before the cluster (the plan) → a partial checkpoint
-            removed → connect to Ray → start the roles → restore → open the metrics
+            removed → the metrics and trackers opened at the checkpoint's step → connect to Ray → start the roles →
+            restore
 
-        Everything that can be checked without a cluster fails before one starts."""
+        Everything that can be checked without a cluster fails before one starts (a required tracker too)."""
         self.step_count = 0
         self.resolve_models()
         self.load_data()
         self.resume_from = self.checkpoint_to_resume()
         self.before_cluster()
         checkpoint.remove_partial(self.cfg.output_dir)
+        self.metrics_log = self.open_metrics(checkpoint.read_state(self.resume_from)["step"] if self.resume_from else 0)
         connect(self.cfg)
         start = time.perf_counter()
         self.roles = self.start_roles()
@@ -60,12 +63,18 @@ class CheckpointedDriver:
             self.restore(self.resume_from)
         self.startup_seconds = time.perf_counter() - start
         self.saved_step = self.step_count
-        self.metrics_log = MetricsLogger(self.cfg.output_dir, self.cfg.logging.tensorboard, resume_step=self.step_count)
         self.alarms = AlarmMonitor(self.cfg.logging.alarm_thresholds, self.cfg.logging.alarms,
                                    history=logged_steps(self.cfg.output_dir) if self.step_count else [])
         self.timeline = Timeline(self.cfg.output_dir, self.cfg.logging.trace, self.cfg.logging.trace_max_events)
         RECORDER.take()  # the driver's spans from here on
         self.window_start = clock()
+
+    def open_metrics(self, step: int) -> MetricsLogger:
+        """metrics.jsonl, samples.jsonl and the trackers (logging.trackers: rlhf_ray.run.trackers), each holding the
+        steps up to ``step`` (a resumed run's checkpoint) and nothing after."""
+        out = Path(self.cfg.output_dir)
+        run = RunInfo(out, out.resolve().name, self.cfg.logging.group, self.cfg.model_dump(mode="json"))
+        return MetricsLogger(out, Trackers(self.cfg.logging, run), resume_step=step)
 
     def watch_roles(self) -> None:
         """For every wait on the roles from now on: the hang doctor (rlhf_ray.runtime.stacks; timeouts.hang_dump_at)
@@ -79,7 +88,7 @@ class CheckpointedDriver:
 
     def record(self, metrics: dict) -> None:
         """A finished step's metrics, read by the alarms (rlhf_ray.run.alarms: they add alarm/<rule> where one fires),
-        logged (metrics.jsonl, TensorBoard)."""
+        logged (metrics.jsonl, the trackers), exported (Prometheus)."""
         metrics.update(self.timeline_step(int(metrics["step"])))
         alarms = self.alarms.check(metrics)
         self.metrics_log.log(metrics)

@@ -178,9 +178,10 @@ def read_state(path: str | Path) -> dict:
 
 
 def saved_config(path: str | Path) -> dict:
-    from rlhf_ray.config import read_yaml
+    """A checkpoint's config tree, with the keys reshaped since it was written in their new form."""
+    from rlhf_ray.config import read_yaml, upgrade_saved
 
-    return read_yaml((Path(path) / "config.yaml").read_text())
+    return upgrade_saved(read_yaml((Path(path) / "config.yaml").read_text()))
 
 
 def step_of(path: str | Path) -> int:

@@ -51,7 +51,7 @@ def _run_holding(cfg, title: str, make_trainer, out, lock) -> int:
     """Claim the output dir, start the trainer, step it to the end with a progress bar, finish; a stop signal
     checkpoints and exits 143/130, an error is one line (``_failed``) and exit 1. A trainer has ``step_count``,
     ``num_steps``, ``saved_step``, ``startup_seconds``, ``step()``, ``progress(metrics)``, ``finish()``, ``stop()``,
-    ``unsaveable_after(err)``, ``save_checkpoint()``, ``closing()`` and ``shutdown()``."""
+    ``unsaveable_after(err)``, ``save_checkpoint()``, ``closing()``, ``metrics_log`` and ``shutdown()``."""
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -68,7 +68,7 @@ def _run_holding(cfg, title: str, make_trainer, out, lock) -> int:
     log.info("%s → %s%s", title, out, f" (engine, Ray and DeepSpeed output: {driver_log.parent}/)" if driver_log else "")
     if lock.took_over:
         log.warning("%s", lock.took_over)
-    trainer, code = None, 0
+    trainer, code, tracked = None, 0, []
     try:
         trainer = make_trainer()
         (out / "config.yaml").write_text(dump_config(cfg))  # only now: a run refused above leaves the old one
@@ -98,6 +98,7 @@ def _run_holding(cfg, title: str, make_trainer, out, lock) -> int:
             final = trainer.finish()
             if final:
                 log.info("final %s saved to %s", trainer.exported, final)
+            tracked = trainer.metrics_log.finish(final)
     except (RunStopped, KeyboardInterrupt) as stop:
         return _stopped(stop, trainer, trainer.num_steps if trainer else 0)
     except Exception as err:  # RoleError, ValueError, OSError (e.g. a model path or hub name not found), …
@@ -109,7 +110,7 @@ def _run_holding(cfg, title: str, make_trainer, out, lock) -> int:
         return 1
     finally:
         _clean_up(trainer)
-    for line in trainer.closing():
+    for line in [*trainer.closing(), *(f"tracked: {where}" for where in tracked)]:
         log.info("%s", line)
     return code
 
@@ -123,6 +124,7 @@ def _failed(err: Exception, trainer, out) -> int | None:
     from rlhf_ray.run.console import FILE_ONLY
     from rlhf_ray.run.disk_full import disk_full_message, is_disk_full
     from rlhf_ray.run.output_lock import OutputDirLost
+    from rlhf_ray.run.trackers import TrackerError
 
     steps = f"after {trainer.step_count if trainer else 0} of {trainer.num_steps if trainer else 0} steps"
     # an error that says nothing of the disk (an actor that died writing) counts as the full disk's when the run was
@@ -131,7 +133,7 @@ def _failed(err: Exception, trainer, out) -> int | None:
         log.error("error: %s", disk_full_message(err, out))
         log.error("the full disk's error", exc_info=err, extra=FILE_ONLY)
         return 1
-    expected = isinstance(err, (RoleError, ValueError, OSError, OutputDirLost))
+    expected = isinstance(err, (RoleError, ValueError, OSError, OutputDirLost, TrackerError))
     if expected:
         log.error("error: %s", err)
     if trainer is not None and not isinstance(err, OutputDirLost):  # a lost output dir is another run's now

@@ -1,4 +1,5 @@
-"""Per-step metrics to <output_dir>/metrics.jsonl and TensorBoard; sampled rows to samples.jsonl.
+"""Per-step metrics to <output_dir>/metrics.jsonl and the run's trackers (TensorBoard, W&B, MLflow:
+rlhf_ray.run.trackers); sampled rows to samples.jsonl.
 
 A resumed run (or a learner group restarted from a checkpoint) first rewinds these to the checkpoint's
 step, so that every step appears exactly once however often the run was interrupted.
@@ -13,11 +14,13 @@ RESULT_FILES = ("metrics.jsonl", "samples.jsonl")
 
 
 class MetricsLogger:
-    def __init__(self, output_dir: str | Path, tensorboard: bool = True, resume_step: int | None = None):
+    """``trackers``: rlhf_ray.run.trackers.Trackers (None: metrics.jsonl and samples.jsonl only)."""
+
+    def __init__(self, output_dir: str | Path, trackers=None, resume_step: int | None = None):
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.use_tensorboard = tensorboard
-        self.jsonl = self.samples = self.tb = None
+        self.trackers = trackers
+        self.jsonl = self.samples = None
         self._open(purge_after=resume_step)
 
     def _open(self, purge_after: int | None) -> None:
@@ -26,12 +29,9 @@ class MetricsLogger:
                 keep_steps_up_to(self.dir / name, purge_after)
         self.jsonl = open(self.dir / "metrics.jsonl", "a", buffering=1)  # line-buffered: readable while running
         self.samples = open(self.dir / "samples.jsonl", "a", buffering=1)
-        if self.use_tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            # purge_step: TensorBoard hides the events of the steps that are about to be redone
-            self.tb = SummaryWriter(str(self.dir / "tensorboard"),
-                                    purge_step=None if purge_after is None else purge_after + 1)
+        if self.trackers is not None:  # a new record in each, holding the steps kept
+            kept = read_rows(self.dir / "metrics.jsonl") if purge_after else []
+            self.trackers.start(kept, purge_after or 0)
 
     def rewind(self, step: int) -> None:
         """Forget every step after ``step`` (they will be run again)."""
@@ -39,22 +39,29 @@ class MetricsLogger:
         self._open(purge_after=step)
 
     def log(self, metrics: dict) -> None:
-        step = int(metrics["step"])
         self.jsonl.write(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                                      for k, v in metrics.items()}) + "\n")
-        if self.tb:
-            for key, value in metrics.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.tb.add_scalar(key, value, step)
+        if self.trackers is not None:
+            self.trackers.log(metrics)
 
     def log_samples(self, samples: list[dict]) -> None:
         for sample in samples:
             self.samples.write(json.dumps(sample, ensure_ascii=False) + "\n")
 
+    def finish(self, final_model: str | None) -> list[str]:
+        """The run ended normally: the trackers get the samples table and the final model's location. Returns where
+        their records are, for the closing lines."""
+        if self.trackers is None:
+            return []
+        self.samples.flush()
+        self.trackers.finish(read_rows(self.dir / "samples.jsonl"), final_model)
+        return self.trackers.where()
+
     def close(self) -> None:
-        """Close every file even if one fails (a full disk fails the last flush); then raise the first failure."""
+        """Close every file and tracker even if one fails (a full disk fails the last flush); then raise the first
+        failure."""
         failure = None
-        for writer in (self.jsonl, self.samples, self.tb):
+        for writer in (self.jsonl, self.samples, self.trackers):
             try:
                 if writer is not None:
                     writer.close()
@@ -68,6 +75,18 @@ class MetricsLogger:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a JSON Lines file (a line cut off by a crash is skipped)."""
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    return rows
 
 
 def keep_steps_up_to(path: Path, step: int) -> None:

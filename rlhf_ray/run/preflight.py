@@ -29,7 +29,8 @@ def check_output_dir(path: str | Path) -> Path:
 
 
 RUN_OUTPUTS = ("metrics.jsonl", "samples.jsonl", "tensorboard", "checkpoints", "report.png", "final_model", "logs",
-               "config.yaml", "policies", "plan.json", "placement.json", "timeline.png")
+               "config.yaml", "policies", "plan.json", "placement.json", "timeline.png",
+               "trackers.json", "wandb", "mlflow.db", "mlartifacts")  # the trackers (rlhf_ray.run.trackers)
 RUN_OUTPUT_PATTERNS = ("trace*.json",)  # the timeline's trace and its parts (rlhf_ray.run.timeline)
 
 
