@@ -136,3 +136,25 @@ def test_a_runs_config_trains_from_scratch_or_resumes_a_stopped_run(tmp_path):
     assert run.same_config(yaml.safe_dump(older)) and yaml.safe_dump(older) != run.config_text
     assert not run.same_config(yaml.safe_dump({**tree, "seed": tree["seed"] + 1}))
     assert not run.same_config(yaml.safe_dump({**tree, "removed_since": 1})) and not run.same_config("[")
+    # a run saved before logging.trackers replaced logging.tensorboard is still this run (reused, not retrained)
+    written_before = {**tree, "logging": {**{k: v for k, v in tree["logging"].items() if k != "trackers"},
+                                          "tensorboard": True}}
+    assert run.same_config(yaml.safe_dump(written_before))
+    assert not run.same_config(yaml.safe_dump({**written_before, "logging": {**written_before["logging"],
+                                                                               "tensorboard": False}}))
+
+
+def test_the_compared_runs_share_one_tracker_group_and_mlflow_store(tmp_path, monkeypatch):
+    from rlhf_ray.cli import compare_rewards
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    argv = ["--config", "configs/tiny_cpu.yaml", "--prompts", "p.jsonl", "--out", str(tmp_path / "cmp"), "--gold",
+            "function=rlhf_ray.rewards:char_frequency", "--reward", "e=function=rlhf_ray.rewards:char_frequency",
+            "--reward", "f=function=rlhf_ray.rewards:char_frequency", "models.value_init=policy"]
+    args = compare_rewards.parse_args([*argv, "logging.trackers=[wandb, mlflow]"])
+    runs = compare_rewards.experiments(args, load_config(args.config, args.overrides))
+    store = f"sqlite:///{(tmp_path / 'cmp' / 'mlflow.db').resolve()}"
+    assert [(r.cfg.logging.group, r.cfg.logging.mlflow.tracking_uri) for r in runs] == [("cmp", store)] * 2
+    args = compare_rewards.parse_args(argv)  # TensorBoard alone: the configs as before (earlier runs are reused)
+    assert {r.cfg.logging.group for r in compare_rewards.experiments(args, load_config(args.config, args.overrides))
+            } == {None}

@@ -44,9 +44,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from rlhf_ray.config import (ConfigError, ExperimentConfig, RewardConfig, build_config, dump_config, load_config,
-                             read_yaml, upgrade_saved)
+                             merge_tree, parse_overrides, read_yaml, upgrade_saved)
 from rlhf_ray.evaluation import reward_comparison
 from rlhf_ray.evaluation.comparison import write_together
+from rlhf_ray.run.trackers import grouped
 
 DONE_MARKER = "compare_rewards.done.json"  # in a run's directory: it finished with the config beside it
 
@@ -120,6 +121,8 @@ def experiments(args, base: ExperimentConfig) -> list[Experiment]:
         tree["output_dir"] = str(Path(args.out) / "runs" / name)
         tree["overwrite"], tree["resume"] = True, None
         tree["checkpoint"].update(every_steps=every, keep_last=1, keep_policies=True, at_end=True)
+        # the runs in one W&B group and one MLflow experiment
+        tree = merge_tree(tree, parse_overrides([f"{k}={v}" for k, v in grouped(base.logging, Path(args.out)).items()]))
         try:
             cfg = build_config(tree, schema=ExperimentConfig)
         except ConfigError as err:

@@ -108,16 +108,11 @@ def run_point(config: str, overrides: list[str], point: dict, steps: int, warmup
 
 def tracker_settings(logging, out: Path) -> list[str]:
     """A point's trackers: those its config names but TensorBoard (a point is a few steps), grouped under the sweep
-    (logging.group: the W&B group, the MLflow experiment), its MLflow store the sweep's own unless one is named."""
-    import os
+    (rlhf_ray.run.trackers.grouped: logging.group, one MLflow store)."""
+    from rlhf_ray.run.trackers import grouped
 
     trackers = [name for name in logging.trackers if name != "tensorboard"]
-    settings = [f"logging.trackers=[{', '.join(trackers)}]"]
-    if trackers and logging.group is None:
-        settings.append(f"logging.group={out.resolve().name}")
-    if "mlflow" in trackers and logging.mlflow.tracking_uri is None and not os.environ.get("MLFLOW_TRACKING_URI"):
-        settings.append(f"logging.mlflow.tracking_uri=sqlite:///{(out / 'mlflow.db').resolve()}")
-    return settings
+    return [f"logging.trackers=[{', '.join(trackers)}]", *(f"{k}={v}" for k, v in grouped(logging, out).items())]
 
 
 def measure(rows: list[dict], sequences: int, epochs: int) -> dict:

@@ -306,6 +306,20 @@ def answering(uri: str, timeout_s: float = 10.0) -> None:
         raise ConnectionError(f"the MLflow server at {uri} does not answer ({type(err).__name__})") from None
 
 
+def grouped(logging_cfg, out: Path) -> dict[str, str]:
+    """Settings (dotted logging keys -> values) that put runs launched together under ``out`` (a sweep's points, a
+    reward comparison's runs) into one group: logging.group, unless set, is ``out``'s name; and MLflow, unless a store
+    is named, writes to one store beside them (<out>/mlflow.db), so that its experiment holds them all. Nothing when
+    no tracker but TensorBoard is on."""
+    if not any(name != "tensorboard" for name in logging_cfg.trackers):
+        return {}
+    settings = {} if logging_cfg.group else {"logging.group": Path(out).resolve().name}
+    if ("mlflow" in logging_cfg.trackers and logging_cfg.mlflow.tracking_uri is None
+            and not os.environ.get("MLFLOW_TRACKING_URI")):
+        settings["logging.mlflow.tracking_uri"] = f"sqlite:///{(Path(out) / 'mlflow.db').resolve()}"
+    return settings
+
+
 TRACKERS: dict[str, type[Tracker]] = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker,
                                       "mlflow": MlflowTracker}
 
