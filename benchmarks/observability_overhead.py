@@ -1,11 +1,12 @@
 """What watching a run costs: PPO step time with the observability on (the trace, Prometheus, alarms, the hang doctor —
-the defaults — and every tracker: TensorBoard, W&B offline, MLflow on its local store) and off, in interleaved repeats
-(on, off, then off, on, …: this VM's speed drifts between minutes). During each "on" run its Prometheus metrics are
-scraped from Ray's metrics agent as a Prometheus would (its export port: the session's metrics_export_port_<node>
-file, on loopback).
+the defaults — and every tracker: TensorBoard, W&B offline, MLflow on its local store) and off, in interleaved
+repeats (on, off, then off, on, …: this VM's speed drifts between minutes). During each "on" run its Prometheus
+metrics are scraped from Ray's metrics agent as a Prometheus would (its export port: the session's
+metrics_export_port_<node> file, on loopback).
 
     python benchmarks/observability_overhead.py --config configs/tiny_cpu.yaml --repeats 3 --name tiny
-    python benchmarks/observability_overhead.py --config configs/smollm2_cpu.yaml --steps 4 --repeats 2 --name smollm2
+    python benchmarks/observability_overhead.py --config configs/smollm2_cpu.yaml --steps 5 --warmup 1 --repeats 2 \
+        --name smollm2
 
 Each run is ``python -m rlhf_ray.train`` with nothing saved; a run's figure is its median step after ``--warmup``
 steps. "Off" sets logging.trace=false, logging.prometheus=false, logging.alarms=off, timeouts.hang_dump_at=null and
@@ -55,6 +56,38 @@ def run(config: str, overrides: list[str], out: Path, warmup: int, scrape: bool)
     return statistics.median(r["time/step"] for r in rows[warmup:]), scraped if scrape else None
 
 
+def recording_cost(config: str, overrides: list[str], run_dir: Path, replay_dir: Path, rounds: int = 4) -> dict:
+    """What the driver does per step for the observability, timed alone: a finished "on" run's steps (its
+    metrics.jsonl) replayed ``rounds`` times through the alarms and the metrics logger with every tracker on
+    (metrics.jsonl, TensorBoard, W&B offline, MLflow on SQLite) — the part of "on" that grows with a step's
+    metrics, measured without the VM's run-to-run drift. (The trace's per-step write and the Prometheus gauges are
+    in the interleaved runs only.)"""
+    from rlhf_ray.run.alarms import AlarmMonitor
+    from rlhf_ray.run.metrics import MetricsLogger
+    from rlhf_ray.run.trackers import RunInfo, Trackers
+
+    cfg = load_config(config, [*overrides, *VARIANTS["on"], f"output_dir={replay_dir}"])
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    trackers = Trackers(cfg.logging, RunInfo(replay_dir, replay_dir.name, None, cfg.model_dump(mode="json")))
+    seconds = []
+    with MetricsLogger(replay_dir, trackers, resume_step=0) as log:
+        alarms = AlarmMonitor(cfg.logging.alarm_thresholds, cfg.logging.alarms)
+        for n in range(rounds * len(rows)):
+            row = {**rows[n % len(rows)], "step": n + 1}
+            start = time.perf_counter()
+            alarms.check(row)
+            log.log(row)
+            seconds.append(time.perf_counter() - start)
+    return {"steps": len(seconds), "keys_per_step": len(rows[0]), "median_s": statistics.median(seconds),
+            "max_s": max(seconds), "trackers": cfg.logging.trackers}
+
+
+def series(sample) -> str:
+    """``name{role=…,phase=…}`` with the labels of rlhf_ray.run.prometheus (not Ray's own: node, session, …)."""
+    labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()) if k in ("role", "phase", "what", "rule"))
+    return f"{sample.name}{{{labels}}}"
+
+
 def scrape_once(pid: int, run_name: str, scraped: dict) -> None:
     """One scrape of the run's series (``run`` = its output dir's name) from the metrics agent under ``pid``."""
     import urllib.request
@@ -74,13 +107,13 @@ def scrape_once(pid: int, run_name: str, scraped: dict) -> None:
             text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
         except OSError:
             continue
-        found = {f"{s.name}{{{','.join(f'{k}={v}' for k, v in sorted(s.labels.items()) if k in ('role', 'phase', 'what', 'rule'))}}}": s.value
-                 for family in text_string_to_metric_families(text) for s in family.samples
-                 if s.name.startswith("ray_rlhf_") and s.labels.get("run") == run_name}
+        found = {series(sample): sample.value for family in text_string_to_metric_families(text)
+                 for sample in family.samples
+                 if sample.name.startswith("ray_rlhf_") and sample.labels.get("run") == run_name}
         scraped["scrapes"] += 1
-        if found:
-            scraped["last"] = found
-            step = int(found.get("ray_rlhf_step{}", 0))
+        step = int(found.get("ray_rlhf_step{}", 0))
+        if found and (step, len(found)) >= (int(scraped["last"].get("ray_rlhf_step{}", 0)), len(scraped["last"])):
+            scraped["last"] = found  # the newest step's fullest scrape (one taken as the run ends may have fewer)
             if step and step not in scraped["steps_seen"]:
                 scraped["steps_seen"].append(step)
 
@@ -110,12 +143,14 @@ def main() -> None:
                     print(f"  Prometheus: {scraped['scrapes']} scrapes, steps seen {scraped['steps_seen']}",
                           file=sys.stderr)
                 print(f"repeat {r + 1}, {name}: median step {step:.3f} s", file=sys.stderr)
+        recording = recording_cost(args.config, common, Path(tmp) / "on-0", Path(tmp) / "replay")
     summary = {name: {"median_s": statistics.median(v), "min_s": min(v), "max_s": max(v), "runs_s": v}
                for name, v in medians.items()}
     overhead = summary["on"]["median_s"] / summary["off"]["median_s"] - 1
     result = {"config": args.config, "overrides": args.overrides, "steps": args.steps, "warmup": args.warmup,
               "repeats": args.repeats, "machine": machine_info(), "variants": summary, "overhead": overhead,
-              "on_means": VARIANTS["on"], "off_means": VARIANTS["off"], "prometheus_scrapes": scrapes}
+              "on_means": VARIANTS["on"], "off_means": VARIANTS["off"], "prometheus_scrapes": scrapes,
+              "recording_per_step": recording}
     RESULTS.mkdir(exist_ok=True)
     base = RESULTS / f"observability_overhead_{args.name}"
     base.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
@@ -129,6 +164,11 @@ def main() -> None:
                      f"{', '.join(f'{v:.3f}' for v in s['runs_s'])} |")
     lines += ["", f"Overhead (median on / median off − 1): **{overhead:+.1%}**. On: the defaults and "
               f"`{' '.join(VARIANTS['on'])}`; off: `{' '.join(VARIANTS['off'])}`.", ""]
+    share = recording["median_s"] / summary["off"]["median_s"]
+    lines += [f"Recording alone (alarms, metrics.jsonl, {', '.join(recording['trackers'])}; an on-run's "
+              f"{recording['keys_per_step']}-key steps replayed {recording['steps']} times): median "
+              f"{recording['median_s'] * 1000:.1f} ms per step (max {recording['max_s'] * 1000:.1f} ms) = "
+              f"**{share:.2%}** of the median off step.", ""]
     for n, scraped in enumerate(scrapes, 1):
         last = scraped["last"]
         lines.append(f"Prometheus, on-run {n}: {scraped['scrapes']} scrapes of Ray's metrics agent during the run saw "
