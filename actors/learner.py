@@ -16,6 +16,7 @@ from rlhf_ray.actors.role import Role, computes, timed
 from rlhf_ray.algorithms.lr_schedule import lr_scheduler
 from rlhf_ray.data.batch import RolloutBatch, token_budget_groups
 from rlhf_ray.objectives import LearnerSpec, make_objective
+from rlhf_ray.runtime.builds import import_deepspeed
 from rlhf_ray.runtime.devices import DTYPES, device_for, require_cpu_bf16, set_threads
 from rlhf_ray.runtime.memory import release_free_memory
 
@@ -120,7 +121,7 @@ class LearnerActor(Role):
     @timed
     def setup(self, master_addr: str, master_port: int) -> None:
         """Join the process group and build the DeepSpeed engine (the objective's module, AdamW, schedule)."""
-        import deepspeed
+        deepspeed = import_deepspeed()
 
         spec, opt = self.spec, self.spec.optimizer
         if self.device == "cpu" and spec.deepspeed.precision == "bf16":
@@ -296,7 +297,7 @@ class LearnerActor(Role):
         """(name, full tensor on ``device``) per parameter of the exported model (PPO: the policy), in its export
         dtype; under ZeRO-3 gathered one parameter at a time (every rank must iterate; rank 0 gets the tensors).
         A LoRA policy exports its adapters merged (rlhf_ray.models.lora), or with ``adapter`` the adapters alone."""
-        import deepspeed
+        deepspeed = import_deepspeed()
 
         from rlhf_ray.models import lora
 

@@ -47,8 +47,11 @@ class Role:
         import ipaddress
         from datetime import timedelta
 
-        import deepspeed
         import torch.distributed as dist
+
+        from rlhf_ray.runtime.builds import import_deepspeed
+
+        deepspeed = import_deepspeed()
 
         timeout = timedelta(seconds=timeout_s)
         if ipaddress.ip_address(master_addr).is_loopback:  # one machine: collectives over loopback too

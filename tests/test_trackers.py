@@ -147,6 +147,20 @@ def assert_each_step_once_in_the_trackers(out: Path, keys: tuple[str, ...] = ("s
         assert sorted((m.step, m.value) for m in history) == sorted((s, row[key]) for s, row in rows.items()), key
 
 
+def test_deepspeed_is_imported_without_mlflow_which_stays_importable():
+    """DeepSpeed's autotuner imports mlflow when it is installed (1.5 s and more on every learner's start): the
+    learner, the sharded roles and the driver import DeepSpeed through rlhf_ray.runtime.builds.import_deepspeed."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from rlhf_ray.runtime.builds import import_deepspeed; ds = import_deepspeed(); "
+            "assert 'mlflow' not in sys.modules and ds is sys.modules['deepspeed']; "
+            "import deepspeed.autotuning.autotuner as a; assert not a.has_mlflow; "
+            "import mlflow; print('mlflow', mlflow.__version__)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "mlflow 3." in done.stdout, done.stderr[-3000:]
+
+
 # ------------------------------------------------------------------------------------------------ a W&B file
 
 def read_wandb(path: Path) -> dict:

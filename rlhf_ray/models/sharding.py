@@ -44,8 +44,9 @@ def partitioned_loading(dtype: str):
 def load_sharded(load: Callable[[], nn.Module], dtype: str) -> nn.Module:
     """``load()`` (a ``from_pretrained`` call) as this rank's ZeRO-3 partition of the model, ready for forward passes
     (eval mode; the DeepSpeed engine is kept on the module as ``ds_engine``)."""
-    import deepspeed
+    from rlhf_ray.runtime.builds import import_deepspeed
 
+    deepspeed = import_deepspeed()
     with partitioned_loading(dtype):
         model = load()
         engine, *_ = deepspeed.initialize(model=model, config=inference_config(dtype))

@@ -63,7 +63,9 @@ def setup_console(mode: str, output_dir: str | Path) -> Path | None:
     logging.captureWarnings(True)  # Python warnings -> the 'py.warnings' logger -> the file
     threading.excepthook = _thread_error_to_log
     with open(log_file, "a") as stream, contextlib.redirect_stdout(stream):
-        import deepspeed  # noqa: F401  (imported anyway via accelerate; it logs to stdout as it loads)
+        from rlhf_ray.runtime.builds import import_deepspeed
+
+        import_deepspeed()  # (imported anyway via accelerate; it logs to stdout as it loads)
         import ray  # noqa: F401  (it attaches its console handler when imported: before the handlers go, below)
     for name in _OWN_HANDLERS:     # their records take the root's handlers (file; console if errors)
         library = logging.getLogger(name)

@@ -1,4 +1,5 @@
-"""Torch extension builds that DeepSpeed triggers: stale locks of killed builds, and an op training never uses."""
+"""What importing and starting DeepSpeed brings along: torch extension builds (stale locks of killed builds, an op
+training never uses) and an import of MLflow (``import_deepspeed``)."""
 from __future__ import annotations
 
 import glob
@@ -35,10 +36,28 @@ def clear_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S) -> list[str]:
     return removed
 
 
+def import_deepspeed():
+    """``import deepspeed`` without MLflow: DeepSpeed's autotuner imports ``mlflow`` when it is installed (the trackers
+    extra installs it), which adds 1.5 s and more to every learner's start for a feature we do not use. The import is
+    refused for the length of DeepSpeed's own (its autotuner then runs without MLflow), and allowed again after."""
+    if "deepspeed" in sys.modules:
+        return sys.modules["deepspeed"]
+    refused = "mlflow" not in sys.modules
+    if refused:
+        sys.modules["mlflow"] = None  # `import mlflow` raises ImportError while this is here
+    try:
+        import deepspeed
+    finally:
+        if refused and sys.modules.get("mlflow", 0) is None:
+            del sys.modules["mlflow"]
+    return deepspeed
+
+
 def skip_cpu_shm_comm_op() -> None:
     """Keep DeepSpeed from building its CPU shared-memory all-reduce op at ``init_distributed``: a ~60 s C++ build
     on every fresh machine (behind the lock above), for an op that serves only ``inference_all_reduce`` (tensor-parallel
     inference). Training's collectives (ZeRO's all-reduce, reduce-scatter, all-gather) go through gloo either way."""
+    import_deepspeed()
     import deepspeed.ops
     from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
 
