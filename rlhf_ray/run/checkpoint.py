@@ -229,7 +229,7 @@ def differences(saved: dict, current: dict, default=None) -> tuple[list[str], li
     A key the saved config lacks came after the code that wrote it: ``default(key)`` (its default now; anything unequal
     to every value where there is none) is what that code ran with, since a new setting's default keeps the behaviour from before it, so
     the current value differs only where it is not that default."""
-    old, new = _flatten(saved), _flatten(current)
+    old, new = flatten(saved), flatten(current)
     blocking, changed = [], []
     for key in sorted(set(old) | set(new)):
         if key.startswith(NEVER_COMPARED) or old.get(key) == new.get(key):
@@ -241,11 +241,12 @@ def differences(saved: dict, current: dict, default=None) -> tuple[list[str], li
     return blocking, changed
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """A config tree as {dotted key: value} (tuples as lists; an empty mapping is a value)."""
     out = {}
     for key, value in tree.items():
         if isinstance(value, dict) and value:
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
     return out

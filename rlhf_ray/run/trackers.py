@@ -30,6 +30,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlhf_ray.run.checkpoint import flatten
+
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trackers.json"
@@ -223,7 +225,8 @@ class MlflowTracker(Tracker):
             "rlhf_ray.output_dir": str(self.run.output_dir.resolve()), **({"rlhf_ray.group": self.run.group}
                                                                           if self.run.group else {})})
         self.run_id = run.info.run_id
-        params = [Param(metric_name(key), str(value)[:MAX_PARAM_CHARS]) for key, value in flat(self.run.config).items()]
+        params = [Param(metric_name(key), str(value)[:MAX_PARAM_CHARS])
+                  for key, value in flatten(self.run.config).items()]
         for first in range(0, len(params), MAX_PARAMS_PER_BATCH):
             client.log_batch(self.run_id, params=params[first:first + MAX_PARAMS_PER_BATCH])
         import yaml
@@ -285,16 +288,6 @@ def metric_name(key: str) -> str:
     return METRIC_NAME.sub("_", key)
 
 
-def flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def answering(uri: str, timeout_s: float = 10.0) -> None:
     """An MLflow server answers at ``uri`` (its /health), or ConnectionError — at once, where MLflow's own client
     would retry for minutes."""
@@ -344,9 +337,8 @@ class Trackers:
             state = {}
         for tracker in list(self.active):
             name = self.names[id(tracker)]
-            if self._guard(tracker, "could not start",
-                           lambda: state.__setitem__(name, tracker.start(kept, kept_up_to, state.get(name)))):
-                continue
+            self._guard(tracker, "could not start",
+                        lambda: state.__setitem__(name, tracker.start(kept, kept_up_to, state.get(name))))
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(state, indent=1))
         tmp.replace(path)
